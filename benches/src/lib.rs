@@ -1,0 +1,1 @@
+//! kvx benchmarks and the kv-bench CLI.

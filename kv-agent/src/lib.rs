@@ -1,0 +1,1 @@
+//! The kvx agent an inference server embeds

@@ -1,0 +1,1 @@
+//! Storage backend for kvx: io_uring with O_DIRECT, cuFile where present

@@ -1,0 +1,1 @@
+//! UCX backend for kvx (libucp opened at run time)

@@ -1,0 +1,664 @@
+//! The metadata wire codec: what an agent publishes about itself.
+//!
+//! Layout (all integers little-endian):
+//!
+//! ```text
+//! header (20 bytes): magic "KVXM" | version u16 | flags u16 | body_len u32 | crc32c(body) u32 | reserved u32
+//! body: name str | generation u64 | backends: u16 n × (name str, blob) |
+//!       registrations: u32 n × (id u64, kind u8, descs list, keys: u16 n × (backend u16, blob)) |
+//!       removed: u32 n × u64
+//! str  = u16 len + UTF-8
+//! blob = u32 len + bytes
+//! list = u32 n × entry; entry = tag u8 (0 single: addr u64 len u64 dev u32,
+//!                                       1 strided: base u64 stride u64 count u64 len u64 dev u32)
+//! ```
+//!
+//! Every length is checked against what remains before anything is allocated, and the
+//! whole message is bounded by [`MAX_METADATA_BYTES`]; any malformed input returns
+//! [`Error::InvalidMetadata`] with the reason.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::desc::{Descriptor, DescriptorList, Entry, MemKind};
+use crate::error::{Error, Result};
+
+/// Magic bytes at the start of every metadata message.
+pub const MAGIC: [u8; 4] = *b"KVXM";
+/// The wire version this crate writes and reads.
+pub const VERSION: u16 = 1;
+/// Header size in bytes.
+pub const HEADER_LEN: usize = 20;
+/// Largest metadata message accepted (64 MiB).
+pub const MAX_METADATA_BYTES: usize = 64 << 20;
+/// Largest name (agent or backend) in bytes.
+pub const MAX_NAME_LEN: usize = 1024;
+
+const FLAG_PARTIAL: u16 = 1;
+
+/// One backend an agent loaded, with the blob peers need to connect to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendMetadata {
+    /// Backend name (`tcp`, `ucx`, …).
+    pub name: String,
+    /// Opaque connection info from [`crate::Backend::connection_info`].
+    pub connection: Bytes,
+}
+
+/// One registered region as peers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationMetadata {
+    /// The agent's id for the region (stable while registered).
+    pub id: u64,
+    /// Memory kind.
+    pub kind: MemKind,
+    /// The registered ranges (usually one; strided for regular layouts).
+    pub descs: DescriptorList,
+    /// Remote keys, one per backend that registered it: (index into
+    /// [`AgentMetadata::backends`], key blob).
+    pub keys: Vec<(u16, Bytes)>,
+}
+
+/// What an agent publishes about itself. `Clone`, `Send + Sync`.
+///
+/// A full message (`partial == false`) replaces everything known about the agent; a
+/// partial one adds or replaces the listed registrations and drops `removed`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentMetadata {
+    /// The agent's name.
+    pub name: String,
+    /// Bumped on every restart, so peers drop what they knew of an older incarnation.
+    pub generation: u64,
+    /// True for an incremental update.
+    pub partial: bool,
+    /// Backends and their connection info.
+    pub backends: Vec<BackendMetadata>,
+    /// Registrations.
+    pub registrations: Vec<RegistrationMetadata>,
+    /// Registration ids withdrawn since the last update (partial messages).
+    pub removed: Vec<u64>,
+}
+
+impl AgentMetadata {
+    /// Encodes to the wire format.
+    pub fn encode(&self) -> Result<Bytes> {
+        let mut b = BytesMut::with_capacity(256);
+        b.put_slice(&[0u8; HEADER_LEN]);
+        put_str(&mut b, &self.name)?;
+        b.put_u64_le(self.generation);
+        put_count16(&mut b, self.backends.len(), "backends")?;
+        for be in &self.backends {
+            put_str(&mut b, &be.name)?;
+            put_blob(&mut b, &be.connection)?;
+        }
+        put_count32(&mut b, self.registrations.len(), "registrations")?;
+        for r in &self.registrations {
+            b.put_u64_le(r.id);
+            b.put_u8(r.kind as u8);
+            put_list(&mut b, &r.descs)?;
+            put_count16(&mut b, r.keys.len(), "keys")?;
+            for (idx, key) in &r.keys {
+                if *idx as usize >= self.backends.len() {
+                    return Err(Error::invalid_argument(format!(
+                        "registration {} names backend index {idx} of {}",
+                        r.id,
+                        self.backends.len()
+                    )));
+                }
+                b.put_u16_le(*idx);
+                put_blob(&mut b, key)?;
+            }
+        }
+        put_count32(&mut b, self.removed.len(), "removed")?;
+        for id in &self.removed {
+            b.put_u64_le(*id);
+        }
+        if b.len() > MAX_METADATA_BYTES {
+            return Err(Error::invalid_argument(format!(
+                "metadata of {} bytes exceeds the {MAX_METADATA_BYTES}-byte limit; publish partial updates",
+                b.len()
+            )));
+        }
+        let body_len = (b.len() - HEADER_LEN) as u32;
+        let crc = crc32c::crc32c(&b[HEADER_LEN..]);
+        let flags = if self.partial { FLAG_PARTIAL } else { 0 };
+        let h = &mut b[..HEADER_LEN];
+        h[0..4].copy_from_slice(&MAGIC);
+        h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        h[6..8].copy_from_slice(&flags.to_le_bytes());
+        h[8..12].copy_from_slice(&body_len.to_le_bytes());
+        h[12..16].copy_from_slice(&crc.to_le_bytes());
+        Ok(b.freeze())
+    }
+
+    /// Decodes from the wire format; any malformed input is [`Error::InvalidMetadata`].
+    pub fn decode(buf: &[u8]) -> Result<AgentMetadata> {
+        if buf.len() < HEADER_LEN {
+            return Err(bad(format!(
+                "{} bytes is shorter than the {HEADER_LEN}-byte header",
+                buf.len()
+            )));
+        }
+        if buf.len() > MAX_METADATA_BYTES {
+            return Err(bad(format!(
+                "{} bytes exceeds the {MAX_METADATA_BYTES}-byte limit",
+                buf.len()
+            )));
+        }
+        if buf[0..4] != MAGIC {
+            return Err(bad("bad magic: not kvx metadata"));
+        }
+        let version = u16::from_le_bytes([buf[4], buf[5]]);
+        if version != VERSION {
+            return Err(bad(format!(
+                "wire version {version}, this build reads {VERSION}; upgrade the older peer"
+            )));
+        }
+        let flags = u16::from_le_bytes([buf[6], buf[7]]);
+        if flags & !FLAG_PARTIAL != 0 {
+            return Err(bad(format!("unknown flags {flags:#x}")));
+        }
+        let body_len = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+        let crc = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+        if buf[16..20] != [0; 4] {
+            return Err(bad("reserved header bytes are not zero"));
+        }
+        let body = &buf[HEADER_LEN..];
+        if body.len() != body_len {
+            return Err(bad(format!(
+                "header says {body_len} body bytes, {} present (truncated or trailing data)",
+                body.len()
+            )));
+        }
+        if crc32c::crc32c(body) != crc {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut r = Reader { buf: body };
+        let name = r.str()?;
+        let generation = r.u64()?;
+        let nb = r.count16(2 + 4)?;
+        let mut backends = Vec::with_capacity(nb);
+        for _ in 0..nb {
+            backends.push(BackendMetadata {
+                name: r.str()?,
+                connection: Bytes::copy_from_slice(r.blob()?),
+            });
+        }
+        let nr = r.count32(8 + 1 + 4 + 2)?;
+        let mut registrations = Vec::with_capacity(nr);
+        for _ in 0..nr {
+            let id = r.u64()?;
+            let k = r.u8()?;
+            let kind =
+                MemKind::from_u8(k).ok_or_else(|| bad(format!("unknown memory kind {k}")))?;
+            let descs = r.list()?;
+            let nk = r.count16(2 + 4)?;
+            let mut keys = Vec::with_capacity(nk);
+            for _ in 0..nk {
+                let idx = r.u16()?;
+                if idx as usize >= backends.len() {
+                    return Err(bad(format!(
+                        "registration {id} names backend {idx} of {}",
+                        backends.len()
+                    )));
+                }
+                keys.push((idx, Bytes::copy_from_slice(r.blob()?)));
+            }
+            registrations.push(RegistrationMetadata {
+                id,
+                kind,
+                descs,
+                keys,
+            });
+        }
+        let nrem = r.count32(8)?;
+        let mut removed = Vec::with_capacity(nrem);
+        for _ in 0..nrem {
+            removed.push(r.u64()?);
+        }
+        if !r.buf.is_empty() {
+            return Err(bad(format!("{} trailing bytes in body", r.buf.len())));
+        }
+        Ok(AgentMetadata {
+            name,
+            generation,
+            partial: flags & FLAG_PARTIAL != 0,
+            backends,
+            registrations,
+            removed,
+        })
+    }
+}
+
+fn bad(why: impl Into<String>) -> Error {
+    Error::InvalidMetadata(why.into())
+}
+
+fn put_str(b: &mut BytesMut, s: &str) -> Result<()> {
+    if s.len() > MAX_NAME_LEN {
+        return Err(Error::invalid_argument(format!(
+            "name of {} bytes exceeds {MAX_NAME_LEN}",
+            s.len()
+        )));
+    }
+    b.put_u16_le(s.len() as u16);
+    b.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_blob(b: &mut BytesMut, v: &[u8]) -> Result<()> {
+    let n =
+        u32::try_from(v.len()).map_err(|_| Error::invalid_argument("blob larger than 4 GiB"))?;
+    b.put_u32_le(n);
+    b.put_slice(v);
+    Ok(())
+}
+
+fn put_count16(b: &mut BytesMut, n: usize, what: &str) -> Result<()> {
+    let n =
+        u16::try_from(n).map_err(|_| Error::invalid_argument(format!("more than 65535 {what}")))?;
+    b.put_u16_le(n);
+    Ok(())
+}
+
+fn put_count32(b: &mut BytesMut, n: usize, what: &str) -> Result<()> {
+    let n =
+        u32::try_from(n).map_err(|_| Error::invalid_argument(format!("more than 2^32 {what}")))?;
+    b.put_u32_le(n);
+    Ok(())
+}
+
+/// Encodes a descriptor list in its compact form (also used by wire frames).
+pub fn put_list(b: &mut BytesMut, l: &DescriptorList) -> Result<()> {
+    put_count32(b, l.entries().len(), "descriptor entries")?;
+    for e in l.entries() {
+        match *e {
+            Entry::Single(d) => {
+                b.put_u8(0);
+                b.put_u64_le(d.addr);
+                b.put_u64_le(d.len);
+                b.put_u32_le(d.device);
+            }
+            Entry::Strided {
+                base,
+                stride,
+                count,
+                len,
+                device,
+            } => {
+                b.put_u8(1);
+                b.put_u64_le(base);
+                b.put_u64_le(stride);
+                b.put_u64_le(count);
+                b.put_u64_le(len);
+                b.put_u32_le(device);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A bounds-checked little-endian reader over untrusted bytes; every read fails with
+/// [`Error::InvalidMetadata`] instead of panicking. Used by the codec and by backends'
+/// wire frame decoders.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    /// The bytes not read yet.
+    pub buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+
+    /// Takes `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(bad(format!(
+                "truncated: need {n} bytes, {} left",
+                self.buf.len()
+            )));
+        }
+        let (h, t) = self.buf.split_at(n);
+        self.buf = t;
+        Ok(h)
+    }
+
+    /// Reads a `u8`.
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// Reads a little-endian `u16`.
+    pub fn u16(&mut self) -> Result<u16> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+
+    /// Reads a little-endian `u32`.
+    pub fn u32(&mut self) -> Result<u32> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+
+    /// Reads a little-endian `u64`.
+    pub fn u64(&mut self) -> Result<u64> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    /// Reads a `u16`-prefixed UTF-8 string of at most [`MAX_NAME_LEN`] bytes.
+    pub fn str(&mut self) -> Result<String> {
+        let n = self.u16()? as usize;
+        if n > MAX_NAME_LEN {
+            return Err(bad(format!("name of {n} bytes exceeds {MAX_NAME_LEN}")));
+        }
+        let s = self.take(n)?;
+        String::from_utf8(s.to_vec()).map_err(|_| bad("name is not UTF-8"))
+    }
+
+    /// Reads a `u32`-prefixed blob.
+    pub fn blob(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    /// Reads a `u16` count of items each at least `min_item` bytes, checked against
+    /// what remains so the caller can allocate for it.
+    pub fn count16(&mut self, min_item: usize) -> Result<usize> {
+        let n = self.u16()? as usize;
+        self.check_count(n, min_item)
+    }
+
+    /// Reads a `u32` count, checked like [`Reader::count16`].
+    pub fn count32(&mut self, min_item: usize) -> Result<usize> {
+        let n = self.u32()? as usize;
+        self.check_count(n, min_item)
+    }
+
+    fn check_count(&self, n: usize, min_item: usize) -> Result<usize> {
+        if n.saturating_mul(min_item) > self.buf.len() {
+            return Err(bad(format!(
+                "count {n} cannot fit in the {} bytes left",
+                self.buf.len()
+            )));
+        }
+        Ok(n)
+    }
+
+    /// Reads a descriptor list written by [`put_list`].
+    pub fn list(&mut self) -> Result<DescriptorList> {
+        let n = self.count32(1 + 20)?;
+        let mut l = DescriptorList::new();
+        for _ in 0..n {
+            match self.u8()? {
+                0 => {
+                    let addr = self.u64()?;
+                    let len = self.u64()?;
+                    let device = self.u32()?;
+                    let d = Descriptor::new(addr, len, device);
+                    if d.end().is_none() {
+                        return Err(bad("descriptor overflows the address space"));
+                    }
+                    l.push_entry(Entry::Single(d));
+                }
+                1 => {
+                    let base = self.u64()?;
+                    let stride = self.u64()?;
+                    let count = self.u64()?;
+                    let len = self.u64()?;
+                    let device = self.u32()?;
+                    if count == 0 {
+                        return Err(bad("strided entry with zero count"));
+                    }
+                    let e = Entry::Strided {
+                        base,
+                        stride,
+                        count,
+                        len,
+                        device,
+                    };
+                    if e.extent().is_none() || count.checked_mul(len).is_none() {
+                        return Err(bad("strided entry overflows the address space"));
+                    }
+                    l.push_entry(e);
+                }
+                t => return Err(bad(format!("unknown descriptor tag {t}"))),
+            }
+        }
+        Ok(l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> AgentMetadata {
+        AgentMetadata {
+            name: "prefill-0".into(),
+            generation: 7,
+            partial: false,
+            backends: vec![
+                BackendMetadata {
+                    name: "tcp".into(),
+                    connection: Bytes::from_static(b"127.0.0.1:5000"),
+                },
+                BackendMetadata {
+                    name: "ucx".into(),
+                    connection: Bytes::from_static(&[1, 2, 3]),
+                },
+            ],
+            registrations: vec![RegistrationMetadata {
+                id: 1,
+                kind: MemKind::Dram,
+                descs: DescriptorList::strided(0x7f00_0000_0000, 1 << 15, 100_000, 1 << 15, 0)
+                    .unwrap(),
+                keys: vec![
+                    (0, Bytes::from_static(b"k0")),
+                    (1, Bytes::from_static(b"k1")),
+                ],
+            }],
+            removed: vec![3, 4],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let b = m.encode().unwrap();
+        assert_eq!(AgentMetadata::decode(&b).unwrap(), m);
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let b = sample().encode().unwrap();
+        for n in 0..b.len() {
+            match AgentMetadata::decode(&b[..n]) {
+                Err(Error::InvalidMetadata(_)) => {}
+                other => panic!("truncation to {n} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_refused_with_reason() {
+        let b = sample().encode().unwrap();
+        let mut v = b.to_vec();
+        v[0] = b'X';
+        assert!(
+            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("magic"))
+        );
+        let mut v = b.to_vec();
+        v[4] = 9;
+        assert!(
+            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("version"))
+        );
+        let mut v = b.to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 0xff;
+        assert!(
+            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("checksum"))
+        );
+        let mut v = b.to_vec();
+        v.push(0);
+        assert!(AgentMetadata::decode(&v).is_err());
+    }
+
+    /// Builds a body with a valid header so the body parser itself is exercised.
+    fn with_header(body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&MAGIC);
+        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&0u16.to_le_bytes());
+        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        v.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        v.extend_from_slice(&[0; 4]);
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate() {
+        // name "", generation 0, u16::MAX backends with nothing behind them.
+        let mut body = vec![0, 0];
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&u16::MAX.to_le_bytes());
+        assert!(
+            matches!(AgentMetadata::decode(&with_header(&body)), Err(Error::InvalidMetadata(m)) if m.contains("cannot fit"))
+        );
+        // 0 backends, u32::MAX registrations.
+        let mut body = vec![0, 0];
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(AgentMetadata::decode(&with_header(&body)).is_err());
+    }
+
+    #[test]
+    fn paged_layout_is_small() {
+        // 15 000 pages in each of 32 layers × K/V: one strided entry per layer and side.
+        let mut descs = DescriptorList::new();
+        let page = 32 * 1024u64;
+        for l in 0..64u64 {
+            descs
+                .push_strided(0x7000_0000_0000 + l * 15_000 * page, page, 15_000, page, 0)
+                .unwrap();
+        }
+        let m = AgentMetadata {
+            name: "p".into(),
+            registrations: vec![RegistrationMetadata {
+                id: 0,
+                kind: MemKind::Dram,
+                descs,
+                keys: vec![],
+            }],
+            ..Default::default()
+        };
+        let b = m.encode().unwrap();
+        assert!(b.len() < 64 * 1024, "{} bytes", b.len());
+    }
+
+    fn arb_list() -> impl Strategy<Value = DescriptorList> {
+        proptest::collection::vec(
+            prop_oneof![
+                (any::<u32>(), 0u64..1 << 20, any::<u32>())
+                    .prop_map(|(a, l, d)| Entry::Single(Descriptor::new(a as u64, l, d))),
+                (
+                    any::<u32>(),
+                    0u64..1 << 20,
+                    1u64..1 << 20,
+                    0u64..1 << 16,
+                    any::<u32>()
+                )
+                    .prop_map(|(b, s, c, l, d)| Entry::Strided {
+                        base: b as u64,
+                        stride: s,
+                        count: c,
+                        len: l,
+                        device: d
+                    }),
+            ],
+            0..20,
+        )
+        .prop_map(|es| {
+            let mut l = DescriptorList::new();
+            for e in es {
+                l.push_entry(e);
+            }
+            l
+        })
+    }
+
+    fn arb_meta() -> impl Strategy<Value = AgentMetadata> {
+        (
+            "[a-z0-9-]{0,40}",
+            any::<u64>(),
+            any::<bool>(),
+            proptest::collection::vec(
+                ("[a-z]{1,10}", proptest::collection::vec(any::<u8>(), 0..64)),
+                1..4,
+            ),
+            proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    0u8..5,
+                    arb_list(),
+                    proptest::collection::vec(any::<u8>(), 0..32),
+                ),
+                0..8,
+            ),
+            proptest::collection::vec(any::<u64>(), 0..8),
+        )
+            .prop_map(
+                |(name, generation, partial, bes, regs, removed)| AgentMetadata {
+                    name,
+                    generation,
+                    partial,
+                    registrations: regs
+                        .into_iter()
+                        .map(|(id, k, descs, key)| RegistrationMetadata {
+                            id,
+                            kind: MemKind::from_u8(k).unwrap(),
+                            descs,
+                            keys: vec![(0, Bytes::from(key))],
+                        })
+                        .collect(),
+                    backends: bes
+                        .into_iter()
+                        .map(|(name, c)| BackendMetadata {
+                            name,
+                            connection: Bytes::from(c),
+                        })
+                        .collect(),
+                    removed,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn decode_inverts_encode(m in arb_meta()) {
+            let b = m.encode().unwrap();
+            prop_assert_eq!(AgentMetadata::decode(&b).unwrap(), m);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(v in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = AgentMetadata::decode(&v);
+            let _ = AgentMetadata::decode(&with_header(&v));
+        }
+
+        #[test]
+        fn flipped_bytes_are_detected(m in arb_meta(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut v = m.encode().unwrap().to_vec();
+            let i = pos.index(v.len());
+            v[i] ^= 1 << bit;
+            prop_assert!(AgentMetadata::decode(&v).is_err(), "flip at byte {}", i);
+        }
+    }
+}

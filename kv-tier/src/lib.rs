@@ -1,0 +1,1 @@
+//! The kvx KV block store: DRAM and NVMe tiers, eviction, prefetch
