@@ -241,6 +241,35 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// Backend parameters by name, as the agent passes them to a backend's `create`
+/// function (`"port" => "0"`, `"tls" => "tcp"`); each backend documents its keys and
+/// also offers a typed options struct.
+pub type Params = std::collections::BTreeMap<String, String>;
+
+/// True when `KV_REQUIRE_BACKENDS` (comma-separated) names `backend`: a test that would
+/// skip because the backend's native library is missing must fail instead.
+pub fn backend_required(backend: &str) -> bool {
+    std::env::var("KV_REQUIRE_BACKENDS")
+        .map(|v| v.split(',').any(|b| b.trim() == backend))
+        .unwrap_or(false)
+}
+
+/// For tests: `Some(value)` when the backend could be created; when it is unavailable,
+/// prints why and returns `None` (skip) — or panics if [`backend_required`] says it
+/// must be there.
+pub fn require_or_skip<T>(backend: &str, created: Result<T>) -> Option<T> {
+    match created {
+        Ok(v) => Some(v),
+        Err(e) if backend_required(backend) => {
+            panic!("backend {backend} is required by KV_REQUIRE_BACKENDS but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: backend {backend} unavailable: {e}");
+            None
+        }
+    }
+}
+
 /// Helper for backends: checks that the local and remote lists of a request are
 /// non-empty and of equal total length.
 pub fn check_request_shape(req: &TransferRequest) -> Result<()> {

@@ -32,8 +32,9 @@ mod error;
 pub mod loopback;
 
 pub use backend::{
-    check_request_shape, Backend, Capabilities, EndpointId, Notification, Op, PostOptions,
-    RegistrationId, RemoteId, Status, TransferId, TransferRequest,
+    backend_required, check_request_shape, require_or_skip, Backend, Capabilities, EndpointId,
+    Notification, Op, Params, PostOptions, RegistrationId, RemoteId, Status, TransferId,
+    TransferRequest,
 };
 pub use codec::{AgentMetadata, BackendMetadata, RegistrationMetadata};
 pub use desc::{
