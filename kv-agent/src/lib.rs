@@ -1,1 +1,36 @@
-//! The kvx agent an inference server embeds
+//! The agent an inference server embeds: the whole NIXL agent workflow with Rust
+//! ownership — backends, memory registration, metadata exchange, transfers.
+//!
+//! An [`Agent`] owns its backends and registrations, publishes metadata to peers (a TCP
+//! side channel by default), picks per transfer a backend both peers share, and prepares
+//! transfers once to post many times, with deadlines, cancellation and notifications.
+//! Memory is registered through [`kv_mem::Region`]s that stay alive while any transfer
+//! names them.
+//!
+//! ```no_run
+//! use kv_agent::{Agent, AgentOptions, TransferSpec};
+//! use kv_mem::{HostBuffer, Region};
+//!
+//! let agent = Agent::new("prefill-0", AgentOptions::default())?;
+//! agent.add_backend("tcp", &Default::default())?;
+//! let kv = Region::new(HostBuffer::alloc(64 << 20, 4096)?);
+//! let reg = agent.register(&kv)?;
+//! let decode = agent.fetch_remote("10.0.0.2:7000")?;           // the decode side's channel
+//! let (_, _, remote) = agent.remote_regions(decode)?.remove(0);
+//! let t = agent.prepare(&TransferSpec::write(kv_core::DescriptorList::single(reg.descriptor()), decode, remote))?;
+//! t.post(Some("req-42 layer 0".into()))?;
+//! t.wait()?;
+//! # Ok::<(), kv_core::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+mod agent;
+mod backends;
+mod channel;
+pub mod layout;
+mod transfer;
+
+pub use agent::{Agent, AgentOptions, BackendFactory, BackendStats, PeerId, Registration};
+pub use channel::parse_header as parse_channel_header;
+pub use kv_core::{Error, Result};
+pub use transfer::{Transfer, TransferSpec, TransferTelemetry};

@@ -1,0 +1,15 @@
+//! Backends the agent creates by name, one cargo feature each.
+
+use crate::agent::BackendFactory;
+
+/// The factory for `name`, if this build has that backend.
+pub(crate) fn factory(name: &str) -> Option<BackendFactory> {
+    FACTORIES.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+}
+
+/// Names of the backends this build can create.
+pub(crate) fn known() -> Vec<&'static str> {
+    FACTORIES.iter().map(|(n, _)| *n).collect()
+}
+
+const FACTORIES: &[(&str, BackendFactory)] = &[];

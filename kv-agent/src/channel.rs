@@ -1,0 +1,263 @@
+//! The side channel: metadata served and pushed over TCP, the embedded default.
+//!
+//! Frame: `"KVXS" | op u8 | 3 zero bytes | len u32 LE | payload`. Requests: `GET` (empty
+//! payload) answered with `META` + this agent's metadata; `PUT` + metadata (a peer
+//! publishing) answered with `OK` or `ERR` + message. Payloads are bounded by
+//! [`kv_core::codec::MAX_METADATA_BYTES`]; sockets have timeouts; a malformed frame
+//! closes that connection only.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use kv_core::{Error, Result};
+use parking_lot::Mutex;
+
+use crate::agent::{Agent, Inner, PeerId};
+
+const MAGIC: [u8; 4] = *b"KVXS";
+const GET: u8 = 1;
+const PUT: u8 = 2;
+const META: u8 = 0x81;
+const OK: u8 = 0x82;
+const ERR: u8 = 0x83;
+
+/// Side-channel state of an agent.
+#[derive(Default)]
+pub(crate) struct ChannelState {
+    listener: Mutex<Option<(SocketAddr, Arc<AtomicBool>)>>,
+    /// Where `publish` pushes: addresses we fetched from or were told about.
+    known: Mutex<Vec<SocketAddr>>,
+}
+
+impl Drop for ChannelState {
+    fn drop(&mut self) {
+        if let Some((addr, stop)) = self.listener.lock().take() {
+            stop.store(true, Ordering::Relaxed);
+            // Wake the accept loop so it sees the flag.
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+        }
+    }
+}
+
+fn write_frame(s: &mut TcpStream, op: u8, payload: &[u8]) -> Result<()> {
+    let len =
+        u32::try_from(payload.len()).map_err(|_| Error::invalid_argument("frame too large"))?;
+    let mut h = [0u8; 12];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = op;
+    h[8..].copy_from_slice(&len.to_le_bytes());
+    s.write_all(&h)
+        .and_then(|_| s.write_all(payload))
+        .map_err(|e| Error::io("side channel write", e))
+}
+
+/// Reads one frame; malformed input is `InvalidMetadata`.
+pub(crate) fn read_frame(s: &mut impl Read) -> Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 12];
+    s.read_exact(&mut h)
+        .map_err(|e| Error::io("side channel read", e))?;
+    let (op, len) = parse_header(&h)?;
+    let mut v = vec![0u8; len];
+    s.read_exact(&mut v)
+        .map_err(|e| Error::io("side channel read", e))?;
+    Ok((op, v))
+}
+
+/// Checks a 12-byte frame header and returns (op, payload length).
+pub fn parse_header(h: &[u8]) -> Result<(u8, usize)> {
+    if h.len() != 12 {
+        return Err(Error::invalid_metadata(format!(
+            "side-channel header of {} bytes",
+            h.len()
+        )));
+    }
+    if h[..4] != MAGIC {
+        return Err(Error::invalid_metadata(
+            "side-channel frame has a bad magic",
+        ));
+    }
+    if h[5..8] != [0, 0, 0] {
+        return Err(Error::invalid_metadata(
+            "side-channel frame has non-zero padding",
+        ));
+    }
+    let op = h[4];
+    if ![GET, PUT, META, OK, ERR].contains(&op) {
+        return Err(Error::invalid_metadata(format!(
+            "unknown side-channel op {op:#x}"
+        )));
+    }
+    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    if len > kv_core::codec::MAX_METADATA_BYTES {
+        return Err(Error::invalid_metadata(format!(
+            "side-channel payload of {len} bytes exceeds the limit"
+        )));
+    }
+    Ok((op, len))
+}
+
+fn serve(inner: &Weak<Inner>, mut s: TcpStream, timeout: Duration) -> Result<()> {
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| Error::io("set timeout", e))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| Error::io("set timeout", e))?;
+    let (op, payload) = read_frame(&mut s)?;
+    let Some(inner) = inner.upgrade() else {
+        return Ok(());
+    };
+    let agent = Agent { inner };
+    match op {
+        GET => write_frame(&mut s, META, &agent.local_metadata()?),
+        PUT => match agent.load_remote(&payload) {
+            Ok(_) => write_frame(&mut s, OK, &[]),
+            Err(e) => write_frame(&mut s, ERR, e.to_string().as_bytes()),
+        },
+        other => Err(Error::invalid_metadata(format!(
+            "unexpected side-channel request {other:#x}"
+        ))),
+    }
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::RemoteDisconnected {
+        peer: addr.to_string(),
+        reason: format!("side channel connect: {e}"),
+    })?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| Error::io("set timeout", e))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| Error::io("set timeout", e))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+fn resolve(addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| Error::io("resolving side-channel address", e))?
+        .next()
+        .ok_or_else(|| Error::invalid_argument("address resolves to nothing"))
+}
+
+impl Agent {
+    /// Serves this agent's metadata on `addr` (e.g. `127.0.0.1:0`) from a background
+    /// thread until the agent is dropped; returns the bound address.
+    pub fn listen(&self, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+        let listener =
+            TcpListener::bind(addr).map_err(|e| Error::io("binding the side channel", e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io("side channel address", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let weak = Arc::downgrade(&self.inner);
+        let timeout = self.inner.opts.channel_timeout;
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("kv-agent-channel-{}", self.inner.name))
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if flag.load(Ordering::Relaxed) || weak.strong_count() == 0 {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let w = weak.clone();
+                    // One short-lived thread per request keeps a slow client from
+                    // blocking the others; each is bounded by the socket timeouts.
+                    let _ = std::thread::Builder::new()
+                        .name("kv-agent-channel-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve(&w, conn, timeout) {
+                                tracing::debug!(error = %e, "side-channel request failed");
+                            }
+                        });
+                }
+            })
+            .map_err(|e| Error::io("starting the side-channel thread", e))?;
+        if let Some((old, old_stop)) = self.inner.channel.listener.lock().replace((local, stop)) {
+            old_stop.store(true, Ordering::Relaxed);
+            let _ = TcpStream::connect_timeout(&old, Duration::from_millis(200));
+        }
+        Ok(local)
+    }
+
+    /// Fetches a peer's metadata from its side channel and loads it; remembers the
+    /// address for [`Agent::publish`].
+    pub fn fetch_remote(&self, addr: impl ToSocketAddrs) -> Result<PeerId> {
+        let addr = resolve(addr)?;
+        let mut s = connect(addr, self.inner.opts.channel_timeout)?;
+        write_frame(&mut s, GET, &[])?;
+        let (op, payload) = read_frame(&mut s)?;
+        if op != META {
+            return Err(Error::invalid_metadata(format!(
+                "side channel answered op {op:#x} to GET"
+            )));
+        }
+        let id = self.load_remote(&payload)?;
+        let mut known = self.inner.channel.known.lock();
+        if !known.contains(&addr) {
+            known.push(addr);
+        }
+        Ok(id)
+    }
+
+    /// Pushes this agent's full metadata to the side channel at `addr`.
+    pub fn publish_to(&self, addr: impl ToSocketAddrs) -> Result<()> {
+        let addr = resolve(addr)?;
+        let meta = self.local_metadata()?;
+        let mut s = connect(addr, self.inner.opts.channel_timeout)?;
+        write_frame(&mut s, PUT, &meta)?;
+        let (op, payload) = read_frame(&mut s)?;
+        match op {
+            OK => {
+                let mut known = self.inner.channel.known.lock();
+                if !known.contains(&addr) {
+                    known.push(addr);
+                }
+                Ok(())
+            }
+            ERR => Err(Error::Backend {
+                name: "side-channel".into(),
+                code: 0,
+                message: String::from_utf8_lossy(&payload).into_owned(),
+            }),
+            other => Err(Error::invalid_metadata(format!(
+                "side channel answered op {other:#x} to PUT"
+            ))),
+        }
+    }
+
+    /// Pushes this agent's metadata to every side channel it fetched from or published
+    /// to; returns the addresses that failed, with why.
+    pub fn publish(&self) -> Vec<(SocketAddr, Error)> {
+        let known = self.inner.channel.known.lock().clone();
+        known
+            .into_iter()
+            .filter_map(|a| self.publish_to(a).err().map(|e| (a, e)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn headers_never_panic(v in proptest::collection::vec(any::<u8>(), 0..24)) {
+            let _ = parse_header(&v);
+            let _ = read_frame(&mut &v[..]);
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        let mut h = [0u8; 12];
+        h[..4].copy_from_slice(&MAGIC);
+        h[4] = PUT;
+        h[8..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(parse_header(&h), Err(Error::InvalidMetadata(_))));
+    }
+}

@@ -1,0 +1,366 @@
+//! Prepared transfers: post many times, poll, wait, cancel, telemetry.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kv_core::{
+    DescriptorList, Error, MemKind, Op, PostOptions, Result, Status, TransferId, TransferRequest,
+};
+use parking_lot::Mutex;
+
+use crate::agent::{deadline_from_now, Agent, LoadedBackend, PeerEntry, PeerId, RegionEntry};
+
+/// What to move: a local and a remote descriptor list of equal total length. Plain
+/// struct; `Clone`, `Send + Sync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferSpec {
+    /// Direction: WRITE pushes local → remote, READ pulls remote → local.
+    pub op: Op,
+    /// Kind of the local memory.
+    pub local_kind: MemKind,
+    /// Local ranges (inside registered regions).
+    pub local: DescriptorList,
+    /// The peer.
+    pub peer: PeerId,
+    /// Kind of the remote memory.
+    pub remote_kind: MemKind,
+    /// Remote ranges (inside regions the peer published).
+    pub remote: DescriptorList,
+    /// Use this backend only (else the agent chooses).
+    pub backend: Option<String>,
+    /// Deadline of each post (else the agent's default).
+    pub deadline: Option<Duration>,
+}
+
+impl TransferSpec {
+    /// A DRAM → DRAM WRITE.
+    pub fn write(local: DescriptorList, peer: PeerId, remote: DescriptorList) -> Self {
+        Self::new(Op::Write, local, peer, remote)
+    }
+
+    /// A DRAM ← DRAM READ.
+    pub fn read(local: DescriptorList, peer: PeerId, remote: DescriptorList) -> Self {
+        Self::new(Op::Read, local, peer, remote)
+    }
+
+    fn new(op: Op, local: DescriptorList, peer: PeerId, remote: DescriptorList) -> Self {
+        TransferSpec {
+            op,
+            local_kind: MemKind::Dram,
+            local,
+            peer,
+            remote_kind: MemKind::Dram,
+            remote,
+            backend: None,
+            deadline: None,
+        }
+    }
+}
+
+/// Timing and size of a transfer's last post. `Clone`, `Send + Sync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferTelemetry {
+    /// The backend that carries it.
+    pub backend: String,
+    /// Bytes per post.
+    pub bytes: u64,
+    /// Descriptors per post (local side, expanded).
+    pub descriptors: u64,
+    /// How long `prepare` took.
+    pub prepare_time: Duration,
+    /// When the last post started.
+    pub posted_at: Option<Instant>,
+    /// When the last post finished (completed, failed or cancelled).
+    pub completed_at: Option<Instant>,
+    /// Number of posts so far.
+    pub posts: u64,
+}
+
+impl TransferTelemetry {
+    /// Post-to-completion time of the last post, once it finished.
+    pub fn duration(&self) -> Option<Duration> {
+        Some(
+            self.completed_at?
+                .saturating_duration_since(self.posted_at?),
+        )
+    }
+}
+
+struct State {
+    /// A post is outstanding and its regions are pinned.
+    pinned: bool,
+    last: Status,
+    deadline_at: Option<Instant>,
+    posted_at: Option<Instant>,
+    completed_at: Option<Instant>,
+    posts: u64,
+}
+
+/// A prepared transfer. Post it with [`Transfer::post`], then [`Transfer::wait`] or
+/// [`Transfer::poll`]; post again once it finished. While posted it keeps its local
+/// regions registered and alive; dropping it cancels an outstanding post.
+///
+/// `Send + Sync`: each transfer has its own small lock, so threads posting different
+/// transfers never contend.
+pub struct Transfer {
+    agent: Agent,
+    backend: Arc<LoadedBackend>,
+    id: TransferId,
+    peer: Arc<PeerEntry>,
+    local: Vec<Arc<RegionEntry>>,
+    bytes: u64,
+    descriptors: u64,
+    deadline: Duration,
+    prepare_time: Duration,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Transfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transfer")
+            .field("backend", &self.backend.name)
+            .field("peer", &self.peer.name)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transfer {
+    pub(crate) fn prepare(agent: &Agent, spec: &TransferSpec) -> Result<Transfer> {
+        let start = Instant::now();
+        if spec.local.total_bytes() != spec.remote.total_bytes() || spec.local.total_bytes() == 0 {
+            return Err(Error::invalid_argument(format!(
+                "local list has {} bytes and remote list {}; they must be equal and non-zero",
+                spec.local.total_bytes(),
+                spec.remote.total_bytes()
+            )));
+        }
+        let peer = agent.peer(spec.peer)?;
+        peer.check_current()?;
+        let local = agent.local_regions_for(spec.local_kind, &spec.local)?;
+        let (remote_ids, remote_backends) =
+            agent.remote_regions_for(&peer, spec.remote_kind, &spec.remote)?;
+        let backend = agent.choose_backend(spec, &local, &remote_backends, &peer)?;
+        let ep = agent.endpoint(&peer, &backend)?;
+        for id in remote_ids {
+            agent.import(&peer, &backend, ep, id)?;
+        }
+        let id = backend.backend.prepare(&TransferRequest {
+            op: spec.op,
+            local_kind: spec.local_kind,
+            local: spec.local.clone(),
+            peer: ep,
+            remote_kind: spec.remote_kind,
+            remote: spec.remote.clone(),
+        })?;
+        Ok(Transfer {
+            agent: agent.clone(),
+            bytes: spec.local.total_bytes(),
+            descriptors: spec.local.len(),
+            deadline: spec.deadline.unwrap_or(agent.inner.opts.default_deadline),
+            prepare_time: start.elapsed(),
+            backend,
+            id,
+            peer,
+            local,
+            state: Mutex::new(State {
+                pinned: false,
+                last: Status::Idle,
+                deadline_at: None,
+                posted_at: None,
+                completed_at: None,
+                posts: 0,
+            }),
+        })
+    }
+
+    /// The backend the agent chose for this transfer.
+    pub fn backend(&self) -> &str {
+        &self.backend.name
+    }
+
+    /// Bytes moved per post.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Starts the transfer; `notification` reaches the peer after the data. Fails with
+    /// [`Error::Busy`] while a previous post is outstanding.
+    pub fn post(&self, notification: Option<Bytes>) -> Result<()> {
+        let mut st = self.state.lock();
+        if st.pinned {
+            return Err(Error::Busy("the previous post has not finished".into()));
+        }
+        self.peer.check_current()?;
+        for r in &self.local {
+            r.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        let now = Instant::now();
+        let deadline_at = deadline_from_now(self.deadline);
+        let opts = PostOptions {
+            notification,
+            deadline: Some(deadline_at),
+        };
+        // SAFETY: every local range lies in a region this transfer holds (`self.local`
+        // keeps the memory alive) and pinned above (`inflight` > 0 defers its
+        // deregistration) until `finish` runs after the backend reported the end or
+        // `cancel` returned.
+        if let Err(e) = unsafe { self.backend.backend.post(self.id, &opts) } {
+            for r in &self.local {
+                self.agent.inner.unpin(r);
+            }
+            return Err(e);
+        }
+        st.pinned = true;
+        st.last = Status::InProgress;
+        st.deadline_at = Some(deadline_at);
+        st.posted_at = Some(now);
+        st.completed_at = None;
+        st.posts += 1;
+        self.backend.stats.lock().posted += 1;
+        Ok(())
+    }
+
+    fn finish(&self, st: &mut State, status: Status) {
+        if st.pinned {
+            st.pinned = false;
+            for r in &self.local {
+                self.agent.inner.unpin(r);
+            }
+            st.completed_at = Some(Instant::now());
+            let mut stats = self.backend.stats.lock();
+            match status {
+                Status::Done => {
+                    stats.completed += 1;
+                    stats.bytes += self.bytes;
+                }
+                _ => stats.failed += 1,
+            }
+        }
+        st.last = status;
+    }
+
+    /// The state of the last post; never blocks. A post past its deadline is cancelled
+    /// and reported as [`Error::TimedOut`].
+    pub fn poll(&self) -> Status {
+        let mut st = self.state.lock();
+        if !st.pinned {
+            return st.last.clone();
+        }
+        let s = self.backend.backend.poll(self.id);
+        match s {
+            Status::Done | Status::Failed(_) => self.finish(&mut st, s),
+            Status::InProgress | Status::Idle => {
+                if st.deadline_at.is_some_and(|d| Instant::now() > d) {
+                    let s = match self.backend.backend.cancel(self.id) {
+                        Ok(()) => match self.backend.backend.poll(self.id) {
+                            Status::Done => Status::Done,
+                            _ => Status::Failed(Error::TimedOut {
+                                what: format!(
+                                    "{}-byte transfer to {} over {}",
+                                    self.bytes, self.peer.name, self.backend.name
+                                ),
+                                after: self.deadline,
+                            }),
+                        },
+                        Err(e) => Status::Failed(e),
+                    };
+                    self.finish(&mut st, s);
+                }
+            }
+        }
+        st.last.clone()
+    }
+
+    /// Drives progress until the last post finishes (or its deadline passes).
+    pub fn wait(&self) -> Result<()> {
+        let mut spins = 0u32;
+        loop {
+            if !self.agent.inner.opts.progress_thread {
+                self.backend.backend.progress()?;
+            }
+            match self.poll() {
+                Status::Done => return Ok(()),
+                Status::Failed(e) => return Err(e),
+                Status::Idle => {
+                    return Err(Error::invalid_argument(
+                        "wait on a transfer that was never posted",
+                    ))
+                }
+                Status::InProgress => {}
+            }
+            spins += 1;
+            if spins > 200 {
+                std::thread::sleep(Duration::from_micros(20));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Waits like [`Transfer::wait`], from async code (tokio's timer drives the polling).
+    #[cfg(feature = "tokio")]
+    pub async fn wait_async(&self) -> Result<()> {
+        loop {
+            if !self.agent.inner.opts.progress_thread {
+                self.backend.backend.progress()?;
+            }
+            match self.poll() {
+                Status::Done => return Ok(()),
+                Status::Failed(e) => return Err(e),
+                Status::Idle => {
+                    return Err(Error::invalid_argument(
+                        "wait on a transfer that was never posted",
+                    ))
+                }
+                Status::InProgress => tokio::time::sleep(Duration::from_micros(50)).await,
+            }
+        }
+    }
+
+    /// Stops an outstanding post. When it returns, the backend no longer touches the
+    /// memory and the regions are the caller's again.
+    pub fn cancel(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        if !st.pinned {
+            return Ok(());
+        }
+        self.backend.backend.cancel(self.id)?;
+        let s = match self.backend.backend.poll(self.id) {
+            Status::Done => Status::Done,
+            _ => Status::Failed(Error::Canceled),
+        };
+        self.finish(&mut st, s);
+        Ok(())
+    }
+
+    /// Size, backend and timing of the last post.
+    pub fn telemetry(&self) -> TransferTelemetry {
+        let st = self.state.lock();
+        TransferTelemetry {
+            backend: self.backend.name.clone(),
+            bytes: self.bytes,
+            descriptors: self.descriptors,
+            prepare_time: self.prepare_time,
+            posted_at: st.posted_at,
+            completed_at: st.completed_at,
+            posts: st.posts,
+        }
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        if let Err(e) = self.cancel() {
+            // The backend may still touch the memory: leak our hold on it (and leave it
+            // pinned, so it is never deregistered) rather than free it under the device.
+            tracing::error!(error = %e, "cancel on drop failed; leaking the transfer's regions");
+            std::mem::forget(std::mem::take(&mut self.local));
+            return;
+        }
+        if let Err(e) = self.backend.backend.release(self.id) {
+            tracing::debug!(error = %e, "release on drop failed");
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! Agent protocol logic with in-process loopback backends: metadata, generations,
+//! backend choice, custody, deadlines, notifications, threads, the side channel.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kv_agent::{Agent, AgentOptions, TransferSpec};
+use kv_core::conformance::pattern;
+use kv_core::loopback::{LoopbackBackend, LoopbackFabric};
+use kv_core::{
+    Backend, Capabilities, Descriptor, DescriptorList, EndpointId, Error, MemKind, Notification,
+    PostOptions, RegistrationId, RemoteId, Status, TransferId, TransferRequest,
+};
+use kv_mem::{Memory, Region};
+
+/// Loopback memory as a `kv_mem::Memory`, so the agent can register it.
+struct LoopMem(Descriptor);
+
+// SAFETY: the range is loopback-simulated memory owned by the backend; neither the agent
+// nor the loopback backend ever dereferences it as a host address.
+unsafe impl Memory for LoopMem {
+    fn kind(&self) -> MemKind {
+        MemKind::Dram
+    }
+    fn descriptor(&self) -> Descriptor {
+        self.0
+    }
+}
+
+struct Node {
+    agent: Agent,
+    lb: Arc<LoopbackBackend>,
+}
+
+fn node(fabric: &LoopbackFabric, name: &str, opts: AgentOptions) -> Node {
+    let lb = Arc::new(fabric.backend(name));
+    let agent = Agent::new(name, opts).unwrap();
+    agent.add_backend_instance(lb.clone()).unwrap();
+    Node { agent, lb }
+}
+
+impl Node {
+    fn region(&self, len: usize, seed: u64) -> Region<LoopMem> {
+        let d = self.lb.alloc(len);
+        self.lb.write_mem(d.addr, &pattern(seed, len)).unwrap();
+        Region::new(LoopMem(d))
+    }
+    fn read(&self, d: Descriptor) -> Vec<u8> {
+        self.lb.read_mem(d.addr, d.len as usize).unwrap()
+    }
+}
+
+fn pair() -> (Node, Node) {
+    let f = LoopbackFabric::new();
+    (
+        node(&f, "prefill", AgentOptions::default()),
+        node(&f, "decode", AgentOptions::default()),
+    )
+}
+
+#[test]
+fn write_with_notification_then_read() {
+    let (p, d) = pair();
+    let src = p.region(1 << 20, 1);
+    let dst = d.region(1 << 20, 2);
+    let _rs = p.agent.register(&src).unwrap();
+    let rd = d.agent.register(&dst).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    assert_eq!(p.agent.peer_info(peer).unwrap().0, "decode");
+    let remote = DescriptorList::single(rd.descriptor());
+    let t = p
+        .agent
+        .transfer(
+            &TransferSpec::write(
+                DescriptorList::single(src.descriptor()),
+                peer,
+                remote.clone(),
+            ),
+            Some(Bytes::from_static(b"req-1")),
+        )
+        .unwrap();
+    t.wait().unwrap();
+    assert_eq!(t.backend(), "loopback");
+    assert_eq!(d.read(dst.descriptor()), pattern(1, 1 << 20));
+    let n = d.agent.notifications().unwrap();
+    assert_eq!(
+        n,
+        vec![Notification {
+            peer: "prefill".into(),
+            payload: Bytes::from_static(b"req-1")
+        }]
+    );
+    let tel = t.telemetry();
+    assert_eq!((tel.bytes, tel.descriptors, tel.posts), (1 << 20, 1, 1));
+    assert!(tel.duration().is_some());
+
+    // Decode-shaped READ of half the remote into the second half of the source.
+    d.lb.write_mem(dst.descriptor().addr, &pattern(9, 1 << 19))
+        .unwrap();
+    let local = DescriptorList::single(src.slice(1 << 19, 1 << 19).unwrap());
+    let remote = DescriptorList::single(dst.slice(0, 1 << 19).unwrap());
+    let t = p
+        .agent
+        .transfer(&TransferSpec::read(local, peer, remote), None)
+        .unwrap();
+    t.wait().unwrap();
+    assert_eq!(
+        p.read(src.slice(1 << 19, 1 << 19).unwrap()),
+        pattern(9, 1 << 19)
+    );
+    assert_eq!(p.agent.stats()[0].1.completed, 2);
+}
+
+#[test]
+fn repost_a_prepared_transfer_1000_times() {
+    let (p, d) = pair();
+    let src = p.region(4096, 1);
+    let dst = d.region(4096, 2);
+    let _rs = p.agent.register(&src).unwrap();
+    let rd = d.agent.register(&dst).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let t = p
+        .agent
+        .prepare(&TransferSpec::write(
+            DescriptorList::single(src.descriptor()),
+            peer,
+            DescriptorList::single(rd.descriptor()),
+        ))
+        .unwrap();
+    for i in 0..1000u64 {
+        p.lb.write_mem(src.descriptor().addr, &pattern(100 + i, 4096))
+            .unwrap();
+        t.post(Some(Bytes::copy_from_slice(&i.to_le_bytes())))
+            .unwrap();
+        t.wait().unwrap();
+        assert_eq!(d.read(dst.descriptor()), pattern(100 + i, 4096), "post {i}");
+    }
+    let n = d.agent.notifications().unwrap();
+    assert_eq!(n.len(), 1000);
+    assert!(n
+        .iter()
+        .enumerate()
+        .all(|(i, x)| x.payload[..] == (i as u64).to_le_bytes()));
+    assert_eq!(t.telemetry().posts, 1000);
+}
+
+#[test]
+fn restarted_peer_replaces_old_generation() {
+    let f = LoopbackFabric::new();
+    let p = node(&f, "prefill", AgentOptions::default());
+    let d1 = node(
+        &f,
+        "decode",
+        AgentOptions {
+            generation: Some(1),
+            ..Default::default()
+        },
+    );
+    let src = p.region(4096, 1);
+    let _rs = p.agent.register(&src).unwrap();
+    let dst1 = d1.region(4096, 2);
+    let r1 = d1.agent.register(&dst1).unwrap();
+    let old_meta = d1.agent.local_metadata().unwrap();
+    let old = p.agent.load_remote(&old_meta).unwrap();
+    let spec = |peer, r: Descriptor| {
+        TransferSpec::write(
+            DescriptorList::single(src.descriptor()),
+            peer,
+            DescriptorList::single(r),
+        )
+    };
+    let prepared = p.agent.prepare(&spec(old, r1.descriptor())).unwrap();
+    // Same generation again: same PeerId.
+    assert_eq!(p.agent.load_remote(&old_meta).unwrap(), old);
+
+    // The decode process restarts: new agent, same name, higher generation.
+    drop((r1, dst1, d1));
+    let d2 = node(
+        &f,
+        "decode",
+        AgentOptions {
+            generation: Some(2),
+            ..Default::default()
+        },
+    );
+    let dst2 = d2.region(4096, 3);
+    let r2 = d2.agent.register(&dst2).unwrap();
+    let new = p
+        .agent
+        .load_remote(&d2.agent.local_metadata().unwrap())
+        .unwrap();
+    assert_ne!(new, old);
+    assert_eq!(p.agent.peer_by_name("decode"), Some(new));
+    // Old handles are refused with a clear error.
+    let e = p.agent.prepare(&spec(old, r2.descriptor())).unwrap_err();
+    assert!(
+        matches!(e, Error::NotRegistered(ref m) if m.contains("newer generation")),
+        "{e}"
+    );
+    let e = prepared.post(None).unwrap_err();
+    assert!(
+        matches!(e, Error::NotRegistered(ref m) if m.contains("restarted")),
+        "{e}"
+    );
+    // Stale metadata is refused.
+    assert!(
+        matches!(p.agent.load_remote(&old_meta), Err(Error::InvalidMetadata(m)) if m.contains("stale"))
+    );
+    // The new generation works.
+    p.agent
+        .transfer(&spec(new, r2.descriptor()), None)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(d2.read(dst2.descriptor()), pattern(1, 4096));
+    // Invalidation refuses the handle too.
+    p.agent.invalidate_remote(new).unwrap();
+    assert!(p.agent.prepare(&spec(new, r2.descriptor())).is_err());
+}
+
+#[test]
+fn partial_metadata_adds_regions() {
+    let (p, d) = pair();
+    let src = p.region(8192, 1);
+    let _rs = p.agent.register(&src).unwrap();
+    let a = d.region(4096, 2);
+    let _ra = d.agent.register(&a).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let b = d.region(8192, 3);
+    let rb = d.agent.register(&b).unwrap();
+    let spec = TransferSpec::write(
+        DescriptorList::single(src.descriptor()),
+        peer,
+        DescriptorList::single(rb.descriptor()),
+    );
+    assert!(matches!(p.agent.prepare(&spec), Err(Error::OutOfBounds(_))));
+    assert_eq!(
+        p.agent
+            .load_remote(&d.agent.partial_metadata(&[&rb]).unwrap())
+            .unwrap(),
+        peer
+    );
+    assert_eq!(p.agent.remote_regions(peer).unwrap().len(), 2);
+    p.agent.transfer(&spec, None).unwrap().wait().unwrap();
+    assert_eq!(d.read(b.descriptor()), pattern(1, 8192));
+    // Partial metadata for a peer never loaded in full is refused.
+    let f = LoopbackFabric::new();
+    let other = node(&f, "other", AgentOptions::default());
+    assert!(matches!(
+        other
+            .agent
+            .load_remote(&d.agent.partial_metadata(&[&rb]).unwrap()),
+        Err(Error::InvalidMetadata(_))
+    ));
+}
+
+#[test]
+fn bounds_and_registration_are_checked() {
+    let (p, d) = pair();
+    let src = p.region(4096, 1);
+    let unregistered = p.region(4096, 1);
+    let _rs = p.agent.register(&src).unwrap();
+    let dst = d.region(4096, 2);
+    let rd = d.agent.register(&dst).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let big = Descriptor::new(rd.descriptor().addr, 4097, 0);
+    let e = p.agent.prepare(&TransferSpec::write(
+        DescriptorList::single(Descriptor::new(src.descriptor().addr, 4097, 0)),
+        peer,
+        DescriptorList::single(big),
+    ));
+    assert!(e.is_err());
+    let e = p.agent.prepare(&TransferSpec::write(
+        DescriptorList::single(unregistered.descriptor()),
+        peer,
+        DescriptorList::single(rd.descriptor()),
+    ));
+    assert!(matches!(e, Err(Error::NotRegistered(_))), "{e:?}");
+    let e = p.agent.prepare(&TransferSpec::write(
+        DescriptorList::single(src.slice(0, 10).unwrap()),
+        peer,
+        DescriptorList::single(rd.descriptor()),
+    ));
+    assert!(matches!(e, Err(Error::InvalidArgument(_))), "{e:?}");
+    assert!(d.read(dst.descriptor()) == pattern(2, 4096));
+}
+
+#[test]
+fn no_common_backend_lists_both_sides() {
+    let f1 = LoopbackFabric::new();
+    let p = node(&f1, "prefill", AgentOptions::default());
+    let d = Agent::new("decode", AgentOptions::default()).unwrap();
+    let src = p.region(4096, 1);
+    let _rs = p.agent.register(&src).unwrap();
+    let peer = p.agent.load_remote(&d.local_metadata().unwrap()).unwrap();
+    let e = p.agent.prepare(&TransferSpec::write(
+        DescriptorList::single(src.descriptor()),
+        peer,
+        DescriptorList::single(Descriptor::new(0, 4096, 0)),
+    ));
+    // The peer published no region, so the range is out of bounds before backend choice.
+    assert!(e.is_err());
+    let e = p.agent.notify(peer, Bytes::from_static(b"x")).unwrap_err();
+    match e {
+        Error::NoCommonBackend { local, remote } => {
+            assert_eq!(local, vec!["loopback".to_string()]);
+            assert!(remote.is_empty());
+        }
+        e => panic!("{e}"),
+    }
+}
+
+/// Custody: a registration dropped while a transfer names it stays registered (and its
+/// memory alive) until the transfer ends.
+#[test]
+fn custody_defers_deregistration() {
+    let (p, d) = pair();
+    let src = p.region(4096, 1);
+    let rs = p.agent.register(&src).unwrap();
+    let dst = d.region(4096, 2);
+    let rd = d.agent.register(&dst).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let t = p
+        .agent
+        .prepare(&TransferSpec::write(
+            DescriptorList::single(src.descriptor()),
+            peer,
+            DescriptorList::single(rd.descriptor()),
+        ))
+        .unwrap();
+    t.post(None).unwrap();
+    // Explicit deregistration while in flight is refused and hands the handle back.
+    let (e, rs) = rs.deregister().unwrap_err();
+    assert!(matches!(e, Error::Busy(_)));
+    assert!(src.holders() >= 2);
+    drop(rs);
+    // Still registered: the loopback refuses to free registered memory.
+    assert!(matches!(p.lb.free(&src.descriptor()), Err(Error::Busy(_))));
+    t.wait().unwrap();
+    assert_eq!(d.read(dst.descriptor()), pattern(1, 4096));
+    // Transfer done: the deferred deregistration ran (the backend lets the memory go)…
+    assert!(p.lb.free(&src.descriptor()).is_ok());
+    // …and once the prepared transfer is gone, nothing but the user holds the region.
+    assert_eq!(src.holders(), 2);
+    drop(t);
+    assert_eq!(src.holders(), 1);
+}
+
+/// A loopback backend whose transfers never complete: progress does nothing.
+struct Stuck(LoopbackBackend);
+
+#[allow(unsafe_code)]
+impl Backend for Stuck {
+    fn name(&self) -> &str {
+        "stuck"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> kv_core::Result<RegistrationId> {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.register(kind, desc) }
+    }
+    fn deregister(&self, id: RegistrationId) -> kv_core::Result<()> {
+        self.0.deregister(id)
+    }
+    fn remote_key(&self, id: RegistrationId) -> kv_core::Result<Bytes> {
+        self.0.remote_key(id)
+    }
+    fn connection_info(&self) -> kv_core::Result<Bytes> {
+        self.0.connection_info()
+    }
+    fn connect(&self, n: &str, info: &[u8]) -> kv_core::Result<EndpointId> {
+        self.0.connect(n, info)
+    }
+    fn disconnect(&self, p: EndpointId) -> kv_core::Result<()> {
+        self.0.disconnect(p)
+    }
+    fn import_remote(
+        &self,
+        p: EndpointId,
+        k: MemKind,
+        d: &Descriptor,
+        key: &[u8],
+    ) -> kv_core::Result<RemoteId> {
+        self.0.import_remote(p, k, d, key)
+    }
+    fn release_remote(&self, id: RemoteId) -> kv_core::Result<()> {
+        self.0.release_remote(id)
+    }
+    fn prepare(&self, r: &TransferRequest) -> kv_core::Result<TransferId> {
+        self.0.prepare(r)
+    }
+    unsafe fn post(&self, id: TransferId, o: &PostOptions) -> kv_core::Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.post(id, o) }
+    }
+    fn poll(&self, id: TransferId) -> Status {
+        self.0.poll(id)
+    }
+    fn cancel(&self, id: TransferId) -> kv_core::Result<()> {
+        self.0.cancel(id)
+    }
+    fn release(&self, id: TransferId) -> kv_core::Result<()> {
+        self.0.release(id)
+    }
+    fn progress(&self) -> kv_core::Result<usize> {
+        Ok(0)
+    }
+    fn notify(&self, p: EndpointId, b: Bytes) -> kv_core::Result<()> {
+        self.0.notify(p, b)
+    }
+    fn drain_notifications(&self, out: &mut Vec<Notification>) -> kv_core::Result<usize> {
+        self.0.drain_notifications(out)
+    }
+}
+
+#[test]
+fn deadline_ends_a_stuck_transfer() {
+    let f = LoopbackFabric::new();
+    let (lp, ld) = (
+        Arc::new(Stuck(f.backend("prefill"))),
+        Arc::new(Stuck(f.backend("decode"))),
+    );
+    let p = Agent::new("prefill", AgentOptions::default()).unwrap();
+    let d = Agent::new("decode", AgentOptions::default()).unwrap();
+    p.add_backend_instance(lp.clone()).unwrap();
+    d.add_backend_instance(ld.clone()).unwrap();
+    let src = Region::new(LoopMem(lp.0.alloc(4096)));
+    let dst = Region::new(LoopMem(ld.0.alloc(4096)));
+    let _rs = p.register(&src).unwrap();
+    let rd = d.register(&dst).unwrap();
+    let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
+    let mut spec = TransferSpec::write(
+        DescriptorList::single(src.descriptor()),
+        peer,
+        DescriptorList::single(rd.descriptor()),
+    );
+    spec.deadline = Some(Duration::from_millis(200));
+    let t = p.transfer(&spec, None).unwrap();
+    let start = Instant::now();
+    let e = t.wait().unwrap_err();
+    assert!(matches!(e, Error::TimedOut { .. }), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(p.stats()[0].1.failed, 1);
+    // The memory is free again after the timeout.
+    assert_eq!(src.holders(), 2); // the region and its registration; no transfer pin
+                                  // Explicit cancel works too.
+    t.post(None).unwrap();
+    t.cancel().unwrap();
+    assert!(matches!(t.poll(), Status::Failed(Error::Canceled)));
+}
+
+#[test]
+fn dead_peer_fails_transfers() {
+    let (p, d) = pair();
+    let src = p.region(4096, 1);
+    let _rs = p.agent.register(&src).unwrap();
+    let dst = d.region(4096, 2);
+    let rd = d.agent.register(&dst).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let spec = TransferSpec::write(
+        DescriptorList::single(src.descriptor()),
+        peer,
+        DescriptorList::single(rd.descriptor()),
+    );
+    // Connected and working, then the peer dies: the prepared transfer fails.
+    let t = p.agent.prepare(&spec).unwrap();
+    t.post(None).unwrap();
+    t.wait().unwrap();
+    drop(rd);
+    drop(dst);
+    drop(d);
+    let start = Instant::now();
+    t.post(None).unwrap();
+    let e = t.wait().unwrap_err();
+    assert!(e.is_disconnect(), "{e}");
+    // A new transfer fails at connect or completion, never hangs.
+    let p2 = p.agent.clone();
+    let (_, fresh) = pair();
+    let fresh_peer = p2
+        .load_remote(&fresh.agent.local_metadata().unwrap())
+        .unwrap();
+    drop(fresh);
+    let e = p2
+        .transfer(
+            &TransferSpec::write(
+                DescriptorList::single(src.descriptor()),
+                fresh_peer,
+                DescriptorList::single(Descriptor::new(0, 4096, 0)),
+            ),
+            None,
+        )
+        .and_then(|t| t.wait())
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::OutOfBounds(_) | Error::RemoteDisconnected { .. }),
+        "{e}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn threads_post_concurrently() {
+    let (p, d) = pair();
+    let p = Arc::new(p);
+    let mut handles = Vec::new();
+    let mut keep = Vec::new();
+    for i in 0..4u64 {
+        let src = p.region(8192, i);
+        let rs = p.agent.register(&src).unwrap();
+        let dst = d.region(8192, 50 + i);
+        let rd = d.agent.register(&dst).unwrap();
+        keep.push((rs, rd, dst.clone(), src.clone()));
+    }
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    for (i, (_, rd, _, src)) in keep.iter().enumerate() {
+        let agent = p.agent.clone();
+        let spec = TransferSpec::write(
+            DescriptorList::single(src.descriptor()),
+            peer,
+            DescriptorList::single(rd.descriptor()),
+        );
+        handles.push(std::thread::spawn(move || {
+            let t = agent.prepare(&spec).unwrap();
+            for _ in 0..200 {
+                t.post(None).unwrap();
+                t.wait().unwrap();
+            }
+            i
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    for (i, (_, _, dst, _)) in keep.iter().enumerate() {
+        assert_eq!(d.read(dst.descriptor()), pattern(i as u64, 8192));
+    }
+    assert_eq!(p.agent.stats()[0].1.completed, 800);
+    fn check<T: Send + Sync>() {}
+    check::<Agent>();
+    check::<kv_agent::Transfer>();
+    check::<kv_agent::Registration>();
+}
+
+#[test]
+fn side_channel_fetch_and_publish() {
+    let (p, d) = pair();
+    let dst = d.region(4096, 2);
+    let _rd = d.agent.register(&dst).unwrap();
+    let daddr = d.agent.listen("127.0.0.1:0").unwrap();
+    let paddr = p.agent.listen("127.0.0.1:0").unwrap();
+    let peer = p.agent.fetch_remote(daddr).unwrap();
+    assert_eq!(p.agent.remote_regions(peer).unwrap().len(), 1);
+    // The prefill side publishes itself to decode's channel.
+    p.agent.publish_to(daddr).unwrap();
+    assert!(d.agent.peer_by_name("prefill").is_some());
+    // Decode adds a region and publishes; the channel it fetched from is not known to
+    // decode, so publish there explicitly, then prefill re-fetches.
+    let dst2 = d.region(4096, 3);
+    let _rd2 = d.agent.register(&dst2).unwrap();
+    d.agent.publish_to(paddr).unwrap();
+    assert_eq!(p.agent.remote_regions(peer).unwrap().len(), 2);
+    assert!(p.agent.publish().is_empty());
+    // Garbage on the channel closes that connection only.
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(daddr).unwrap();
+    s.write_all(b"GARBAGE-GARBAGE-GARBAGE").unwrap();
+    drop(s);
+    assert_eq!(p.agent.fetch_remote(daddr).unwrap(), peer);
+    // A dead channel is an error, quickly (registrations keep their agent alive).
+    drop((_rd, _rd2));
+    drop(d);
+    std::thread::sleep(Duration::from_millis(50));
+    let start = Instant::now();
+    assert!(p.agent.fetch_remote(daddr).is_err());
+    assert!(start.elapsed() < Duration::from_secs(6));
+}
+
+#[test]
+fn progress_thread_completes_without_polling() {
+    let f = LoopbackFabric::new();
+    let p = node(
+        &f,
+        "prefill",
+        AgentOptions {
+            progress_thread: true,
+            ..Default::default()
+        },
+    );
+    let d = node(&f, "decode", AgentOptions::default());
+    let src = p.region(4096, 1);
+    let _rs = p.agent.register(&src).unwrap();
+    let dst = d.region(4096, 2);
+    let rd = d.agent.register(&dst).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let t = p
+        .agent
+        .transfer(
+            &TransferSpec::write(
+                DescriptorList::single(src.descriptor()),
+                peer,
+                DescriptorList::single(rd.descriptor()),
+            ),
+            None,
+        )
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while !t.poll().is_finished() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(matches!(t.poll(), Status::Done));
+}
