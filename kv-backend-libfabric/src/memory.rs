@@ -1,0 +1,120 @@
+//! Registrations (local and imported) and the registered bounce buffers that carry
+//! notification messages.
+
+use std::alloc::Layout;
+
+use kv_core::{Descriptor, Error, Result};
+
+use crate::endpoint::{Endpoint, Mr};
+use crate::wire::{RemoteKey, MSG_BUF};
+
+/// A local registration.
+pub struct Registration {
+    /// The registered range.
+    pub desc: Descriptor,
+    /// The key peers use: `fi_mr_key` under FI_MR_PROV_KEY, else the key we requested.
+    pub key: u64,
+    /// Its memory region; `None` only while it is being closed.
+    pub mr: Option<Mr>,
+    /// Transfers in progress whose local side names it.
+    pub busy: u32,
+}
+
+impl Registration {
+    /// The remote key a peer needs.
+    pub fn remote_key(&self) -> RemoteKey {
+        RemoteKey {
+            key: self.key,
+            base: self.desc.addr,
+            len: self.desc.len,
+        }
+    }
+
+    /// `fi_mr_desc` as an integer (0 when closed).
+    pub fn mr_desc(&self) -> usize {
+        self.mr.as_ref().map_or(0, |m| m.desc() as usize)
+    }
+}
+
+/// A peer's registration, imported with its remote key.
+pub struct Remote {
+    /// The endpoint it belongs to.
+    pub peer: u64,
+    /// What the peer registered.
+    pub desc: Descriptor,
+    /// Its key and base address.
+    pub key: RemoteKey,
+}
+
+/// `count` page-aligned bounce buffers of [`MSG_BUF`] bytes in one registration.
+pub struct Slab {
+    ptr: *mut u8,
+    layout: Layout,
+    /// The registration; taken and closed by the owner before the slab is dropped.
+    pub mr: Option<Mr>,
+    /// Number of buffers.
+    pub count: usize,
+}
+
+// SAFETY: the slab owns its allocation; it is only used under the backend's mutex.
+unsafe impl Send for Slab {}
+
+impl Slab {
+    /// Allocates and registers `count` buffers on `ep`.
+    pub fn new(ep: &mut Endpoint, count: usize) -> Result<Slab> {
+        let layout = Layout::from_size_align(count * MSG_BUF, 4096)
+            .map_err(|e| Error::invalid_argument(format!("slab layout: {e}")))?;
+        // SAFETY: the layout has a non-zero size (count >= 1 and MSG_BUF > 0).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(Error::io(
+                "allocating notification buffers",
+                std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+            ));
+        }
+        let mut slab = Slab {
+            ptr,
+            layout,
+            mr: None,
+            count,
+        };
+        // SAFETY: the allocation lives until `self` drops, and the owner closes the
+        // region before that.
+        slab.mr =
+            Some(unsafe { ep.register(ptr as u64, layout.size(), 0x5eed_0000 + count as u64)? });
+        Ok(slab)
+    }
+
+    /// Start of buffer `i`.
+    pub fn buf(&self, i: usize) -> *mut u8 {
+        debug_assert!(i < self.count);
+        // SAFETY: i < count, so the offset stays inside the allocation.
+        unsafe { self.ptr.add(i * MSG_BUF) }
+    }
+
+    /// Buffer `i` as a slice (only while the provider does not own it).
+    pub fn slice(&self, i: usize, len: usize) -> &[u8] {
+        // SAFETY: inside the allocation; the caller only reads buffers whose operation
+        // completed (the provider is done writing) or that were never posted.
+        unsafe { std::slice::from_raw_parts(self.buf(i), len.min(MSG_BUF)) }
+    }
+
+    /// Buffer `i` as a mutable slice (only while the provider does not own it).
+    #[allow(clippy::mut_from_ref)]
+    pub fn slice_mut(&self, i: usize) -> &mut [u8] {
+        // SAFETY: as for `slice`; the owner's mutex gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.buf(i), MSG_BUF) }
+    }
+
+    /// `fi_mr_desc` of the slab.
+    pub fn desc(&self) -> *mut std::ffi::c_void {
+        self.mr.as_ref().map_or(std::ptr::null_mut(), Mr::desc)
+    }
+}
+
+impl Drop for Slab {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; the region was closed first.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}

@@ -1,0 +1,76 @@
+//! The libfabric backend passes the public conformance suite, once per provider.
+
+use std::sync::Arc;
+
+use kv_core::conformance::{Harness, Side};
+use kv_core::{Error, Params, Result};
+
+/// Two fresh backends on one provider, bound to loopback.
+struct FabricHarness {
+    provider: &'static str,
+}
+
+impl FabricHarness {
+    fn side(&self, name: &str) -> Result<Side> {
+        let mut p = Params::new();
+        p.insert("provider".into(), self.provider.into());
+        if self.provider.starts_with("tcp") {
+            p.insert("node".into(), "127.0.0.1".into());
+        }
+        Ok(Side {
+            name: name.into(),
+            backend: kv_backend_libfabric::create(name, &p)?,
+            memory: Arc::new(kv_mem::conformance::HostMemoryFactory),
+        })
+    }
+}
+
+impl Harness for FabricHarness {
+    fn pair(&self) -> Result<(Side, Side)> {
+        Ok((self.side("a")?, self.side("b")?))
+    }
+    fn deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(10)
+    }
+}
+
+fn available(provider: &'static str) -> Option<FabricHarness> {
+    let h = FabricHarness { provider };
+    kv_core::require_or_skip("libfabric", h.side("probe").map(|_| ()))?;
+    Some(h)
+}
+
+// Each generated test evaluates the block: when libfabric is missing it returns early
+// (skip, or panic under KV_REQUIRE_BACKENDS) before the case runs.
+mod tcp_rxm {
+    use super::*;
+    kv_core::conformance_tests!({
+        let Some(h) = available("tcp;ofi_rxm") else {
+            return;
+        };
+        h
+    });
+}
+
+mod shm {
+    use super::*;
+    kv_core::conformance_tests!({
+        let Some(h) = available("shm") else {
+            return;
+        };
+        h
+    });
+}
+#[test]
+fn missing_library_is_backend_unavailable() {
+    let mut p = Params::new();
+    p.insert("library".into(), "/nonexistent/libfabric.so.1".into());
+    match kv_backend_libfabric::create("x", &p) {
+        Err(Error::BackendUnavailable { name, reason }) => {
+            assert_eq!(name, "libfabric");
+            assert!(reason.contains("KV_FABRIC_LIB"), "{reason}");
+        }
+        Err(e) => panic!("want BackendUnavailable, got {e}"),
+        Ok(_) => panic!("a nonexistent library loaded"),
+    }
+}
