@@ -12,4 +12,7 @@ pub(crate) fn known() -> Vec<&'static str> {
     FACTORIES.iter().map(|(n, _)| *n).collect()
 }
 
-const FACTORIES: &[(&str, BackendFactory)] = &[];
+const FACTORIES: &[(&str, BackendFactory)] = &[
+    #[cfg(feature = "tcp")]
+    ("tcp", kv_backend_tcp::create),
+];

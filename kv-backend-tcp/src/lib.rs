@@ -1,1 +1,663 @@
-//! The pure-Rust kvx backend: shared memory for same-host peers, TCP for remote ones
+//! The pure-Rust kvx backend that is always there: remote peers over TCP, same-host
+//! peers through cross-memory attach (`process_vm_writev`/`process_vm_readv`).
+//!
+//! One-sided WRITE and READ are emulated with a small framed protocol ([`wire`]):
+//! payloads go with vectored writes straight from registered memory and land straight
+//! in the target's registration, over several connections per peer; the target checks
+//! every request against its own registrations. It needs no system library, so it is
+//! the embedded default of `kv-agent` and the worked example for plugin authors.
+//!
+//! ```
+//! use kv_core::{Backend, Descriptor, DescriptorList, MemKind, Op, Params, PostOptions, Status, TransferRequest};
+//! let params = Params::from([("same_host".to_string(), "false".to_string())]);
+//! let (a, b) = (kv_backend_tcp::create("prefill", &params)?, kv_backend_tcp::create("decode", &params)?);
+//! let (src, mut dst) = (vec![7u8; 4096], vec![0u8; 4096]);
+//! let (sd, dd) = (Descriptor::new(src.as_ptr() as u64, 4096, 0), Descriptor::new(dst.as_mut_ptr() as u64, 4096, 0));
+//! // SAFETY: both buffers outlive their registrations (deregistered below).
+//! let (ra, rb) = unsafe { (a.register(MemKind::Dram, &sd)?, b.register(MemKind::Dram, &dd)?) };
+//! let peer = a.connect("decode", &b.connection_info()?)?;
+//! a.import_remote(peer, MemKind::Dram, &dd, &b.remote_key(rb)?)?;
+//! let t = a.prepare(&TransferRequest { op: Op::Write, local_kind: MemKind::Dram, local: DescriptorList::single(sd),
+//!     peer, remote_kind: MemKind::Dram, remote: DescriptorList::single(dd) })?;
+//! unsafe { a.post(t, &PostOptions::default())? }; // SAFETY: `src` stays registered until Done.
+//! while !a.poll(t).is_finished() { a.progress()?; }
+//! assert!(matches!(a.poll(t), Status::Done));
+//! a.release(t)?; a.deregister(ra)?; b.deregister(rb)?;
+//! assert_eq!(dst, src);
+//! # Ok::<(), kv_core::Error>(())
+//! ```
+//!
+//! # Same-host peers
+//!
+//! When a peer's connection info carries this host's identity (kernel boot id and host
+//! name) and a probe read of its process succeeds, data moves with cross-memory attach
+//! and only notifications use the TCP control connection. Then the bounds check happens
+//! on the initiator, against the ranges the target exported with its remote keys (the
+//! kernel still refuses addresses the target has not mapped); the target's own check
+//! applies to TCP requests only. Set `same_host = false` to force TCP.
+#![warn(missing_docs)]
+
+mod endpoint;
+mod memory;
+mod request;
+mod server;
+mod sys;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kv_core::{
+    check_request_shape, segments, Backend, Capabilities, Descriptor, EndpointId, Error, MemKind,
+    MemKinds, Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status,
+    TransferId, TransferRequest,
+};
+use parking_lot::{Mutex, RwLock};
+
+use endpoint::Peer;
+use memory::find_containing;
+use request::{Phase, PlanSeg, Transfer};
+use server::Shared;
+use wire::{ConnectionInfo, RemoteKey};
+
+/// The backend's name.
+pub const NAME: &str = "tcp";
+
+/// Options of the TCP backend; [`Options::from_params`] reads them from agent
+/// parameters (param names in parentheses). `Clone`, `Send + Sync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Listener address (param `listen`), default `127.0.0.1:0` (loopback, any port).
+    pub listen: SocketAddr,
+    /// Address published in the connection info (param `advertise`, an IP or
+    /// `ip:port`); default: the listener's address, or when it listens on an
+    /// unspecified IP (`0.0.0.0`), the IP of the default route (`127.0.0.1` without one).
+    pub advertise: Option<String>,
+    /// Data connections (and worker threads) per peer (param `connections`), default
+    /// `min(available_parallelism, 4)`.
+    pub connections: usize,
+    /// Use cross-memory attach for peers on this host (param `same_host`), default true.
+    pub same_host: bool,
+    /// Longest wait for a connection and handshake (param `connect_timeout_ms`), default 5 s.
+    pub connect_timeout: Duration,
+    /// Longest time a peer may make no progress in a frame before it counts as gone
+    /// (param `io_timeout_ms`), default 10 s.
+    pub io_timeout: Duration,
+    /// Largest notification payload (param `max_notification`), default 64 KiB.
+    pub max_notification: usize,
+    /// Largest payload of one frame (param `max_frame`), default 4 MiB.
+    pub max_frame: usize,
+    /// Same-host transfers up to this size run inside `post` instead of on the worker
+    /// threads (param `inline_max`), default 4 MiB.
+    pub inline_max: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        Options {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            connections: cores.clamp(1, 4),
+            same_host: true,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
+            max_notification: 64 << 10,
+            max_frame: 4 << 20,
+            inline_max: 4 << 20,
+        }
+    }
+}
+
+impl Options {
+    /// Reads the options from agent parameters; unknown keys are refused so typos show.
+    pub fn from_params(params: &Params) -> Result<Options> {
+        let mut o = Options::default();
+        fn num(k: &str, v: &str) -> Result<u64> {
+            v.parse().map_err(|_| {
+                Error::invalid_argument(format!("tcp option {k}={v:?} is not a number"))
+            })
+        }
+        for (k, v) in params {
+            match k.as_str() {
+                "listen" => {
+                    o.listen = v.parse().map_err(|_| {
+                        Error::invalid_argument(format!("tcp option listen={v:?} is not ip:port"))
+                    })?
+                }
+                "advertise" => o.advertise = Some(v.clone()),
+                "connections" => o.connections = num(k, v)?.clamp(1, 64) as usize,
+                "same_host" => {
+                    o.same_host = match v.as_str() {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => {
+                            return Err(Error::invalid_argument(format!(
+                                "tcp option same_host={v:?} is not a boolean"
+                            )))
+                        }
+                    }
+                }
+                "connect_timeout_ms" => o.connect_timeout = Duration::from_millis(num(k, v)?),
+                "io_timeout_ms" => o.io_timeout = Duration::from_millis(num(k, v)?),
+                "max_notification" => {
+                    o.max_notification = num(k, v)?.min(wire::MAX_NOTIFY) as usize
+                }
+                "max_frame" => {
+                    o.max_frame = num(k, v)?.clamp(4096, wire::MAX_FRAME_BYTES) as usize
+                }
+                "inline_max" => o.inline_max = num(k, v)? as usize,
+                _ => {
+                    return Err(Error::invalid_argument(format!(
+                        "unknown tcp option {k:?} (known: listen, connections, same_host, \
+                         connect_timeout_ms, io_timeout_ms, max_notification, max_frame, inline_max)"
+                    )))
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Creates the backend for the agent named `agent_name` with [`Options::from_params`].
+pub fn create(agent_name: &str, params: &Params) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(TcpBackend::new(
+        agent_name,
+        Options::from_params(params)?,
+    )?))
+}
+
+/// The address peers should connect to (see [`Options::advertise`]).
+fn advertise(opts: &Options, bound: SocketAddr) -> Result<SocketAddr> {
+    if let Some(a) = &opts.advertise {
+        if let Ok(sa) = a.parse::<SocketAddr>() {
+            return Ok(sa);
+        }
+        let ip: std::net::IpAddr = a.parse().map_err(|_| {
+            Error::invalid_argument(format!(
+                "tcp option advertise={a:?} is not an IP or ip:port"
+            ))
+        })?;
+        return Ok(SocketAddr::new(ip, bound.port()));
+    }
+    if !bound.ip().is_unspecified() {
+        return Ok(bound);
+    }
+    // The source address of the default route; connecting a UDP socket sends nothing.
+    let ip = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    Ok(SocketAddr::new(ip, bound.port()))
+}
+
+struct Remote {
+    peer: u64,
+    desc: Descriptor,
+    key: u64,
+}
+
+/// The TCP / cross-memory-attach backend. `Send + Sync`: tables sit behind locks and
+/// the I/O runs on its own threads. Dropping it stops its threads and closes its
+/// connections (peers then see `RemoteDisconnected`).
+pub struct TcpBackend {
+    agent: String,
+    opts: Options,
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    advertised: SocketAddr,
+    listener: Mutex<Option<JoinHandle<()>>>,
+    /// Holds the instance id for same-host peers' probe reads (stable address).
+    probe: Box<u64>,
+    peers: RwLock<HashMap<u64, Arc<Peer>>>,
+    remotes: RwLock<HashMap<u64, Remote>>,
+    transfers: RwLock<HashMap<u64, Arc<Transfer>>>,
+    next_id: AtomicU64,
+    completions: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for TcpBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpBackend")
+            .field("agent", &self.agent)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpBackend {
+    /// Starts the listener and returns the backend.
+    pub fn new(agent_name: &str, opts: Options) -> Result<TcpBackend> {
+        let instance = memory::random_u64() | 1;
+        let shared = Arc::new(Shared::new(instance, opts.clone()));
+        let (addr, listener) = server::start(shared.clone())?;
+        let advertised = match advertise(&opts, addr) {
+            Ok(a) => a,
+            Err(e) => {
+                shared.stop(Some(listener));
+                return Err(e);
+            }
+        };
+        Ok(TcpBackend {
+            agent: agent_name.to_string(),
+            opts,
+            shared,
+            addr,
+            advertised,
+            listener: Mutex::new(Some(listener)),
+            probe: Box::new(instance),
+            peers: RwLock::new(HashMap::new()),
+            remotes: RwLock::new(HashMap::new()),
+            transfers: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            completions: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// True when transfers to `peer` use cross-memory attach rather than TCP.
+    pub fn uses_cma(&self, peer: EndpointId) -> Result<bool> {
+        Ok(self.peer(peer)?.core.cma)
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn peer(&self, id: EndpointId) -> Result<Arc<Peer>> {
+        self.peers
+            .read()
+            .get(&id.0)
+            .cloned()
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))
+    }
+
+    fn transfer(&self, id: TransferId) -> Result<Arc<Transfer>> {
+        self.transfers
+            .read()
+            .get(&id.0)
+            .cloned()
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))
+    }
+
+    /// The longest a served request can take: deregister waits this long for one.
+    fn serve_wait(&self) -> Duration {
+        self.opts.io_timeout * 2 + Duration::from_secs(1)
+    }
+}
+
+impl Drop for TcpBackend {
+    fn drop(&mut self) {
+        // Fail and stop in-flight transfers before the threads go, so no thread touches
+        // registered memory after drop returns.
+        let peers: Vec<_> = self.peers.write().drain().map(|(_, p)| p).collect();
+        for p in &peers {
+            p.close();
+        }
+        self.shared.stop(self.listener.lock().take());
+    }
+}
+
+// `register` and `post` are unsafe only because the trait says so; the raw-address I/O
+// they enable lives in `sys` and the lanes, each with its own SAFETY comment.
+impl Backend for TcpBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            local: true,
+            remote: true,
+            notifications: true,
+            write: true,
+            read: true,
+            mem_kinds: MemKinds::of(&[MemKind::Dram]),
+        }
+    }
+
+    unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> Result<RegistrationId> {
+        if kind != MemKind::Dram {
+            return Err(Error::Unsupported(format!(
+                "tcp registers dram, not {kind}"
+            )));
+        }
+        self.shared.regs.register(*desc)
+    }
+
+    fn deregister(&self, id: RegistrationId) -> Result<()> {
+        self.shared.regs.deregister(id, self.serve_wait())
+    }
+
+    fn remote_key(&self, id: RegistrationId) -> Result<Bytes> {
+        let r = self.shared.regs.get(id)?;
+        Ok(RemoteKey {
+            key: r.key,
+            addr: r.desc.addr,
+            len: r.desc.len,
+        }
+        .encode())
+    }
+
+    fn connection_info(&self) -> Result<Bytes> {
+        ConnectionInfo {
+            agent: self.agent.clone(),
+            addr: self.advertised.to_string(),
+            host: sys::host_identity(),
+            pid: std::process::id(),
+            instance: self.shared.instance,
+            probe_addr: &*self.probe as *const u64 as usize as u64,
+        }
+        .encode()
+    }
+
+    fn connect(&self, peer_name: &str, info: &[u8]) -> Result<EndpointId> {
+        let info = ConnectionInfo::decode(info)?;
+        let peer = Peer::connect(
+            peer_name,
+            info,
+            &self.agent,
+            &self.opts,
+            self.completions.clone(),
+        )?;
+        tracing::debug!(
+            "connected to {peer_name} at {} ({})",
+            peer.core.addr,
+            if peer.core.cma {
+                "cross-memory attach"
+            } else {
+                "tcp"
+            }
+        );
+        let id = self.id();
+        self.peers.write().insert(id, peer);
+        Ok(EndpointId(id))
+    }
+
+    fn disconnect(&self, peer: EndpointId) -> Result<()> {
+        let p = self
+            .peers
+            .write()
+            .remove(&peer.0)
+            .ok_or_else(|| Error::NotRegistered(format!("{peer}")))?;
+        p.close();
+        self.remotes.write().retain(|_, r| r.peer != peer.0);
+        Ok(())
+    }
+
+    fn import_remote(
+        &self,
+        peer: EndpointId,
+        kind: MemKind,
+        desc: &Descriptor,
+        key: &[u8],
+    ) -> Result<RemoteId> {
+        if kind != MemKind::Dram {
+            return Err(Error::Unsupported(format!(
+                "tcp addresses dram, not {kind}"
+            )));
+        }
+        let k = RemoteKey::decode(key)?;
+        self.peer(peer)?;
+        let exported = Descriptor::new(k.addr, k.len, desc.device);
+        if !exported.contains(desc) {
+            return Err(Error::OutOfBounds(format!(
+                "{:#x}+{} is not inside the registration {:#x}+{} its key names",
+                desc.addr, desc.len, k.addr, k.len
+            )));
+        }
+        let id = self.id();
+        self.remotes.write().insert(
+            id,
+            Remote {
+                peer: peer.0,
+                desc: *desc,
+                key: k.key,
+            },
+        );
+        Ok(RemoteId(id))
+    }
+
+    fn release_remote(&self, id: RemoteId) -> Result<()> {
+        self.remotes
+            .write()
+            .remove(&id.0)
+            .map(|_| ())
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))
+    }
+
+    fn prepare(&self, req: &TransferRequest) -> Result<TransferId> {
+        check_request_shape(req)?;
+        if req.local_kind != MemKind::Dram || req.remote_kind != MemKind::Dram {
+            return Err(Error::Unsupported("tcp moves dram only".into()));
+        }
+        let peer = self.peer(req.peer)?;
+        let mut imports: Vec<(Descriptor, u64)> = self
+            .remotes
+            .read()
+            .values()
+            .filter(|r| r.peer == req.peer.0)
+            .map(|r| (r.desc, r.key))
+            .collect();
+        imports.sort_by_key(|(d, _)| d.addr);
+        let local = self.shared.regs.snapshot();
+        let descs: Vec<Descriptor> = imports.iter().map(|(d, _)| *d).collect();
+        if !req.remote.within(&descs) {
+            return Err(Error::OutOfBounds(
+                "a remote descriptor lies outside what the peer registered".into(),
+            ));
+        }
+        let mut segs: Vec<PlanSeg> = Vec::new();
+        let mut regs: Vec<Arc<memory::LocalReg>> = Vec::new();
+        for s in segments(&req.local, &req.remote)? {
+            let reg = find_containing(&local, &s.local).ok_or_else(|| {
+                Error::NotRegistered(format!(
+                    "local range {:#x}+{} lies outside every local registration",
+                    s.local.addr, s.local.len
+                ))
+            })?;
+            if !regs.iter().any(|r| Arc::ptr_eq(r, reg)) {
+                regs.push(reg.clone());
+            }
+            let end = imports.partition_point(|(d, _)| d.addr <= s.remote.addr);
+            let key = imports[..end]
+                .iter()
+                .rev()
+                .find(|(d, _)| d.contains(&s.remote))
+                .map(|(_, k)| *k)
+                .ok_or_else(|| {
+                    Error::OutOfBounds(format!(
+                        "remote range {:#x}+{} lies outside what the peer registered",
+                        s.remote.addr, s.remote.len
+                    ))
+                })?;
+            match segs.last_mut() {
+                Some(p)
+                    if p.key == key
+                        && p.local + p.len == s.local.addr
+                        && p.remote + p.len == s.remote.addr =>
+                {
+                    p.len += s.local.len
+                }
+                _ => segs.push(PlanSeg {
+                    local: s.local.addr,
+                    key,
+                    remote: s.remote.addr,
+                    len: s.local.len,
+                }),
+            }
+        }
+        let id = self.id();
+        let cma = peer.core.cma;
+        let plan = request::Plan::build(
+            id,
+            req.op,
+            segs,
+            regs,
+            peer.nlanes,
+            self.opts.max_frame as u64,
+            !cma,
+        );
+        self.transfers
+            .write()
+            .insert(id, Arc::new(Transfer::new(id, plan, peer)));
+        Ok(TransferId(id))
+    }
+
+    unsafe fn post(&self, id: TransferId, opts: &PostOptions) -> Result<()> {
+        let t = self.transfer(id)?;
+        if let Some(n) = &opts.notification {
+            if n.len() > self.opts.max_notification {
+                return Err(Error::invalid_argument(format!(
+                    "notification of {} bytes exceeds max_notification = {}",
+                    n.len(),
+                    self.opts.max_notification
+                )));
+            }
+        }
+        let peer = t.peer.clone();
+        if peer.core.cma {
+            // Data does not cross the control connection, so check that the peer is
+            // still there before writing into its address space.
+            peer.core.check_alive()?;
+        }
+        if opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::TimedOut {
+                what: format!("tcp {} {id}", t.plan.op),
+                after: Duration::ZERO,
+            });
+        }
+        {
+            let mut s = t.state.lock();
+            if matches!(s.phase, Phase::Running | Phase::Flushing) {
+                return Err(Error::Busy(format!("{id} is already in progress")));
+            }
+            self.shared.regs.pin(&t.plan.local_regs)?;
+            s.phase = Phase::Running;
+            s.status = Status::InProgress;
+            s.error = None;
+            s.notification = opts.notification.clone();
+            s.deadline = opts.deadline;
+            t.cancel.store(false, Ordering::Release);
+            t.pending.store(t.plan.lanes, Ordering::Release);
+        }
+        // Taken outside the state lock: the sequencer locks transfer states while it
+        // holds its own lock.
+        t.seq.store(peer.next_seq(), Ordering::Release);
+        if peer.core.cma && t.plan.total <= self.opts.inline_max as u64 {
+            t.pending.store(1, Ordering::Release);
+            let r = peer.run_inline(&t);
+            t.lane_done(r);
+        } else {
+            peer.dispatch(&t);
+        }
+        Ok(())
+    }
+
+    fn poll(&self, id: TransferId) -> Status {
+        match self.transfer(id) {
+            Ok(t) => t.status(),
+            Err(e) => Status::Failed(e),
+        }
+    }
+
+    fn cancel(&self, id: TransferId) -> Result<()> {
+        self.transfer(id)?.cancel(self.opts.io_timeout);
+        Ok(())
+    }
+
+    fn release(&self, id: TransferId) -> Result<()> {
+        let mut t = self.transfers.write();
+        match t.get(&id.0) {
+            None => Err(Error::NotRegistered(format!("{id}"))),
+            Some(x) if matches!(x.state.lock().phase, Phase::Running | Phase::Flushing) => {
+                Err(Error::Busy(format!("{id} is in progress; cancel it first")))
+            }
+            Some(_) => {
+                t.remove(&id.0);
+                Ok(())
+            }
+        }
+    }
+
+    fn progress(&self) -> Result<usize> {
+        Ok(self.completions.swap(0, Ordering::Relaxed))
+    }
+
+    fn notify(&self, peer: EndpointId, payload: Bytes) -> Result<()> {
+        if payload.len() > self.opts.max_notification {
+            return Err(Error::invalid_argument(format!(
+                "notification of {} bytes exceeds max_notification = {}",
+                payload.len(),
+                self.opts.max_notification
+            )));
+        }
+        self.peer(peer)?.notify(payload)
+    }
+
+    fn drain_notifications(&self, out: &mut Vec<Notification>) -> Result<usize> {
+        let mut q = self.shared.inbox.lock();
+        let n = q.len();
+        out.extend(q.drain(..));
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_from_params() {
+        let p = Params::from([
+            ("connections".to_string(), "3".to_string()),
+            ("same_host".to_string(), "false".to_string()),
+            ("listen".to_string(), "127.0.0.1:0".to_string()),
+        ]);
+        let o = Options::from_params(&p).unwrap();
+        assert_eq!((o.connections, o.same_host), (3, false));
+        assert!(Options::from_params(&Params::from([("conections".into(), "3".into())])).is_err());
+        assert!(
+            Options::from_params(&Params::from([("same_host".into(), "maybe".into())])).is_err()
+        );
+        assert!(Options::default().connections >= 1);
+    }
+
+    #[test]
+    fn advertised_address_is_connectable() {
+        let any = SocketAddr::from(([0, 0, 0, 0], 4000));
+        assert!(!advertise(&Options::default(), any)
+            .unwrap()
+            .ip()
+            .is_unspecified());
+        let o = Options {
+            advertise: Some("10.1.2.3".into()),
+            ..Options::default()
+        };
+        assert_eq!(
+            advertise(&o, any).unwrap(),
+            "10.1.2.3:4000".parse().unwrap()
+        );
+        let lo = SocketAddr::from(([127, 0, 0, 1], 5000));
+        assert_eq!(advertise(&Options::default(), lo).unwrap(), lo);
+    }
+
+    #[test]
+    fn backend_is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<TcpBackend>();
+        check::<Options>();
+    }
+}

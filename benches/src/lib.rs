@@ -1,1 +1,0 @@
-//! kvx benchmarks and the kv-bench CLI.

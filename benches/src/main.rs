@@ -1,0 +1,57 @@
+//! `kv-bench`: what the hardware gives, measured the way an inference server moves KV.
+//!
+//! `kv-bench transfer` moves a model-shaped KV cache from a prefill process to a decode
+//! process layer by layer and verifies every byte; `kv-bench sweep` maps bandwidth and
+//! latency over block sizes, batches, threads and backends.
+
+mod pattern;
+mod stats;
+mod sweep;
+mod transfer;
+
+use clap::{Parser, Subcommand};
+
+/// kvx benchmarks.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kv-bench",
+    version,
+    about = "Moves LLM KV caches and says how fast"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Two-process prefill -> decode transfer of a model-shaped paged KV cache, verified.
+    Transfer(transfer::TransferArgs),
+    /// Bandwidth and latency over block sizes, batch sizes, threads, ops and backends.
+    Sweep(sweep::SweepArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Cmd::Transfer(a) => transfer::main(a),
+        Cmd::Sweep(a) => sweep::main(a),
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => {
+            eprintln!("error: data check failed");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            let code = match e {
+                kv_core::Error::InvalidArgument(_)
+                | kv_core::Error::BackendUnavailable { .. }
+                | kv_core::Error::Unsupported(_) => 2,
+                _ => 1,
+            };
+            std::process::exit(code);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! WRITE throughput of the TCP backend between two backends in one process, over
+//! loopback TCP and over same-host cross-memory attach, against a single-thread
+//! `memcpy` of the same bytes measured in the same run.
+//!
+//! Cases: `4KiBx256` (256 scattered 4 KiB descriptors, one post), `64KiB`, `1MiB`,
+//! `16MiB` (one descriptor each). Each iteration posts `WINDOW` transfers of the case
+//! (distinct buffers) and waits for all of them, as `ucx_perftest`'s bandwidth tests
+//! keep several operations in flight.
+//!
+//! `KV_TCP_BENCH_ONLY=tcp:1MiB` (comma-separated `mode:case`, `*` for any) limits the
+//! cases. After criterion's runs a summary prints one line per case:
+//! `RESULT mode=tcp case=1MiB ours_MiBps=… memcpy_MiBps=… ratio=…`.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kv_backend_tcp::{Options, TcpBackend};
+use kv_core::{
+    Backend, DescriptorList, MemKind, Op, PostOptions, Status, TransferId, TransferRequest,
+};
+use kv_mem::HostBuffer;
+
+const WINDOW: usize = 4;
+const CASES: [(&str, usize, usize); 4] = [
+    ("4KiBx256", 4096, 256),
+    ("64KiB", 64 << 10, 1),
+    ("1MiB", 1 << 20, 1),
+    ("16MiB", 16 << 20, 1),
+];
+const MODES: [&str; 2] = ["tcp", "same_host"];
+
+fn selected(mode: &str, case: &str) -> bool {
+    match std::env::var("KV_TCP_BENCH_ONLY") {
+        Err(_) => true,
+        Ok(v) => v.split(',').any(|sel| {
+            let mut p = sel.trim().splitn(2, ':');
+            let (m, c) = (p.next().unwrap_or("*"), p.next().unwrap_or("*"));
+            (m == "*" || m == mode) && (c == "*" || c == case)
+        }),
+    }
+}
+
+/// Descriptors of `count` pieces of `piece` bytes inside `buf`, with a gap after each
+/// when `count > 1` (so they are not merged into one range).
+fn pieces(base: u64, piece: usize, count: usize) -> DescriptorList {
+    let stride = if count > 1 { piece + 4096 } else { piece } as u64;
+    DescriptorList::strided(base, stride, count as u64, piece as u64, 0).expect("list")
+}
+
+fn span(piece: usize, count: usize) -> usize {
+    if count > 1 {
+        count * (piece + 4096)
+    } else {
+        piece
+    }
+}
+
+/// Two backends, `WINDOW` prepared transfers, and the buffers they name.
+struct Rig {
+    a: TcpBackend,
+    _b: TcpBackend,
+    ids: Vec<TransferId>,
+    _bufs: Vec<HostBuffer>,
+}
+
+impl Rig {
+    fn new(same_host: bool, piece: usize, count: usize) -> Rig {
+        let mut opts = Options {
+            same_host,
+            ..Options::default()
+        };
+        if let Some(n) = std::env::var("KV_TCP_BENCH_CONNECTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            opts.connections = n;
+        }
+        if let Some(n) = std::env::var("KV_TCP_BENCH_INLINE_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            opts.inline_max = n;
+        }
+        let a = TcpBackend::new("bench-a", opts.clone()).expect("backend a");
+        let b = TcpBackend::new("bench-b", opts).expect("backend b");
+        let peer = a.connect("bench-b", &b.connection_info().unwrap()).unwrap();
+        assert_eq!(
+            a.uses_cma(peer).unwrap(),
+            same_host,
+            "same-host path not taken"
+        );
+        let mut bufs = Vec::new();
+        let mut ids = Vec::new();
+        for _ in 0..WINDOW {
+            let n = span(piece, count);
+            let mut src = HostBuffer::alloc(n, 4096).unwrap();
+            src.as_mut_slice().fill(0x5a);
+            let dst = HostBuffer::alloc(n, 4096).unwrap();
+            // SAFETY: the buffers live in the rig, which drops the backends first.
+            let rb = unsafe {
+                a.register(MemKind::Dram, &src.descriptor()).unwrap();
+                b.register(MemKind::Dram, &dst.descriptor()).unwrap()
+            };
+            a.import_remote(
+                peer,
+                MemKind::Dram,
+                &dst.descriptor(),
+                &b.remote_key(rb).unwrap(),
+            )
+            .unwrap();
+            let id = a
+                .prepare(&TransferRequest {
+                    op: Op::Write,
+                    local_kind: MemKind::Dram,
+                    local: pieces(src.descriptor().addr, piece, count),
+                    peer,
+                    remote_kind: MemKind::Dram,
+                    remote: pieces(dst.descriptor().addr, piece, count),
+                })
+                .unwrap();
+            ids.push(id);
+            bufs.push(src);
+            bufs.push(dst);
+        }
+        Rig {
+            a,
+            _b: b,
+            ids,
+            _bufs: bufs,
+        }
+    }
+
+    /// Posts every transfer of the window and waits for all.
+    fn round(&self) {
+        let opts = PostOptions {
+            notification: None,
+            deadline: Some(Instant::now() + Duration::from_secs(30)),
+        };
+        for id in &self.ids {
+            // SAFETY: the rig keeps the buffers registered; each round waits for the end.
+            unsafe { self.a.post(*id, &opts).expect("post") };
+        }
+        for id in &self.ids {
+            loop {
+                match self.a.poll(*id) {
+                    Status::Done => break,
+                    // Let the worker threads have the core (this host may have few).
+                    Status::InProgress => std::thread::yield_now(),
+                    s => panic!("transfer ended with {s:?}"),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            let _ = self.a.release(*id);
+        }
+    }
+}
+
+/// Copies the same pieces between two buffers with one thread.
+struct Memcpy {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+    piece: usize,
+    count: usize,
+}
+
+impl Memcpy {
+    fn new(piece: usize, count: usize) -> Memcpy {
+        let n = span(piece, count) * WINDOW;
+        Memcpy {
+            src: vec![0x5a; n],
+            dst: vec![0; n],
+            piece,
+            count,
+        }
+    }
+
+    fn round(&mut self) {
+        let stride = if self.count > 1 {
+            self.piece + 4096
+        } else {
+            self.piece
+        };
+        for w in 0..WINDOW {
+            let base = w * span(self.piece, self.count);
+            for i in 0..self.count {
+                let o = base + i * stride;
+                self.dst[o..o + self.piece].copy_from_slice(&self.src[o..o + self.piece]);
+            }
+        }
+        std::hint::black_box(&mut self.dst);
+    }
+}
+
+/// MiB/s of `f` over about `budget`, best of three runs.
+fn rate(bytes: usize, budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < budget / 3 || n < 3 {
+            f();
+            n += 1;
+        }
+        let mibps = (bytes as f64 * n as f64) / start.elapsed().as_secs_f64() / (1 << 20) as f64;
+        best = best.max(mibps);
+    }
+    best
+}
+
+fn benches(c: &mut Criterion) {
+    let mut summary = Vec::new();
+    for mode in MODES {
+        for (case, piece, count) in CASES {
+            if !selected(mode, case) {
+                continue;
+            }
+            let bytes = piece * count * WINDOW;
+            let rig = Rig::new(mode == "same_host", piece, count);
+            let mut copy = Memcpy::new(piece, count);
+            let mut g = c.benchmark_group(format!("{mode}/{case}"));
+            g.throughput(Throughput::Bytes(bytes as u64));
+            g.bench_function("ours", |b| b.iter(|| rig.round()));
+            g.bench_function("memcpy", |b| b.iter(|| copy.round()));
+            g.finish();
+            let budget = Duration::from_millis(900);
+            let ours = rate(bytes, budget, || rig.round());
+            let reference = rate(bytes, budget, || copy.round());
+            summary.push(format!(
+                "RESULT mode={mode} case={case} window={WINDOW} ours_MiBps={ours:.0} memcpy_MiBps={reference:.0} ratio={:.3}",
+                ours / reference
+            ));
+        }
+    }
+    for l in summary {
+        println!("{l}");
+    }
+}
+
+criterion_group! {
+    name = transfer;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    targets = benches
+}
+criterion_main!(transfer);

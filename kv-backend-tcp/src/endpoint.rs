@@ -1,0 +1,603 @@
+//! Connected peers: the control connection (handshake, notifications, liveness), one
+//! worker thread per data connection ("lane"), and the sequencer that delivers
+//! notifications after the data of every earlier post, in post order.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam::channel::{Receiver, Sender};
+use kv_core::{Error, Op, Result};
+use parking_lot::Mutex;
+
+use crate::request::Transfer;
+use crate::sys::{self, CmaDir, Stream, Watch};
+use crate::wire::{self, ConnectionInfo, FrameOp, Header, HEADER_LEN};
+use crate::Options;
+
+/// How many WRITE frames a lane sends before it waits for an ACK.
+const WRITE_WINDOW: usize = 8;
+
+/// What lanes and the control connection of one peer share. `Send + Sync`.
+pub(crate) struct PeerCore {
+    pub name: String,
+    pub info: ConnectionInfo,
+    pub addr: SocketAddr,
+    pub local_name: String,
+    pub opts: Options,
+    /// Data moves by cross-memory attach instead of TCP.
+    pub cma: bool,
+    /// Set by `disconnect` and on backend drop: lanes stop at the next tick.
+    pub closed: AtomicBool,
+    control: Mutex<Option<Stream>>,
+    seq: Mutex<Sequencer>,
+    /// Backend-wide count of finished posts, reported by `progress`.
+    pub completions: Arc<AtomicUsize>,
+}
+
+enum Ready {
+    Transfer(u64, Arc<Transfer>),
+    Note(Bytes),
+}
+
+#[derive(Default)]
+struct Sequencer {
+    next: u64,
+    head: u64,
+    ready: BTreeMap<u64, Ready>,
+}
+
+struct Lane {
+    tx: Option<Sender<(Arc<Transfer>, usize)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A connected peer. `Send + Sync`.
+pub(crate) struct Peer {
+    pub core: Arc<PeerCore>,
+    lanes: Mutex<Vec<Lane>>,
+    pub nlanes: usize,
+    rot: AtomicUsize,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("name", &self.core.name)
+            .field("addr", &self.core.addr)
+            .field("cma", &self.core.cma)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerCore {
+    fn gone(&self, reason: impl Into<String>) -> Error {
+        Error::RemoteDisconnected {
+            peer: self.name.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Opens a connection and does the HELLO handshake, which also proves that the
+    /// listener still belongs to the instance the peer published.
+    pub(crate) fn open(&self) -> Result<Stream> {
+        let s = Stream::connect(&self.addr, self.opts.connect_timeout)
+            .map_err(|e| self.gone(format!("connect to {}: {e}", self.addr)))?;
+        let h = Header {
+            key: self.info.instance,
+            addr: u64::from(std::process::id()),
+            len: self.local_name.len() as u64,
+            ..Header::new(FrameOp::Hello)
+        };
+        let mut w = Watch::new(&self.name, self.opts.connect_timeout);
+        w.shutdown = Some(&self.closed);
+        s.send_bytes(
+            &[&wire::encode_header(&h), self.local_name.as_bytes()],
+            &mut w,
+        )?;
+        let mut buf = [0u8; HEADER_LEN];
+        s.recv_exact(&mut buf, &mut w)?;
+        let r = wire::decode_header(&buf)?;
+        match r.op {
+            FrameOp::HelloAck if r.key == self.info.instance => Ok(s),
+            FrameOp::Error => {
+                let msg = read_message(&s, &r, &mut w)?;
+                Err(self.gone(format!("handshake refused: {msg}")))
+            }
+            _ => Err(self.gone(
+                "handshake answered by another instance (the peer restarted; re-fetch its metadata)",
+            )),
+        }
+    }
+
+    /// True when the control connection is up (reopening it if it broke).
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.gone("disconnected"));
+        }
+        let mut c = self.control.lock();
+        if c.as_ref().is_some_and(|s| s.peer_closed()) {
+            *c = None;
+        }
+        if c.is_none() {
+            *c = Some(self.open()?);
+        }
+        Ok(())
+    }
+
+    /// True when the control connection was closed by the peer (it exited or dropped
+    /// its backend).
+    pub(crate) fn peer_gone(&self) -> bool {
+        self.control.lock().as_ref().is_none_or(|s| s.peer_closed())
+    }
+
+    /// Sends one notification on the control connection.
+    pub(crate) fn send_notify(&self, payload: &[u8]) -> Result<()> {
+        let mut c = self.control.lock();
+        if c.is_none() {
+            *c = Some(self.open()?);
+        }
+        let h = Header {
+            len: payload.len() as u64,
+            ..Header::new(FrameOp::Notify)
+        };
+        let mut w = Watch::new(&self.name, self.opts.io_timeout);
+        w.shutdown = Some(&self.closed);
+        let r = c
+            .as_ref()
+            .map(|s| s.send_bytes(&[&wire::encode_header(&h), payload], &mut w))
+            .unwrap_or_else(|| Err(self.gone("no control connection")));
+        if r.is_err() {
+            *c = None;
+        }
+        r
+    }
+}
+
+fn read_message(s: &Stream, h: &Header, w: &mut Watch<'_>) -> Result<String> {
+    let mut msg = vec![0u8; h.len as usize];
+    s.recv_exact(&mut msg, w)?;
+    Ok(String::from_utf8_lossy(&msg).into_owned())
+}
+
+impl Peer {
+    /// Connects the control connection, probes cross-memory attach when the peer is
+    /// on this host, and starts the lanes (their data connections open lazily).
+    pub(crate) fn connect(
+        name: &str,
+        info: ConnectionInfo,
+        local_name: &str,
+        opts: &Options,
+        completions: Arc<AtomicUsize>,
+    ) -> Result<Arc<Peer>> {
+        let addr: SocketAddr = info
+            .addr
+            .parse()
+            .map_err(|_| Error::invalid_metadata(format!("bad address {:?}", info.addr)))?;
+        let cma = opts.same_host && same_host(name, &info);
+        let core = Arc::new(PeerCore {
+            name: name.to_string(),
+            info,
+            addr,
+            local_name: local_name.to_string(),
+            opts: opts.clone(),
+            cma,
+            closed: AtomicBool::new(false),
+            control: Mutex::new(None),
+            seq: Mutex::new(Sequencer::default()),
+            completions,
+        });
+        *core.control.lock() = Some(core.open()?);
+        let nlanes = opts.connections.max(1);
+        let mut lanes = Vec::with_capacity(nlanes);
+        for i in 0..nlanes {
+            let (tx, rx) = crossbeam::channel::unbounded();
+            let c = core.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("kv-tcp-lane-{i}"))
+                .spawn(move || lane_main(c, rx))
+                .map_err(|e| Error::io("spawning a tcp lane thread", e))?;
+            lanes.push(Lane {
+                tx: Some(tx),
+                thread: Some(thread),
+            });
+        }
+        Ok(Arc::new(Peer {
+            core,
+            lanes: Mutex::new(lanes),
+            nlanes,
+            rot: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Takes the next sequence number (a post or a notification).
+    pub(crate) fn next_seq(&self) -> u64 {
+        let mut q = self.core.seq.lock();
+        q.next += 1;
+        q.next - 1
+    }
+
+    /// Hands the plan's lanes to worker threads; returns how many were started.
+    pub(crate) fn dispatch(&self, t: &Arc<Transfer>) {
+        let n = t.plan.lanes;
+        let rot = self.rot.fetch_add(1, Ordering::Relaxed);
+        let lanes = self.lanes.lock();
+        for l in 0..n {
+            let sent = lanes
+                .get((l + rot) % lanes.len().max(1))
+                .and_then(|lane| lane.tx.as_ref())
+                .map(|tx| tx.send((t.clone(), l)));
+            if !matches!(sent, Some(Ok(()))) {
+                t.lane_done(Err(self.core.gone("disconnected")));
+            }
+        }
+    }
+
+    /// Runs every lane of a CMA transfer in the calling thread.
+    pub(crate) fn run_inline(&self, t: &Arc<Transfer>) -> Result<()> {
+        let mut l = Vec::new();
+        let mut r = Vec::new();
+        for lane in 0..t.plan.lanes {
+            run_cma(&self.core, t, lane, &mut l, &mut r)?;
+        }
+        Ok(())
+    }
+
+    /// A post's data is done: queue it (or send in order).
+    pub(crate) fn complete(&self, seq: u64, t: Arc<Transfer>) {
+        self.core.completions.fetch_add(1, Ordering::Relaxed);
+        self.flush(seq, Ready::Transfer(seq, t));
+    }
+
+    /// Sends a notification after every earlier post; errors only when it could be
+    /// sent at once and sending failed.
+    pub(crate) fn notify(&self, payload: Bytes) -> Result<()> {
+        let mut q = self.core.seq.lock();
+        if q.head == q.next && q.ready.is_empty() {
+            q.next += 1;
+            q.head += 1;
+            return self.core.send_notify(&payload);
+        }
+        let s = q.next;
+        q.next += 1;
+        drop(q);
+        self.flush(s, Ready::Note(payload));
+        Ok(())
+    }
+
+    fn flush(&self, seq: u64, item: Ready) {
+        let mut q = self.core.seq.lock();
+        // In-order completion (the common case) skips the map: no allocation.
+        let mut next = if seq == q.head {
+            Some(item)
+        } else {
+            q.ready.insert(seq, item);
+            None
+        };
+        loop {
+            let item = match next.take() {
+                Some(i) => i,
+                None => {
+                    let head = q.head;
+                    match q.ready.remove(&head) {
+                        Some(i) => i,
+                        None => break,
+                    }
+                }
+            };
+            q.head += 1;
+            match item {
+                Ready::Transfer(seq, t) => t.settle(seq, |n| self.core.send_notify(n)),
+                Ready::Note(n) => {
+                    if let Err(e) = self.core.send_notify(&n) {
+                        tracing::warn!("notification to {} lost: {e}", self.core.name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the lanes (in-flight transfers fail with `RemoteDisconnected`) and closes
+    /// the connections. Waits for the lane threads.
+    pub(crate) fn close(&self) {
+        self.core.closed.store(true, Ordering::Release);
+        let mut lanes = std::mem::take(&mut *self.lanes.lock());
+        for l in &mut lanes {
+            l.tx = None;
+        }
+        for l in &mut lanes {
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+        }
+        *self.core.control.lock() = None;
+    }
+}
+
+/// Same host (same kernel boot and host name) and cross-memory attach reaches the
+/// peer's process: reads the probe word it published.
+fn same_host(name: &str, info: &ConnectionInfo) -> bool {
+    if info.host != sys::host_identity() {
+        return false;
+    }
+    match sys::cma_probe(info.pid, info.probe_addr) {
+        Ok(v) if v == info.instance => true,
+        Ok(_) => {
+            tracing::info!(
+                "peer {name} looks local but pid {} is another process (pid namespace?); using TCP",
+                info.pid
+            );
+            false
+        }
+        Err(e) => {
+            tracing::info!(
+                "peer {name} is on this host but cross-memory attach failed ({e}; see ptrace_scope); using TCP"
+            );
+            false
+        }
+    }
+}
+
+fn lane_main(core: Arc<PeerCore>, rx: Receiver<(Arc<Transfer>, usize)>) {
+    let mut conn: Option<Stream> = None;
+    let mut iov: Vec<libc::iovec> = Vec::new();
+    let mut riov: Vec<libc::iovec> = Vec::new();
+    while let Ok((t, lane)) = rx.recv() {
+        let r = if core.cma {
+            run_cma(&core, &t, lane, &mut iov, &mut riov)
+        } else {
+            run_tcp(&core, &mut conn, &t, lane, &mut iov)
+        };
+        iov.clear();
+        riov.clear();
+        t.lane_done(r);
+    }
+}
+
+/// Moves one lane's frames with `process_vm_writev`/`readv`.
+fn run_cma(
+    core: &PeerCore,
+    t: &Transfer,
+    lane: usize,
+    l: &mut Vec<libc::iovec>,
+    r: &mut Vec<libc::iovec>,
+) -> Result<()> {
+    let deadline = t.state.lock().deadline;
+    let dir = match t.plan.op {
+        Op::Write => CmaDir::Write,
+        Op::Read => CmaDir::Read,
+    };
+    for f in t.plan.lane_frames(lane) {
+        if t.cancel.load(Ordering::Acquire) {
+            return Err(Error::Canceled);
+        }
+        if core.closed.load(Ordering::Acquire) {
+            return Err(core.gone("disconnected"));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::TimedOut {
+                what: format!("cross-memory {} with {}", t.plan.op, core.name),
+                after: Duration::ZERO,
+            });
+        }
+        l.clear();
+        r.clear();
+        for s in &t.plan.segs[f.segs.clone()] {
+            l.push(sys::iovec(s.local, s.len));
+            r.push(sys::iovec(s.remote, s.len));
+        }
+        // SAFETY: local ranges lie in registrations pinned by this post (the caller of
+        // `post` keeps them valid); remote ranges were checked against what the peer
+        // exported at prepare. The kernel refuses remote ranges that are not mapped.
+        let n = unsafe { sys::cma(dir, core.info.pid, l, r) };
+        match n {
+            Ok(n) if n as u64 == f.bytes => {}
+            Ok(_) | Err(_) if core.peer_gone() => return Err(core.gone("process exited")),
+            Ok(n) => {
+                return Err(Error::OutOfBounds(format!(
+                    "cross-memory {} moved {n} of {} bytes: the peer unmapped its memory",
+                    t.plan.op, f.bytes
+                )))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                return Err(core.gone("process exited"))
+            }
+            Err(e) => {
+                return Err(Error::Backend {
+                    name: "tcp".into(),
+                    code: i64::from(e.raw_os_error().unwrap_or(0)),
+                    message: format!("cross-memory {} with {}: {e}", t.plan.op, core.name),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A lane's failure: whether the connection is still in step with the peer.
+struct LaneError {
+    e: Error,
+    broken: bool,
+}
+
+impl From<Error> for LaneError {
+    fn from(e: Error) -> LaneError {
+        LaneError { e, broken: true }
+    }
+}
+
+fn run_tcp(
+    core: &PeerCore,
+    conn: &mut Option<Stream>,
+    t: &Transfer,
+    lane: usize,
+    iov: &mut Vec<libc::iovec>,
+) -> Result<()> {
+    if core.closed.load(Ordering::Acquire) {
+        return Err(core.gone("disconnected"));
+    }
+    if conn.is_none() {
+        *conn = Some(core.open()?);
+    }
+    let Some(s) = conn.as_ref() else {
+        return Err(core.gone("no connection"));
+    };
+    let r = match t.plan.op {
+        Op::Write => tcp_write(core, s, t, lane, iov),
+        Op::Read => tcp_read(core, s, t, lane, iov),
+    };
+    match r {
+        Ok(()) => Ok(()),
+        Err(LaneError { e, broken }) => {
+            if broken {
+                s.shutdown();
+                *conn = None;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn watch<'a>(core: &'a PeerCore, t: &'a Transfer, cancel: bool) -> Watch<'a> {
+    let mut w = Watch::new(&core.name, core.opts.io_timeout);
+    w.deadline = t.state.lock().deadline;
+    w.shutdown = Some(&core.closed);
+    if cancel {
+        w.cancel = Some(&t.cancel);
+    }
+    w
+}
+
+/// Reads one answer header; ERROR frames become a target-refused error that leaves the
+/// connection usable.
+fn answer(
+    s: &Stream,
+    t: &Transfer,
+    want: FrameOp,
+    w: &mut Watch<'_>,
+) -> std::result::Result<Header, LaneError> {
+    let mut buf = [0u8; HEADER_LEN];
+    s.recv_exact(&mut buf, w)?;
+    let h = wire::decode_header(&buf)?;
+    if h.id != t.id {
+        return Err(Error::invalid_metadata(format!(
+            "answer for request {} while waiting for {}",
+            h.id, t.id
+        ))
+        .into());
+    }
+    match h.op {
+        op if op == want => Ok(h),
+        FrameOp::Error => {
+            let msg = read_message(s, &h, w)?;
+            Err(LaneError {
+                e: wire::ErrorCode::to_error(h.status, &msg),
+                broken: false,
+            })
+        }
+        op => Err(Error::invalid_metadata(format!("unexpected {op:?} frame")).into()),
+    }
+}
+
+/// Keeps the first target-refused error; a broken connection ends the lane.
+fn note(
+    r: std::result::Result<Header, LaneError>,
+    first: &mut Option<LaneError>,
+) -> std::result::Result<(), LaneError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if !e.broken => {
+            first.get_or_insert(e);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn tcp_write(
+    core: &PeerCore,
+    s: &Stream,
+    t: &Transfer,
+    lane: usize,
+    iov: &mut Vec<libc::iovec>,
+) -> std::result::Result<(), LaneError> {
+    let mut w = watch(core, t, true);
+    let mut outstanding = 0usize;
+    let mut first: Option<LaneError> = None;
+    for f in t.plan.lane_frames(lane) {
+        if t.cancel.load(Ordering::Acquire) {
+            first.get_or_insert(LaneError {
+                e: Error::Canceled,
+                broken: false,
+            });
+            break;
+        }
+        iov.clear();
+        iov.push(sys::iovec(
+            f.head.as_ptr() as usize as u64,
+            f.head.len() as u64,
+        ));
+        for seg in &t.plan.segs[f.segs.clone()] {
+            iov.push(sys::iovec(seg.local, seg.len));
+        }
+        // SAFETY: the head is owned by the plan; the local ranges lie in registrations
+        // pinned by this post, which the caller of `post` keeps valid until it ends.
+        unsafe { s.send_all(iov, &mut w)? };
+        outstanding += 1;
+        if outstanding == WRITE_WINDOW {
+            let mut aw = watch(core, t, false);
+            note(answer(s, t, FrameOp::Ack, &mut aw), &mut first)?;
+            outstanding -= 1;
+        }
+    }
+    // Local memory is no longer read; wait for the ACKs without the cancel flag so the
+    // connection stays in step.
+    let mut aw = watch(core, t, false);
+    while outstanding > 0 {
+        note(answer(s, t, FrameOp::Ack, &mut aw), &mut first)?;
+        outstanding -= 1;
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn tcp_read(
+    core: &PeerCore,
+    s: &Stream,
+    t: &Transfer,
+    lane: usize,
+    iov: &mut Vec<libc::iovec>,
+) -> std::result::Result<(), LaneError> {
+    let mut w = watch(core, t, true);
+    for f in t.plan.lane_frames(lane) {
+        if t.cancel.load(Ordering::Acquire) {
+            return Err(LaneError {
+                e: Error::Canceled,
+                broken: false,
+            });
+        }
+        s.send_bytes(&[&f.head], &mut w)?;
+        let h = answer(s, t, FrameOp::Data, &mut w)?;
+        if h.len != f.bytes {
+            return Err(Error::invalid_metadata(format!(
+                "DATA of {} bytes for a READ of {}",
+                h.len, f.bytes
+            ))
+            .into());
+        }
+        iov.clear();
+        for seg in &t.plan.segs[f.segs.clone()] {
+            iov.push(sys::iovec(seg.local, seg.len));
+        }
+        // SAFETY: the local ranges lie in registrations pinned by this post; the caller
+        // of `post` promised they stay valid and untouched until it ends.
+        unsafe { s.recv_all(iov, &mut w)? };
+    }
+    Ok(())
+}

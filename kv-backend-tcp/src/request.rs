@@ -1,0 +1,364 @@
+//! Prepared transfers: the plan computed once at `prepare` (segments split into frames,
+//! frame headers encoded), and the per-post state shared with the worker threads.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kv_core::{Error, Op, Status};
+use parking_lot::{Condvar, Mutex};
+
+use crate::endpoint::Peer;
+use crate::memory::{LocalReg, Registry};
+use crate::wire::{self, FrameOp, Header, WireSegment};
+
+/// One piece of a transfer: `len` bytes between a local address and a remote one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PlanSeg {
+    pub local: u64,
+    pub key: u64,
+    pub remote: u64,
+    pub len: u64,
+}
+
+/// A run of segments sent as one frame (or moved by one CMA call batch).
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub segs: Range<usize>,
+    pub bytes: u64,
+    /// Header and segment table, encoded once (TCP peers only).
+    pub head: Vec<u8>,
+}
+
+/// Everything `prepare` decides; immutable afterwards. `Send + Sync`.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub op: Op,
+    pub segs: Vec<PlanSeg>,
+    pub frames: Vec<Frame>,
+    pub total: u64,
+    pub local_regs: Vec<Arc<LocalReg>>,
+    /// How many lanes (worker threads) the frames are spread over.
+    pub lanes: usize,
+}
+
+impl Plan {
+    /// Splits `segs` (already merged where contiguous) into frames of about
+    /// `frame_bytes` and at most [`wire::MAX_SEGMENTS`] segments, spread over `lanes`.
+    pub(crate) fn build(
+        id: u64,
+        op: Op,
+        segs: Vec<PlanSeg>,
+        local_regs: Vec<Arc<LocalReg>>,
+        lanes: usize,
+        max_frame: u64,
+        encode: bool,
+    ) -> Plan {
+        let total: u64 = segs.iter().map(|s| s.len).sum();
+        let lanes = lanes.max(1);
+        let frame_bytes = total
+            .div_ceil(lanes as u64)
+            .clamp(64 << 10, max_frame.max(4096));
+        let mut out_segs = Vec::with_capacity(segs.len());
+        let mut frames = Vec::new();
+        let mut start = 0usize;
+        let mut bytes = 0u64;
+        for mut s in segs {
+            while s.len > 0 {
+                let take = s.len.min(frame_bytes - bytes);
+                out_segs.push(PlanSeg { len: take, ..s });
+                s.local += take;
+                s.remote += take;
+                s.len -= take;
+                bytes += take;
+                let n = out_segs.len() - start;
+                if bytes == frame_bytes || n == wire::MAX_SEGMENTS as usize {
+                    frames.push(Frame {
+                        segs: start..out_segs.len(),
+                        bytes,
+                        head: Vec::new(),
+                    });
+                    start = out_segs.len();
+                    bytes = 0;
+                }
+            }
+        }
+        if start < out_segs.len() {
+            frames.push(Frame {
+                segs: start..out_segs.len(),
+                bytes,
+                head: Vec::new(),
+            });
+        }
+        if encode {
+            let mut table = Vec::new();
+            for f in &mut frames {
+                let segs = &out_segs[f.segs.clone()];
+                let first = segs[0];
+                let single = segs.len() == 1;
+                let h = Header {
+                    op: match op {
+                        Op::Write => FrameOp::Write,
+                        Op::Read => FrameOp::Read,
+                    },
+                    status: 0,
+                    id,
+                    key: if single { first.key } else { 0 },
+                    addr: if single { first.remote } else { 0 },
+                    len: f.bytes,
+                    count: segs.len() as u32,
+                };
+                f.head.extend_from_slice(&wire::encode_header(&h));
+                if !single {
+                    table.clear();
+                    table.extend(segs.iter().map(|s| WireSegment {
+                        key: s.key,
+                        addr: s.remote,
+                        len: s.len,
+                    }));
+                    wire::encode_segments(&table, &mut f.head);
+                }
+            }
+        }
+        let lanes = lanes.min(frames.len()).max(1);
+        Plan {
+            op,
+            segs: out_segs,
+            frames,
+            total,
+            local_regs,
+            lanes,
+        }
+    }
+
+    /// The frames a lane moves.
+    pub(crate) fn lane_frames(&self, lane: usize) -> impl Iterator<Item = &Frame> {
+        let lanes = self.lanes;
+        self.frames
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| i % lanes == lane)
+            .map(|(_, f)| f)
+    }
+}
+
+/// Where a post is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Never posted.
+    Idle,
+    /// Lanes are moving data.
+    Running,
+    /// Data moved (memory no longer touched); waiting for earlier posts to the same
+    /// peer so the notification goes out in order.
+    Flushing,
+    /// `status` is final.
+    Finished,
+}
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub phase: Phase,
+    pub status: Status,
+    pub error: Option<Error>,
+    pub notification: Option<Bytes>,
+    pub deadline: Option<Instant>,
+}
+
+/// A prepared transfer and the state of its current post. `Send + Sync`.
+#[derive(Debug)]
+pub(crate) struct Transfer {
+    pub id: u64,
+    pub plan: Plan,
+    pub peer: Arc<Peer>,
+    pub state: Mutex<Slot>,
+    pub cv: Condvar,
+    /// Lanes still touching local memory for the current post.
+    pub pending: AtomicUsize,
+    pub cancel: AtomicBool,
+    /// Sequence number of the current post among the peer's posts and notifications.
+    pub seq: AtomicU64,
+}
+
+impl Transfer {
+    pub(crate) fn new(id: u64, plan: Plan, peer: Arc<Peer>) -> Transfer {
+        Transfer {
+            id,
+            plan,
+            peer,
+            state: Mutex::new(Slot {
+                phase: Phase::Idle,
+                status: Status::Idle,
+                error: None,
+                notification: None,
+                deadline: None,
+            }),
+            cv: Condvar::new(),
+            pending: AtomicUsize::new(0),
+            cancel: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        let s = self.state.lock();
+        match s.phase {
+            Phase::Idle => Status::Idle,
+            Phase::Running | Phase::Flushing => Status::InProgress,
+            Phase::Finished => s.status.clone(),
+        }
+    }
+
+    /// A lane finished (successfully or not); the last one hands the post to the
+    /// peer's sequencer.
+    pub(crate) fn lane_done(self: &Arc<Self>, r: kv_core::Result<()>) {
+        if let Err(e) = r {
+            let mut s = self.state.lock();
+            // The first error wins, but a real failure beats the echo of a cancel.
+            if s.error.is_none() || matches!(s.error, Some(Error::Canceled)) {
+                s.error = Some(e);
+            }
+        }
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            Registry::unpin(&self.plan.local_regs);
+            {
+                let mut s = self.state.lock();
+                if s.phase == Phase::Running {
+                    s.phase = Phase::Flushing;
+                }
+                self.cv.notify_all();
+            }
+            self.peer
+                .complete(self.seq.load(Ordering::Acquire), self.clone());
+        }
+    }
+
+    /// Called by the sequencer in post order: fail, or send the notification and finish.
+    pub(crate) fn settle(&self, seq: u64, send: impl FnOnce(&Bytes) -> kv_core::Result<()>) {
+        let mut s = self.state.lock();
+        if s.phase != Phase::Flushing || self.seq.load(Ordering::Acquire) != seq {
+            return; // cancelled while flushing (and maybe posted again since)
+        }
+        let status = match s.error.take() {
+            Some(e) => Status::Failed(e),
+            None => match s.notification.take() {
+                Some(n) => match send(&n) {
+                    Ok(()) => Status::Done,
+                    Err(e) => Status::Failed(e),
+                },
+                None => Status::Done,
+            },
+        };
+        s.status = status;
+        s.phase = Phase::Finished;
+        self.cv.notify_all();
+    }
+
+    /// Waits until no lane touches local memory any more, then makes the post report
+    /// `Failed(Canceled)` unless it already finished.
+    pub(crate) fn cancel(&self, warn_after: Duration) {
+        self.cancel.store(true, Ordering::Release);
+        let start = Instant::now();
+        let mut warned = false;
+        let mut s = self.state.lock();
+        loop {
+            match s.phase {
+                Phase::Idle | Phase::Finished => return,
+                Phase::Flushing => {
+                    s.phase = Phase::Finished;
+                    s.status = match s.error.take() {
+                        Some(e) if !matches!(e, Error::Canceled) => Status::Failed(e),
+                        _ => Status::Failed(Error::Canceled),
+                    };
+                    s.notification = None;
+                    self.cv.notify_all();
+                    return;
+                }
+                Phase::Running => {
+                    // Lanes notice the flag within a tick; their I/O is bounded by the
+                    // stall timeout, so this ends.
+                    self.cv.wait_for(&mut s, Duration::from_millis(50));
+                    if !warned && start.elapsed() > warn_after {
+                        warned = true;
+                        tracing::warn!(
+                            "cancel of transfer {} still waits for a lane after {:?}",
+                            self.id,
+                            start.elapsed()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(local: u64, remote: u64, len: u64) -> PlanSeg {
+        PlanSeg {
+            local,
+            key: 1,
+            remote,
+            len,
+        }
+    }
+
+    #[test]
+    fn frames_split_large_segments_and_spread_over_lanes() {
+        let p = Plan::build(
+            1,
+            Op::Write,
+            vec![seg(0, 1 << 40, 16 << 20)],
+            vec![],
+            4,
+            4 << 20,
+            true,
+        );
+        assert_eq!(p.frames.len(), 4);
+        assert_eq!(p.lanes, 4);
+        assert!(p
+            .frames
+            .iter()
+            .all(|f| f.bytes == 4 << 20 && f.head.len() == wire::HEADER_LEN));
+        assert_eq!(p.segs[1], seg(4 << 20, (1 << 40) + (4 << 20), 4 << 20));
+        assert_eq!(p.lane_frames(1).count(), 1);
+        let h = wire::decode_header(&p.frames[2].head).unwrap();
+        assert_eq!(
+            (h.addr, h.len, h.count),
+            ((1 << 40) + (8 << 20), 4 << 20, 1)
+        );
+    }
+
+    #[test]
+    fn many_small_segments_get_a_table() {
+        let segs: Vec<_> = (0..1000)
+            .map(|i| seg(i * 8192, i * 4096 * 3, 4096))
+            .collect();
+        let p = Plan::build(9, Op::Read, segs, vec![], 2, 4 << 20, true);
+        assert_eq!(p.frames.len(), 2);
+        assert_eq!(p.total, 1000 * 4096);
+        let f = &p.frames[0];
+        let h = wire::decode_header(&f.head).unwrap();
+        assert_eq!(
+            (h.op, h.count as usize, h.id),
+            (FrameOp::Read, f.segs.len(), 9)
+        );
+        let mut out = Vec::new();
+        wire::decode_segments(&h, &f.head[wire::HEADER_LEN..], &mut out).unwrap();
+        assert_eq!(
+            out[3],
+            WireSegment {
+                key: 1,
+                addr: 3 * 4096 * 3,
+                len: 4096
+            }
+        );
+        let small = Plan::build(2, Op::Write, vec![seg(0, 0, 10)], vec![], 4, 4 << 20, false);
+        assert_eq!((small.frames.len(), small.lanes), (1, 1));
+        assert!(small.frames[0].head.is_empty());
+    }
+}

@@ -1,0 +1,590 @@
+//! The framed protocol between two TCP backends, and the blobs they exchange.
+//!
+//! Every frame starts with a fixed 48-byte little-endian [`Header`] whose last four
+//! bytes are the CRC32C of the first 44. A WRITE or READ request names its target
+//! either in the header itself (one segment: `key`, `addr`, `len`) or, for `count > 1`,
+//! in a segment table that follows the header (`count` × 24 bytes, then the table's
+//! CRC32C). A WRITE's payload follows the table; a READ is answered by a DATA frame
+//! whose payload is the requested bytes in order. Every WRITE is answered by ACK or
+//! ERROR. Decoders take untrusted bytes and fail with [`Error::InvalidMetadata`],
+//! never panic (see the proptest in this module and the `fuzz` crate).
+//!
+//! ```
+//! use kv_backend_tcp::wire::{decode_header, encode_header, FrameOp, Header};
+//! let h = Header { op: FrameOp::Write, id: 7, key: 9, addr: 0x1000, len: 4096, count: 1, status: 0 };
+//! assert_eq!(decode_header(&encode_header(&h))?, h);
+//! # Ok::<(), kv_core::Error>(())
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kv_core::codec::Reader;
+use kv_core::{Error, Result};
+
+/// Size of every frame header.
+pub const HEADER_LEN: usize = 48;
+/// Size of one segment table entry (key, addr, len).
+pub const SEGMENT_LEN: usize = 24;
+/// First two bytes of every frame ("KX").
+pub const MAGIC: u16 = 0x584b;
+/// Protocol version; a peer speaking another version is refused.
+pub const VERSION: u8 = 1;
+/// Most segments one WRITE/READ frame may name.
+pub const MAX_SEGMENTS: u32 = 1 << 16;
+/// Most payload bytes one WRITE/READ/DATA frame may carry.
+pub const MAX_FRAME_BYTES: u64 = 1 << 30;
+/// Most bytes of an agent name in HELLO.
+pub const MAX_NAME: u64 = 1024;
+/// Most bytes of an ERROR frame's message.
+pub const MAX_ERROR_MESSAGE: u64 = 4096;
+/// Most bytes of a NOTIFY payload the decoder accepts (the backend's own limit is lower).
+pub const MAX_NOTIFY: u64 = 16 << 20;
+
+/// What a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameOp {
+    /// First frame of a connection: `len` bytes of the sender's agent name follow;
+    /// `key` is the target instance the sender expects, `addr` the sender's pid.
+    Hello = 1,
+    /// Reply to HELLO: `key` is the target's instance id.
+    HelloAck = 2,
+    /// One-sided write: segments and `len` payload bytes follow.
+    Write = 3,
+    /// One-sided read: segments follow; answered by DATA with `len` bytes.
+    Read = 4,
+    /// A WRITE with this `id` landed.
+    Ack = 5,
+    /// The `len` bytes a READ with this `id` asked for follow.
+    Data = 6,
+    /// The request with this `id` was refused; `status` is an [`ErrorCode`], `len`
+    /// bytes of UTF-8 message follow.
+    Error = 7,
+    /// `len` bytes of notification payload follow.
+    Notify = 8,
+}
+
+impl FrameOp {
+    fn from_u8(v: u8) -> Option<FrameOp> {
+        Some(match v {
+            1 => FrameOp::Hello,
+            2 => FrameOp::HelloAck,
+            3 => FrameOp::Write,
+            4 => FrameOp::Read,
+            5 => FrameOp::Ack,
+            6 => FrameOp::Data,
+            7 => FrameOp::Error,
+            8 => FrameOp::Notify,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a target refused a request (the `status` of an ERROR frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// A range lies outside the registration its key names.
+    OutOfBounds = 1,
+    /// The key names no (or no longer a) registration.
+    NotRegistered = 2,
+    /// The request was malformed or refused for another reason.
+    Refused = 3,
+}
+
+impl ErrorCode {
+    /// The code for a target-side error.
+    pub fn of(e: &Error) -> ErrorCode {
+        match e {
+            Error::OutOfBounds(_) => ErrorCode::OutOfBounds,
+            Error::NotRegistered(_) => ErrorCode::NotRegistered,
+            _ => ErrorCode::Refused,
+        }
+    }
+
+    /// The error an initiator reports for an ERROR frame with `status` and `message`.
+    pub fn to_error(status: u32, message: &str) -> Error {
+        let msg = format!("refused by the target: {message}");
+        match status {
+            1 => Error::OutOfBounds(msg),
+            2 => Error::NotRegistered(msg),
+            _ => Error::invalid_argument(msg),
+        }
+    }
+}
+
+/// A decoded frame header. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Header {
+    /// What the frame is.
+    pub op: FrameOp,
+    /// Status code (ERROR frames), 0 otherwise.
+    pub status: u32,
+    /// The request (transfer) id an answer refers to.
+    pub id: u64,
+    /// Remote key of the single segment (`count == 1`), else 0.
+    pub key: u64,
+    /// Target address of the single segment (`count == 1`), else 0.
+    pub addr: u64,
+    /// Payload bytes (WRITE, DATA, NOTIFY, HELLO, ERROR) or bytes asked for (READ).
+    pub len: u64,
+    /// Number of segments of a WRITE/READ (≥ 1); 0 for other frames.
+    pub count: u32,
+}
+
+impl Header {
+    /// A header of `op` with every other field zero.
+    pub fn new(op: FrameOp) -> Header {
+        Header {
+            op,
+            status: 0,
+            id: 0,
+            key: 0,
+            addr: 0,
+            len: 0,
+            count: 0,
+        }
+    }
+
+    /// Bytes of segment table (with its CRC) that follow this header.
+    pub fn table_len(&self) -> usize {
+        if matches!(self.op, FrameOp::Write | FrameOp::Read) && self.count > 1 {
+            self.count as usize * SEGMENT_LEN + 4
+        } else {
+            0
+        }
+    }
+}
+
+/// Encodes `h` with its checksum.
+pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
+    let mut b = [0u8; HEADER_LEN];
+    b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+    b[2] = VERSION;
+    b[3] = h.op as u8;
+    b[4..8].copy_from_slice(&h.status.to_le_bytes());
+    b[8..16].copy_from_slice(&h.id.to_le_bytes());
+    b[16..24].copy_from_slice(&h.key.to_le_bytes());
+    b[24..32].copy_from_slice(&h.addr.to_le_bytes());
+    b[32..40].copy_from_slice(&h.len.to_le_bytes());
+    b[40..44].copy_from_slice(&h.count.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..44]);
+    b[44..48].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn bad(why: impl Into<String>) -> Error {
+    Error::InvalidMetadata(why.into())
+}
+
+/// Decodes and checks a frame header: magic, version, checksum, a known op, and
+/// lengths and counts within the protocol's limits for that op.
+pub fn decode_header(buf: &[u8]) -> Result<Header> {
+    let mut r = Reader::new(buf);
+    let head = r.take(HEADER_LEN)?;
+    let mut r = Reader::new(head);
+    let magic = r.u16()?;
+    if magic != MAGIC {
+        return Err(bad(format!("frame magic {magic:#06x}, want {MAGIC:#06x}")));
+    }
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(bad(format!(
+            "frame version {version}, this side speaks {VERSION}"
+        )));
+    }
+    let op_byte = r.u8()?;
+    let status = r.u32()?;
+    let id = r.u64()?;
+    let key = r.u64()?;
+    let addr = r.u64()?;
+    let len = r.u64()?;
+    let count = r.u32()?;
+    let crc = r.u32()?;
+    let want = crc32c::crc32c(&head[..44]);
+    if crc != want {
+        return Err(bad(format!(
+            "frame header checksum {crc:#010x}, computed {want:#010x}"
+        )));
+    }
+    let op = FrameOp::from_u8(op_byte).ok_or_else(|| bad(format!("unknown frame op {op_byte}")))?;
+    let h = Header {
+        op,
+        status,
+        id,
+        key,
+        addr,
+        len,
+        count,
+    };
+    let limit = match op {
+        FrameOp::Write | FrameOp::Read => {
+            if count == 0 || count > MAX_SEGMENTS {
+                return Err(bad(format!(
+                    "{op:?} frame names {count} segments (1..={MAX_SEGMENTS})"
+                )));
+            }
+            if len == 0 {
+                return Err(bad(format!("{op:?} frame of zero bytes")));
+            }
+            MAX_FRAME_BYTES
+        }
+        FrameOp::Data => MAX_FRAME_BYTES,
+        FrameOp::Hello => MAX_NAME,
+        FrameOp::Error => MAX_ERROR_MESSAGE,
+        FrameOp::Notify => MAX_NOTIFY,
+        FrameOp::HelloAck | FrameOp::Ack => 0,
+    };
+    if len > limit {
+        return Err(bad(format!("{op:?} frame of {len} bytes exceeds {limit}")));
+    }
+    if !matches!(op, FrameOp::Write | FrameOp::Read) && count != 0 {
+        return Err(bad(format!("{op:?} frame with a segment count")));
+    }
+    Ok(h)
+}
+
+/// One target range of a WRITE/READ. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct WireSegment {
+    /// Remote key of the registration the range lies in.
+    pub key: u64,
+    /// Target virtual address.
+    pub addr: u64,
+    /// Length in bytes (> 0).
+    pub len: u64,
+}
+
+/// Appends the segment table for `segs` (entries, then their CRC32C) to `out`.
+pub fn encode_segments(segs: &[WireSegment], out: &mut Vec<u8>) {
+    let start = out.len();
+    for s in segs {
+        out.extend_from_slice(&s.key.to_le_bytes());
+        out.extend_from_slice(&s.addr.to_le_bytes());
+        out.extend_from_slice(&s.len.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Decodes the segment table of `h` from `table` (exactly [`Header::table_len`] bytes)
+/// into `out` (cleared first); for `count == 1` the header's own segment is used.
+/// Checks the CRC, that no segment is empty, and that the lengths add up to `h.len`.
+pub fn decode_segments(h: &Header, table: &[u8], out: &mut Vec<WireSegment>) -> Result<()> {
+    out.clear();
+    if h.count <= 1 {
+        if !table.is_empty() {
+            return Err(bad("single-segment frame with a segment table"));
+        }
+        out.push(WireSegment {
+            key: h.key,
+            addr: h.addr,
+            len: h.len,
+        });
+        return Ok(());
+    }
+    if table.len() != h.table_len() {
+        return Err(bad(format!(
+            "segment table of {} bytes, header says {}",
+            table.len(),
+            h.table_len()
+        )));
+    }
+    let (entries, crc) = table.split_at(table.len() - 4);
+    let mut r = Reader::new(crc);
+    let crc = r.u32()?;
+    let want = crc32c::crc32c(entries);
+    if crc != want {
+        return Err(bad(format!(
+            "segment table checksum {crc:#010x}, computed {want:#010x}"
+        )));
+    }
+    let mut r = Reader::new(entries);
+    let mut total = 0u64;
+    for _ in 0..h.count {
+        let s = WireSegment {
+            key: r.u64()?,
+            addr: r.u64()?,
+            len: r.u64()?,
+        };
+        if s.len == 0 {
+            return Err(bad("empty segment in a segment table"));
+        }
+        total = total
+            .checked_add(s.len)
+            .ok_or_else(|| bad("segment lengths overflow"))?;
+        out.push(s);
+    }
+    if total != h.len {
+        return Err(bad(format!(
+            "segments add up to {total} bytes, header says {}",
+            h.len
+        )));
+    }
+    Ok(())
+}
+
+/// Format version of [`ConnectionInfo`] and [`RemoteKey`] blobs.
+const BLOB_VERSION: u8 = 1;
+const INFO_MAGIC: u32 = 0x4b58_5443; // "CTXK"
+const KEY_MAGIC: u32 = 0x4b58_524b; // "KRXK"
+
+/// What a peer needs to reach this backend: published by `connection_info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The agent name the backend was created for.
+    pub agent: String,
+    /// The listener's address (`ip:port`).
+    pub addr: String,
+    /// Host identity: boot id and host name; equal on both sides means same host.
+    pub host: String,
+    /// Process id, for cross-memory attach.
+    pub pid: u32,
+    /// Random id of this backend instance; a reconnect to a new process is refused.
+    pub instance: u64,
+    /// Address of 8 bytes holding `instance`, read by a same-host peer to prove that
+    /// cross-memory attach works and reaches the right process.
+    pub probe_addr: u64,
+}
+
+impl ConnectionInfo {
+    /// Encodes the blob (magic, version, fields, CRC32C).
+    pub fn encode(&self) -> Result<Bytes> {
+        let mut b = BytesMut::with_capacity(64 + self.agent.len() + self.host.len());
+        b.put_u32_le(INFO_MAGIC);
+        b.put_u8(BLOB_VERSION);
+        for s in [&self.agent, &self.addr, &self.host] {
+            let n = u16::try_from(s.len())
+                .ok()
+                .filter(|n| u64::from(*n) <= MAX_NAME)
+                .ok_or_else(|| Error::invalid_argument(format!("{s:?} is too long")))?;
+            b.put_u16_le(n);
+            b.put_slice(s.as_bytes());
+        }
+        b.put_u32_le(self.pid);
+        b.put_u64_le(self.instance);
+        b.put_u64_le(self.probe_addr);
+        let crc = crc32c::crc32c(&b);
+        b.put_u32_le(crc);
+        Ok(b.freeze())
+    }
+
+    /// Decodes a blob made by [`ConnectionInfo::encode`].
+    pub fn decode(buf: &[u8]) -> Result<ConnectionInfo> {
+        let body = checked_body(buf, INFO_MAGIC, "connection info")?;
+        let mut r = Reader::new(body);
+        let mut s = || -> Result<String> {
+            let n = r.u16()? as usize;
+            if n as u64 > MAX_NAME {
+                return Err(bad("connection info string too long"));
+            }
+            String::from_utf8(r.take(n)?.to_vec())
+                .map_err(|_| bad("connection info string is not UTF-8"))
+        };
+        let (agent, addr, host) = (s()?, s()?, s()?);
+        let info = ConnectionInfo {
+            agent,
+            addr,
+            host,
+            pid: r.u32()?,
+            instance: r.u64()?,
+            probe_addr: r.u64()?,
+        };
+        if !r.buf.is_empty() {
+            return Err(bad("trailing bytes in connection info"));
+        }
+        Ok(info)
+    }
+}
+
+/// Checks magic, version and trailing CRC of a blob; returns the bytes between.
+fn checked_body<'a>(buf: &'a [u8], magic: u32, what: &str) -> Result<&'a [u8]> {
+    if buf.len() < 9 {
+        return Err(bad(format!("{what} of {} bytes is too short", buf.len())));
+    }
+    let (body, crc) = buf.split_at(buf.len() - 4);
+    let crc = Reader::new(crc).u32()?;
+    if crc32c::crc32c(body) != crc {
+        return Err(bad(format!("{what} checksum mismatch")));
+    }
+    let mut r = Reader::new(body);
+    if r.u32()? != magic {
+        return Err(bad(format!("not a tcp backend {what}")));
+    }
+    let v = r.u8()?;
+    if v != BLOB_VERSION {
+        return Err(bad(format!("{what} version {v}, want {BLOB_VERSION}")));
+    }
+    Ok(r.buf)
+}
+
+/// The remote key of one registration: the key to name it in frames and the range
+/// it covers. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteKey {
+    /// The registration's random key.
+    pub key: u64,
+    /// Start address of the registration in the target process.
+    pub addr: u64,
+    /// Its length.
+    pub len: u64,
+}
+
+impl RemoteKey {
+    /// Encodes the blob (magic, version, fields, CRC32C).
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(37);
+        b.put_u32_le(KEY_MAGIC);
+        b.put_u8(BLOB_VERSION);
+        b.put_u64_le(self.key);
+        b.put_u64_le(self.addr);
+        b.put_u64_le(self.len);
+        let crc = crc32c::crc32c(&b);
+        b.put_u32_le(crc);
+        b.freeze()
+    }
+
+    /// Decodes a blob made by [`RemoteKey::encode`].
+    pub fn decode(buf: &[u8]) -> Result<RemoteKey> {
+        let body = checked_body(buf, KEY_MAGIC, "remote key")?;
+        let mut r = Reader::new(body);
+        let k = RemoteKey {
+            key: r.u64()?,
+            addr: r.u64()?,
+            len: r.u64()?,
+        };
+        if !r.buf.is_empty() {
+            return Err(bad("trailing bytes in remote key"));
+        }
+        Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn header_round_trip_and_corruption() {
+        let h = Header {
+            op: FrameOp::Read,
+            status: 0,
+            id: 42,
+            key: 0xdead_beef,
+            addr: 0x7f00_0000_1000,
+            len: 1 << 20,
+            count: 3,
+        };
+        let b = encode_header(&h);
+        assert_eq!(decode_header(&b).unwrap(), h);
+        for i in 0..HEADER_LEN {
+            let mut c = b;
+            c[i] ^= 0x10;
+            assert!(
+                matches!(decode_header(&c), Err(Error::InvalidMetadata(_))),
+                "byte {i}"
+            );
+        }
+        assert!(decode_header(&b[..47]).is_err());
+        let big = Header {
+            len: MAX_FRAME_BYTES + 1,
+            ..h
+        };
+        assert!(decode_header(&encode_header(&big)).is_err());
+        let notify_with_count = Header {
+            op: FrameOp::Notify,
+            ..h
+        };
+        assert!(decode_header(&encode_header(&notify_with_count)).is_err());
+    }
+
+    #[test]
+    fn segment_table_round_trip() {
+        let segs = [
+            WireSegment {
+                key: 1,
+                addr: 100,
+                len: 10,
+            },
+            WireSegment {
+                key: 2,
+                addr: 300,
+                len: 20,
+            },
+        ];
+        let h = Header {
+            count: 2,
+            len: 30,
+            ..Header::new(FrameOp::Write)
+        };
+        let mut t = Vec::new();
+        encode_segments(&segs, &mut t);
+        let mut out = Vec::new();
+        decode_segments(&h, &t, &mut out).unwrap();
+        assert_eq!(out, segs);
+        let wrong_len = Header { len: 31, ..h };
+        assert!(decode_segments(&wrong_len, &t, &mut out).is_err());
+        t[3] ^= 1;
+        assert!(decode_segments(&h, &t, &mut out).is_err());
+    }
+
+    #[test]
+    fn blobs_round_trip() {
+        let i = ConnectionInfo {
+            agent: "prefill-0".into(),
+            addr: "127.0.0.1:5000".into(),
+            host: "boot/host".into(),
+            pid: 77,
+            instance: 0x1234,
+            probe_addr: 0x5555_0000,
+        };
+        let b = i.encode().unwrap();
+        assert_eq!(ConnectionInfo::decode(&b).unwrap(), i);
+        assert!(ConnectionInfo::decode(&b[..b.len() - 1]).is_err());
+        let k = RemoteKey {
+            key: 5,
+            addr: 4096,
+            len: 8192,
+        };
+        assert_eq!(RemoteKey::decode(&k.encode()).unwrap(), k);
+        assert!(RemoteKey::decode(&b).is_err());
+        assert!(ConnectionInfo::decode(&k.encode()).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(v in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_header(&v);
+            let _ = ConnectionInfo::decode(&v);
+            let _ = RemoteKey::decode(&v);
+            if let Ok(h) = decode_header(&v) {
+                let mut out = Vec::new();
+                let _ = decode_segments(&h, &v[HEADER_LEN.min(v.len())..], &mut out);
+            }
+        }
+
+        #[test]
+        fn valid_headers_with_random_fields(op in 1u8..=8, status: u32, id: u64, key: u64, addr: u64, len: u64, count: u32, flip in 0usize..HEADER_LEN) {
+            let mut b = [0u8; HEADER_LEN];
+            b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+            b[2] = VERSION;
+            b[3] = op;
+            b[4..8].copy_from_slice(&status.to_le_bytes());
+            b[8..16].copy_from_slice(&id.to_le_bytes());
+            b[16..24].copy_from_slice(&key.to_le_bytes());
+            b[24..32].copy_from_slice(&addr.to_le_bytes());
+            b[32..40].copy_from_slice(&len.to_le_bytes());
+            b[40..44].copy_from_slice(&count.to_le_bytes());
+            let crc = crc32c::crc32c(&b[..44]);
+            b[44..48].copy_from_slice(&crc.to_le_bytes());
+            if let Ok(h) = decode_header(&b) {
+                prop_assert_eq!(encode_header(&h), b);
+                let mut out = Vec::new();
+                let table = vec![0u8; h.table_len().min(4096)];
+                let _ = decode_segments(&h, &table, &mut out);
+            }
+            b[flip] ^= 0x80;
+            prop_assert!(decode_header(&b).is_err());
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Behaviour beyond the shared suite: path choice, target-side checks, malformed frames,
+//! Busy on deregister, reconnect to a re-published peer.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kv_backend_tcp::wire::RemoteKey;
+use kv_backend_tcp::{Options, TcpBackend};
+use kv_core::conformance::{pattern, wait};
+use kv_core::{
+    Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions, Status,
+    TransferRequest,
+};
+use kv_mem::HostBuffer;
+
+fn backend(name: &str, same_host: bool) -> TcpBackend {
+    let opts = Options {
+        same_host,
+        ..Options::default()
+    };
+    TcpBackend::new(name, opts).expect("tcp backend")
+}
+
+fn buf(len: usize, seed: u64) -> HostBuffer {
+    let mut b = HostBuffer::alloc(len, 4096).expect("alloc");
+    b.as_mut_slice().copy_from_slice(&pattern(seed, len));
+    b
+}
+
+fn req(op: Op, peer: EndpointId, l: Descriptor, r: Descriptor) -> TransferRequest {
+    TransferRequest {
+        op,
+        local_kind: MemKind::Dram,
+        local: DescriptorList::single(l),
+        peer,
+        remote_kind: MemKind::Dram,
+        remote: DescriptorList::single(r),
+    }
+}
+
+fn run(a: &TcpBackend, r: &TransferRequest) -> Status {
+    let id = match a.prepare(r) {
+        Ok(id) => id,
+        Err(e) => return Status::Failed(e),
+    };
+    let opts = PostOptions {
+        deadline: Some(Instant::now() + Duration::from_secs(10)),
+        ..Default::default()
+    };
+    // SAFETY: every test keeps its buffers registered until the transfer finished.
+    if let Err(e) = unsafe { a.post(id, &opts) } {
+        return Status::Failed(e);
+    }
+    let st = wait(a, None, id, Duration::from_secs(15));
+    a.release(id).expect("release");
+    st
+}
+
+#[test]
+fn path_choice_follows_same_host_option() {
+    for same_host in [true, false] {
+        let (a, b) = (backend("a", same_host), backend("b", true));
+        let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+        assert_eq!(a.uses_cma(peer).unwrap(), same_host);
+    }
+}
+
+#[test]
+fn target_refuses_forged_ranges_and_deregistered_keys() {
+    let (a, b) = (backend("a", false), backend("b", false));
+    let l = buf(8192, 1);
+    let r = buf(8192, 2);
+    // SAFETY: the buffers outlive the backends' use of them (deregistered or dropped first).
+    let (_la, rb) = unsafe {
+        (
+            a.register(MemKind::Dram, &l.descriptor()).unwrap(),
+            b.register(
+                MemKind::Dram,
+                &Descriptor::new(r.descriptor().addr, 4096, 0),
+            )
+            .unwrap(),
+        )
+    };
+    let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+    // A peer that lies about the registration's length: the initiator's check passes,
+    // the target's must not.
+    let real = RemoteKey::decode(&b.remote_key(rb).unwrap()).unwrap();
+    let forged = RemoteKey { len: 8192, ..real }.encode();
+    a.import_remote(peer, MemKind::Dram, &r.descriptor(), &forged)
+        .unwrap();
+    let st = run(&a, &req(Op::Write, peer, l.descriptor(), r.descriptor()));
+    assert!(
+        matches!(st, Status::Failed(Error::OutOfBounds(_))),
+        "{st:?}"
+    );
+    assert_eq!(r.as_slice(), &pattern(2, 8192)[..], "target memory changed");
+    let st = run(&a, &req(Op::Read, peer, l.descriptor(), r.descriptor()));
+    assert!(
+        matches!(st, Status::Failed(Error::OutOfBounds(_))),
+        "{st:?}"
+    );
+    // The connection is still usable, and a deregistered key is NotRegistered.
+    let half = Descriptor::new(r.descriptor().addr, 4096, 0);
+    let lhalf = Descriptor::new(l.descriptor().addr, 4096, 0);
+    assert!(matches!(
+        run(&a, &req(Op::Write, peer, lhalf, half)),
+        Status::Done
+    ));
+    assert_eq!(&r.as_slice()[..4096], &pattern(1, 8192)[..4096]);
+    b.deregister(rb).unwrap();
+    let st = run(&a, &req(Op::Write, peer, lhalf, half));
+    assert!(
+        matches!(st, Status::Failed(Error::NotRegistered(_))),
+        "{st:?}"
+    );
+    drop((a, b));
+}
+
+#[test]
+fn malformed_frames_close_one_connection_only() {
+    let (a, b) = (backend("a", false), backend("b", false));
+    for garbage in [vec![0u8; 48], vec![0x4b; 7], pattern(9, 4096)] {
+        let mut s = std::net::TcpStream::connect(b.local_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&garbage);
+        if garbage.len() < 48 {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let mut rest = Vec::new();
+        // The target closes the connection (EOF or reset), it does not hang.
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            rest.is_empty(),
+            "target answered garbage with {} bytes",
+            rest.len()
+        );
+    }
+    let l = buf(1 << 20, 3);
+    let r = buf(1 << 20, 4);
+    // SAFETY: buffers outlive the registrations (backends dropped first).
+    let rb = unsafe {
+        a.register(MemKind::Dram, &l.descriptor()).unwrap();
+        b.register(MemKind::Dram, &r.descriptor()).unwrap()
+    };
+    let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+    a.import_remote(
+        peer,
+        MemKind::Dram,
+        &r.descriptor(),
+        &b.remote_key(rb).unwrap(),
+    )
+    .unwrap();
+    let st = run(&a, &req(Op::Write, peer, l.descriptor(), r.descriptor()));
+    assert!(matches!(st, Status::Done), "{st:?}");
+    assert_eq!(r.as_slice(), l.as_slice());
+    drop((a, b));
+}
+
+#[test]
+fn deregister_is_busy_while_a_post_names_the_memory() {
+    let (a, b) = (backend("a", false), backend("b", false));
+    let len = 64 << 20;
+    let l = buf(len, 5);
+    let r = HostBuffer::alloc(len, 4096).unwrap();
+    // SAFETY: buffers outlive the registrations.
+    let (la, rb) = unsafe {
+        (
+            a.register(MemKind::Dram, &l.descriptor()).unwrap(),
+            b.register(MemKind::Dram, &r.descriptor()).unwrap(),
+        )
+    };
+    let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+    a.import_remote(
+        peer,
+        MemKind::Dram,
+        &r.descriptor(),
+        &b.remote_key(rb).unwrap(),
+    )
+    .unwrap();
+    let id = a
+        .prepare(&req(Op::Write, peer, l.descriptor(), r.descriptor()))
+        .unwrap();
+    // SAFETY: `l` stays registered until the transfer finished.
+    unsafe { a.post(id, &PostOptions::default()).unwrap() };
+    let e = a.deregister(la);
+    let st = wait(&a, None, id, Duration::from_secs(30));
+    assert!(matches!(st, Status::Done), "{st:?}");
+    assert!(matches!(e, Err(Error::Busy(_))), "{e:?}");
+    a.deregister(la).unwrap();
+    assert_eq!(r.as_slice(), l.as_slice());
+    drop((a, b));
+}
+
+#[test]
+fn reconnects_to_a_republished_peer_and_notifications_name_the_sender() {
+    for same_host in [true, false] {
+        let a = backend("prefill", same_host);
+        let l = buf(4096, 6);
+        // SAFETY: `l` outlives `a`'s use of it (deregistered at the end).
+        let la = unsafe { a.register(MemKind::Dram, &l.descriptor()).unwrap() };
+        let mut last = None;
+        for round in 0..2u64 {
+            let b = backend("decode", same_host);
+            let r = HostBuffer::alloc(4096, 4096).unwrap();
+            // SAFETY: `r` outlives `b` (dropped at the end of the round, after `b`).
+            let rb = unsafe { b.register(MemKind::Dram, &r.descriptor()).unwrap() };
+            if let Some((old, old_desc)) = last.take() {
+                // The old peer is gone: a bounded RemoteDisconnected, not a hang.
+                let start = Instant::now();
+                let st = run(&a, &req(Op::Write, old, l.descriptor(), old_desc));
+                assert!(
+                    matches!(st, Status::Failed(Error::RemoteDisconnected { .. })),
+                    "{st:?}"
+                );
+                assert!(start.elapsed() < Duration::from_secs(10));
+            }
+            let peer = a.connect("decode", &b.connection_info().unwrap()).unwrap();
+            a.import_remote(
+                peer,
+                MemKind::Dram,
+                &r.descriptor(),
+                &b.remote_key(rb).unwrap(),
+            )
+            .unwrap();
+            let id = a
+                .prepare(&req(Op::Write, peer, l.descriptor(), r.descriptor()))
+                .unwrap();
+            let opts = PostOptions {
+                notification: Some(Bytes::from(format!("round {round}"))),
+                deadline: Some(Instant::now() + Duration::from_secs(10)),
+            };
+            // SAFETY: `l` stays registered until the transfer finished.
+            unsafe { a.post(id, &opts).unwrap() };
+            assert!(matches!(
+                wait(&a, None, id, Duration::from_secs(15)),
+                Status::Done
+            ));
+            let mut got = Vec::new();
+            let end = Instant::now() + Duration::from_secs(5);
+            while got.is_empty() && Instant::now() < end {
+                b.drain_notifications(&mut got).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(got.len(), 1);
+            assert_eq!(
+                (got[0].peer.as_str(), &got[0].payload[..]),
+                ("prefill", format!("round {round}").as_bytes())
+            );
+            assert_eq!(r.as_slice(), l.as_slice());
+            assert!(a.notify(peer, Bytes::from(vec![0u8; 70_000])).is_err());
+            last = Some((peer, r.descriptor()));
+            drop(b);
+        }
+        a.deregister(la).unwrap();
+    }
+}
