@@ -191,6 +191,8 @@ struct Conn {
 struct Mem {
     mem: Box<dyn TestMemory>,
     reg: RegistrationId,
+    /// The side that registered it (`a` or `b`): ids are only unique per backend.
+    on_b: bool,
 }
 
 impl Conn {
@@ -212,7 +214,11 @@ impl Conn {
         // SAFETY: the memory lives in `Mem` and every case deregisters (or drops the
         // backend) before dropping it.
         let reg = unsafe { side.backend.register(MemKind::Dram, &mem.desc())? };
-        Ok(Mem { mem, reg })
+        Ok(Mem {
+            mem,
+            reg,
+            on_b: false,
+        })
     }
 
     fn local(&self, len: usize, seed: u64) -> Result<Mem> {
@@ -221,7 +227,8 @@ impl Conn {
 
     /// Registers memory on `b` and imports it on `a`.
     fn remote(&self, len: usize, seed: u64) -> Result<(Mem, RemoteId)> {
-        let m = Self::mem(&self.b, len, seed)?;
+        let mut m = Self::mem(&self.b, len, seed)?;
+        m.on_b = true;
         let key = self.b.backend.remote_key(m.reg)?;
         let rid = self
             .a
@@ -274,10 +281,8 @@ impl Conn {
 
     fn finish(self, mems: Vec<Mem>) -> Result<()> {
         for m in &mems {
-            // Registrations live on either side; try both.
-            if self.a.backend.deregister(m.reg).is_err() {
-                self.b.backend.deregister(m.reg)?;
-            }
+            let side = if m.on_b { &self.b } else { &self.a };
+            side.backend.deregister(m.reg)?;
         }
         Ok(())
     }

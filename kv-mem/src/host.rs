@@ -18,6 +18,9 @@ pub struct HostOptions {
     pub huge_pages: bool,
     /// `mlock` the buffer so it is never swapped out (needs `RLIMIT_MEMLOCK`).
     pub lock: bool,
+    /// Back the buffer with a `memfd` mapped `MAP_SHARED`, so a backend can let a peer
+    /// process on the same host map it too (see [`shared_backing`]); implies `mmap`.
+    pub shared: bool,
 }
 
 impl Default for HostOptions {
@@ -27,6 +30,7 @@ impl Default for HostOptions {
             mmap: false,
             huge_pages: false,
             lock: false,
+            shared: false,
         }
     }
 }
@@ -35,6 +39,38 @@ enum Backing {
     Heap(Layout),
     // Held only so the mapping is unmapped on drop.
     Map(#[allow(dead_code)] memmap2::MmapMut),
+    // The mapping and its memfd.
+    Shared(#[allow(dead_code)] memmap2::MmapMut, std::fs::File),
+}
+
+/// Where a shared (memfd-backed) host range lives: a file descriptor of this process and
+/// the offset of the range in it. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedBacking {
+    /// The memfd (owned by the [`HostBuffer`]; valid while the buffer lives — a backend
+    /// that keeps it past `register` should `dup` it).
+    pub fd: std::os::fd::RawFd,
+    /// Offset of the range's first byte in the memfd.
+    pub offset: u64,
+    /// Length of the whole memfd mapping.
+    pub len: u64,
+}
+
+/// Live shared buffers by start address: (length, fd).
+static SHARED: std::sync::RwLock<std::collections::BTreeMap<u64, (u64, std::os::fd::RawFd)>> =
+    std::sync::RwLock::new(std::collections::BTreeMap::new());
+
+/// The memfd behind `desc`, if it lies inside a live buffer made with
+/// [`HostOptions::shared`]. Same-host backends use it to let the peer map the memory.
+pub fn shared_backing(desc: &Descriptor) -> Option<SharedBacking> {
+    let end = desc.end()?;
+    let map = SHARED.read().unwrap_or_else(|e| e.into_inner());
+    let (start, (len, fd)) = map.range(..=desc.addr).next_back()?;
+    (end <= start + len).then_some(SharedBacking {
+        fd: *fd,
+        offset: desc.addr - start,
+        len: *len,
+    })
 }
 
 /// A zero-initialised host buffer at a stable address.
@@ -94,7 +130,9 @@ impl HostBuffer {
         if len == 0 {
             return Err(Error::invalid_argument("a host buffer of zero bytes"));
         }
-        let mut buf = if opts.mmap || opts.huge_pages {
+        let mut buf = if opts.shared {
+            Self::memfd(len, opts.huge_pages)?
+        } else if opts.mmap || opts.huge_pages {
             let mut o = memmap2::MmapOptions::new();
             o.len(len);
             if opts.huge_pages {
@@ -142,6 +180,63 @@ impl HostBuffer {
             buf.lock()?;
         }
         Ok(buf)
+    }
+
+    fn memfd(len: usize, huge: bool) -> Result<HostBuffer> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let mut flags = libc::MFD_CLOEXEC;
+        if huge {
+            flags |= libc::MFD_HUGETLB;
+        }
+        // SAFETY: the name is a valid NUL-terminated string; the call has no other inputs.
+        let fd = unsafe { libc::memfd_create(c"kvx-host-buffer".as_ptr(), flags) };
+        if fd < 0 {
+            return Err(Error::io(
+                "memfd_create for a shared host buffer",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len as u64)
+            .map_err(|e| Error::io(format!("sizing a {len}-byte memfd"), e))?;
+        // SAFETY: the memfd is private to this buffer until it is shared on purpose
+        // (peers map it to read and write it, which is the point); no Rust reference to
+        // the mapping outlives the buffer.
+        let mut map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }
+            .map_err(|e| Error::io(format!("mapping a {len}-byte memfd"), e))?;
+        let ptr = NonNull::new(map.as_mut_ptr())
+            .ok_or_else(|| Error::invalid_argument("mmap returned a null address"))?;
+        SHARED
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ptr.as_ptr() as u64, (len as u64, file.as_raw_fd()));
+        Ok(HostBuffer {
+            ptr,
+            len,
+            locked: false,
+            backing: Backing::Shared(map, file),
+        })
+    }
+
+    /// `len` zeroed bytes in a shared memfd mapping (see [`HostOptions::shared`]).
+    pub fn shared(len: usize) -> Result<HostBuffer> {
+        Self::with_options(
+            len,
+            HostOptions {
+                shared: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The memfd behind a shared buffer.
+    pub fn shared_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match &self.backing {
+            Backing::Shared(_, f) => Some(f.as_fd()),
+            _ => None,
+        }
     }
 
     /// Pins the buffer in RAM with `mlock`.
@@ -222,6 +317,12 @@ impl Drop for HostBuffer {
             // SAFETY: allocated with this layout in `with_options`, freed once.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
         }
+        if matches!(self.backing, Backing::Shared(..)) {
+            SHARED
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(self.ptr.as_ptr() as u64));
+        }
         // Mappings unmap themselves when `backing` drops.
     }
 }
@@ -273,6 +374,28 @@ mod tests {
             Ok(b) => assert!(b.is_locked()),
             Err(e) => assert!(e.to_string().contains("ulimit -l"), "{e}"),
         }
+    }
+
+    #[test]
+    fn shared_buffers_are_found_by_address() {
+        let mut b = HostBuffer::shared(1 << 20).unwrap();
+        b.as_mut_slice()[4096] = 9;
+        let d = Descriptor::new(b.descriptor().addr + 4096, 100, 0);
+        let s = shared_backing(&d).unwrap();
+        assert_eq!((s.offset, s.len), (4096, 1 << 20));
+        assert!(b.shared_fd().is_some());
+        // The memfd holds the bytes: read them through the fd.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::from(b.shared_fd().unwrap().try_clone_to_owned().unwrap());
+        let mut one = [0u8; 1];
+        f.read_exact_at(&mut one, 4096).unwrap();
+        assert_eq!(one[0], 9);
+        assert!(shared_backing(&Descriptor::new(d.addr, 1 << 20, 0)).is_none());
+        let heap = HostBuffer::alloc(4096, 4096).unwrap();
+        assert!(shared_backing(&heap.descriptor()).is_none());
+        let addr = b.descriptor();
+        drop(b);
+        assert!(shared_backing(&addr).is_none());
     }
 
     #[test]

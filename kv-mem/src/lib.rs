@@ -28,8 +28,12 @@ pub mod conformance;
 mod file;
 mod host;
 mod region;
+#[cfg(feature = "cuda")]
+mod vram;
 
 pub use cache::{CacheKey, RegistrationCache};
 pub use file::FileSegment;
-pub use host::{HostBuffer, HostOptions};
+pub use host::{shared_backing, HostBuffer, HostOptions, SharedBacking};
 pub use region::{Memory, Region};
+#[cfg(feature = "cuda")]
+pub use vram::VramBuffer;
