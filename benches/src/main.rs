@@ -6,6 +6,7 @@
 
 mod pattern;
 mod stats;
+mod storage;
 mod sweep;
 mod transfer;
 
@@ -29,6 +30,8 @@ enum Cmd {
     Transfer(transfer::TransferArgs),
     /// Bandwidth and latency over block sizes, batch sizes, threads, ops and backends.
     Sweep(sweep::SweepArgs),
+    /// KV blocks between memory and a file (gds backend: io_uring, O_DIRECT), beside fio.
+    Storage(storage::StorageArgs),
 }
 
 fn main() {
@@ -36,6 +39,7 @@ fn main() {
     let result = match &cli.cmd {
         Cmd::Transfer(a) => transfer::main(a),
         Cmd::Sweep(a) => sweep::main(a),
+        Cmd::Storage(a) => storage::main(a),
     };
     match result {
         Ok(true) => {}

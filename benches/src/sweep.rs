@@ -93,14 +93,14 @@ fn measure(p: &Point, a: &Agent, b: &Agent, seconds: f64) -> Result<Row> {
         let src = Region::new(HostBuffer::with_options(
             buf_len.max(len),
             HostOptions {
-                mmap: true,
+                shared: true,
                 ..Default::default()
             },
         )?);
         let dst = Region::new(HostBuffer::with_options(
             buf_len.max(len),
             HostOptions {
-                mmap: true,
+                shared: true,
                 ..Default::default()
             },
         )?);

@@ -261,7 +261,7 @@ fn kv_buffer(bytes: u64, copies: u64) -> Result<HostBuffer> {
     HostBuffer::with_options(
         len,
         HostOptions {
-            mmap: true,
+            shared: true,
             ..Default::default()
         },
     )

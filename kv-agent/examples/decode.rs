@@ -27,7 +27,7 @@ fn main() -> kv_core::Result<()> {
         },
     )?;
     agent.add_backend("tcp", &Default::default())?;
-    let kv = Region::new(HostBuffer::mmap(layout.total_bytes() as usize)?);
+    let kv = Region::new(HostBuffer::shared(layout.total_bytes() as usize)?);
     let _reg = agent.register(&kv)?;
     let bound = agent.listen(&addr)?;
     println!(

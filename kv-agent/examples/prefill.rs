@@ -15,7 +15,7 @@ fn main() -> kv_core::Result<()> {
         PagedLayout::for_tokens(ModelShape::preset("llama3-8b").expect("preset"), 16, 2048)?;
     let agent = Agent::new("prefill", AgentOptions::default())?;
     agent.add_backend("tcp", &Default::default())?;
-    let mut buf = HostBuffer::mmap(layout.total_bytes() as usize)?;
+    let mut buf = HostBuffer::shared(layout.total_bytes() as usize)?;
     buf.as_mut_slice()
         .iter_mut()
         .enumerate()

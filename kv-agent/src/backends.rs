@@ -15,4 +15,10 @@ pub(crate) fn known() -> Vec<&'static str> {
 const FACTORIES: &[(&str, BackendFactory)] = &[
     #[cfg(feature = "tcp")]
     ("tcp", kv_backend_tcp::create),
+    #[cfg(feature = "ucx")]
+    ("ucx", kv_backend_ucx::create),
+    #[cfg(feature = "libfabric")]
+    ("libfabric", kv_backend_libfabric::create),
+    #[cfg(feature = "gds")]
+    ("gds", kv_backend_gds::create),
 ];
