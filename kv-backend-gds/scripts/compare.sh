@@ -12,6 +12,8 @@
 # KV_GDS_BENCH_ENGINE=threads to measure the thread-pool engine instead of io_uring.
 set -euo pipefail
 
+# KV_COMPARE_SHORT=1 (scripts/compare.sh --short, CI): one short pass of each.
+if [ "${KV_COMPARE_SHORT:-0}" = 1 ]; then SIZE=${SIZE:-128M}; SECS=${SECS:-1}; REPEAT=${REPEAT:-1}; fi
 SIZE=${SIZE:-256M}
 SECS=${SECS:-2}
 REPEAT=${REPEAT:-3}
