@@ -454,14 +454,6 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     let op = args.op();
     let shape = layout.shape;
     let total = layout.total_bytes();
-    let mut passive = match &args.peer {
-        Some(addr) => Passive {
-            child: None,
-            lines: mpsc::channel().1,
-            addr: addr.clone(),
-        },
-        None => Passive::spawn(args)?,
-    };
     let agent = agent_with(
         "prefill",
         &args.backend,
@@ -475,6 +467,15 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     if op == Op::Write {
         fill_region(&mut buf);
     }
+    // Everything that can be refused is checked before the passive side starts.
+    let mut passive = match &args.peer {
+        Some(addr) => Passive {
+            child: None,
+            lines: mpsc::channel().1,
+            addr: addr.clone(),
+        },
+        None => Passive::spawn(args)?,
+    };
     let region = Region::new(buf);
     let reg = agent.register(&region)?;
     let peer = agent.fetch_remote(passive.addr.as_str())?;
