@@ -290,7 +290,8 @@ fn repost_prepared_transfer_1000_times() {
         ))
         .unwrap();
     for i in 0..1000u64 {
-        region.write_at(0, &pattern(i, 64 << 10)).unwrap();
+        // SAFETY: no other thread touches the region, and the previous post finished.
+        unsafe { region.write_at(0, &pattern(i, 64 << 10)).unwrap() };
         t.post(None).unwrap();
         t.wait().unwrap();
     }

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use crate::request::Transfer;
 use crate::sys::{self, CmaDir, Stream, Watch};
 use crate::wire::{self, ConnectionInfo, FrameOp, Header, HEADER_LEN};
-use crate::Options;
+use crate::{Options, Path};
 
 /// How many WRITE frames a lane sends before it waits for an ACK.
 const WRITE_WINDOW: usize = 8;
@@ -237,12 +237,15 @@ impl Peer {
         }
     }
 
-    /// Runs every lane of a CMA transfer in the calling thread.
+    /// Runs every lane of a shared-memory or CMA transfer in the calling thread.
     pub(crate) fn run_inline(&self, t: &Arc<Transfer>) -> Result<()> {
         let mut l = Vec::new();
         let mut r = Vec::new();
         for lane in 0..t.plan.lanes {
-            run_cma(&self.core, t, lane, &mut l, &mut r)?;
+            match t.plan.path {
+                Path::SharedMemory => run_shm(&self.core, t, lane)?,
+                _ => run_cma(&self.core, t, lane, &mut l, &mut r)?,
+            }
         }
         Ok(())
     }
@@ -347,15 +350,61 @@ fn lane_main(core: Arc<PeerCore>, rx: Receiver<(Arc<Transfer>, usize)>) {
     let mut iov: Vec<libc::iovec> = Vec::new();
     let mut riov: Vec<libc::iovec> = Vec::new();
     while let Ok((t, lane)) = rx.recv() {
-        let r = if core.cma {
-            run_cma(&core, &t, lane, &mut iov, &mut riov)
-        } else {
-            run_tcp(&core, &mut conn, &t, lane, &mut iov)
+        let r = match t.plan.path {
+            Path::SharedMemory => run_shm(&core, &t, lane),
+            Path::CrossMemoryAttach => run_cma(&core, &t, lane, &mut iov, &mut riov),
+            Path::Tcp => run_tcp(&core, &mut conn, &t, lane, &mut iov),
         };
         iov.clear();
         riov.clear();
         t.lane_done(r);
     }
+}
+
+/// Checks cancel, disconnect and deadline between frames of a same-host lane.
+fn same_host_tick(core: &PeerCore, t: &Transfer, deadline: Option<Instant>) -> Result<()> {
+    if t.cancel.load(Ordering::Acquire) {
+        return Err(Error::Canceled);
+    }
+    if core.closed.load(Ordering::Acquire) {
+        return Err(core.gone("disconnected"));
+    }
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(Error::TimedOut {
+            what: format!("same-host {} with {}", t.plan.op, core.name),
+            after: Duration::ZERO,
+        });
+    }
+    Ok(())
+}
+
+/// Moves one lane's frames with memory copies between local memory and the peer's
+/// mapped memfd. Copies cannot fail (the mapping keeps the pages alive), so before
+/// reporting success the lane checks that the peer's control connection is still up:
+/// a transfer to a peer that died ends with `RemoteDisconnected`, as over CMA or TCP.
+fn run_shm(core: &PeerCore, t: &Transfer, lane: usize) -> Result<()> {
+    let deadline = t.state.lock().deadline;
+    for f in t.plan.lane_frames(lane) {
+        same_host_tick(core, t, deadline)?;
+        for s in &t.plan.segs[f.segs.clone()] {
+            // SAFETY: local ranges lie in registrations pinned by this post (the caller
+            // of `post` keeps them valid and untouched); `s.remote` was translated at
+            // prepare into a mapping held by the plan (`plan.maps`) and checked to lie
+            // inside the peer's exported registration, so both ranges are mapped for
+            // the whole copy. The peer may touch its side concurrently (its contract),
+            // which gives torn data, never a fault: the copy uses raw pointers only.
+            unsafe {
+                match t.plan.op {
+                    Op::Write => sys::copy(s.remote, s.local, s.len),
+                    Op::Read => sys::copy(s.local, s.remote, s.len),
+                }
+            }
+        }
+    }
+    if core.peer_gone() {
+        return Err(core.gone("process exited (control connection closed)"));
+    }
+    Ok(())
 }
 
 /// Moves one lane's frames with `process_vm_writev`/`readv`.
@@ -372,18 +421,7 @@ fn run_cma(
         Op::Read => CmaDir::Read,
     };
     for f in t.plan.lane_frames(lane) {
-        if t.cancel.load(Ordering::Acquire) {
-            return Err(Error::Canceled);
-        }
-        if core.closed.load(Ordering::Acquire) {
-            return Err(core.gone("disconnected"));
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Error::TimedOut {
-                what: format!("cross-memory {} with {}", t.plan.op, core.name),
-                after: Duration::ZERO,
-            });
-        }
+        same_host_tick(core, t, deadline)?;
         l.clear();
         r.clear();
         for s in &t.plan.segs[f.segs.clone()] {

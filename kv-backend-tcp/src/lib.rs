@@ -1,5 +1,6 @@
 //! The pure-Rust kvx backend that is always there: remote peers over TCP, same-host
-//! peers through cross-memory attach (`process_vm_writev`/`process_vm_readv`).
+//! peers through shared memory (memfd-backed registrations mapped at import) or
+//! cross-memory attach (`process_vm_writev`/`process_vm_readv`).
 //!
 //! One-sided WRITE and READ are emulated with a small framed protocol ([`wire`]):
 //! payloads go with vectored writes straight from registered memory and land straight
@@ -30,17 +31,22 @@
 //! # Same-host peers
 //!
 //! When a peer's connection info carries this host's identity (kernel boot id and host
-//! name) and a probe read of its process succeeds, data moves with cross-memory attach
-//! and only notifications use the TCP control connection. Then the bounds check happens
-//! on the initiator, against the ranges the target exported with its remote keys (the
-//! kernel still refuses addresses the target has not mapped); the target's own check
-//! applies to TCP requests only. Set `same_host = false` to force TCP.
+//! name) and a probe read of its process succeeds, data does not cross TCP; only
+//! notifications use the control connection. A registration inside a shared
+//! (memfd-backed) `kv_mem::HostBuffer` is mapped into the importer at `import_remote`
+//! and transfers to it are plain memory copies ([`Path::SharedMemory`]); other memory
+//! moves with cross-memory attach ([`Path::CrossMemoryAttach`]). Then the bounds check
+//! happens on the initiator, against the ranges the target exported with its remote
+//! keys; the target's own check applies to TCP requests only, and a target's
+//! `deregister` does not fence a peer's late same-host writes (they land in memory the
+//! target no longer reads through the backend). Set `same_host = false` to force TCP.
 #![warn(missing_docs)]
 
 mod endpoint;
 mod memory;
 mod request;
 mod server;
+mod shm;
 mod sys;
 pub mod wire;
 
@@ -68,6 +74,45 @@ use wire::{ConnectionInfo, RemoteKey};
 /// The backend's name.
 pub const NAME: &str = "tcp";
 
+/// How a prepared transfer moves its data ([`TcpBackend::transfer_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Memory copies into/out of the peer's memfd, mapped at `import_remote`.
+    SharedMemory,
+    /// `process_vm_writev`/`process_vm_readv` into the peer's address space.
+    CrossMemoryAttach,
+    /// Frames over the TCP data connections.
+    Tcp,
+}
+
+impl Path {
+    /// Short name: `shm`, `cma` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::SharedMemory => "shm",
+            Path::CrossMemoryAttach => "cma",
+            Path::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Posts made so far by each [`Path`] ([`TcpBackend::path_counts`]). `Copy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathCounts {
+    /// Posts over shared memory.
+    pub shm: u64,
+    /// Posts over cross-memory attach.
+    pub cma: u64,
+    /// Posts over TCP.
+    pub tcp: u64,
+}
+
 /// Options of the TCP backend; [`Options::from_params`] reads them from agent
 /// parameters (param names in parentheses). `Clone`, `Send + Sync`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +126,8 @@ pub struct Options {
     /// Data connections (and worker threads) per peer (param `connections`), default
     /// `min(available_parallelism, 4)`.
     pub connections: usize,
-    /// Use cross-memory attach for peers on this host (param `same_host`), default true.
+    /// Use shared memory / cross-memory attach for peers on this host (param
+    /// `same_host`), default true.
     pub same_host: bool,
     /// Longest wait for a connection and handshake (param `connect_timeout_ms`), default 5 s.
     pub connect_timeout: Duration,
@@ -92,8 +138,9 @@ pub struct Options {
     pub max_notification: usize,
     /// Largest payload of one frame (param `max_frame`), default 4 MiB.
     pub max_frame: usize,
-    /// Same-host transfers up to this size run inside `post` instead of on the worker
-    /// threads (param `inline_max`), default 4 MiB.
+    /// Same-host transfers (shared memory or cross-memory attach) up to this size run
+    /// inside `post` instead of on the worker threads (param `inline_max`), default
+    /// 4 MiB; larger ones are split over the `connections` worker threads.
     pub inline_max: usize,
 }
 
@@ -203,9 +250,11 @@ struct Remote {
     peer: u64,
     desc: Descriptor,
     key: u64,
+    /// The peer's registration mapped here (shared-memory path), if it could be.
+    shm: Option<Arc<shm::Import>>,
 }
 
-/// The TCP / cross-memory-attach backend. `Send + Sync`: tables sit behind locks and
+/// The TCP / shared-memory / cross-memory-attach backend. `Send + Sync`: tables sit behind locks and
 /// the I/O runs on its own threads. Dropping it stops its threads and closes its
 /// connections (peers then see `RemoteDisconnected`).
 pub struct TcpBackend {
@@ -222,6 +271,8 @@ pub struct TcpBackend {
     transfers: RwLock<HashMap<u64, Arc<Transfer>>>,
     next_id: AtomicU64,
     completions: Arc<AtomicUsize>,
+    /// Posts by path: shared memory, cross-memory attach, TCP.
+    posts: [AtomicU64; 3],
 }
 
 impl std::fmt::Debug for TcpBackend {
@@ -259,6 +310,7 @@ impl TcpBackend {
             transfers: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             completions: Arc::new(AtomicUsize::new(0)),
+            posts: Default::default(),
         })
     }
 
@@ -267,9 +319,38 @@ impl TcpBackend {
         self.addr
     }
 
-    /// True when transfers to `peer` use cross-memory attach rather than TCP.
+    /// True when `peer` is on this host and reachable without TCP: transfers to it use
+    /// shared memory (registrations mapped at import) or cross-memory attach (see
+    /// [`TcpBackend::transfer_path`]).
     pub fn uses_cma(&self, peer: EndpointId) -> Result<bool> {
         Ok(self.peer(peer)?.core.cma)
+    }
+
+    /// How the prepared transfer `id` moves its data: shared memory when every remote
+    /// range lies in a registration mapped at import, else cross-memory attach for a
+    /// same-host peer, else TCP.
+    pub fn transfer_path(&self, id: TransferId) -> Result<Path> {
+        Ok(self.transfer(id)?.plan.path)
+    }
+
+    /// How many posts went each way so far.
+    pub fn path_counts(&self) -> PathCounts {
+        let n = |i: usize| self.posts[i].load(Ordering::Relaxed);
+        PathCounts {
+            shm: n(0),
+            cma: n(1),
+            tcp: n(2),
+        }
+    }
+
+    /// True when the imported remote registration `id` is mapped here, so transfers
+    /// to it can use [`Path::SharedMemory`].
+    pub fn remote_is_mapped(&self, id: RemoteId) -> Result<bool> {
+        self.remotes
+            .read()
+            .get(&id.0)
+            .map(|r| r.shm.is_some())
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))
     }
 
     fn id(&self) -> u64 {
@@ -290,6 +371,32 @@ impl TcpBackend {
             .get(&id.0)
             .cloned()
             .ok_or_else(|| Error::NotRegistered(format!("{id}")))
+    }
+
+    /// Maps the peer registration `k` names (shared-memory path), reusing the mapping
+    /// of an earlier import of the same registration. Logs why when it cannot.
+    fn map_remote(&self, peer: EndpointId, p: &Peer, k: &RemoteKey) -> Option<Arc<shm::Import>> {
+        let reg = Descriptor::new(k.addr, k.len, 0);
+        if let Some(m) = self.remotes.read().values().find_map(|r| {
+            r.shm
+                .as_ref()
+                .filter(|m| r.peer == peer.0 && r.key == k.key && *m.reg() == reg)
+                .cloned()
+        }) {
+            return Some(m);
+        }
+        match shm::Import::open(p.core.info.pid, k) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(why) => {
+                tracing::info!(
+                    "peer {}: registration {:#x}+{} is memfd-backed but not mapped ({why}); using cross-memory attach",
+                    p.core.name,
+                    k.addr,
+                    k.len
+                );
+                None
+            }
+        }
     }
 
     /// The longest a served request can take: deregister waits this long for one.
@@ -347,6 +454,7 @@ impl Backend for TcpBackend {
             key: r.key,
             addr: r.desc.addr,
             len: r.desc.len,
+            shared: r.shared.as_ref().map(|e| e.key()),
         }
         .encode())
     }
@@ -410,7 +518,7 @@ impl Backend for TcpBackend {
             )));
         }
         let k = RemoteKey::decode(key)?;
-        self.peer(peer)?;
+        let p = self.peer(peer)?;
         let exported = Descriptor::new(k.addr, k.len, desc.device);
         if !exported.contains(desc) {
             return Err(Error::OutOfBounds(format!(
@@ -418,6 +526,11 @@ impl Backend for TcpBackend {
                 desc.addr, desc.len, k.addr, k.len
             )));
         }
+        let shm = if p.core.cma && k.shared.is_some() {
+            self.map_remote(peer, &p, &k)
+        } else {
+            None
+        };
         let id = self.id();
         self.remotes.write().insert(
             id,
@@ -425,12 +538,15 @@ impl Backend for TcpBackend {
                 peer: peer.0,
                 desc: *desc,
                 key: k.key,
+                shm,
             },
         );
         Ok(RemoteId(id))
     }
 
     fn release_remote(&self, id: RemoteId) -> Result<()> {
+        // Dropping the import unmaps the peer's memory once no prepared transfer holds
+        // the mapping any more.
         self.remotes
             .write()
             .remove(&id.0)
@@ -444,16 +560,20 @@ impl Backend for TcpBackend {
             return Err(Error::Unsupported("tcp moves dram only".into()));
         }
         let peer = self.peer(req.peer)?;
-        let mut imports: Vec<(Descriptor, u64)> = self
+        type Imported = (Descriptor, u64, Option<Arc<shm::Import>>);
+        let mut imports: Vec<Imported> = self
             .remotes
             .read()
             .values()
             .filter(|r| r.peer == req.peer.0)
-            .map(|r| (r.desc, r.key))
+            .map(|r| (r.desc, r.key, r.shm.clone()))
             .collect();
-        imports.sort_by_key(|(d, _)| d.addr);
+        imports.sort_by_key(|(d, _, _)| d.addr);
         let local = self.shared.regs.snapshot();
-        let descs: Vec<Descriptor> = imports.iter().map(|(d, _)| *d).collect();
+        let descs: Vec<Descriptor> = imports.iter().map(|(d, _, _)| *d).collect();
+        // The shared-memory path needs every remote range in a mapped registration.
+        let mut maps: Vec<Arc<shm::Import>> = Vec::new();
+        let mut all_mapped = peer.core.cma;
         if !req.remote.within(&descs) {
             return Err(Error::OutOfBounds(
                 "a remote descriptor lies outside what the peer registered".into(),
@@ -471,18 +591,26 @@ impl Backend for TcpBackend {
             if !regs.iter().any(|r| Arc::ptr_eq(r, reg)) {
                 regs.push(reg.clone());
             }
-            let end = imports.partition_point(|(d, _)| d.addr <= s.remote.addr);
-            let key = imports[..end]
+            let end = imports.partition_point(|(d, _, _)| d.addr <= s.remote.addr);
+            let (_, key, map) = imports[..end]
                 .iter()
                 .rev()
-                .find(|(d, _)| d.contains(&s.remote))
-                .map(|(_, k)| *k)
+                .find(|(d, _, _)| d.contains(&s.remote))
                 .ok_or_else(|| {
                     Error::OutOfBounds(format!(
                         "remote range {:#x}+{} lies outside what the peer registered",
                         s.remote.addr, s.remote.len
                     ))
                 })?;
+            let key = *key;
+            match map {
+                Some(m) if all_mapped => {
+                    if !maps.iter().any(|x| Arc::ptr_eq(x, m)) {
+                        maps.push(m.clone());
+                    }
+                }
+                _ => all_mapped = false,
+            }
             match segs.last_mut() {
                 Some(p)
                     if p.key == key
@@ -499,8 +627,29 @@ impl Backend for TcpBackend {
                 }),
             }
         }
+        let path = if all_mapped && !segs.is_empty() {
+            // Address the peer's memory through our mappings. Merged segments share a
+            // key, so each lies in one registration (the one its key names).
+            for s in &mut segs {
+                s.remote = maps
+                    .iter()
+                    .find_map(|m| m.translate(s.remote, s.len))
+                    .ok_or_else(|| {
+                        Error::OutOfBounds(format!(
+                            "remote range {:#x}+{} is not inside a mapped registration",
+                            s.remote, s.len
+                        ))
+                    })?;
+            }
+            Path::SharedMemory
+        } else if peer.core.cma {
+            maps.clear();
+            Path::CrossMemoryAttach
+        } else {
+            maps.clear();
+            Path::Tcp
+        };
         let id = self.id();
-        let cma = peer.core.cma;
         let plan = request::Plan::build(
             id,
             req.op,
@@ -508,7 +657,8 @@ impl Backend for TcpBackend {
             regs,
             peer.nlanes,
             self.opts.max_frame as u64,
-            !cma,
+            path,
+            maps,
         );
         self.transfers
             .write()
@@ -528,9 +678,11 @@ impl Backend for TcpBackend {
             }
         }
         let peer = t.peer.clone();
-        if peer.core.cma {
+        let path = t.plan.path;
+        if path != Path::Tcp {
             // Data does not cross the control connection, so check that the peer is
-            // still there before writing into its address space.
+            // still there before writing into its memory (checked again after the
+            // copies on the shared-memory path, which cannot fail by themselves).
             peer.core.check_alive()?;
         }
         if opts.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -556,7 +708,13 @@ impl Backend for TcpBackend {
         // Taken outside the state lock: the sequencer locks transfer states while it
         // holds its own lock.
         t.seq.store(peer.next_seq(), Ordering::Release);
-        if peer.core.cma && t.plan.total <= self.opts.inline_max as u64 {
+        self.posts[match path {
+            Path::SharedMemory => 0,
+            Path::CrossMemoryAttach => 1,
+            Path::Tcp => 2,
+        }]
+        .fetch_add(1, Ordering::Relaxed);
+        if path != Path::Tcp && t.plan.total <= self.opts.inline_max as u64 {
             t.pending.store(1, Ordering::Release);
             let r = peer.run_inline(&t);
             t.lane_done(r);

@@ -37,6 +37,8 @@ pub(crate) struct LocalReg {
     pub desc: Descriptor,
     /// The key peers name it by (random, never 0).
     pub key: u64,
+    /// The memfd behind it when it lies in a shared host buffer (same-host peers map it).
+    pub shared: Option<crate::shm::Export>,
     /// False once deregistered.
     live: AtomicBool,
     /// Posted local transfers naming it.
@@ -83,6 +85,7 @@ impl Registry {
                 desc.addr, desc.len
             )));
         }
+        let shared = crate::shm::Export::of(&desc);
         let mut t = self.t.write();
         let key = loop {
             let k = random_u64();
@@ -95,6 +98,7 @@ impl Registry {
             id,
             desc,
             key,
+            shared,
             live: AtomicBool::new(true),
             busy: AtomicU32::new(0),
             serving: AtomicU32::new(0),

@@ -12,13 +12,16 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::endpoint::Peer;
 use crate::memory::{LocalReg, Registry};
+use crate::shm::Import;
 use crate::wire::{self, FrameOp, Header, WireSegment};
+use crate::Path;
 
 /// One piece of a transfer: `len` bytes between a local address and a remote one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PlanSeg {
     pub local: u64,
     pub key: u64,
+    /// The peer's address; on the shared-memory path, our address of it in the mapping.
     pub remote: u64,
     pub len: u64,
 }
@@ -42,11 +45,19 @@ pub(crate) struct Plan {
     pub local_regs: Vec<Arc<LocalReg>>,
     /// How many lanes (worker threads) the frames are spread over.
     pub lanes: usize,
+    /// How the data moves.
+    pub path: Path,
+    /// The peer registrations mapped for the shared-memory path, kept mapped while
+    /// this plan exists (even if the import is released meanwhile). Held, never read.
+    #[allow(dead_code)]
+    pub maps: Vec<Arc<Import>>,
 }
 
 impl Plan {
     /// Splits `segs` (already merged where contiguous) into frames of about
-    /// `frame_bytes` and at most [`wire::MAX_SEGMENTS`] segments, spread over `lanes`.
+    /// `frame_bytes` and at most [`wire::MAX_SEGMENTS`] segments, spread over `lanes`;
+    /// frame headers are encoded for the TCP path only.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn build(
         id: u64,
         op: Op,
@@ -54,8 +65,10 @@ impl Plan {
         local_regs: Vec<Arc<LocalReg>>,
         lanes: usize,
         max_frame: u64,
-        encode: bool,
+        path: Path,
+        maps: Vec<Arc<Import>>,
     ) -> Plan {
+        let encode = path == Path::Tcp;
         let total: u64 = segs.iter().map(|s| s.len).sum();
         let lanes = lanes.max(1);
         let frame_bytes = total
@@ -130,6 +143,8 @@ impl Plan {
             total,
             local_regs,
             lanes,
+            path,
+            maps,
         }
     }
 
@@ -316,7 +331,8 @@ mod tests {
             vec![],
             4,
             4 << 20,
-            true,
+            Path::Tcp,
+            vec![],
         );
         assert_eq!(p.frames.len(), 4);
         assert_eq!(p.lanes, 4);
@@ -338,7 +354,7 @@ mod tests {
         let segs: Vec<_> = (0..1000)
             .map(|i| seg(i * 8192, i * 4096 * 3, 4096))
             .collect();
-        let p = Plan::build(9, Op::Read, segs, vec![], 2, 4 << 20, true);
+        let p = Plan::build(9, Op::Read, segs, vec![], 2, 4 << 20, Path::Tcp, vec![]);
         assert_eq!(p.frames.len(), 2);
         assert_eq!(p.total, 1000 * 4096);
         let f = &p.frames[0];
@@ -357,7 +373,16 @@ mod tests {
                 len: 4096
             }
         );
-        let small = Plan::build(2, Op::Write, vec![seg(0, 0, 10)], vec![], 4, 4 << 20, false);
+        let small = Plan::build(
+            2,
+            Op::Write,
+            vec![seg(0, 0, 10)],
+            vec![],
+            4,
+            4 << 20,
+            Path::SharedMemory,
+            vec![],
+        );
         assert_eq!((small.frames.len(), small.lanes), (1, 1));
         assert!(small.frames[0].head.is_empty());
     }

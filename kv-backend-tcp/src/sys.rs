@@ -1,10 +1,11 @@
 //! The operating-system calls the backend needs beyond `std`: vectored socket I/O
-//! straight from and into registered memory, cross-memory attach, and socket options.
+//! straight from and into registered memory, cross-memory attach, socket options, and
+//! the shared-memory calls (dup, `pidfd_getfd`, `mmap`/`munmap`, copies over mappings).
 //! Every `unsafe` block of the crate's I/O lives here.
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -356,6 +357,159 @@ pub(crate) fn cma_probe(pid: u32, addr: u64) -> io::Result<u64> {
     Ok(v)
 }
 
+/// A duplicate of `fd` (close-on-exec) that stays open until the result drops.
+pub(crate) fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; a closed or invalid one gives EBADF.
+    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `r` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// Device, inode and size of an open file, and whether it is shared memory (a memfd or
+/// another shmem file: `F_GET_SEALS` works only on those).
+pub(crate) fn shm_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64, u64, bool)> {
+    // SAFETY: `stat` is plain data; zeroed is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the borrow; `st` is a live, writable stat.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_GET_SEALS only reads the descriptor's file.
+    let shmem = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) } >= 0;
+    Ok((st.st_dev, st.st_ino, st.st_size.max(0) as u64, shmem))
+}
+
+/// A copy, in this process, of descriptor `fd` of process `pid`: `pidfd_getfd` (Linux
+/// ≥ 5.6), else opening `/proc/<pid>/fd/<fd>`. Both need the ptrace access that
+/// cross-memory attach needs.
+pub(crate) fn peer_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    let getfd = || -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let p = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if p < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `p` is a fresh descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(p as RawFd) };
+        // SAFETY: pidfd_getfd reads the pidfd and a descriptor number of that process
+        // and returns a new close-on-exec descriptor of ours, or -1.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `r` is a fresh descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    };
+    match getfd() {
+        Ok(f) => Ok(f),
+        Err(first) => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/fd/{fd}"))
+            .map(OwnedFd::from)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("pidfd_getfd: {first}; /proc/{pid}/fd/{fd}: {e}"),
+                )
+            }),
+    }
+}
+
+/// The system page size.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory inputs.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// A `MAP_SHARED` read-write mapping of part of a file; unmapped on drop. The mapping
+/// holds its own reference to the file's pages, so it stays valid (never faults for a
+/// missing mapping) after the descriptor is closed and after the other process frees
+/// its buffer or exits. `Send + Sync`: it is a range of raw bytes that the backend only
+/// touches through raw-pointer copies.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; it is only accessed through
+// raw-pointer copies whose callers uphold the Backend contract.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` exposes only the address.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from `offset` (page-aligned) shared and read-write.
+    pub(crate) fn map_shared(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Mapping> {
+        if len == 0 || offset % page_size() != 0 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a fresh mapping at an address the kernel picks; it overlaps nothing
+        // of ours. The file's size was checked by the caller to cover the range.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { base, len })
+    }
+
+    /// Start address of the mapping.
+    pub(crate) fn addr(&self) -> u64 {
+        self.base as usize as u64
+    }
+
+    /// Length of the mapping.
+    pub(crate) fn len(&self) -> u64 {
+        self.len as u64
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly the mapping made in `map_shared`, unmapped
+        // once; nothing uses it any more (transfers hold an `Arc` of its owner).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Copies `len` bytes from address `src` to address `dst` (memmove semantics, so
+/// ranges that alias the same pages through two mappings are harmless).
+///
+/// # Safety
+///
+/// `src` must be valid for reads and `dst` for writes of `len` bytes for the duration
+/// of the call, and no Rust reference may cover `dst` meanwhile.
+pub(crate) unsafe fn copy(dst: u64, src: u64, len: u64) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        std::ptr::copy(
+            src as usize as *const u8,
+            dst as usize as *mut u8,
+            len as usize,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,6 +530,36 @@ mod tests {
         assert_eq!(iov[2].iov_base as u64, b.as_ptr() as u64 + 2);
         advance(&mut iov, &mut first, 3);
         assert_eq!(first, 3);
+    }
+
+    #[test]
+    fn peer_fd_and_shared_mapping_of_own_memfd() {
+        // SAFETY: a valid NUL-terminated name; no other inputs.
+        let fd = unsafe { libc::memfd_create(c"kv-tcp-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh descriptor, owned here.
+        let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        f.set_len(3 * page_size()).unwrap();
+        let dupe = peer_fd(std::process::id(), f.as_raw_fd()).unwrap();
+        use std::os::fd::AsFd;
+        let (dev, ino, size, shmem) = shm_identity(f.as_fd()).unwrap();
+        assert_eq!(shm_identity(dupe.as_fd()).unwrap(), (dev, ino, size, shmem));
+        assert!(shmem && size == 3 * page_size());
+        let m = Mapping::map_shared(dupe.as_fd(), page_size(), page_size() as usize).unwrap();
+        drop(dupe);
+        let v = [7u8; 16];
+        // SAFETY: the mapping covers one page; `v` is 16 readable bytes.
+        unsafe { copy(m.addr() + 8, v.as_ptr() as u64, 16) };
+        use std::os::unix::fs::FileExt;
+        let mut got = [0u8; 16];
+        f.read_exact_at(&mut got, page_size() + 8).unwrap();
+        assert_eq!(got, v);
+        assert!(Mapping::map_shared(f.as_fd(), 1, 4096).is_err());
+        assert!(peer_fd(std::process::id(), 1 << 30).is_err());
+        let d = dup_cloexec(f.as_raw_fd()).unwrap();
+        assert_eq!(shm_identity(d.as_fd()).unwrap().1, ino);
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(!shm_identity(file.as_fd()).unwrap().3);
     }
 
     #[test]

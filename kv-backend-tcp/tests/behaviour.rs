@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kv_backend_tcp::wire::RemoteKey;
-use kv_backend_tcp::{Options, TcpBackend};
+use kv_backend_tcp::{Options, Path, TcpBackend};
 use kv_core::conformance::{pattern, wait};
 use kv_core::{
     Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions, Status,
@@ -64,6 +64,130 @@ fn path_choice_follows_same_host_option() {
         let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
         assert_eq!(a.uses_cma(peer).unwrap(), same_host);
     }
+}
+
+fn shared_buf(len: usize, seed: u64) -> HostBuffer {
+    let mut b = HostBuffer::shared(len).expect("shared alloc");
+    b.as_mut_slice().copy_from_slice(&pattern(seed, len));
+    b
+}
+
+#[test]
+fn shared_memory_path_is_chosen_used_and_falls_back() {
+    const LEN: usize = 256 << 10;
+    let (a, b) = (backend("a", true), backend("b", true));
+    let src = buf(LEN, 1);
+    let back = buf(LEN, 2);
+    let dst = shared_buf(LEN, 3);
+    let heap_dst = buf(LEN, 4);
+    // SAFETY: the buffers outlive their registrations (deregistered below).
+    let (ra, rback, rb, rheap) = unsafe {
+        (
+            a.register(MemKind::Dram, &src.descriptor()).unwrap(),
+            a.register(MemKind::Dram, &back.descriptor()).unwrap(),
+            b.register(MemKind::Dram, &dst.descriptor()).unwrap(),
+            b.register(MemKind::Dram, &heap_dst.descriptor()).unwrap(),
+        )
+    };
+    let key = b.remote_key(rb).unwrap();
+    assert!(RemoteKey::decode(&key).unwrap().shared.is_some());
+    assert!(RemoteKey::decode(&b.remote_key(rheap).unwrap())
+        .unwrap()
+        .shared
+        .is_none());
+    let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+    let imp = a
+        .import_remote(peer, MemKind::Dram, &dst.descriptor(), &key)
+        .unwrap();
+    assert!(a.remote_is_mapped(imp).unwrap());
+    let heap_imp = a
+        .import_remote(
+            peer,
+            MemKind::Dram,
+            &heap_dst.descriptor(),
+            &b.remote_key(rheap).unwrap(),
+        )
+        .unwrap();
+    assert!(!a.remote_is_mapped(heap_imp).unwrap());
+    // WRITE, then READ back, through the mapping.
+    let w = req(Op::Write, peer, src.descriptor(), dst.descriptor());
+    let id = a.prepare(&w).unwrap();
+    assert_eq!(a.transfer_path(id).unwrap(), Path::SharedMemory);
+    a.release(id).unwrap();
+    let before = a.path_counts();
+    assert!(matches!(run(&a, &w), Status::Done));
+    assert_eq!(dst.as_slice(), src.as_slice());
+    let r = req(
+        Op::Read,
+        peer,
+        Descriptor::new(back.descriptor().addr, 4096, 0),
+        Descriptor::new(dst.descriptor().addr + 8192, 4096, 0),
+    );
+    assert!(matches!(run(&a, &r), Status::Done));
+    assert_eq!(&back.as_slice()[..4096], &src.as_slice()[8192..12288]);
+    let after = a.path_counts();
+    assert_eq!(
+        (after.shm - before.shm, after.cma - before.cma, after.tcp),
+        (2, 0, 0)
+    );
+    // Heap memory on the peer, or a list touching it, goes by cross-memory attach.
+    let h = req(Op::Write, peer, src.descriptor(), heap_dst.descriptor());
+    let id = a.prepare(&h).unwrap();
+    assert_eq!(a.transfer_path(id).unwrap(), Path::CrossMemoryAttach);
+    a.release(id).unwrap();
+    let mut local = DescriptorList::new();
+    local.push(Descriptor::new(src.descriptor().addr, 4096, 0));
+    local.push(Descriptor::new(src.descriptor().addr + 4096, 4096, 0));
+    let mut remote = DescriptorList::new();
+    remote.push(Descriptor::new(dst.descriptor().addr, 4096, 0));
+    remote.push(Descriptor::new(heap_dst.descriptor().addr, 4096, 0));
+    let mixed = TransferRequest {
+        local,
+        remote,
+        ..h.clone()
+    };
+    let id = a.prepare(&mixed).unwrap();
+    assert_eq!(a.transfer_path(id).unwrap(), Path::CrossMemoryAttach);
+    a.release(id).unwrap();
+    // A prepared transfer keeps its mapping after the import is released.
+    let id = a.prepare(&w).unwrap();
+    a.release_remote(imp).unwrap();
+    let opts = PostOptions {
+        deadline: Some(Instant::now() + Duration::from_secs(10)),
+        ..Default::default()
+    };
+    // SAFETY: `src` stays registered until the transfer finished.
+    unsafe { a.post(id, &opts).unwrap() };
+    assert!(matches!(
+        wait(&a, None, id, Duration::from_secs(15)),
+        Status::Done
+    ));
+    a.release(id).unwrap();
+    // Once the peer deregistered, its old key no longer maps (the memfd's fd is closed
+    // or reused by another file): the import falls back.
+    b.deregister(rb).unwrap();
+    let stale = a
+        .import_remote(peer, MemKind::Dram, &dst.descriptor(), &key)
+        .unwrap();
+    assert!(!a.remote_is_mapped(stale).unwrap());
+    // Forced TCP never maps.
+    let c = backend("c", false);
+    // SAFETY: `dst` outlives the registration (deregistered below).
+    let rb2 = unsafe { b.register(MemKind::Dram, &dst.descriptor()).unwrap() };
+    let pc = c.connect("b", &b.connection_info().unwrap()).unwrap();
+    let ic = c
+        .import_remote(
+            pc,
+            MemKind::Dram,
+            &dst.descriptor(),
+            &b.remote_key(rb2).unwrap(),
+        )
+        .unwrap();
+    assert!(!c.remote_is_mapped(ic).unwrap());
+    a.deregister(ra).unwrap();
+    a.deregister(rback).unwrap();
+    b.deregister(rheap).unwrap();
+    b.deregister(rb2).unwrap();
 }
 
 #[test]

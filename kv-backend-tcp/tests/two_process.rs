@@ -1,7 +1,9 @@
 //! Two processes: the test re-executes its own binary as a child (selected by an
 //! environment variable) that registers memory and prints its connection info and
-//! remote key; the parent WRITEs and READs a few MiB and both sides checksum the data.
-//! A second test kills the child mid-transfer and expects a bounded error.
+//! remote key; the parent WRITEs and READs a few MiB and both sides checksum the data,
+//! over TCP, cross-memory attach and shared memory (the child allocates a memfd-backed
+//! `HostBuffer::shared` that the parent maps). Other tests kill the child mid-transfer
+//! and expect a bounded error.
 //!
 //! The child talks over stdin/stdout lines prefixed `KVCHILD`; it exits on stdin EOF
 //! (so it never outlives a dead parent) and after a hard limit of 120 s.
@@ -12,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kv_backend_tcp::{Options, TcpBackend};
+use kv_backend_tcp::{Options, Path, TcpBackend};
 use kv_core::conformance::{pattern, wait};
 use kv_core::{
     Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions, Status,
@@ -52,6 +54,7 @@ fn child_role() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4 << 20);
     let same_host = std::env::var("KV_TCP_CHILD_SAME_HOST").as_deref() == Ok("true");
+    let shared = std::env::var("KV_TCP_CHILD_SHARED").as_deref() == Ok("true");
     let hard_limit = Instant::now() + Duration::from_secs(120);
     // Lines from the parent; EOF (the parent died or is done) ends the child.
     let (tx, rx) = mpsc::channel::<String>();
@@ -75,7 +78,11 @@ fn child_role() {
         },
     )
     .expect("child backend");
-    let mut mem = HostBuffer::alloc(len, 4096).expect("child memory");
+    let mut mem = if shared {
+        HostBuffer::shared(len).expect("child shared memory")
+    } else {
+        HostBuffer::alloc(len, 4096).expect("child memory")
+    };
     let desc = mem.descriptor();
     // SAFETY: `mem` outlives the backend (dropped explicitly below, before `mem`).
     let reg = unsafe { b.register(MemKind::Dram, &desc).expect("register") };
@@ -131,7 +138,8 @@ struct ChildProc {
 }
 
 impl ChildProc {
-    fn spawn(len: usize, same_host: bool) -> ChildProc {
+    fn spawn(len: usize, path: Path) -> ChildProc {
+        let same_host = path != Path::Tcp;
         let exe = std::env::current_exe().expect("test binary path");
         let mut child = Command::new(exe)
             .args([
@@ -144,6 +152,10 @@ impl ChildProc {
             .env(CHILD_ENV, "1")
             .env("KV_TCP_CHILD_LEN", len.to_string())
             .env("KV_TCP_CHILD_SAME_HOST", same_host.to_string())
+            .env(
+                "KV_TCP_CHILD_SHARED",
+                (path == Path::SharedMemory).to_string(),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -254,9 +266,10 @@ fn request(op: Op, peer: EndpointId, l: Descriptor, r: Descriptor) -> TransferRe
     }
 }
 
-fn write_then_read(same_host: bool) {
+fn write_then_read(path: Path) {
     const LEN: usize = 6 << 20;
-    let mut child = ChildProc::spawn(LEN, same_host);
+    let same_host = path != Path::Tcp;
+    let mut child = ChildProc::spawn(LEN, path);
     let a = parent(same_host);
     let src = {
         let mut b = HostBuffer::alloc(LEN, 4096).unwrap();
@@ -273,13 +286,16 @@ fn write_then_read(same_host: bool) {
     };
     let peer = a.connect("child", &child.info).unwrap();
     assert_eq!(a.uses_cma(peer).unwrap(), same_host);
-    a.import_remote(peer, MemKind::Dram, &child.desc, &child.key)
+    let imp = a
+        .import_remote(peer, MemKind::Dram, &child.desc, &child.key)
         .unwrap();
+    assert_eq!(a.remote_is_mapped(imp).unwrap(), path == Path::SharedMemory);
     let deadline = Duration::from_secs(20);
     // WRITE with a notification, then the child checks what landed.
     let w = a
         .prepare(&request(Op::Write, peer, src.descriptor(), child.desc))
         .unwrap();
+    assert_eq!(a.transfer_path(w).unwrap(), path);
     let opts = PostOptions {
         notification: Some(Bytes::from_static(b"kv written")),
         deadline: Some(Instant::now() + deadline),
@@ -301,6 +317,7 @@ fn write_then_read(same_host: bool) {
     let r = a
         .prepare(&request(Op::Read, peer, dst.descriptor(), child.desc))
         .unwrap();
+    assert_eq!(a.transfer_path(r).unwrap(), path);
     let opts = PostOptions {
         notification: None,
         deadline: Some(Instant::now() + deadline),
@@ -311,6 +328,13 @@ fn write_then_read(same_host: bool) {
     assert!(matches!(st, Status::Done), "{st:?}");
     assert_eq!(crc32c::crc32c(dst.as_slice()), crc);
     assert_eq!(dst.as_slice(), &pattern(2002, LEN)[..]);
+    let counts = a.path_counts();
+    let n = |p: Path| match p {
+        Path::SharedMemory => counts.shm,
+        Path::CrossMemoryAttach => counts.cma,
+        Path::Tcp => counts.tcp,
+    };
+    assert_eq!(n(path), 2, "{counts:?}");
     a.release(w).unwrap();
     a.release(r).unwrap();
     a.deregister(rs).unwrap();
@@ -320,18 +344,23 @@ fn write_then_read(same_host: bool) {
 
 #[test]
 fn two_process_tcp() {
-    write_then_read(false);
+    write_then_read(Path::Tcp);
 }
 
 #[test]
 fn two_process_same_host() {
-    write_then_read(true);
+    write_then_read(Path::CrossMemoryAttach);
 }
 
-fn kill_mid_transfer(same_host: bool) {
+#[test]
+fn two_process_shared_memory() {
+    write_then_read(Path::SharedMemory);
+}
+
+fn kill_mid_transfer(path: Path) {
     const LEN: usize = 128 << 20;
-    let mut child = ChildProc::spawn(LEN, same_host);
-    let a = parent(same_host);
+    let mut child = ChildProc::spawn(LEN, path);
+    let a = parent(path != Path::Tcp);
     let src = HostBuffer::alloc(LEN, 4096).unwrap();
     // SAFETY: `src` outlives its registration (deregistered below).
     let rs = unsafe { a.register(MemKind::Dram, &src.descriptor()).unwrap() };
@@ -352,6 +381,7 @@ fn kill_mid_transfer(same_host: bool) {
             remote,
         })
         .unwrap();
+    assert_eq!(a.transfer_path(id).unwrap(), path);
     let deadline = Duration::from_secs(10);
     let start = Instant::now();
     let mut failure = None;
@@ -396,10 +426,15 @@ fn kill_mid_transfer(same_host: bool) {
 
 #[test]
 fn killed_child_fails_the_transfer_tcp() {
-    kill_mid_transfer(false);
+    kill_mid_transfer(Path::Tcp);
 }
 
 #[test]
 fn killed_child_fails_the_transfer_same_host() {
-    kill_mid_transfer(true);
+    kill_mid_transfer(Path::CrossMemoryAttach);
+}
+
+#[test]
+fn killed_child_fails_the_transfer_shared_memory() {
+    kill_mid_transfer(Path::SharedMemory);
 }

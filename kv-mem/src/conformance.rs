@@ -9,6 +9,17 @@ use crate::HostBuffer;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HostMemoryFactory;
 
+/// Allocates memfd-backed [`HostBuffer::shared`] buffers, so same-host backends can
+/// exercise their shared-mapping path. `Send + Sync`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SharedHostMemoryFactory;
+
+impl MemoryFactory for SharedHostMemoryFactory {
+    fn alloc(&self, len: usize) -> Result<Box<dyn TestMemory>> {
+        Ok(Box::new(HostTestMemory(HostBuffer::shared(len.max(1))?)))
+    }
+}
+
 struct HostTestMemory(HostBuffer);
 
 impl TestMemory for HostTestMemory {

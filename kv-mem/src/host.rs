@@ -184,7 +184,7 @@ impl HostBuffer {
 
     fn memfd(len: usize, huge: bool) -> Result<HostBuffer> {
         use std::os::fd::{AsRawFd, FromRawFd};
-        let mut flags = libc::MFD_CLOEXEC;
+        let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         if huge {
             flags |= libc::MFD_HUGETLB;
         }
@@ -200,6 +200,22 @@ impl HostBuffer {
         let file = unsafe { std::fs::File::from_raw_fd(fd) };
         file.set_len(len as u64)
             .map_err(|e| Error::io(format!("sizing a {len}-byte memfd"), e))?;
+        // Sealed against resizing: a peer that maps it can never be made to fault
+        // (SIGBUS) by a truncate, from us or from anyone it is shared with.
+        // SAFETY: fcntl on our own open fd with integer arguments only.
+        let rc = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if rc != 0 && !huge {
+            return Err(Error::io(
+                "sealing the shared host buffer's memfd",
+                std::io::Error::last_os_error(),
+            ));
+        }
         // SAFETY: the memfd is private to this buffer until it is shared on purpose
         // (peers map it to read and write it, which is the point); no Rust reference to
         // the mapping outlives the buffer.
@@ -391,6 +407,8 @@ mod tests {
         f.read_exact_at(&mut one, 4096).unwrap();
         assert_eq!(one[0], 9);
         assert!(shared_backing(&Descriptor::new(d.addr, 1 << 20, 0)).is_none());
+        // Sealed: nobody can shrink it under a peer's mapping.
+        assert!(f.set_len(4096).is_err());
         let heap = HostBuffer::alloc(4096, 4096).unwrap();
         assert!(shared_backing(&heap.descriptor()).is_none());
         let addr = b.descriptor();

@@ -140,15 +140,32 @@ impl<M: Memory> Region<M> {
 }
 
 impl Region<HostBuffer> {
+    /// The bytes of `offset..offset + len`, as a shared slice over that range only.
+    ///
+    /// A peer's transfer into these bytes while the slice is alive leaves their values
+    /// unspecified (as with any RDMA target); order reads after the notification.
+    pub fn bytes(&self, offset: u64, len: u64) -> Result<&[u8]> {
+        let d = self.slice(offset, len)?;
+        // SAFETY: `d` lies inside our live allocation (checked by `slice`), which stays
+        // alive while `self` is borrowed; in-process writes to it go only through the
+        // `unsafe` `write_at`, whose contract forbids overlapping a live slice.
+        Ok(unsafe { std::slice::from_raw_parts(d.addr as *const u8, len as usize) })
+    }
+
     /// Copies `data` into the region at `offset`.
     ///
-    /// Safe but racy by nature: if a peer writes the same bytes at the same time the
-    /// result is unspecified (as with any RDMA target); ordering is the caller's
-    /// protocol (notifications).
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// # Safety
+    ///
+    /// For the duration of the call no other thread of this process reads or writes
+    /// these bytes (through `read_at`, `write_at`, [`Region::bytes`] or
+    /// `memory().as_slice()`). Region clones share the memory, so the compiler cannot
+    /// check this. (A peer writing them over the network at the same time makes the
+    /// result unspecified but is not a memory-safety issue for this process.)
+    pub unsafe fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         let d = self.slice(offset, data.len() as u64)?;
         // SAFETY: `d` lies inside our live allocation (checked by `slice`); the source
-        // is a distinct Rust slice, so the ranges cannot overlap.
+        // is a distinct Rust slice, so the ranges cannot overlap; exclusivity of the
+        // destination bytes is the caller's promise.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), d.addr as *mut u8, data.len());
         }
@@ -156,9 +173,14 @@ impl Region<HostBuffer> {
     }
 
     /// Copies bytes out of the region at `offset` into `out`.
-    pub fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// For the duration of the call no other thread of this process writes these bytes
+    /// (see [`Region::write_at`]).
+    pub unsafe fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<()> {
         let d = self.slice(offset, out.len() as u64)?;
-        // SAFETY: as in `write_at`.
+        // SAFETY: as in `write_at`; no concurrent in-process writer is the caller's promise.
         unsafe {
             std::ptr::copy_nonoverlapping(d.addr as *const u8, out.as_mut_ptr(), out.len());
         }
@@ -186,11 +208,16 @@ mod tests {
         assert!(r.slice(4000, 96).is_ok());
         assert!(r.slice(4000, 97).is_err());
         assert!(r.slice(u64::MAX, 2).is_err());
-        r.write_at(10, b"abc").unwrap();
-        let mut out = [0u8; 3];
-        r.read_at(10, &mut out).unwrap();
-        assert_eq!(&out, b"abc");
-        assert!(r.write_at(4095, b"ab").is_err());
+        // SAFETY: this test is the only user of the region.
+        unsafe {
+            r.write_at(10, b"abc").unwrap();
+            let mut out = [0u8; 3];
+            r.read_at(10, &mut out).unwrap();
+            assert_eq!(&out, b"abc");
+            assert!(r.write_at(4095, b"ab").is_err());
+        }
+        assert_eq!(r.bytes(10, 3).unwrap(), b"abc");
+        assert!(r.bytes(4095, 2).is_err());
     }
 
     #[test]

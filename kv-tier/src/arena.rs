@@ -1,0 +1,244 @@
+//! The DRAM tier's memory: one fixed `HostBuffer` carved by a slab allocator.
+//!
+//! The arena is split into pages of `page_bytes`; a page is given to one slot size (a
+//! multiple of 4 KiB) when that size runs out of free slots, and goes back to the free
+//! pages when its last slot is freed. Memory use is the arena, allocated once: it can
+//! never grow past the configured capacity.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kv_core::{Error, Result};
+use kv_mem::{HostBuffer, HostOptions, Region};
+use parking_lot::{Condvar, Mutex};
+
+use crate::record::PAGE;
+
+#[derive(Debug, Default)]
+struct Alloc {
+    free_pages: Vec<u32>,
+    /// Free slot offsets per slot size.
+    classes: HashMap<u64, Vec<u64>>,
+    /// Per page: (slot size it serves, slots in use); `None` when free.
+    pages: Vec<Option<(u64, u32)>>,
+    used: u64,
+}
+
+/// The arena. `Send + Sync`: the allocator sits behind a mutex, the memory in a
+/// `Region` (reads and writes of distinct slots go through `Region::read_at/write_at`).
+pub(crate) struct Arena {
+    region: Region<HostBuffer>,
+    page_bytes: u64,
+    pages: u32,
+    alloc: Mutex<Alloc>,
+    /// Signalled whenever a slot is freed.
+    freed: Condvar,
+}
+
+/// One allocated slot; dropping the last `Arc<Slot>` frees it. `Send + Sync`.
+pub(crate) struct Slot {
+    arena: Arc<Arena>,
+    /// Offset in the arena (4 KiB-aligned).
+    pub offset: u64,
+    /// Slot size in bytes (a multiple of 4 KiB).
+    pub size: u64,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slot({}+{})", self.offset, self.size)
+    }
+}
+
+impl Slot {
+    pub fn arena(&self) -> &Arc<Arena> {
+        &self.arena
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.arena.free(self.offset, self.size);
+    }
+}
+
+impl Arena {
+    /// An arena of `capacity` bytes (rounded down to whole pages) in pages of
+    /// `page_bytes` (a multiple of 4 KiB).
+    pub fn new(capacity: u64, page_bytes: u64, host: HostOptions) -> Result<Arc<Arena>> {
+        let page_bytes = page_bytes.min(capacity) / PAGE * PAGE;
+        if page_bytes == 0 {
+            return Err(Error::invalid_argument(format!(
+                "DRAM capacity {capacity} and slab page size must be at least 4 KiB"
+            )));
+        }
+        let pages = u32::try_from(capacity / page_bytes)
+            .map_err(|_| Error::invalid_argument("too many slab pages; raise slab_page_bytes"))?;
+        let len = usize::try_from(u64::from(pages) * page_bytes)
+            .map_err(|_| Error::invalid_argument("DRAM capacity does not fit in memory"))?;
+        let host = HostOptions {
+            align: host.align.max(PAGE as usize),
+            ..host
+        };
+        let buf = HostBuffer::with_options(len, host)?;
+        Ok(Arc::new(Arena {
+            region: Region::new(buf),
+            page_bytes,
+            pages,
+            alloc: Mutex::new(Alloc {
+                free_pages: (0..pages).rev().collect(),
+                pages: vec![None; pages as usize],
+                ..Default::default()
+            }),
+            freed: Condvar::new(),
+        }))
+    }
+
+    pub fn region(&self) -> &Region<HostBuffer> {
+        &self.region
+    }
+
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.pages) * self.page_bytes
+    }
+
+    pub fn used(&self) -> u64 {
+        self.alloc.lock().used
+    }
+
+    /// The slot size for `bytes`: rounded up to 4 KiB.
+    pub fn slot_size(bytes: u64) -> u64 {
+        bytes.div_ceil(PAGE).max(1) * PAGE
+    }
+
+    /// A slot of at least `bytes`, or `None` when the arena is full for that size.
+    pub fn alloc(self: &Arc<Self>, bytes: u64) -> Result<Option<Slot>> {
+        let size = Self::slot_size(bytes);
+        if size > self.page_bytes {
+            return Err(Error::invalid_argument(format!(
+                "a block slot of {size} bytes is larger than the slab page ({} bytes); raise slab_page_bytes",
+                self.page_bytes
+            )));
+        }
+        let mut a = self.alloc.lock();
+        let offset = match a.classes.get_mut(&size).and_then(|f| f.pop()) {
+            Some(o) => o,
+            None => {
+                let Some(page) = a.free_pages.pop() else {
+                    return Ok(None);
+                };
+                let per = self.page_bytes / size;
+                let base = u64::from(page) * self.page_bytes;
+                let list = a.classes.entry(size).or_default();
+                // Highest first so pops hand out ascending offsets.
+                list.extend((0..per).rev().map(|i| base + i * size));
+                a.pages[page as usize] = Some((size, 0));
+                match a.classes.get_mut(&size).and_then(|f| f.pop()) {
+                    Some(o) => o,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let page = (offset / self.page_bytes) as usize;
+        if let Some((_, n)) = a.pages[page].as_mut() {
+            *n += 1;
+        }
+        a.used += size;
+        Ok(Some(Slot {
+            arena: self.clone(),
+            offset,
+            size,
+        }))
+    }
+
+    fn free(&self, offset: u64, size: u64) {
+        let mut a = self.alloc.lock();
+        a.used = a.used.saturating_sub(size);
+        let page = (offset / self.page_bytes) as usize;
+        let empty = match a.pages.get_mut(page).and_then(|p| p.as_mut()) {
+            Some((_, n)) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        let base = page as u64 * self.page_bytes;
+        let class = a.classes.entry(size).or_default();
+        if empty {
+            // The page's slots all came back: give the page to any size.
+            class.retain(|o| *o < base || *o >= base + self.page_bytes);
+            a.pages[page] = None;
+            a.free_pages.push(page as u32);
+        } else {
+            class.push(offset);
+        }
+        drop(a);
+        self.freed.notify_all();
+    }
+
+    /// Waits up to `d` for a slot to be freed.
+    pub fn wait_freed(&self, d: Duration) {
+        let mut a = self.alloc.lock();
+        self.freed.wait_for(&mut a, d);
+    }
+
+    /// Wakes the waiters of [`Arena::wait_freed`] (write-back progress).
+    pub fn wake(&self) {
+        self.freed.notify_all();
+    }
+
+    /// The bytes of `offset..offset+len` (a slice over that range only).
+    ///
+    /// Other threads write other slots of the arena at the same time (through
+    /// [`Arena::write`]); a slot's bytes are written only while one owner holds it
+    /// unpublished, so the range read here does not change while it is borrowed.
+    pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
+        self.region
+            .bytes(offset, len)
+            .expect("arena ranges come from its own slab allocator")
+    }
+
+    /// Copies `data` into the arena at `offset` (a slot this thread owns).
+    #[allow(unsafe_code)]
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        // SAFETY: every caller writes a slot it holds unpublished (freshly allocated, not
+        // yet in any index, or being re-headed by the single write-back owner), so no
+        // other thread reads or writes those bytes during the copy.
+        unsafe { self.region.write_at(offset, data) }
+    }
+
+    /// Copies bytes out of the arena at `offset` (a published, pinned slot).
+    #[allow(unsafe_code)]
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        // SAFETY: callers read a published slot under a pin; published slots are never
+        // written until unpinned and freed, so no writer runs concurrently.
+        unsafe { self.region.read_at(offset, out) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slabs_reuse_pages_and_never_exceed_capacity() {
+        let a = Arena::new(1 << 20, 256 << 10, HostOptions::default()).unwrap();
+        assert_eq!(a.capacity(), 1 << 20);
+        let mut held = Vec::new();
+        while let Some(s) = a.alloc(100 << 10).unwrap() {
+            held.push(s);
+        }
+        // 112 KiB slots: two per 256 KiB page, four pages.
+        assert_eq!(held.len(), 8);
+        assert!(a.used() <= a.capacity());
+        assert!(a.alloc(4096).unwrap().is_none());
+        held.truncate(6); // frees the last page entirely
+        let small: Vec<_> = (0..64).map_while(|_| a.alloc(4096).unwrap()).collect();
+        assert_eq!(small.len(), 64);
+        assert!(a.alloc(1 << 20).is_err());
+        drop(held);
+        drop(small);
+        assert_eq!(a.used(), 0);
+    }
+}

@@ -1,0 +1,647 @@
+//! The store: a sharded index over the DRAM and NVMe tiers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{bounded, unbounded};
+use kv_core::{Descriptor, Error, Result};
+use kv_mem::{HostBuffer, Region};
+use parking_lot::{Mutex, RwLock};
+
+use crate::arena::{Arena, Slot};
+use crate::key::{BlockKey, ChunkHasher};
+use crate::nvme::{self, Job, Nvme, NvmeLoc, PfJob};
+use crate::options::Options;
+use crate::policy::EvictionPolicy;
+use crate::record::{record_len, PAGE};
+
+/// One index entry: where a block lives.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub len: u64,
+    /// Bumped by every `put` of the key, so background work on an old copy is dropped.
+    pub version: u64,
+    pub dram: Option<Arc<Slot>>,
+    /// The DRAM copy leaves once the write-back under way lands.
+    pub evicting: bool,
+    /// A write-back job for this version is queued.
+    pub wb_queued: bool,
+    pub nvme: Option<NvmeLoc>,
+    /// Explicit pins ([`Store::pin`]); handles pin by holding the slot.
+    pub pins: u32,
+}
+
+impl Entry {
+    /// DRAM copy present and nothing holds it but the index.
+    fn dram_evictable(&self) -> bool {
+        self.pins == 0
+            && !self.evicting
+            && self
+                .dram
+                .as_ref()
+                .is_some_and(|s| Arc::strong_count(s) == 1)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub dram_hits: AtomicU64,
+    pub nvme_hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub dram_evictions: AtomicU64,
+    pub nvme_evictions: AtomicU64,
+    pub write_backs: AtomicU64,
+    pub write_back_failures: AtomicU64,
+    pub wb_queue: AtomicU64,
+    pub prefetched: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub compactions: AtomicU64,
+}
+
+pub(crate) type Shard = RwLock<HashMap<BlockKey, Entry>>;
+
+pub(crate) struct Inner {
+    pub opts: Options,
+    pub hasher: ChunkHasher,
+    pub arena: Arc<Arena>,
+    pub shards: Box<[Shard]>,
+    pub dram_policy: Mutex<Box<dyn EvictionPolicy>>,
+    pub nvme: Option<Nvme>,
+    pub version: AtomicU64,
+    pub c: Counters,
+}
+
+/// Counters and sizes of a store, from [`Store::stats`]. `Clone`, `Send + Sync`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// `get`s served from DRAM.
+    pub dram_hits: u64,
+    /// `get`s served by reading NVMe.
+    pub nvme_hits: u64,
+    /// `get`s of keys in no tier.
+    pub misses: u64,
+    /// Blocks with a DRAM copy.
+    pub dram_blocks: u64,
+    /// Arena bytes in use (slots, 4 KiB granular, header page included).
+    pub dram_bytes: u64,
+    /// Arena size.
+    pub dram_capacity: u64,
+    /// Blocks with an NVMe copy.
+    pub nvme_blocks: u64,
+    /// Bytes of live records on NVMe.
+    pub nvme_bytes: u64,
+    /// Bytes of segment files.
+    pub nvme_file_bytes: u64,
+    /// Configured NVMe capacity (0 without an NVMe tier).
+    pub nvme_capacity: u64,
+    /// DRAM copies dropped to make room (after write-back when needed).
+    pub dram_evictions: u64,
+    /// NVMe copies dropped to make room.
+    pub nvme_evictions: u64,
+    /// Blocks written to NVMe.
+    pub write_backs: u64,
+    /// Blocks whose write-back failed (dropped from DRAM unwritten).
+    pub write_back_failures: u64,
+    /// Write-back jobs waiting.
+    pub write_back_queue: u64,
+    /// Blocks brought from NVMe into DRAM by `prefetch`/`fetch`/`get`.
+    pub prefetched: u64,
+    /// Records that failed their checksum (at recovery or on read) and were dropped.
+    pub corrupt_records: u64,
+    /// Segments cleaned (live records copied out, file deleted).
+    pub compactions: u64,
+    /// Segment files.
+    pub segments: u64,
+}
+
+/// The KV block store. `Send + Sync`: the index is sharded behind `RwLock`s (lookups
+/// take one shard's read lock), each tier's policy sits behind its own mutex, and the
+/// NVMe tier's appends belong to one write-back thread.
+///
+/// Dropping the store stops its threads; blocks not yet written back are lost (call
+/// [`Store::flush`] first to keep them).
+pub struct Store {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dram_capacity", &self.inner.arena.capacity())
+            .field("nvme", &self.inner.nvme.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A block kept readable in DRAM while the handle lives (it holds the slot, so the block
+/// is not evicted and its memory not reused). `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct BlockHandle {
+    key: BlockKey,
+    len: u64,
+    slot: Arc<Slot>,
+}
+
+impl BlockHandle {
+    /// The block's key.
+    pub fn key(&self) -> BlockKey {
+        self.key
+    }
+
+    /// Payload length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty block (never: blocks have at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The payload's offset in [`Store::arena`].
+    pub fn offset(&self) -> u64 {
+        self.slot.offset + PAGE
+    }
+
+    /// The payload as a DRAM descriptor inside the arena: an agent that registered
+    /// [`Store::arena`] can transfer straight from it.
+    pub fn descriptor(&self) -> Descriptor {
+        let base = self.slot.arena().region().descriptor().addr;
+        Descriptor::new(base + self.offset(), self.len, 0)
+    }
+
+    /// The payload bytes, without copying.
+    pub fn as_slice(&self) -> &[u8] {
+        self.slot.arena().bytes(self.offset(), self.len)
+    }
+
+    /// Copies the payload into `out` (which must be exactly `len()` bytes).
+    pub fn read_into(&self, out: &mut [u8]) -> Result<()> {
+        if out.len() as u64 != self.len {
+            return Err(Error::invalid_argument(format!(
+                "read_into a buffer of {} bytes; the block has {}",
+                out.len(),
+                self.len
+            )));
+        }
+        self.slot.arena().read(self.offset(), out)
+    }
+
+    /// The payload as a new vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.as_slice().to_vec()
+    }
+}
+
+impl Store {
+    /// Opens a store: allocates the DRAM arena and, with an NVMe tier, recovers its
+    /// index from the segment files in `nvme.dir` and starts the write-back and
+    /// prefetch threads.
+    pub fn open(opts: Options) -> Result<Store> {
+        if opts.chunk_tokens == 0 {
+            return Err(Error::invalid_argument("chunk_tokens must be at least 1"));
+        }
+        let arena = Arena::new(opts.dram_capacity, opts.slab_page_bytes, opts.host)?;
+        let nshards = opts.shards.clamp(1, 1 << 16).next_power_of_two();
+        let shards: Box<[Shard]> = (0..nshards).map(|_| RwLock::default()).collect();
+        let dram_policy = Mutex::new(opts.dram_policy.build(arena.capacity()));
+        let hasher = ChunkHasher::new(opts.chunk_tokens, opts.compat);
+        let (wb_tx, wb_rx) = unbounded();
+        let (pf_tx, pf_rx) = unbounded();
+        let nvme = match &opts.nvme {
+            Some(n) => Some(Nvme::open(n.clone(), arena.region().clone(), wb_tx, pf_tx)?),
+            None => None,
+        };
+        let inner = Arc::new(Inner {
+            opts,
+            hasher,
+            arena,
+            shards,
+            dram_policy,
+            nvme,
+            version: AtomicU64::new(1),
+            c: Counters::default(),
+        });
+        let mut threads = Vec::new();
+        if inner.nvme.is_some() {
+            inner.recover()?;
+            let i = inner.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("kv-tier-writeback".into())
+                    .spawn(move || nvme::writeback_loop(i, wb_rx))
+                    .map_err(|e| Error::io("spawning the write-back thread", e))?,
+            );
+            let i = inner.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("kv-tier-prefetch".into())
+                    .spawn(move || nvme::prefetch_loop(i, pf_rx))
+                    .map_err(|e| Error::io("spawning the prefetch thread", e))?,
+            );
+        }
+        Ok(Store { inner, threads })
+    }
+
+    /// The DRAM arena, for an agent to register: block handles' descriptors lie in it.
+    pub fn arena(&self) -> &Region<HostBuffer> {
+        self.inner.arena.region()
+    }
+
+    /// The chunk hasher (chunk size and compatibility hash) of this store.
+    pub fn hasher(&self) -> ChunkHasher {
+        self.inner.hasher
+    }
+
+    /// Keys of the full chunks of `tokens`, in order.
+    pub fn chunk_keys(&self, tokens: &[u32]) -> Vec<BlockKey> {
+        self.inner.hasher.keys(tokens)
+    }
+
+    /// Stores `data` under `key` in DRAM (replacing any earlier block of that key). It
+    /// reaches NVMe when evicted from DRAM or on [`Store::flush`].
+    pub fn put(&self, key: BlockKey, data: &[u8]) -> Result<()> {
+        self.inner.insert(key, data).map(|_| ())
+    }
+
+    /// Stores `len` bytes of `region` from `offset` (e.g. a staging buffer a transfer
+    /// just filled) under `key`.
+    pub fn put_region(
+        &self,
+        key: BlockKey,
+        region: &Region<HostBuffer>,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        region.slice(offset, len)?;
+        let src = region.bytes(offset, len)?;
+        self.put(key, src)
+    }
+
+    /// Stores `data` and returns only once it is on NVMe and synced: it survives a crash
+    /// (`kill -9`, power loss where the device honours flushes). Needs an NVMe tier.
+    pub fn put_durable(&self, key: BlockKey, data: &[u8]) -> Result<()> {
+        let nv = self.inner.nvme.as_ref().ok_or_else(|| {
+            Error::Unsupported("put_durable needs an NVMe tier (Options::nvme)".into())
+        })?;
+        let (version, slot) = self.inner.insert(key, data)?;
+        let (tx, rx) = bounded(1);
+        self.inner.c.wb_queue.fetch_add(1, Ordering::Relaxed);
+        nv.send(Job::Durable {
+            item: nvme::Item {
+                key,
+                version,
+                len: data.len() as u64,
+                slot,
+            },
+            ack: tx,
+        })?;
+        rx.recv()
+            .map_err(|_| Error::Busy("the write-back thread stopped".into()))?
+    }
+
+    /// Writes every block not yet on NVMe and syncs the segment files; everything `put`
+    /// before the call survives a crash once it returns. Without an NVMe tier, `Ok`.
+    pub fn flush(&self) -> Result<()> {
+        let Some(nv) = self.inner.nvme.as_ref() else {
+            return Ok(());
+        };
+        let (tx, rx) = bounded(1);
+        nv.send(Job::Flush(tx))?;
+        rx.recv()
+            .map_err(|_| Error::Busy("the write-back thread stopped".into()))?
+    }
+
+    /// The block, pinned in DRAM while the handle lives; reads it from NVMe first if it
+    /// is only there. `None` when no tier has it (or its NVMe copy was corrupt).
+    pub fn get(&self, key: BlockKey) -> Result<Option<BlockHandle>> {
+        let i = &self.inner;
+        if let Some(h) = i.dram_handle(key) {
+            i.c.dram_hits.fetch_add(1, Ordering::Relaxed);
+            i.dram_policy.lock().access(key);
+            return Ok(Some(h));
+        }
+        let on_nvme = i
+            .shard(key)
+            .read()
+            .get(&key)
+            .is_some_and(|e| e.nvme.is_some());
+        if on_nvme {
+            i.promote(&[key])?;
+            if let Some(h) = i.dram_handle(key) {
+                i.c.nvme_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(h));
+            }
+        }
+        i.c.misses.fetch_add(1, Ordering::Relaxed);
+        Ok(None)
+    }
+
+    /// True when some tier holds `key`.
+    pub fn contains(&self, key: BlockKey) -> bool {
+        self.inner.shard(key).read().contains_key(&key)
+    }
+
+    /// How many leading tokens of `tokens` are stored: full chunks, in order, up to the
+    /// first chunk no tier holds.
+    pub fn lookup_prefix(&self, tokens: &[u32]) -> usize {
+        let h = self.inner.hasher;
+        let mut parent = None;
+        let mut hit = 0;
+        for c in tokens.chunks_exact(h.chunk_tokens) {
+            let k = h.chunk_key(parent, c);
+            if !self.contains(k) {
+                break;
+            }
+            hit += c.len();
+            parent = Some(k);
+        }
+        hit
+    }
+
+    /// Starts bringing `keys` that are only on NVMe into DRAM in the background.
+    pub fn prefetch(&self, keys: &[BlockKey]) -> Result<()> {
+        match &self.inner.nvme {
+            Some(nv) => nv.send_prefetch(PfJob::Keys(keys.to_vec())),
+            None => Ok(()),
+        }
+    }
+
+    /// Brings `keys` that are only on NVMe into DRAM now, `batch` reads at a time;
+    /// returns how many were brought in.
+    pub fn fetch(&self, keys: &[BlockKey]) -> Result<usize> {
+        self.inner.promote(keys)
+    }
+
+    /// Drops the DRAM copy of `key` if it is clean (also on NVMe) and unpinned; true when
+    /// dropped.
+    pub fn evict_from_dram(&self, key: BlockKey) -> bool {
+        let i = &self.inner;
+        let dropped = {
+            let mut sh = i.shard(key).write();
+            match sh.get_mut(&key) {
+                Some(e) if e.nvme.is_some() && e.dram_evictable() => {
+                    e.dram = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if dropped {
+            i.dram_policy.lock().remove(key);
+        }
+        dropped
+    }
+
+    /// Pins `key`: no tier evicts it until as many `unpin`s. False when absent.
+    pub fn pin(&self, key: BlockKey) -> bool {
+        match self.inner.shard(key).write().get_mut(&key) {
+            Some(e) => {
+                e.pins += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Undoes one `pin`. False when absent or not pinned.
+    pub fn unpin(&self, key: BlockKey) -> bool {
+        match self.inner.shard(key).write().get_mut(&key) {
+            Some(e) if e.pins > 0 => {
+                e.pins -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes `key` from every tier; false when absent. Pinned blocks are
+    /// [`Error::Busy`]. Not durable: after a crash an NVMe copy written earlier may come
+    /// back (byte-exact).
+    pub fn remove(&self, key: BlockKey) -> Result<bool> {
+        let i = &self.inner;
+        let old = {
+            let mut sh = i.shard(key).write();
+            match sh.get(&key) {
+                None => return Ok(false),
+                Some(e) if e.pins > 0 => {
+                    return Err(Error::Busy(format!("block {key} is pinned")));
+                }
+                Some(_) => sh.remove(&key),
+            }
+        };
+        i.dram_policy.lock().remove(key);
+        if let (Some(nv), Some(e)) = (&i.nvme, old) {
+            if let Some(loc) = e.nvme {
+                nv.policy.lock().remove(key);
+                nv.mark_dead(loc);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Counters and sizes (walks the index: O(blocks)).
+    pub fn stats(&self) -> Stats {
+        let i = &self.inner;
+        let (mut dram_blocks, mut nvme_blocks) = (0, 0);
+        for s in i.shards.iter() {
+            for e in s.read().values() {
+                dram_blocks += u64::from(e.dram.is_some());
+                nvme_blocks += u64::from(e.nvme.is_some());
+            }
+        }
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (nvme_bytes, nvme_file_bytes, segments, nvme_capacity) = match &i.nvme {
+            Some(nv) => {
+                let g = nv.segs.lock();
+                let files: u64 = g.map.values().map(|s| s.file_len).sum();
+                (g.live, files, g.map.len() as u64, nv.opts.capacity)
+            }
+            None => (0, 0, 0, 0),
+        };
+        Stats {
+            dram_hits: ld(&i.c.dram_hits),
+            nvme_hits: ld(&i.c.nvme_hits),
+            misses: ld(&i.c.misses),
+            dram_blocks,
+            dram_bytes: i.arena.used(),
+            dram_capacity: i.arena.capacity(),
+            nvme_blocks,
+            nvme_bytes,
+            nvme_file_bytes,
+            nvme_capacity,
+            dram_evictions: ld(&i.c.dram_evictions),
+            nvme_evictions: ld(&i.c.nvme_evictions),
+            write_backs: ld(&i.c.write_backs),
+            write_back_failures: ld(&i.c.write_back_failures),
+            write_back_queue: ld(&i.c.wb_queue),
+            prefetched: ld(&i.c.prefetched),
+            corrupt_records: ld(&i.c.corrupt),
+            compactions: ld(&i.c.compactions),
+            segments,
+        }
+    }
+
+    /// The NVMe tier's I/O engine in words (`None` without an NVMe tier).
+    pub fn nvme_engine(&self) -> Option<String> {
+        self.inner.nvme.as_ref().map(|n| n.io.describe())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(nv) = &self.inner.nvme {
+            let _ = nv.send(Job::Shutdown);
+            let _ = nv.send_prefetch(PfJob::Shutdown);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    pub fn shard(&self, key: BlockKey) -> &Shard {
+        &self.shards[key.shard(self.shards.len())]
+    }
+
+    fn dram_handle(&self, key: BlockKey) -> Option<BlockHandle> {
+        let sh = self.shard(key).read();
+        let e = sh.get(&key)?;
+        let slot = e.dram.clone()?;
+        Some(BlockHandle {
+            key,
+            len: e.len,
+            slot,
+        })
+    }
+
+    /// Copies `data` into a fresh slot and publishes it; returns the version and slot.
+    fn insert(&self, key: BlockKey, data: &[u8]) -> Result<(u64, Arc<Slot>)> {
+        if data.is_empty() {
+            return Err(Error::invalid_argument("a block of zero bytes"));
+        }
+        let len = data.len() as u64;
+        let rec = record_len(len);
+        if let Some(nv) = &self.nvme {
+            if rec > nv.opts.segment_bytes {
+                return Err(Error::invalid_argument(format!(
+                    "a block of {len} bytes does not fit in an NVMe segment of {} bytes; raise segment_bytes",
+                    nv.opts.segment_bytes
+                )));
+            }
+        }
+        let slot = self.alloc_slot(rec)?;
+        self.arena.write(slot.offset + PAGE, data)?;
+        let version = self.version.fetch_add(1, Ordering::Relaxed);
+        let old = {
+            let mut sh = self.shard(key).write();
+            let pins = sh.get(&key).map_or(0, |e| e.pins);
+            sh.insert(
+                key,
+                Entry {
+                    len,
+                    version,
+                    dram: Some(slot.clone()),
+                    evicting: false,
+                    wb_queued: false,
+                    nvme: None,
+                    pins,
+                },
+            )
+        };
+        self.dram_policy.lock().insert(key, slot.size);
+        if let (
+            Some(nv),
+            Some(Entry {
+                nvme: Some(loc), ..
+            }),
+        ) = (&self.nvme, old)
+        {
+            nv.policy.lock().remove(key);
+            nv.mark_dead(loc);
+        }
+        Ok((version, slot))
+    }
+
+    /// A slot of `bytes`, evicting from DRAM (and waiting for write-back) as needed.
+    pub fn alloc_slot(&self, bytes: u64) -> Result<Arc<Slot>> {
+        let deadline = Instant::now() + self.opts.evict_wait;
+        loop {
+            if let Some(s) = self.arena.alloc(bytes)? {
+                return Ok(Arc::new(s));
+            }
+            let wb_busy = self.nvme.as_ref().is_some_and(|nv| {
+                self.c.wb_queue.load(Ordering::Relaxed) >= 2 * nv.opts.batch as u64
+            });
+            if wb_busy || !self.evict_one_dram() {
+                if Instant::now() >= deadline {
+                    return Err(Error::TimedOut {
+                        what: format!(
+                            "waiting for {bytes} bytes of DRAM (every block is pinned or being written back)"
+                        ),
+                        after: self.opts.evict_wait,
+                    });
+                }
+                self.arena.wait_freed(Duration::from_millis(2));
+            }
+        }
+    }
+
+    /// Evicts one DRAM block (or queues its write-back); false when nothing can go.
+    fn evict_one_dram(&self) -> bool {
+        let victim = self.dram_policy.lock().evict(&mut |k| {
+            self.shard(k)
+                .read()
+                .get(&k)
+                .is_some_and(|e| e.dram_evictable())
+        });
+        let Some(k) = victim else {
+            return false;
+        };
+        let mut sh = self.shard(k).write();
+        let Some(e) = sh.get_mut(&k) else {
+            return true;
+        };
+        if !e.dram_evictable() {
+            // Pinned or handed out since the policy looked: keep it.
+            let size = e.dram.as_ref().map_or(0, |s| s.size);
+            drop(sh);
+            if size > 0 {
+                self.dram_policy.lock().insert(k, size);
+            }
+            return true;
+        }
+        match &self.nvme {
+            Some(nv) if e.nvme.is_none() => {
+                e.evicting = true;
+                if let (false, Some(slot)) = (e.wb_queued, e.dram.clone()) {
+                    e.wb_queued = true;
+                    let item = nvme::Item {
+                        key: k,
+                        version: e.version,
+                        len: e.len,
+                        slot,
+                    };
+                    drop(sh);
+                    self.c.wb_queue.fetch_add(1, Ordering::Relaxed);
+                    if nv.send(Job::WriteBack(item)).is_err() {
+                        self.c.wb_queue.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            _ => {
+                e.dram = None;
+                if e.nvme.is_none() {
+                    sh.remove(&k);
+                }
+                self.c.dram_evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+}
