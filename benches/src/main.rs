@@ -2,12 +2,15 @@
 //!
 //! `kv-bench transfer` moves a model-shaped KV cache from a prefill process to a decode
 //! process layer by layer and verifies every byte; `kv-bench sweep` maps bandwidth and
-//! latency over block sizes, batches, threads and backends.
+//! latency over block sizes, batches, threads and backends; `kv-bench storage` measures
+//! memory <-> file transfers beside fio; `kv-bench tier` prints the block store's hit
+//! ratios per eviction policy.
 
 mod pattern;
 mod stats;
 mod storage;
 mod sweep;
+mod tier;
 mod transfer;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +35,8 @@ enum Cmd {
     Sweep(sweep::SweepArgs),
     /// KV blocks between memory and a file (gds backend: io_uring, O_DIRECT), beside fio.
     Storage(storage::StorageArgs),
+    /// Hit ratios of the kv-tier eviction policies (LRU vs S3-FIFO) per tier on traces.
+    Tier(tier::TierArgs),
 }
 
 fn main() {
@@ -40,6 +45,7 @@ fn main() {
         Cmd::Transfer(a) => transfer::main(a),
         Cmd::Sweep(a) => sweep::main(a),
         Cmd::Storage(a) => storage::main(a),
+        Cmd::Tier(a) => tier::main(a),
     };
     match result {
         Ok(true) => {}

@@ -147,3 +147,11 @@ fn storage_round_trips_through_a_file() {
     assert_eq!(rc, 0, "{out}\n{err}");
     assert_eq!(out.lines().count(), 4, "{out}");
 }
+
+#[test]
+fn tier_prints_both_policies() {
+    let (rc, out, err) = kv_bench(&["tier", "--requests", "200", "--format", "csv"]);
+    assert_eq!(rc, 0, "{out}\n{err}");
+    assert_eq!(out.lines().count(), 1 + 2 * 2, "{out}");
+    assert!(out.contains("lru") || out.contains("LRU"), "{out}");
+}
