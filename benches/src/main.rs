@@ -6,6 +6,8 @@
 //! memory <-> file transfers beside fio; `kv-bench tier` prints the block store's hit
 //! ratios per eviction policy.
 
+#![warn(missing_docs)]
+
 mod pattern;
 mod stats;
 mod storage;

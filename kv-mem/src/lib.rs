@@ -22,6 +22,8 @@
 //! # Ok::<(), kv_core::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod cache;
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -1,7 +1,8 @@
 //! The NVMe tier's I/O through kv-backend-gds: storage as a transfer to the store itself.
 //!
-//! This is the one module of kv-tier that lifts `deny(unsafe_code)`, for the two calls
-//! the `Backend` trait marks `unsafe` (`register`, `post`); each says why it is sound.
+//! With `Arena::read`/`Arena::write` (kv-mem's `unsafe` region copies), this is the only
+//! place kv-tier lifts `deny(unsafe_code)`: for the two calls the `Backend` trait marks
+//! `unsafe` (`register`, `post`); each says why it is sound.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
