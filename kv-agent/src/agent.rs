@@ -9,6 +9,7 @@ use bytes::Bytes;
 use kv_core::{
     AgentMetadata, Backend, BackendMetadata, Descriptor, DescriptorList, EndpointId, Error,
     MemKind, Notification, Op, Params, RegistrationId, RegistrationMetadata, RemoteId, Result,
+    TransferRequest,
 };
 use kv_mem::{Memory, Region};
 use parking_lot::{Mutex, RwLock};
@@ -755,10 +756,38 @@ impl Agent {
             });
         }
         let pref = &self.inner.opts.backend_preference;
-        if !pref.is_empty() {
+        if !pref.is_empty() || cands.len() == 1 {
             cands.sort_by_key(|b| pref.iter().position(|x| *x == b.name).unwrap_or(usize::MAX));
+            return Ok(cands.swap_remove(0));
         }
-        Ok(cands.swap_remove(0))
+        // No preference: ask each candidate what the transfer would cost (connecting to
+        // the peer if needed); backends that give no estimate keep their load order
+        // after those that do, and a backend that cannot reach the peer drops out.
+        let mut costed = Vec::with_capacity(cands.len());
+        let mut last_err = None;
+        for (i, b) in cands.into_iter().enumerate() {
+            match self.endpoint(p, &b) {
+                Ok(ep) => {
+                    let cost = b.backend.estimate_cost(&TransferRequest {
+                        op: spec.op,
+                        local_kind: spec.local_kind,
+                        local: spec.local.clone(),
+                        peer: ep,
+                        remote_kind: spec.remote_kind,
+                        remote: spec.remote.clone(),
+                    });
+                    costed.push((cost.is_none(), cost, i, b));
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        costed.sort_by_key(|(none, cost, i, _)| (*none, *cost, *i));
+        match costed.into_iter().next() {
+            Some((_, _, _, b)) => Ok(b),
+            None => {
+                Err(last_err.unwrap_or_else(|| Error::invalid_argument("no candidate backend")))
+            }
+        }
     }
 
     /// Prepares a transfer once; post it any number of times.

@@ -362,35 +362,52 @@ fn custody_defers_deregistration() {
     assert_eq!(src.holders(), 1);
 }
 
-/// A loopback backend whose transfers never complete: progress does nothing.
-struct Stuck(LoopbackBackend);
+/// A loopback backend under another name, with a cost estimate, and optionally stuck
+/// (progress does nothing, so its transfers never complete).
+struct Wrapped {
+    inner: LoopbackBackend,
+    name: &'static str,
+    cost: Option<Duration>,
+    stuck: bool,
+}
+
+impl Wrapped {
+    fn stuck(inner: LoopbackBackend) -> Wrapped {
+        Wrapped {
+            inner,
+            name: "stuck",
+            cost: None,
+            stuck: true,
+        }
+    }
+}
 
 #[allow(unsafe_code)]
-impl Backend for Stuck {
+impl Backend for Wrapped {
     fn name(&self) -> &str {
-        "stuck"
+        self.name
     }
     fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
+        self.inner.capabilities()
     }
     unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> kv_core::Result<RegistrationId> {
         // SAFETY: forwarded contract.
-        unsafe { self.0.register(kind, desc) }
+        unsafe { self.inner.register(kind, desc) }
     }
     fn deregister(&self, id: RegistrationId) -> kv_core::Result<()> {
-        self.0.deregister(id)
+        self.inner.deregister(id)
     }
     fn remote_key(&self, id: RegistrationId) -> kv_core::Result<Bytes> {
-        self.0.remote_key(id)
+        self.inner.remote_key(id)
     }
     fn connection_info(&self) -> kv_core::Result<Bytes> {
-        self.0.connection_info()
+        self.inner.connection_info()
     }
     fn connect(&self, n: &str, info: &[u8]) -> kv_core::Result<EndpointId> {
-        self.0.connect(n, info)
+        self.inner.connect(n, info)
     }
     fn disconnect(&self, p: EndpointId) -> kv_core::Result<()> {
-        self.0.disconnect(p)
+        self.inner.disconnect(p)
     }
     fn import_remote(
         &self,
@@ -399,35 +416,108 @@ impl Backend for Stuck {
         d: &Descriptor,
         key: &[u8],
     ) -> kv_core::Result<RemoteId> {
-        self.0.import_remote(p, k, d, key)
+        self.inner.import_remote(p, k, d, key)
     }
     fn release_remote(&self, id: RemoteId) -> kv_core::Result<()> {
-        self.0.release_remote(id)
+        self.inner.release_remote(id)
     }
     fn prepare(&self, r: &TransferRequest) -> kv_core::Result<TransferId> {
-        self.0.prepare(r)
+        self.inner.prepare(r)
     }
     unsafe fn post(&self, id: TransferId, o: &PostOptions) -> kv_core::Result<()> {
         // SAFETY: forwarded contract.
-        unsafe { self.0.post(id, o) }
+        unsafe { self.inner.post(id, o) }
     }
     fn poll(&self, id: TransferId) -> Status {
-        self.0.poll(id)
+        self.inner.poll(id)
     }
     fn cancel(&self, id: TransferId) -> kv_core::Result<()> {
-        self.0.cancel(id)
+        self.inner.cancel(id)
     }
     fn release(&self, id: TransferId) -> kv_core::Result<()> {
-        self.0.release(id)
+        self.inner.release(id)
     }
     fn progress(&self) -> kv_core::Result<usize> {
-        Ok(0)
+        if self.stuck {
+            Ok(0)
+        } else {
+            self.inner.progress()
+        }
     }
     fn notify(&self, p: EndpointId, b: Bytes) -> kv_core::Result<()> {
-        self.0.notify(p, b)
+        self.inner.notify(p, b)
     }
     fn drain_notifications(&self, out: &mut Vec<Notification>) -> kv_core::Result<usize> {
-        self.0.drain_notifications(out)
+        self.inner.drain_notifications(out)
+    }
+    fn estimate_cost(&self, _req: &TransferRequest) -> Option<Duration> {
+        self.cost
+    }
+}
+
+/// Without a preference the agent picks the backend with the lowest cost estimate;
+/// with one, the preference wins; a spec naming a backend gets exactly that one.
+#[test]
+fn backend_choice_by_cost_then_preference() {
+    let (f1, f2) = (LoopbackFabric::new(), LoopbackFabric::new());
+    let mk = |name: &str, opts: AgentOptions| {
+        let agent = Agent::new(name, opts).unwrap();
+        // Memory lives in the "slow" backend's loopback space; both share the fabric
+        // addresses only by name, so each side registers one region per backend.
+        let slow = Arc::new(Wrapped {
+            inner: f1.backend(name),
+            name: "slow",
+            cost: Some(Duration::from_millis(10)),
+            stuck: false,
+        });
+        let fast = Arc::new(Wrapped {
+            inner: f2.backend(name),
+            name: "fast",
+            cost: Some(Duration::from_millis(1)),
+            stuck: false,
+        });
+        agent.add_backend_instance(slow.clone()).unwrap();
+        agent.add_backend_instance(fast.clone()).unwrap();
+        (agent, slow, fast)
+    };
+    for (pref, want) in [(vec![], "fast"), (vec!["slow".to_string()], "slow")] {
+        let (p, ps, pf) = mk(
+            "prefill",
+            AgentOptions {
+                backend_preference: pref.clone(),
+                ..Default::default()
+            },
+        );
+        let (d, ds, df) = mk("decode", AgentOptions::default());
+        // The same simulated address in both loopback spaces, so one region registers
+        // with both backends on each side.
+        let (a1, a2) = (ps.inner.alloc(4096), pf.inner.alloc(4096));
+        let (b1, b2) = (ds.inner.alloc(4096), df.inner.alloc(4096));
+        assert_eq!((a1, b1), (a2, b2));
+        let src = Region::new(LoopMem(a1));
+        let dst = Region::new(LoopMem(b1));
+        let rs = p.register(&src).unwrap();
+        let rd = d.register(&dst).unwrap();
+        assert_eq!(rs.backends(), vec!["slow".to_string(), "fast".to_string()]);
+        let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
+        let spec = TransferSpec::write(
+            DescriptorList::single(rs.descriptor()),
+            peer,
+            DescriptorList::single(rd.descriptor()),
+        );
+        let t = p.transfer(&spec, None).unwrap();
+        t.wait().unwrap();
+        assert_eq!(t.backend(), want, "preference {pref:?}");
+        for name in ["slow", "fast"] {
+            let mut s = spec.clone();
+            s.backend = Some(name.into());
+            let t = p.transfer(&s, None).unwrap();
+            t.wait().unwrap();
+            assert_eq!(t.backend(), name);
+        }
+        let stats = p.stats();
+        let count = |n: &str| stats.iter().find(|(b, _)| b == n).unwrap().1.completed;
+        assert_eq!(count(want), 2);
     }
 }
 
@@ -435,15 +525,15 @@ impl Backend for Stuck {
 fn deadline_ends_a_stuck_transfer() {
     let f = LoopbackFabric::new();
     let (lp, ld) = (
-        Arc::new(Stuck(f.backend("prefill"))),
-        Arc::new(Stuck(f.backend("decode"))),
+        Arc::new(Wrapped::stuck(f.backend("prefill"))),
+        Arc::new(Wrapped::stuck(f.backend("decode"))),
     );
     let p = Agent::new("prefill", AgentOptions::default()).unwrap();
     let d = Agent::new("decode", AgentOptions::default()).unwrap();
     p.add_backend_instance(lp.clone()).unwrap();
     d.add_backend_instance(ld.clone()).unwrap();
-    let src = Region::new(LoopMem(lp.0.alloc(4096)));
-    let dst = Region::new(LoopMem(ld.0.alloc(4096)));
+    let src = Region::new(LoopMem(lp.inner.alloc(4096)));
+    let dst = Region::new(LoopMem(ld.inner.alloc(4096)));
     let _rs = p.register(&src).unwrap();
     let rd = d.register(&dst).unwrap();
     let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();

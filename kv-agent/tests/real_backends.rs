@@ -1,0 +1,84 @@
+//! The agent drives every in-tree network backend for the same pair of peers and says
+//! which one carried each transfer (tcp always; ucx and libfabric where installed, and
+//! required when `KV_REQUIRE_BACKENDS` names them).
+
+use std::time::Duration;
+
+use kv_agent::{Agent, AgentOptions, TransferSpec};
+use kv_core::conformance::pattern;
+use kv_core::{DescriptorList, Params};
+use kv_mem::{HostBuffer, Region};
+
+fn agent(name: &str, backends: &[(&str, Params)]) -> (Agent, Vec<String>) {
+    let a = Agent::new(
+        name,
+        AgentOptions {
+            progress_thread: true,
+            default_deadline: Duration::from_secs(20),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut loaded = Vec::new();
+    for (b, params) in backends {
+        if kv_core::require_or_skip(b, a.add_backend(b, params)).is_some() {
+            loaded.push(b.to_string());
+        }
+    }
+    (a, loaded)
+}
+
+#[test]
+fn tcp_ucx_and_libfabric_for_the_same_peers() {
+    let fabric = Params::from([("provider".to_string(), "tcp;ofi_rxm".to_string())]);
+    let ucx = Params::from([("tls".to_string(), "tcp".to_string())]);
+    let list = [("tcp", Params::new()), ("ucx", ucx), ("libfabric", fabric)];
+    let (p, loaded) = agent("prefill", &list);
+    let (d, loaded_d) = agent("decode", &list);
+    assert_eq!(loaded, loaded_d);
+    assert_eq!(p.backends(), loaded);
+    let len = 1 << 20;
+    let mut buf = HostBuffer::alloc(len, 4096).unwrap();
+    buf.as_mut_slice().copy_from_slice(&pattern(11, len));
+    let src = Region::new(buf);
+    let dst = Region::new(HostBuffer::alloc(len * loaded.len(), 4096).unwrap());
+    let rs = p.register(&src).unwrap();
+    let _rd = d.register(&dst).unwrap();
+    assert_eq!(rs.backends(), loaded, "every backend registers the region");
+    let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
+    for (i, b) in loaded.iter().enumerate() {
+        let mut spec = TransferSpec::write(
+            DescriptorList::single(rs.descriptor()),
+            peer,
+            DescriptorList::single(dst.slice(i as u64 * len as u64, len as u64).unwrap()),
+        );
+        spec.backend = Some(b.clone());
+        let t = p.transfer(&spec, Some(format!("via {b}").into())).unwrap();
+        t.wait().unwrap_or_else(|e| panic!("{b}: {e}"));
+        assert_eq!(t.backend(), b);
+        let got = dst.bytes(i as u64 * len as u64, len as u64).unwrap();
+        assert!(
+            got == pattern(11, len).as_slice(),
+            "{b} moved the wrong bytes"
+        );
+    }
+    // Each backend delivered its own notification.
+    let mut got: Vec<String> = Vec::new();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < loaded.len() && std::time::Instant::now() < end {
+        got.extend(
+            d.notifications()
+                .unwrap()
+                .into_iter()
+                .map(|n| String::from_utf8_lossy(&n.payload).into_owned()),
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    got.sort();
+    let mut want: Vec<String> = loaded.iter().map(|b| format!("via {b}")).collect();
+    want.sort();
+    assert_eq!(got, want);
+    for (name, s) in p.stats() {
+        assert_eq!(s.completed, 1, "{name}");
+    }
+}
