@@ -73,7 +73,12 @@ pub const UCP_EP_CLOSE_FLAG_FORCE: u32 = 1 << 0;
 
 pub const UCP_MEM_MAP_PARAM_FIELD_ADDRESS: u64 = 1 << 0;
 pub const UCP_MEM_MAP_PARAM_FIELD_LENGTH: u64 = 1 << 1;
+pub const UCP_MEM_MAP_PARAM_FIELD_FLAGS: u64 = 1 << 2;
 pub const UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE: u64 = 1 << 4;
+/// `UCP_MEM_MAP_ALLOCATE`: UCX allocates the memory (shared memory where it can).
+pub const UCP_MEM_MAP_ALLOCATE: c_uint = 1 << 1;
+pub const UCP_MEM_ATTR_FIELD_ADDRESS: u64 = 1 << 0;
+pub const UCP_MEM_ATTR_FIELD_LENGTH: u64 = 1 << 1;
 
 pub const UCP_OP_ATTR_FIELD_CALLBACK: u32 = 1 << 1;
 pub const UCP_OP_ATTR_FIELD_USER_DATA: u32 = 1 << 2;
@@ -190,6 +195,15 @@ pub struct ucp_mem_map_params_t {
     pub flags: c_uint,
     pub prot: c_uint,
     pub memory_type: c_uint,
+}
+
+/// `ucp_mem_attr_t`.
+#[repr(C)]
+pub struct ucp_mem_attr_t {
+    pub field_mask: u64,
+    pub address: *mut c_void,
+    pub length: usize,
+    pub mem_type: c_uint,
 }
 
 /// `ucp_request_param_t` (the callback union is one function pointer wide).
@@ -312,6 +326,7 @@ pub struct Lib {
         *mut ucp_mem_h,
     ) -> ucs_status_t,
     pub mem_unmap: unsafe extern "C" fn(ucp_context_h, ucp_mem_h) -> ucs_status_t,
+    pub mem_query: unsafe extern "C" fn(ucp_mem_h, *mut ucp_mem_attr_t) -> ucs_status_t,
     pub rkey_pack: unsafe extern "C" fn(
         ucp_context_h,
         ucp_mem_h,
@@ -471,6 +486,7 @@ impl Lib {
             ep_print_info: sym!(ucp, "ucp_ep_print_info"),
             mem_map: sym!(ucp, "ucp_mem_map"),
             mem_unmap: sym!(ucp, "ucp_mem_unmap"),
+            mem_query: sym!(ucp, "ucp_mem_query"),
             rkey_pack: sym!(ucp, "ucp_rkey_pack"),
             rkey_buffer_release: sym!(ucp, "ucp_rkey_buffer_release"),
             ep_rkey_unpack: sym!(ucp, "ucp_ep_rkey_unpack"),
@@ -598,6 +614,11 @@ mod tests {
         assert_eq!(offset_of!(ucp_mem_map_params_t, flags), 24);
         assert_eq!(offset_of!(ucp_mem_map_params_t, prot), 28);
         assert_eq!(offset_of!(ucp_mem_map_params_t, memory_type), 32);
+
+        assert_eq!(size_of::<ucp_mem_attr_t>(), 32);
+        assert_eq!(offset_of!(ucp_mem_attr_t, address), 8);
+        assert_eq!(offset_of!(ucp_mem_attr_t, length), 16);
+        assert_eq!(offset_of!(ucp_mem_attr_t, mem_type), 24);
 
         assert_eq!(size_of::<ucp_request_param_t>(), 72);
         assert_eq!(offset_of!(ucp_request_param_t, flags), 4);

@@ -1,22 +1,138 @@
 //! Local registrations (`ucp_mem_map` of the caller's memory) and imported remote
 //! registrations (unpacked rkeys), plus the range checks that guard both.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use kv_core::{Descriptor, DescriptorList, Entry};
+use kv_core::{Descriptor, DescriptorList, Entry, MemKind};
 
 use crate::ffi::{ucp_mem_h, ucp_rkey_h};
+use crate::worker::Core;
+
+/// Host memory allocated by UCX for one backend ([`crate::UcxBackend::alloc_host`]):
+/// `ucp_mem_map` with `UCP_MEM_MAP_ALLOCATE`, so with shared-memory transports it is a
+/// posix (or sysv) shared mapping that a peer's puts and gets reach with a plain copy,
+/// instead of UCX 1.13's software-emulated RMA through the target's worker.
+///
+/// Register it (or any part of it) with the backend that allocated it: the registration
+/// reuses the allocation's UCX handle. Freed with `ucp_mem_unmap` on drop (or, if still
+/// registered, at the last `deregister`). Zeroed when allocated. Keeps the backend's UCX
+/// context alive while it lives. `Send + Sync`.
+pub struct UcxHostMemory {
+    core: Arc<Core>,
+    id: u64,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is to memory this value owns (UCX frees it only after the value is
+// dropped); sharing it is as safe as sharing a `HostBuffer`.
+unsafe impl Send for UcxHostMemory {}
+// SAFETY: as above; `&self` methods only read.
+unsafe impl Sync for UcxHostMemory {}
+
+impl UcxHostMemory {
+    pub(crate) fn new(core: Arc<Core>, len: usize) -> kv_core::Result<UcxHostMemory> {
+        let (id, desc) = core.alloc_host(len)?;
+        Ok(UcxHostMemory {
+            core,
+            id,
+            ptr: desc.addr as usize as *mut u8,
+            len,
+        })
+    }
+
+    /// Start of the memory.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    /// Start of the memory, writable.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false (zero-length allocations are refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes (peers may write them while a transfer runs, as with any registered
+    /// memory).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` initialised (zeroed at allocation) bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// The whole range (device 0).
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor::new(self.ptr as usize as u64, self.len as u64, 0)
+    }
+}
+
+impl std::fmt::Debug for UcxHostMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UcxHostMemory")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+// SAFETY: UCX-allocated memory at a fixed address, valid until drop (see `Drop`).
+unsafe impl kv_mem::Memory for UcxHostMemory {
+    fn kind(&self) -> MemKind {
+        MemKind::Dram
+    }
+    fn descriptor(&self) -> Descriptor {
+        UcxHostMemory::descriptor(self)
+    }
+}
+
+impl Drop for UcxHostMemory {
+    fn drop(&mut self) {
+        self.core.free_host(self.id);
+    }
+}
 
 /// A local registration: the UCX memory handle over the caller's range and the remote
 /// key peers need to address it.
 pub struct Registration {
-    /// `ucp_mem_map` handle (mapped over existing memory, never allocated by UCX).
+    /// `ucp_mem_map` handle: mapped over the caller's memory, or (when `alloc` is set)
+    /// the handle of a [`HostAlloc`] that the registration borrows.
     pub memh: ucp_mem_h,
+    /// The [`HostAlloc`] whose handle this registration reuses (not unmapped with it).
+    pub alloc: Option<u64>,
     /// The registered range.
     pub desc: Descriptor,
     /// The encoded remote key ([`crate::wire::RemoteKey`]).
     pub key: Bytes,
     /// Posted transfers that name this registration; deregistering waits for zero.
     pub busy: usize,
+}
+
+/// Memory UCX allocated (`UCP_MEM_MAP_ALLOCATE`, posix/sysv shared memory where the
+/// context has those transports), owned by a `crate::UcxHostMemory`.
+pub struct HostAlloc {
+    /// The handle that owns the memory; `ucp_mem_unmap` frees it.
+    pub memh: ucp_mem_h,
+    /// Where UCX put it.
+    pub desc: Descriptor,
+    /// Registrations that reuse `memh`.
+    pub users: usize,
+    /// The owner was dropped; unmap when `users` reaches zero.
+    pub dropped: bool,
 }
 
 /// A peer's registration imported on one endpoint.

@@ -12,6 +12,10 @@ const INFO_MAGIC: &[u8; 4] = b"KVUI";
 const KEY_MAGIC: &[u8; 4] = b"KVUK";
 const AM_MAGIC: &[u8; 4] = b"KVUN";
 const VERSION: u8 = 1;
+/// Version of [`ConnInfo`]: 2 added the TCP segment sizes (a version-1 peer's info is
+/// refused as `InvalidMetadata` rather than risking the connection reset that mismatched
+/// segment sizes cause).
+const INFO_VERSION: u8 = 2;
 /// Longest agent name carried in connection info and notification headers.
 pub const MAX_NAME: usize = 255;
 
@@ -24,6 +28,11 @@ pub struct ConnInfo {
     pub instance: u64,
     /// The process id of the backend (in-process peers are checked for liveness).
     pub pid: u32,
+    /// Largest TCP segment the peer's UCX sends (`TCP_TX_SEG_SIZE`); 0 when its
+    /// transports exclude TCP or the size is unknown.
+    pub tcp_tx_seg: u32,
+    /// Largest TCP segment the peer's UCX receives (`TCP_RX_SEG_SIZE`); 0 likewise.
+    pub tcp_rx_seg: u32,
     /// The UCP worker address (`ucp_worker_get_address`).
     pub worker_address: Vec<u8>,
 }
@@ -86,6 +95,9 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(a))
     }
     fn header(&mut self, magic: &[u8; 4]) -> Result<()> {
+        self.versioned(magic, VERSION)
+    }
+    fn versioned(&mut self, magic: &[u8; 4], version: u8) -> Result<()> {
         if self.take(4)? != magic {
             return Err(Error::invalid_metadata(format!(
                 "not ucx {} (bad magic)",
@@ -93,9 +105,9 @@ impl<'a> Reader<'a> {
             )));
         }
         let v = self.u8()?;
-        if v != VERSION {
+        if v != version {
             return Err(Error::invalid_metadata(format!(
-                "ucx {} version {v}, this build reads {VERSION}",
+                "ucx {} version {v}, this build reads {version}",
                 self.what
             )));
         }
@@ -161,10 +173,12 @@ impl ConnInfo {
             .map_err(|_| Error::invalid_argument("worker address over 4 GiB"))?;
         let mut v = Vec::with_capacity(32 + self.name.len() + self.worker_address.len());
         v.extend_from_slice(INFO_MAGIC);
-        v.push(VERSION);
+        v.push(INFO_VERSION);
         v.push(self.name.len() as u8);
         v.extend_from_slice(&self.instance.to_le_bytes());
         v.extend_from_slice(&self.pid.to_le_bytes());
+        v.extend_from_slice(&self.tcp_tx_seg.to_le_bytes());
+        v.extend_from_slice(&self.tcp_rx_seg.to_le_bytes());
         v.extend_from_slice(&addr_len.to_le_bytes());
         v.extend_from_slice(self.name.as_bytes());
         v.extend_from_slice(&self.worker_address);
@@ -178,10 +192,12 @@ impl ConnInfo {
             buf: body,
             what: "connection info",
         };
-        r.header(INFO_MAGIC)?;
+        r.versioned(INFO_MAGIC, INFO_VERSION)?;
         let name_len = r.u8()? as usize;
         let instance = r.u64()?;
         let pid = r.u32()?;
+        let tcp_tx_seg = r.u32()?;
+        let tcp_rx_seg = r.u32()?;
         let addr_len = r.u32()? as usize;
         let name = r.name(name_len)?;
         let worker_address = r.take(addr_len)?.to_vec();
@@ -195,6 +211,8 @@ impl ConnInfo {
             name,
             instance,
             pid,
+            tcp_tx_seg,
+            tcp_rx_seg,
             worker_address,
         })
     }
@@ -288,6 +306,8 @@ mod tests {
             name: "prefill-0".into(),
             instance: 7,
             pid: 42,
+            tcp_tx_seg: 256 << 10,
+            tcp_rx_seg: 64 << 10,
             worker_address: vec![1, 2, 3, 4, 5],
         };
         assert_eq!(ConnInfo::decode(&i.encode().unwrap()).unwrap(), i);
@@ -311,6 +331,8 @@ mod tests {
             name: "a".into(),
             instance: 7,
             pid: 42,
+            tcp_tx_seg: 0,
+            tcp_rx_seg: 0,
             worker_address: vec![1, 2, 3],
         };
         let mut b = i.encode().unwrap();
@@ -326,6 +348,16 @@ mod tests {
         assert!(matches!(
             RemoteKey::decode(&[]),
             Err(Error::InvalidMetadata(_))
+        ));
+        // A version-1 info (before the TCP segment sizes) is refused, not misread.
+        let mut old = i.encode().unwrap();
+        old[4] = 1;
+        let n = old.len() - 4;
+        old.truncate(n);
+        let old = seal(old);
+        assert!(matches!(
+            ConnInfo::decode(&old),
+            Err(Error::InvalidMetadata(m)) if m.contains("version 1")
         ));
         let long = "x".repeat(MAX_NAME + 1);
         assert!(ConnInfo { name: long, ..i }.encode().is_err());

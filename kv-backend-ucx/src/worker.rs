@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use crate::endpoint::{Endpoint, Gate, Note};
 use crate::ffi::{self, ucs_status_t, Lib};
-use crate::memory::{covering, Registration, Remote};
+use crate::memory::{covering, HostAlloc, Registration, Remote};
 use crate::request::Group;
 use crate::wire::{AmHeader, ConnInfo, RemoteKey};
 use crate::Options;
@@ -30,6 +30,98 @@ use crate::Options;
 const AM_ID: u32 = 0x4b56;
 /// Most out-of-order notifications held per sender before giving up on a gap.
 const MAX_HELD: usize = 4096;
+/// UCX settings this backend changes from UCX's defaults unless the caller sets them
+/// (`Options::config` / `ucx.<NAME>` params, or the `UCX_<NAME>` environment).
+///
+/// UCX 1.13 emulates `ucp_put`/`ucp_get` over TCP with active messages of at most
+/// `TCP_TX_SEG_SIZE` bytes (default 8 KiB): a 1 MiB WRITE was 128 messages, each a
+/// `send`, a `recv` and two user-space copies, at ~0.7 GiB/s on loopback; with 1 MiB
+/// segments it is one message, ~4.7 GiB/s (256 KiB: ~4.1). The cost is memory: UCX's
+/// TCP send and receive buffers grow to these sizes. A receiver must take a sender's whole segment (UCX
+/// resets the connection otherwise), so both are raised, and `connect` refuses a peer
+/// whose sizes do not fit ours (see `tests/tcp_segments.rs`).
+///
+/// The names are unprefixed on purpose: UCX 1.13's `ucp_config_modify` keeps names it
+/// does not know and applies them to each transport's own table, whose fields carry no
+/// `TCP_` prefix (`TCP_TX_SEG_SIZE` given there is silently unused; UCX warns
+/// "invalid configurations"). `TX_SEG_SIZE`/`RX_SEG_SIZE` exist only in the TCP table.
+pub const TCP_DEFAULTS: [(&str, &str); 2] = [("TX_SEG_SIZE", "1M"), ("RX_SEG_SIZE", "1M")];
+
+/// The name under which `ucp_config_modify` applies setting `name`: UCX 1.13 matches
+/// a transport's settings by their name inside the transport's table, so the `TCP_`
+/// prefix (as in `UCX_TCP_NODELAY`) is dropped (`TCP_CM_*`, a table of its own, is
+/// kept). Other names pass unchanged.
+fn ucx_name(name: &str) -> String {
+    let upper = name.to_ascii_uppercase();
+    match upper.strip_prefix("TCP_") {
+        Some(rest) if !upper.starts_with("TCP_CM_") && !rest.is_empty() => rest.to_owned(),
+        _ => name.to_owned(),
+    }
+}
+
+/// The value the caller chose for TCP setting `name` (`TX_SEG_SIZE`), through
+/// `config` (with or without the `TCP_` prefix; the last one wins) or the
+/// `UCX_TCP_<name>` environment.
+fn tcp_setting(config: &[(String, String)], name: &str) -> Option<String> {
+    let prefixed = format!("TCP_{name}");
+    config
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name) || k.eq_ignore_ascii_case(&prefixed))
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var(format!("UCX_{prefixed}")).ok())
+}
+
+/// UCX 1.13's own `TCP_TX_SEG_SIZE` / `TCP_RX_SEG_SIZE`.
+const UCX_TCP_SEGS: (u32, u32) = (8 << 10, 64 << 10);
+
+/// A UCX memory-units value (`"256K"`, `"1m"`, `"65536"`), in bytes.
+fn parse_memunits(v: &str) -> Option<u32> {
+    let v = v.trim();
+    let v = v.strip_suffix(['b', 'B']).unwrap_or(v);
+    let (num, shift) = match v.char_indices().last()? {
+        (i, 'k' | 'K') => (&v[..i], 10),
+        (i, 'm' | 'M') => (&v[..i], 20),
+        (i, 'g' | 'G') => (&v[..i], 30),
+        _ => (v, 0),
+    };
+    let n: u64 = num.trim().parse().ok()?;
+    u32::try_from(n.checked_shl(shift)?.min(u64::from(u32::MAX) + 1)).ok()
+}
+
+/// Whether a `UCX_TLS` value lets UCX use TCP.
+fn tls_has_tcp(tls: Option<&str>) -> bool {
+    let Some(t) = tls else { return true };
+    let has = |name: &str| {
+        t.trim_start_matches('^')
+            .split(',')
+            .any(|x| x.trim() == name)
+    };
+    if t.starts_with('^') {
+        !has("tcp")
+    } else {
+        has("tcp") || has("all")
+    }
+}
+
+/// The TCP segment sizes (send, receive) this context ends up with: the last value in
+/// `settings` (given to `ucp_config_modify`), else the environment, else UCX's default.
+/// (0, 0) when the transports exclude TCP; 0 for a value we cannot read.
+fn tcp_segments(settings: &[(String, String)], tls: Option<&str>) -> (u32, u32) {
+    let env_tls = std::env::var("UCX_TLS").ok();
+    if !tls_has_tcp(tls.or(env_tls.as_deref())) {
+        return (0, 0);
+    }
+    let get = |name: &str, default: u32| match tcp_setting(settings, name) {
+        Some(v) => parse_memunits(&v).unwrap_or(0),
+        None => default,
+    };
+    (
+        get("TX_SEG_SIZE", UCX_TCP_SEGS.0),
+        get("RX_SEG_SIZE", UCX_TCP_SEGS.1),
+    )
+}
+
 /// Worker progress calls per `progress()` when there is work.
 const PROGRESS_BURST: usize = 32;
 
@@ -51,6 +143,34 @@ fn new_instance_id() -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Hasher for the tables keyed by our own sequential ids (never peer-chosen): the id
+/// itself, spread by one multiply. SipHash showed up at ~8% of a 16 KiB post's time.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A table keyed by one of our ids.
+type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// This process's id, read once (`getpid` is a system call; posts check it).
+fn own_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 /// Per-sender reordering of notifications by sequence number.
@@ -193,12 +313,13 @@ struct Transfer {
 pub struct State {
     ctx: ffi::ucp_context_h,
     worker: ffi::ucp_worker_h,
-    regs: HashMap<u64, Registration>,
-    eps: HashMap<u64, Endpoint>,
-    remotes: HashMap<u64, Remote>,
-    transfers: HashMap<u64, Transfer>,
+    regs: IdMap<Registration>,
+    eps: IdMap<Endpoint>,
+    remotes: IdMap<Remote>,
+    transfers: IdMap<Transfer>,
     active: Vec<u64>,
     quarantine: Vec<Quarantined>,
+    allocs: IdMap<HostAlloc>,
     next_id: u64,
 }
 
@@ -221,6 +342,8 @@ pub struct Core {
     pub instance: u64,
     pub opts: Options,
     pub info: Bytes,
+    /// The TCP segment sizes (send, receive) published in `info` (0: no TCP).
+    tcp_segs: (u32, u32),
     max_am_header: usize,
     shared: Box<Shared>,
     state: Mutex<State>,
@@ -251,7 +374,19 @@ impl Core {
             (lib.config_read)(std::ptr::null(), std::ptr::null(), &mut config)
         })
         .map_err(|e| unavailable(e.to_string()))?;
-        let mut settings: Vec<(String, String)> = opts.config.clone();
+        let mut settings: Vec<(String, String)> = opts
+            .config
+            .iter()
+            .map(|(k, v)| (ucx_name(k), v.clone()))
+            .collect();
+        let env_tls = std::env::var("UCX_TLS").ok();
+        if tls_has_tcp(opts.tls.as_deref().or(env_tls.as_deref())) {
+            for (name, value) in TCP_DEFAULTS {
+                if tcp_setting(&opts.config, name).is_none() {
+                    settings.push((name.to_string(), value.to_string()));
+                }
+            }
+        }
         if let Some(tls) = &opts.tls {
             settings.push(("TLS".into(), tls.clone()));
         }
@@ -268,6 +403,7 @@ impl Core {
                 )));
             }
         }
+        let tcp_segs = tcp_segments(&settings, opts.tls.as_deref());
         let params = ffi::ucp_params_t {
             field_mask: ffi::UCP_PARAM_FIELD_FEATURES
                 | ffi::UCP_PARAM_FIELD_MT_WORKERS_SHARED
@@ -329,12 +465,13 @@ impl Core {
         let state = State {
             ctx,
             worker,
-            regs: HashMap::new(),
-            eps: HashMap::new(),
-            remotes: HashMap::new(),
-            transfers: HashMap::new(),
+            regs: IdMap::default(),
+            eps: IdMap::default(),
+            remotes: IdMap::default(),
+            transfers: IdMap::default(),
             active: Vec::new(),
             quarantine: Vec::new(),
+            allocs: IdMap::default(),
             next_id: 1,
         };
         let shared = Box::new(Shared {
@@ -347,6 +484,7 @@ impl Core {
             instance,
             opts,
             info: Bytes::new(),
+            tcp_segs,
             max_am_header: 0,
             shared,
             state: Mutex::new(state),
@@ -395,7 +533,9 @@ impl Core {
         let info = ConnInfo {
             name: agent.to_owned(),
             instance,
-            pid: std::process::id(),
+            pid: own_pid(),
+            tcp_tx_seg: tcp_segs.0,
+            tcp_rx_seg: tcp_segs.1,
             worker_address,
         };
         core.info = Bytes::from(info.encode()?);
@@ -446,6 +586,32 @@ impl Core {
         }
         let lib = &self.lib;
         let mut st = self.state.lock();
+        // Memory from `alloc_host` keeps its own handle: packing that one gives peers a
+        // key to UCX's shared-memory mapping (a direct copy instead of emulated RMA).
+        let owner = st
+            .allocs
+            .iter()
+            .find(|(_, a)| !a.dropped && a.desc.contains(desc))
+            .map(|(id, a)| (*id, a.memh));
+        if let Some((aid, memh)) = owner {
+            let key = self.pack(&st, memh, desc)?;
+            if let Some(a) = st.allocs.get_mut(&aid) {
+                a.users += 1;
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            st.regs.insert(
+                id,
+                Registration {
+                    memh,
+                    alloc: Some(aid),
+                    desc: *desc,
+                    key,
+                    busy: 0,
+                },
+            );
+            return Ok(id);
+        }
         let mp = ffi::ucp_mem_map_params_t {
             field_mask: ffi::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
                 | ffi::UCP_MEM_MAP_PARAM_FIELD_LENGTH
@@ -463,32 +629,131 @@ impl Core {
         lib.check("ucp_mem_map", unsafe {
             (lib.mem_map)(st.ctx, &mp, &mut memh)
         })?;
-        let mut buf: *mut c_void = std::ptr::null_mut();
-        let mut len = 0usize;
-        // SAFETY: valid context and memory handle; out-pointers valid.
-        let s = unsafe { (lib.rkey_pack)(st.ctx, memh, &mut buf, &mut len) };
-        if s != ffi::UCS_OK {
-            // SAFETY: unmapping the handle mapped above; nothing uses it yet.
-            unsafe { (lib.mem_unmap)(st.ctx, memh) };
-            return Err(lib.error("ucp_rkey_pack", s));
-        }
-        // SAFETY: UCX returned `len` readable bytes at `buf`.
-        let rkey = unsafe { std::slice::from_raw_parts(buf as *const u8, len) }.to_vec();
-        // SAFETY: releasing the packed buffer obtained above, once.
-        unsafe { (lib.rkey_buffer_release)(buf) };
-        let key = RemoteKey { range: *desc, rkey }.encode()?;
+        let key = match self.pack(&st, memh, desc) {
+            Ok(k) => k,
+            Err(e) => {
+                // SAFETY: unmapping the handle mapped above; nothing uses it yet.
+                unsafe { (lib.mem_unmap)(st.ctx, memh) };
+                return Err(e);
+            }
+        };
         let id = st.next_id;
         st.next_id += 1;
         st.regs.insert(
             id,
             Registration {
                 memh,
+                alloc: None,
                 desc: *desc,
-                key: Bytes::from(key),
+                key,
                 busy: 0,
             },
         );
         Ok(id)
+    }
+
+    /// Packs `memh`'s rkey into our envelope for the range `desc`.
+    fn pack(&self, st: &State, memh: ffi::ucp_mem_h, desc: &Descriptor) -> Result<Bytes> {
+        let lib = &self.lib;
+        let mut buf: *mut c_void = std::ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: valid context and memory handle; out-pointers valid.
+        lib.check("ucp_rkey_pack", unsafe {
+            (lib.rkey_pack)(st.ctx, memh, &mut buf, &mut len)
+        })?;
+        // SAFETY: UCX returned `len` readable bytes at `buf`.
+        let rkey = unsafe { std::slice::from_raw_parts(buf as *const u8, len) }.to_vec();
+        // SAFETY: releasing the packed buffer obtained above, once.
+        unsafe { (lib.rkey_buffer_release)(buf) };
+        Ok(Bytes::from(RemoteKey { range: *desc, rkey }.encode()?))
+    }
+
+    /// `UcxBackend::alloc_host`: `len` bytes allocated by UCX (`UCP_MEM_MAP_ALLOCATE`),
+    /// zeroed. Returns the allocation's id and range.
+    pub fn alloc_host(&self, len: usize) -> Result<(u64, Descriptor)> {
+        if len == 0 {
+            return Err(Error::invalid_argument("alloc_host of 0 bytes"));
+        }
+        let lib = &self.lib;
+        let mut st = self.state.lock();
+        let mp = ffi::ucp_mem_map_params_t {
+            field_mask: ffi::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+                | ffi::UCP_MEM_MAP_PARAM_FIELD_LENGTH
+                | ffi::UCP_MEM_MAP_PARAM_FIELD_FLAGS
+                | ffi::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE,
+            address: std::ptr::null_mut(),
+            length: len,
+            flags: ffi::UCP_MEM_MAP_ALLOCATE,
+            prot: 0,
+            memory_type: ffi::UCS_MEMORY_TYPE_HOST,
+        };
+        let mut memh: ffi::ucp_mem_h = std::ptr::null_mut();
+        // SAFETY: valid context, params and out-pointer; UCX allocates the memory.
+        lib.check("ucp_mem_map(ALLOCATE)", unsafe {
+            (lib.mem_map)(st.ctx, &mp, &mut memh)
+        })?;
+        let mut attr = ffi::ucp_mem_attr_t {
+            field_mask: ffi::UCP_MEM_ATTR_FIELD_ADDRESS | ffi::UCP_MEM_ATTR_FIELD_LENGTH,
+            address: std::ptr::null_mut(),
+            length: 0,
+            mem_type: 0,
+        };
+        // SAFETY: the handle mapped above; valid attribute struct.
+        let s = unsafe { (lib.mem_query)(memh, &mut attr) };
+        if s != ffi::UCS_OK || attr.address.is_null() || attr.length < len {
+            // SAFETY: releasing the allocation made above, once; nothing else has it.
+            unsafe { (lib.mem_unmap)(st.ctx, memh) };
+            return Err(if s != ffi::UCS_OK {
+                lib.error("ucp_mem_query", s)
+            } else {
+                Error::Backend {
+                    name: "ucx".into(),
+                    code: 0,
+                    message: format!(
+                        "ucp_mem_map(ALLOCATE) returned {} bytes at {:?} for {len}",
+                        attr.length, attr.address
+                    ),
+                }
+            });
+        }
+        // SAFETY: UCX allocated at least `len` writable bytes at `attr.address`; zeroing
+        // them makes every byte initialised whatever allocator UCX picked.
+        unsafe { std::ptr::write_bytes(attr.address as *mut u8, 0, len) };
+        let desc = Descriptor::new(attr.address as usize as u64, len as u64, 0);
+        let id = st.next_id;
+        st.next_id += 1;
+        st.allocs.insert(
+            id,
+            HostAlloc {
+                memh,
+                desc,
+                users: 0,
+                dropped: false,
+            },
+        );
+        Ok((id, desc))
+    }
+
+    /// The owner of allocation `id` is gone: unmap it now, or when the last
+    /// registration that reuses it is deregistered.
+    pub fn free_host(&self, id: u64) {
+        let mut st = self.state.lock();
+        let ctx = st.ctx;
+        let Some(a) = st.allocs.get_mut(&id) else {
+            return;
+        };
+        a.dropped = true;
+        if a.users == 0 {
+            let memh = a.memh;
+            st.allocs.remove(&id);
+            // SAFETY: no registration uses the handle, so no transfer can touch the
+            // memory; the allocation is unmapped (freed) once.
+            unsafe { (self.lib.mem_unmap)(ctx, memh) };
+        } else {
+            tracing::warn!(
+                "ucx: memory from alloc_host dropped while registered; freed at deregister"
+            );
+        }
     }
 
     /// `Backend::deregister`.
@@ -504,13 +769,26 @@ impl Core {
                 r.busy
             )));
         }
-        let memh = r.memh;
+        let (memh, alloc) = (r.memh, r.alloc);
         st.regs.remove(&id);
+        let ctx = st.ctx;
+        if let Some(aid) = alloc {
+            // The handle belongs to the allocation; free it only if its owner is gone
+            // and this was the last registration on it.
+            let Some(a) = st.allocs.get_mut(&aid) else {
+                return Ok(());
+            };
+            a.users = a.users.saturating_sub(1);
+            if !(a.dropped && a.users == 0) {
+                return Ok(());
+            }
+            st.allocs.remove(&aid);
+        }
         // SAFETY: no posted transfer names the registration (busy == 0), so UCX has no
-        // operation on it in flight; the handle is unmapped once.
-        self.lib.check("ucp_mem_unmap", unsafe {
-            (self.lib.mem_unmap)(st.ctx, memh)
-        })
+        // operation on it in flight; the handle is unmapped once (a shared allocation
+        // handle only after its owner and every other registration let go).
+        self.lib
+            .check("ucp_mem_unmap", unsafe { (self.lib.mem_unmap)(ctx, memh) })
     }
 
     /// `Backend::remote_key`.
@@ -527,6 +805,7 @@ impl Core {
     /// handling so a dead peer fails its requests.
     pub fn connect(&self, peer_name: &str, info: &[u8]) -> Result<u64> {
         let info = ConnInfo::decode(info)?;
+        self.check_segments(peer_name, &info)?;
         if let Some(why) = peer_gone(&info) {
             return Err(Error::RemoteDisconnected {
                 peer: peer_name.to_owned(),
@@ -604,6 +883,24 @@ impl Core {
         e.peer_errors = peer_errors;
         st.eps.insert(id, e);
         Ok(id)
+    }
+
+    /// Refuses a peer whose UCX would send TCP segments larger than ours receives, or
+    /// receive smaller ones than ours sends: UCX resets such a connection (and a write
+    /// can report success before the reset).
+    fn check_segments(&self, peer_name: &str, peer: &ConnInfo) -> Result<()> {
+        let (tx, rx) = self.tcp_segs;
+        let fits = |send: u32, recv: u32| send == 0 || recv == 0 || send <= recv;
+        if fits(tx, peer.tcp_rx_seg) && fits(peer.tcp_tx_seg, rx) {
+            return Ok(());
+        }
+        Err(Error::invalid_argument(format!(
+            "ucx: TCP segment sizes do not match {peer_name}: we send {tx} and receive {rx} \
+             bytes, it sends {} and receives {}; every sender's TCP_TX_SEG_SIZE must be at \
+             most its receiver's TCP_RX_SEG_SIZE (params ucx.TCP_TX_SEG_SIZE / \
+             ucx.TCP_RX_SEG_SIZE; this backend's defaults are {:?})",
+            peer.tcp_tx_seg, peer.tcp_rx_seg, TCP_DEFAULTS
+        )))
     }
 
     /// `Backend::disconnect`.
@@ -1226,7 +1523,7 @@ impl Core {
             }
         }
         // Transfers: finish the complete ones, abort the late ones.
-        let now = Instant::now();
+        let mut now = None;
         let mut late = Vec::new();
         let mut finished = Vec::new();
         for &tid in &st.active {
@@ -1243,7 +1540,10 @@ impl Core {
                     (None, NoteState::Failed(s)) => finished.push((tid, Some(s))),
                     (None, NoteState::Queued | NoteState::Issued) => {}
                 }
-            } else if f.deadline.is_some_and(|d| now > d) {
+            } else if f
+                .deadline
+                .is_some_and(|d| *now.get_or_insert_with(Instant::now) > d)
+            {
                 late.push(tid);
             }
         }
@@ -1447,7 +1747,7 @@ impl Core {
 
 /// `Some(reason)` when the peer is a backend of this process that was dropped.
 fn peer_gone(info: &ConnInfo) -> Option<String> {
-    (info.pid == std::process::id() && !LIVE.lock().contains(&info.instance))
+    (info.pid == own_pid() && !LIVE.lock().contains(&info.instance))
         .then(|| "the peer backend in this process was dropped".to_owned())
 }
 
@@ -1476,8 +1776,15 @@ impl Drop for Core {
         // Destroying the worker below ends any request UCX still held.
         st.quarantine.clear();
         for (_, r) in st.regs.drain() {
-            // SAFETY: every transfer was aborted, so UCX no longer uses the handle.
-            unsafe { (lib.mem_unmap)(st.ctx, r.memh) };
+            if r.alloc.is_none() {
+                // SAFETY: every transfer was aborted, so UCX no longer uses the handle.
+                unsafe { (lib.mem_unmap)(st.ctx, r.memh) };
+            }
+        }
+        for (_, a) in st.allocs.drain() {
+            // SAFETY: as above; allocation handles are unmapped once, here (their owners
+            // hold the core alive, so every owner was dropped already).
+            unsafe { (lib.mem_unmap)(st.ctx, a.memh) };
         }
         // SAFETY: every endpoint, request and memory handle of the worker and context
         // was released above; each is destroyed once.
@@ -1485,5 +1792,44 @@ impl Drop for Core {
             (lib.worker_destroy)(st.worker);
             (lib.cleanup)(st.ctx);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memunits_parse_like_ucx() {
+        assert_eq!(parse_memunits("256K"), Some(256 << 10));
+        assert_eq!(parse_memunits("8k"), Some(8 << 10));
+        assert_eq!(parse_memunits("1M"), Some(1 << 20));
+        assert_eq!(parse_memunits("1mb"), Some(1 << 20));
+        assert_eq!(parse_memunits("65536"), Some(65536));
+        assert_eq!(parse_memunits("auto"), None);
+        assert_eq!(parse_memunits(""), None);
+        assert_eq!(parse_memunits("K"), None);
+    }
+
+    #[test]
+    fn tcp_detection_and_effective_segments() {
+        assert!(tls_has_tcp(Some("tcp")));
+        assert!(tls_has_tcp(Some("rc,tcp")));
+        assert!(tls_has_tcp(Some("all")));
+        assert!(tls_has_tcp(Some("^posix")));
+        assert!(!tls_has_tcp(Some("^tcp,posix")));
+        assert!(!tls_has_tcp(Some("posix,cma,self")));
+        let set = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(tcp_segments(&[], Some("posix,self")), (0, 0));
+        let s = [
+            set("TX_SEG_SIZE", "8K"),
+            set("TX_SEG_SIZE", "256K"),
+            set("RX_SEG_SIZE", "1M"),
+        ];
+        assert_eq!(tcp_segments(&s, Some("tcp")), (256 << 10, 1 << 20));
+        assert_eq!(ucx_name("TCP_TX_SEG_SIZE"), "TX_SEG_SIZE");
+        assert_eq!(ucx_name("tcp_nodelay"), "NODELAY");
+        assert_eq!(ucx_name("TCP_CM_REUSEADDR"), "TCP_CM_REUSEADDR");
+        assert_eq!(ucx_name("RNDV_THRESH"), "RNDV_THRESH");
     }
 }

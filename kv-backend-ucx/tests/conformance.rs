@@ -1,12 +1,43 @@
 //! The UCX backend passes the public conformance suite on UCX's TCP and shared-memory
-//! transports, both in this one process (each backend gets its own `tls` setting).
+//! transports, both in this one process (each backend gets its own `tls` setting), and
+//! on shared memory again with every buffer from `UcxBackend::alloc_host`.
 
 use std::sync::Arc;
 
-use kv_backend_ucx::{Options, UcxBackend};
-use kv_core::conformance::{Harness, Side};
-use kv_core::Result;
+use kv_backend_ucx::{Options, UcxBackend, UcxHostMemory};
+use kv_core::conformance::{Harness, MemoryFactory, Side, TestMemory};
+use kv_core::{Descriptor, Error, Result};
 use kv_mem::conformance::HostMemoryFactory;
+
+/// Memory from the side's own backend (`alloc_host`).
+struct UcxMemoryFactory(Arc<UcxBackend>);
+
+struct UcxTestMemory(UcxHostMemory);
+
+impl TestMemory for UcxTestMemory {
+    fn desc(&self) -> Descriptor {
+        self.0.descriptor()
+    }
+    fn write(&mut self, offset: usize, data: &[u8]) -> Result<()> {
+        let end = offset
+            .checked_add(data.len())
+            .filter(|&e| e <= self.0.len());
+        let end = end.ok_or_else(|| Error::OutOfBounds(format!("write at {offset}")))?;
+        self.0.as_mut_slice()[offset..end].copy_from_slice(data);
+        Ok(())
+    }
+    fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.0.len());
+        let end = end.ok_or_else(|| Error::OutOfBounds(format!("read at {offset}")))?;
+        Ok(self.0.as_slice()[offset..end].to_vec())
+    }
+}
+
+impl MemoryFactory for UcxMemoryFactory {
+    fn alloc(&self, len: usize) -> Result<Box<dyn TestMemory>> {
+        Ok(Box::new(UcxTestMemory(self.0.alloc_host(len)?)))
+    }
+}
 
 /// Two fresh UCX backends restricted to the transports `tls`.
 ///
@@ -18,15 +49,17 @@ use kv_mem::conformance::HostMemoryFactory;
 pub struct UcxHarness {
     tls: &'static str,
     progress_thread: bool,
+    ucx_memory: bool,
 }
 
 impl UcxHarness {
     /// The harness, or `None` (with the reason printed) when UCX cannot be loaded;
     /// panics instead when `KV_REQUIRE_BACKENDS` names `ucx`.
-    fn or_skip(tls: &'static str, progress_thread: bool) -> Option<UcxHarness> {
+    fn or_skip(tls: &'static str, progress_thread: bool, ucx_memory: bool) -> Option<UcxHarness> {
         let h = UcxHarness {
             tls,
             progress_thread,
+            ucx_memory,
         };
         kv_core::require_or_skip("ucx", h.backend("probe"))?;
         Some(h)
@@ -45,10 +78,16 @@ impl UcxHarness {
 impl Harness for UcxHarness {
     fn pair(&self) -> Result<(Side, Side)> {
         let side = |name: &str| -> Result<Side> {
+            let backend = Arc::new(self.backend(name)?);
+            let memory: Arc<dyn MemoryFactory> = if self.ucx_memory {
+                Arc::new(UcxMemoryFactory(backend.clone()))
+            } else {
+                Arc::new(HostMemoryFactory)
+            };
             Ok(Side {
                 name: name.into(),
-                backend: Arc::new(self.backend(name)?),
-                memory: Arc::new(HostMemoryFactory),
+                backend,
+                memory,
             })
         };
         Ok((side("a")?, side("b")?))
@@ -57,7 +96,7 @@ impl Harness for UcxHarness {
 
 mod tcp {
     use super::*;
-    kv_core::conformance_tests!(match UcxHarness::or_skip("tcp", false) {
+    kv_core::conformance_tests!(match UcxHarness::or_skip("tcp", false, false) {
         Some(h) => h,
         None => return,
     });
@@ -65,7 +104,17 @@ mod tcp {
 
 mod shm {
     use super::*;
-    kv_core::conformance_tests!(match UcxHarness::or_skip("posix,cma,self", true) {
+    kv_core::conformance_tests!(match UcxHarness::or_skip("posix,cma,self", true, false) {
+        Some(h) => h,
+        None => return,
+    });
+}
+
+/// UCX-allocated memory on both sides: puts and gets are direct copies, so no progress
+/// thread is needed for the data (the suite drives `progress()` for the rest).
+mod shm_ucx_memory {
+    use super::*;
+    kv_core::conformance_tests!(match UcxHarness::or_skip("posix,cma,self", false, true) {
         Some(h) => h,
         None => return,
     });

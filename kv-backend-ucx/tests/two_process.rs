@@ -1,7 +1,9 @@
 //! Two processes: a child registers memory and prints its connection info and remote
-//! key; the parent READs and WRITEs a few MiB with UCX (TCP, then shared memory) and
-//! both sides compare checksums. The child is this test binary re-run with
-//! `KV_UCX_CHILD=<tls>` (see `child_main`).
+//! key; the parent READs and WRITEs a few MiB with UCX (TCP, then shared memory, then
+//! shared memory with `alloc_host` memory on both sides, whose packed rkey must let the
+//! other process map it) and both sides compare checksums. The child is this test
+//! binary re-run with `KV_UCX_CHILD=<tls>` (and `KV_UCX_CHILD_ALLOC=1` for UCX-allocated
+//! memory; see `child_main`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -16,6 +18,40 @@ use kv_core::{
     TransferRequest,
 };
 use kv_mem::HostBuffer;
+
+/// Host memory from the heap or from UCX (`alloc_host`), as the test asks.
+enum Mem {
+    Heap(HostBuffer),
+    Ucx(kv_backend_ucx::UcxHostMemory),
+}
+
+impl Mem {
+    fn new(b: &UcxBackend, ucx: bool) -> Mem {
+        if ucx {
+            Mem::Ucx(b.alloc_host(LEN).unwrap())
+        } else {
+            Mem::Heap(HostBuffer::alloc(LEN, 4096).unwrap())
+        }
+    }
+    fn descriptor(&self) -> Descriptor {
+        match self {
+            Mem::Heap(m) => m.descriptor(),
+            Mem::Ucx(m) => m.descriptor(),
+        }
+    }
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Mem::Heap(m) => m.as_slice(),
+            Mem::Ucx(m) => m.as_slice(),
+        }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Mem::Heap(m) => m.as_mut_slice(),
+            Mem::Ucx(m) => m.as_mut_slice(),
+        }
+    }
+}
 
 const LEN: usize = 4 << 20;
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -48,7 +84,7 @@ fn child_main() {
         return;
     };
     let b = backend("child", &tls).expect("child backend");
-    let mut mem = HostBuffer::alloc(LEN, 4096).unwrap();
+    let mut mem = Mem::new(&b, std::env::var_os("KV_UCX_CHILD_ALLOC").is_some());
     mem.as_mut_slice().copy_from_slice(&pattern(2, LEN));
     // SAFETY: `mem` outlives the registration (deregistered before it drops).
     let reg = unsafe { b.register(MemKind::Dram, &mem.descriptor()).unwrap() };
@@ -67,14 +103,20 @@ fn child_main() {
     });
     let end = Instant::now() + Duration::from_secs(60);
     let mut notes: Vec<Notification> = Vec::new();
+    let mut hold = false;
     while Instant::now() < end {
-        // The target progresses: TCP and shared-memory RMA complete through its worker.
-        if b.progress().unwrap() == 0 {
+        // The target progresses: TCP and shared-memory RMA on heap memory complete
+        // through its worker. `HOLD` stops that (UCX-allocated memory needs none).
+        if hold || b.progress().unwrap() == 0 {
             std::thread::sleep(Duration::from_micros(20));
         }
         b.drain_notifications(&mut notes).unwrap();
         match rx.try_recv() {
             Ok(cmd) if cmd == "SUM" => println!("SUM {}", crc32c::crc32c(mem.as_slice())),
+            Ok(cmd) if cmd == "HOLD" || cmd == "RESUME" => {
+                hold = cmd == "HOLD";
+                println!("{cmd} done");
+            }
             Ok(cmd) if cmd == "NOTES" => {
                 for n in notes.drain(..) {
                     println!("NOTE {} {}", n.peer, hex(&n.payload));
@@ -96,8 +138,12 @@ struct ChildProc {
 }
 
 impl ChildProc {
-    fn spawn(tls: &str) -> ChildProc {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+    fn spawn(tls: &str, ucx_mem: bool) -> ChildProc {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        if ucx_mem {
+            cmd.env("KV_UCX_CHILD_ALLOC", "1");
+        }
+        let mut child = cmd
             .args(["--exact", "child_main", "--nocapture", "--test-threads=1"])
             .env("KV_UCX_CHILD", tls)
             .stdin(Stdio::piped())
@@ -186,11 +232,11 @@ fn run(a: &UcxBackend, req: &TransferRequest, note: Option<&'static [u8]>) {
     a.release(t).unwrap();
 }
 
-fn two_processes(tls: &str) {
+fn two_processes(tls: &str, ucx_mem: bool) {
     let Some(a) = kv_core::require_or_skip("ucx", backend("parent", tls)) else {
         return;
     };
-    let mut child = ChildProc::spawn(tls);
+    let mut child = ChildProc::spawn(tls, ucx_mem);
     let info = unhex(&child.expect("INFO ")).unwrap();
     let key = unhex(&child.expect("KEY ")).unwrap();
     let desc = child.expect("DESC ");
@@ -198,7 +244,7 @@ fn two_processes(tls: &str) {
     let rdesc = Descriptor::new(it.next().unwrap(), it.next().unwrap(), 0);
     let ep = a.connect("child", &info).unwrap();
     a.import_remote(ep, MemKind::Dram, &rdesc, &key).unwrap();
-    let mut mem = HostBuffer::alloc(LEN, 4096).unwrap();
+    let mut mem = Mem::new(&a, ucx_mem);
     // SAFETY: `mem` outlives the registration (deregistered below).
     let reg = unsafe { a.register(MemKind::Dram, &mem.descriptor()).unwrap() };
     let mdesc = mem.descriptor();
@@ -210,11 +256,27 @@ fn two_processes(tls: &str) {
         remote_kind: MemKind::Dram,
         remote: DescriptorList::single(rdesc),
     };
+    if ucx_mem {
+        // The child's worker stands still: puts and gets are copies into its mapping.
+        child.send("HOLD");
+        child.expect("HOLD done");
+    }
     // READ the child's pattern; both checksums must agree.
     run(&a, &req(Op::Read), None);
     let got = crc32c::crc32c(mem.as_slice());
     assert_eq!(got, crc32c::crc32c(&pattern(2, LEN)), "READ data");
     assert_eq!(child.sum(), got, "child's checksum after READ");
+    if ucx_mem {
+        mem.as_mut_slice().copy_from_slice(&pattern(5, LEN));
+        run(&a, &req(Op::Write), None);
+        assert_eq!(
+            child.sum(),
+            crc32c::crc32c(&pattern(5, LEN)),
+            "child's checksum after a WRITE it did not progress for"
+        );
+        child.send("RESUME");
+        child.expect("RESUME done");
+    }
     // WRITE a new pattern with a notification; the child sees both.
     mem.as_mut_slice().copy_from_slice(&pattern(1, LEN));
     run(&a, &req(Op::Write), Some(b"written"));
@@ -240,13 +302,20 @@ fn two_processes(tls: &str) {
 #[test]
 fn tcp_between_two_processes() {
     if std::env::var_os("KV_UCX_CHILD").is_none() {
-        two_processes("tcp");
+        two_processes("tcp", false);
     }
 }
 
 #[test]
 fn shm_between_two_processes() {
     if std::env::var_os("KV_UCX_CHILD").is_none() {
-        two_processes("posix,cma,self");
+        two_processes("posix,cma,self", false);
+    }
+}
+
+#[test]
+fn shm_between_two_processes_with_ucx_memory() {
+    if std::env::var_os("KV_UCX_CHILD").is_none() {
+        two_processes("posix,cma,self", true);
     }
 }

@@ -1,0 +1,145 @@
+//! `UcxBackend::alloc_host`: memory UCX allocates (`UCP_MEM_MAP_ALLOCATE`). Over shared
+//! memory its packed rkey maps the peer's posix segment, so WRITE and READ complete with
+//! a plain copy, without the target ever progressing (heap memory needs the target's
+//! worker: UCX 1.13 emulates RMA on it, see `one_sided.rs`).
+
+use std::time::{Duration, Instant};
+
+use kv_backend_ucx::{Options, UcxBackend, UcxHostMemory};
+use kv_core::conformance::pattern;
+use kv_core::{
+    Backend, Descriptor, DescriptorList, Error, MemKind, Op, PostOptions, Status, TransferRequest,
+};
+
+const LEN: usize = 1 << 20;
+
+fn pair(tls: &str) -> Option<(UcxBackend, UcxBackend)> {
+    let opts = Options {
+        tls: Some(tls.into()),
+        ..Default::default()
+    };
+    let a = kv_core::require_or_skip("ucx", UcxBackend::new("a", opts.clone()))?;
+    let b = UcxBackend::new("b", opts).expect("second backend");
+    Some((a, b))
+}
+
+/// Runs one transfer from `a`; `b` progresses only if `drive_b`. Gives up at 5 s.
+fn run(a: &UcxBackend, b: &UcxBackend, req: &TransferRequest, drive_b: bool) -> Status {
+    let t = a.prepare(req).unwrap();
+    let opts = PostOptions {
+        notification: None,
+        deadline: Some(Instant::now() + Duration::from_secs(5)),
+    };
+    // SAFETY: both sides' memory stays registered until the transfer finished.
+    unsafe { a.post(t, &opts).unwrap() };
+    let st = loop {
+        a.progress().unwrap();
+        if drive_b {
+            b.progress().unwrap();
+        }
+        let st = a.poll(t);
+        if st.is_finished() {
+            break st;
+        }
+    };
+    a.release(t).unwrap();
+    st
+}
+
+fn req(op: Op, local: Descriptor, ep: kv_core::EndpointId, remote: Descriptor) -> TransferRequest {
+    TransferRequest {
+        op,
+        local_kind: MemKind::Dram,
+        local: DescriptorList::single(local),
+        peer: ep,
+        remote_kind: MemKind::Dram,
+        remote: DescriptorList::single(remote),
+    }
+}
+
+fn write_and_read(tls: &str, drive_b: bool) {
+    let Some((a, b)) = pair(tls) else { return };
+    let mut la: UcxHostMemory = a.alloc_host(LEN).unwrap();
+    let mut lb = b.alloc_host(LEN).unwrap();
+    assert_eq!(la.len(), LEN);
+    assert!(la.as_slice().iter().all(|&x| x == 0), "alloc_host zeroes");
+    lb.as_mut_slice().copy_from_slice(&pattern(3, LEN));
+    // SAFETY: the memory outlives the registrations (deregistered below).
+    let (ra, rb) = unsafe {
+        (
+            a.register(MemKind::Dram, &la.descriptor()).unwrap(),
+            b.register(MemKind::Dram, &lb.descriptor()).unwrap(),
+        )
+    };
+    let ep = a.connect("b", &b.connection_info().unwrap()).unwrap();
+    a.import_remote(
+        ep,
+        MemKind::Dram,
+        &lb.descriptor(),
+        &b.remote_key(rb).unwrap(),
+    )
+    .unwrap();
+    let st = run(
+        &a,
+        &b,
+        &req(Op::Read, la.descriptor(), ep, lb.descriptor()),
+        drive_b,
+    );
+    assert!(matches!(st, Status::Done), "READ over {tls}: {st:?}");
+    assert_eq!(la.as_slice(), &pattern(3, LEN)[..], "READ data over {tls}");
+    la.as_mut_slice().copy_from_slice(&pattern(4, LEN));
+    // The second half of a's memory into the first half of b's: offsets must map.
+    let half = (LEN / 2) as u64;
+    let (ld, rd) = (la.descriptor(), lb.descriptor());
+    let src = Descriptor::new(ld.addr + half, half, 0);
+    let dst = Descriptor::new(rd.addr, half, 0);
+    let st = run(&a, &b, &req(Op::Write, src, ep, dst), drive_b);
+    assert!(matches!(st, Status::Done), "WRITE over {tls}: {st:?}");
+    assert_eq!(
+        lb.as_slice()[..LEN / 2],
+        pattern(4, LEN)[LEN / 2..],
+        "WRITE data"
+    );
+    assert_eq!(
+        lb.as_slice()[LEN / 2..],
+        pattern(3, LEN)[LEN / 2..],
+        "untouched half"
+    );
+    a.deregister(ra).unwrap();
+    b.deregister(rb).unwrap();
+}
+
+#[test]
+fn shm_puts_and_gets_reach_ucx_memory_without_target_progress() {
+    write_and_read("posix,cma,self", false);
+}
+
+#[test]
+fn tcp_moves_ucx_memory_like_any_memory() {
+    write_and_read("tcp", true);
+}
+
+#[test]
+fn registrations_of_parts_and_late_drops_are_safe() {
+    let Some((a, _b)) = pair("posix,cma,self") else {
+        return;
+    };
+    assert!(matches!(a.alloc_host(0), Err(Error::InvalidArgument(_))));
+    let m = a.alloc_host(LEN).unwrap();
+    let d = m.descriptor();
+    // SAFETY: `m` is kept alive by the registrations' contract until deregistered; the
+    // drop below happens while registered on purpose (the unmap must wait).
+    let (whole, part) = unsafe {
+        (
+            a.register(MemKind::Dram, &d).unwrap(),
+            a.register(MemKind::Dram, &Descriptor::new(d.addr + 4096, 4096, 0))
+                .unwrap(),
+        )
+    };
+    assert!(!a.remote_key(part).unwrap().is_empty());
+    drop(m);
+    // Still mapped (UCX's unmap waits for the last registration): deregistering works.
+    a.deregister(part).unwrap();
+    a.deregister(whole).unwrap();
+    assert!(matches!(a.deregister(whole), Err(Error::NotRegistered(_))));
+}
