@@ -9,7 +9,7 @@
 //! in the temp dir) and `KV_GDS_BENCH_SIZE` (bytes, default 256 MiB) pick the file;
 //! `KV_GDS_BENCH_CASES` (comma-separated) picks the cases; `KV_GDS_BENCH_FIXED=0` turns
 //! registered buffers and files off, `KV_GDS_BENCH_ENGINE=threads` measures the thread
-//! pool.
+//! pool, `KV_GDS_BENCH_SUBMIT_BATCH=n` sets [`Options::submit_batch`].
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -102,6 +102,10 @@ fn setup(case: &Case, size: u64) -> Setup {
         register_buffers: std::env::var("KV_GDS_BENCH_FIXED").as_deref() != Ok("0"),
         register_files: std::env::var("KV_GDS_BENCH_FIXED").as_deref() != Ok("0"),
         max_io_size: case.bs.max(4096),
+        submit_batch: env_u64(
+            "KV_GDS_BENCH_SUBMIT_BATCH",
+            Options::default().submit_batch as u64,
+        ) as usize,
         ..Options::default()
     };
     let b = GdsBackend::new("bench", opts).expect("creating the gds backend");

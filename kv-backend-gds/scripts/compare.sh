@@ -9,7 +9,10 @@
 # medians are compared. Environment: SIZE (default 256M), SECS per run (default 2),
 # REPEAT, FILE (default a file in
 # $TMPDIR or /tmp), FIO_EXTRA (extra fio flags, e.g. "--fixedbufs --registerfiles"),
-# KV_GDS_BENCH_ENGINE=threads to measure the thread-pool engine instead of io_uring.
+# KV_GDS_BENCH_ENGINE=threads to measure the thread-pool engine instead of io_uring,
+# KV_GDS_BENCH_SUBMIT_BATCH=n for our Options::submit_batch (4096 = a whole queue's
+# refill per io_uring_enter, the behaviour before 2026-11-25).
+# fio's io_uring engine keeps iodepth_batch_submit=1 (one io_uring_enter per I/O).
 set -euo pipefail
 
 # KV_COMPARE_SHORT=1 (scripts/compare.sh --short, CI): one short pass of each.

@@ -98,6 +98,13 @@ pub struct Options {
     pub queue_depth: usize,
     /// Pieces larger than this are split (param `max_io_size`, bytes).
     pub max_io_size: u64,
+    /// io_uring: queued requests are handed to the kernel as soon as this many wait in
+    /// the submission queue (param `submit_batch`, default 4; clamped to
+    /// `1..=queue_depth`), so a refill reaches the device while the rest is still being
+    /// built. Submitting a whole queue's refill in one call (`submit_batch` =
+    /// `queue_depth`) cost about 20 % of 4 KiB random-read throughput on a virtio disk;
+    /// 1 (fio's default `iodepth_batch_submit=1`) to 4 measured alike (README).
+    pub submit_batch: usize,
     /// Let unaligned pieces on `O_DIRECT` files go through aligned bounce buffers
     /// instead of failing `prepare` (param `bounce`).
     pub bounce: bool,
@@ -115,6 +122,7 @@ impl Default for Options {
             engine: EngineChoice::Auto,
             queue_depth: 64,
             max_io_size: 1 << 20,
+            submit_batch: 4,
             bounce: false,
             threads: 8,
             register_buffers: true,
@@ -158,13 +166,14 @@ impl Options {
                 }
                 "queue_depth" => o.queue_depth = num(k, v)?,
                 "max_io_size" => o.max_io_size = num(k, v)?,
+                "submit_batch" => o.submit_batch = num(k, v)?,
                 "bounce" => o.bounce = flag(k, v)?,
                 "threads" => o.threads = num(k, v)?,
                 "register_buffers" => o.register_buffers = flag(k, v)?,
                 "register_files" => o.register_files = flag(k, v)?,
                 _ => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown gds param {k:?}; known: engine, queue_depth, max_io_size, bounce, threads, register_buffers, register_files"
+                        "unknown gds param {k:?}; known: engine, queue_depth, max_io_size, submit_batch, bounce, threads, register_buffers, register_files"
                     )))
                 }
             }
@@ -174,6 +183,11 @@ impl Options {
                 "gds queue_depth {} must be 1..=4096",
                 o.queue_depth
             )));
+        }
+        if o.submit_batch == 0 {
+            return Err(Error::invalid_argument(
+                "gds submit_batch must be at least 1 (1 = submit each request at once)",
+            ));
         }
         if o.max_io_size < 4096 || o.max_io_size > (1 << 30) {
             return Err(Error::invalid_argument(format!(
@@ -264,13 +278,18 @@ impl GdsBackend {
                 (Engine::Pool(p), EngineKind::ThreadPool, d)
             }
             choice => {
-                match UringEngine::new(opts.queue_depth, opts.register_buffers, opts.register_files)
-                {
+                match UringEngine::new(
+                    opts.queue_depth,
+                    opts.submit_batch,
+                    opts.register_buffers,
+                    opts.register_files,
+                ) {
                     Ok(u) => {
                         let (b, f) = u.fixed();
                         let d = format!(
-                            "io_uring (queue depth {}, registered buffers {}, registered files {})",
+                            "io_uring (queue depth {}, submit batch {}, registered buffers {}, registered files {})",
                             u.depth(),
+                            u.submit_batch(),
                             if b { "on" } else { "off" },
                             if f { "on" } else { "off" }
                         );
@@ -1204,6 +1223,11 @@ mod tests {
         let mut p = Params::new();
         p.insert("queue_depth".into(), "0".into());
         assert!(Options::from_params(&p).is_err());
+        let mut p = Params::new();
+        p.insert("submit_batch".into(), "0".into());
+        assert!(Options::from_params(&p).is_err());
+        p.insert("submit_batch".into(), "8".into());
+        assert_eq!(Options::from_params(&p).unwrap().submit_batch, 8);
         let mut p = Params::new();
         p.insert("engine".into(), "spdk".into());
         assert!(Options::from_params(&p).is_err());

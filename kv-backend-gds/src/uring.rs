@@ -34,12 +34,20 @@ pub(crate) struct UringEngine {
     buffers: Option<Vec<bool>>,
     files: Option<Vec<bool>>,
     cqes: Vec<(u64, i32)>,
+    /// SQEs are handed to the kernel as soon as this many are queued.
+    submit_batch: usize,
 }
 
 impl UringEngine {
-    /// A ring of `depth` entries. Fails when io_uring is missing or blocked (old kernel,
-    /// `kernel.io_uring_disabled`, seccomp).
-    pub fn new(depth: usize, fixed_buffers: bool, fixed_files: bool) -> Result<UringEngine> {
+    /// A ring of `depth` entries that hands queued SQEs to the kernel in groups of
+    /// `submit_batch` (see [`crate::Options::submit_batch`]). Fails when io_uring is
+    /// missing or blocked (old kernel, `kernel.io_uring_disabled`, seccomp).
+    pub fn new(
+        depth: usize,
+        submit_batch: usize,
+        fixed_buffers: bool,
+        fixed_files: bool,
+    ) -> Result<UringEngine> {
         let depth = depth.clamp(1, 4096);
         let unavailable = |what: &str, e: std::io::Error| Error::BackendUnavailable {
             name: "gds".into(),
@@ -93,12 +101,18 @@ impl UringEngine {
             buffers,
             files,
             cqes: Vec::with_capacity(2 * depth),
+            submit_batch: submit_batch.clamp(1, depth),
         })
     }
 
     /// The queue depth.
     pub fn depth(&self) -> usize {
         self.depth
+    }
+
+    /// How many queued SQEs trigger a submission.
+    pub fn submit_batch(&self) -> usize {
+        self.submit_batch
     }
 
     /// Whether registered buffers / files are in use.
@@ -149,6 +163,15 @@ impl UringEngine {
             // SAFETY: the entry's buffer is valid until its completion is reaped (the
             // `push` contract); cancel and NOP entries reference no memory.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                if self.ring.submission().len() >= self.submit_batch {
+                    // Start the device on these now rather than after the whole refill
+                    // is built: a batch submitted at once is plugged and kicked as one,
+                    // and the device idles meanwhile (README, "Measured"). On failure
+                    // the entries stay queued for `flush`.
+                    if let Err(e) = self.ring.submit() {
+                        tracing::debug!("io_uring eager submit: {e}; left for flush");
+                    }
+                }
                 return;
             }
             // The SQ is full (only when cancels pile on top of requests): hand it over.

@@ -215,9 +215,25 @@ fn round_trip_sizes(engine: EngineChoice) {
 
 /// 10 000 4 KiB blocks, memory in order, file slots permuted with gaps between them.
 fn scattered(engine: EngineChoice) {
+    scattered_with(engine, Options::default());
+}
+
+/// The same with requests handed to the kernel a whole queue at a time instead of one
+/// by one (`submit_batch` = `queue_depth`).
+#[test]
+fn scattered_batched_submission() {
+    let opts = Options {
+        queue_depth: 32,
+        submit_batch: 32,
+        ..Options::default()
+    };
+    scattered_with(EngineChoice::Uring, opts);
+}
+
+fn scattered_with(engine: EngineChoice, opts: Options) {
     const N: u64 = 10_000;
     const BS: u64 = 4096;
-    let Some(b) = backend(engine, Options::default()) else {
+    let Some(b) = backend(engine, opts) else {
         return;
     };
     let mut rig = Rig::new(b, 0, 2 * N * BS, (N * BS) as usize);
