@@ -1,7 +1,7 @@
 //! The `Agent`: backends, registrations, peers and transfers.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -81,20 +81,51 @@ pub(crate) struct RegionEntry {
     pub(crate) id: u64,
     pub(crate) kind: MemKind,
     pub(crate) desc: Descriptor,
-    /// Keeps the memory alive while registered (custody).
-    _keep: Arc<dyn Memory>,
+    /// Keeps the memory alive while registered (custody); leaked if a backend fails
+    /// to deregister, so memory a backend may still touch is never freed.
+    keep: Mutex<Option<Arc<dyn Memory>>>,
     /// (backend, its registration id).
     pub(crate) regs: Vec<(Arc<LoadedBackend>, RegistrationId)>,
+    /// Pins and the dropped/deregistered flags, under one lock so a post can never pin
+    /// a region whose deregistration already started.
+    state: Mutex<RegionState>,
+}
+
+#[derive(Default)]
+struct RegionState {
     /// Posted transfers that name this region.
-    pub(crate) inflight: AtomicUsize,
-    /// The user dropped its handle; deregister once `inflight` is zero.
-    dropped: AtomicBool,
-    done: AtomicBool,
+    inflight: usize,
+    /// The user dropped (or deregistered) its handle; deregister once `inflight` is 0.
+    dropped: bool,
+    /// Deregistration ran (or is running).
+    done: bool,
 }
 
 impl RegionEntry {
     fn registered_on(&self, backend: &str) -> bool {
         self.regs.iter().any(|(b, _)| b.name == backend)
+    }
+
+    fn is_dropped(&self) -> bool {
+        self.state.lock().dropped
+    }
+
+    /// Pins the region for one posted transfer; refused once it is being deregistered.
+    pub(crate) fn pin(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        if st.dropped || st.done {
+            return Err(Error::NotRegistered(format!(
+                "region {} was deregistered; register the memory again and re-prepare",
+                self.id
+            )));
+        }
+        st.inflight += 1;
+        Ok(())
+    }
+
+    /// Posted transfers that name this region now.
+    pub(crate) fn inflight(&self) -> usize {
+        self.state.lock().inflight
     }
 }
 
@@ -105,6 +136,9 @@ pub(crate) struct PeerEntry {
     pub(crate) state: Mutex<PeerState>,
     /// Set when a newer generation replaced this one or it was invalidated.
     pub(crate) retired: Mutex<Option<String>>,
+    /// Bumped whenever an imported region of this peer is withdrawn, so a prepared
+    /// transfer re-checks its remote regions before its next post.
+    pub(crate) epoch: AtomicU64,
 }
 
 #[derive(Default)]
@@ -168,6 +202,10 @@ impl Drop for Inner {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Most descriptors one remote registration may expand to (agents publish one range
+/// per registration; this bounds what a peer can make us iterate).
+const MAX_REMOTE_DESCRIPTORS: u64 = 4096;
 
 /// Type of a function that creates a backend by name: `(agent name, params)`.
 pub type BackendFactory = fn(&str, &Params) -> Result<Arc<dyn Backend>>;
@@ -333,11 +371,9 @@ impl Agent {
             id,
             kind,
             desc,
-            _keep: region.keep_alive(),
+            keep: Mutex::new(Some(region.keep_alive())),
             regs,
-            inflight: AtomicUsize::new(0),
-            dropped: AtomicBool::new(false),
-            done: AtomicBool::new(false),
+            state: Mutex::new(RegionState::default()),
         });
         self.inner.regions.write().insert(id, entry.clone());
         Ok(Registration {
@@ -364,10 +400,7 @@ impl Agent {
             Some(rs) => rs.iter().map(|r| r.entry.clone()).collect(),
         };
         let mut registrations = Vec::with_capacity(entries.len());
-        for e in entries
-            .iter()
-            .filter(|e| !e.dropped.load(Ordering::Acquire))
-        {
+        for e in entries.iter().filter(|e| !e.is_dropped()) {
             let mut keys = Vec::new();
             for (b, rid) in &e.regs {
                 if let Some(idx) = backends.iter().position(|x| x.name == b.name) {
@@ -421,6 +454,13 @@ impl Agent {
                 self.apply(p, meta)?;
                 return Ok(p.id);
             }
+            if meta.partial {
+                // Never let a partial message knock out the live incarnation.
+                return Err(Error::InvalidMetadata(format!(
+                    "partial metadata for {} generation {} but generation {} is loaded; load full metadata of the new generation",
+                    meta.name, meta.generation, p.generation
+                )));
+            }
             self.retire(
                 p,
                 format!(
@@ -442,6 +482,7 @@ impl Agent {
             generation: meta.generation,
             state: Mutex::new(PeerState::default()),
             retired: Mutex::new(None),
+            epoch: AtomicU64::new(0),
         });
         self.apply(&entry, meta)?;
         by_name.insert(entry.name.clone(), id);
@@ -450,6 +491,18 @@ impl Agent {
     }
 
     fn apply(&self, p: &PeerEntry, meta: AgentMetadata) -> Result<()> {
+        if let Some(r) = meta
+            .registrations
+            .iter()
+            .find(|r| r.descs.len() > MAX_REMOTE_DESCRIPTORS)
+        {
+            return Err(Error::InvalidMetadata(format!(
+                "registration {} of {} has {} descriptors; at most {MAX_REMOTE_DESCRIPTORS} are accepted",
+                r.id,
+                meta.name,
+                r.descs.len()
+            )));
+        }
         let mut st = p.state.lock();
         if !meta.partial {
             // A full message replaces the registrations; imported ones that vanished
@@ -464,7 +517,7 @@ impl Agent {
                 .copied()
                 .collect();
             for id in gone {
-                self.drop_remote_region(&mut st, id);
+                self.drop_remote_region(p, &mut st, id);
             }
         }
         for r in meta.registrations {
@@ -473,7 +526,7 @@ impl Agent {
             r.keys.retain(|(i, _)| (*i as usize) < meta.backends.len());
             let changed = st.regions.get(&r.id).is_some_and(|old| *old != r);
             if changed {
-                self.drop_remote_region(&mut st, r.id);
+                self.drop_remote_region(p, &mut st, r.id);
             }
             let mut named = r.clone();
             named.keys = r
@@ -490,12 +543,13 @@ impl Agent {
             st.regions.insert(r.id, named);
         }
         for id in meta.removed {
-            self.drop_remote_region(&mut st, id);
+            self.drop_remote_region(p, &mut st, id);
         }
         Ok(())
     }
 
-    fn drop_remote_region(&self, st: &mut PeerState, id: u64) {
+    fn drop_remote_region(&self, p: &PeerEntry, st: &mut PeerState, id: u64) {
+        p.epoch.fetch_add(1, Ordering::AcqRel);
         st.regions.remove(&id);
         let keys: Vec<(String, u64)> = st
             .imported
@@ -575,22 +629,62 @@ impl Agent {
 
     /// The endpoint of `peer` on `backend`, connecting on first use.
     pub(crate) fn endpoint(&self, p: &PeerEntry, b: &LoadedBackend) -> Result<EndpointId> {
-        let mut st = p.state.lock();
-        if let Some(ep) = st.endpoints.get(&b.name) {
-            return Ok(*ep);
-        }
-        let info = st
-            .backends
-            .iter()
-            .find(|x| x.name == b.name)
-            .map(|x| x.connection.clone())
-            .ok_or_else(|| Error::NoCommonBackend {
-                local: vec![b.name.clone()],
-                remote: st.backends.iter().map(|x| x.name.clone()).collect(),
-            })?;
+        let info = {
+            let st = p.state.lock();
+            if let Some(ep) = st.endpoints.get(&b.name) {
+                return Ok(*ep);
+            }
+            st.backends
+                .iter()
+                .find(|x| x.name == b.name)
+                .map(|x| x.connection.clone())
+                .ok_or_else(|| Error::NoCommonBackend {
+                    local: vec![b.name.clone()],
+                    remote: st.backends.iter().map(|x| x.name.clone()).collect(),
+                })?
+        };
+        // Connect without holding the peer's lock: it may take up to the backend's
+        // connect timeout.
         let ep = b.backend.connect(&p.name, &info)?;
-        st.endpoints.insert(b.name.clone(), ep);
-        Ok(ep)
+        let mut st = p.state.lock();
+        match st.endpoints.get(&b.name) {
+            Some(existing) => {
+                // Another thread connected first; keep its endpoint.
+                let existing = *existing;
+                drop(st);
+                let _ = b.backend.disconnect(ep);
+                Ok(existing)
+            }
+            None => {
+                st.endpoints.insert(b.name.clone(), ep);
+                Ok(ep)
+            }
+        }
+    }
+
+    /// Refuses a post whose remote regions were withdrawn since it was prepared.
+    pub(crate) fn check_remote_regions(
+        &self,
+        p: &PeerEntry,
+        backend: &str,
+        ids: &[u64],
+        seen: &AtomicU64,
+    ) -> Result<()> {
+        let now = p.epoch.load(Ordering::Acquire);
+        if seen.load(Ordering::Acquire) == now {
+            return Ok(());
+        }
+        let st = p.state.lock();
+        for id in ids {
+            if !st.imported.contains_key(&(backend.to_string(), *id)) {
+                return Err(Error::NotRegistered(format!(
+                    "remote region {id} of {} was withdrawn (deregistered or replaced in new metadata); prepare the transfer again",
+                    p.name
+                )));
+            }
+        }
+        seen.store(now, Ordering::Release);
+        Ok(())
     }
 
     /// Imports remote region `id` of `p` on `b` if not done yet.
@@ -702,9 +796,7 @@ impl Agent {
             }
             let r = regions
                 .values()
-                .find(|r| {
-                    r.kind == kind && !r.dropped.load(Ordering::Acquire) && r.desc.contains(&x)
-                })
+                .find(|r| r.kind == kind && r.desc.contains(&x) && !r.is_dropped())
                 .ok_or_else(|| {
                     Error::NotRegistered(format!(
                         "local range {:#x}+{} is outside every registered {kind} region",
@@ -878,18 +970,44 @@ fn progress_loop(weak: Weak<Inner>) {
 impl Inner {
     /// Called when a posted transfer that named `r` finished.
     pub(crate) fn unpin(&self, r: &RegionEntry) {
-        if r.inflight.fetch_sub(1, Ordering::AcqRel) == 1 && r.dropped.load(Ordering::Acquire) {
-            self.finish_deregister(r);
+        let run = {
+            let mut st = r.state.lock();
+            st.inflight = st.inflight.saturating_sub(1);
+            let run = st.inflight == 0 && st.dropped && !st.done;
+            st.done |= run;
+            run
+        };
+        if run {
+            self.deregister_now(r);
         }
     }
 
-    fn finish_deregister(&self, r: &RegionEntry) {
-        if r.inflight.load(Ordering::Acquire) != 0 || r.done.swap(true, Ordering::AcqRel) {
-            return;
+    /// Marks the region dropped; deregisters now if nothing is in flight.
+    fn drop_region(&self, r: &RegionEntry) {
+        let run = {
+            let mut st = r.state.lock();
+            st.dropped = true;
+            let run = st.inflight == 0 && !st.done;
+            st.done |= run;
+            run
+        };
+        if run {
+            self.deregister_now(r);
         }
+    }
+
+    fn deregister_now(&self, r: &RegionEntry) {
+        let mut failed = false;
         for (b, id) in &r.regs {
             if let Err(e) = b.backend.deregister(*id) {
-                tracing::warn!(backend = %b.name, error = %e, "deregistration failed");
+                tracing::error!(backend = %b.name, region = r.id, error = %e, "deregistration failed; keeping the memory alive");
+                failed = true;
+            }
+        }
+        if failed {
+            // A backend may still touch the memory: never free it.
+            if let Some(k) = r.keep.lock().take() {
+                std::mem::forget(k);
             }
         }
         self.regions.write().remove(&r.id);
@@ -942,7 +1060,7 @@ impl Registration {
     /// Deregisters now; fails with [`Error::Busy`] (and keeps the registration) while a
     /// posted transfer names it.
     pub fn deregister(self) -> std::result::Result<(), (Error, Registration)> {
-        let n = self.entry.inflight.load(Ordering::Acquire);
+        let n = self.entry.inflight();
         if n > 0 {
             return Err((
                 Error::Busy(format!(
@@ -959,8 +1077,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.entry.dropped.store(true, Ordering::Release);
-        self.inner.finish_deregister(&self.entry);
+        self.inner.drop_region(&self.entry);
     }
 }
 

@@ -3,14 +3,15 @@
 //! Frame: `"KVXS" | op u8 | 3 zero bytes | len u32 LE | payload`. Requests: `GET` (empty
 //! payload) answered with `META` + this agent's metadata; `PUT` + metadata (a peer
 //! publishing) answered with `OK` or `ERR` + message. Payloads are bounded by
-//! [`kv_core::codec::MAX_METADATA_BYTES`]; sockets have timeouts; a malformed frame
-//! closes that connection only.
+//! [`kv_core::codec::MAX_METADATA_BYTES`] and read by an absolute deadline into a buffer
+//! that grows with what arrives; at most 64 requests are served at once; a malformed
+//! frame closes that connection only.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kv_core::{Error, Result};
 use parking_lot::Mutex;
@@ -23,6 +24,8 @@ const PUT: u8 = 2;
 const META: u8 = 0x81;
 const OK: u8 = 0x82;
 const ERR: u8 = 0x83;
+/// Side-channel requests served at once; more connections are closed unread.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Side-channel state of an agent.
 #[derive(Default)]
@@ -54,16 +57,60 @@ fn write_frame(s: &mut TcpStream, op: u8, payload: &[u8]) -> Result<()> {
         .map_err(|e| Error::io("side channel write", e))
 }
 
-/// Reads one frame; malformed input is `InvalidMetadata`.
+/// Reads one frame; malformed input is `InvalidMetadata`. Used on in-memory bytes
+/// (tests, fuzzing); sockets go through [`read_frame_by`].
+#[cfg(test)]
 pub(crate) fn read_frame(s: &mut impl Read) -> Result<(u8, Vec<u8>)> {
     let mut h = [0u8; 12];
     s.read_exact(&mut h)
         .map_err(|e| Error::io("side channel read", e))?;
     let (op, len) = parse_header(&h)?;
-    let mut v = vec![0u8; len];
-    s.read_exact(&mut v)
+    let mut v = Vec::new();
+    s.take(len as u64)
+        .read_to_end(&mut v)
         .map_err(|e| Error::io("side channel read", e))?;
+    if v.len() != len {
+        return Err(Error::invalid_metadata("side-channel frame truncated"));
+    }
     Ok((op, v))
+}
+
+/// Reads one frame from a socket by an absolute deadline: a peer that trickles bytes
+/// cannot hold the reader past it, and the buffer grows with the bytes that actually
+/// arrive (a header claiming 64 MiB allocates nothing up front).
+fn read_frame_by(s: &mut TcpStream, deadline: Instant) -> Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 12];
+    read_exact_by(s, &mut h, deadline)?;
+    let (op, len) = parse_header(&h)?;
+    let mut v = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    while v.len() < len {
+        let want = (len - v.len()).min(chunk.len());
+        read_exact_by(s, &mut chunk[..want], deadline)?;
+        v.extend_from_slice(&chunk[..want]);
+    }
+    Ok((op, v))
+}
+
+fn read_exact_by(s: &mut TcpStream, mut buf: &mut [u8], deadline: Instant) -> Result<()> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::TimedOut {
+                what: "side-channel frame".into(),
+                after: Duration::ZERO,
+            });
+        }
+        s.set_read_timeout(Some(left))
+            .map_err(|e| Error::io("set timeout", e))?;
+        match s.read(buf) {
+            Ok(0) => return Err(Error::invalid_metadata("side-channel frame truncated")),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("side channel read", e)),
+        }
+    }
+    Ok(())
 }
 
 /// Checks a 12-byte frame header and returns (op, payload length).
@@ -100,11 +147,9 @@ pub fn parse_header(h: &[u8]) -> Result<(u8, usize)> {
 }
 
 fn serve(inner: &Weak<Inner>, mut s: TcpStream, timeout: Duration) -> Result<()> {
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| Error::io("set timeout", e))?;
     s.set_write_timeout(Some(timeout))
         .map_err(|e| Error::io("set timeout", e))?;
-    let (op, payload) = read_frame(&mut s)?;
+    let (op, payload) = read_frame_by(&mut s, Instant::now() + timeout)?;
     let Some(inner) = inner.upgrade() else {
         return Ok(());
     };
@@ -157,21 +202,31 @@ impl Agent {
         std::thread::Builder::new()
             .name(format!("kv-agent-channel-{}", self.inner.name))
             .spawn(move || {
+                let active = Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
                     if flag.load(Ordering::Relaxed) || weak.strong_count() == 0 {
                         return;
                     }
                     let Ok(conn) = conn else { continue };
-                    let w = weak.clone();
+                    if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+                        tracing::warn!("side channel: {MAX_CONNECTIONS} requests in progress; refusing a connection");
+                        continue;
+                    }
+                    active.fetch_add(1, Ordering::AcqRel);
+                    let (w, act) = (weak.clone(), active.clone());
                     // One short-lived thread per request keeps a slow client from
-                    // blocking the others; each is bounded by the socket timeouts.
-                    let _ = std::thread::Builder::new()
+                    // blocking the others; each is bounded by the frame deadline.
+                    let spawned = std::thread::Builder::new()
                         .name("kv-agent-channel-conn".into())
                         .spawn(move || {
                             if let Err(e) = serve(&w, conn, timeout) {
                                 tracing::debug!(error = %e, "side-channel request failed");
                             }
+                            act.fetch_sub(1, Ordering::AcqRel);
                         });
+                    if spawned.is_err() {
+                        active.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             })
             .map_err(|e| Error::io("starting the side-channel thread", e))?;
@@ -188,7 +243,8 @@ impl Agent {
         let addr = resolve(addr)?;
         let mut s = connect(addr, self.inner.opts.channel_timeout)?;
         write_frame(&mut s, GET, &[])?;
-        let (op, payload) = read_frame(&mut s)?;
+        let (op, payload) =
+            read_frame_by(&mut s, Instant::now() + self.inner.opts.channel_timeout)?;
         if op != META {
             return Err(Error::invalid_metadata(format!(
                 "side channel answered op {op:#x} to GET"
@@ -208,7 +264,8 @@ impl Agent {
         let meta = self.local_metadata()?;
         let mut s = connect(addr, self.inner.opts.channel_timeout)?;
         write_frame(&mut s, PUT, &meta)?;
-        let (op, payload) = read_frame(&mut s)?;
+        let (op, payload) =
+            read_frame_by(&mut s, Instant::now() + self.inner.opts.channel_timeout)?;
         match op {
             OK => {
                 let mut known = self.inner.channel.known.lock();

@@ -109,6 +109,9 @@ pub struct Transfer {
     id: TransferId,
     peer: Arc<PeerEntry>,
     local: Vec<Arc<RegionEntry>>,
+    /// Remote region ids it writes or reads, and the peer epoch they were last checked at.
+    remote_ids: Vec<u64>,
+    epoch: std::sync::atomic::AtomicU64,
     bytes: u64,
     descriptors: u64,
     deadline: Duration,
@@ -138,13 +141,16 @@ impl Transfer {
         }
         let peer = agent.peer(spec.peer)?;
         peer.check_current()?;
+        // Read before importing: a withdrawal racing with this prepare makes the first
+        // post re-check.
+        let epoch = peer.epoch.load(std::sync::atomic::Ordering::Acquire);
         let local = agent.local_regions_for(spec.local_kind, &spec.local)?;
         let (remote_ids, remote_backends) =
             agent.remote_regions_for(&peer, spec.remote_kind, &spec.remote)?;
         let backend = agent.choose_backend(spec, &local, &remote_backends, &peer)?;
         let ep = agent.endpoint(&peer, &backend)?;
-        for id in remote_ids {
-            agent.import(&peer, &backend, ep, id)?;
+        for id in &remote_ids {
+            agent.import(&peer, &backend, ep, *id)?;
         }
         let id = backend.backend.prepare(&TransferRequest {
             op: spec.op,
@@ -164,6 +170,8 @@ impl Transfer {
             id,
             peer,
             local,
+            remote_ids,
+            epoch: std::sync::atomic::AtomicU64::new(epoch),
             state: Mutex::new(State {
                 pinned: false,
                 last: Status::Idle,
@@ -193,8 +201,19 @@ impl Transfer {
             return Err(Error::Busy("the previous post has not finished".into()));
         }
         self.peer.check_current()?;
-        for r in &self.local {
-            r.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.agent.check_remote_regions(
+            &self.peer,
+            &self.backend.name,
+            &self.remote_ids,
+            &self.epoch,
+        )?;
+        for (i, r) in self.local.iter().enumerate() {
+            if let Err(e) = r.pin() {
+                for r in &self.local[..i] {
+                    self.agent.inner.unpin(r);
+                }
+                return Err(e);
+            }
         }
         let now = Instant::now();
         let deadline_at = deadline_from_now(self.deadline);
@@ -203,7 +222,7 @@ impl Transfer {
             deadline: Some(deadline_at),
         };
         // SAFETY: every local range lies in a region this transfer holds (`self.local`
-        // keeps the memory alive) and pinned above (`inflight` > 0 defers its
+        // keeps the memory alive) and pinned above (a pin defers its
         // deregistration) until `finish` runs after the backend reported the end or
         // `cancel` returned.
         if let Err(e) = unsafe { self.backend.backend.post(self.id, &opts) } {
@@ -264,7 +283,13 @@ impl Transfer {
                                 after: self.deadline,
                             }),
                         },
-                        Err(e) => Status::Failed(e),
+                        Err(e) => {
+                            // The backend may still touch the memory: stay pinned (no
+                            // deregistration, memory kept) and report the failure.
+                            tracing::error!(error = %e, "cancel after the deadline failed; keeping the regions pinned");
+                            st.last = Status::Failed(e);
+                            return st.last.clone();
+                        }
                     };
                     self.finish(&mut st, s);
                 }

@@ -726,3 +726,258 @@ fn progress_thread_completes_without_polling() {
     }
     assert!(matches!(t.poll(), Status::Done));
 }
+
+/// A prepared transfer whose local registration was dropped is refused at post; the
+/// registration is not resurrected.
+#[test]
+fn post_after_local_deregistration_is_refused() {
+    let (p, d) = pair();
+    let src = p.region(4096, 1);
+    let rs = p.agent.register(&src).unwrap();
+    let dst = d.region(4096, 2);
+    let rd = d.agent.register(&dst).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let t = p
+        .agent
+        .prepare(&TransferSpec::write(
+            DescriptorList::single(rs.descriptor()),
+            peer,
+            DescriptorList::single(rd.descriptor()),
+        ))
+        .unwrap();
+    drop(rs);
+    let e = t.post(None).unwrap_err();
+    assert!(
+        matches!(e, Error::NotRegistered(ref m) if m.contains("deregistered")),
+        "{e}"
+    );
+    // The backend no longer holds it: the loopback lets the memory go.
+    assert!(p.lb.free(&src.descriptor()).is_ok());
+}
+
+/// The peer withdraws a region (deregisters and republishes): transfers prepared
+/// against it are refused at their next post instead of writing into it.
+#[test]
+fn post_after_remote_withdrawal_is_refused() {
+    let (p, d) = pair();
+    let src = p.region(4096, 1);
+    let rs = p.agent.register(&src).unwrap();
+    let (a, b) = (d.region(4096, 2), d.region(4096, 3));
+    let ra = d.agent.register(&a).unwrap();
+    let rb = d.agent.register(&b).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let spec = |r: &kv_agent::Registration| {
+        TransferSpec::write(
+            DescriptorList::single(rs.descriptor()),
+            peer,
+            DescriptorList::single(r.descriptor()),
+        )
+    };
+    let ta = p.agent.prepare(&spec(&ra)).unwrap();
+    let tb = p.agent.prepare(&spec(&rb)).unwrap();
+    ta.post(None).unwrap();
+    ta.wait().unwrap();
+    drop(ra);
+    p.agent
+        .load_remote(&d.agent.local_metadata().unwrap())
+        .unwrap();
+    let e = ta.post(None).unwrap_err();
+    assert!(
+        matches!(e, Error::NotRegistered(ref m) if m.contains("withdrawn")),
+        "{e}"
+    );
+    // Transfers to regions still published keep working.
+    tb.post(None).unwrap();
+    tb.wait().unwrap();
+    assert_eq!(d.read(b.descriptor()), pattern(1, 4096));
+}
+
+/// A partial message of a newer generation is refused and leaves the live peer alone.
+#[test]
+fn newer_partial_metadata_does_not_retire_the_peer() {
+    let f = LoopbackFabric::new();
+    let p = node(&f, "prefill", AgentOptions::default());
+    let d1 = node(
+        &f,
+        "decode",
+        AgentOptions {
+            generation: Some(1),
+            ..Default::default()
+        },
+    );
+    let dst = d1.region(4096, 2);
+    let _r1 = d1.agent.register(&dst).unwrap();
+    let peer = p
+        .agent
+        .load_remote(&d1.agent.local_metadata().unwrap())
+        .unwrap();
+    let d2 = node(
+        &LoopbackFabric::new(),
+        "decode",
+        AgentOptions {
+            generation: Some(2),
+            ..Default::default()
+        },
+    );
+    let x = d2.region(4096, 3);
+    let r2 = d2.agent.register(&x).unwrap();
+    let e = p
+        .agent
+        .load_remote(&d2.agent.partial_metadata(&[&r2]).unwrap())
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidMetadata(_)), "{e}");
+    assert_eq!(p.agent.peer_by_name("decode"), Some(peer));
+    assert_eq!(p.agent.remote_regions(peer).unwrap().len(), 1);
+}
+
+/// A backend that cannot deregister keeps custody: the memory is never freed.
+#[test]
+fn failed_deregistration_keeps_the_memory() {
+    struct NoDereg(LoopbackBackend);
+    #[allow(unsafe_code)]
+    impl Backend for NoDereg {
+        fn name(&self) -> &str {
+            "nodereg"
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.0.capabilities()
+        }
+        unsafe fn register(
+            &self,
+            kind: MemKind,
+            desc: &Descriptor,
+        ) -> kv_core::Result<RegistrationId> {
+            // SAFETY: forwarded contract.
+            unsafe { self.0.register(kind, desc) }
+        }
+        fn deregister(&self, _id: RegistrationId) -> kv_core::Result<()> {
+            Err(Error::Busy("a peer is still writing".into()))
+        }
+        fn remote_key(&self, id: RegistrationId) -> kv_core::Result<Bytes> {
+            self.0.remote_key(id)
+        }
+        fn connection_info(&self) -> kv_core::Result<Bytes> {
+            self.0.connection_info()
+        }
+        fn connect(&self, n: &str, info: &[u8]) -> kv_core::Result<EndpointId> {
+            self.0.connect(n, info)
+        }
+        fn disconnect(&self, p: EndpointId) -> kv_core::Result<()> {
+            self.0.disconnect(p)
+        }
+        fn import_remote(
+            &self,
+            p: EndpointId,
+            k: MemKind,
+            d: &Descriptor,
+            key: &[u8],
+        ) -> kv_core::Result<RemoteId> {
+            self.0.import_remote(p, k, d, key)
+        }
+        fn release_remote(&self, id: RemoteId) -> kv_core::Result<()> {
+            self.0.release_remote(id)
+        }
+        fn prepare(&self, r: &TransferRequest) -> kv_core::Result<TransferId> {
+            self.0.prepare(r)
+        }
+        unsafe fn post(&self, id: TransferId, o: &PostOptions) -> kv_core::Result<()> {
+            // SAFETY: forwarded contract.
+            unsafe { self.0.post(id, o) }
+        }
+        fn poll(&self, id: TransferId) -> Status {
+            self.0.poll(id)
+        }
+        fn cancel(&self, id: TransferId) -> kv_core::Result<()> {
+            self.0.cancel(id)
+        }
+        fn release(&self, id: TransferId) -> kv_core::Result<()> {
+            self.0.release(id)
+        }
+        fn progress(&self) -> kv_core::Result<usize> {
+            self.0.progress()
+        }
+        fn notify(&self, p: EndpointId, b: Bytes) -> kv_core::Result<()> {
+            self.0.notify(p, b)
+        }
+        fn drain_notifications(&self, out: &mut Vec<Notification>) -> kv_core::Result<usize> {
+            self.0.drain_notifications(out)
+        }
+    }
+    let f = LoopbackFabric::new();
+    let lb = NoDereg(f.backend("a"));
+    let d = lb.0.alloc(4096);
+    let agent = Agent::new("a", AgentOptions::default()).unwrap();
+    agent.add_backend_instance(Arc::new(lb)).unwrap();
+    let region = Region::new(LoopMem(d));
+    let reg = agent.register(&region).unwrap();
+    assert_eq!(region.holders(), 2);
+    drop(reg);
+    // The agent could not deregister: it leaked its hold rather than free the memory.
+    assert_eq!(region.holders(), 2);
+    assert!(region.into_inner().is_err());
+}
+
+/// A side-channel client that trickles bytes is cut off at the frame deadline, and a
+/// header claiming a huge payload allocates nothing up front.
+#[test]
+fn side_channel_trickle_is_bounded() {
+    use std::io::{Read, Write};
+    let d = Agent::new(
+        "decode",
+        AgentOptions {
+            channel_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let addr = d.listen("127.0.0.1:0").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    // A PUT header claiming 60 MiB, then one byte every 100 ms.
+    let mut h = [0u8; 12];
+    h[..4].copy_from_slice(b"KVXS");
+    h[4] = 2;
+    h[8..].copy_from_slice(&(60u32 << 20).to_le_bytes());
+    s.write_all(&h).unwrap();
+    let start = Instant::now();
+    let mut closed = false;
+    for _ in 0..50 {
+        if s.write_all(&[0]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            // EOF, or a reset because our unread bytes were still queued at close.
+            Ok(0) => closed = true,
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                closed = true
+            }
+            _ => {}
+        }
+        if closed {
+            break;
+        }
+    }
+    assert!(closed, "the trickling connection was never closed");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // The channel still serves others.
+    let p = Agent::new("prefill", AgentOptions::default()).unwrap();
+    p.fetch_remote(addr).unwrap();
+}

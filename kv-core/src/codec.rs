@@ -411,8 +411,8 @@ impl<'a> Reader<'a> {
                     let count = self.u64()?;
                     let len = self.u64()?;
                     let device = self.u32()?;
-                    if count == 0 {
-                        return Err(bad("strided entry with zero count"));
+                    if count == 0 || len == 0 {
+                        return Err(bad("strided entry with zero count or zero length"));
                     }
                     let e = Entry::Strided {
                         base,

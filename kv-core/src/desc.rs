@@ -231,7 +231,7 @@ impl DescriptorList {
     /// Appends one descriptor. A descriptor that continues the last strided run (same
     /// device, length and stride) extends it instead of adding an entry.
     pub fn push(&mut self, desc: Descriptor) {
-        self.count += 1;
+        self.count = self.count.saturating_add(1);
         self.bytes = self.bytes.saturating_add(desc.len);
         if let Some(last) = self.entries.last_mut() {
             match *last {
@@ -257,6 +257,7 @@ impl DescriptorList {
                     device,
                 } if device == desc.device
                     && len == desc.len
+                    && count < u64::MAX
                     && Some(desc.addr)
                         == stride.checked_mul(count).and_then(|o| o.checked_add(base)) =>
                 {
@@ -271,7 +272,8 @@ impl DescriptorList {
         self.entries.push(Entry::Single(desc));
     }
 
-    /// Appends a strided run of `count` descriptors of `len` bytes, `stride` apart.
+    /// Appends a strided run of `count` descriptors of `len` bytes, `stride` apart. A run
+    /// of zero-length descriptors moves nothing and is not added.
     ///
     /// Fails with [`Error::InvalidArgument`] when the run's addresses overflow.
     pub fn push_strided(
@@ -282,7 +284,7 @@ impl DescriptorList {
         len: u64,
         device: u32,
     ) -> Result<()> {
-        if count == 0 {
+        if count == 0 || len == 0 {
             return Ok(());
         }
         let e = Entry::Strided {
@@ -303,7 +305,7 @@ impl DescriptorList {
 
     /// Appends an entry as is (used by decoders; strided entries are not re-merged).
     pub fn push_entry(&mut self, e: Entry) {
-        if e.count() == 0 {
+        if e.count() == 0 || matches!(e, Entry::Strided { len: 0, .. }) {
             return;
         }
         self.count = self.count.saturating_add(e.count());
@@ -371,7 +373,7 @@ impl DescriptorList {
         let mut pos = 0u64;
         for e in &self.entries {
             let c = e.count();
-            let (lo, hi) = (start.max(pos), end.min(pos + c));
+            let (lo, hi) = (start.max(pos), end.min(pos.saturating_add(c)));
             if lo < hi {
                 match *e {
                     Entry::Single(d) => out.push(d),
@@ -387,7 +389,7 @@ impl DescriptorList {
                     }
                 }
             }
-            pos += c;
+            pos = pos.saturating_add(c);
             if pos >= end {
                 break;
             }
@@ -441,7 +443,11 @@ impl DescriptorList {
             };
             match flat {
                 Some(d) => match out.last_mut() {
-                    Some(prev) if prev.device == d.device && prev.end() == Some(d.addr) => {
+                    Some(prev)
+                        if prev.device == d.device
+                            && prev.end() == Some(d.addr)
+                            && prev.len.checked_add(d.len).is_some() =>
+                    {
                         prev.len += d.len;
                     }
                     _ => out.push(d),
@@ -639,6 +645,32 @@ mod tests {
             .unwrap()
             .has_overlap());
         assert!(DescriptorList::strided(u64::MAX - 10, 10, 3, 1, 0).is_err());
+    }
+
+    #[test]
+    fn extremes_do_not_overflow_or_hang() {
+        let mut l = DescriptorList::new();
+        l.push_strided(0, 1, u64::MAX, 0, 0).unwrap(); // zero-length run: nothing
+        assert!(l.is_empty());
+        l.push_entry(Entry::Strided {
+            base: 0,
+            stride: 0,
+            count: u64::MAX,
+            len: 0,
+            device: 0,
+        });
+        assert!(l.is_empty());
+        l.push_strided(0, 0, u64::MAX, 1, 0).unwrap();
+        l.push(Descriptor::new(0, 1, 0));
+        assert_eq!(l.len(), u64::MAX);
+        assert!(l.slice(u64::MAX - 2, u64::MAX).is_ok());
+        let big: DescriptorList = [
+            Descriptor::new(0, u64::MAX - 1, 0),
+            Descriptor::new(u64::MAX - 1, 1, 0),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(big.coalesced().len(), 1);
     }
 
     #[test]

@@ -544,6 +544,16 @@ impl Backend for LoopbackBackend {
         if matches!(t.status, Status::InProgress) {
             return Err(Error::Busy(format!("{id} is already in progress")));
         }
+        let regs = t.local_regs.clone();
+        if let Some(r) = regs.iter().find(|r| !s.regs.contains_key(r)) {
+            return Err(Error::NotRegistered(format!(
+                "local registration {r} of {id} was deregistered; prepare again"
+            )));
+        }
+        let t = s
+            .transfers
+            .get_mut(&id.0)
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
         t.status = Status::InProgress;
         t.opts = opts.clone();
         for r in t.local_regs.clone() {

@@ -17,7 +17,7 @@
 //! assert_eq!((d.len, d.addr % 4096), (1 << 20, 0));
 //! let page = region.slice(4096, 4096)?;                 // a sub-range for a transfer
 //! assert_eq!(page.addr, d.addr + 4096);
-//! let buf = region.into_inner().map_err(|_| "still shared").unwrap();
+//! let buf = region.into_inner().map_err(|_| "still shared").unwrap(); // nothing holds it now
 //! assert_eq!(&buf.as_slice()[..5], b"hello");
 //! # Ok::<(), kv_core::Error>(())
 //! ```

@@ -113,7 +113,15 @@ impl<M: Memory> Region<M> {
     }
 
     /// The memory, for reading (and for `&self` methods of `M`).
-    pub fn memory(&self) -> &M {
+    ///
+    /// # Safety
+    ///
+    /// While bytes of the memory are read through the returned reference, nothing may
+    /// write them: no transfer that writes them (a local READ, a peer's WRITE into a
+    /// registration) is in flight, and no `write_at` runs. Read after the transfer
+    /// completed or its notification arrived. Registered memory is written by backends
+    /// and peers outside the compiler's view, which is why this is `unsafe`.
+    pub unsafe fn memory(&self) -> &M {
         &self.mem
     }
 
@@ -142,13 +150,14 @@ impl<M: Memory> Region<M> {
 impl Region<HostBuffer> {
     /// The bytes of `offset..offset + len`, as a shared slice over that range only.
     ///
-    /// A peer's transfer into these bytes while the slice is alive leaves their values
-    /// unspecified (as with any RDMA target); order reads after the notification.
-    pub fn bytes(&self, offset: u64, len: u64) -> Result<&[u8]> {
+    /// # Safety
+    ///
+    /// While the slice lives nothing writes those bytes (see [`Region::memory`]): no
+    /// transfer or peer writes into them and no `write_at` overlaps them.
+    pub unsafe fn bytes(&self, offset: u64, len: u64) -> Result<&[u8]> {
         let d = self.slice(offset, len)?;
         // SAFETY: `d` lies inside our live allocation (checked by `slice`), which stays
-        // alive while `self` is borrowed; in-process writes to it go only through the
-        // `unsafe` `write_at`, whose contract forbids overlapping a live slice.
+        // alive while `self` is borrowed; no concurrent writer is the caller's promise.
         Ok(unsafe { std::slice::from_raw_parts(d.addr as *const u8, len as usize) })
     }
 
@@ -156,9 +165,9 @@ impl Region<HostBuffer> {
     ///
     /// # Safety
     ///
-    /// For the duration of the call no other thread of this process reads or writes
-    /// these bytes (through `read_at`, `write_at`, [`Region::bytes`] or
-    /// `memory().as_slice()`). Region clones share the memory, so the compiler cannot
+    /// For the duration of the call nothing else reads or writes these bytes (through
+    /// `read_at`, `write_at`, [`Region::bytes`], `memory().as_slice()`, a transfer, or a
+    /// backend serving a peer). Region clones share the memory, so the compiler cannot
     /// check this. (A peer writing them over the network at the same time makes the
     /// result unspecified but is not a memory-safety issue for this process.)
     pub unsafe fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
@@ -216,8 +225,11 @@ mod tests {
             assert_eq!(&out, b"abc");
             assert!(r.write_at(4095, b"ab").is_err());
         }
-        assert_eq!(r.bytes(10, 3).unwrap(), b"abc");
-        assert!(r.bytes(4095, 2).is_err());
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!(r.bytes(10, 3).unwrap(), b"abc");
+            assert!(r.bytes(4095, 2).is_err());
+        }
     }
 
     #[test]

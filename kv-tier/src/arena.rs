@@ -193,9 +193,13 @@ impl Arena {
     /// Other threads write other slots of the arena at the same time (through
     /// [`Arena::write`]); a slot's bytes are written only while one owner holds it
     /// unpublished, so the range read here does not change while it is borrowed.
+    #[allow(unsafe_code)]
     pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
-        self.region
-            .bytes(offset, len)
+        // SAFETY: callers read a slot they own unpublished or a published slot under a
+        // pin; kv-tier writes a slot only while it is unpublished and unpinned, and NVMe
+        // reads land only in freshly allocated slots. An agent that registers the arena
+        // (`Store::arena`) must only transfer *from* it (documented there).
+        unsafe { self.region.bytes(offset, len) }
             .expect("arena ranges come from its own slab allocator")
     }
 

@@ -248,6 +248,8 @@ impl Store {
     }
 
     /// The DRAM arena, for an agent to register: block handles' descriptors lie in it.
+    /// Transfer *from* it (WRITE to a peer, or a peer's READ); never post a transfer that
+    /// writes into it — the store owns its contents and hands out slices of them.
     pub fn arena(&self) -> &Region<HostBuffer> {
         self.inner.arena.region()
     }
@@ -270,7 +272,13 @@ impl Store {
 
     /// Stores `len` bytes of `region` from `offset` (e.g. a staging buffer a transfer
     /// just filled) under `key`.
-    pub fn put_region(
+    ///
+    /// # Safety
+    ///
+    /// Nothing writes `offset..offset + len` of `region` during the call (the transfer
+    /// that filled it has completed); see [`kv_mem::Region::bytes`].
+    #[allow(unsafe_code)]
+    pub unsafe fn put_region(
         &self,
         key: BlockKey,
         region: &Region<HostBuffer>,
@@ -278,7 +286,8 @@ impl Store {
         len: u64,
     ) -> Result<()> {
         region.slice(offset, len)?;
-        let src = region.bytes(offset, len)?;
+        // SAFETY: the caller promises no writer (above).
+        let src = unsafe { region.bytes(offset, len)? };
         self.put(key, src)
     }
 
