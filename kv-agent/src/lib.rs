@@ -34,3 +34,9 @@ pub use agent::{Agent, AgentOptions, BackendFactory, BackendStats, PeerId, Regis
 pub use channel::parse_header as parse_channel_header;
 pub use kv_core::{Error, Result};
 pub use transfer::{Transfer, TransferSpec, TransferTelemetry};
+
+/// The READMEs' Rust examples, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
