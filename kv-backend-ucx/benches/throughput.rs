@@ -8,8 +8,16 @@
 //!
 //! * `shm_put_ucxmem/1MiB`, `shm_put_ucxmem_batched/16KiB`, `shm_put_ucxmem/16KiB`:
 //!   the same with `UcxBackend::alloc_host` memory on both sides (direct copies).
+//! * `shm_put_ucxmem_same/16KiB`: 64 descriptors that all name the same 16 KiB on both
+//!   sides (the shape of `ucx_perftest -t ucp_put_bw -s 16384`, which puts the same
+//!   buffer again and again).
+//! * `tcp_put/{64KiB,256KiB,512KiB,1MiB}`: WRITEs over TCP with the backend's defaults
+//!   (active messages with rendezvous from `am_write_min` = 512 KiB up);
+//!   `tcp_put_rma/...`: the same with `am_write_min = off` (always `ucp_put_nbx`).
 //! * `tcp_put_target_thread/1MiB`: as `tcp_put/1MiB` with the target driven by its own
 //!   progress thread instead of the posting thread.
+//!
+//! `KV_BENCH_DESCRIBE=1` prints the initiator's `describe()` after each case.
 //!
 //! Batched cases post `count` pieces that are adjacent locally and in reverse order
 //! remotely (same footprint as one big put, nothing merges). One thread drives both
@@ -46,9 +54,42 @@ enum Mem {
     Ucx,
 }
 
-fn pair(tls: &str, count: u64, len: u64, mem: Mem, b_thread: bool) -> Option<Pair> {
+/// One bench case.
+struct Case {
+    name: &'static str,
+    tls: &'static str,
+    /// Descriptors per post.
+    count: u64,
+    /// Bytes per descriptor.
+    len: u64,
+    mem: Mem,
+    /// The target runs its own progress thread.
+    b_thread: bool,
+    /// Every descriptor names the same `len` bytes on both sides (as `ucx_perftest`
+    /// puts the same buffer again and again) instead of `count` different pieces.
+    same: bool,
+    /// WRITEs over TCP as active messages (`Options::am_write_min` default); `false`
+    /// keeps them `ucp_put_nbx` (UCX's AM emulation of put).
+    am: bool,
+}
+
+fn pair(c: &Case) -> Option<Pair> {
+    let Case {
+        tls,
+        count,
+        len,
+        mem,
+        b_thread,
+        same,
+        ..
+    } = *c;
     let opts = Options {
         tls: Some(tls.into()),
+        am_write_min: if c.am {
+            Options::default().am_write_min
+        } else {
+            u64::MAX
+        },
         ..Default::default()
     };
     let b_opts = Options {
@@ -65,7 +106,7 @@ fn pair(tls: &str, count: u64, len: u64, mem: Mem, b_thread: bool) -> Option<Pai
     let b = UcxBackend::new("b", b_opts).ok()?;
     // The local pieces are adjacent, the remote ones in reverse order: `count` puts
     // of `len` bytes over the same footprint as one `count * len` put (nothing merges).
-    let size = (len * count) as usize;
+    let size = if same { len } else { len * count } as usize;
     let (la, lb): (Box<dyn Memory>, Box<dyn Memory>) = match mem {
         Mem::Heap => (
             Box::new(HostBuffer::alloc(size, 4096).ok()?),
@@ -88,12 +129,22 @@ fn pair(tls: &str, count: u64, len: u64, mem: Mem, b_thread: bool) -> Option<Pai
         .prepare(&TransferRequest {
             op: Op::Write,
             local_kind: MemKind::Dram,
-            local: DescriptorList::strided(la.descriptor().addr, len, count, len, 0).ok()?,
+            local: DescriptorList::strided(
+                la.descriptor().addr,
+                if same { 0 } else { len },
+                count,
+                len,
+                0,
+            )
+            .ok()?,
             peer: ep,
             remote_kind: MemKind::Dram,
             remote: (0..count)
                 .rev()
-                .map(|i| Descriptor::new(lb.descriptor().addr + i * len, len, 0))
+                .map(|i| {
+                    let at = if same { 0 } else { i * len };
+                    Descriptor::new(lb.descriptor().addr + at, len, 0)
+                })
                 .collect(),
         })
         .ok()?;
@@ -149,54 +200,169 @@ impl Drop for Pair {
 }
 
 fn bench(c: &mut Criterion) {
-    let cases: [(&str, &str, u64, u64, Mem, bool); 7] = [
-        (
-            "shm_put/1MiB",
-            "posix,cma,self",
-            1,
-            1 << 20,
-            Mem::Heap,
-            false,
-        ),
-        (
+    const SHM: &str = "posix,cma,self";
+    let case = |name, tls, count, len, mem, b_thread, same, am| Case {
+        name,
+        tls,
+        count,
+        len,
+        mem,
+        b_thread,
+        same,
+        am,
+    };
+    let (heap, ucx) = (Mem::Heap, Mem::Ucx);
+    let cases = [
+        case("shm_put/1MiB", SHM, 1, 1 << 20, heap, false, false, true),
+        case(
             "shm_put_batched/16KiB",
-            "posix,cma,self",
+            SHM,
             64,
             16 << 10,
-            Mem::Heap,
+            heap,
             false,
+            false,
+            true,
         ),
-        (
+        case(
             "shm_put_ucxmem/1MiB",
-            "posix,cma,self",
+            SHM,
             1,
             1 << 20,
-            Mem::Ucx,
+            ucx,
             false,
+            false,
+            true,
         ),
-        (
+        case(
             "shm_put_ucxmem_batched/16KiB",
-            "posix,cma,self",
+            SHM,
             64,
             16 << 10,
-            Mem::Ucx,
+            ucx,
             false,
+            false,
+            true,
         ),
-        (
+        case(
+            "shm_put_ucxmem_same/16KiB",
+            SHM,
+            64,
+            16 << 10,
+            ucx,
+            false,
+            true,
+            true,
+        ),
+        case(
             "shm_put_ucxmem/16KiB",
-            "posix,cma,self",
+            SHM,
             1,
             16 << 10,
-            Mem::Ucx,
+            ucx,
+            false,
+            false,
+            true,
+        ),
+        case("tcp_put/1MiB", "tcp", 1, 1 << 20, heap, false, false, true),
+        case(
+            "tcp_put_rma/1MiB",
+            "tcp",
+            1,
+            1 << 20,
+            heap,
+            false,
+            false,
             false,
         ),
-        ("tcp_put/1MiB", "tcp", 1, 1 << 20, Mem::Heap, false),
-        (
+        case(
+            "tcp_put/512KiB",
+            "tcp",
+            1,
+            512 << 10,
+            heap,
+            false,
+            false,
+            true,
+        ),
+        case(
+            "tcp_put_rma/512KiB",
+            "tcp",
+            1,
+            512 << 10,
+            heap,
+            false,
+            false,
+            false,
+        ),
+        case(
+            "tcp_put/256KiB",
+            "tcp",
+            1,
+            256 << 10,
+            heap,
+            false,
+            false,
+            true,
+        ),
+        case(
+            "tcp_put_rma/256KiB",
+            "tcp",
+            1,
+            256 << 10,
+            heap,
+            false,
+            false,
+            false,
+        ),
+        case(
+            "tcp_put/64KiB",
+            "tcp",
+            1,
+            64 << 10,
+            heap,
+            false,
+            false,
+            true,
+        ),
+        case(
+            "tcp_put_rma/64KiB",
+            "tcp",
+            1,
+            64 << 10,
+            heap,
+            false,
+            false,
+            false,
+        ),
+        case(
+            "tcp_put/16KiB",
+            "tcp",
+            1,
+            16 << 10,
+            heap,
+            false,
+            false,
+            true,
+        ),
+        case(
+            "tcp_put_rma/16KiB",
+            "tcp",
+            1,
+            16 << 10,
+            heap,
+            false,
+            false,
+            false,
+        ),
+        case(
             "tcp_put_target_thread/1MiB",
             "tcp",
             1,
             1 << 20,
-            Mem::Heap,
+            heap,
+            true,
+            false,
             true,
         ),
     ];
@@ -214,15 +380,18 @@ fn bench(c: &mut Criterion) {
     g.sample_size(20)
         .warm_up_time(ms("KV_BENCH_WARMUP_MS", 500))
         .measurement_time(ms("KV_BENCH_MEASURE_MS", 3000));
-    for (name, tls, count, len, mem, b_thread) in cases {
-        if !filter_matches(name) {
+    for c in &cases {
+        if !filter_matches(c.name) {
             continue;
         }
-        let Some(p) = pair(tls, count, len, mem, b_thread) else {
+        let Some(p) = pair(c) else {
             return;
         };
-        g.throughput(Throughput::Bytes(count * len));
-        g.bench_function(name, |bch| bch.iter(|| p.write_once()));
+        g.throughput(Throughput::Bytes(c.count * c.len));
+        g.bench_function(c.name, |bch| bch.iter(|| p.write_once()));
+        if std::env::var_os("KV_BENCH_DESCRIBE").is_some() {
+            eprintln!("{}", p.a.describe());
+        }
     }
     g.finish();
 }

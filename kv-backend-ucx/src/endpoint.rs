@@ -45,6 +45,9 @@ pub struct Endpoint {
     /// Created with `UCP_ERR_HANDLING_MODE_PEER` (else `NONE`: the transports cannot
     /// detect a dead peer and only deadlines bound a transfer).
     pub peer_errors: bool,
+    /// WRITEs of at least this many bytes go as active messages with rendezvous
+    /// (`u64::MAX`: never; set at connect for endpoints whose lanes are all TCP).
+    pub am_write_min: u64,
     /// Why the endpoint can no longer be used, once it cannot.
     pub dead: Option<String>,
     /// Sequence number of the next notification.
@@ -63,6 +66,7 @@ impl Endpoint {
             peer_name,
             info,
             peer_errors: true,
+            am_write_min: u64::MAX,
             dead: None,
             next_seq: 0,
             notes: VecDeque::new(),

@@ -83,18 +83,29 @@ pub const UCP_MEM_ATTR_FIELD_LENGTH: u64 = 1 << 1;
 pub const UCP_OP_ATTR_FIELD_CALLBACK: u32 = 1 << 1;
 pub const UCP_OP_ATTR_FIELD_USER_DATA: u32 = 1 << 2;
 pub const UCP_OP_ATTR_FIELD_FLAGS: u32 = 1 << 4;
+pub const UCP_OP_ATTR_FIELD_MEMORY_TYPE: u32 = 1 << 6;
+pub const UCP_AM_SEND_FLAG_REPLY: u32 = 1 << 0;
 pub const UCP_AM_SEND_FLAG_EAGER: u32 = 1 << 1;
+pub const UCP_AM_SEND_FLAG_RNDV: u32 = 1 << 2;
 
 pub const UCP_AM_HANDLER_PARAM_FIELD_ID: u64 = 1 << 0;
 pub const UCP_AM_HANDLER_PARAM_FIELD_FLAGS: u64 = 1 << 1;
 pub const UCP_AM_HANDLER_PARAM_FIELD_CB: u64 = 1 << 2;
 pub const UCP_AM_HANDLER_PARAM_FIELD_ARG: u64 = 1 << 3;
 pub const UCP_AM_FLAG_WHOLE_MSG: u32 = 1 << 0;
+pub const UCP_AM_RECV_ATTR_FIELD_REPLY_EP: u64 = 1 << 0;
 pub const UCP_AM_RECV_ATTR_FLAG_RNDV: u64 = 1 << 17;
 
 /// `ucp_send_nbx_callback_t`.
 pub type ucp_send_nbx_callback_t =
     unsafe extern "C" fn(request: *mut c_void, status: ucs_status_t, user_data: *mut c_void);
+/// `ucp_am_recv_data_nbx_callback_t`.
+pub type ucp_am_recv_data_nbx_callback_t = unsafe extern "C" fn(
+    request: *mut c_void,
+    status: ucs_status_t,
+    length: usize,
+    user_data: *mut c_void,
+);
 /// `ucp_err_handler_cb_t`.
 pub type ucp_err_handler_cb_t =
     unsafe extern "C" fn(arg: *mut c_void, ep: ucp_ep_h, status: ucs_status_t);
@@ -206,13 +217,24 @@ pub struct ucp_mem_attr_t {
     pub mem_type: c_uint,
 }
 
-/// `ucp_request_param_t` (the callback union is one function pointer wide).
+/// The callback union of `ucp_request_param_t` (only the members this crate uses; all
+/// are one function pointer wide).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union ucp_request_cb_t {
+    /// `ucp_send_nbx_callback_t send`.
+    pub send: Option<ucp_send_nbx_callback_t>,
+    /// `ucp_am_recv_data_nbx_callback_t recv_am`.
+    pub recv_am: Option<ucp_am_recv_data_nbx_callback_t>,
+}
+
+/// `ucp_request_param_t`.
 #[repr(C)]
 pub struct ucp_request_param_t {
     pub op_attr_mask: u32,
     pub flags: u32,
     pub request: *mut c_void,
-    pub cb: Option<ucp_send_nbx_callback_t>,
+    pub cb: ucp_request_cb_t,
     pub datatype: u64,
     pub user_data: *mut c_void,
     pub reply_buffer: *mut c_void,
@@ -228,7 +250,7 @@ impl ucp_request_param_t {
             op_attr_mask: 0,
             flags: 0,
             request: std::ptr::null_mut(),
-            cb: None,
+            cb: ucp_request_cb_t { send: None },
             datatype: 0,
             user_data: std::ptr::null_mut(),
             reply_buffer: std::ptr::null_mut(),
@@ -359,6 +381,13 @@ pub struct Lib {
         *const c_void,
         usize,
         *const c_void,
+        usize,
+        *const ucp_request_param_t,
+    ) -> ucs_status_ptr_t,
+    pub am_recv_data_nbx: unsafe extern "C" fn(
+        ucp_worker_h,
+        *mut c_void,
+        *mut c_void,
         usize,
         *const ucp_request_param_t,
     ) -> ucs_status_ptr_t,
@@ -494,6 +523,7 @@ impl Lib {
             put_nbx: sym!(ucp, "ucp_put_nbx"),
             get_nbx: sym!(ucp, "ucp_get_nbx"),
             am_send_nbx: sym!(ucp, "ucp_am_send_nbx"),
+            am_recv_data_nbx: sym!(ucp, "ucp_am_recv_data_nbx"),
             request_check_status: sym!(ucp, "ucp_request_check_status"),
             request_cancel: sym!(ucp, "ucp_request_cancel"),
             request_free: sym!(ucp, "ucp_request_free"),
@@ -630,6 +660,8 @@ mod tests {
         assert_eq!(offset_of!(ucp_request_param_t, memory_type), 48);
         assert_eq!(offset_of!(ucp_request_param_t, recv_info), 56);
         assert_eq!(offset_of!(ucp_request_param_t, memh), 64);
+
+        assert_eq!(size_of::<ucp_request_cb_t>(), 8);
 
         assert_eq!(size_of::<ucp_am_handler_param_t>(), 32);
         assert_eq!(offset_of!(ucp_am_handler_param_t, id), 8);

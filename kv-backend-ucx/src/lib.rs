@@ -35,6 +35,15 @@
 //! [`UcxBackend::alloc_host`] is UCX's own shared mapping: peers' puts and gets are a
 //! plain copy into it, about three times faster for 1 MiB on the reference machine.
 //!
+//! # WRITEs over TCP
+//!
+//! UCX 1.13 has no RMA lane on TCP and emulates put with active messages that the
+//! target copies. Over endpoints whose lanes are all TCP, WRITE segments of at least
+//! [`Options::am_write_min`] bytes are sent as active messages with rendezvous instead:
+//! the target checks the header against its registrations, receives the data straight
+//! into the registered range and answers; the post completes on that answer. The target
+//! must progress (as for emulated put). See the README, "TCP WRITEs".
+//!
 //! # Peer failure
 //!
 //! Endpoints use `UCP_ERR_HANDLING_MODE_PEER` with an error callback: where the
@@ -86,6 +95,12 @@ pub struct Options {
     /// How long `cancel` waits for UCX to cancel requests before force-closing the
     /// endpoint. Param `cancel_grace_ms`.
     pub cancel_grace: Duration,
+    /// Over endpoints whose lanes are all TCP, WRITE segments of at least this many
+    /// bytes are sent as active messages with rendezvous that the target receives
+    /// straight into its registered memory (UCX 1.13 emulates put over TCP with
+    /// messages the target copies); smaller segments stay `ucp_put_nbx`. `u64::MAX`
+    /// turns it off. Param `am_write_min` (bytes, or `off`). See README, "TCP WRITEs".
+    pub am_write_min: u64,
     /// Further UCX settings (`ucp_config_modify` names without the `UCX_` prefix, e.g.
     /// `("RNDV_THRESH", "8k")`, `("TCP_TX_SEG_SIZE", "1M")`). Params `ucx.<NAME>`.
     /// `TCP_*` names are passed without `TCP_` (how UCX 1.13 applies transport settings
@@ -102,6 +117,7 @@ impl Default for Options {
             progress_thread: false,
             max_notification: 1 << 20,
             cancel_grace: Duration::from_millis(100),
+            am_write_min: worker::AM_WRITE_MIN,
             config: Vec::new(),
         }
     }
@@ -118,6 +134,12 @@ impl Options {
                 "lib" => o.lib_path = Some(PathBuf::from(v)),
                 "progress_thread" => o.progress_thread = v.parse().map_err(|_| bad(k, v))?,
                 "max_notification" => o.max_notification = v.parse().map_err(|_| bad(k, v))?,
+                "am_write_min" => {
+                    o.am_write_min = match v.as_str() {
+                        "off" => u64::MAX,
+                        n => n.parse().map_err(|_| bad(k, v))?,
+                    }
+                }
                 "cancel_grace_ms" => {
                     o.cancel_grace = Duration::from_millis(v.parse().map_err(|_| bad(k, v))?)
                 }
@@ -126,7 +148,7 @@ impl Options {
                     _ => {
                         return Err(Error::invalid_argument(format!(
                             "unknown ucx param {k:?} (known: tls, lib, progress_thread, \
-                             max_notification, cancel_grace_ms, ucx.<NAME>)"
+                             max_notification, cancel_grace_ms, am_write_min, ucx.<NAME>)"
                         )))
                     }
                 },
@@ -313,7 +335,9 @@ mod tests {
         p.insert("progress_thread".into(), "true".into());
         p.insert("cancel_grace_ms".into(), "5".into());
         p.insert("ucx.RNDV_THRESH".into(), "8k".into());
+        p.insert("am_write_min".into(), "off".into());
         let o = Options::from_params(&p).unwrap();
+        assert_eq!(o.am_write_min, u64::MAX);
         assert_eq!(o.tls.as_deref(), Some("tcp"));
         assert!(o.progress_thread);
         assert_eq!(o.cancel_grace, Duration::from_millis(5));

@@ -118,6 +118,8 @@ pub struct Registration {
     pub desc: Descriptor,
     /// The encoded remote key ([`crate::wire::RemoteKey`]).
     pub key: Bytes,
+    /// The random id in that key, which WRITEs sent as active messages name.
+    pub key_id: u64,
     /// Posted transfers that name this registration; deregistering waits for zero.
     pub busy: usize,
 }
@@ -145,6 +147,10 @@ pub struct Remote {
     pub packed: Vec<u8>,
     /// The unpacked rkey (shared through the cache).
     pub rkey: ucp_rkey_h,
+    /// The peer registration's key id (named by WRITEs sent as active messages).
+    pub key_id: u64,
+    /// Start of the peer's whole registration (offsets in those WRITEs count from it).
+    pub key_base: u64,
     /// Posted transfers that use this rkey; releasing waits for zero.
     pub busy: usize,
 }

@@ -40,6 +40,8 @@ unsafe extern "C" fn on_complete(_req: *mut c_void, status: ucs_status_t, user_d
 pub struct Group {
     counter: Box<Counter>,
     reqs: Vec<*mut c_void>,
+    /// Buffers UCX reads until the group's requests complete (active-message headers).
+    keep: Vec<Box<[u8]>>,
     lib: Arc<Lib>,
 }
 
@@ -49,6 +51,7 @@ impl Group {
         Group {
             counter: new_counter(),
             reqs: Vec::new(),
+            keep: Vec::new(),
             lib: lib.clone(),
         }
     }
@@ -62,7 +65,9 @@ impl Group {
             p.op_attr_mask |= ffi::UCP_OP_ATTR_FIELD_FLAGS;
             p.flags = flags;
         }
-        p.cb = Some(on_complete);
+        p.cb = ffi::ucp_request_cb_t {
+            send: Some(on_complete),
+        };
         p.user_data = &*self.counter as *const Counter as *mut c_void;
         p
     }
@@ -76,15 +81,32 @@ impl Group {
         issue: impl FnOnce(&ffi::ucp_request_param_t) -> ucs_status_ptr_t,
     ) -> Result<(), ucs_status_t> {
         let p = self.param(flags);
-        // Counted before the call: the callback can only run later, but counting first
-        // keeps the counter from ever going below zero whatever the order.
-        self.counter.pending.fetch_add(1, Ordering::AcqRel);
-        let r = issue(&p);
+        self.issue_with(&p, issue)
+    }
+
+    /// As [`Group::issue`] with parameters from [`Group::param`] of this group, built
+    /// once for many operations (a post's puts).
+    ///
+    /// Operations that complete at once (a put over shared memory) cost no atomic
+    /// operation: the count goes up only for a request UCX returned. UCX runs the
+    /// callback only from a later progress call (never inside the call that returned
+    /// the request), and both happen under the worker lock; the counter's arithmetic
+    /// wraps, so even the other order would leave it right once both happened.
+    pub fn issue_with(
+        &mut self,
+        p: &ffi::ucp_request_param_t,
+        issue: impl FnOnce(&ffi::ucp_request_param_t) -> ucs_status_ptr_t,
+    ) -> Result<(), ucs_status_t> {
+        debug_assert!(std::ptr::eq(
+            p.user_data as *const Counter,
+            &*self.counter as *const Counter
+        ));
+        let r = issue(p);
         if ffi::ptr_is_request(r) {
+            self.counter.pending.fetch_add(1, Ordering::AcqRel);
             self.reqs.push(r);
             return Ok(());
         }
-        self.counter.pending.fetch_sub(1, Ordering::AcqRel);
         match ffi::ptr_status(r) {
             UCS_OK => Ok(()),
             s => {
@@ -92,6 +114,14 @@ impl Group {
                 Err(s)
             }
         }
+    }
+
+    /// Keeps `buf` alive (at a fixed address) for as long as the group's requests may
+    /// read it; returns its address.
+    pub fn keep(&mut self, buf: Box<[u8]>) -> *const u8 {
+        let p = buf.as_ptr();
+        self.keep.push(buf);
+        p
     }
 
     /// Records an error that happened outside UCX's callbacks.
@@ -149,6 +179,10 @@ impl Drop for Group {
             // run any more (the request was freed), but leak the counter anyway rather
             // than free memory a racing completion could still name.
             Box::leak(std::mem::replace(&mut self.counter, new_counter()));
+            // The same for buffers UCX may still read.
+            for b in self.keep.drain(..) {
+                Box::leak(b);
+            }
         }
     }
 }

@@ -11,7 +11,12 @@ use kv_core::{Descriptor, Error, Result};
 const INFO_MAGIC: &[u8; 4] = b"KVUI";
 const KEY_MAGIC: &[u8; 4] = b"KVUK";
 const AM_MAGIC: &[u8; 4] = b"KVUN";
+const WRITE_MAGIC: &[u8; 4] = b"KVUW";
+const ACK_MAGIC: &[u8; 4] = b"KVUA";
 const VERSION: u8 = 1;
+/// Version of [`RemoteKey`]: 2 added the registration's key id (named by WRITEs sent as
+/// active messages; a version-1 key is refused as `InvalidMetadata`).
+const KEY_VERSION: u8 = 2;
 /// Version of [`ConnInfo`]: 2 added the TCP segment sizes (a version-1 peer's info is
 /// refused as `InvalidMetadata` rather than risking the connection reset that mismatched
 /// segment sizes cause).
@@ -42,6 +47,9 @@ pub struct ConnInfo {
 pub struct RemoteKey {
     /// The registered range on the peer.
     pub range: Descriptor,
+    /// Random id of the registration on the peer: WRITEs sent as active messages
+    /// ([`WriteHeader`]) name it, and the peer checks them against it.
+    pub key_id: u64,
     /// `ucp_rkey_pack` output.
     pub rkey: Vec<u8>,
 }
@@ -225,7 +233,8 @@ impl RemoteKey {
             .map_err(|_| Error::invalid_argument("packed rkey over 4 GiB"))?;
         let mut v = Vec::with_capacity(32 + self.rkey.len());
         v.extend_from_slice(KEY_MAGIC);
-        v.push(VERSION);
+        v.push(KEY_VERSION);
+        v.extend_from_slice(&self.key_id.to_le_bytes());
         v.extend_from_slice(&self.range.addr.to_le_bytes());
         v.extend_from_slice(&self.range.len.to_le_bytes());
         v.extend_from_slice(&self.range.device.to_le_bytes());
@@ -241,7 +250,8 @@ impl RemoteKey {
             buf: body,
             what: "remote key",
         };
-        r.header(KEY_MAGIC)?;
+        r.versioned(KEY_MAGIC, KEY_VERSION)?;
+        let key_id = r.u64()?;
         let range = Descriptor::new(r.u64()?, r.u64()?, r.u32()?);
         let len = r.u32()? as usize;
         let rkey = r.take(len)?.to_vec();
@@ -251,7 +261,136 @@ impl RemoteKey {
                 "ucx remote key: empty rkey or range overflows",
             ));
         }
-        Ok(RemoteKey { range, rkey })
+        Ok(RemoteKey {
+            range,
+            key_id,
+            rkey,
+        })
+    }
+}
+
+/// The header of a WRITE sent as an active message (TCP): which registration of the
+/// target, where in it, how long, and the initiator's sequence number for the ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteHeader {
+    /// Initiator's backend instance (echoed in the ack).
+    pub instance: u64,
+    /// Initiator's sequence number of this WRITE (echoed in the ack).
+    pub seq: u64,
+    /// The target registration's [`RemoteKey::key_id`].
+    pub key_id: u64,
+    /// Offset of the data in that registration.
+    pub offset: u64,
+    /// Length of the data (must equal the message's data length).
+    pub len: u64,
+}
+
+/// Encoded size of a [`WriteHeader`].
+pub const WRITE_HEADER_LEN: usize = 5 + 5 * 8;
+
+impl WriteHeader {
+    /// Serialises the header (fixed size, [`WRITE_HEADER_LEN`]).
+    pub fn encode(&self) -> [u8; WRITE_HEADER_LEN] {
+        let mut v = [0u8; WRITE_HEADER_LEN];
+        v[..4].copy_from_slice(WRITE_MAGIC);
+        v[4] = VERSION;
+        for (i, x) in [self.instance, self.seq, self.key_id, self.offset, self.len]
+            .into_iter()
+            .enumerate()
+        {
+            v[5 + 8 * i..13 + 8 * i].copy_from_slice(&x.to_le_bytes());
+        }
+        v
+    }
+
+    /// Parses a header produced by [`WriteHeader::encode`].
+    pub fn decode(buf: &[u8]) -> Result<WriteHeader> {
+        let mut r = Reader {
+            buf,
+            what: "write header",
+        };
+        r.header(WRITE_MAGIC)?;
+        let h = WriteHeader {
+            instance: r.u64()?,
+            seq: r.u64()?,
+            key_id: r.u64()?,
+            offset: r.u64()?,
+            len: r.u64()?,
+        };
+        r.end()?;
+        Ok(h)
+    }
+}
+
+/// Outcome of a WRITE sent as an active message, as the target reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AckCode {
+    /// The data is in the target's registered memory.
+    Ok = 0,
+    /// No registration with that key id (never was, or deregistered).
+    NotRegistered = 1,
+    /// The range is not inside the registration.
+    OutOfBounds = 2,
+    /// The header's length did not match the data, or the target could not parse it.
+    InvalidMetadata = 3,
+    /// The target's UCX failed to receive the data.
+    Failed = 4,
+}
+
+impl AckCode {
+    fn from_u8(b: u8) -> Option<AckCode> {
+        Some(match b {
+            0 => AckCode::Ok,
+            1 => AckCode::NotRegistered,
+            2 => AckCode::OutOfBounds,
+            3 => AckCode::InvalidMetadata,
+            4 => AckCode::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// The target's answer to a [`WriteHeader`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The initiator's instance, from the header.
+    pub instance: u64,
+    /// The initiator's sequence number, from the header.
+    pub seq: u64,
+    /// What happened.
+    pub code: AckCode,
+}
+
+/// Encoded size of an [`Ack`].
+pub const ACK_LEN: usize = 5 + 8 + 8 + 1;
+
+impl Ack {
+    /// Serialises the ack (fixed size, [`ACK_LEN`]).
+    pub fn encode(&self) -> [u8; ACK_LEN] {
+        let mut v = [0u8; ACK_LEN];
+        v[..4].copy_from_slice(ACK_MAGIC);
+        v[4] = VERSION;
+        v[5..13].copy_from_slice(&self.instance.to_le_bytes());
+        v[13..21].copy_from_slice(&self.seq.to_le_bytes());
+        v[21] = self.code as u8;
+        v
+    }
+
+    /// Parses an ack produced by [`Ack::encode`].
+    pub fn decode(buf: &[u8]) -> Result<Ack> {
+        let mut r = Reader { buf, what: "ack" };
+        r.header(ACK_MAGIC)?;
+        let instance = r.u64()?;
+        let seq = r.u64()?;
+        let code = AckCode::from_u8(r.u8()?)
+            .ok_or_else(|| Error::invalid_metadata("ucx ack: unknown code"))?;
+        r.end()?;
+        Ok(Ack {
+            instance,
+            seq,
+            code,
+        })
     }
 }
 
@@ -313,9 +452,32 @@ mod tests {
         assert_eq!(ConnInfo::decode(&i.encode().unwrap()).unwrap(), i);
         let k = RemoteKey {
             range: Descriptor::new(0x1000, 4096, 0),
+            key_id: 0xdead_beef,
             rkey: vec![9; 40],
         };
         assert_eq!(RemoteKey::decode(&k.encode().unwrap()).unwrap(), k);
+        let w = WriteHeader {
+            instance: 1,
+            seq: 2,
+            key_id: 3,
+            offset: 4,
+            len: 5,
+        };
+        assert_eq!(WriteHeader::decode(&w.encode()).unwrap(), w);
+        for code in [
+            AckCode::Ok,
+            AckCode::NotRegistered,
+            AckCode::OutOfBounds,
+            AckCode::InvalidMetadata,
+            AckCode::Failed,
+        ] {
+            let a = Ack {
+                instance: 9,
+                seq: 8,
+                code,
+            };
+            assert_eq!(Ack::decode(&a.encode()).unwrap(), a);
+        }
         let h = AmHeader {
             instance: 1,
             endpoint: 2,
@@ -359,6 +521,43 @@ mod tests {
             ConnInfo::decode(&old),
             Err(Error::InvalidMetadata(m)) if m.contains("version 1")
         ));
+        let mut w = WriteHeader {
+            instance: 1,
+            seq: 2,
+            key_id: 3,
+            offset: 4,
+            len: 5,
+        }
+        .encode()
+        .to_vec();
+        w.push(0);
+        assert!(matches!(
+            WriteHeader::decode(&w),
+            Err(Error::InvalidMetadata(_))
+        ));
+        let mut a = Ack {
+            instance: 1,
+            seq: 2,
+            code: AckCode::Ok,
+        }
+        .encode();
+        a[ACK_LEN - 1] = 99;
+        assert!(matches!(Ack::decode(&a), Err(Error::InvalidMetadata(_))));
+        // A version-1 key (before the key id) is refused, not misread.
+        let k = RemoteKey {
+            range: Descriptor::new(0x1000, 4096, 0),
+            key_id: 1,
+            rkey: vec![1; 8],
+        };
+        let mut old = k.encode().unwrap();
+        old[4] = 1;
+        let n = old.len() - 4;
+        old.truncate(n);
+        let old = seal(old);
+        assert!(matches!(
+            RemoteKey::decode(&old),
+            Err(Error::InvalidMetadata(m)) if m.contains("version 1")
+        ));
         let long = "x".repeat(MAX_NAME + 1);
         assert!(ConnInfo { name: long, ..i }.encode().is_err());
     }
@@ -369,6 +568,8 @@ mod tests {
             let _ = ConnInfo::decode(&b);
             let _ = RemoteKey::decode(&b);
             let _ = AmHeader::decode(&b);
+            let _ = WriteHeader::decode(&b);
+            let _ = Ack::decode(&b);
         }
 
         #[test]

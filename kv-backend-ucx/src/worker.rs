@@ -23,11 +23,19 @@ use crate::endpoint::{Endpoint, Gate, Note};
 use crate::ffi::{self, ucs_status_t, Lib};
 use crate::memory::{covering, HostAlloc, Registration, Remote};
 use crate::request::Group;
-use crate::wire::{AmHeader, ConnInfo, RemoteKey};
+use crate::wire::{self, Ack, AckCode, AmHeader, ConnInfo, RemoteKey, WriteHeader};
 use crate::Options;
 
 /// Active-message id of notifications.
 const AM_ID: u32 = 0x4b56;
+/// Active-message id of WRITEs sent as active messages (TCP; see [`on_write`]).
+const AM_WRITE_ID: u32 = 0x4b57;
+/// Active-message id of the target's answers to those WRITEs.
+const AM_ACK_ID: u32 = 0x4b58;
+/// Default of `Options::am_write_min`: over TCP, WRITE segments of at least this many
+/// bytes go as active messages with rendezvous (received straight into the target's
+/// registered memory); smaller ones stay `ucp_put_nbx`. See README, "TCP WRITEs".
+pub const AM_WRITE_MIN: u64 = 512 << 10;
 /// Most out-of-order notifications held per sender before giving up on a gap.
 const MAX_HELD: usize = 4096;
 /// UCX settings this backend changes from UCX's defaults unless the caller sets them
@@ -186,15 +194,150 @@ struct SharedInner {
     inbox: VecDeque<Notification>,
     order: HashMap<(u64, u64), Reorder>,
     malformed: u64,
+    /// Local registrations by key id, as WRITEs sent as active messages find them.
+    targets: IdMap<Target>,
+    /// Answers to our WRITEs sent as active messages: (sequence number, outcome).
+    acks: Vec<(u64, AckCode)>,
+    /// WRITEs from peers taken (eager or rendezvous).
+    accepted: u64,
+    /// WRITEs from peers refused (unknown key, out of bounds, bad length).
+    refused: u64,
+    /// Answers that could not be sent (no reply endpoint, or UCX refused).
+    unanswered: u64,
 }
 
-/// What UCX's callbacks write: endpoint failures and received notifications.
-/// `Send + Sync` (a lock around plain data).
+/// A local registration as the active-message WRITE handler sees it.
+struct Target {
+    desc: Descriptor,
+    /// Rendezvous receives into it still running (deregister says `Busy` meanwhile).
+    inflight: usize,
+}
+
+/// What UCX's callbacks touch: endpoint failures, received notifications, the
+/// registrations that WRITEs sent as active messages may land in, and their answers.
 pub struct Shared {
     inner: Mutex<SharedInner>,
+    lib: Arc<Lib>,
+    worker: ffi::ucp_worker_h,
+    instance: u64,
+}
+
+// SAFETY: `worker` is used only inside UCX's callbacks, which run inside UCX calls made
+// with the core's state lock held (UCS_THREAD_MODE_SERIALIZED); the rest is a lock
+// around plain data and an `Arc<Lib>` of function pointers.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// What a rendezvous receive of a WRITE needs when it completes.
+struct RecvCtx {
+    shared: *const Shared,
+    key_id: u64,
+    reply_ep: ffi::ucp_ep_h,
+    header: WriteHeader,
 }
 
 impl Shared {
+    /// Checks a WRITE header against the registrations: the destination address, or
+    /// the code to answer with. A rendezvous receive (`hold`) marks the registration.
+    fn check_write(
+        &self,
+        h: &WriteHeader,
+        data_len: usize,
+        hold: bool,
+    ) -> std::result::Result<*mut u8, AckCode> {
+        if h.len != data_len as u64 {
+            return Err(AckCode::InvalidMetadata);
+        }
+        let mut s = self.inner.lock();
+        let t = s.targets.get_mut(&h.key_id).ok_or(AckCode::NotRegistered)?;
+        let start = t
+            .desc
+            .addr
+            .checked_add(h.offset)
+            .ok_or(AckCode::OutOfBounds)?;
+        let want = Descriptor::new(start, h.len, t.desc.device);
+        if h.len == 0 || want.end().is_none() || !t.desc.contains(&want) {
+            return Err(AckCode::OutOfBounds);
+        }
+        if hold {
+            t.inflight += 1;
+        }
+        Ok(start as usize as *mut u8)
+    }
+
+    /// A rendezvous receive ended: release the registration and answer.
+    fn end_recv(&self, ctx: &RecvCtx, status: ucs_status_t) {
+        {
+            let mut s = self.inner.lock();
+            if let Some(t) = s.targets.get_mut(&ctx.key_id) {
+                t.inflight = t.inflight.saturating_sub(1);
+            }
+        }
+        let code = if status == ffi::UCS_OK {
+            AckCode::Ok
+        } else {
+            AckCode::Failed
+        };
+        self.answer(ctx.reply_ep, &ctx.header, code);
+    }
+
+    /// Sends the answer to a WRITE on the endpoint UCX gave for replies. Called inside
+    /// UCX callbacks (under the state lock); never holds `inner` across the UCX call.
+    fn answer(&self, reply_ep: ffi::ucp_ep_h, h: &WriteHeader, code: AckCode) {
+        if reply_ep.is_null() {
+            self.inner.lock().unanswered += 1;
+            tracing::warn!("ucx: a WRITE without a reply endpoint; not answered");
+            return;
+        }
+        let ack = Box::new(AnswerBuf {
+            bytes: Ack {
+                instance: h.instance,
+                seq: h.seq,
+                code,
+            }
+            .encode(),
+            request_free: self.lib.request_free,
+        });
+        let ptr = Box::into_raw(ack);
+        let mut p = ffi::ucp_request_param_t::empty();
+        p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_CALLBACK
+            | ffi::UCP_OP_ATTR_FIELD_USER_DATA
+            | ffi::UCP_OP_ATTR_FIELD_FLAGS;
+        p.flags = ffi::UCP_AM_SEND_FLAG_EAGER;
+        p.cb = ffi::ucp_request_cb_t {
+            send: Some(on_answer_sent),
+        };
+        p.user_data = ptr as *mut c_void;
+        // SAFETY: `reply_ep` is the live endpoint UCX passed with this message (we are
+        // inside its callback, or that of the receive it started, under the state
+        // lock); the header stays alive until `on_answer_sent` frees it, or below.
+        let r = unsafe {
+            (self.lib.am_send_nbx)(
+                reply_ep,
+                AM_ACK_ID,
+                std::ptr::addr_of!((*ptr).bytes) as *const c_void,
+                wire::ACK_LEN,
+                std::ptr::null(),
+                0,
+                &p,
+            )
+        };
+        if ffi::ptr_is_request(r) {
+            return;
+        }
+        // Done at once (or failed): no callback will run.
+        // SAFETY: the box leaked above, not referenced by UCX any more.
+        drop(unsafe { Box::from_raw(ptr) });
+        if ffi::ptr_status(r) != ffi::UCS_OK {
+            self.inner.lock().unanswered += 1;
+            tracing::warn!(
+                "ucx: could not answer a WRITE: {}",
+                self.lib.status_text(ffi::ptr_status(r))
+            );
+        }
+    }
+
     fn deliver(&self, h: AmHeader, payload: Bytes) {
         let mut s = self.inner.lock();
         let SharedInner { inbox, order, .. } = &mut *s;
@@ -236,6 +379,190 @@ unsafe extern "C" fn on_ep_error(arg: *mut c_void, ep: ffi::ucp_ep_h, status: uc
     // worker (destroyed first in `Core::drop`).
     let shared = unsafe { &*(arg as *const Shared) };
     shared.inner.lock().ep_errors.push((ep as usize, status));
+}
+
+/// An answer on its way: its bytes (UCX 1.13 reads an AM header until the send
+/// completes) and `ucp_request_free` for the completion callback.
+struct AnswerBuf {
+    bytes: [u8; wire::ACK_LEN],
+    request_free: unsafe extern "C" fn(*mut c_void),
+}
+
+/// Completion of an answer's send: frees the request and the answer's bytes.
+unsafe extern "C" fn on_answer_sent(
+    req: *mut c_void,
+    _status: ucs_status_t,
+    user_data: *mut c_void,
+) {
+    if user_data.is_null() {
+        return;
+    }
+    // SAFETY: `user_data` is the box `Shared::answer` leaked for this send only; UCX
+    // calls this once.
+    let buf = unsafe { Box::from_raw(user_data as *mut AnswerBuf) };
+    if !req.is_null() {
+        // SAFETY: the request UCX returned to `answer`, which kept no copy; freed once.
+        unsafe { (buf.request_free)(req) };
+    }
+}
+
+/// `ucp_am_recv_data_nbx_callback_t`: a rendezvous WRITE landed (or failed).
+unsafe extern "C" fn on_write_data(
+    req: *mut c_void,
+    status: ucs_status_t,
+    _length: usize,
+    user_data: *mut c_void,
+) {
+    if user_data.is_null() {
+        return;
+    }
+    // SAFETY: `user_data` is the `RecvCtx` box `on_write` leaked for this receive only;
+    // UCX calls this once.
+    let ctx = unsafe { Box::from_raw(user_data as *mut RecvCtx) };
+    // SAFETY: the `Shared` outlives the worker (see `on_ep_error`).
+    let shared = unsafe { &*ctx.shared };
+    shared.end_recv(&ctx, status);
+    if !req.is_null() {
+        // SAFETY: the request `on_write` got from ucp_am_recv_data_nbx and kept no copy
+        // of; freed once, here.
+        unsafe { (shared.lib.request_free)(req) };
+    }
+}
+
+/// `ucp_am_recv_callback_t`: a WRITE sent as an active message. The header names one
+/// of our registrations (key id, offset, length); anything that does not fit one is
+/// answered with an error and nothing is written. Rendezvous data is received straight
+/// into the registered range (`ucp_am_recv_data_nbx`), eager data copied there once.
+/// Never panics on peer input; a header that does not parse is dropped (counted).
+unsafe extern "C" fn on_write(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: usize,
+    data: *mut c_void,
+    length: usize,
+    param: *const ffi::ucp_am_recv_param_t,
+) -> ucs_status_t {
+    if arg.is_null() {
+        return ffi::UCS_OK;
+    }
+    // SAFETY: as in `on_ep_error`.
+    let shared = unsafe { &*(arg as *const Shared) };
+    let (attr, reply_ep) = if param.is_null() {
+        (0, std::ptr::null_mut())
+    } else {
+        // SAFETY: UCX passes a valid parameter struct for the duration of the call.
+        let p = unsafe { &*param };
+        let ep = if p.recv_attr & ffi::UCP_AM_RECV_ATTR_FIELD_REPLY_EP != 0 {
+            p.reply_ep
+        } else {
+            std::ptr::null_mut()
+        };
+        (p.recv_attr, ep)
+    };
+    let rndv = attr & ffi::UCP_AM_RECV_ATTR_FLAG_RNDV != 0;
+    // SAFETY: UCX's header pointer and length, used only during this callback.
+    let h = match WriteHeader::decode(unsafe { am_bytes(header, header_length) }) {
+        Ok(h) => h,
+        Err(_) => {
+            shared.inner.lock().malformed += 1;
+            tracing::warn!("ucx: dropped a malformed WRITE header ({header_length} bytes)");
+            return ffi::UCS_OK;
+        }
+    };
+    let dst = match shared.check_write(&h, length, rndv) {
+        Ok(d) => d,
+        Err(code) => {
+            shared.inner.lock().refused += 1;
+            tracing::warn!(
+                "ucx: refused a WRITE ({code:?}): key {:#x} offset {} length {}",
+                h.key_id,
+                h.offset,
+                h.len
+            );
+            shared.answer(reply_ep, &h, code);
+            return ffi::UCS_OK;
+        }
+    };
+    shared.inner.lock().accepted += 1;
+    if !rndv {
+        if !data.is_null() {
+            // SAFETY: `check_write` proved [dst, dst + length) inside a live registration
+            // (the caller of `register` promised it is valid memory until deregister,
+            // which cannot run concurrently: we hold the state lock); UCX guarantees
+            // `length` readable bytes at `data` during the callback; distinct memory.
+            unsafe { std::ptr::copy_nonoverlapping(data as *const u8, dst, length) };
+        }
+        shared.answer(reply_ep, &h, AckCode::Ok);
+        return ffi::UCS_OK;
+    }
+    let ctx = Box::into_raw(Box::new(RecvCtx {
+        shared: shared as *const Shared,
+        key_id: h.key_id,
+        reply_ep,
+        header: h,
+    }));
+    let mut p = ffi::ucp_request_param_t::empty();
+    p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_CALLBACK
+        | ffi::UCP_OP_ATTR_FIELD_USER_DATA
+        | ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+    p.cb = ffi::ucp_request_cb_t {
+        recv_am: Some(on_write_data),
+    };
+    p.user_data = ctx as *mut c_void;
+    p.memory_type = ffi::UCS_MEMORY_TYPE_HOST;
+    // SAFETY: `data` is the rendezvous descriptor UCX passed to this callback; the
+    // destination was checked as for the eager copy and the registration stays held
+    // (`inflight`, so deregister says Busy) until `on_write_data` runs.
+    let r = unsafe {
+        (shared.lib.am_recv_data_nbx)(shared.worker, data, dst as *mut c_void, length, &p)
+    };
+    if !ffi::ptr_is_request(r) {
+        // Finished (or failed) at once: no callback will run.
+        // SAFETY: the box leaked above; UCX did not keep it.
+        let ctx = unsafe { Box::from_raw(ctx) };
+        shared.end_recv(&ctx, ffi::ptr_status(r));
+    }
+    ffi::UCS_OK
+}
+
+/// `ucp_am_recv_callback_t`: the target answered one of our WRITEs.
+unsafe extern "C" fn on_ack(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: usize,
+    _data: *mut c_void,
+    _length: usize,
+    _param: *const ffi::ucp_am_recv_param_t,
+) -> ucs_status_t {
+    if arg.is_null() {
+        return ffi::UCS_OK;
+    }
+    // SAFETY: as in `on_ep_error`.
+    let shared = unsafe { &*(arg as *const Shared) };
+    let mut s = shared.inner.lock();
+    // SAFETY: UCX's header pointer and length, used only during this callback.
+    match Ack::decode(unsafe { am_bytes(header, header_length) }) {
+        Ok(a) if a.instance == shared.instance => s.acks.push((a.seq, a.code)),
+        _ => {
+            s.malformed += 1;
+            tracing::warn!("ucx: dropped a malformed or misdirected WRITE answer");
+        }
+    }
+    ffi::UCS_OK
+}
+
+/// The bytes UCX passed to an active-message callback.
+///
+/// # Safety
+/// `p` must be null or point at `n` readable bytes for as long as the slice is used
+/// (UCX guarantees that during the callback; callers use it only there).
+unsafe fn am_bytes<'a>(p: *const c_void, n: usize) -> &'a [u8] {
+    if p.is_null() || n == 0 {
+        &[]
+    } else {
+        // SAFETY: see the function's contract.
+        unsafe { std::slice::from_raw_parts(p as *const u8, n) }
+    }
 }
 
 /// `ucp_am_recv_callback_t`: a notification arrived.
@@ -285,6 +612,34 @@ struct Flight {
     posted: Instant,
     deadline: Option<Instant>,
     note: NoteState,
+    /// Sequence numbers of this post's WRITEs sent as active messages.
+    am_seqs: Vec<u64>,
+    /// How many of them the target has not answered yet.
+    acks: usize,
+    /// The first error a target answered with.
+    ack_error: Option<AckCode>,
+}
+
+/// Why a transfer's data failed.
+#[derive(Debug, Clone, Copy)]
+enum Fail {
+    Ucs(ucs_status_t),
+    Ack(AckCode),
+}
+
+impl Flight {
+    /// Every request completed and every active-message WRITE answered.
+    fn complete(&self) -> bool {
+        self.data.done() && self.acks == 0
+    }
+
+    /// The first failure (UCX's before the target's).
+    fn failure(&self) -> Option<Fail> {
+        self.data
+            .error()
+            .map(Fail::Ucs)
+            .or(self.ack_error.map(Fail::Ack))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +661,63 @@ struct Transfer {
     status: Status,
     flight: Option<Flight>,
     posts: u64,
+    /// The segments (`kv_core::segments`) with their import, computed at prepare
+    /// (unless there are more than [`PLAN_MAX`]): a post then walks a flat array.
+    plan: Option<Vec<Seg>>,
+}
+
+/// Most segments a prepared transfer keeps precomputed (32 bytes each).
+const PLAN_MAX: usize = 1 << 16;
+
+/// One put/get of a post: addresses, length and the index of its import in the
+/// transfer's `remote_ids`.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    local: u64,
+    remote: u64,
+    len: u64,
+    range: usize,
+}
+
+/// The index of the range in `ranges` that holds `d`, trying `*last` first (segments
+/// usually fall in the same range as the one before); updates `*last`.
+fn find_range<'a>(
+    d: &Descriptor,
+    ranges: impl Iterator<Item = &'a Descriptor> + Clone,
+    last: &mut usize,
+) -> Option<usize> {
+    if ranges.clone().nth(*last).is_some_and(|r| r.contains(d)) {
+        return Some(*last);
+    }
+    let i = ranges.into_iter().position(|r| r.contains(d))?;
+    *last = i;
+    Some(i)
+}
+
+/// The segments of `local` x `remote` with the index of the range in `ranges` each
+/// remote piece lies in; `None` when there are more than `max` (or a piece lies outside
+/// every range, which prepare rules out first).
+fn plan(
+    local: &DescriptorList,
+    remote: &DescriptorList,
+    ranges: &[Descriptor],
+    max: usize,
+) -> Option<Vec<Seg>> {
+    let mut out = Vec::new();
+    let mut last = 0;
+    for seg in segments(local, remote).ok()? {
+        if out.len() == max {
+            return None;
+        }
+        let range = find_range(&seg.remote, ranges.iter(), &mut last)?;
+        out.push(Seg {
+            local: seg.local.addr,
+            remote: seg.remote.addr,
+            len: seg.local.len,
+            range,
+        });
+    }
+    Some(out)
 }
 
 /// Everything behind the lock. UCX handles are raw pointers; they are only used under
@@ -320,6 +732,11 @@ pub struct State {
     active: Vec<u64>,
     quarantine: Vec<Quarantined>,
     allocs: IdMap<HostAlloc>,
+    /// Our WRITEs sent as active messages awaiting an answer: seq -> (transfer, post).
+    am_writes: IdMap<(u64, u64)>,
+    next_write_seq: u64,
+    /// WRITE segments sent as active messages so far.
+    am_sent: u64,
     next_id: u64,
 }
 
@@ -472,10 +889,16 @@ impl Core {
             active: Vec::new(),
             quarantine: Vec::new(),
             allocs: IdMap::default(),
+            am_writes: IdMap::default(),
+            next_write_seq: 0,
+            am_sent: 0,
             next_id: 1,
         };
         let shared = Box::new(Shared {
             inner: Mutex::new(SharedInner::default()),
+            lib: lib.clone(),
+            worker,
+            instance,
         });
         // From here on `Core::drop` tears everything down on any error.
         let mut core = Core {
@@ -504,6 +927,19 @@ impl Core {
         lib.check("ucp_worker_set_am_recv_handler", unsafe {
             (lib.worker_set_am_recv_handler)(worker, &hp)
         })?;
+        let handlers: [(u32, ffi::ucp_am_recv_callback_t); 2] =
+            [(AM_WRITE_ID, on_write), (AM_ACK_ID, on_ack)];
+        for (id, cb) in handlers {
+            let hp = ffi::ucp_am_handler_param_t {
+                id,
+                cb: Some(cb),
+                ..hp
+            };
+            // SAFETY: as above.
+            lib.check("ucp_worker_set_am_recv_handler", unsafe {
+                (lib.worker_set_am_recv_handler)(worker, &hp)
+            })?;
+        }
         let mut attr = ffi::ucp_worker_attr_t {
             field_mask: ffi::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER,
             thread_mode: 0,
@@ -593,8 +1029,9 @@ impl Core {
             .iter()
             .find(|(_, a)| !a.dropped && a.desc.contains(desc))
             .map(|(id, a)| (*id, a.memh));
+        let key_id = new_instance_id();
         if let Some((aid, memh)) = owner {
-            let key = self.pack(&st, memh, desc)?;
+            let key = self.pack(&st, memh, desc, key_id)?;
             if let Some(a) = st.allocs.get_mut(&aid) {
                 a.users += 1;
             }
@@ -607,9 +1044,11 @@ impl Core {
                     alloc: Some(aid),
                     desc: *desc,
                     key,
+                    key_id,
                     busy: 0,
                 },
             );
+            self.add_target(key_id, desc);
             return Ok(id);
         }
         let mp = ffi::ucp_mem_map_params_t {
@@ -629,7 +1068,7 @@ impl Core {
         lib.check("ucp_mem_map", unsafe {
             (lib.mem_map)(st.ctx, &mp, &mut memh)
         })?;
-        let key = match self.pack(&st, memh, desc) {
+        let key = match self.pack(&st, memh, desc, key_id) {
             Ok(k) => k,
             Err(e) => {
                 // SAFETY: unmapping the handle mapped above; nothing uses it yet.
@@ -646,14 +1085,33 @@ impl Core {
                 alloc: None,
                 desc: *desc,
                 key,
+                key_id,
                 busy: 0,
             },
         );
+        self.add_target(key_id, desc);
         Ok(id)
     }
 
+    /// Lets WRITEs sent as active messages land in a new registration.
+    fn add_target(&self, key_id: u64, desc: &Descriptor) {
+        self.shared.inner.lock().targets.insert(
+            key_id,
+            Target {
+                desc: *desc,
+                inflight: 0,
+            },
+        );
+    }
+
     /// Packs `memh`'s rkey into our envelope for the range `desc`.
-    fn pack(&self, st: &State, memh: ffi::ucp_mem_h, desc: &Descriptor) -> Result<Bytes> {
+    fn pack(
+        &self,
+        st: &State,
+        memh: ffi::ucp_mem_h,
+        desc: &Descriptor,
+        key_id: u64,
+    ) -> Result<Bytes> {
         let lib = &self.lib;
         let mut buf: *mut c_void = std::ptr::null_mut();
         let mut len = 0usize;
@@ -665,7 +1123,14 @@ impl Core {
         let rkey = unsafe { std::slice::from_raw_parts(buf as *const u8, len) }.to_vec();
         // SAFETY: releasing the packed buffer obtained above, once.
         unsafe { (lib.rkey_buffer_release)(buf) };
-        Ok(Bytes::from(RemoteKey { range: *desc, rkey }.encode()?))
+        Ok(Bytes::from(
+            RemoteKey {
+                range: *desc,
+                key_id,
+                rkey,
+            }
+            .encode()?,
+        ))
     }
 
     /// `UcxBackend::alloc_host`: `len` bytes allocated by UCX (`UCP_MEM_MAP_ALLOCATE`),
@@ -769,7 +1234,21 @@ impl Core {
                 r.busy
             )));
         }
-        let (memh, alloc) = (r.memh, r.alloc);
+        let (memh, alloc, key_id) = (r.memh, r.alloc, r.key_id);
+        {
+            // Under the state lock no WRITE handler runs; a rendezvous WRITE still
+            // receiving into the range keeps it.
+            let mut sh = self.shared.inner.lock();
+            if let Some(t) = sh.targets.get(&key_id) {
+                if t.inflight > 0 {
+                    return Err(Error::Busy(format!(
+                        "RegistrationId#{id} is receiving {} WRITE(s) from a peer; progress and retry",
+                        t.inflight
+                    )));
+                }
+            }
+            sh.targets.remove(&key_id);
+        }
         st.regs.remove(&id);
         let ctx = st.ctx;
         if let Some(aid) = alloc {
@@ -881,6 +1360,13 @@ impl Core {
         st.next_id += 1;
         let mut e = Endpoint::new(ep, peer_name.to_owned(), info);
         e.peer_errors = peer_errors;
+        if self.opts.am_write_min != u64::MAX {
+            // SAFETY: the endpoint created above and an open FILE stream, under the lock.
+            let lanes = ffi::capture_file(|f| unsafe { (lib.ep_print_info)(ep, f) });
+            if lanes.as_deref().is_some_and(all_lanes_tcp) {
+                e.am_write_min = self.opts.am_write_min.max(1);
+            }
+        }
         st.eps.insert(id, e);
         Ok(id)
     }
@@ -1041,6 +1527,8 @@ impl Core {
                 desc: *desc,
                 packed: key.rkey,
                 rkey,
+                key_id: key.key_id,
+                key_base: key.range.addr,
                 busy: 0,
             },
         );
@@ -1121,7 +1609,12 @@ impl Core {
             })?
             .into_iter()
             .map(|i| rids[i])
+            .collect::<Vec<u64>>();
+        let ranges: Vec<Descriptor> = remote_ids
+            .iter()
+            .filter_map(|r| st.remotes.get(r).map(|r| r.desc))
             .collect();
+        let plan = plan(&req.local, &req.remote, &ranges, PLAN_MAX);
         let id = st.next_id;
         st.next_id += 1;
         st.transfers.insert(
@@ -1136,6 +1629,7 @@ impl Core {
                 status: Status::Idle,
                 flight: None,
                 posts: 0,
+                plan,
             },
         );
         Ok(id)
@@ -1179,59 +1673,113 @@ impl Core {
                 )));
             }
         }
-        let mut rkeys: Vec<(Descriptor, ffi::ucp_rkey_h)> = Vec::with_capacity(t.remote_ids.len());
+        let mut rkeys: Vec<(Descriptor, ffi::ucp_rkey_h, u64, u64)> =
+            Vec::with_capacity(t.remote_ids.len());
         for r in &t.remote_ids {
             let rem = st.remotes.get(r).ok_or_else(|| {
                 Error::NotRegistered(format!(
                     "RemoteId#{r} named by TransferId#{id} was released"
                 ))
             })?;
-            rkeys.push((rem.desc, rem.rkey));
+            rkeys.push((rem.desc, rem.rkey, rem.key_id, rem.key_base));
         }
         let header = match &opts.notification {
             Some(_) => Some(self.header_for(t.endpoint, ep.next_seq)?),
             None => None,
         };
-        let segs = segments(&t.local, &t.remote)?;
+        // Over PLAN_MAX segments the plan is made for this post only.
+        let made;
+        let segs: &[Seg] = match &t.plan {
+            Some(p) => p,
+            None => {
+                segments(&t.local, &t.remote)?; // the lists' sizes must agree
+                let ranges: Vec<Descriptor> = rkeys.iter().map(|r| r.0).collect();
+                made = plan(&t.local, &t.remote, &ranges, usize::MAX).ok_or_else(|| {
+                    Error::OutOfBounds("a remote descriptor lies outside every import".into())
+                })?;
+                &made
+            }
+        };
         let mut data = Group::new(lib);
         let uep = ep.ep;
-        let mut last = 0usize;
+        // WRITE segments this large go as active messages (TCP endpoints only).
+        let am_min = match t.op {
+            Op::Write => ep.am_write_min,
+            Op::Read => u64::MAX,
+        };
+        let mut am_seqs = Vec::new();
+        let mut puts = 0usize;
+        // One parameter block for every put/get of the post (same group, no flags).
+        let rma = data.param(0);
         for seg in segs {
-            // Segments usually fall in the same imported range as the one before.
-            let hit = if rkeys[last].0.contains(&seg.remote) {
-                Some(last)
-            } else {
-                rkeys.iter().position(|(d, _)| d.contains(&seg.remote))
-            };
-            let Some(i) = hit else {
-                // Cannot happen: prepare checked every remote descriptor.
+            let Some(&(_, rkey, key_id, key_base)) = rkeys.get(seg.range) else {
+                // Cannot happen: the plan indexes `remote_ids`, as `rkeys` does.
                 data.fail(ffi::UCS_ERR_IO_ERROR);
                 break;
             };
-            last = i;
-            let rkey = rkeys[i].1;
+            if seg.len >= am_min {
+                let Some(offset) = seg.remote.checked_sub(key_base) else {
+                    // Cannot happen: imports lie inside the key's range (import_remote).
+                    data.fail(ffi::UCS_ERR_IO_ERROR);
+                    break;
+                };
+                let seq = st.next_write_seq;
+                let h = WriteHeader {
+                    instance: self.instance,
+                    seq,
+                    key_id,
+                    offset,
+                    len: seg.len,
+                }
+                .encode();
+                let hp = data.keep(Box::new(h));
+                // SAFETY: as for the put below; the header stays alive in the group
+                // until its requests complete.
+                let r = data.issue(
+                    ffi::UCP_AM_SEND_FLAG_RNDV | ffi::UCP_AM_SEND_FLAG_REPLY,
+                    |p| unsafe {
+                        (lib.am_send_nbx)(
+                            uep,
+                            AM_WRITE_ID,
+                            hp as *const c_void,
+                            wire::WRITE_HEADER_LEN,
+                            seg.local as usize as *const c_void,
+                            seg.len as usize,
+                            p,
+                        )
+                    },
+                );
+                if r.is_err() {
+                    break;
+                }
+                st.next_write_seq += 1;
+                st.am_sent += 1;
+                am_seqs.push(seq);
+                continue;
+            }
+            puts += 1;
             let r = match t.op {
                 // SAFETY: the caller of `Backend::post` keeps the local range valid and
                 // registered until the transfer finishes or `cancel` returns; the remote
                 // range was checked against the peer's registration at prepare; `uep`
                 // and `rkey` are live (checked above, under the lock).
-                Op::Write => data.issue(0, |p| unsafe {
+                Op::Write => data.issue_with(&rma, |p| unsafe {
                     (lib.put_nbx)(
                         uep,
-                        seg.local.addr as usize as *const c_void,
-                        seg.local.len as usize,
-                        seg.remote.addr,
+                        seg.local as usize as *const c_void,
+                        seg.len as usize,
+                        seg.remote,
                         rkey,
                         p,
                     )
                 }),
                 // SAFETY: as for the write.
-                Op::Read => data.issue(0, |p| unsafe {
+                Op::Read => data.issue_with(&rma, |p| unsafe {
                     (lib.get_nbx)(
                         uep,
-                        seg.local.addr as usize as *mut c_void,
-                        seg.local.len as usize,
-                        seg.remote.addr,
+                        seg.local as usize as *mut c_void,
+                        seg.len as usize,
+                        seg.remote,
                         rkey,
                         p,
                     )
@@ -1241,7 +1789,7 @@ impl Core {
                 break;
             }
         }
-        if t.op == Op::Write && data.error().is_none() {
+        if t.op == Op::Write && puts > 0 && data.error().is_none() {
             // A put completes locally when its buffer may be reused; the flush completes
             // when every earlier operation on the endpoint is complete at the peer.
             // SAFETY: live endpoint; parameters valid for the call.
@@ -1262,12 +1810,18 @@ impl Core {
             }
             _ => NoteState::None,
         };
+        for &seq in &am_seqs {
+            st.am_writes.insert(seq, (id, post));
+        }
         t.flight = Some(Flight {
             data,
             post,
             posted: Instant::now(),
             deadline: opts.deadline,
             note,
+            acks: am_seqs.len(),
+            am_seqs,
+            ack_error: None,
         });
         t.status = Status::InProgress;
         for r in &t.local_regs {
@@ -1390,8 +1944,28 @@ impl Core {
     fn advance(&self, st: &mut State) -> usize {
         let lib = &self.lib;
         let mut events = 0;
-        // Endpoint failures reported by UCX.
-        let errors = std::mem::take(&mut self.shared.inner.lock().ep_errors);
+        // Endpoint failures reported by UCX, answers to our active-message WRITEs.
+        let (errors, acks) = {
+            let mut sh = self.shared.inner.lock();
+            (
+                std::mem::take(&mut sh.ep_errors),
+                std::mem::take(&mut sh.acks),
+            )
+        };
+        for (seq, code) in acks {
+            let Some((tid, post)) = st.am_writes.remove(&seq) else {
+                continue; // the transfer was aborted or released meanwhile
+            };
+            if let Some(f) = st.transfers.get_mut(&tid).and_then(|t| t.flight.as_mut()) {
+                if f.post == post {
+                    f.acks = f.acks.saturating_sub(1);
+                    if code != AckCode::Ok && f.ack_error.is_none() {
+                        f.ack_error = Some(code);
+                    }
+                    events += 1;
+                }
+            }
+        }
         for (ptr, status) in errors {
             for ep in st.eps.values_mut() {
                 if !ep.ep.is_null() && ep.ep as usize == ptr && ep.dead.is_none() {
@@ -1416,9 +1990,7 @@ impl Core {
                         Gate::Transfer { transfer, post } => match transfers.get(transfer) {
                             Some(Transfer {
                                 flight: Some(f), ..
-                            }) if f.post == *post => {
-                                f.data.done().then_some(f.data.error().is_none())
-                            }
+                            }) if f.post == *post => f.complete().then_some(f.failure().is_none()),
                             _ => Some(false),
                         },
                     };
@@ -1533,11 +2105,11 @@ impl Core {
             let Some(f) = &t.flight else {
                 continue;
             };
-            if f.data.done() {
-                match (f.data.error(), f.note) {
-                    (Some(s), _) => finished.push((tid, Some(s))),
+            if f.complete() {
+                match (f.failure(), f.note) {
+                    (Some(x), _) => finished.push((tid, Some(x))),
                     (None, NoteState::None | NoteState::Delivered) => finished.push((tid, None)),
-                    (None, NoteState::Failed(s)) => finished.push((tid, Some(s))),
+                    (None, NoteState::Failed(s)) => finished.push((tid, Some(Fail::Ucs(s)))),
                     (None, NoteState::Queued | NoteState::Issued) => {}
                 }
             } else if f
@@ -1550,7 +2122,8 @@ impl Core {
         for (tid, err) in finished {
             let status = match err {
                 None => Status::Done,
-                Some(s) => Status::Failed(self.map_status(st, tid, s)),
+                Some(Fail::Ucs(s)) => Status::Failed(self.map_status(st, tid, s)),
+                Some(Fail::Ack(c)) => Status::Failed(ack_error(c)),
             };
             self.finish(st, tid, status);
             events += 1;
@@ -1591,6 +2164,9 @@ impl Core {
             return;
         };
         debug_assert!(flight.data.done());
+        for s in &flight.am_seqs {
+            st.am_writes.remove(s);
+        }
         drop(flight);
         t.status = status;
         for r in &t.local_regs {
@@ -1674,6 +2250,9 @@ impl Core {
                 return Ok(false);
             };
             t.status = Status::Failed(err);
+            for s in &flight.am_seqs {
+                st.am_writes.remove(s);
+            }
             st.quarantine.push(Quarantined {
                 data: flight.data,
                 local_regs: t.local_regs.clone(),
@@ -1688,7 +2267,8 @@ impl Core {
         let Some(f) = st.transfers.get(&tid).and_then(|t| t.flight.as_ref()) else {
             return Ok(false);
         };
-        let won = f.data.error().is_none()
+        let won = f.failure().is_none()
+            && f.acks == 0
             && matches!(
                 f.note,
                 NoteState::None | NoteState::Issued | NoteState::Delivered
@@ -1715,6 +2295,14 @@ impl Core {
                 .or_else(|| std::env::var("UCX_TLS").ok())
                 .unwrap_or_else(|| "(UCX default)".into())
         );
+        {
+            let sh = self.shared.inner.lock();
+            s.push_str(&format!(
+                "active-message WRITEs: sent {}, received {}, refused {}, unanswered {}; \
+                 malformed messages dropped {}\n",
+                st.am_sent, sh.accepted, sh.refused, sh.unanswered, sh.malformed
+            ));
+        }
         let mut ids: Vec<&u64> = st.eps.keys().collect();
         ids.sort();
         for id in ids {
@@ -1734,6 +2322,13 @@ impl Core {
                 continue;
             }
             s.push('\n');
+            if ep.am_write_min != u64::MAX {
+                s.push_str(&format!(
+                    "WRITE segments of >= {} bytes go as active messages (rendezvous, \
+                     received into the target's registration)\n",
+                    ep.am_write_min
+                ));
+            }
             let lib = &self.lib;
             let uep = ep.ep;
             // SAFETY: live endpoint and an open FILE stream, under the state lock.
@@ -1743,6 +2338,95 @@ impl Core {
         }
         s
     }
+}
+
+#[cfg(test)]
+impl Core {
+    /// Test hook: rewrites what an import says about the peer's registration (to forge
+    /// the headers of WRITEs sent as active messages).
+    fn tamper_remote(&self, rid: u64, key_id: u64, key_base: u64) {
+        let mut st = self.state.lock();
+        if let Some(r) = st.remotes.get_mut(&rid) {
+            r.key_id = key_id;
+            r.key_base = key_base;
+        }
+    }
+
+    /// Test hook: the import's key id and base.
+    fn remote_key_of(&self, rid: u64) -> Option<(u64, u64)> {
+        let st = self.state.lock();
+        st.remotes.get(&rid).map(|r| (r.key_id, r.key_base))
+    }
+
+    /// Test hook: sends `header` as the header of a WRITE active message with `data`
+    /// (eager unless `rndv`). The returned group keeps the header; `data` must outlive
+    /// it and the send (drive both workers until `done()`).
+    fn send_raw_write(&self, ep_id: u64, header: &[u8], data: &[u8], rndv: bool) -> Group {
+        let lib = &self.lib;
+        let st = self.state.lock();
+        let mut g = Group::new(lib);
+        let Some(uep) = st.eps.get(&ep_id).map(|e| e.ep) else {
+            return g;
+        };
+        let hp = g.keep(header.to_vec().into_boxed_slice());
+        let flags = ffi::UCP_AM_SEND_FLAG_REPLY
+            | if rndv {
+                ffi::UCP_AM_SEND_FLAG_RNDV
+            } else {
+                ffi::UCP_AM_SEND_FLAG_EAGER
+            };
+        // SAFETY: live endpoint; the group keeps the header, the caller the data.
+        let _ = g.issue(flags, |p| unsafe {
+            (lib.am_send_nbx)(
+                uep,
+                AM_WRITE_ID,
+                hp as *const c_void,
+                header.len(),
+                data.as_ptr() as *const c_void,
+                data.len(),
+                p,
+            )
+        });
+        g
+    }
+
+    /// Test hook: (accepted, refused, malformed) counters of the WRITE handler.
+    fn write_counters(&self) -> (u64, u64, u64) {
+        let s = self.shared.inner.lock();
+        (s.accepted, s.refused, s.malformed)
+    }
+}
+
+/// The error for a WRITE the target refused.
+fn ack_error(c: AckCode) -> Error {
+    let what = "the peer refused a WRITE sent as an active message";
+    match c {
+        AckCode::NotRegistered => Error::NotRegistered(format!(
+            "{what}: it has no such registration (deregistered?)"
+        )),
+        AckCode::OutOfBounds => {
+            Error::OutOfBounds(format!("{what}: the range lies outside its registration"))
+        }
+        AckCode::InvalidMetadata => {
+            Error::invalid_metadata(format!("{what}: header and data disagree"))
+        }
+        AckCode::Ok | AckCode::Failed => Error::Backend {
+            name: "ucx".into(),
+            code: 0,
+            message: format!("{what}: its UCX failed to receive the data"),
+        },
+    }
+}
+
+/// Whether `ucp_ep_print_info`'s report shows lanes and every one of them is TCP (then
+/// UCX 1.13 emulates put with active messages that the target copies).
+fn all_lanes_tcp(report: &str) -> bool {
+    let mut lanes = report.lines().filter(|l| l.contains("lane["));
+    let mut any = false;
+    lanes.all(|l| {
+        any = true;
+        l.contains("tcp/")
+    }) && any
 }
 
 /// `Some(reason)` when the peer is a backend of this process that was dropped.
@@ -1798,6 +2482,148 @@ impl Drop for Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_report_detection() {
+        let tcp = "#  lane[0]:  0:tcp/lo.0 md[0] -> md[0]/tcp/sysdev[255] am am_bw#0\n";
+        let shm = "#  lane[0]:  1:posix/memory.0 md[1] am\n#  lane[1]:  2:cma/memory.0 rma_bw#0\n";
+        let mixed = format!("{tcp}#  lane[1]:  2:cma/memory.0 rma_bw#0\n");
+        assert!(all_lanes_tcp(tcp));
+        assert!(!all_lanes_tcp(shm));
+        assert!(!all_lanes_tcp(&mixed));
+        assert!(!all_lanes_tcp("no lanes at all"));
+    }
+
+    /// Drives `a` and `b` until transfer `t` of `a` finished (10 s at most).
+    fn run(a: &Core, b: &Core, t: u64) -> Status {
+        let opts = PostOptions {
+            notification: None,
+            deadline: Some(Instant::now() + Duration::from_secs(10)),
+        };
+        a.post(t, &opts).unwrap();
+        loop {
+            a.progress().unwrap();
+            b.progress().unwrap();
+            let st = a.poll(t);
+            if st.is_finished() {
+                return st;
+            }
+        }
+    }
+
+    /// WRITEs sent as active messages whose header names an unknown registration, a
+    /// range outside it, or a length that differs from the data are refused (the
+    /// initiator gets `NotRegistered` / `OutOfBounds`), a header that does not parse is
+    /// dropped, and the target's memory is untouched by all of them; a genuine WRITE
+    /// then lands.
+    #[test]
+    fn forged_write_headers_are_refused() {
+        const LEN: usize = 512 << 10;
+        let opts = Options {
+            tls: Some("tcp".into()),
+            ..Default::default()
+        };
+        let Some(a) = kv_core::require_or_skip("ucx", Core::new("a", opts.clone())) else {
+            return;
+        };
+        let b = Core::new("b", opts).unwrap();
+        let src: Vec<u8> = (0..LEN).map(|i| (i * 7 + 3) as u8).collect();
+        // The target's memory is written by UCX behind Rust's back: a HostBuffer, read
+        // through fresh borrows only.
+        let mut dst = kv_mem::HostBuffer::alloc(LEN, 4096).unwrap();
+        dst.as_mut_slice().fill(0x11);
+        let sd = Descriptor::new(src.as_ptr() as usize as u64, LEN as u64, 0);
+        let dd = dst.descriptor();
+        let rs = a.register(MemKind::Dram, &sd).unwrap();
+        let rd = b.register(MemKind::Dram, &dd).unwrap();
+        let ep = a.connect("b", &b.info).unwrap();
+        assert!(
+            a.describe().contains("go as active messages"),
+            "{}",
+            a.describe()
+        );
+        let rid = a
+            .import_remote(ep, MemKind::Dram, &dd, &b.remote_key(rd).unwrap())
+            .unwrap();
+        let (key_id, key_base) = a.remote_key_of(rid).unwrap();
+        let t = a
+            .prepare(&TransferRequest {
+                op: Op::Write,
+                local_kind: MemKind::Dram,
+                local: DescriptorList::single(sd),
+                peer: kv_core::EndpointId(ep),
+                remote_kind: MemKind::Dram,
+                remote: DescriptorList::single(dd),
+            })
+            .unwrap();
+        let untouched = |dst: &kv_mem::HostBuffer, what: &str| {
+            assert!(
+                dst.as_slice().iter().all(|&x| x == 0x11),
+                "target memory written by {what}"
+            );
+        };
+        a.tamper_remote(rid, key_id ^ 1, key_base);
+        let st = run(&a, &b, t);
+        assert!(
+            matches!(st, Status::Failed(Error::NotRegistered(_))),
+            "{st:?}"
+        );
+        untouched(&dst, "a WRITE naming an unknown key");
+        a.tamper_remote(rid, key_id, key_base - LEN as u64 / 2);
+        let st = run(&a, &b, t);
+        assert!(
+            matches!(st, Status::Failed(Error::OutOfBounds(_))),
+            "{st:?}"
+        );
+        untouched(&dst, "a WRITE past the registration's end");
+        // Offsets that overflow, a zero length, and a length that is not the data's.
+        let mut sends = Vec::new();
+        for (offset, len, data, rndv) in [
+            (u64::MAX - 10, 64, 64, false),
+            (0, 0, 0, false),
+            (0, LEN as u64, LEN / 2, true),
+            (0, 16, 32, false),
+        ] {
+            let h = WriteHeader {
+                instance: a.instance,
+                seq: 1 << 40,
+                key_id,
+                offset,
+                len,
+            }
+            .encode();
+            sends.push(a.send_raw_write(ep, &h, &src[..data], rndv));
+        }
+        let garbage = [0x4bu8; 17];
+        sends.push(a.send_raw_write(ep, &garbage, &src[..64], false));
+        let end = Instant::now() + Duration::from_secs(5);
+        while (b.write_counters() != (0, 6, 1) || !sends.iter().all(Group::done))
+            && Instant::now() < end
+        {
+            b.progress().unwrap();
+            a.progress().unwrap();
+        }
+        assert!(
+            sends.iter().all(Group::done),
+            "forged sends did not complete"
+        );
+        drop(sends);
+        assert_eq!(
+            b.write_counters(),
+            (0, 6, 1),
+            "(accepted, refused, malformed)"
+        );
+        untouched(&dst, "forged headers");
+        a.tamper_remote(rid, key_id, key_base);
+        let st = run(&a, &b, t);
+        assert!(matches!(st, Status::Done), "{st:?}");
+        assert!(dst.as_slice() == &src[..], "the genuine WRITE");
+        assert_eq!(b.write_counters().0, 1);
+        a.release(t).unwrap();
+        a.release_remote(rid).unwrap();
+        a.deregister(rs).unwrap();
+        b.deregister(rd).unwrap();
+    }
 
     #[test]
     fn memunits_parse_like_ucx() {

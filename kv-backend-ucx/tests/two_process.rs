@@ -1,5 +1,6 @@
 //! Two processes: a child registers memory and prints its connection info and remote
-//! key; the parent READs and WRITEs a few MiB with UCX (TCP, then shared memory, then
+//! key; the parent READs and WRITEs a few MiB with UCX (TCP, where the WRITE goes as an
+//! active message received into the child's registration, then shared memory, then
 //! shared memory with `alloc_host` memory on both sides, whose packed rkey must let the
 //! other process map it) and both sides compare checksums. The child is this test
 //! binary re-run with `KV_UCX_CHILD=<tls>` (and `KV_UCX_CHILD_ALLOC=1` for UCX-allocated
@@ -113,6 +114,11 @@ fn child_main() {
         b.drain_notifications(&mut notes).unwrap();
         match rx.try_recv() {
             Ok(cmd) if cmd == "SUM" => println!("SUM {}", crc32c::crc32c(mem.as_slice())),
+            Ok(cmd) if cmd == "STATS" => {
+                let d = b.describe();
+                let line = d.lines().find(|l| l.starts_with("active-message WRITEs"));
+                println!("STATS {}", line.unwrap_or("none"));
+            }
             Ok(cmd) if cmd == "HOLD" || cmd == "RESUME" => {
                 hold = cmd == "HOLD";
                 println!("{cmd} done");
@@ -296,6 +302,20 @@ fn two_processes(tls: &str, ucx_mem: bool) {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(note, format!("NOTE parent {}", hex(b"written")));
+    // Over TCP the 4 MiB WRITE went as one active message with rendezvous, received by
+    // the child straight into its registration (checksummed above on both sides).
+    let (sent, received) = if tls == "tcp" { (1, 1) } else { (0, 0) };
+    let d = a.describe();
+    assert!(
+        d.contains(&format!("active-message WRITEs: sent {sent},")),
+        "{d}"
+    );
+    child.send("STATS");
+    let stats = child.expect("STATS ");
+    assert!(
+        stats.contains(&format!("received {received}, refused 0")),
+        "{stats}"
+    );
     a.deregister(reg).unwrap();
 }
 
