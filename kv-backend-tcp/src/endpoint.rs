@@ -2,7 +2,7 @@
 //! worker thread per data connection ("lane"), and the sequencer that delivers
 //! notifications after the data of every earlier post, in post order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,15 +12,95 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam::channel::{Receiver, Sender};
 use kv_core::{Error, Op, Result};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::request::Transfer;
-use crate::sys::{self, CmaDir, Stream, Watch};
+use crate::sys::{self, CmaDir, Stream, Watch, TICK};
 use crate::wire::{self, ConnectionInfo, FrameOp, Header, HEADER_LEN};
 use crate::{Options, Path};
 
 /// How many WRITE frames a lane sends before it waits for an ACK.
 const WRITE_WINDOW: usize = 8;
+
+/// One imported remote registration (a `RemoteId`), shared by the import table,
+/// the peer (which revokes it) and the prepared transfers that address it. A post
+/// checks it and counts itself in; `Send + Sync` (atomics only).
+#[derive(Debug)]
+pub(crate) struct RemoteHandle {
+    /// The `RemoteId`.
+    pub id: u64,
+    /// The peer's key of the registration.
+    pub key: u64,
+    /// Set by `release_remote` and `disconnect`.
+    released: AtomicBool,
+    /// Set when the peer deregistered the registration (REVOKE) or, for a same-host
+    /// peer, when its control connection was lost (a REVOKE may have been missed).
+    revoked: AtomicBool,
+    /// Posts that may touch the registration right now.
+    inflight: AtomicUsize,
+}
+
+impl RemoteHandle {
+    pub(crate) fn new(id: u64, key: u64) -> RemoteHandle {
+        RemoteHandle {
+            id,
+            key,
+            released: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Marks the import released: posts naming it are refused from now on.
+    pub(crate) fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+    }
+
+    /// True once the peer revoked the registration.
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
+
+    fn refusal(&self) -> Option<Error> {
+        if self.released.load(Ordering::SeqCst) {
+            Some(Error::NotRegistered(format!(
+                "RemoteId#{} was released after the transfer was prepared",
+                self.id
+            )))
+        } else if self.is_revoked() {
+            Some(Error::NotRegistered(format!(
+                "RemoteId#{}: the peer deregistered the registration (or its control \
+                 connection was lost); import it again",
+                self.id
+            )))
+        } else {
+            None
+        }
+    }
+
+    /// Counts a post in on every handle; refuses (counting nothing) when one was
+    /// released or revoked. Paired with [`RemoteHandle::exit_all`] once the post no
+    /// longer touches the peer's memory. The count is raised before the flags are
+    /// read (and a revoke sets the flag before it reads the count), so a revoke
+    /// either sees this post or this post sees the revoke.
+    pub(crate) fn enter_all(hs: &[Arc<RemoteHandle>]) -> Result<()> {
+        for (i, h) in hs.iter().enumerate() {
+            h.inflight.fetch_add(1, Ordering::SeqCst);
+            if let Some(e) = h.refusal() {
+                Self::exit_all(&hs[..=i]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`RemoteHandle::enter_all`].
+    pub(crate) fn exit_all(hs: &[Arc<RemoteHandle>]) {
+        for h in hs {
+            h.inflight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
 
 /// What lanes and the control connection of one peer share. `Send + Sync`.
 pub(crate) struct PeerCore {
@@ -33,22 +113,30 @@ pub(crate) struct PeerCore {
     pub cma: bool,
     /// Set by `disconnect` and on backend drop: lanes stop at the next tick.
     pub closed: AtomicBool,
-    control: Mutex<Option<Stream>>,
+    control: Mutex<Option<Arc<Stream>>>,
     seq: Mutex<Sequencer>,
+    /// This peer's registrations imported here (revoked by REVOKE frames).
+    pub imports: Mutex<Vec<Arc<RemoteHandle>>>,
     /// Backend-wide count of finished posts, reported by `progress`.
     pub completions: Arc<AtomicUsize>,
 }
 
 enum Ready {
     Transfer(u64, Arc<Transfer>),
-    Note(Bytes),
+    Note(u64, Bytes),
 }
 
+/// Orders a peer's posts and notifications. Items become ready out of order (lanes
+/// finish when they finish), move to `out` in sequence order, and are sent by one
+/// thread at a time (`sending`) *without* this lock held, so a slow control connection
+/// never blocks lane completions or `notify` callers queueing behind it.
 #[derive(Default)]
 struct Sequencer {
     next: u64,
     head: u64,
     ready: BTreeMap<u64, Ready>,
+    out: VecDeque<Ready>,
+    sending: bool,
 }
 
 struct Lane {
@@ -60,6 +148,8 @@ struct Lane {
 pub(crate) struct Peer {
     pub core: Arc<PeerCore>,
     lanes: Mutex<Vec<Lane>>,
+    /// Reads REVOKE frames from a same-host peer's control connection.
+    ctl_reader: Mutex<Option<JoinHandle<()>>>,
     pub nlanes: usize,
     rot: AtomicUsize,
 }
@@ -84,10 +174,17 @@ impl PeerCore {
 
     /// Opens a connection and does the HELLO handshake, which also proves that the
     /// listener still belongs to the instance the peer published.
-    pub(crate) fn open(&self) -> Result<Stream> {
+    /// `control` marks the control connection of a same-host peer, on which the
+    /// target sends REVOKE frames.
+    pub(crate) fn open(&self, control: bool) -> Result<Stream> {
         let s = Stream::connect(&self.addr, self.opts.connect_timeout)
             .map_err(|e| self.gone(format!("connect to {}: {e}", self.addr)))?;
         let h = Header {
+            status: if control && self.cma {
+                wire::HELLO_SAME_HOST_CONTROL
+            } else {
+                0
+            },
             key: self.info.instance,
             addr: u64::from(std::process::id()),
             len: self.local_name.len() as u64,
@@ -121,12 +218,26 @@ impl PeerCore {
         }
         let mut c = self.control.lock();
         if c.as_ref().is_some_and(|s| s.peer_closed()) {
-            *c = None;
+            self.lost_control(&mut c);
         }
         if c.is_none() {
-            *c = Some(self.open()?);
+            *c = Some(Arc::new(self.open(true)?));
         }
         Ok(())
+    }
+
+    /// The control connection broke: close it and, for a same-host peer, revoke every
+    /// import (a REVOKE may have been missed; its registrations must be imported
+    /// again).
+    fn lost_control(&self, c: &mut MutexGuard<'_, Option<Arc<Stream>>>) {
+        if let Some(s) = c.take() {
+            s.shutdown();
+        }
+        if self.cma {
+            for h in self.imports.lock().iter() {
+                h.revoked.store(true, Ordering::SeqCst);
+            }
+        }
     }
 
     /// True when the control connection was closed by the peer (it exited or dropped
@@ -139,7 +250,7 @@ impl PeerCore {
     pub(crate) fn send_notify(&self, payload: &[u8]) -> Result<()> {
         let mut c = self.control.lock();
         if c.is_none() {
-            *c = Some(self.open()?);
+            *c = Some(Arc::new(self.open(true)?));
         }
         let h = Header {
             len: payload.len() as u64,
@@ -152,9 +263,90 @@ impl PeerCore {
             .map(|s| s.send_bytes(&[&wire::encode_header(&h), payload], &mut w))
             .unwrap_or_else(|| Err(self.gone("no control connection")));
         if r.is_err() {
-            *c = None;
+            self.lost_control(&mut c);
         }
         r
+    }
+
+    /// A REVOKE arrived on `s`: refuse new posts to the registration, wait (up to
+    /// `io_timeout`) for the posts copying into it, then acknowledge. Without the
+    /// acknowledgement the target's `deregister` returns `Busy` and keeps the memory.
+    fn on_revoke(&self, s: &Arc<Stream>, rid: u64, key: u64) {
+        let hs: Vec<Arc<RemoteHandle>> = self
+            .imports
+            .lock()
+            .iter()
+            .filter(|h| h.key == key)
+            .cloned()
+            .collect();
+        for h in &hs {
+            h.revoked.store(true, Ordering::SeqCst);
+        }
+        let end = Instant::now() + self.opts.io_timeout;
+        while hs.iter().any(|h| h.inflight.load(Ordering::SeqCst) > 0) {
+            if Instant::now() >= end || self.closed.load(Ordering::Acquire) {
+                tracing::warn!(
+                    "peer {} revoked registration {key:#x} but a transfer still copies into it after {:?}; not acknowledging",
+                    self.name,
+                    self.opts.io_timeout
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let c = self.control.lock();
+        if !c.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, s)) {
+            return; // that connection is gone; the target stopped waiting for it
+        }
+        let h = Header {
+            id: rid,
+            ..Header::new(FrameOp::RevokeAck)
+        };
+        let mut w = Watch::new(&self.name, self.opts.io_timeout);
+        w.shutdown = Some(&self.closed);
+        if let Err(e) = s.send_bytes(&[&wire::encode_header(&h)], &mut w) {
+            tracing::debug!("acknowledging a revoke to {}: {e}", self.name);
+        }
+    }
+}
+
+/// Reads a same-host peer's control connection: REVOKE frames; anything else closes it.
+fn ctl_main(core: Arc<PeerCore>) {
+    let mut buf = [0u8; HEADER_LEN];
+    while !core.closed.load(Ordering::Acquire) {
+        let Some(s) = core.control.lock().clone() else {
+            std::thread::sleep(TICK);
+            continue;
+        };
+        let mut w = Watch::new(&core.name, core.opts.io_timeout);
+        w.shutdown = Some(&core.closed);
+        w.idle_ok = true;
+        let r = s
+            .recv_exact(&mut buf, &mut w)
+            .and_then(|()| wire::decode_header(&buf));
+        let e = match r {
+            Ok(h) if h.op == FrameOp::Revoke => {
+                core.on_revoke(&s, h.id, h.key);
+                continue;
+            }
+            Ok(h) => {
+                Error::invalid_metadata(format!("unexpected {:?} frame from the target", h.op))
+            }
+            Err(e) => e,
+        };
+        if core.closed.load(Ordering::Acquire) {
+            break;
+        }
+        match e {
+            Error::InvalidMetadata(_) => {
+                tracing::warn!("closing the control connection to {}: {e}", core.name)
+            }
+            _ => tracing::debug!("control connection to {} ended: {e}", core.name),
+        }
+        let mut c = core.control.lock();
+        if c.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &s)) {
+            core.lost_control(&mut c);
+        }
     }
 }
 
@@ -189,9 +381,21 @@ impl Peer {
             closed: AtomicBool::new(false),
             control: Mutex::new(None),
             seq: Mutex::new(Sequencer::default()),
+            imports: Mutex::new(Vec::new()),
             completions,
         });
-        *core.control.lock() = Some(core.open()?);
+        *core.control.lock() = Some(Arc::new(core.open(true)?));
+        let ctl_reader = if cma {
+            let c = core.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("kv-tcp-ctl".into())
+                    .spawn(move || ctl_main(c))
+                    .map_err(|e| Error::io("spawning a tcp control thread", e))?,
+            )
+        } else {
+            None
+        };
         let nlanes = opts.connections.max(1);
         let mut lanes = Vec::with_capacity(nlanes);
         for i in 0..nlanes {
@@ -209,6 +413,7 @@ impl Peer {
         Ok(Arc::new(Peer {
             core,
             lanes: Mutex::new(lanes),
+            ctl_reader: Mutex::new(ctl_reader),
             nlanes,
             rot: AtomicUsize::new(0),
         }))
@@ -256,52 +461,60 @@ impl Peer {
         self.flush(seq, Ready::Transfer(seq, t));
     }
 
-    /// Sends a notification after every earlier post; errors only when it could be
-    /// sent at once and sending failed.
+    /// Sends a notification after every earlier post; errors only when this call sent
+    /// it itself and sending failed.
     pub(crate) fn notify(&self, payload: Bytes) -> Result<()> {
-        let mut q = self.core.seq.lock();
-        if q.head == q.next && q.ready.is_empty() {
-            q.next += 1;
-            q.head += 1;
-            return self.core.send_notify(&payload);
-        }
-        let s = q.next;
-        q.next += 1;
-        drop(q);
-        self.flush(s, Ready::Note(payload));
-        Ok(())
+        let s = self.next_seq();
+        self.flush(s, Ready::Note(s, payload)).unwrap_or(Ok(()))
     }
 
-    fn flush(&self, seq: u64, item: Ready) {
+    /// Queues `item` in sequence order and, unless another thread is sending, sends
+    /// every item that is ready — without the sequencer lock held during the network
+    /// I/O. Returns the send result of the notification `item` when it is one and this
+    /// call sent it.
+    fn flush(&self, seq: u64, item: Ready) -> Option<Result<()>> {
+        let mine = match &item {
+            Ready::Note(s, _) => Some(*s),
+            Ready::Transfer(..) => None,
+        };
         let mut q = self.core.seq.lock();
         // In-order completion (the common case) skips the map: no allocation.
-        let mut next = if seq == q.head {
-            Some(item)
+        if seq == q.head {
+            q.out.push_back(item);
+            q.head += 1;
         } else {
             q.ready.insert(seq, item);
-            None
-        };
-        loop {
-            let item = match next.take() {
-                Some(i) => i,
-                None => {
-                    let head = q.head;
-                    match q.ready.remove(&head) {
-                        Some(i) => i,
-                        None => break,
-                    }
+        }
+        while !q.ready.is_empty() {
+            let head = q.head;
+            match q.ready.remove(&head) {
+                Some(i) => {
+                    q.out.push_back(i);
+                    q.head += 1;
                 }
-            };
-            q.head += 1;
-            match item {
+                None => break,
+            }
+        }
+        if q.sending {
+            return None; // the sending thread picks it up, in order
+        }
+        q.sending = true;
+        let mut result = None;
+        while let Some(item) = q.out.pop_front() {
+            MutexGuard::unlocked(&mut q, || match item {
                 Ready::Transfer(seq, t) => t.settle(seq, |n| self.core.send_notify(n)),
-                Ready::Note(n) => {
-                    if let Err(e) = self.core.send_notify(&n) {
+                Ready::Note(s, n) => {
+                    let r = self.core.send_notify(&n);
+                    if Some(s) == mine {
+                        result = Some(r);
+                    } else if let Err(e) = r {
                         tracing::warn!("notification to {} lost: {e}", self.core.name);
                     }
                 }
-            }
+            });
         }
+        q.sending = false;
+        result
     }
 
     /// Stops the lanes (in-flight transfers fail with `RemoteDisconnected`) and closes
@@ -317,7 +530,12 @@ impl Peer {
                 let _ = t.join();
             }
         }
-        *self.core.control.lock() = None;
+        if let Some(t) = self.ctl_reader.lock().take() {
+            let _ = t.join();
+        }
+        if let Some(s) = self.core.control.lock().take() {
+            s.shutdown();
+        }
     }
 }
 
@@ -350,24 +568,48 @@ fn lane_main(core: Arc<PeerCore>, rx: Receiver<(Arc<Transfer>, usize)>) {
     let mut iov: Vec<libc::iovec> = Vec::new();
     let mut riov: Vec<libc::iovec> = Vec::new();
     while let Ok((t, lane)) = rx.recv() {
-        let r = match t.plan.path {
+        // A panicking lane fails its transfer instead of leaving it running forever.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match t.plan.path {
             Path::SharedMemory => run_shm(&core, &t, lane),
             Path::CrossMemoryAttach => run_cma(&core, &t, lane, &mut iov, &mut riov),
             Path::Tcp => run_tcp(&core, &mut conn, &t, lane, &mut iov),
-        };
+        }))
+        .unwrap_or_else(|_| {
+            conn = None; // may be out of step with the peer
+            Err(lane_panicked())
+        });
         iov.clear();
         riov.clear();
         t.lane_done(r);
     }
 }
 
-/// Checks cancel, disconnect and deadline between frames of a same-host lane.
+/// The error of a lane that panicked.
+pub(crate) fn lane_panicked() -> Error {
+    Error::Backend {
+        name: "tcp".into(),
+        code: 0,
+        message: "a transfer worker panicked (bug); the transfer failed".into(),
+    }
+}
+
+/// Checks cancel, disconnect, revocation and deadline between frames of a same-host
+/// lane.
 fn same_host_tick(core: &PeerCore, t: &Transfer, deadline: Option<Instant>) -> Result<()> {
     if t.cancel.load(Ordering::Acquire) {
         return Err(Error::Canceled);
     }
     if core.closed.load(Ordering::Acquire) {
         return Err(core.gone("disconnected"));
+    }
+    if let Some(h) = t.plan.remotes.iter().find(|h| h.is_revoked()) {
+        if core.peer_gone() {
+            return Err(core.gone("process exited (control connection closed)"));
+        }
+        return Err(Error::NotRegistered(format!(
+            "RemoteId#{}: the peer deregistered the registration during the transfer",
+            h.id
+        )));
     }
     if deadline.is_some_and(|d| Instant::now() >= d) {
         return Err(Error::TimedOut {
@@ -479,7 +721,7 @@ fn run_tcp(
         return Err(core.gone("disconnected"));
     }
     if conn.is_none() {
-        *conn = Some(core.open()?);
+        *conn = Some(core.open(false)?);
     }
     let Some(s) = conn.as_ref() else {
         return Err(core.gone("no connection"));

@@ -37,9 +37,12 @@
 //! and transfers to it are plain memory copies ([`Path::SharedMemory`]); other memory
 //! moves with cross-memory attach ([`Path::CrossMemoryAttach`]). Then the bounds check
 //! happens on the initiator, against the ranges the target exported with its remote
-//! keys; the target's own check applies to TCP requests only, and a target's
-//! `deregister` does not fence a peer's late same-host writes (they land in memory the
-//! target no longer reads through the backend). Set `same_host = false` to force TCP.
+//! keys; the target's own check applies to TCP requests only. A target's `deregister`
+//! tells its same-host importers (a REVOKE frame on their control connection) and
+//! returns only once each acknowledged that it refuses new posts to the registration
+//! and no copy into it is in flight; a prepared transfer is also refused once an
+//! import it names was released. This fences cooperating peers; a malicious same-host
+//! peer with ptrace rights can still write anyway. Set `same_host = false` to force TCP.
 #![warn(missing_docs)]
 
 mod endpoint;
@@ -65,7 +68,7 @@ use kv_core::{
 };
 use parking_lot::{Mutex, RwLock};
 
-use endpoint::Peer;
+use endpoint::{Peer, RemoteHandle};
 use memory::find_containing;
 use request::{Phase, PlanSeg, Transfer};
 use server::Shared;
@@ -142,6 +145,17 @@ pub struct Options {
     /// inside `post` instead of on the worker threads (param `inline_max`), default
     /// 4 MiB; larger ones are split over the `connections` worker threads.
     pub inline_max: usize,
+    /// Most incoming connections served at once (param `max_connections`), default
+    /// 256; more are closed at once with a logged reason. Each peer uses one control
+    /// connection plus up to `connections` data connections.
+    pub max_connections: usize,
+    /// Most received notifications waiting for `drain_notifications` (param
+    /// `max_inbox`), default 65 536; a NOTIFY beyond it closes the sender's connection
+    /// with a logged reason (the notification is lost).
+    pub max_inbox: usize,
+    /// Most payload bytes waiting in the notification inbox (param
+    /// `max_inbox_bytes`), default 64 MiB; beyond it as for `max_inbox`.
+    pub max_inbox_bytes: usize,
 }
 
 impl Default for Options {
@@ -159,6 +173,9 @@ impl Default for Options {
             max_notification: 64 << 10,
             max_frame: 4 << 20,
             inline_max: 4 << 20,
+            max_connections: 256,
+            max_inbox: 65_536,
+            max_inbox_bytes: 64 << 20,
         }
     }
 }
@@ -201,10 +218,14 @@ impl Options {
                     o.max_frame = num(k, v)?.clamp(4096, wire::MAX_FRAME_BYTES) as usize
                 }
                 "inline_max" => o.inline_max = num(k, v)? as usize,
+                "max_connections" => o.max_connections = num(k, v)?.max(1) as usize,
+                "max_inbox" => o.max_inbox = num(k, v)?.max(1) as usize,
+                "max_inbox_bytes" => o.max_inbox_bytes = num(k, v)? as usize,
                 _ => {
                     return Err(Error::invalid_argument(format!(
                         "unknown tcp option {k:?} (known: listen, connections, same_host, \
-                         connect_timeout_ms, io_timeout_ms, max_notification, max_frame, inline_max)"
+                         connect_timeout_ms, io_timeout_ms, max_notification, max_frame, inline_max, \
+                         max_connections, max_inbox, max_inbox_bytes)"
                     )))
                 }
             }
@@ -252,6 +273,8 @@ struct Remote {
     key: u64,
     /// The peer's registration mapped here (shared-memory path), if it could be.
     shm: Option<Arc<shm::Import>>,
+    /// Released/revoked flags and in-flight count, shared with prepared transfers.
+    handle: Arc<RemoteHandle>,
 }
 
 /// The TCP / shared-memory / cross-memory-attach backend. `Send + Sync`: tables sit behind locks and
@@ -399,9 +422,19 @@ impl TcpBackend {
         }
     }
 
-    /// The longest a served request can take: deregister waits this long for one.
-    fn serve_wait(&self) -> Duration {
-        self.opts.io_timeout * 2 + Duration::from_secs(1)
+    /// How long `deregister` waits for same-host importers' acknowledgements and
+    /// requests being served (each served request has an absolute `io_timeout` limit
+    /// and stops within a tick of the revoke).
+    fn deregister_wait(&self) -> Duration {
+        self.opts.io_timeout + Duration::from_millis(100)
+    }
+
+    /// Marks an import released and forgets it in its peer.
+    fn forget_remote(&self, r: &Remote) {
+        r.handle.release();
+        if let Some(p) = self.peers.read().get(&r.peer) {
+            p.core.imports.lock().retain(|h| !Arc::ptr_eq(h, &r.handle));
+        }
     }
 }
 
@@ -445,7 +478,30 @@ impl Backend for TcpBackend {
     }
 
     fn deregister(&self, id: RegistrationId) -> Result<()> {
-        self.shared.regs.deregister(id, self.serve_wait())
+        // Revoke first (peers' requests refused, served ones stop at their next read,
+        // same-host importers told and acknowledging once their copies into it
+        // finished); unlink only when nothing touches the memory any more.
+        let reg = self.shared.regs.revoke(id)?;
+        let until = Instant::now() + self.deregister_wait();
+        let acked = self.shared.revoke_importers(reg.key, until);
+        let served = memory::Registry::wait_served(&reg, until);
+        if !(acked && served) {
+            let who = if acked {
+                "a peer request is still being served from it"
+            } else {
+                "a same-host peer did not acknowledge the revocation"
+            };
+            tracing::error!(
+                "deregistering {id}: {who} after {:?}",
+                self.deregister_wait()
+            );
+            return Err(Error::Busy(format!(
+                "{id}: {who}; it stays registered (refusing new requests): keep the memory \
+                 and retry deregister"
+            )));
+        }
+        self.shared.regs.unlink(&reg);
+        Ok(())
     }
 
     fn remote_key(&self, id: RegistrationId) -> Result<Bytes> {
@@ -501,7 +557,12 @@ impl Backend for TcpBackend {
             .remove(&peer.0)
             .ok_or_else(|| Error::NotRegistered(format!("{peer}")))?;
         p.close();
-        self.remotes.write().retain(|_, r| r.peer != peer.0);
+        self.remotes.write().retain(|_, r| {
+            if r.peer == peer.0 {
+                r.handle.release();
+            }
+            r.peer != peer.0
+        });
         Ok(())
     }
 
@@ -532,6 +593,8 @@ impl Backend for TcpBackend {
             None
         };
         let id = self.id();
+        let handle = Arc::new(RemoteHandle::new(id, k.key));
+        p.core.imports.lock().push(handle.clone());
         self.remotes.write().insert(
             id,
             Remote {
@@ -539,6 +602,7 @@ impl Backend for TcpBackend {
                 desc: *desc,
                 key: k.key,
                 shm,
+                handle,
             },
         );
         Ok(RemoteId(id))
@@ -547,11 +611,14 @@ impl Backend for TcpBackend {
     fn release_remote(&self, id: RemoteId) -> Result<()> {
         // Dropping the import unmaps the peer's memory once no prepared transfer holds
         // the mapping any more.
-        self.remotes
+        // Prepared transfers naming it are refused from now on.
+        let r = self
+            .remotes
             .write()
             .remove(&id.0)
-            .map(|_| ())
-            .ok_or_else(|| Error::NotRegistered(format!("{id}")))
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
+        self.forget_remote(&r);
+        Ok(())
     }
 
     fn prepare(&self, req: &TransferRequest) -> Result<TransferId> {
@@ -560,17 +627,18 @@ impl Backend for TcpBackend {
             return Err(Error::Unsupported("tcp moves dram only".into()));
         }
         let peer = self.peer(req.peer)?;
-        type Imported = (Descriptor, u64, Option<Arc<shm::Import>>);
+        type Imported = (Descriptor, u64, Option<Arc<shm::Import>>, Arc<RemoteHandle>);
         let mut imports: Vec<Imported> = self
             .remotes
             .read()
             .values()
             .filter(|r| r.peer == req.peer.0)
-            .map(|r| (r.desc, r.key, r.shm.clone()))
+            .map(|r| (r.desc, r.key, r.shm.clone(), r.handle.clone()))
             .collect();
-        imports.sort_by_key(|(d, _, _)| d.addr);
+        imports.sort_by_key(|(d, _, _, _)| d.addr);
         let local = self.shared.regs.snapshot();
-        let descs: Vec<Descriptor> = imports.iter().map(|(d, _, _)| *d).collect();
+        let descs: Vec<Descriptor> = imports.iter().map(|(d, _, _, _)| *d).collect();
+        let mut handles: Vec<Arc<RemoteHandle>> = Vec::new();
         // The shared-memory path needs every remote range in a mapped registration.
         let mut maps: Vec<Arc<shm::Import>> = Vec::new();
         let mut all_mapped = peer.core.cma;
@@ -591,11 +659,11 @@ impl Backend for TcpBackend {
             if !regs.iter().any(|r| Arc::ptr_eq(r, reg)) {
                 regs.push(reg.clone());
             }
-            let end = imports.partition_point(|(d, _, _)| d.addr <= s.remote.addr);
-            let (_, key, map) = imports[..end]
+            let end = imports.partition_point(|(d, _, _, _)| d.addr <= s.remote.addr);
+            let (_, key, map, handle) = imports[..end]
                 .iter()
                 .rev()
-                .find(|(d, _, _)| d.contains(&s.remote))
+                .find(|(d, _, _, _)| d.contains(&s.remote))
                 .ok_or_else(|| {
                     Error::OutOfBounds(format!(
                         "remote range {:#x}+{} lies outside what the peer registered",
@@ -603,6 +671,9 @@ impl Backend for TcpBackend {
                     ))
                 })?;
             let key = *key;
+            if !handles.iter().any(|h| Arc::ptr_eq(h, handle)) {
+                handles.push(handle.clone());
+            }
             match map {
                 Some(m) if all_mapped => {
                     if !maps.iter().any(|x| Arc::ptr_eq(x, m)) {
@@ -659,6 +730,7 @@ impl Backend for TcpBackend {
             self.opts.max_frame as u64,
             path,
             maps,
+            handles,
         );
         self.transfers
             .write()
@@ -693,10 +765,15 @@ impl Backend for TcpBackend {
         }
         {
             let mut s = t.state.lock();
-            if matches!(s.phase, Phase::Running | Phase::Flushing) {
+            if matches!(s.phase, Phase::Running | Phase::Flushing | Phase::Notifying) {
                 return Err(Error::Busy(format!("{id} is already in progress")));
             }
             self.shared.regs.pin(&t.plan.local_regs)?;
+            // Refused once an import it addresses was released or revoked by the peer.
+            if let Err(e) = RemoteHandle::enter_all(&t.plan.remotes) {
+                memory::Registry::unpin(&t.plan.local_regs);
+                return Err(e);
+            }
             s.phase = Phase::Running;
             s.status = Status::InProgress;
             s.error = None;
@@ -716,7 +793,8 @@ impl Backend for TcpBackend {
         .fetch_add(1, Ordering::Relaxed);
         if path != Path::Tcp && t.plan.total <= self.opts.inline_max as u64 {
             t.pending.store(1, Ordering::Release);
-            let r = peer.run_inline(&t);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| peer.run_inline(&t)))
+                .unwrap_or_else(|_| Err(endpoint::lane_panicked()));
             t.lane_done(r);
         } else {
             peer.dispatch(&t);
@@ -732,15 +810,21 @@ impl Backend for TcpBackend {
     }
 
     fn cancel(&self, id: TransferId) -> Result<()> {
-        self.transfer(id)?.cancel(self.opts.io_timeout);
-        Ok(())
+        // Lanes notice the flag within a tick; their I/O is bounded by io_timeout.
+        self.transfer(id)?
+            .cancel(self.opts.io_timeout + Duration::from_secs(1))
     }
 
     fn release(&self, id: TransferId) -> Result<()> {
         let mut t = self.transfers.write();
         match t.get(&id.0) {
             None => Err(Error::NotRegistered(format!("{id}"))),
-            Some(x) if matches!(x.state.lock().phase, Phase::Running | Phase::Flushing) => {
+            Some(x)
+                if matches!(
+                    x.state.lock().phase,
+                    Phase::Running | Phase::Flushing | Phase::Notifying
+                ) =>
+            {
                 Err(Error::Busy(format!("{id} is in progress; cancel it first")))
             }
             Some(_) => {
@@ -766,10 +850,7 @@ impl Backend for TcpBackend {
     }
 
     fn drain_notifications(&self, out: &mut Vec<Notification>) -> Result<usize> {
-        let mut q = self.shared.inbox.lock();
-        let n = q.len();
-        out.extend(q.drain(..));
-        Ok(n)
+        Ok(self.shared.inbox.lock().drain_into(out))
     }
 }
 
@@ -810,6 +891,67 @@ mod tests {
         );
         let lo = SocketAddr::from(([127, 0, 0, 1], 5000));
         assert_eq!(advertise(&Options::default(), lo).unwrap(), lo);
+    }
+
+    /// Review defect 5: a lane that wedged (or panicked) left `cancel` waiting forever.
+    #[test]
+    fn cancel_of_a_wedged_transfer_is_bounded() {
+        let o = Options {
+            same_host: false,
+            io_timeout: Duration::from_millis(200),
+            ..Options::default()
+        };
+        let a = Arc::new(TcpBackend::new("a", o.clone()).unwrap());
+        let b = TcpBackend::new("b", o).unwrap();
+        let (l, r) = (vec![1u8; 4096], vec![0u8; 4096]);
+        let (ld, rd) = (
+            Descriptor::new(l.as_ptr() as u64, 4096, 0),
+            Descriptor::new(r.as_ptr() as u64, 4096, 0),
+        );
+        // SAFETY: the vectors outlive both backends (dropped at the end).
+        let (_la, rb) = unsafe {
+            (
+                a.register(MemKind::Dram, &ld).unwrap(),
+                b.register(MemKind::Dram, &rd).unwrap(),
+            )
+        };
+        let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+        a.import_remote(peer, MemKind::Dram, &rd, &b.remote_key(rb).unwrap())
+            .unwrap();
+        let id = a
+            .prepare(&TransferRequest {
+                op: kv_core::Op::Write,
+                local_kind: MemKind::Dram,
+                local: kv_core::DescriptorList::single(ld),
+                peer,
+                remote_kind: MemKind::Dram,
+                remote: kv_core::DescriptorList::single(rd),
+            })
+            .unwrap();
+        // A post whose only lane never reports back.
+        let t = a.transfer(id).unwrap();
+        a.shared.regs.pin(&t.plan.local_regs).unwrap();
+        RemoteHandle::enter_all(&t.plan.remotes).unwrap();
+        t.pending.store(1, Ordering::Release);
+        t.state.lock().phase = Phase::Running;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let a2 = a.clone();
+        std::thread::spawn(move || tx.send(a2.cancel(id)));
+        let start = Instant::now();
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        assert!(matches!(got, Ok(Err(Error::Busy(_)))), "{got:?}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+        // The memory stays pinned: deregister refuses.
+        assert!(matches!(a.deregister(_la), Err(Error::Busy(_))));
+        // The lane lets go at last: the post finishes, canceled or done.
+        t.lane_done(Ok(()));
+        let st = a.poll(id);
+        assert!(
+            matches!(st, Status::Done | Status::Failed(Error::Canceled)),
+            "{st:?}"
+        );
+        drop((a, b));
+        drop((l, r));
     }
 
     #[test]

@@ -39,7 +39,10 @@ pub(crate) struct LocalReg {
     pub key: u64,
     /// The memfd behind it when it lies in a shared host buffer (same-host peers map it).
     pub shared: Option<crate::shm::Export>,
-    /// False once deregistered.
+    /// False once `deregister` began: peers' requests and new posts are refused and
+    /// requests being served stop at their next read or write. The registration stays
+    /// in the table until nothing touches it any more (a `Busy` deregister leaves it
+    /// there, revoked, for a retry to wait again).
     live: AtomicBool,
     /// Posted local transfers naming it.
     busy: AtomicU32,
@@ -63,6 +66,17 @@ impl Serving {
     pub(crate) fn reg(&self) -> &LocalReg {
         &self.0
     }
+
+    /// True once `deregister` of the registration began: the serving thread must stop
+    /// touching it.
+    pub(crate) fn revoked(&self) -> bool {
+        !self.0.live.load(Ordering::Acquire)
+    }
+
+    /// True when both guards hold the same registration.
+    pub(crate) fn same(&self, other: &Serving) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 #[derive(Default)]
@@ -75,6 +89,9 @@ struct Tables {
 #[derive(Default)]
 pub(crate) struct Registry {
     t: RwLock<Tables>,
+    /// Bumped whenever a registration is revoked: serving threads compare it before
+    /// every read or write and look at their own registrations only when it moved.
+    epoch: AtomicU64,
 }
 
 impl Registry {
@@ -108,41 +125,63 @@ impl Registry {
         Ok(RegistrationId(id))
     }
 
-    /// Removes a registration once no posted transfer names it, then waits (up to
-    /// `wait`) for requests being served from it to finish.
-    pub(crate) fn deregister(&self, id: RegistrationId, wait: Duration) -> Result<()> {
-        let reg = {
-            let mut t = self.t.write();
-            let reg = t
-                .by_id
-                .get(&id.0)
-                .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
-            let busy = reg.busy.load(Ordering::Acquire);
-            if busy > 0 {
-                return Err(Error::Busy(format!(
-                    "{id} is named by {busy} posted transfer(s); wait or cancel them first"
-                )));
-            }
-            let reg = reg.clone();
-            reg.live.store(false, Ordering::Release);
-            t.by_id.remove(&id.0);
-            t.by_key.remove(&reg.key);
-            reg
-        };
-        // Served requests are bounded by the I/O timeout; after that the memory is ours.
-        let end = Instant::now() + wait;
+    /// First step of `deregister`: refuses while a posted transfer names the
+    /// registration, else revokes it (peers' new requests are refused, requests being
+    /// served stop at their next read or write, new posts are refused). The
+    /// registration stays in the table until [`Registry::unlink`].
+    pub(crate) fn revoke(&self, id: RegistrationId) -> Result<Arc<LocalReg>> {
+        let t = self.t.write();
+        let reg = t
+            .by_id
+            .get(&id.0)
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
+        let busy = reg.busy.load(Ordering::Acquire);
+        if busy > 0 {
+            return Err(Error::Busy(format!(
+                "{id} is named by {busy} posted transfer(s); wait or cancel them first"
+            )));
+        }
+        reg.live.store(false, Ordering::Release);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(reg.clone())
+    }
+
+    /// Waits until no peer request is being served from `reg` (they stop within a
+    /// tick of the revoke); false when `until` passed first.
+    pub(crate) fn wait_served(reg: &LocalReg, until: Instant) -> bool {
         while reg.serving.load(Ordering::Acquire) > 0 {
-            if Instant::now() > end {
-                tracing::error!(
-                    "deregistering {id}: a peer request still touches it after {wait:?}"
-                );
-                return Err(Error::Busy(format!(
-                    "{id}: a peer request is still being served; it is deregistered, retry to wait"
-                )));
+            if Instant::now() >= until {
+                return false;
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        true
+    }
+
+    /// Last step of `deregister`: removes the revoked registration from the table.
+    pub(crate) fn unlink(&self, reg: &LocalReg) {
+        let mut t = self.t.write();
+        t.by_id.remove(&reg.id);
+        t.by_key.remove(&reg.key);
+    }
+
+    /// Revokes, waits (until `until`) for served requests, and unlinks: the whole
+    /// deregistration when no same-host importer has to be told (unit tests).
+    #[cfg(test)]
+    pub(crate) fn deregister(&self, id: RegistrationId, wait: Duration) -> Result<()> {
+        let reg = self.revoke(id)?;
+        if !Self::wait_served(&reg, Instant::now() + wait) {
+            return Err(Error::Busy(format!(
+                "{id}: a peer request is still being served; retry to wait again"
+            )));
+        }
+        self.unlink(&reg);
         Ok(())
+    }
+
+    /// The revoke epoch (see [`Registry::revoke`]).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     pub(crate) fn get(&self, id: RegistrationId) -> Result<Arc<LocalReg>> {
@@ -187,9 +226,13 @@ impl Registry {
     /// that contains the range. The guard keeps deregister waiting until it drops.
     pub(crate) fn serve(&self, key: u64, addr: u64, len: u64) -> Result<Serving> {
         let t = self.t.read();
-        let reg = t.by_key.get(&key).ok_or_else(|| {
-            Error::NotRegistered(format!("remote key {key:#x} (deregistered on the target)"))
-        })?;
+        let reg = t
+            .by_key
+            .get(&key)
+            .filter(|r| r.live.load(Ordering::Acquire))
+            .ok_or_else(|| {
+                Error::NotRegistered(format!("remote key {key:#x} (deregistered on the target)"))
+            })?;
         if !reg
             .desc
             .contains(&Descriptor::new(addr, len, reg.desc.device))
@@ -233,8 +276,19 @@ mod tests {
         assert!(matches!(r.serve(key, 0xfff, 1), Err(Error::OutOfBounds(_))));
         let g = r.serve(key, 0x1000, 0x1000).unwrap();
         assert_eq!(g.reg().id, id.0);
-        assert!(r.deregister(id, Duration::from_millis(20)).is_err());
+        assert!(!g.revoked());
+        // Busy while served, and the registration stays (revoked) so a retry waits again.
+        assert!(matches!(
+            r.deregister(id, Duration::from_millis(20)),
+            Err(Error::Busy(_))
+        ));
+        assert!(g.revoked());
+        assert!(matches!(
+            r.serve(key, 0x1000, 1),
+            Err(Error::NotRegistered(_))
+        ));
         drop(g);
+        r.deregister(id, Duration::ZERO).unwrap();
         assert!(matches!(
             r.deregister(id, Duration::ZERO),
             Err(Error::NotRegistered(_))

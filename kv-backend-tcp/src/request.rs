@@ -10,7 +10,7 @@ use bytes::Bytes;
 use kv_core::{Error, Op, Status};
 use parking_lot::{Condvar, Mutex};
 
-use crate::endpoint::Peer;
+use crate::endpoint::{Peer, RemoteHandle};
 use crate::memory::{LocalReg, Registry};
 use crate::shm::Import;
 use crate::wire::{self, FrameOp, Header, WireSegment};
@@ -51,6 +51,9 @@ pub(crate) struct Plan {
     /// this plan exists (even if the import is released meanwhile). Held, never read.
     #[allow(dead_code)]
     pub maps: Vec<Arc<Import>>,
+    /// The imports (`RemoteId`s) the remote ranges lie in: a post is refused once one
+    /// was released or revoked, and counts itself in on them while it runs.
+    pub remotes: Vec<Arc<RemoteHandle>>,
 }
 
 impl Plan {
@@ -67,6 +70,7 @@ impl Plan {
         max_frame: u64,
         path: Path,
         maps: Vec<Arc<Import>>,
+        remotes: Vec<Arc<RemoteHandle>>,
     ) -> Plan {
         let encode = path == Path::Tcp;
         let total: u64 = segs.iter().map(|s| s.len).sum();
@@ -145,6 +149,7 @@ impl Plan {
             lanes,
             path,
             maps,
+            remotes,
         }
     }
 
@@ -169,6 +174,8 @@ pub(crate) enum Phase {
     /// Data moved (memory no longer touched); waiting for earlier posts to the same
     /// peer so the notification goes out in order.
     Flushing,
+    /// The notification is being sent (memory no longer touched).
+    Notifying,
     /// `status` is final.
     Finished,
 }
@@ -221,7 +228,7 @@ impl Transfer {
         let s = self.state.lock();
         match s.phase {
             Phase::Idle => Status::Idle,
-            Phase::Running | Phase::Flushing => Status::InProgress,
+            Phase::Running | Phase::Flushing | Phase::Notifying => Status::InProgress,
             Phase::Finished => s.status.clone(),
         }
     }
@@ -238,6 +245,7 @@ impl Transfer {
         }
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             Registry::unpin(&self.plan.local_regs);
+            RemoteHandle::exit_all(&self.plan.remotes);
             {
                 let mut s = self.state.lock();
                 if s.phase == Phase::Running {
@@ -251,36 +259,52 @@ impl Transfer {
     }
 
     /// Called by the sequencer in post order: fail, or send the notification and finish.
+    /// The state lock is not held while the notification is sent (`poll` never waits
+    /// for the network).
     pub(crate) fn settle(&self, seq: u64, send: impl FnOnce(&Bytes) -> kv_core::Result<()>) {
-        let mut s = self.state.lock();
-        if s.phase != Phase::Flushing || self.seq.load(Ordering::Acquire) != seq {
-            return; // cancelled while flushing (and maybe posted again since)
-        }
-        let status = match s.error.take() {
-            Some(e) => Status::Failed(e),
-            None => match s.notification.take() {
-                Some(n) => match send(&n) {
-                    Ok(()) => Status::Done,
-                    Err(e) => Status::Failed(e),
-                },
-                None => Status::Done,
-            },
+        let n = {
+            let mut s = self.state.lock();
+            if s.phase != Phase::Flushing || self.seq.load(Ordering::Acquire) != seq {
+                return; // cancelled while flushing (and maybe posted again since)
+            }
+            let n = match (s.error.take(), s.notification.take()) {
+                (Some(e), _) => Err(Status::Failed(e)),
+                (None, None) => Err(Status::Done),
+                (None, Some(n)) => Ok(n),
+            };
+            match n {
+                Ok(n) => {
+                    s.phase = Phase::Notifying;
+                    n
+                }
+                Err(status) => {
+                    s.status = status;
+                    s.phase = Phase::Finished;
+                    self.cv.notify_all();
+                    return;
+                }
+            }
         };
+        let status = match send(&n) {
+            Ok(()) => Status::Done,
+            Err(e) => Status::Failed(e),
+        };
+        let mut s = self.state.lock();
         s.status = status;
         s.phase = Phase::Finished;
         self.cv.notify_all();
     }
 
     /// Waits until no lane touches local memory any more, then makes the post report
-    /// `Failed(Canceled)` unless it already finished.
-    pub(crate) fn cancel(&self, warn_after: Duration) {
+    /// `Failed(Canceled)` unless it already finished. Gives up after `limit` (a lane
+    /// that wedged): `Err(Busy)`, and the memory must stay valid and registered.
+    pub(crate) fn cancel(&self, limit: Duration) -> kv_core::Result<()> {
         self.cancel.store(true, Ordering::Release);
-        let start = Instant::now();
-        let mut warned = false;
+        let end = Instant::now() + limit;
         let mut s = self.state.lock();
         loop {
             match s.phase {
-                Phase::Idle | Phase::Finished => return,
+                Phase::Idle | Phase::Finished => return Ok(()),
                 Phase::Flushing => {
                     s.phase = Phase::Finished;
                     s.status = match s.error.take() {
@@ -289,20 +313,26 @@ impl Transfer {
                     };
                     s.notification = None;
                     self.cv.notify_all();
-                    return;
+                    return Ok(());
                 }
-                Phase::Running => {
-                    // Lanes notice the flag within a tick; their I/O is bounded by the
-                    // stall timeout, so this ends.
-                    self.cv.wait_for(&mut s, Duration::from_millis(50));
-                    if !warned && start.elapsed() > warn_after {
-                        warned = true;
-                        tracing::warn!(
-                            "cancel of transfer {} still waits for a lane after {:?}",
-                            self.id,
-                            start.elapsed()
+                Phase::Running | Phase::Notifying => {
+                    // Lanes notice the flag within a tick and their I/O is bounded by
+                    // the stall timeout; a notification send by io_timeout.
+                    let now = Instant::now();
+                    if now >= end {
+                        tracing::error!(
+                            "cancel of transfer {}: a worker still holds it after {limit:?}",
+                            self.id
                         );
+                        return Err(Error::Busy(format!(
+                            "cancel of transfer {}: a worker still touches its memory after \
+                             {limit:?}; keep the memory registered and valid until poll \
+                             reports it finished",
+                            self.id
+                        )));
                     }
+                    self.cv
+                        .wait_until(&mut s, end.min(now + Duration::from_millis(50)));
                 }
             }
         }
@@ -333,6 +363,7 @@ mod tests {
             4 << 20,
             Path::Tcp,
             vec![],
+            vec![],
         );
         assert_eq!(p.frames.len(), 4);
         assert_eq!(p.lanes, 4);
@@ -354,7 +385,17 @@ mod tests {
         let segs: Vec<_> = (0..1000)
             .map(|i| seg(i * 8192, i * 4096 * 3, 4096))
             .collect();
-        let p = Plan::build(9, Op::Read, segs, vec![], 2, 4 << 20, Path::Tcp, vec![]);
+        let p = Plan::build(
+            9,
+            Op::Read,
+            segs,
+            vec![],
+            2,
+            4 << 20,
+            Path::Tcp,
+            vec![],
+            vec![],
+        );
         assert_eq!(p.frames.len(), 2);
         assert_eq!(p.total, 1000 * 4096);
         let f = &p.frames[0];
@@ -381,6 +422,7 @@ mod tests {
             4,
             4 << 20,
             Path::SharedMemory,
+            vec![],
             vec![],
         );
         assert_eq!((small.frames.len(), small.lanes), (1, 1));

@@ -2,41 +2,86 @@
 //! Every request is checked against this backend's own registrations before a byte
 //! is read into or sent from them.
 
-use std::collections::VecDeque;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use bytes::Bytes;
 use kv_core::{Error, Notification, Result};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::memory::{Registry, Serving};
 use crate::sys::{self, Stream, Watch, TICK};
 use crate::wire::{self, ErrorCode, FrameOp, Header, WireSegment, HEADER_LEN};
 use crate::Options;
 
+/// Received notifications waiting for `drain_notifications`, bounded in count and
+/// bytes ([`Options::max_inbox`], [`Options::max_inbox_bytes`]).
+#[derive(Default)]
+pub(crate) struct Inbox {
+    q: VecDeque<Notification>,
+    bytes: usize,
+}
+
+impl Inbox {
+    /// Moves every notification to `out`, oldest first; returns how many.
+    pub(crate) fn drain_into(&mut self, out: &mut Vec<Notification>) -> usize {
+        let n = self.q.len();
+        out.extend(self.q.drain(..));
+        self.bytes = 0;
+        n
+    }
+}
+
+/// The control connection of a same-host importer (its HELLO carried
+/// [`wire::HELLO_SAME_HOST_CONTROL`]): `deregister` sends REVOKE on it and waits for
+/// the REVOKE_ACK. `Send + Sync`.
+struct Control {
+    s: Arc<Stream>,
+    /// Serialises writers: the serving thread and `deregister`.
+    wlock: Arc<Mutex<()>>,
+    peer: String,
+}
+
 /// State the serving threads share with the backend. `Send + Sync`.
 pub(crate) struct Shared {
     pub regs: Registry,
-    pub inbox: Mutex<VecDeque<Notification>>,
+    pub inbox: Mutex<Inbox>,
     pub instance: u64,
     pub opts: Options,
     pub shutdown: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Connections being served now (at most `opts.max_connections`).
+    conns: AtomicUsize,
+    next_conn: AtomicU64,
+    /// Same-host importers' control connections, by connection id.
+    controls: Mutex<HashMap<u64, Arc<Control>>>,
+    /// Revocations waiting for acknowledgements: revoke id → connection ids.
+    revokes: Mutex<HashMap<u64, Vec<u64>>>,
+    revoked_cv: Condvar,
+    next_revoke: AtomicU64,
 }
 
 impl Shared {
     pub(crate) fn new(instance: u64, opts: Options) -> Shared {
         Shared {
             regs: Registry::default(),
-            inbox: Mutex::new(VecDeque::new()),
+            inbox: Mutex::new(Inbox::default()),
             instance,
             opts,
             shutdown: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            conns: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            controls: Mutex::new(HashMap::new()),
+            revokes: Mutex::new(HashMap::new()),
+            revoked_cv: Condvar::new(),
+            next_revoke: AtomicU64::new(1),
         }
     }
 
@@ -50,6 +95,81 @@ impl Shared {
         for t in threads {
             let _ = t.join();
         }
+    }
+
+    /// Tells every connected same-host importer that the registration with `key` is
+    /// gone (REVOKE) and waits until each acknowledged it — an importer acks once it
+    /// refuses new posts to it and its in-flight copies into it finished — or its
+    /// control connection closed. False when `until` passed first.
+    pub(crate) fn revoke_importers(&self, key: u64, until: Instant) -> bool {
+        let ctls: Vec<(u64, Arc<Control>)> = self
+            .controls
+            .lock()
+            .iter()
+            .map(|(id, c)| (*id, c.clone()))
+            .collect();
+        if ctls.is_empty() {
+            return true;
+        }
+        let rid = self.next_revoke.fetch_add(1, Ordering::Relaxed);
+        self.revokes
+            .lock()
+            .insert(rid, ctls.iter().map(|(id, _)| *id).collect());
+        let h = wire::encode_header(&Header {
+            id: rid,
+            key,
+            ..Header::new(FrameOp::Revoke)
+        });
+        for (id, c) in &ctls {
+            let sent = match c.wlock.try_lock_until(until) {
+                Some(_g) => {
+                    let mut w =
+                        Watch::new(&c.peer, until.saturating_duration_since(Instant::now()));
+                    w.shutdown = Some(&self.shutdown);
+                    w.limit = Some(until);
+                    c.s.send_bytes(&[&h], &mut w)
+                }
+                None => Err(Error::Busy("control connection busy".into())),
+            };
+            if let Err(e) = sent {
+                // It cannot be told: close it (its importer then treats every import
+                // of ours as revoked) and do not wait for it.
+                tracing::warn!("revoke to {}: {e}; closing its control connection", c.peer);
+                c.s.shutdown();
+                self.acked(rid, *id);
+            }
+        }
+        let mut r = self.revokes.lock();
+        loop {
+            if r.get(&rid).is_none_or(|v| v.is_empty()) {
+                r.remove(&rid);
+                return true;
+            }
+            if Instant::now() >= until {
+                r.remove(&rid);
+                return false;
+            }
+            self.revoked_cv.wait_until(&mut r, until);
+        }
+    }
+
+    /// Connection `conn` acknowledged revoke `rid` (or can no longer).
+    fn acked(&self, rid: u64, conn: u64) {
+        if let Some(v) = self.revokes.lock().get_mut(&rid) {
+            v.retain(|c| *c != conn);
+        }
+        self.revoked_cv.notify_all();
+    }
+
+    /// Connection `conn` ended: forget it and stop waiting for its acks.
+    fn control_closed(&self, conn: u64) {
+        if self.controls.lock().remove(&conn).is_none() {
+            return;
+        }
+        for v in self.revokes.lock().values_mut() {
+            v.retain(|c| *c != conn);
+        }
+        self.revoked_cv.notify_all();
     }
 }
 
@@ -80,6 +200,16 @@ fn listen(l: TcpListener, shared: Arc<Shared>) {
             Ok(x) => x,
             Err(_) => continue,
         };
+        // Only this thread adds connections, so the check cannot race past the cap.
+        let live = shared.conns.load(Ordering::Acquire);
+        if live >= shared.opts.max_connections {
+            tracing::warn!(
+                "refusing connection from {from}: {live} connections already served (max_connections = {})",
+                shared.opts.max_connections
+            );
+            drop(sock);
+            continue;
+        }
         let stream = match sock
             .set_nonblocking(false)
             .and_then(|_| Stream::from_std(sock))
@@ -90,6 +220,7 @@ fn listen(l: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        shared.conns.fetch_add(1, Ordering::AcqRel);
         let sh = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("kv-tcp-serve".into())
@@ -98,7 +229,10 @@ fn listen(l: TcpListener, shared: Arc<Shared>) {
         threads.retain(|t| !t.is_finished());
         match spawned {
             Ok(t) => threads.push(t),
-            Err(e) => tracing::warn!("cannot serve {from}: {e}"),
+            Err(e) => {
+                shared.conns.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!("cannot serve {from}: {e}")
+            }
         }
     }
 }
@@ -106,7 +240,10 @@ fn listen(l: TcpListener, shared: Arc<Shared>) {
 /// Per-connection buffers, reused across requests (nothing allocated per request on
 /// the hot path once they have grown).
 struct Conn {
-    s: Stream,
+    id: u64,
+    s: Arc<Stream>,
+    /// Serialises our writes with `deregister`'s REVOKE frames on a control connection.
+    wlock: Arc<Mutex<()>>,
     from: SocketAddr,
     peer: String,
     table: Vec<u8>,
@@ -114,11 +251,17 @@ struct Conn {
     guards: Vec<Serving>,
     iov: Vec<libc::iovec>,
     scratch: Vec<u8>,
+    /// Absolute limit of the request being served.
+    limit: Instant,
+    /// The registry's revoke epoch when the request's checks began.
+    epoch: u64,
 }
 
 fn serve(s: Stream, from: SocketAddr, shared: Arc<Shared>) {
     let mut c = Conn {
-        s,
+        id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
+        s: Arc::new(s),
+        wlock: Arc::new(Mutex::new(())),
         from,
         peer: from.to_string(),
         table: Vec::new(),
@@ -126,30 +269,45 @@ fn serve(s: Stream, from: SocketAddr, shared: Arc<Shared>) {
         guards: Vec::new(),
         iov: Vec::new(),
         scratch: Vec::new(),
+        limit: Instant::now(),
+        epoch: 0,
     };
     match c.run(&shared) {
         Ok(()) => {}
-        Err(e @ Error::InvalidMetadata(_)) => {
-            tracing::warn!("closing connection from {} ({}): {e}", c.peer, c.from)
-        }
+        Err(
+            e @ (Error::InvalidMetadata(_)
+            | Error::Busy(_)
+            | Error::TimedOut { .. }
+            | Error::NotRegistered(_)),
+        ) => tracing::warn!("closing connection from {} ({}): {e}", c.peer, c.from),
         Err(e) => tracing::debug!("connection from {} ({}) ended: {e}", c.peer, c.from),
     }
+    // Nothing of a registration is touched after its guard drops.
     c.guards.clear();
     c.s.shutdown();
+    shared.control_closed(c.id);
+    shared.conns.fetch_sub(1, Ordering::AcqRel);
+}
+
+fn watch<'a>(peer: &'a str, shared: &'a Shared, idle: bool) -> Watch<'a> {
+    let mut w = Watch::new(peer, shared.opts.io_timeout);
+    w.shutdown = Some(&shared.shutdown);
+    w.idle_ok = idle;
+    w
 }
 
 impl Conn {
-    fn watch<'a>(&'a self, shared: &'a Shared, idle: bool) -> Watch<'a> {
-        let mut w = Watch::new(&self.peer, shared.opts.io_timeout);
-        w.shutdown = Some(&shared.shutdown);
-        w.idle_ok = idle;
+    /// A watch for the request being served: absolute limit, stall and shutdown.
+    fn request_watch<'a>(&'a self, shared: &'a Shared) -> Watch<'a> {
+        let mut w = watch(&self.peer, shared, false);
+        w.limit = Some(self.limit);
         w
     }
 
     /// Reads the next header; `Ok(None)` on a clean close between frames.
     fn next_header(&self, shared: &Shared) -> Result<Option<Header>> {
         let mut buf = [0u8; HEADER_LEN];
-        let mut w = self.watch(shared, true);
+        let mut w = watch(&self.peer, shared, true);
         match self.s.recv_exact(&mut buf, &mut w) {
             Ok(()) => wire::decode_header(&buf).map(Some),
             Err(Error::RemoteDisconnected { .. }) if shared.shutdown.load(Ordering::Acquire) => {
@@ -160,7 +318,8 @@ impl Conn {
     }
 
     fn send(&self, shared: &Shared, h: &Header, payload: &[u8]) -> Result<()> {
-        let mut w = self.watch(shared, false);
+        let _g = self.wlock.lock();
+        let mut w = watch(&self.peer, shared, false);
         self.s
             .send_bytes(&[&wire::encode_header(h), payload], &mut w)
     }
@@ -192,7 +351,7 @@ impl Conn {
             )));
         }
         let mut name = vec![0u8; h.len as usize];
-        let mut w = self.watch(shared, false);
+        let mut w = watch(&self.peer, shared, false);
         self.s.recv_exact(&mut name, &mut w)?;
         let name = String::from_utf8(name)
             .map_err(|_| Error::invalid_metadata("peer name is not UTF-8"))?;
@@ -205,6 +364,18 @@ impl Conn {
             return Ok(());
         }
         self.peer = name;
+        // Known before the importer hears HELLO_ACK (and can import anything), so no
+        // deregister misses it.
+        if h.status & wire::HELLO_SAME_HOST_CONTROL != 0 {
+            shared.controls.lock().insert(
+                self.id,
+                Arc::new(Control {
+                    s: self.s.clone(),
+                    wlock: self.wlock.clone(),
+                    peer: self.peer.clone(),
+                }),
+            );
+        }
         self.send(
             shared,
             &Header {
@@ -216,21 +387,8 @@ impl Conn {
         while let Some(h) = self.next_header(shared)? {
             match h.op {
                 FrameOp::Write | FrameOp::Read => self.request(shared, &h)?,
-                FrameOp::Notify => {
-                    if h.len > shared.opts.max_notification as u64 {
-                        return Err(Error::invalid_metadata(format!(
-                            "notification of {} bytes exceeds {}",
-                            h.len, shared.opts.max_notification
-                        )));
-                    }
-                    let mut payload = vec![0u8; h.len as usize];
-                    let mut w = self.watch(shared, false);
-                    self.s.recv_exact(&mut payload, &mut w)?;
-                    shared.inbox.lock().push_back(Notification {
-                        peer: self.peer.clone(),
-                        payload: Bytes::from(payload),
-                    });
-                }
+                FrameOp::Notify => self.notification(shared, &h)?,
+                FrameOp::RevokeAck => shared.acked(h.id, self.id),
                 op => {
                     return Err(Error::invalid_metadata(format!(
                         "unexpected {op:?} frame from an initiator"
@@ -241,23 +399,65 @@ impl Conn {
         Ok(())
     }
 
+    /// One NOTIFY: into the bounded inbox, or the connection closes (never blocks).
+    fn notification(&mut self, shared: &Shared, h: &Header) -> Result<()> {
+        let o = &shared.opts;
+        if h.len > o.max_notification as u64 {
+            return Err(Error::invalid_metadata(format!(
+                "notification of {} bytes exceeds {}",
+                h.len, o.max_notification
+            )));
+        }
+        let len = h.len as usize;
+        {
+            let ib = shared.inbox.lock();
+            if ib.q.len() >= o.max_inbox || ib.bytes.saturating_add(len) > o.max_inbox_bytes {
+                return Err(Error::Busy(format!(
+                    "notification inbox full ({} notifications, {} bytes; max_inbox = {}, \
+                     max_inbox_bytes = {}): the application does not drain it",
+                    ib.q.len(),
+                    ib.bytes,
+                    o.max_inbox,
+                    o.max_inbox_bytes
+                )));
+            }
+        }
+        let mut payload = vec![0u8; len];
+        let mut w = watch(&self.peer, shared, false);
+        self.s.recv_exact(&mut payload, &mut w)?;
+        let mut ib = shared.inbox.lock();
+        // Only serving threads add, each checked first; a racing sender may overshoot
+        // by one notification per connection, still bounded.
+        ib.bytes += len;
+        ib.q.push_back(Notification {
+            peer: self.peer.clone(),
+            payload: Bytes::from(payload),
+        });
+        Ok(())
+    }
+
     /// One WRITE or READ: table, checks, then data straight into / out of the
-    /// registrations.
+    /// registrations, all within one absolute limit (`io_timeout`).
     fn request(&mut self, shared: &Shared, h: &Header) -> Result<()> {
+        self.limit = Instant::now() + shared.opts.io_timeout;
         let tl = h.table_len();
         self.table.resize(tl, 0);
         if tl > 0 {
             let mut table = std::mem::take(&mut self.table);
-            let mut w = self.watch(shared, false);
+            let mut w = self.request_watch(shared);
             let r = self.s.recv_exact(&mut table, &mut w);
             self.table = table;
             r?;
         }
         wire::decode_segments(h, &self.table, &mut self.segs)?;
         self.guards.clear();
+        // Read before the checks: a revoke after them moves the epoch.
+        self.epoch = shared.regs.epoch();
         let mut refused = None;
         for s in &self.segs {
             match shared.regs.serve(s.key, s.addr, s.len) {
+                // One guard per run of segments in the same registration.
+                Ok(g) if self.guards.last().is_some_and(|l| l.same(&g)) => {}
                 Ok(g) => self.guards.push(g),
                 Err(e) => {
                     refused = Some(e);
@@ -270,6 +470,7 @@ impl Conn {
             (FrameOp::Read, None) => self.send_from(shared, h),
             (op, Some(e)) => {
                 tracing::debug!("refusing {op:?} from {}: {e}", self.peer);
+                self.guards.clear();
                 if op == FrameOp::Write {
                     self.discard(shared, h.len)?;
                 }
@@ -281,18 +482,40 @@ impl Conn {
         r
     }
 
+    /// True once a registration this request touches was revoked (cheap unless some
+    /// registration was revoked since the request began).
+    fn revoked(regs: &Registry, seen: &Cell<u64>, guards: &[Serving]) -> bool {
+        let e = regs.epoch();
+        if e == seen.get() {
+            return false;
+        }
+        if guards.iter().any(|g| g.revoked()) {
+            return true;
+        }
+        seen.set(e);
+        false
+    }
+
     fn receive_into(&mut self, shared: &Shared, h: &Header) -> Result<()> {
         self.iov.clear();
         self.iov
             .extend(self.segs.iter().map(|s| sys::iovec(s.addr, s.len)));
         let mut iov = std::mem::take(&mut self.iov);
-        let mut w = self.watch(shared, false);
-        // SAFETY: every segment lies in a live registration (checked by `serve`, held by
-        // `self.guards` so deregister waits); the registrant promised the range is
-        // valid for writes while registered.
+        let seen = Cell::new(self.epoch);
+        let guards = &self.guards;
+        let abort = || Self::revoked(&shared.regs, &seen, guards);
+        let mut w = watch(&self.peer, shared, false);
+        w.limit = Some(self.limit);
+        w.abort = Some(&abort);
+        // SAFETY: every segment lies in a registration that was live when checked by
+        // `serve` and is held by `self.guards` (deregister waits for them to drop);
+        // the call stops before its next read once the registration is revoked or the
+        // request's limit passed. The registrant promised the range is valid for
+        // writes while registered.
         let r = unsafe { self.s.recv_all(&mut iov, &mut w) };
         self.iov = iov;
         r?;
+        self.guards.clear();
         self.send(
             shared,
             &Header {
@@ -315,9 +538,16 @@ impl Conn {
         self.iov
             .extend(self.segs.iter().map(|s| sys::iovec(s.addr, s.len)));
         let mut iov = std::mem::take(&mut self.iov);
-        let mut w = self.watch(shared, false);
-        // SAFETY: `head` lives on this frame; the segments lie in live registrations held
-        // by `self.guards`, valid for reads while registered.
+        let seen = Cell::new(self.epoch);
+        let guards = &self.guards;
+        let abort = || Self::revoked(&shared.regs, &seen, guards);
+        let _g = self.wlock.lock();
+        let mut w = watch(&self.peer, shared, false);
+        w.limit = Some(self.limit);
+        w.abort = Some(&abort);
+        // SAFETY: `head` lives on this frame; the segments lie in registrations held by
+        // `self.guards`, valid for reads while registered; the call stops before its
+        // next write once one is revoked or the request's limit passed.
         let r = unsafe { self.s.send_all(&mut iov, &mut w) };
         self.iov = iov;
         r
@@ -327,7 +557,7 @@ impl Conn {
     fn discard(&mut self, shared: &Shared, mut len: u64) -> Result<()> {
         self.scratch.resize(64 << 10, 0);
         let mut scratch = std::mem::take(&mut self.scratch);
-        let mut w = self.watch(shared, false);
+        let mut w = self.request_watch(shared);
         let mut r = Ok(());
         while len > 0 && r.is_ok() {
             let n = len.min(scratch.len() as u64) as usize;

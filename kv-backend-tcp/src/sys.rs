@@ -50,6 +50,12 @@ pub(crate) struct Watch<'a> {
     /// The peer may stay silent forever before the first byte (a server waiting for
     /// the next request).
     pub idle_ok: bool,
+    /// Absolute limit for the whole call, however steadily the peer trickles bytes (a
+    /// served request): past it the call fails with `TimedOut`.
+    pub limit: Option<Instant>,
+    /// Asked before every system call: true stops the call with `NotRegistered` (a
+    /// registration being served was revoked by `deregister`).
+    pub abort: Option<&'a dyn Fn() -> bool>,
     last: Instant,
 }
 
@@ -62,8 +68,29 @@ impl<'a> Watch<'a> {
             cancel: None,
             shutdown: None,
             idle_ok: false,
+            limit: None,
+            abort: None,
             last: Instant::now(),
         }
+    }
+
+    /// The checks that run before every system call, progress or not: the absolute
+    /// limit and the abort hook.
+    fn check_hard(&self) -> Result<()> {
+        if let Some(l) = self.limit {
+            if Instant::now() >= l {
+                return Err(Error::TimedOut {
+                    what: format!("serving a request of {}", self.peer),
+                    after: self.stall,
+                });
+            }
+        }
+        if self.abort.is_some_and(|f| f()) {
+            return Err(Error::NotRegistered(
+                "the target registration was deregistered while the request was served".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn progressed(&mut self) {
@@ -73,6 +100,7 @@ impl<'a> Watch<'a> {
 
     /// Called when a call timed out: is it time to give up?
     fn check(&self) -> Result<()> {
+        self.check_hard()?;
         if self.shutdown.is_some_and(|s| s.load(Ordering::Relaxed)) {
             return Err(self.gone("the backend is shutting down"));
         }
@@ -191,6 +219,7 @@ impl Stream {
         let mut first = 0;
         advance(iov, &mut first, 0);
         while first < iov.len() {
+            w.check_hard()?;
             let n = (iov.len() - first).min(IOV_MAX);
             // SAFETY: msghdr is plain data; zeroed is a valid empty header.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -224,6 +253,7 @@ impl Stream {
         let mut first = 0;
         advance(iov, &mut first, 0);
         while first < iov.len() {
+            w.check_hard()?;
             let n = (iov.len() - first).min(IOV_MAX);
             // SAFETY: the iovecs point to writable memory (caller's promise).
             let r = unsafe { libc::readv(fd, iov[first..].as_ptr(), n as libc::c_int) };

@@ -6,7 +6,11 @@
 //! in a segment table that follows the header (`count` × 24 bytes, then the table's
 //! CRC32C). A WRITE's payload follows the table; a READ is answered by a DATA frame
 //! whose payload is the requested bytes in order. Every WRITE is answered by ACK or
-//! ERROR. Decoders take untrusted bytes and fail with [`Error::InvalidMetadata`],
+//! ERROR. On the control connection of a same-host importer (HELLO flag
+//! [`HELLO_SAME_HOST_CONTROL`]) the target sends REVOKE when it deregisters a
+//! registration and the importer answers REVOKE_ACK once it no longer touches it;
+//! these two ops are protocol version 2, every other frame still says version 1.
+//! Decoders take untrusted bytes and fail with [`Error::InvalidMetadata`],
 //! never panic (see the proptest in this module and the `fuzz` crate).
 //!
 //! ```
@@ -26,8 +30,18 @@ pub const HEADER_LEN: usize = 48;
 pub const SEGMENT_LEN: usize = 24;
 /// First two bytes of every frame ("KX").
 pub const MAGIC: u16 = 0x584b;
-/// Protocol version; a peer speaking another version is refused.
+/// Protocol version of frames whose op exists since version 1 (every op but REVOKE and
+/// REVOKE_ACK); a peer speaking another version is refused.
 pub const VERSION: u8 = 1;
+/// Protocol version 2 adds REVOKE and REVOKE_ACK on same-host control connections.
+/// Every frame carries the version that introduced its op ([`FrameOp::version`]), so
+/// a version-1 peer, which never announces [`HELLO_SAME_HOST_CONTROL`] and is never
+/// sent a REVOKE, still talks to this one unchanged.
+pub const VERSION_REVOKE: u8 = 2;
+/// HELLO `status` flag: this is the control connection of a same-host importer that
+/// speaks version 2 — send it REVOKE when a registration is deregistered, it answers
+/// REVOKE_ACK once it no longer touches the registration.
+pub const HELLO_SAME_HOST_CONTROL: u32 = 1;
 /// Most segments one WRITE/READ frame may name.
 pub const MAX_SEGMENTS: u32 = 1 << 16;
 /// Most payload bytes one WRITE/READ/DATA frame may carry.
@@ -61,6 +75,12 @@ pub enum FrameOp {
     Error = 7,
     /// `len` bytes of notification payload follow.
     Notify = 8,
+    /// Target → same-host importer (version 2): the registration with remote key
+    /// `key` is being deregistered; `id` names this revocation.
+    Revoke = 9,
+    /// Importer → target (version 2): revocation `id` is done (new posts to the
+    /// registration are refused and no copy into it is in flight).
+    RevokeAck = 10,
 }
 
 impl FrameOp {
@@ -74,8 +94,19 @@ impl FrameOp {
             6 => FrameOp::Data,
             7 => FrameOp::Error,
             8 => FrameOp::Notify,
+            9 => FrameOp::Revoke,
+            10 => FrameOp::RevokeAck,
             _ => return None,
         })
+    }
+
+    /// The protocol version that introduced the op, written in (and required of) its
+    /// frames.
+    pub fn version(self) -> u8 {
+        match self {
+            FrameOp::Revoke | FrameOp::RevokeAck => VERSION_REVOKE,
+            _ => VERSION,
+        }
     }
 }
 
@@ -159,7 +190,7 @@ impl Header {
 pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
     b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
-    b[2] = VERSION;
+    b[2] = h.op.version();
     b[3] = h.op as u8;
     b[4..8].copy_from_slice(&h.status.to_le_bytes());
     b[8..16].copy_from_slice(&h.id.to_le_bytes());
@@ -187,9 +218,9 @@ pub fn decode_header(buf: &[u8]) -> Result<Header> {
         return Err(bad(format!("frame magic {magic:#06x}, want {MAGIC:#06x}")));
     }
     let version = r.u8()?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_REVOKE {
         return Err(bad(format!(
-            "frame version {version}, this side speaks {VERSION}"
+            "frame version {version}, this side speaks {VERSION} and {VERSION_REVOKE}"
         )));
     }
     let op_byte = r.u8()?;
@@ -207,6 +238,12 @@ pub fn decode_header(buf: &[u8]) -> Result<Header> {
         )));
     }
     let op = FrameOp::from_u8(op_byte).ok_or_else(|| bad(format!("unknown frame op {op_byte}")))?;
+    if version != op.version() {
+        return Err(bad(format!(
+            "{op:?} frame of version {version}, want {}",
+            op.version()
+        )));
+    }
     let h = Header {
         op,
         status,
@@ -232,7 +269,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Header> {
         FrameOp::Hello => MAX_NAME,
         FrameOp::Error => MAX_ERROR_MESSAGE,
         FrameOp::Notify => MAX_NOTIFY,
-        FrameOp::HelloAck | FrameOp::Ack => 0,
+        FrameOp::HelloAck | FrameOp::Ack | FrameOp::Revoke | FrameOp::RevokeAck => 0,
     };
     if len > limit {
         return Err(bad(format!("{op:?} frame of {len} bytes exceeds {limit}")));
@@ -582,6 +619,43 @@ mod tests {
     }
 
     #[test]
+    fn revoke_frames_are_version_2_only() {
+        for op in [FrameOp::Revoke, FrameOp::RevokeAck] {
+            let h = Header {
+                id: 3,
+                key: 0xfeed,
+                ..Header::new(op)
+            };
+            let b = encode_header(&h);
+            assert_eq!(b[2], VERSION_REVOKE);
+            assert_eq!(decode_header(&b).unwrap(), h);
+            // The same op claimed as version 1, or with a payload, is refused.
+            let mut v1 = b;
+            v1[2] = VERSION;
+            let crc = crc32c::crc32c(&v1[..44]);
+            v1[44..48].copy_from_slice(&crc.to_le_bytes());
+            assert!(matches!(decode_header(&v1), Err(Error::InvalidMetadata(_))));
+            let long = Header { len: 1, ..h };
+            assert!(matches!(
+                decode_header(&encode_header(&long)),
+                Err(Error::InvalidMetadata(_))
+            ));
+        }
+        // Version-1 ops stay version 1 on the wire (a version-1 peer understands them).
+        let w = encode_header(&Header {
+            count: 1,
+            len: 1,
+            ..Header::new(FrameOp::Write)
+        });
+        assert_eq!(w[2], VERSION);
+        let mut v2 = w;
+        v2[2] = VERSION_REVOKE;
+        let crc = crc32c::crc32c(&v2[..44]);
+        v2[44..48].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode_header(&v2), Err(Error::InvalidMetadata(_))));
+    }
+
+    #[test]
     fn segment_table_round_trip() {
         let segs = [
             WireSegment {
@@ -733,10 +807,10 @@ mod tests {
         }
 
         #[test]
-        fn valid_headers_with_random_fields(op in 1u8..=8, status: u32, id: u64, key: u64, addr: u64, len: u64, count: u32, flip in 0usize..HEADER_LEN) {
+        fn valid_headers_with_random_fields(op in 0u8..=12, version in 0u8..=3, status: u32, id: u64, key: u64, addr: u64, len: u64, count: u32, flip in 0usize..HEADER_LEN) {
             let mut b = [0u8; HEADER_LEN];
             b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
-            b[2] = VERSION;
+            b[2] = version;
             b[3] = op;
             b[4..8].copy_from_slice(&status.to_le_bytes());
             b[8..16].copy_from_slice(&id.to_le_bytes());
@@ -746,6 +820,15 @@ mod tests {
             b[40..44].copy_from_slice(&count.to_le_bytes());
             let crc = crc32c::crc32c(&b[..44]);
             b[44..48].copy_from_slice(&crc.to_le_bytes());
+            match decode_header(&b) {
+                Err(e) => prop_assert!(matches!(e, Error::InvalidMetadata(_)), "{e:?}"),
+                Ok(h) => {
+                    // Each op has exactly one version; REVOKE/REVOKE_ACK only in 2.
+                    prop_assert_eq!(version, h.op.version());
+                    prop_assert!(matches!(h.op, FrameOp::Revoke | FrameOp::RevokeAck) == (version == VERSION_REVOKE));
+                    prop_assert!((1..=10).contains(&op));
+                }
+            }
             if let Ok(h) = decode_header(&b) {
                 prop_assert_eq!(encode_header(&h), b);
                 let mut out = Vec::new();
