@@ -753,7 +753,11 @@ impl Agent {
             let r = st
                 .regions
                 .values()
-                .find(|r| r.kind == kind && r.descs.iter().any(|d| d.contains(&x)))
+                .filter(|r| r.kind == kind && r.descs.iter().any(|d| d.contains(&x)))
+                // Memory freed and registered again shows up as a newer region over the
+                // same addresses (the peer may not have published the removal): the
+                // newest registration is the live one.
+                .max_by_key(|r| r.id)
                 .ok_or_else(|| {
                     Error::OutOfBounds(format!(
                         "remote range {:#x}+{} is outside every {kind} region {} registered",

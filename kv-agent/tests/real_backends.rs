@@ -83,3 +83,37 @@ fn tcp_ucx_and_libfabric_for_the_same_peers() {
         assert_eq!(s.completed, 1, "{name}");
     }
 }
+
+/// The decode side frees a registration and registers new memory (often at the same
+/// address) without publishing the removal: the next transfer goes to the new, live
+/// registration, never to the revoked one.
+#[test]
+fn reregistered_memory_at_the_same_address_is_used() {
+    let (p, _) = agent("prefill", &[("tcp", Params::new())]);
+    let (d, _) = agent("decode", &[("tcp", Params::new())]);
+    let len = 1 << 20;
+    let src = Region::new(HostBuffer::shared(len).unwrap());
+    let rs = p.register(&src).unwrap();
+    for round in 0..3u64 {
+        let dst = Region::new(HostBuffer::shared(len).unwrap());
+        let rd = d.register(&dst).unwrap();
+        let peer = p
+            .load_remote(&d.partial_metadata(&[&rd]).unwrap())
+            .or_else(|_| p.load_remote(&d.local_metadata().unwrap()))
+            .unwrap();
+        let t = p
+            .transfer(
+                &TransferSpec::write(
+                    DescriptorList::single(rs.descriptor()),
+                    peer,
+                    DescriptorList::single(rd.descriptor()),
+                ),
+                None,
+            )
+            .unwrap();
+        t.wait().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        drop(t);
+        drop(rd);
+        drop(dst);
+    }
+}

@@ -61,6 +61,11 @@ impl RemoteHandle {
         self.revoked.load(Ordering::SeqCst)
     }
 
+    /// True while new transfers may use the import (neither released nor revoked).
+    pub(crate) fn usable(&self) -> bool {
+        self.refusal().is_none()
+    }
+
     fn refusal(&self) -> Option<Error> {
         if self.released.load(Ordering::SeqCst) {
             Some(Error::NotRegistered(format!(

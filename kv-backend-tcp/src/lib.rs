@@ -632,7 +632,9 @@ impl Backend for TcpBackend {
             .remotes
             .read()
             .values()
-            .filter(|r| r.peer == req.peer.0)
+            // A revoked import may still cover the range (its memory was freed and the
+            // address reused by a newer registration): only live imports count.
+            .filter(|r| r.peer == req.peer.0 && r.handle.usable())
             .map(|r| (r.desc, r.key, r.shm.clone(), r.handle.clone()))
             .collect();
         imports.sort_by_key(|(d, _, _, _)| d.addr);
