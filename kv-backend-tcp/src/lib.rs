@@ -628,15 +628,37 @@ impl Backend for TcpBackend {
         }
         let peer = self.peer(req.peer)?;
         type Imported = (Descriptor, u64, Option<Arc<shm::Import>>, Arc<RemoteHandle>);
-        let mut imports: Vec<Imported> = self
+        let (mut imports, dead): (Vec<Imported>, Vec<Imported>) = self
             .remotes
             .read()
             .values()
+            .filter(|r| r.peer == req.peer.0)
+            .map(|r| (r.desc, r.key, r.shm.clone(), r.handle.clone()))
             // A revoked import may still cover the range (its memory was freed and the
             // address reused by a newer registration): only live imports count.
-            .filter(|r| r.peer == req.peer.0 && r.handle.usable())
-            .map(|r| (r.desc, r.key, r.shm.clone(), r.handle.clone()))
-            .collect();
+            .partition(|(_, _, _, h)| h.usable());
+        if !dead.is_empty() {
+            let live: Vec<Descriptor> = imports.iter().map(|(d, _, _, _)| *d).collect();
+            let all: Vec<Descriptor> = live
+                .iter()
+                .chain(dead.iter().map(|(d, _, _, _)| d))
+                .copied()
+                .collect();
+            if !req.remote.within(&live) && req.remote.within(&all) {
+                // Covered only by imports that were revoked or released: say why.
+                if peer.core.peer_gone() {
+                    return Err(Error::RemoteDisconnected {
+                        peer: peer.core.name.clone(),
+                        reason:
+                            "the peer closed its control connection; its registrations were revoked"
+                                .into(),
+                    });
+                }
+                return Err(Error::NotRegistered(
+                    "the remote registration was revoked by the peer (deregistered) or released; import it again".into(),
+                ));
+            }
+        }
         imports.sort_by_key(|(d, _, _, _)| d.addr);
         let local = self.shared.regs.snapshot();
         let descs: Vec<Descriptor> = imports.iter().map(|(d, _, _, _)| *d).collect();
