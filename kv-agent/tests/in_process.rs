@@ -369,6 +369,8 @@ struct Wrapped {
     name: &'static str,
     cost: Option<Duration>,
     stuck: bool,
+    /// `deregister` always fails (a peer still writing, say).
+    fail_deregister: bool,
 }
 
 impl Wrapped {
@@ -378,6 +380,7 @@ impl Wrapped {
             name: "stuck",
             cost: None,
             stuck: true,
+            fail_deregister: false,
         }
     }
 }
@@ -395,6 +398,9 @@ impl Backend for Wrapped {
         unsafe { self.inner.register(kind, desc) }
     }
     fn deregister(&self, id: RegistrationId) -> kv_core::Result<()> {
+        if self.fail_deregister {
+            return Err(Error::Busy("a peer is still writing".into()));
+        }
         self.inner.deregister(id)
     }
     fn remote_key(&self, id: RegistrationId) -> kv_core::Result<Bytes> {
@@ -469,12 +475,14 @@ fn backend_choice_by_cost_then_preference() {
             name: "slow",
             cost: Some(Duration::from_millis(10)),
             stuck: false,
+            fail_deregister: false,
         });
         let fast = Arc::new(Wrapped {
             inner: f2.backend(name),
             name: "fast",
             cost: Some(Duration::from_millis(1)),
             stuck: false,
+            fail_deregister: false,
         });
         agent.add_backend_instance(slow.clone()).unwrap();
         agent.add_backend_instance(fast.clone()).unwrap();
@@ -839,79 +847,15 @@ fn newer_partial_metadata_does_not_retire_the_peer() {
 /// A backend that cannot deregister keeps custody: the memory is never freed.
 #[test]
 fn failed_deregistration_keeps_the_memory() {
-    struct NoDereg(LoopbackBackend);
-    #[allow(unsafe_code)]
-    impl Backend for NoDereg {
-        fn name(&self) -> &str {
-            "nodereg"
-        }
-        fn capabilities(&self) -> Capabilities {
-            self.0.capabilities()
-        }
-        unsafe fn register(
-            &self,
-            kind: MemKind,
-            desc: &Descriptor,
-        ) -> kv_core::Result<RegistrationId> {
-            // SAFETY: forwarded contract.
-            unsafe { self.0.register(kind, desc) }
-        }
-        fn deregister(&self, _id: RegistrationId) -> kv_core::Result<()> {
-            Err(Error::Busy("a peer is still writing".into()))
-        }
-        fn remote_key(&self, id: RegistrationId) -> kv_core::Result<Bytes> {
-            self.0.remote_key(id)
-        }
-        fn connection_info(&self) -> kv_core::Result<Bytes> {
-            self.0.connection_info()
-        }
-        fn connect(&self, n: &str, info: &[u8]) -> kv_core::Result<EndpointId> {
-            self.0.connect(n, info)
-        }
-        fn disconnect(&self, p: EndpointId) -> kv_core::Result<()> {
-            self.0.disconnect(p)
-        }
-        fn import_remote(
-            &self,
-            p: EndpointId,
-            k: MemKind,
-            d: &Descriptor,
-            key: &[u8],
-        ) -> kv_core::Result<RemoteId> {
-            self.0.import_remote(p, k, d, key)
-        }
-        fn release_remote(&self, id: RemoteId) -> kv_core::Result<()> {
-            self.0.release_remote(id)
-        }
-        fn prepare(&self, r: &TransferRequest) -> kv_core::Result<TransferId> {
-            self.0.prepare(r)
-        }
-        unsafe fn post(&self, id: TransferId, o: &PostOptions) -> kv_core::Result<()> {
-            // SAFETY: forwarded contract.
-            unsafe { self.0.post(id, o) }
-        }
-        fn poll(&self, id: TransferId) -> Status {
-            self.0.poll(id)
-        }
-        fn cancel(&self, id: TransferId) -> kv_core::Result<()> {
-            self.0.cancel(id)
-        }
-        fn release(&self, id: TransferId) -> kv_core::Result<()> {
-            self.0.release(id)
-        }
-        fn progress(&self) -> kv_core::Result<usize> {
-            self.0.progress()
-        }
-        fn notify(&self, p: EndpointId, b: Bytes) -> kv_core::Result<()> {
-            self.0.notify(p, b)
-        }
-        fn drain_notifications(&self, out: &mut Vec<Notification>) -> kv_core::Result<usize> {
-            self.0.drain_notifications(out)
-        }
-    }
     let f = LoopbackFabric::new();
-    let lb = NoDereg(f.backend("a"));
-    let d = lb.0.alloc(4096);
+    let lb = Wrapped {
+        inner: f.backend("a"),
+        name: "nodereg",
+        cost: None,
+        stuck: false,
+        fail_deregister: true,
+    };
+    let d = lb.inner.alloc(4096);
     let agent = Agent::new("a", AgentOptions::default()).unwrap();
     agent.add_backend_instance(Arc::new(lb)).unwrap();
     let region = Region::new(LoopMem(d));
