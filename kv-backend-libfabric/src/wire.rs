@@ -3,6 +3,7 @@
 //! [`Error::InvalidMetadata`], never a panic.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use kv_core::codec::Reader;
 use kv_core::{Error, Result};
 
 const INFO_MAGIC: &[u8; 4] = b"KVFI";
@@ -28,70 +29,6 @@ pub struct ConnectionInfo {
     pub provider: String,
     /// The endpoint name from `fi_getname`.
     pub address: Vec<u8>,
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.buf.len() < n {
-            return Err(Error::invalid_metadata(format!(
-                "{} truncated: {} bytes left, {n} needed",
-                self.what,
-                self.buf.len()
-            )));
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn header(&mut self, magic: &[u8; 4]) -> Result<()> {
-        if self.take(4)? != magic {
-            return Err(Error::invalid_metadata(format!("{}: bad magic", self.what)));
-        }
-        let v = self.u8()?;
-        if v != VERSION {
-            return Err(Error::invalid_metadata(format!(
-                "{}: version {v}, this build reads {VERSION}",
-                self.what
-            )));
-        }
-        Ok(())
-    }
-    fn string(&mut self, len: usize) -> Result<String> {
-        String::from_utf8(self.take(len)?.to_vec())
-            .map_err(|_| Error::invalid_metadata(format!("{}: name is not UTF-8", self.what)))
-    }
-    fn end(&self) -> Result<()> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::invalid_metadata(format!(
-                "{}: {} trailing bytes",
-                self.what,
-                self.buf.len()
-            )))
-        }
-    }
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -139,18 +76,15 @@ impl ConnectionInfo {
                 "libfabric connection info: checksum mismatch",
             ));
         }
-        let mut r = Reader {
-            buf: body,
-            what: "libfabric connection info",
-        };
-        r.header(INFO_MAGIC)?;
+        let mut r = Reader::named(body, "libfabric connection info");
+        r.expect_header(INFO_MAGIC, VERSION)?;
         let n = r.u16()? as usize;
-        let agent = r.string(n)?;
+        let agent = r.utf8(n)?;
         let n = r.u16()? as usize;
-        let provider = r.string(n)?;
+        let provider = r.utf8(n)?;
         let n = r.u16()? as usize;
         let address = r.take(n)?.to_vec();
-        r.end()?;
+        r.finish()?;
         if address.is_empty() {
             return Err(Error::invalid_metadata(
                 "libfabric connection info: empty address",
@@ -192,17 +126,14 @@ impl RemoteKey {
 
     /// Parses what [`RemoteKey::encode`] wrote.
     pub fn decode(buf: &[u8]) -> Result<RemoteKey> {
-        let mut r = Reader {
-            buf,
-            what: "libfabric remote key",
-        };
-        r.header(KEY_MAGIC)?;
+        let mut r = Reader::named(buf, "libfabric remote key");
+        r.expect_header(KEY_MAGIC, VERSION)?;
         let k = RemoteKey {
             key: r.u64()?,
             base: r.u64()?,
             len: r.u64()?,
         };
-        r.end()?;
+        r.finish()?;
         Ok(k)
     }
 }
@@ -232,11 +163,8 @@ pub fn encode_notification(buf: &mut [u8], agent: &str, payload: &[u8]) -> Resul
 
 /// Parses a received notification message: `(sender agent, payload)`.
 pub fn decode_notification(buf: &[u8]) -> Result<(String, Bytes)> {
-    let mut r = Reader {
-        buf,
-        what: "libfabric notification",
-    };
-    r.header(MSG_MAGIC)?;
+    let mut r = Reader::named(buf, "libfabric notification");
+    r.expect_header(MSG_MAGIC, VERSION)?;
     let n = r.u16()? as usize;
     let p = r.u32()? as usize;
     if n > MAX_NAME || p > MAX_PAYLOAD {
@@ -244,9 +172,9 @@ pub fn decode_notification(buf: &[u8]) -> Result<(String, Bytes)> {
             "libfabric notification: oversized fields",
         ));
     }
-    let agent = r.string(n)?;
+    let agent = r.utf8(n)?;
     let payload = Bytes::copy_from_slice(r.take(p)?);
-    r.end()?;
+    r.finish()?;
     Ok((agent, payload))
 }
 

@@ -6,6 +6,7 @@
 //! any byte reaches UCX; a malformed blob is `Error::InvalidMetadata`, never a crash.
 //! All integers are little-endian.
 
+use kv_core::codec::Reader;
 use kv_core::{Descriptor, Error, Result};
 
 const INFO_MAGIC: &[u8; 4] = b"KVUI";
@@ -67,77 +68,6 @@ pub struct AmHeader {
     pub name: String,
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.buf.len() < n {
-            return Err(Error::invalid_metadata(format!(
-                "ucx {} truncated: need {n} more bytes, have {}",
-                self.what,
-                self.buf.len()
-            )));
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(a))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn header(&mut self, magic: &[u8; 4]) -> Result<()> {
-        self.versioned(magic, VERSION)
-    }
-    fn versioned(&mut self, magic: &[u8; 4], version: u8) -> Result<()> {
-        if self.take(4)? != magic {
-            return Err(Error::invalid_metadata(format!(
-                "not ucx {} (bad magic)",
-                self.what
-            )));
-        }
-        let v = self.u8()?;
-        if v != version {
-            return Err(Error::invalid_metadata(format!(
-                "ucx {} version {v}, this build reads {version}",
-                self.what
-            )));
-        }
-        Ok(())
-    }
-    fn name(&mut self, len: usize) -> Result<String> {
-        String::from_utf8(self.take(len)?.to_vec())
-            .map_err(|_| Error::invalid_metadata(format!("ucx {}: name is not UTF-8", self.what)))
-    }
-    fn end(&self) -> Result<()> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::invalid_metadata(format!(
-                "ucx {}: {} trailing bytes",
-                self.what,
-                self.buf.len()
-            )))
-        }
-    }
-}
-
 fn check_name(name: &str) -> Result<()> {
     if name.len() > MAX_NAME {
         return Err(Error::invalid_argument(format!(
@@ -196,20 +126,17 @@ impl ConnInfo {
     /// Parses and checks info produced by [`ConnInfo::encode`].
     pub fn decode(buf: &[u8]) -> Result<ConnInfo> {
         let body = unseal(buf, "connection info")?;
-        let mut r = Reader {
-            buf: body,
-            what: "connection info",
-        };
-        r.versioned(INFO_MAGIC, INFO_VERSION)?;
+        let mut r = Reader::named(body, "ucx connection info");
+        r.expect_header(INFO_MAGIC, INFO_VERSION)?;
         let name_len = r.u8()? as usize;
         let instance = r.u64()?;
         let pid = r.u32()?;
         let tcp_tx_seg = r.u32()?;
         let tcp_rx_seg = r.u32()?;
         let addr_len = r.u32()? as usize;
-        let name = r.name(name_len)?;
+        let name = r.utf8(name_len)?;
         let worker_address = r.take(addr_len)?.to_vec();
-        r.end()?;
+        r.finish()?;
         if worker_address.is_empty() {
             return Err(Error::invalid_metadata(
                 "ucx connection info: empty worker address",
@@ -246,16 +173,13 @@ impl RemoteKey {
     /// Parses and checks a key produced by [`RemoteKey::encode`].
     pub fn decode(buf: &[u8]) -> Result<RemoteKey> {
         let body = unseal(buf, "remote key")?;
-        let mut r = Reader {
-            buf: body,
-            what: "remote key",
-        };
-        r.versioned(KEY_MAGIC, KEY_VERSION)?;
+        let mut r = Reader::named(body, "ucx remote key");
+        r.expect_header(KEY_MAGIC, KEY_VERSION)?;
         let key_id = r.u64()?;
         let range = Descriptor::new(r.u64()?, r.u64()?, r.u32()?);
         let len = r.u32()? as usize;
         let rkey = r.take(len)?.to_vec();
-        r.end()?;
+        r.finish()?;
         if rkey.is_empty() || range.end().is_none() {
             return Err(Error::invalid_metadata(
                 "ucx remote key: empty rkey or range overflows",
@@ -305,11 +229,8 @@ impl WriteHeader {
 
     /// Parses a header produced by [`WriteHeader::encode`].
     pub fn decode(buf: &[u8]) -> Result<WriteHeader> {
-        let mut r = Reader {
-            buf,
-            what: "write header",
-        };
-        r.header(WRITE_MAGIC)?;
+        let mut r = Reader::named(buf, "ucx write header");
+        r.expect_header(WRITE_MAGIC, VERSION)?;
         let h = WriteHeader {
             instance: r.u64()?,
             seq: r.u64()?,
@@ -317,7 +238,7 @@ impl WriteHeader {
             offset: r.u64()?,
             len: r.u64()?,
         };
-        r.end()?;
+        r.finish()?;
         Ok(h)
     }
 }
@@ -379,13 +300,13 @@ impl Ack {
 
     /// Parses an ack produced by [`Ack::encode`].
     pub fn decode(buf: &[u8]) -> Result<Ack> {
-        let mut r = Reader { buf, what: "ack" };
-        r.header(ACK_MAGIC)?;
+        let mut r = Reader::named(buf, "ucx write ack");
+        r.expect_header(ACK_MAGIC, VERSION)?;
         let instance = r.u64()?;
         let seq = r.u64()?;
         let code = AckCode::from_u8(r.u8()?)
             .ok_or_else(|| Error::invalid_metadata("ucx ack: unknown code"))?;
-        r.end()?;
+        r.finish()?;
         Ok(Ack {
             instance,
             seq,
@@ -411,11 +332,8 @@ impl AmHeader {
 
     /// Parses a header produced by [`AmHeader::encode`].
     pub fn decode(buf: &[u8]) -> Result<AmHeader> {
-        let mut r = Reader {
-            buf,
-            what: "notification header",
-        };
-        r.header(AM_MAGIC)?;
+        let mut r = Reader::named(buf, "ucx notification header");
+        r.expect_header(AM_MAGIC, VERSION)?;
         let name_len = r.u16()? as usize;
         if name_len > MAX_NAME {
             return Err(Error::invalid_metadata("ucx notification: name too long"));
@@ -423,8 +341,8 @@ impl AmHeader {
         let instance = r.u64()?;
         let endpoint = r.u64()?;
         let seq = r.u64()?;
-        let name = r.name(name_len)?;
-        r.end()?;
+        let name = r.utf8(name_len)?;
+        r.finish()?;
         Ok(AmHeader {
             instance,
             endpoint,

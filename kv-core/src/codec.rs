@@ -172,7 +172,7 @@ impl AgentMetadata {
         if crc32c::crc32c(body) != crc {
             return Err(bad("checksum mismatch"));
         }
-        let mut r = Reader { buf: body };
+        let mut r = Reader::new(body);
         let name = r.str()?;
         let generation = r.u64()?;
         let nb = r.count16(2 + 4)?;
@@ -304,18 +304,29 @@ pub fn put_list(b: &mut BytesMut, l: &DescriptorList) -> Result<()> {
 pub struct Reader<'a> {
     /// The bytes not read yet.
     pub buf: &'a [u8],
+    /// What is being decoded, for error messages (`"libfabric remote key"`).
+    what: &'static str,
 }
 
 impl<'a> Reader<'a> {
     /// A reader over `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf }
+        Self::named(buf, "metadata")
+    }
+
+    /// A reader over `buf` whose errors name `what` (e.g. `"ucx remote key"`).
+    pub fn named(buf: &'a [u8], what: &'static str) -> Self {
+        Reader { buf, what }
+    }
+
+    fn bad(&self, why: impl std::fmt::Display) -> Error {
+        bad(format!("{}: {why}", self.what))
     }
 
     /// Takes `n` bytes.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.buf.len() < n {
-            return Err(bad(format!(
+            return Err(self.bad(format_args!(
                 "truncated: need {n} bytes, {} left",
                 self.buf.len()
             )));
@@ -348,6 +359,35 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(s);
         Ok(u64::from_le_bytes(a))
+    }
+
+    /// Checks a `magic` prefix followed by a one-byte `version`.
+    pub fn expect_header(&mut self, magic: &[u8], version: u8) -> Result<()> {
+        if self.take(magic.len())? != magic {
+            return Err(self.bad("bad magic"));
+        }
+        let v = self.u8()?;
+        if v != version {
+            return Err(self.bad(format_args!(
+                "version {v}, this build reads {version}; upgrade the older peer"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes of UTF-8.
+    pub fn utf8(&mut self, len: usize) -> Result<String> {
+        let b = self.take(len)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.bad("name is not UTF-8"))
+    }
+
+    /// Checks that everything was read.
+    pub fn finish(&self) -> Result<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(self.bad(format_args!("{} trailing bytes", self.buf.len())))
+        }
     }
 
     /// Reads a `u16`-prefixed UTF-8 string of at most [`MAX_NAME_LEN`] bytes.
