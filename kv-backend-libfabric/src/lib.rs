@@ -1005,6 +1005,18 @@ impl Backend for FabricBackend {
         if t.outstanding != 0 {
             return Err(Error::Busy(format!("{id} still has operations in flight")));
         }
+        // The transfer's pieces carry the local MRs' descriptors: a deregistered (closed)
+        // MR must never reach the provider.
+        let regs = t.local_regs.clone();
+        if let Some(r) = regs.iter().find(|r| !s.regs.contains_key(r)) {
+            return Err(Error::NotRegistered(format!(
+                "local registration {r} of {id} was deregistered; prepare the transfer again"
+            )));
+        }
+        let t = s
+            .transfers
+            .get_mut(&id.0)
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
         let deadline = opts.deadline.unwrap_or(now + self.timeout);
         t.status = Status::InProgress;
         t.epoch += 1;

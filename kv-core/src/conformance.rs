@@ -681,6 +681,41 @@ pub fn dropped_peer(h: &dyn Harness) -> Result<()> {
     Ok(())
 }
 
+/// A prepared transfer whose local registration was deregistered is refused (at post,
+/// or it fails) and moves nothing: the backend never reads memory it no longer owns.
+pub fn post_after_deregister(h: &dyn Harness) -> Result<()> {
+    let c = Conn::new(h)?;
+    let l = c.local(4096, 91)?;
+    let (r, _) = c.remote(4096, 92)?;
+    let id = c.a.backend.prepare(&c.request(
+        Op::Write,
+        DescriptorList::single(l.mem.desc()),
+        DescriptorList::single(r.mem.desc()),
+    ))?;
+    c.a.backend.deregister(l.reg)?;
+    let opts = PostOptions {
+        notification: None,
+        deadline: Some(Instant::now() + c.deadline),
+    };
+    // SAFETY: the memory itself is still alive (`l` is held), only deregistered; a
+    // conforming backend refuses to touch it.
+    let st = match unsafe { c.a.backend.post(id, &opts) } {
+        Err(e) => Status::Failed(e),
+        Ok(()) => wait(&*c.a.backend, Some(&*c.b.backend), id, c.deadline),
+    };
+    check(matches!(st, Status::Failed(_)), || {
+        format!("post after the local registration was deregistered gave {st:?}")
+    })?;
+    let _ = c.a.backend.release(id);
+    check_eq(
+        &r.mem.read(0, 4096)?,
+        &pattern(92, 4096),
+        "target after a refused post",
+    )?;
+    c.b.backend.deregister(r.reg)?;
+    Ok(())
+}
+
 /// One conformance case.
 pub type Case = fn(&dyn Harness) -> Result<()>;
 
@@ -697,6 +732,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("repost", repost),
     ("cancel", cancel),
     ("dropped_peer", dropped_peer),
+    ("post_after_deregister", post_after_deregister),
 ];
 
 /// Runs every case; the first failure is returned with the case's name.
@@ -718,7 +754,7 @@ macro_rules! conformance_tests {
     ($harness:expr) => {
         $crate::conformance_tests!(@case $harness; register_deregister, export_import,
             write_sizes, read_sizes, scattered_write, scattered_read, notifications,
-            bounds_refused, repost, cancel, dropped_peer);
+            bounds_refused, repost, cancel, dropped_peer, post_after_deregister);
     };
     (@case $harness:expr; $($name:ident),*) => {
         $(
