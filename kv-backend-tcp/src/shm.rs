@@ -111,13 +111,17 @@ impl Import {
             ));
         }
         let fd = sys::peer_fd(pid, s.fd).map_err(|e| format!("fetching the peer's memfd: {e}"))?;
-        let (dev, ino, size, shmem) =
+        let (dev, ino, size, sealed) =
             sys::shm_identity(fd.as_fd()).map_err(|e| format!("fstat of the memfd: {e}"))?;
-        if (dev, ino) != (s.dev, s.ino) || !shmem {
+        if (dev, ino) != (s.dev, s.ino) {
             return Err(format!(
                 "fd {} of pid {pid} is no longer the exported memfd (deregistered?)",
                 s.fd
             ));
+        }
+        if !sealed {
+            // Unsealed, the peer could shrink it and make our copies fault (SIGBUS).
+            return Err("the memfd is not sealed against shrinking (F_SEAL_SHRINK)".into());
         }
         let end = s
             .offset

@@ -400,6 +400,8 @@ pub(crate) fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
 
 /// Device, inode and size of an open file, and whether it is shared memory (a memfd or
 /// another shmem file: `F_GET_SEALS` works only on those).
+/// (device, inode, size, sealed): `sealed` is true for a memfd sealed against
+/// shrinking (`F_SEAL_SHRINK`), which a peer may map without risking `SIGBUS`.
 pub(crate) fn shm_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64, u64, bool)> {
     // SAFETY: `stat` is plain data; zeroed is a valid value for fstat to overwrite.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -408,8 +410,9 @@ pub(crate) fn shm_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64, u64, boo
         return Err(io::Error::last_os_error());
     }
     // SAFETY: F_GET_SEALS only reads the descriptor's file.
-    let shmem = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) } >= 0;
-    Ok((st.st_dev, st.st_ino, st.st_size.max(0) as u64, shmem))
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
+    Ok((st.st_dev, st.st_ino, st.st_size.max(0) as u64, sealed))
 }
 
 /// A copy, in this process, of descriptor `fd` of process `pid`: `pidfd_getfd` (Linux
@@ -565,13 +568,24 @@ mod tests {
     #[test]
     fn peer_fd_and_shared_mapping_of_own_memfd() {
         // SAFETY: a valid NUL-terminated name; no other inputs.
-        let fd = unsafe { libc::memfd_create(c"kv-tcp-test".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"kv-tcp-test".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         assert!(fd >= 0);
         // SAFETY: fresh descriptor, owned here.
         let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         f.set_len(3 * page_size()).unwrap();
-        let dupe = peer_fd(std::process::id(), f.as_raw_fd()).unwrap();
         use std::os::fd::AsFd;
+        assert!(!shm_identity(f.as_fd()).unwrap().3, "not sealed yet");
+        // SAFETY: fcntl on our own fd with integer arguments.
+        assert_eq!(
+            unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+            0
+        );
+        let dupe = peer_fd(std::process::id(), f.as_raw_fd()).unwrap();
         let (dev, ino, size, shmem) = shm_identity(f.as_fd()).unwrap();
         assert_eq!(shm_identity(dupe.as_fd()).unwrap(), (dev, ino, size, shmem));
         assert!(shmem && size == 3 * page_size());
