@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kv_agent::{Agent, AgentOptions, TransferSpec};
+use kv_agent::{Agent, AgentOptions, PeerId, TransferSpec};
 use kv_core::conformance::pattern;
 use kv_core::loopback::{LoopbackBackend, LoopbackFabric};
 use kv_core::{
@@ -41,6 +41,13 @@ fn node(fabric: &LoopbackFabric, name: &str, opts: AgentOptions) -> Node {
 }
 
 impl Node {
+    /// Loads `other`'s full metadata; its PeerId.
+    fn load(&self, other: &Node) -> PeerId {
+        self.agent
+            .load_remote(&other.agent.local_metadata().unwrap())
+            .unwrap()
+    }
+
     fn region(&self, len: usize, seed: u64) -> Region<LoopMem> {
         let d = self.lb.alloc(len);
         self.lb.write_mem(d.addr, &pattern(seed, len)).unwrap();
@@ -49,6 +56,15 @@ impl Node {
     fn read(&self, d: Descriptor) -> Vec<u8> {
         self.lb.read_mem(d.addr, d.len as usize).unwrap()
     }
+}
+
+/// A DRAM WRITE of one local range into one remote range.
+fn write1(local: Descriptor, peer: PeerId, remote: Descriptor) -> TransferSpec {
+    TransferSpec::write(
+        DescriptorList::single(local),
+        peer,
+        DescriptorList::single(remote),
+    )
 }
 
 fn pair() -> (Node, Node) {
@@ -66,10 +82,7 @@ fn write_with_notification_then_read() {
     let dst = d.region(1 << 20, 2);
     let _rs = p.agent.register(&src).unwrap();
     let rd = d.agent.register(&dst).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d);
     assert_eq!(p.agent.peer_info(peer).unwrap().0, "decode");
     let remote = DescriptorList::single(rd.descriptor());
     let t = p
@@ -122,17 +135,10 @@ fn repost_a_prepared_transfer_1000_times() {
     let dst = d.region(4096, 2);
     let _rs = p.agent.register(&src).unwrap();
     let rd = d.agent.register(&dst).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d);
     let t = p
         .agent
-        .prepare(&TransferSpec::write(
-            DescriptorList::single(src.descriptor()),
-            peer,
-            DescriptorList::single(rd.descriptor()),
-        ))
+        .prepare(&write1(src.descriptor(), peer, rd.descriptor()))
         .unwrap();
     for i in 0..1000u64 {
         p.lb.write_mem(src.descriptor().addr, &pattern(100 + i, 4096))
@@ -192,10 +198,7 @@ fn restarted_peer_replaces_old_generation() {
     );
     let dst2 = d2.region(4096, 3);
     let r2 = d2.agent.register(&dst2).unwrap();
-    let new = p
-        .agent
-        .load_remote(&d2.agent.local_metadata().unwrap())
-        .unwrap();
+    let new = p.load(&d2);
     assert_ne!(new, old);
     assert_eq!(p.agent.peer_by_name("decode"), Some(new));
     // Old handles are refused with a clear error.
@@ -232,17 +235,10 @@ fn partial_metadata_adds_regions() {
     let _rs = p.agent.register(&src).unwrap();
     let a = d.region(4096, 2);
     let _ra = d.agent.register(&a).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d);
     let b = d.region(8192, 3);
     let rb = d.agent.register(&b).unwrap();
-    let spec = TransferSpec::write(
-        DescriptorList::single(src.descriptor()),
-        peer,
-        DescriptorList::single(rb.descriptor()),
-    );
+    let spec = write1(src.descriptor(), peer, rb.descriptor());
     assert!(matches!(p.agent.prepare(&spec), Err(Error::OutOfBounds(_))));
     assert_eq!(
         p.agent
@@ -272,10 +268,7 @@ fn bounds_and_registration_are_checked() {
     let _rs = p.agent.register(&src).unwrap();
     let dst = d.region(4096, 2);
     let rd = d.agent.register(&dst).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d);
     let big = Descriptor::new(rd.descriptor().addr, 4097, 0);
     let e = p.agent.prepare(&TransferSpec::write(
         DescriptorList::single(Descriptor::new(src.descriptor().addr, 4097, 0)),
@@ -283,11 +276,9 @@ fn bounds_and_registration_are_checked() {
         DescriptorList::single(big),
     ));
     assert!(e.is_err());
-    let e = p.agent.prepare(&TransferSpec::write(
-        DescriptorList::single(unregistered.descriptor()),
-        peer,
-        DescriptorList::single(rd.descriptor()),
-    ));
+    let e = p
+        .agent
+        .prepare(&write1(unregistered.descriptor(), peer, rd.descriptor()));
     assert!(matches!(e, Err(Error::NotRegistered(_))), "{e:?}");
     let e = p.agent.prepare(&TransferSpec::write(
         DescriptorList::single(src.slice(0, 10).unwrap()),
@@ -332,17 +323,10 @@ fn custody_defers_deregistration() {
     let rs = p.agent.register(&src).unwrap();
     let dst = d.region(4096, 2);
     let rd = d.agent.register(&dst).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d);
     let t = p
         .agent
-        .prepare(&TransferSpec::write(
-            DescriptorList::single(src.descriptor()),
-            peer,
-            DescriptorList::single(rd.descriptor()),
-        ))
+        .prepare(&write1(src.descriptor(), peer, rd.descriptor()))
         .unwrap();
     t.post(None).unwrap();
     // Explicit deregistration while in flight is refused and hands the handle back.
@@ -508,11 +492,7 @@ fn backend_choice_by_cost_then_preference() {
         let rd = d.register(&dst).unwrap();
         assert_eq!(rs.backends(), vec!["slow".to_string(), "fast".to_string()]);
         let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
-        let spec = TransferSpec::write(
-            DescriptorList::single(rs.descriptor()),
-            peer,
-            DescriptorList::single(rd.descriptor()),
-        );
+        let spec = write1(rs.descriptor(), peer, rd.descriptor());
         let t = p.transfer(&spec, None).unwrap();
         t.wait().unwrap();
         assert_eq!(t.backend(), want, "preference {pref:?}");
@@ -545,11 +525,7 @@ fn deadline_ends_a_stuck_transfer() {
     let _rs = p.register(&src).unwrap();
     let rd = d.register(&dst).unwrap();
     let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
-    let mut spec = TransferSpec::write(
-        DescriptorList::single(src.descriptor()),
-        peer,
-        DescriptorList::single(rd.descriptor()),
-    );
+    let mut spec = write1(src.descriptor(), peer, rd.descriptor());
     spec.deadline = Some(Duration::from_millis(200));
     let t = p.transfer(&spec, None).unwrap();
     let start = Instant::now();
@@ -572,15 +548,8 @@ fn dead_peer_fails_transfers() {
     let _rs = p.agent.register(&src).unwrap();
     let dst = d.region(4096, 2);
     let rd = d.agent.register(&dst).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
-    let spec = TransferSpec::write(
-        DescriptorList::single(src.descriptor()),
-        peer,
-        DescriptorList::single(rd.descriptor()),
-    );
+    let peer = p.load(&d);
+    let spec = write1(src.descriptor(), peer, rd.descriptor());
     // Connected and working, then the peer dies: the prepared transfer fails.
     let t = p.agent.prepare(&spec).unwrap();
     t.post(None).unwrap();
@@ -630,17 +599,10 @@ fn threads_post_concurrently() {
         let rd = d.agent.register(&dst).unwrap();
         keep.push((rs, rd, dst.clone(), src.clone()));
     }
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d);
     for (i, (_, rd, _, src)) in keep.iter().enumerate() {
         let agent = p.agent.clone();
-        let spec = TransferSpec::write(
-            DescriptorList::single(src.descriptor()),
-            peer,
-            DescriptorList::single(rd.descriptor()),
-        );
+        let spec = write1(src.descriptor(), peer, rd.descriptor());
         handles.push(std::thread::spawn(move || {
             let t = agent.prepare(&spec).unwrap();
             for _ in 0..200 {
@@ -713,20 +675,10 @@ fn progress_thread_completes_without_polling() {
     let _rs = p.agent.register(&src).unwrap();
     let dst = d.region(4096, 2);
     let rd = d.agent.register(&dst).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d);
     let t = p
         .agent
-        .transfer(
-            &TransferSpec::write(
-                DescriptorList::single(src.descriptor()),
-                peer,
-                DescriptorList::single(rd.descriptor()),
-            ),
-            None,
-        )
+        .transfer(&write1(src.descriptor(), peer, rd.descriptor()), None)
         .unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     while !t.poll().is_finished() && Instant::now() < end {
@@ -744,17 +696,10 @@ fn post_after_local_deregistration_is_refused() {
     let rs = p.agent.register(&src).unwrap();
     let dst = d.region(4096, 2);
     let rd = d.agent.register(&dst).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d);
     let t = p
         .agent
-        .prepare(&TransferSpec::write(
-            DescriptorList::single(rs.descriptor()),
-            peer,
-            DescriptorList::single(rd.descriptor()),
-        ))
+        .prepare(&write1(rs.descriptor(), peer, rd.descriptor()))
         .unwrap();
     drop(rs);
     let e = t.post(None).unwrap_err();
@@ -776,25 +721,14 @@ fn post_after_remote_withdrawal_is_refused() {
     let (a, b) = (d.region(4096, 2), d.region(4096, 3));
     let ra = d.agent.register(&a).unwrap();
     let rb = d.agent.register(&b).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
-    let spec = |r: &kv_agent::Registration| {
-        TransferSpec::write(
-            DescriptorList::single(rs.descriptor()),
-            peer,
-            DescriptorList::single(r.descriptor()),
-        )
-    };
+    let peer = p.load(&d);
+    let spec = |r: &kv_agent::Registration| write1(rs.descriptor(), peer, r.descriptor());
     let ta = p.agent.prepare(&spec(&ra)).unwrap();
     let tb = p.agent.prepare(&spec(&rb)).unwrap();
     ta.post(None).unwrap();
     ta.wait().unwrap();
     drop(ra);
-    p.agent
-        .load_remote(&d.agent.local_metadata().unwrap())
-        .unwrap();
+    p.load(&d);
     let e = ta.post(None).unwrap_err();
     assert!(
         matches!(e, Error::NotRegistered(ref m) if m.contains("withdrawn")),
@@ -821,10 +755,7 @@ fn newer_partial_metadata_does_not_retire_the_peer() {
     );
     let dst = d1.region(4096, 2);
     let _r1 = d1.agent.register(&dst).unwrap();
-    let peer = p
-        .agent
-        .load_remote(&d1.agent.local_metadata().unwrap())
-        .unwrap();
+    let peer = p.load(&d1);
     let d2 = node(
         &LoopbackFabric::new(),
         "decode",
