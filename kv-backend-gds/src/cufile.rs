@@ -9,7 +9,7 @@ use cudarc::cufile::sys;
 use kv_core::{Descriptor, Error, Result};
 use parking_lot::Mutex;
 
-use crate::engine::IoFail;
+use crate::io::IoFail;
 use crate::request::IoOp;
 
 /// A cuFile handle (an opaque pointer owned by the cuFile library).

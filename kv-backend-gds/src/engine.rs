@@ -3,61 +3,36 @@
 //! Both take [`IoReq`]s (one contiguous piece between memory and a file) and hand back
 //! [`IoDone`]s. Each engine finishes a request completely before reporting it: short
 //! transfers are resubmitted for the remainder, `EINTR`/`EAGAIN` are retried, a read
-//! that reaches the end of the file is reported as [`IoFail::Eof`].
+//! that reaches the end of the file is reported as [`IoFail::Eof`](crate::io::IoFail).
+//! Which engine a backend gets is decided here too ([`Engine::open`]).
 
 use std::os::fd::RawFd;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use kv_core::Result;
 
+use crate::io::{IoDone, IoReq};
 use crate::pool::PoolEngine;
 use crate::uring::UringEngine;
 
-/// How many times `EAGAIN`/`EINTR` are retried for one request before it fails.
-pub(crate) const MAX_RETRIES: u32 = 10_000;
-
-/// One contiguous piece of I/O. `addr` must stay valid until its [`IoDone`] is reaped.
-#[derive(Debug, Clone)]
-pub(crate) struct IoReq {
-    /// The caller's tag, returned in [`IoDone::tag`].
-    pub tag: u64,
-    /// Memory → file when true.
-    pub write: bool,
-    /// The file (our own dup).
-    pub fd: RawFd,
-    /// Its slot in the ring's registered-file table, if it has one.
-    pub fixed_file: Option<u32>,
-    /// Memory address.
-    pub addr: u64,
-    /// Length in bytes.
-    pub len: u32,
-    /// File offset.
-    pub offset: u64,
-    /// Registered-buffer index covering `addr..addr+len`, if any.
-    pub buf_index: Option<u16>,
-    /// Set when the transfer is cancelled; the thread pool checks it before each call.
-    pub cancel: Arc<AtomicBool>,
+/// Which I/O engine to use. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    /// io_uring, or the thread pool (with a logged reason) when io_uring is unavailable.
+    #[default]
+    Auto,
+    /// io_uring only: creating the backend fails when io_uring is unavailable.
+    Uring,
+    /// The `pread`/`pwrite` thread pool, even where io_uring works.
+    ThreadPool,
 }
 
-/// Why a request failed.
+/// The engine a backend ended up with. `Copy`, `Send + Sync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum IoFail {
-    /// An errno from the kernel.
-    Os(i32),
-    /// A read reached the end of the file before `len` bytes.
-    Eof,
-}
-
-/// A finished request: how many bytes moved, and the failure if it did not complete.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct IoDone {
-    /// The request's tag.
-    pub tag: u64,
-    /// Bytes transferred (all of `len` on success).
-    pub bytes: u64,
-    /// `None` when every byte moved.
-    pub fail: Option<IoFail>,
+pub enum EngineKind {
+    /// io_uring.
+    Uring,
+    /// Worker threads doing `pread`/`pwrite`.
+    ThreadPool,
 }
 
 /// The engine in use. `Send`.
@@ -67,6 +42,59 @@ pub(crate) enum Engine {
 }
 
 impl Engine {
+    /// Opens the engine `choice` asks for: `queue_depth` requests in flight, io_uring
+    /// handing SQEs over every `submit_batch`, with registered buffers and files when
+    /// asked, or `threads` workers. With `Auto`, falls back to the thread pool (and
+    /// logs why) when io_uring is unavailable. Returns the engine, its kind and a
+    /// one-line description for `describe()`.
+    pub fn open(
+        choice: EngineChoice,
+        queue_depth: usize,
+        submit_batch: usize,
+        threads: usize,
+        register_buffers: bool,
+        register_files: bool,
+    ) -> Result<(Engine, EngineKind, String)> {
+        Ok(match choice {
+            EngineChoice::ThreadPool => {
+                let p = PoolEngine::new(threads, queue_depth)?;
+                let d = format!(
+                    "thread pool ({} threads, queue depth {}; chosen by option)",
+                    p.threads(),
+                    queue_depth
+                );
+                (Engine::Pool(p), EngineKind::ThreadPool, d)
+            }
+            choice => {
+                match UringEngine::new(queue_depth, submit_batch, register_buffers, register_files)
+                {
+                    Ok(u) => {
+                        let (b, f) = u.fixed();
+                        let d = format!(
+                            "io_uring (queue depth {}, submit batch {}, registered buffers {}, registered files {})",
+                            u.depth(),
+                            u.submit_batch(),
+                            if b { "on" } else { "off" },
+                            if f { "on" } else { "off" }
+                        );
+                        (Engine::Uring(Box::new(u)), EngineKind::Uring, d)
+                    }
+                    Err(e) if choice == EngineChoice::Auto => {
+                        tracing::warn!("gds: {e}; falling back to a pread/pwrite thread pool");
+                        let p = PoolEngine::new(threads, queue_depth)?;
+                        let d = format!(
+                            "thread pool ({} threads, queue depth {}; io_uring unavailable: {e})",
+                            p.threads(),
+                            queue_depth
+                        );
+                        (Engine::Pool(p), EngineKind::ThreadPool, d)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+
     /// Requests that can be added now without exceeding the queue depth.
     pub fn free(&self) -> usize {
         match self {
@@ -151,10 +179,4 @@ impl Engine {
             e.unregister_file(index)
         }
     }
-}
-
-/// True when `pos` is at or past the end of the file open as `fd` (a short read there
-/// is the end of the file, not a partial read to resubmit).
-pub(crate) fn at_eof(fd: RawFd, pos: u64) -> bool {
-    crate::file::size_of(fd).is_ok_and(|size| pos >= size)
 }

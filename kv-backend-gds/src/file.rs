@@ -161,6 +161,12 @@ pub(crate) fn size_of(fd: RawFd) -> std::io::Result<u64> {
     Ok(st.st_size as u64)
 }
 
+/// True when `pos` is at or past the end of the file open as `fd` (a short read there
+/// is the end of the file, not a partial read to resubmit).
+pub(crate) fn at_eof(fd: RawFd, pos: u64) -> bool {
+    size_of(fd).is_ok_and(|size| pos >= size)
+}
+
 /// Whether `fd`'s file is in `O_DIRECT` mode (for users who opened it themselves).
 pub fn is_direct(file: &File) -> bool {
     // SAFETY: F_GETFL on an open descriptor borrowed from `file`.

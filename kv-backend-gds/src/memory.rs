@@ -1,7 +1,11 @@
 //! Registrations: host memory (fixed buffers), files and block devices (registered
-//! files), and imported "remote" file registrations of the backend itself.
+//! files), and imported "remote" file registrations of the backend itself; how
+//! `prepare` finds the registration holding a range.
 
-use kv_core::{Descriptor, MemKind};
+use std::collections::HashMap;
+use std::time::Instant;
+
+use kv_core::{Descriptor, Error, MemKind, Result};
 
 use crate::file::FileInfo;
 
@@ -28,6 +32,29 @@ pub(crate) enum RegMem {
 }
 
 impl Reg {
+    /// The secret half of registration `id`'s remote key, on backend `instance`.
+    pub fn secret(instance: u64, id: u64) -> u64 {
+        (instance ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17)
+            ^ (Instant::now().elapsed().as_nanos() as u64)
+    }
+
+    /// Checks that `desc` of `kind` may be imported under this registration's key.
+    pub fn check_import(&self, kind: MemKind, desc: &Descriptor) -> Result<()> {
+        if self.kind != kind {
+            return Err(Error::invalid_argument(format!(
+                "the key names a {} registration, not {kind}",
+                self.kind
+            )));
+        }
+        if !self.desc.contains(desc) {
+            return Err(Error::OutOfBounds(format!(
+                "{kind} range {}+{} of fd {} is outside the registration {}+{}",
+                desc.addr, desc.len, desc.device, self.desc.addr, self.desc.len
+            )));
+        }
+        Ok(())
+    }
+
     /// The file behind a file registration.
     pub fn file(&self) -> Option<(&FileInfo, Option<u32>)> {
         match &self.mem {
@@ -46,23 +73,54 @@ pub(crate) struct RemoteImport {
     pub reg: u64,
 }
 
-/// Remote keys are the registration id and a per-registration secret, little-endian.
-pub(crate) const KEY_LEN: usize = 16;
+/// A local registration as `prepare` needs it: id, fixed-buffer index, start address.
+pub(crate) type LocalReg = (u64, Option<u16>, u64);
 
-/// Encodes a remote key.
-pub(crate) fn encode_key(id: u64, secret: u64) -> [u8; KEY_LEN] {
-    let mut k = [0u8; KEY_LEN];
-    k[..8].copy_from_slice(&id.to_le_bytes());
-    k[8..].copy_from_slice(&secret.to_le_bytes());
-    k
+/// The local registrations of `kind`, as candidates for [`find`].
+pub(crate) fn local_candidates(
+    regs: &HashMap<u64, Reg>,
+    kind: MemKind,
+) -> Vec<(Descriptor, LocalReg)> {
+    regs.iter()
+        .filter(|(_, r)| r.kind == kind)
+        .map(|(id, r)| {
+            let bi = match r.mem {
+                RegMem::Host { buf_index } => buf_index,
+                _ => None,
+            };
+            (r.desc, (*id, bi, r.desc.addr))
+        })
+        .collect()
 }
 
-/// Decodes a remote key; `None` when it has the wrong length.
-pub(crate) fn decode_key(key: &[u8]) -> Option<(u64, u64)> {
-    let k: &[u8; KEY_LEN] = key.try_into().ok()?;
-    let mut a = [0u8; 8];
-    let mut b = [0u8; 8];
-    a.copy_from_slice(&k[..8]);
-    b.copy_from_slice(&k[8..]);
-    Some((u64::from_le_bytes(a), u64::from_le_bytes(b)))
+/// The imports of `kind` through endpoint `peer` whose registration still exists, as
+/// candidates for [`find`] (the value is the registration id).
+pub(crate) fn remote_candidates(
+    remotes: &HashMap<u64, RemoteImport>,
+    regs: &HashMap<u64, Reg>,
+    peer: u64,
+    kind: MemKind,
+) -> Vec<(Descriptor, u64)> {
+    remotes
+        .values()
+        .filter(|r| r.peer == peer && r.kind == kind)
+        .filter(|r| regs.contains_key(&r.reg))
+        .map(|r| (r.desc, r.reg))
+        .collect()
+}
+
+/// Finds the registration holding `d` among `cands`, trying the last hit first.
+pub(crate) fn find<T: Copy>(
+    cands: &[(Descriptor, T)],
+    d: &Descriptor,
+    last: &mut usize,
+) -> Option<T> {
+    if let Some((c, v)) = cands.get(*last) {
+        if c.contains(d) {
+            return Some(*v);
+        }
+    }
+    let i = cands.iter().position(|(c, _)| c.contains(d))?;
+    *last = i;
+    Some(cands[i].1)
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use kv_core::{Error, Result};
 
-use crate::engine::{at_eof, IoDone, IoFail, IoReq, MAX_RETRIES};
+use crate::file::at_eof;
+use crate::io::{IoDone, IoFail, IoReq, MAX_RETRIES};
 
 /// A fixed set of workers fed through a channel. `Send`; dropping it joins them.
 pub(crate) struct PoolEngine {

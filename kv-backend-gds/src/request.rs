@@ -1,16 +1,18 @@
-//! Prepared transfers: the list of I/O pieces, their run state, and the bounce buffers
-//! that let unaligned pieces reach `O_DIRECT` files.
+//! Prepared transfers: how `prepare` cuts a request into I/O pieces, their run state,
+//! and the bounce buffers that let unaligned pieces reach `O_DIRECT` files.
 
-use std::os::fd::RawFd;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use kv_core::{Error, Op, Result, Status};
+use kv_core::{segments, Descriptor, Error, Op, Result, Status, TransferRequest};
 use kv_mem::HostBuffer;
 
-use crate::engine::IoFail;
+use crate::io::IoFail;
+use crate::memory::{find, LocalReg, Reg};
 
 /// One piece of a transfer: `len` bytes between memory at `addr` and the file at
 /// `offset`.
@@ -46,6 +48,124 @@ pub(crate) struct Transfer {
     pub run: Run,
     pub notification: Option<Bytes>,
     pub deadline: Option<Instant>,
+}
+
+/// What `prepare` checks and splits pieces against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    /// VRAM on the memory side (cuFile path).
+    pub vram: bool,
+    /// Pieces longer than this are split (kept a multiple of the file's alignment).
+    pub max_io: u64,
+    /// Unaligned pieces on `O_DIRECT` files go through bounce buffers instead of
+    /// failing `prepare`.
+    pub bounce: bool,
+}
+
+/// Cuts `req` into pieces: each segment is matched to the local registration
+/// (`local`) and the imported file registration (`remote`) holding it. Returns the
+/// pieces and the registrations (memory and files) they name, each once.
+pub(crate) fn plan(
+    req: &TransferRequest,
+    regs: &HashMap<u64, Reg>,
+    local: &[(Descriptor, LocalReg)],
+    remote: &[(Descriptor, u64)],
+    shape: Shape,
+) -> Result<(Vec<IoOp>, Vec<u64>)> {
+    let mut ops = Vec::new();
+    let mut named: Vec<u64> = Vec::new();
+    let (mut li, mut ri) = (0usize, 0usize);
+    for seg in segments(&req.local, &req.remote)? {
+        let (lreg, buf_index, base) = find(local, &seg.local, &mut li).ok_or_else(|| {
+            Error::NotRegistered(format!(
+                "local {} range {:#x}+{} lies outside every local registration",
+                req.local_kind, seg.local.addr, seg.local.len
+            ))
+        })?;
+        let freg = find(remote, &seg.remote, &mut ri).ok_or_else(|| {
+            Error::OutOfBounds(format!(
+                "{} range {}+{} of fd {} lies outside every imported registration",
+                req.remote_kind, seg.remote.addr, seg.remote.len, seg.remote.device
+            ))
+        })?;
+        for r in [lreg, freg] {
+            if !named.contains(&r) {
+                named.push(r);
+            }
+        }
+        let Some((info, fixed)) = regs.get(&freg).and_then(|r| r.file()) else {
+            return Err(Error::NotRegistered(format!("file registration {freg}")));
+        };
+        let first = IoOp {
+            fd: info.fd.as_raw_fd(),
+            fixed_file: fixed,
+            offset: seg.remote.addr,
+            addr: seg.local.addr,
+            len: 0,
+            buf_index,
+            bounce: false,
+            align: info.align,
+            vram: shape.vram,
+            base,
+        };
+        push_pieces(&mut ops, first, seg.local.len, seg.remote.device, shape)?;
+    }
+    Ok((ops, named))
+}
+
+/// Appends the pieces of one segment of `len` bytes starting as `first` (on the file
+/// with descriptor number `device`): one bounce piece when it is unaligned for its
+/// `O_DIRECT` file and bouncing is allowed, else pieces of at most `max_io`.
+fn push_pieces(
+    ops: &mut Vec<IoOp>,
+    first: IoOp,
+    len: u64,
+    device: u32,
+    shape: Shape,
+) -> Result<()> {
+    let (align, vram) = (first.align, shape.vram);
+    let aligned =
+        first.offset % align == 0 && len % align == 0 && (vram || first.addr % align == 0);
+    if !aligned && !shape.bounce {
+        return Err(Error::invalid_argument(format!(
+            "fd {} is open with O_DIRECT, which needs file offset, length and memory address aligned to {align} bytes (its logical block size); got offset {}, length {}, address {:#x}. Align the blocks, open the file without O_DIRECT, or create the backend with bounce: true",
+            device, first.offset, len, first.addr
+        )));
+    }
+    if !aligned && vram {
+        return Err(Error::invalid_argument(format!(
+            "vram transfers to O_DIRECT files need offsets and lengths aligned to {align} bytes"
+        )));
+    }
+    if !aligned {
+        let len = u32::try_from(len).map_err(|_| {
+            Error::invalid_argument(format!(
+                "an unaligned piece of {len} bytes is too large for the bounce path (4 GiB at most)"
+            ))
+        })?;
+        ops.push(IoOp {
+            len,
+            buf_index: None,
+            bounce: true,
+            ..first
+        });
+        return Ok(());
+    }
+    // Split at max_io, kept a multiple of the alignment.
+    let step = (shape.max_io - shape.max_io % align).max(align);
+    let mut off = 0u64;
+    while off < len {
+        let n = step.min(len - off);
+        ops.push(IoOp {
+            offset: first.offset + off,
+            addr: first.addr + off,
+            len: n as u32,
+            buf_index: if vram { None } else { first.buf_index },
+            ..first
+        });
+        off += n;
+    }
+    Ok(())
 }
 
 /// Why a running transfer stops early.
@@ -86,6 +206,21 @@ impl Run {
 }
 
 impl Transfer {
+    /// A prepared, idle transfer of `op` moving `total` bytes in `ops`, naming the
+    /// registrations `regs`.
+    pub fn new(op: Op, ops: Vec<IoOp>, regs: Vec<u64>, total: u64) -> Transfer {
+        Transfer {
+            op,
+            ops,
+            regs,
+            total,
+            status: Status::Idle,
+            run: Run::default(),
+            notification: None,
+            deadline: None,
+        }
+    }
+
     /// The final error of a failed run, naming how many bytes landed.
     pub fn final_error(&self) -> Option<Error> {
         let run = &self.run;

@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 use io_uring::{opcode, squeue, types, IoUring};
 use kv_core::{Error, Result};
 
-use crate::engine::{IoDone, IoFail, IoReq, MAX_RETRIES};
+use crate::io::{IoDone, IoFail, IoReq, MAX_RETRIES};
 
 /// `user_data` of cancel SQEs, whose own completions are ignored.
 const CANCEL_TAG: u64 = u64::MAX;
@@ -250,7 +250,7 @@ impl UringEngine {
             } else if slot.canceled {
                 Some(IoFail::Os(libc::ECANCELED))
             } else if !slot.req.write
-                && (res == 0 || crate::engine::at_eof(slot.req.fd, slot.req.offset + slot.done))
+                && (res == 0 || crate::file::at_eof(slot.req.fd, slot.req.offset + slot.done))
             {
                 Some(IoFail::Eof)
             } else if res == 0 {

@@ -610,13 +610,6 @@ impl Lib {
     }
 }
 
-/// False only when `pid` names no process (`kill(pid, 0)` fails with `ESRCH`).
-pub fn process_exists(pid: i32) -> bool {
-    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
-
 fn missing(op: &str) -> isize {
     tracing::warn!("libfabric provider does not implement {op}");
     -(libc::ENOSYS as isize)

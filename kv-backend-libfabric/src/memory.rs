@@ -2,10 +2,11 @@
 //! notification messages.
 
 use std::alloc::Layout;
+use std::collections::{BTreeMap, HashMap};
 
 use kv_core::{Descriptor, Error, Result};
 
-use crate::endpoint::{Endpoint, Mr};
+use crate::fabric::{Fabric, Mr};
 use crate::wire::{RemoteKey, MSG_BUF};
 
 /// A local registration.
@@ -36,6 +37,73 @@ impl Registration {
     }
 }
 
+/// The local registrations, by id and by start address (for `prepare`'s lookups).
+#[derive(Default)]
+pub struct Registry {
+    regs: HashMap<u64, Registration>,
+    /// Registrations by (start address, id).
+    by_addr: BTreeMap<(u64, u64), ()>,
+}
+
+impl Registry {
+    /// Adds registration `id`.
+    pub fn insert(&mut self, id: u64, r: Registration) {
+        let addr = r.desc.addr;
+        self.regs.insert(id, r);
+        self.by_addr.insert((addr, id), ());
+    }
+
+    /// Removes registration `id` and returns it (its region still open).
+    pub fn remove(&mut self, id: u64) -> Option<Registration> {
+        let r = self.regs.remove(&id)?;
+        self.by_addr.remove(&(r.desc.addr, id));
+        Some(r)
+    }
+
+    /// Registration `id`.
+    pub fn get(&self, id: u64) -> Option<&Registration> {
+        self.regs.get(&id)
+    }
+
+    /// The registration holding `l`: the last one starting at or before it that
+    /// contains it.
+    pub fn find(&self, l: &Descriptor) -> Option<u64> {
+        self.by_addr
+            .range(..=(l.addr, u64::MAX))
+            .rev()
+            .map(|((_, id), _)| *id)
+            .find(|id| self.regs.get(id).is_some_and(|x| x.desc.contains(l)))
+    }
+
+    /// The first of `ids` that is no longer registered.
+    pub fn missing<'a>(&self, ids: &'a [u64]) -> Option<&'a u64> {
+        ids.iter().find(|r| !self.regs.contains_key(r))
+    }
+
+    /// Marks `ids` as named by one more transfer in progress.
+    pub fn mark_busy(&mut self, ids: &[u64]) {
+        for r in ids {
+            if let Some(r) = self.regs.get_mut(r) {
+                r.busy += 1;
+            }
+        }
+    }
+
+    /// Marks `ids` as named by one transfer in progress fewer.
+    pub fn release(&mut self, ids: &[u64]) {
+        for r in ids {
+            if let Some(r) = self.regs.get_mut(r) {
+                r.busy = r.busy.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Takes every registration's memory region out, for closing.
+    pub fn take_mrs(&mut self) -> impl Iterator<Item = Mr> + '_ {
+        self.regs.values_mut().filter_map(|r| r.mr.take())
+    }
+}
+
 /// A peer's registration, imported with its remote key.
 pub struct Remote {
     /// The endpoint it belongs to.
@@ -60,8 +128,8 @@ pub struct Slab {
 unsafe impl Send for Slab {}
 
 impl Slab {
-    /// Allocates and registers `count` buffers on `ep`.
-    pub fn new(ep: &mut Endpoint, count: usize) -> Result<Slab> {
+    /// Allocates and registers `count` buffers on `fabric`.
+    pub fn new(fabric: &mut Fabric, count: usize) -> Result<Slab> {
         let layout = Layout::from_size_align(count * MSG_BUF, 4096)
             .map_err(|e| Error::invalid_argument(format!("slab layout: {e}")))?;
         // SAFETY: the layout has a non-zero size (count >= 1 and MSG_BUF > 0).
@@ -80,8 +148,9 @@ impl Slab {
         };
         // SAFETY: the allocation lives until `self` drops, and the owner closes the
         // region before that.
-        slab.mr =
-            Some(unsafe { ep.register(ptr as u64, layout.size(), 0x5eed_0000 + count as u64)? });
+        slab.mr = Some(unsafe {
+            fabric.register(ptr as u64, layout.size(), 0x5eed_0000 + count as u64)?
+        });
         Ok(slab)
     }
 

@@ -1,10 +1,11 @@
-//! Transfers and the operations posted for them.
+//! Transfers: how `prepare` resolves a request into RMA operations, the state of each
+//! post, and the context every posted operation carries.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use kv_core::{Error, Op, Status};
+use kv_core::{Error, Op, Result, Status, TransferRequest};
+
+use crate::memory::{Registration, Registry, Remote};
 
 /// One RMA operation of a transfer, resolved at prepare.
 #[derive(Debug, Clone, Copy)]
@@ -56,11 +57,68 @@ pub struct Transfer {
 }
 
 impl Transfer {
+    /// A prepared, idle transfer of `op` to `peer` with the operations of `plan`.
+    pub fn new(op: Op, peer: u64, plan: Plan, flush: Option<Seg>, timeout: Duration) -> Self {
+        Transfer {
+            flush,
+            flushed: false,
+            op,
+            peer,
+            segs: plan.segs,
+            local_regs: plan.local_regs,
+            status: Status::Idle,
+            epoch: 0,
+            next: 0,
+            outstanding: 0,
+            error: None,
+            deadline: Instant::now(),
+            timeout,
+            notify_pending: false,
+        }
+    }
+
+    /// Starts a new post (a new epoch) that must finish by `deadline`; `notify` when a
+    /// notification follows the data.
+    pub fn arm(&mut self, now: Instant, deadline: Instant, notify: bool) {
+        self.status = Status::InProgress;
+        self.epoch += 1;
+        self.next = 0;
+        self.flushed = false;
+        self.error = None;
+        self.deadline = deadline;
+        self.timeout = deadline.saturating_duration_since(now);
+        self.notify_pending = notify;
+    }
+
     /// All operations of the current post are posted and completed (or abandoned).
     pub fn data_done(&self) -> bool {
         self.outstanding == 0
             && (self.error.is_some()
                 || (self.next >= self.segs.len() && (self.flush.is_none() || self.flushed)))
+    }
+
+    /// The next operation of the current post: `(segment, is a write, is the flush
+    /// read)`; `None` once the post failed or nothing is left to post now.
+    pub fn next_op(&self) -> Option<(Seg, bool, bool)> {
+        if self.error.is_some() {
+            None
+        } else if self.next < self.segs.len() {
+            Some((self.segs[self.next], self.op == Op::Write, false))
+        } else if let (true, Some(f)) = (self.flush_due(), self.flush) {
+            Some((f, false, true))
+        } else {
+            None
+        }
+    }
+
+    /// Records that the operation [`Transfer::next_op`] returned was posted.
+    pub fn posted(&mut self, is_flush: bool) {
+        if is_flush {
+            self.flushed = true;
+        } else {
+            self.next += 1;
+        }
+        self.outstanding += 1;
     }
 
     /// Every write completed and the flush read is due.
@@ -124,69 +182,93 @@ impl OpCtx {
     }
 }
 
-/// A notification queued for a peer, sent in order once what it waits for is done.
-pub struct OutMsg {
-    /// The payload.
-    pub payload: Bytes,
-    /// Transfers (id, epoch) whose data must be done first.
-    pub after: Vec<(u64, u64)>,
-    /// The transfer this notification completes, if any.
-    pub transfer: Option<(u64, u64)>,
+/// How the provider wants RMA operations addressed (its `mr_mode` answer).
+#[derive(Debug, Clone, Copy)]
+pub struct Addressing {
+    /// Remote addresses are virtual addresses (`FI_MR_VIRT_ADDR`), else offsets into
+    /// the peer's region.
+    pub virt: bool,
+    /// Local buffers carry their registration's descriptor (`FI_MR_LOCAL`).
+    pub local_mr: bool,
+    /// Largest single operation; longer pieces are split.
+    pub max: u64,
 }
 
-/// A connected peer.
-pub struct Peer {
-    /// Its agent name.
-    pub name: String,
-    /// Its address-vector entry.
-    pub addr: u64,
-    /// Notifications not yet handed to the provider, oldest first.
-    pub outbox: VecDeque<OutMsg>,
-    /// Its endpoint name, for the liveness check of shm peers.
-    pub address: Vec<u8>,
+/// What `prepare` resolved: the operations in order and the local registrations named.
+pub struct Plan {
+    /// The operations.
+    pub segs: Vec<Seg>,
+    /// Local registrations the operations lie in, each once.
+    pub local_regs: Vec<u64>,
 }
 
-/// Addresses of the shm endpoints alive in this process.
-///
-/// The shm provider maps a peer's region; when that peer lives in this process and is
-/// closed, the provider's later writes to it touch freed memory. Checking this set
-/// before posting turns that into `RemoteDisconnected`.
-static LIVE_SHM: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-
-/// Records a live shm endpoint of this process.
-pub fn shm_born(address: &[u8]) {
-    if let Ok(mut v) = LIVE_SHM.lock() {
-        v.push(address.to_vec());
-    }
-}
-
-/// Forgets a closed shm endpoint of this process.
-pub fn shm_died(address: &[u8]) {
-    if let Ok(mut v) = LIVE_SHM.lock() {
-        v.retain(|a| a != address);
-    }
-}
-
-/// The process id in an shm endpoint name (`fi_shm://PID:…`).
-fn shm_pid(address: &[u8]) -> Option<i32> {
-    let s = std::str::from_utf8(address).ok()?;
-    let rest = s.strip_prefix("fi_shm://")?;
-    rest.split(':').next()?.trim_end_matches('\0').parse().ok()
-}
-
-impl Peer {
-    /// False when the peer is an shm endpoint known to be gone: closed in this process,
-    /// or its process has exited. Other providers report dead peers themselves.
-    pub fn alive(&self) -> bool {
-        let Some(pid) = shm_pid(&self.address) else {
-            return true;
-        };
-        if pid == std::process::id() as i32 {
-            return LIVE_SHM
-                .lock()
-                .map(|v| v.contains(&self.address))
-                .unwrap_or(true);
+/// Resolves every piece of `req` against the local registrations and the peer's
+/// imported ones (`remotes`), split at the provider's largest operation.
+pub fn plan(
+    req: &TransferRequest,
+    regs: &Registry,
+    remotes: &[&Remote],
+    how: Addressing,
+) -> Result<Plan> {
+    let mut segs = Vec::new();
+    let mut local_regs = Vec::new();
+    for seg in kv_core::segments(&req.local, &req.remote)? {
+        let (l, r) = (seg.local, seg.remote);
+        let reg = regs.find(&l).ok_or_else(|| {
+            Error::NotRegistered(format!(
+                "local range {:#x}+{} lies outside every local registration",
+                l.addr, l.len
+            ))
+        })?;
+        let rem = remotes
+            .iter()
+            .find(|x| x.desc.contains(&r))
+            .ok_or_else(|| {
+                Error::OutOfBounds(format!(
+                    "remote range {:#x}+{} lies outside what the peer registered",
+                    r.addr, r.len
+                ))
+            })?;
+        if local_regs.last() != Some(&reg) && !local_regs.contains(&reg) {
+            local_regs.push(reg);
         }
-        crate::ffi::process_exists(pid)
+        let desc = if how.local_mr {
+            regs.get(reg).map_or(0, Registration::mr_desc)
+        } else {
+            0
+        };
+        let mut off = 0;
+        while off < l.len {
+            let n = (l.len - off).min(how.max);
+            let raddr = if how.virt {
+                r.addr + off
+            } else {
+                r.addr - rem.key.base + off
+            };
+            segs.push(Seg {
+                local: l.addr + off,
+                len: n as usize,
+                desc,
+                raddr,
+                key: rem.key.key,
+            });
+            off += n;
+        }
+    }
+    Ok(Plan { segs, local_regs })
+}
+
+/// For a write: the one-byte read of the last target byte that proves the data landed
+/// (see [`Transfer::flush`]), into the registered byte at `buf` (descriptor `desc`).
+pub fn flush_seg(op: Op, segs: &[Seg], buf: u64, desc: usize) -> Option<Seg> {
+    match (op, segs.last()) {
+        (Op::Write, Some(last)) => Some(Seg {
+            local: buf,
+            len: 1,
+            desc,
+            raddr: last.raddr + last.len as u64 - 1,
+            key: last.key,
+        }),
+        _ => None,
     }
 }

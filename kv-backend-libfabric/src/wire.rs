@@ -138,6 +138,17 @@ impl RemoteKey {
     }
 }
 
+/// Refuses a notification payload longer than [`MAX_PAYLOAD`] (checked when it is
+/// queued, before anything is posted).
+pub fn check_payload(len: usize) -> Result<()> {
+    if len > MAX_PAYLOAD {
+        return Err(Error::invalid_argument(format!(
+            "notification of {len} bytes; at most {MAX_PAYLOAD}"
+        )));
+    }
+    Ok(())
+}
+
 /// Writes a notification message into `buf` (at least [`MSG_BUF`] bytes); returns
 /// its length.
 pub fn encode_notification(buf: &mut [u8], agent: &str, payload: &[u8]) -> Result<usize> {

@@ -1,0 +1,585 @@
+//! The opened libfabric objects: one `FI_EP_RDM` endpoint and everything it needs
+//! (fabric, domain, address vector, one completion queue), opened from a provider
+//! chosen at run time, with safe wrappers for registering memory, posting operations
+//! and reading completions; and how libfabric's error codes map to `kv_core::Error`.
+
+use std::ffi::{c_int, c_void, CStr, CString};
+use std::sync::Arc;
+
+use kv_core::{Error, Result};
+
+use crate::ffi::{self, fi_addr_t, Lib};
+
+/// Capabilities asked of every provider.
+const CAPS: u64 = ffi::FI_MSG
+    | ffi::FI_RMA
+    | ffi::FI_READ
+    | ffi::FI_WRITE
+    | ffi::FI_REMOTE_READ
+    | ffi::FI_REMOTE_WRITE
+    | ffi::FI_SEND
+    | ffi::FI_RECV;
+
+/// The memory-registration modes this crate knows how to honour.
+const MR_MODES: c_int = ffi::FI_MR_LOCAL
+    | ffi::FI_MR_VIRT_ADDR
+    | ffi::FI_MR_ALLOCATED
+    | ffi::FI_MR_PROV_KEY
+    | ffi::FI_MR_ENDPOINT;
+
+/// Providers tried in order when neither the options nor `FI_PROVIDER` name one.
+/// `sockets` is never chosen by default: it hangs on libfabric 1.17.
+pub const DEFAULT_PROVIDERS: &[&str] = &["verbs;ofi_rxm", "efa", "tcp;ofi_rxm"];
+
+/// The open fabric, domain, AV, CQ and endpoint. Raw pointers into libfabric; `Send` (see below), not `Sync`.
+pub struct Fabric {
+    pub lib: Arc<Lib>,
+    infos: *mut ffi::fi_info,
+    info: *mut ffi::fi_info,
+    fabric: *mut ffi::fid_fabric,
+    domain: *mut ffi::fid_domain,
+    av: *mut ffi::fid_av,
+    cq: *mut ffi::fid_cq,
+    ep: *mut ffi::fid_ep,
+    /// `domain_attr->mr_mode` as the provider returned it.
+    pub mr_mode: c_int,
+    /// `fabric_attr->prov_name`, e.g. `tcp;ofi_rxm`.
+    pub provider: String,
+    /// Largest single RMA or message the endpoint takes.
+    pub max_msg_size: usize,
+    /// `fi_getname`: what a peer inserts into its address vector.
+    pub address: Vec<u8>,
+}
+
+// SAFETY: the pointers are only used through `&mut self`/`&self` by the one owner, which
+// keeps the endpoint behind a mutex; the domain is opened with FI_THREAD_DOMAIN, whose
+// contract (calls serialised by the user) that mutex fulfils. libfabric objects are not
+// tied to the thread that opened them.
+unsafe impl Send for Fabric {}
+
+fn check(lib: &Lib, what: &str, rc: c_int) -> Result<()> {
+    if rc < 0 {
+        Err(lib.error(what, rc as i64))
+    } else {
+        Ok(())
+    }
+}
+
+fn prov_name(info: *const ffi::fi_info) -> String {
+    // SAFETY: `info` comes from fi_getinfo; fabric_attr and prov_name are set by every
+    // provider (NULL checked anyway).
+    unsafe {
+        let fa = (*info).fabric_attr;
+        if fa.is_null() || (*fa).prov_name.is_null() {
+            return String::new();
+        }
+        CStr::from_ptr((*fa).prov_name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+impl Fabric {
+    /// Opens an endpoint on the first provider that offers RDM + RMA + MSG.
+    ///
+    /// `provider` forces one (`tcp;ofi_rxm`, `shm`, …); without it `FI_PROVIDER` is
+    /// honoured, else [`DEFAULT_PROVIDERS`] are tried in order. `node` binds the local
+    /// address (e.g. `127.0.0.1`).
+    pub fn open(lib: Arc<Lib>, provider: Option<&str>, node: Option<&str>) -> Result<Fabric> {
+        let env = std::env::var("FI_PROVIDER").ok().filter(|s| !s.is_empty());
+        let attempts: Vec<Option<&str>> = match (provider, env.as_deref()) {
+            (Some(p), _) => vec![Some(p)],
+            (None, Some(_)) => vec![None],
+            (None, None) => DEFAULT_PROVIDERS.iter().map(|p| Some(*p)).collect(),
+        };
+        let allow_sockets = provider.is_some_and(|p| p.contains("sockets"))
+            || env.as_deref().is_some_and(|p| p.contains("sockets"));
+        let mut errors = Vec::new();
+        for p in attempts {
+            match Self::open_one(lib.clone(), p, node, allow_sockets) {
+                Ok(ep) => return Ok(ep),
+                Err(e) => errors.push(format!("{}: {e}", p.unwrap_or("FI_PROVIDER"))),
+            }
+        }
+        Err(Error::BackendUnavailable {
+            name: "libfabric".into(),
+            reason: format!(
+                "no provider offers FI_EP_RDM with FI_RMA|FI_MSG ({}); check `fi_info -t FI_EP_RDM -c FI_RMA`, \
+                 set the `provider` option or FI_PROVIDER",
+                errors.join("; ")
+            ),
+        })
+    }
+
+    fn open_one(
+        lib: Arc<Lib>,
+        provider: Option<&str>,
+        node: Option<&str>,
+        allow_sockets: bool,
+    ) -> Result<Fabric> {
+        let mut e = Fabric {
+            lib: lib.clone(),
+            infos: std::ptr::null_mut(),
+            info: std::ptr::null_mut(),
+            fabric: std::ptr::null_mut(),
+            domain: std::ptr::null_mut(),
+            av: std::ptr::null_mut(),
+            cq: std::ptr::null_mut(),
+            ep: std::ptr::null_mut(),
+            mr_mode: 0,
+            provider: String::new(),
+            max_msg_size: 0,
+            address: Vec::new(),
+        };
+        let node_c = node
+            .map(CString::new)
+            .transpose()
+            .map_err(|_| Error::invalid_argument("node contains a NUL byte"))?;
+        let prov_c = provider
+            .map(CString::new)
+            .transpose()
+            .map_err(|_| Error::invalid_argument("provider contains a NUL byte"))?;
+        // SAFETY: fi_dupinfo(NULL) is fi_allocinfo: a zeroed info with every attr allocated.
+        let hints = unsafe { (lib.dupinfo)(std::ptr::null()) };
+        if hints.is_null() {
+            return Err(Error::Backend {
+                name: "libfabric".into(),
+                code: -(libc::ENOMEM as i64),
+                message: "fi_allocinfo failed".into(),
+            });
+        }
+        // SAFETY: `hints` and its attrs were allocated by fi_allocinfo above; strings put
+        // into it are strdup'ed because fi_freeinfo frees them.
+        let rc = unsafe {
+            (*hints).caps = CAPS;
+            (*hints).mode = ffi::FI_CONTEXT | ffi::FI_CONTEXT2;
+            (*(*hints).ep_attr).type_ = ffi::FI_EP_RDM;
+            let d = &mut *(*hints).domain_attr;
+            d.mr_mode = MR_MODES;
+            d.threading = 3; // FI_THREAD_DOMAIN: our mutex serialises every call
+            (*(*hints).tx_attr).msg_order = ffi::FI_ORDER_SAS;
+            if let Some(p) = &prov_c {
+                (*(*hints).fabric_attr).prov_name = libc::strdup(p.as_ptr());
+            }
+            let mut out = std::ptr::null_mut();
+            let rc = (lib.getinfo)(
+                ffi::FI_VERSION_1_17,
+                node_c.as_ref().map_or(std::ptr::null(), |n| n.as_ptr()),
+                std::ptr::null(),
+                if node_c.is_some() { ffi::FI_SOURCE } else { 0 },
+                hints,
+                &mut out,
+            );
+            (lib.freeinfo)(hints);
+            e.infos = out;
+            rc
+        };
+        check(&lib, "fi_getinfo", rc)?;
+        let mut cur = e.infos;
+        while !cur.is_null() {
+            let name = prov_name(cur);
+            if allow_sockets || !name.split(';').any(|p| p == "sockets") {
+                e.info = cur;
+                e.provider = name;
+                break;
+            }
+            // SAFETY: walking the list fi_getinfo returned.
+            cur = unsafe { (*cur).next };
+        }
+        if e.info.is_null() {
+            return Err(Error::BackendUnavailable {
+                name: "libfabric".into(),
+                reason: "only the sockets provider matched, and it is not used by default".into(),
+            });
+        }
+        // SAFETY: each call gets objects opened just before from the same info; results
+        // are checked before use and everything opened is closed by Drop on failure.
+        unsafe {
+            let info = e.info;
+            e.mr_mode = (*(*info).domain_attr).mr_mode;
+            if e.mr_mode == ffi::FI_MR_BASIC {
+                e.mr_mode = ffi::FI_MR_VIRT_ADDR | ffi::FI_MR_ALLOCATED | ffi::FI_MR_PROV_KEY;
+            }
+            e.max_msg_size = (*(*info).ep_attr).max_msg_size.max(4096);
+            check(
+                &lib,
+                "fi_fabric",
+                (lib.fabric)((*info).fabric_attr, &mut e.fabric, std::ptr::null_mut()),
+            )?;
+            check(
+                &lib,
+                "fi_domain",
+                ffi::fi_domain(e.fabric, info, &mut e.domain),
+            )?;
+            let mut cq_attr = ffi::fi_cq_attr {
+                size: 0,
+                flags: 0,
+                format: ffi::FI_CQ_FORMAT_DATA,
+                wait_obj: ffi::FI_WAIT_NONE,
+                signaling_vector: 0,
+                wait_cond: ffi::FI_CQ_COND_NONE,
+                wait_set: std::ptr::null_mut(),
+            };
+            check(
+                &lib,
+                "fi_cq_open",
+                ffi::fi_cq_open(e.domain, &mut cq_attr, &mut e.cq),
+            )?;
+            let mut av_attr = ffi::fi_av_attr {
+                type_: ffi::FI_AV_UNSPEC,
+                rx_ctx_bits: 0,
+                count: 64,
+                ep_per_node: 0,
+                name: std::ptr::null(),
+                map_addr: std::ptr::null_mut(),
+                flags: 0,
+            };
+            check(
+                &lib,
+                "fi_av_open",
+                ffi::fi_av_open(e.domain, &mut av_attr, &mut e.av),
+            )?;
+            check(
+                &lib,
+                "fi_endpoint",
+                ffi::fi_endpoint(e.domain, info, &mut e.ep),
+            )?;
+            let epf = &mut (*e.ep).fid as *mut ffi::fid;
+            check(
+                &lib,
+                "fi_ep_bind(av)",
+                ffi::fi_bind(epf, &mut (*e.av).fid, 0),
+            )?;
+            check(
+                &lib,
+                "fi_ep_bind(cq)",
+                ffi::fi_bind(epf, &mut (*e.cq).fid, ffi::FI_TRANSMIT | ffi::FI_RECV),
+            )?;
+            check(&lib, "fi_enable", ffi::fi_enable(epf))?;
+            let mut buf = vec![0u8; 256];
+            let mut len = buf.len();
+            let mut rc = ffi::fi_getname(e.ep, buf.as_mut_ptr().cast(), &mut len);
+            if rc == -ffi::FI_ETOOSMALL || (rc < 0 && len > buf.len()) {
+                buf.resize(len, 0);
+                rc = ffi::fi_getname(e.ep, buf.as_mut_ptr().cast(), &mut len);
+            }
+            check(&lib, "fi_getname", rc)?;
+            buf.truncate(len);
+            e.address = buf;
+        }
+        Ok(e)
+    }
+
+    /// Inserts a peer's address (from its connection info) into the address vector.
+    pub fn insert(&mut self, address: &[u8]) -> Result<fi_addr_t> {
+        if address.len() < self.address.len() {
+            return Err(Error::invalid_metadata(format!(
+                "peer address is {} bytes; {} addresses are {} bytes",
+                address.len(),
+                self.provider,
+                self.address.len()
+            )));
+        }
+        let mut out: fi_addr_t = ffi::FI_ADDR_UNSPEC;
+        // SAFETY: the AV is open; the address is at least as long as this provider's
+        // addresses (checked above), so the provider reads only inside the slice.
+        let rc = unsafe { ffi::fi_av_insert(self.av, address.as_ptr().cast(), &mut out) };
+        if rc != 1 {
+            return Err(if rc < 0 {
+                self.lib.error("fi_av_insert", rc as i64)
+            } else {
+                Error::invalid_metadata(format!("{} refused the peer address", self.provider))
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes a peer's address from the address vector.
+    pub fn remove(&mut self, mut addr: fi_addr_t) {
+        // SAFETY: the AV is open; `addr` came from `insert`.
+        let rc = unsafe { ffi::fi_av_remove(self.av, &mut addr) };
+        if rc < 0 {
+            tracing::debug!("fi_av_remove: {}", self.lib.strerror(rc));
+        }
+    }
+
+    /// Registers `addr..addr+len` for local and remote access.
+    ///
+    /// # Safety
+    /// The range stays valid until the returned region is closed.
+    pub unsafe fn register(&mut self, addr: u64, len: usize, requested_key: u64) -> Result<Mr> {
+        let access = ffi::FI_READ
+            | ffi::FI_WRITE
+            | ffi::FI_REMOTE_READ
+            | ffi::FI_REMOTE_WRITE
+            | ffi::FI_SEND
+            | ffi::FI_RECV;
+        let mut mr: *mut ffi::fid_mr = std::ptr::null_mut();
+        // SAFETY: the domain is open; the caller keeps the range valid.
+        let rc = unsafe {
+            ffi::fi_mr_reg(
+                self.domain,
+                addr as *const c_void,
+                len.max(1),
+                access,
+                requested_key,
+                &mut mr,
+            )
+        };
+        check(&self.lib, "fi_mr_reg", rc)?;
+        let mr = Mr { mr };
+        if self.mr_mode & ffi::FI_MR_ENDPOINT != 0 {
+            // SAFETY: both objects are open and belong to this domain.
+            unsafe {
+                check(
+                    &self.lib,
+                    "fi_mr_bind",
+                    ffi::fi_bind(&mut (*mr.mr).fid, &mut (*self.ep).fid, 0),
+                )?;
+                check(&self.lib, "fi_mr_enable", ffi::fi_enable(&mut (*mr.mr).fid))?;
+            }
+        }
+        Ok(mr)
+    }
+
+    /// Closes a memory region; the provider no longer touches its range afterwards.
+    pub fn close_mr(&mut self, mr: Mr) {
+        // SAFETY: `mr` is open (it is consumed here).
+        let rc = unsafe { ffi::fi_close(&mut (*mr.mr).fid) };
+        if rc < 0 {
+            tracing::warn!("fi_close(mr): {}", self.lib.strerror(rc));
+        }
+    }
+
+    /// True when remote addresses are virtual addresses, not offsets into the region.
+    pub fn virt_addr(&self) -> bool {
+        self.mr_mode & ffi::FI_MR_VIRT_ADDR != 0
+    }
+
+    /// True when keys come from the provider (`fi_mr_key`) rather than from us.
+    pub fn prov_key(&self) -> bool {
+        self.mr_mode & ffi::FI_MR_PROV_KEY != 0
+    }
+
+    /// True when local buffers need their registration's descriptor.
+    pub fn local_mr(&self) -> bool {
+        self.mr_mode & ffi::FI_MR_LOCAL != 0
+    }
+
+    /// Posts `fi_write`/`fi_read`. Returns the raw code (0, `-FI_EAGAIN`, error).
+    ///
+    /// # Safety
+    /// `buf..buf+len` stays valid and `ctx` (64 bytes, for FI_CONTEXT2) stays allocated
+    /// until the completion for `ctx` is read or the endpoint is closed.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rma(
+        &mut self,
+        write: bool,
+        buf: u64,
+        len: usize,
+        desc: *mut c_void,
+        peer: fi_addr_t,
+        raddr: u64,
+        key: u64,
+        ctx: *mut c_void,
+    ) -> isize {
+        // SAFETY: the endpoint is open; the caller's promises cover buf and ctx.
+        unsafe {
+            ffi::fi_rma(
+                self.ep,
+                write,
+                buf as *mut c_void,
+                len,
+                desc,
+                peer,
+                raddr,
+                key,
+                ctx,
+            )
+        }
+    }
+
+    /// Posts `fi_send`. Same contract as [`Fabric::rma`].
+    ///
+    /// # Safety
+    /// As for [`Fabric::rma`].
+    pub unsafe fn send(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        desc: *mut c_void,
+        peer: fi_addr_t,
+        ctx: *mut c_void,
+    ) -> isize {
+        // SAFETY: as promised by the caller.
+        unsafe { ffi::fi_send(self.ep, buf.cast(), len, desc, peer, ctx) }
+    }
+
+    /// Posts `fi_recv` from any peer. Same contract as [`Fabric::rma`].
+    ///
+    /// # Safety
+    /// As for [`Fabric::rma`].
+    pub unsafe fn recv(
+        &mut self,
+        buf: *mut u8,
+        len: usize,
+        desc: *mut c_void,
+        ctx: *mut c_void,
+    ) -> isize {
+        // SAFETY: as promised by the caller.
+        unsafe { ffi::fi_recv(self.ep, buf.cast(), len, desc, ctx) }
+    }
+
+    /// Asks the provider to cancel the operation posted with `ctx` (best effort: it then
+    /// completes with `FI_ECANCELED`, or normally).
+    pub fn cancel(&mut self, ctx: *mut c_void) {
+        if self.ep.is_null() {
+            return;
+        }
+        // SAFETY: the endpoint is open; cancel only looks the context up.
+        let rc = unsafe { ffi::fi_cancel(self.ep, ctx) };
+        if rc < 0 && rc != -(libc::ENOENT as isize) {
+            tracing::debug!("fi_cancel: {}", self.lib.strerror(rc as c_int));
+        }
+    }
+
+    /// Reads completions into `buf`. `Ok(n)` entries (0 when none); a failed operation
+    /// comes back as `Err(CqError)`.
+    pub fn read_cq(
+        &mut self,
+        buf: &mut [ffi::fi_cq_data_entry],
+    ) -> std::result::Result<usize, CqError> {
+        // SAFETY: the CQ is open with FI_CQ_FORMAT_DATA and `buf` holds buf.len() entries.
+        let n = unsafe { ffi::fi_cq_read(self.cq, buf.as_mut_ptr(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        if n == -ffi::FI_EAGAIN {
+            return Ok(0);
+        }
+        if n != -ffi::FI_EAVAIL {
+            return Err(CqError {
+                context: std::ptr::null_mut(),
+                code: n as i64,
+                message: format!("fi_cq_read: {}", self.lib.strerror(n as c_int)),
+            });
+        }
+        // SAFETY: zeroed entry: err_data_size 0 asks for the provider's own err_data
+        // buffer, valid until the next read, which is where strerror reads it.
+        unsafe {
+            let mut e: ffi::fi_cq_err_entry = std::mem::zeroed();
+            let rc = ffi::fi_cq_readerr(self.cq, &mut e);
+            if rc < 0 {
+                return Ok(0);
+            }
+            let text = ffi::fi_cq_strerror(self.cq, e.prov_errno, e.err_data);
+            Err(CqError {
+                context: e.op_context,
+                code: -(e.err as i64),
+                message: format!("{} ({text})", self.lib.strerror(e.err)),
+            })
+        }
+    }
+
+    /// Closes the endpoint alone, so the provider stops touching any posted buffer;
+    /// the rest is closed on drop.
+    pub fn close_ep(&mut self) {
+        if !self.ep.is_null() {
+            // SAFETY: open endpoint, closed once (nulled right after).
+            unsafe { ffi::fi_close(&mut (*self.ep).fid) };
+            self.ep = std::ptr::null_mut();
+        }
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        self.close_ep();
+        // SAFETY: each object is open (non-NULL) and closed once, children first.
+        unsafe {
+            if !self.av.is_null() {
+                ffi::fi_close(&mut (*self.av).fid);
+            }
+            if !self.cq.is_null() {
+                ffi::fi_close(&mut (*self.cq).fid);
+            }
+            if !self.domain.is_null() {
+                ffi::fi_close(&mut (*self.domain).fid);
+            }
+            if !self.fabric.is_null() {
+                ffi::fi_close(&mut (*self.fabric).fid);
+            }
+            if !self.infos.is_null() {
+                (self.lib.freeinfo)(self.infos);
+            }
+        }
+    }
+}
+
+/// A failed operation read from the completion queue.
+#[derive(Debug)]
+pub struct CqError {
+    /// The context it was posted with (NULL when the CQ itself failed).
+    pub context: *mut c_void,
+    /// `-FI_E*`.
+    pub code: i64,
+    /// `fi_strerror` and `fi_cq_strerror` text.
+    pub message: String,
+}
+
+/// An open memory region (`fid_mr`). Closed through [`Fabric::close_mr`].
+pub struct Mr {
+    mr: *mut ffi::fid_mr,
+}
+
+// SAFETY: a handle only used under the owner's mutex, like `Fabric`.
+unsafe impl Send for Mr {}
+
+impl Mr {
+    /// `fi_mr_key`.
+    pub fn key(&self) -> u64 {
+        // SAFETY: open region; the key field is set by fi_mr_reg.
+        unsafe { (*self.mr).key }
+    }
+
+    /// `fi_mr_desc`, for FI_MR_LOCAL.
+    pub fn desc(&self) -> *mut c_void {
+        // SAFETY: open region.
+        unsafe { (*self.mr).mem_desc }
+    }
+}
+
+/// True when `code` (`-errno`) says the peer's connection is gone.
+fn is_disconnect(code: i64) -> bool {
+    [
+        libc::ECONNREFUSED,
+        libc::ECONNRESET,
+        libc::ECONNABORTED,
+        libc::ENOTCONN,
+        libc::EHOSTUNREACH,
+        libc::EPIPE,
+        libc::ESHUTDOWN,
+        libc::ENETUNREACH,
+    ]
+    .iter()
+    .any(|e| code == -(*e as i64))
+}
+
+/// Turns a posting or completion error code into a `kv_core::Error`; `peer` names the
+/// peer (asked for only when the error is a disconnect).
+pub fn op_error(code: i64, message: String, peer: impl FnOnce() -> String) -> Error {
+    if code == -(libc::ECANCELED as i64) {
+        Error::Canceled
+    } else if is_disconnect(code) {
+        Error::RemoteDisconnected {
+            peer: peer(),
+            reason: message,
+        }
+    } else {
+        Error::Backend {
+            name: "libfabric".into(),
+            code,
+            message,
+        }
+    }
+}
