@@ -13,10 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use kv_core::{Error, Result};
 use parking_lot::Mutex;
-
-use crate::agent::{Agent, Inner, PeerId};
 
 const MAGIC: [u8; 4] = *b"KVXS";
 const GET: u8 = 1;
@@ -146,18 +145,26 @@ pub fn parse_header(h: &[u8]) -> Result<(u8, usize)> {
     Ok((op, len))
 }
 
-fn serve(inner: &Weak<Inner>, mut s: TcpStream, timeout: Duration) -> Result<()> {
+/// What the side channel serves: this agent's metadata, and loading what a peer
+/// pushes. The agent implements it; the channel holds it weakly.
+pub(crate) trait Service: Send + Sync + 'static {
+    /// This agent's full metadata (answers `GET`).
+    fn metadata(&self) -> Result<Bytes>;
+    /// Loads metadata a peer pushed (`PUT`).
+    fn load(&self, meta: &[u8]) -> Result<()>;
+}
+
+fn serve<S: Service>(service: &Weak<S>, mut s: TcpStream, timeout: Duration) -> Result<()> {
     s.set_write_timeout(Some(timeout))
         .map_err(|e| Error::io("set timeout", e))?;
     let (op, payload) = read_frame_by(&mut s, Instant::now() + timeout)?;
-    let Some(inner) = inner.upgrade() else {
+    let Some(service) = service.upgrade() else {
         return Ok(());
     };
-    let agent = Agent { inner };
     match op {
-        GET => write_frame(&mut s, META, &agent.local_metadata()?),
-        PUT => match agent.load_remote(&payload) {
-            Ok(_) => write_frame(&mut s, OK, &[]),
+        GET => write_frame(&mut s, META, &service.metadata()?),
+        PUT => match service.load(&payload) {
+            Ok(()) => write_frame(&mut s, OK, &[]),
             Err(e) => write_frame(&mut s, ERR, e.to_string().as_bytes()),
         },
         other => Err(Error::invalid_metadata(format!(
@@ -179,28 +186,34 @@ fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     Ok(s)
 }
 
-fn resolve(addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+/// The first address `addr` resolves to.
+pub(crate) fn resolve(addr: impl ToSocketAddrs) -> Result<SocketAddr> {
     addr.to_socket_addrs()
         .map_err(|e| Error::io("resolving side-channel address", e))?
         .next()
         .ok_or_else(|| Error::invalid_argument("address resolves to nothing"))
 }
 
-impl Agent {
-    /// Serves this agent's metadata on `addr` (e.g. `127.0.0.1:0`) from a background
-    /// thread until the agent is dropped; returns the bound address.
-    pub fn listen(&self, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+impl ChannelState {
+    /// Serves `service` on `addr` from a background thread (named after `agent`) until
+    /// the service is dropped or another `listen` replaces it; returns the bound
+    /// address.
+    pub(crate) fn listen<S: Service>(
+        &self,
+        addr: impl ToSocketAddrs,
+        agent: &str,
+        timeout: Duration,
+        weak: Weak<S>,
+    ) -> Result<SocketAddr> {
         let listener =
             TcpListener::bind(addr).map_err(|e| Error::io("binding the side channel", e))?;
         let local = listener
             .local_addr()
             .map_err(|e| Error::io("side channel address", e))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let weak = Arc::downgrade(&self.inner);
-        let timeout = self.inner.opts.channel_timeout;
         let flag = stop.clone();
         std::thread::Builder::new()
-            .name(format!("kv-agent-channel-{}", self.inner.name))
+            .name(format!("kv-agent-channel-{agent}"))
             .spawn(move || {
                 let active = Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
@@ -230,48 +243,43 @@ impl Agent {
                 }
             })
             .map_err(|e| Error::io("starting the side-channel thread", e))?;
-        if let Some((old, old_stop)) = self.inner.channel.listener.lock().replace((local, stop)) {
+        if let Some((old, old_stop)) = self.listener.lock().replace((local, stop)) {
             old_stop.store(true, Ordering::Relaxed);
             let _ = TcpStream::connect_timeout(&old, Duration::from_millis(200));
         }
         Ok(local)
     }
 
-    /// Fetches a peer's metadata from its side channel and loads it; remembers the
-    /// address for [`Agent::publish`].
-    pub fn fetch_remote(&self, addr: impl ToSocketAddrs) -> Result<PeerId> {
-        let addr = resolve(addr)?;
-        let mut s = connect(addr, self.inner.opts.channel_timeout)?;
+    /// Fetches a peer's metadata from its side channel at `addr` and hands it to
+    /// `load`; once loaded, remembers the address for [`ChannelState::known`].
+    pub(crate) fn fetch<T>(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        load: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let mut s = connect(addr, timeout)?;
         write_frame(&mut s, GET, &[])?;
-        let (op, payload) =
-            read_frame_by(&mut s, Instant::now() + self.inner.opts.channel_timeout)?;
+        let (op, payload) = read_frame_by(&mut s, Instant::now() + timeout)?;
         if op != META {
             return Err(Error::invalid_metadata(format!(
                 "side channel answered op {op:#x} to GET"
             )));
         }
-        let id = self.load_remote(&payload)?;
-        let mut known = self.inner.channel.known.lock();
-        if !known.contains(&addr) {
-            known.push(addr);
-        }
-        Ok(id)
+        let loaded = load(&payload)?;
+        self.remember(addr);
+        Ok(loaded)
     }
 
-    /// Pushes this agent's full metadata to the side channel at `addr`.
-    pub fn publish_to(&self, addr: impl ToSocketAddrs) -> Result<()> {
-        let addr = resolve(addr)?;
-        let meta = self.local_metadata()?;
-        let mut s = connect(addr, self.inner.opts.channel_timeout)?;
-        write_frame(&mut s, PUT, &meta)?;
-        let (op, payload) =
-            read_frame_by(&mut s, Instant::now() + self.inner.opts.channel_timeout)?;
+    /// Pushes `meta` to the side channel at `addr`; once accepted, remembers the
+    /// address for [`ChannelState::known`].
+    pub(crate) fn push(&self, addr: SocketAddr, timeout: Duration, meta: &[u8]) -> Result<()> {
+        let mut s = connect(addr, timeout)?;
+        write_frame(&mut s, PUT, meta)?;
+        let (op, payload) = read_frame_by(&mut s, Instant::now() + timeout)?;
         match op {
             OK => {
-                let mut known = self.inner.channel.known.lock();
-                if !known.contains(&addr) {
-                    known.push(addr);
-                }
+                self.remember(addr);
                 Ok(())
             }
             ERR => Err(Error::Backend {
@@ -285,14 +293,16 @@ impl Agent {
         }
     }
 
-    /// Pushes this agent's metadata to every side channel it fetched from or published
-    /// to; returns the addresses that failed, with why.
-    pub fn publish(&self) -> Vec<(SocketAddr, Error)> {
-        let known = self.inner.channel.known.lock().clone();
-        known
-            .into_iter()
-            .filter_map(|a| self.publish_to(a).err().map(|e| (a, e)))
-            .collect()
+    fn remember(&self, addr: SocketAddr) {
+        let mut known = self.known.lock();
+        if !known.contains(&addr) {
+            known.push(addr);
+        }
+    }
+
+    /// Side channels this agent fetched from or published to.
+    pub(crate) fn known(&self) -> Vec<SocketAddr> {
+        self.known.lock().clone()
     }
 }
 

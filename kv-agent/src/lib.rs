@@ -24,15 +24,24 @@
 //! ```
 #![warn(missing_docs)]
 
+// Rooms; each imports only rooms below it in the README's map.
 mod agent;
 mod backends;
 mod channel;
+mod choice;
 pub mod layout;
+mod peers;
+mod registry;
+mod shared;
 mod transfer;
 
-pub use agent::{Agent, AgentOptions, BackendFactory, BackendStats, PeerId, Registration};
+pub use agent::{Agent, Registration};
+pub use backends::BackendFactory;
 pub use channel::parse_header as parse_channel_header;
 pub use kv_core::{Error, Result};
+pub use peers::PeerId;
+pub use registry::BackendStats;
+pub use shared::AgentOptions;
 pub use transfer::{Transfer, TransferSpec, TransferTelemetry};
 
 /// The READMEs' Rust examples, compiled as doc tests so they cannot rot.

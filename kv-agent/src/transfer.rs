@@ -9,7 +9,10 @@ use kv_core::{
 };
 use parking_lot::Mutex;
 
-use crate::agent::{deadline_from_now, Agent, LoadedBackend, PeerEntry, PeerId, RegionEntry};
+use crate::choice::{self, Need};
+use crate::peers::{PeerEntry, PeerId};
+use crate::registry::{LoadedBackend, RegionEntry};
+use crate::shared::Shared;
 
 /// What to move: a local and a remote descriptor list of equal total length. Plain
 /// struct; `Clone`, `Send + Sync`.
@@ -104,7 +107,7 @@ struct State {
 /// `Send + Sync`: each transfer has its own small lock, so threads posting different
 /// transfers never contend.
 pub struct Transfer {
-    agent: Agent,
+    shared: Arc<Shared>,
     backend: Arc<LoadedBackend>,
     id: TransferId,
     peer: Arc<PeerEntry>,
@@ -130,7 +133,7 @@ impl std::fmt::Debug for Transfer {
 }
 
 impl Transfer {
-    pub(crate) fn prepare(agent: &Agent, spec: &TransferSpec) -> Result<Transfer> {
+    pub(crate) fn prepare(shared: &Arc<Shared>, spec: &TransferSpec) -> Result<Transfer> {
         let start = Instant::now();
         if spec.local.total_bytes() != spec.remote.total_bytes() || spec.local.total_bytes() == 0 {
             return Err(Error::invalid_argument(format!(
@@ -139,18 +142,34 @@ impl Transfer {
                 spec.remote.total_bytes()
             )));
         }
-        let peer = agent.peer(spec.peer)?;
+        let peer = shared.peers.get(spec.peer)?;
         peer.check_current()?;
         // Read before importing: a withdrawal racing with this prepare makes the first
         // post re-check.
         let epoch = peer.epoch.load(std::sync::atomic::Ordering::Acquire);
-        let local = agent.local_regions_for(spec.local_kind, &spec.local)?;
-        let (remote_ids, remote_backends) =
-            agent.remote_regions_for(&peer, spec.remote_kind, &spec.remote)?;
-        let backend = agent.choose_backend(spec, &local, &remote_backends, &peer)?;
-        let ep = agent.endpoint(&peer, &backend)?;
+        let local = shared
+            .registry
+            .local_regions_for(spec.local_kind, &spec.local)?;
+        let (remote_ids, remote_backends) = peer.regions_for(spec.remote_kind, &spec.remote)?;
+        let need = Need {
+            op: spec.op,
+            local_kind: spec.local_kind,
+            local: &spec.local,
+            remote_kind: spec.remote_kind,
+            remote: &spec.remote,
+            backend: spec.backend.as_deref(),
+        };
+        let backend = choice::for_transfer(
+            &shared.registry,
+            &shared.opts.backend_preference,
+            &need,
+            &local,
+            &remote_backends,
+            &peer,
+        )?;
+        let ep = peer.endpoint(&backend)?;
         for id in &remote_ids {
-            agent.import(&peer, &backend, ep, *id)?;
+            peer.import(&backend, ep, *id)?;
         }
         let id = backend.backend.prepare(&TransferRequest {
             op: spec.op,
@@ -161,10 +180,10 @@ impl Transfer {
             remote: spec.remote.clone(),
         })?;
         Ok(Transfer {
-            agent: agent.clone(),
+            shared: shared.clone(),
             bytes: spec.local.total_bytes(),
             descriptors: spec.local.len(),
-            deadline: spec.deadline.unwrap_or(agent.inner.opts.default_deadline),
+            deadline: spec.deadline.unwrap_or(shared.opts.default_deadline),
             prepare_time: start.elapsed(),
             backend,
             id,
@@ -201,16 +220,12 @@ impl Transfer {
             return Err(Error::Busy("the previous post has not finished".into()));
         }
         self.peer.check_current()?;
-        self.agent.check_remote_regions(
-            &self.peer,
-            &self.backend.name,
-            &self.remote_ids,
-            &self.epoch,
-        )?;
+        self.peer
+            .check_remote_regions(&self.backend.name, &self.remote_ids, &self.epoch)?;
         for (i, r) in self.local.iter().enumerate() {
             if let Err(e) = r.pin() {
                 for r in &self.local[..i] {
-                    self.agent.inner.unpin(r);
+                    self.shared.registry.unpin(r);
                 }
                 return Err(e);
             }
@@ -227,7 +242,7 @@ impl Transfer {
         // `cancel` returned.
         if let Err(e) = unsafe { self.backend.backend.post(self.id, &opts) } {
             for r in &self.local {
-                self.agent.inner.unpin(r);
+                self.shared.registry.unpin(r);
             }
             return Err(e);
         }
@@ -245,7 +260,7 @@ impl Transfer {
         if st.pinned {
             st.pinned = false;
             for r in &self.local {
-                self.agent.inner.unpin(r);
+                self.shared.registry.unpin(r);
             }
             st.completed_at = Some(Instant::now());
             let mut stats = self.backend.stats.lock();
@@ -302,7 +317,7 @@ impl Transfer {
     pub fn wait(&self) -> Result<()> {
         let mut spins = 0u32;
         loop {
-            if !self.agent.inner.opts.progress_thread {
+            if !self.shared.opts.progress_thread {
                 self.backend.backend.progress()?;
             }
             match self.poll() {
@@ -328,7 +343,7 @@ impl Transfer {
     #[cfg(feature = "tokio")]
     pub async fn wait_async(&self) -> Result<()> {
         loop {
-            if !self.agent.inner.opts.progress_thread {
+            if !self.shared.opts.progress_thread {
                 self.backend.backend.progress()?;
             }
             match self.poll() {
@@ -388,4 +403,11 @@ impl Drop for Transfer {
             tracing::debug!(error = %e, "release on drop failed");
         }
     }
+}
+
+/// Returns a deadline `d` from now (saturating).
+fn deadline_from_now(d: Duration) -> Instant {
+    Instant::now()
+        .checked_add(d)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365))
 }

@@ -1,10 +1,11 @@
-//! Connected peers: the control connection (handshake, notifications, liveness), one
-//! worker thread per data connection ("lane"), and the sequencer that delivers
-//! notifications after the data of every earlier post, in post order.
+//! Connected peers: one worker thread per data connection ("lane") and the data
+//! movement on it (TCP frames, cross-memory attach, shared-memory copies), and the
+//! sequencer that delivers notifications after the data of every earlier post, in
+//! post order. The control connection and handshake are in `control`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,117 +15,17 @@ use crossbeam::channel::{Receiver, Sender};
 use kv_core::{Error, Op, Result};
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::request::Transfer;
-use crate::sys::{self, CmaDir, Stream, Watch, TICK};
+use crate::control::{ctl_main, read_message, PeerCore};
+use crate::options::Options;
+use crate::request::{self, Completion, Path};
+use crate::sys::{self, CmaDir, Stream, Watch};
 use crate::wire::{self, ConnectionInfo, FrameOp, Header, HEADER_LEN};
-use crate::{Options, Path};
+
+/// A prepared transfer of this backend: to a [`Peer`].
+pub(crate) type Transfer = request::Transfer<Peer>;
 
 /// How many WRITE frames a lane sends before it waits for an ACK.
 const WRITE_WINDOW: usize = 8;
-
-/// One imported remote registration (a `RemoteId`), shared by the import table,
-/// the peer (which revokes it) and the prepared transfers that address it. A post
-/// checks it and counts itself in; `Send + Sync` (atomics only).
-#[derive(Debug)]
-pub(crate) struct RemoteHandle {
-    /// The `RemoteId`.
-    pub id: u64,
-    /// The peer's key of the registration.
-    pub key: u64,
-    /// Set by `release_remote` and `disconnect`.
-    released: AtomicBool,
-    /// Set when the peer deregistered the registration (REVOKE) or, for a same-host
-    /// peer, when its control connection was lost (a REVOKE may have been missed).
-    revoked: AtomicBool,
-    /// Posts that may touch the registration right now.
-    inflight: AtomicUsize,
-}
-
-impl RemoteHandle {
-    pub(crate) fn new(id: u64, key: u64) -> RemoteHandle {
-        RemoteHandle {
-            id,
-            key,
-            released: AtomicBool::new(false),
-            revoked: AtomicBool::new(false),
-            inflight: AtomicUsize::new(0),
-        }
-    }
-
-    /// Marks the import released: posts naming it are refused from now on.
-    pub(crate) fn release(&self) {
-        self.released.store(true, Ordering::SeqCst);
-    }
-
-    /// True once the peer revoked the registration.
-    pub(crate) fn is_revoked(&self) -> bool {
-        self.revoked.load(Ordering::SeqCst)
-    }
-
-    /// True while new transfers may use the import (neither released nor revoked).
-    pub(crate) fn usable(&self) -> bool {
-        self.refusal().is_none()
-    }
-
-    fn refusal(&self) -> Option<Error> {
-        if self.released.load(Ordering::SeqCst) {
-            Some(Error::NotRegistered(format!(
-                "RemoteId#{} was released after the transfer was prepared",
-                self.id
-            )))
-        } else if self.is_revoked() {
-            Some(Error::NotRegistered(format!(
-                "RemoteId#{}: the peer deregistered the registration (or its control \
-                 connection was lost); import it again",
-                self.id
-            )))
-        } else {
-            None
-        }
-    }
-
-    /// Counts a post in on every handle; refuses (counting nothing) when one was
-    /// released or revoked. Paired with [`RemoteHandle::exit_all`] once the post no
-    /// longer touches the peer's memory. The count is raised before the flags are
-    /// read (and a revoke sets the flag before it reads the count), so a revoke
-    /// either sees this post or this post sees the revoke.
-    pub(crate) fn enter_all(hs: &[Arc<RemoteHandle>]) -> Result<()> {
-        for (i, h) in hs.iter().enumerate() {
-            h.inflight.fetch_add(1, Ordering::SeqCst);
-            if let Some(e) = h.refusal() {
-                Self::exit_all(&hs[..=i]);
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    /// Undoes [`RemoteHandle::enter_all`].
-    pub(crate) fn exit_all(hs: &[Arc<RemoteHandle>]) {
-        for h in hs {
-            h.inflight.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// What lanes and the control connection of one peer share. `Send + Sync`.
-pub(crate) struct PeerCore {
-    pub name: String,
-    pub info: ConnectionInfo,
-    pub addr: SocketAddr,
-    pub local_name: String,
-    pub opts: Options,
-    /// Data moves by cross-memory attach instead of TCP.
-    pub cma: bool,
-    /// Set by `disconnect` and on backend drop: lanes stop at the next tick.
-    pub closed: AtomicBool,
-    control: Mutex<Option<Arc<Stream>>>,
-    seq: Mutex<Sequencer>,
-    /// This peer's registrations imported here (revoked by REVOKE frames).
-    pub imports: Mutex<Vec<Arc<RemoteHandle>>>,
-    /// Backend-wide count of finished posts, reported by `progress`.
-    pub completions: Arc<AtomicUsize>,
-}
 
 enum Ready {
     Transfer(u64, Arc<Transfer>),
@@ -152,6 +53,7 @@ struct Lane {
 /// A connected peer. `Send + Sync`.
 pub(crate) struct Peer {
     pub core: Arc<PeerCore>,
+    seq: Mutex<Sequencer>,
     lanes: Mutex<Vec<Lane>>,
     /// Reads REVOKE frames from a same-host peer's control connection.
     ctl_reader: Mutex<Option<JoinHandle<()>>>,
@@ -169,198 +71,6 @@ impl std::fmt::Debug for Peer {
     }
 }
 
-impl PeerCore {
-    fn gone(&self, reason: impl Into<String>) -> Error {
-        Error::RemoteDisconnected {
-            peer: self.name.clone(),
-            reason: reason.into(),
-        }
-    }
-
-    /// Opens a connection and does the HELLO handshake, which also proves that the
-    /// listener still belongs to the instance the peer published.
-    /// `control` marks the control connection of a same-host peer, on which the
-    /// target sends REVOKE frames.
-    pub(crate) fn open(&self, control: bool) -> Result<Stream> {
-        let s = Stream::connect(&self.addr, self.opts.connect_timeout)
-            .map_err(|e| self.gone(format!("connect to {}: {e}", self.addr)))?;
-        let h = Header {
-            status: if control && self.cma {
-                wire::HELLO_SAME_HOST_CONTROL
-            } else {
-                0
-            },
-            key: self.info.instance,
-            addr: u64::from(std::process::id()),
-            len: self.local_name.len() as u64,
-            ..Header::new(FrameOp::Hello)
-        };
-        let mut w = Watch::new(&self.name, self.opts.connect_timeout);
-        w.shutdown = Some(&self.closed);
-        s.send_bytes(
-            &[&wire::encode_header(&h), self.local_name.as_bytes()],
-            &mut w,
-        )?;
-        let mut buf = [0u8; HEADER_LEN];
-        s.recv_exact(&mut buf, &mut w)?;
-        let r = wire::decode_header(&buf)?;
-        match r.op {
-            FrameOp::HelloAck if r.key == self.info.instance => Ok(s),
-            FrameOp::Error => {
-                let msg = read_message(&s, &r, &mut w)?;
-                Err(self.gone(format!("handshake refused: {msg}")))
-            }
-            _ => Err(self.gone(
-                "handshake answered by another instance (the peer restarted; re-fetch its metadata)",
-            )),
-        }
-    }
-
-    /// True when the control connection is up (reopening it if it broke).
-    pub(crate) fn check_alive(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(self.gone("disconnected"));
-        }
-        let mut c = self.control.lock();
-        if c.as_ref().is_some_and(|s| s.peer_closed()) {
-            self.lost_control(&mut c);
-        }
-        if c.is_none() {
-            *c = Some(Arc::new(self.open(true)?));
-        }
-        Ok(())
-    }
-
-    /// The control connection broke: close it and, for a same-host peer, revoke every
-    /// import (a REVOKE may have been missed; its registrations must be imported
-    /// again).
-    fn lost_control(&self, c: &mut MutexGuard<'_, Option<Arc<Stream>>>) {
-        if let Some(s) = c.take() {
-            s.shutdown();
-        }
-        if self.cma {
-            for h in self.imports.lock().iter() {
-                h.revoked.store(true, Ordering::SeqCst);
-            }
-        }
-    }
-
-    /// True when the control connection was closed by the peer (it exited or dropped
-    /// its backend).
-    pub(crate) fn peer_gone(&self) -> bool {
-        self.control.lock().as_ref().is_none_or(|s| s.peer_closed())
-    }
-
-    /// Sends one notification on the control connection.
-    pub(crate) fn send_notify(&self, payload: &[u8]) -> Result<()> {
-        let mut c = self.control.lock();
-        if c.is_none() {
-            *c = Some(Arc::new(self.open(true)?));
-        }
-        let h = Header {
-            len: payload.len() as u64,
-            ..Header::new(FrameOp::Notify)
-        };
-        let mut w = Watch::new(&self.name, self.opts.io_timeout);
-        w.shutdown = Some(&self.closed);
-        let r = c
-            .as_ref()
-            .map(|s| s.send_bytes(&[&wire::encode_header(&h), payload], &mut w))
-            .unwrap_or_else(|| Err(self.gone("no control connection")));
-        if r.is_err() {
-            self.lost_control(&mut c);
-        }
-        r
-    }
-
-    /// A REVOKE arrived on `s`: refuse new posts to the registration, wait (up to
-    /// `io_timeout`) for the posts copying into it, then acknowledge. Without the
-    /// acknowledgement the target's `deregister` returns `Busy` and keeps the memory.
-    fn on_revoke(&self, s: &Arc<Stream>, rid: u64, key: u64) {
-        let hs: Vec<Arc<RemoteHandle>> = self
-            .imports
-            .lock()
-            .iter()
-            .filter(|h| h.key == key)
-            .cloned()
-            .collect();
-        for h in &hs {
-            h.revoked.store(true, Ordering::SeqCst);
-        }
-        let end = Instant::now() + self.opts.io_timeout;
-        while hs.iter().any(|h| h.inflight.load(Ordering::SeqCst) > 0) {
-            if Instant::now() >= end || self.closed.load(Ordering::Acquire) {
-                tracing::warn!(
-                    "peer {} revoked registration {key:#x} but a transfer still copies into it after {:?}; not acknowledging",
-                    self.name,
-                    self.opts.io_timeout
-                );
-                return;
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        let c = self.control.lock();
-        if !c.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, s)) {
-            return; // that connection is gone; the target stopped waiting for it
-        }
-        let h = Header {
-            id: rid,
-            ..Header::new(FrameOp::RevokeAck)
-        };
-        let mut w = Watch::new(&self.name, self.opts.io_timeout);
-        w.shutdown = Some(&self.closed);
-        if let Err(e) = s.send_bytes(&[&wire::encode_header(&h)], &mut w) {
-            tracing::debug!("acknowledging a revoke to {}: {e}", self.name);
-        }
-    }
-}
-
-/// Reads a same-host peer's control connection: REVOKE frames; anything else closes it.
-fn ctl_main(core: Arc<PeerCore>) {
-    let mut buf = [0u8; HEADER_LEN];
-    while !core.closed.load(Ordering::Acquire) {
-        let Some(s) = core.control.lock().clone() else {
-            std::thread::sleep(TICK);
-            continue;
-        };
-        let mut w = Watch::new(&core.name, core.opts.io_timeout);
-        w.shutdown = Some(&core.closed);
-        w.idle_ok = true;
-        let r = s
-            .recv_exact(&mut buf, &mut w)
-            .and_then(|()| wire::decode_header(&buf));
-        let e = match r {
-            Ok(h) if h.op == FrameOp::Revoke => {
-                core.on_revoke(&s, h.id, h.key);
-                continue;
-            }
-            Ok(h) => {
-                Error::invalid_metadata(format!("unexpected {:?} frame from the target", h.op))
-            }
-            Err(e) => e,
-        };
-        if core.closed.load(Ordering::Acquire) {
-            break;
-        }
-        match e {
-            Error::InvalidMetadata(_) => {
-                tracing::warn!("closing the control connection to {}: {e}", core.name)
-            }
-            _ => tracing::debug!("control connection to {} ended: {e}", core.name),
-        }
-        let mut c = core.control.lock();
-        if c.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &s)) {
-            core.lost_control(&mut c);
-        }
-    }
-}
-
-fn read_message(s: &Stream, h: &Header, w: &mut Watch<'_>) -> Result<String> {
-    let mut msg = vec![0u8; h.len as usize];
-    s.recv_exact(&mut msg, w)?;
-    Ok(String::from_utf8_lossy(&msg).into_owned())
-}
-
 impl Peer {
     /// Connects the control connection, probes cross-memory attach when the peer is
     /// on this host, and starts the lanes (their data connections open lazily).
@@ -376,20 +86,16 @@ impl Peer {
             .parse()
             .map_err(|_| Error::invalid_metadata(format!("bad address {:?}", info.addr)))?;
         let cma = opts.same_host && same_host(name, &info);
-        let core = Arc::new(PeerCore {
-            name: name.to_string(),
+        let core = Arc::new(PeerCore::new(
+            name,
             info,
             addr,
-            local_name: local_name.to_string(),
-            opts: opts.clone(),
+            local_name,
+            opts,
             cma,
-            closed: AtomicBool::new(false),
-            control: Mutex::new(None),
-            seq: Mutex::new(Sequencer::default()),
-            imports: Mutex::new(Vec::new()),
             completions,
-        });
-        *core.control.lock() = Some(Arc::new(core.open(true)?));
+        ));
+        core.open_control()?;
         let ctl_reader = if cma {
             let c = core.clone();
             Some(
@@ -417,6 +123,7 @@ impl Peer {
         }
         Ok(Arc::new(Peer {
             core,
+            seq: Mutex::new(Sequencer::default()),
             lanes: Mutex::new(lanes),
             ctl_reader: Mutex::new(ctl_reader),
             nlanes,
@@ -426,7 +133,7 @@ impl Peer {
 
     /// Takes the next sequence number (a post or a notification).
     pub(crate) fn next_seq(&self) -> u64 {
-        let mut q = self.core.seq.lock();
+        let mut q = self.seq.lock();
         q.next += 1;
         q.next - 1
     }
@@ -447,8 +154,16 @@ impl Peer {
         }
     }
 
-    /// Runs every lane of a shared-memory or CMA transfer in the calling thread.
-    pub(crate) fn run_inline(&self, t: &Arc<Transfer>) -> Result<()> {
+    /// Runs a shared-memory or CMA transfer in the calling thread, as one lane.
+    pub(crate) fn run_inline(&self, t: &Arc<Transfer>) {
+        t.pending.store(1, Ordering::Release);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_lanes(t)))
+            .unwrap_or_else(|_| Err(lane_panicked()));
+        t.lane_done(r);
+    }
+
+    /// Moves every lane's frames of a shared-memory or CMA transfer.
+    fn run_lanes(&self, t: &Transfer) -> Result<()> {
         let mut l = Vec::new();
         let mut r = Vec::new();
         for lane in 0..t.plan.lanes {
@@ -458,12 +173,6 @@ impl Peer {
             }
         }
         Ok(())
-    }
-
-    /// A post's data is done: queue it (or send in order).
-    pub(crate) fn complete(&self, seq: u64, t: Arc<Transfer>) {
-        self.core.completions.fetch_add(1, Ordering::Relaxed);
-        self.flush(seq, Ready::Transfer(seq, t));
     }
 
     /// Sends a notification after every earlier post; errors only when this call sent
@@ -482,7 +191,7 @@ impl Peer {
             Ready::Note(s, _) => Some(*s),
             Ready::Transfer(..) => None,
         };
-        let mut q = self.core.seq.lock();
+        let mut q = self.seq.lock();
         // In-order completion (the common case) skips the map: no allocation.
         if seq == q.head {
             q.out.push_back(item);
@@ -538,9 +247,15 @@ impl Peer {
         if let Some(t) = self.ctl_reader.lock().take() {
             let _ = t.join();
         }
-        if let Some(s) = self.core.control.lock().take() {
-            s.shutdown();
-        }
+        self.core.close_control();
+    }
+}
+
+impl Completion for Peer {
+    /// A post's data is done: queue it (or send in order).
+    fn complete(&self, seq: u64, t: Arc<Transfer>) {
+        self.core.completions.fetch_add(1, Ordering::Relaxed);
+        self.flush(seq, Ready::Transfer(seq, t));
     }
 }
 
@@ -590,7 +305,7 @@ fn lane_main(core: Arc<PeerCore>, rx: Receiver<(Arc<Transfer>, usize)>) {
 }
 
 /// The error of a lane that panicked.
-pub(crate) fn lane_panicked() -> Error {
+fn lane_panicked() -> Error {
     Error::Backend {
         name: "tcp".into(),
         code: 0,

@@ -1,5 +1,7 @@
-//! Prepared transfers: the plan computed once at `prepare` (segments split into frames,
-//! frame headers encoded), and the per-post state shared with the worker threads.
+//! Prepared transfers: the route (which registrations and imports the ranges lie in,
+//! and the [`Path`] the data takes) and the plan computed once at `prepare` (segments
+//! split into frames, frame headers encoded), and the per-post state shared with the
+//! worker threads.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -7,14 +9,80 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kv_core::{Error, Op, Status};
+use kv_core::{
+    segments, Descriptor, Error, Op, PostOptions, Result, Status, TransferId, TransferRequest,
+};
 use parking_lot::{Condvar, Mutex};
 
-use crate::endpoint::{Peer, RemoteHandle};
-use crate::memory::{LocalReg, Registry};
+use crate::memory::{find_containing, LocalReg, Registry};
+use crate::remote::{Imported, RemoteHandle};
 use crate::shm::Import;
 use crate::wire::{self, FrameOp, Header, WireSegment};
-use crate::Path;
+
+/// How a prepared transfer moves its data ([`TcpBackend::transfer_path`](crate::TcpBackend::transfer_path)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Memory copies into/out of the peer's memfd, mapped at `import_remote`.
+    SharedMemory,
+    /// `process_vm_writev`/`process_vm_readv` into the peer's address space.
+    CrossMemoryAttach,
+    /// Frames over the TCP data connections.
+    Tcp,
+}
+
+impl Path {
+    /// Short name: `shm`, `cma` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::SharedMemory => "shm",
+            Path::CrossMemoryAttach => "cma",
+            Path::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Posts made so far by each [`Path`] ([`TcpBackend::path_counts`](crate::TcpBackend::path_counts)). `Copy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathCounts {
+    /// Posts over shared memory.
+    pub shm: u64,
+    /// Posts over cross-memory attach.
+    pub cma: u64,
+    /// Posts over TCP.
+    pub tcp: u64,
+}
+
+/// Posts made so far by each [`Path`].
+#[derive(Default)]
+pub(crate) struct PostCounts([AtomicU64; 3]);
+
+impl PostCounts {
+    /// Counts one post by `path`.
+    pub(crate) fn add(&self, path: Path) {
+        self.0[match path {
+            Path::SharedMemory => 0,
+            Path::CrossMemoryAttach => 1,
+            Path::Tcp => 2,
+        }]
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub(crate) fn get(&self) -> PathCounts {
+        let n = |i: usize| self.0[i].load(Ordering::Relaxed);
+        PathCounts {
+            shm: n(0),
+            cma: n(1),
+            tcp: n(2),
+        }
+    }
+}
 
 /// One piece of a transfer: `len` bytes between a local address and a remote one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +232,118 @@ impl Plan {
     }
 }
 
+/// Where a transfer's ranges lie: its segments (merged where contiguous), the local
+/// registrations and the imports they lie in, and the path the data takes.
+pub(crate) struct Route {
+    pub segs: Vec<PlanSeg>,
+    pub regs: Vec<Arc<LocalReg>>,
+    pub path: Path,
+    /// The mappings the segments address (shared-memory path only).
+    pub maps: Vec<Arc<Import>>,
+    pub remotes: Vec<Arc<RemoteHandle>>,
+}
+
+/// Routes `req` through the local registrations `local` (sorted by address) and the
+/// live `imports` from its peer (sorted by address); `cma` when the peer is on this
+/// host and reachable by cross-memory attach. Every range must lie in one of each.
+pub(crate) fn route(
+    req: &TransferRequest,
+    imports: &[Imported],
+    local: &[Arc<LocalReg>],
+    cma: bool,
+) -> Result<Route> {
+    let descs: Vec<Descriptor> = imports.iter().map(|(d, _, _, _)| *d).collect();
+    let mut handles: Vec<Arc<RemoteHandle>> = Vec::new();
+    // The shared-memory path needs every remote range in a mapped registration.
+    let mut maps: Vec<Arc<Import>> = Vec::new();
+    let mut all_mapped = cma;
+    if !req.remote.within(&descs) {
+        return Err(Error::OutOfBounds(
+            "a remote descriptor lies outside what the peer registered".into(),
+        ));
+    }
+    let mut segs: Vec<PlanSeg> = Vec::new();
+    let mut regs: Vec<Arc<LocalReg>> = Vec::new();
+    for s in segments(&req.local, &req.remote)? {
+        let reg = find_containing(local, &s.local).ok_or_else(|| {
+            Error::NotRegistered(format!(
+                "local range {:#x}+{} lies outside every local registration",
+                s.local.addr, s.local.len
+            ))
+        })?;
+        if !regs.iter().any(|r| Arc::ptr_eq(r, reg)) {
+            regs.push(reg.clone());
+        }
+        let end = imports.partition_point(|(d, _, _, _)| d.addr <= s.remote.addr);
+        let (_, key, map, handle) = imports[..end]
+            .iter()
+            .rev()
+            .find(|(d, _, _, _)| d.contains(&s.remote))
+            .ok_or_else(|| {
+                Error::OutOfBounds(format!(
+                    "remote range {:#x}+{} lies outside what the peer registered",
+                    s.remote.addr, s.remote.len
+                ))
+            })?;
+        let key = *key;
+        if !handles.iter().any(|h| Arc::ptr_eq(h, handle)) {
+            handles.push(handle.clone());
+        }
+        match map {
+            Some(m) if all_mapped => {
+                if !maps.iter().any(|x| Arc::ptr_eq(x, m)) {
+                    maps.push(m.clone());
+                }
+            }
+            _ => all_mapped = false,
+        }
+        match segs.last_mut() {
+            Some(p)
+                if p.key == key
+                    && p.local + p.len == s.local.addr
+                    && p.remote + p.len == s.remote.addr =>
+            {
+                p.len += s.local.len
+            }
+            _ => segs.push(PlanSeg {
+                local: s.local.addr,
+                key,
+                remote: s.remote.addr,
+                len: s.local.len,
+            }),
+        }
+    }
+    let path = if all_mapped && !segs.is_empty() {
+        // Address the peer's memory through our mappings. Merged segments share a
+        // key, so each lies in one registration (the one its key names).
+        for s in &mut segs {
+            s.remote = maps
+                .iter()
+                .find_map(|m| m.translate(s.remote, s.len))
+                .ok_or_else(|| {
+                    Error::OutOfBounds(format!(
+                        "remote range {:#x}+{} is not inside a mapped registration",
+                        s.remote, s.len
+                    ))
+                })?;
+        }
+        Path::SharedMemory
+    } else if cma {
+        maps.clear();
+        Path::CrossMemoryAttach
+    } else {
+        maps.clear();
+        Path::Tcp
+    };
+    Ok(Route {
+        segs,
+        regs,
+        path,
+        maps,
+        remotes: handles,
+    })
+}
+
 /// Where a post is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -189,12 +369,20 @@ pub(crate) struct Slot {
     pub deadline: Option<Instant>,
 }
 
-/// A prepared transfer and the state of its current post. `Send + Sync`.
+/// What a transfer needs from the peer it goes to (`endpoint::Peer`): a post whose
+/// lanes all finished is handed back to it, to settle in post order. A type parameter
+/// of [`Transfer`], so that this room does not import the peer's.
+pub(crate) trait Completion: Sized {
+    /// Takes post `seq` of `t`, whose data is done (moved or failed).
+    fn complete(&self, seq: u64, t: Arc<Transfer<Self>>);
+}
+
+/// A prepared transfer to a peer `P` and the state of its current post. `Send + Sync`.
 #[derive(Debug)]
-pub(crate) struct Transfer {
+pub(crate) struct Transfer<P> {
     pub id: u64,
     pub plan: Plan,
-    pub peer: Arc<Peer>,
+    pub peer: Arc<P>,
     pub state: Mutex<Slot>,
     pub cv: Condvar,
     /// Lanes still touching local memory for the current post.
@@ -204,8 +392,8 @@ pub(crate) struct Transfer {
     pub seq: AtomicU64,
 }
 
-impl Transfer {
-    pub(crate) fn new(id: u64, plan: Plan, peer: Arc<Peer>) -> Transfer {
+impl<P> Transfer<P> {
+    pub(crate) fn new(id: u64, plan: Plan, peer: Arc<P>) -> Transfer<P> {
         Transfer {
             id,
             plan,
@@ -233,35 +421,37 @@ impl Transfer {
         }
     }
 
-    /// A lane finished (successfully or not); the last one hands the post to the
-    /// peer's sequencer.
-    pub(crate) fn lane_done(self: &Arc<Self>, r: kv_core::Result<()>) {
-        if let Err(e) = r {
-            let mut s = self.state.lock();
-            // The first error wins, but a real failure beats the echo of a cancel.
-            if s.error.is_none() || matches!(s.error, Some(Error::Canceled)) {
-                s.error = Some(e);
-            }
+    /// Starts a post: refused while the previous one runs; pins the local
+    /// registrations in `regs` and counts the post in on its imports (refused once one
+    /// was released or revoked by the peer), then arms the lanes.
+    pub(crate) fn begin(&self, regs: &Registry, opts: &PostOptions) -> Result<()> {
+        let mut s = self.state.lock();
+        if matches!(s.phase, Phase::Running | Phase::Flushing | Phase::Notifying) {
+            return Err(Error::Busy(format!(
+                "{} is already in progress",
+                TransferId(self.id)
+            )));
         }
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        regs.pin(&self.plan.local_regs)?;
+        // Refused once an import it addresses was released or revoked by the peer.
+        if let Err(e) = RemoteHandle::enter_all(&self.plan.remotes) {
             Registry::unpin(&self.plan.local_regs);
-            RemoteHandle::exit_all(&self.plan.remotes);
-            {
-                let mut s = self.state.lock();
-                if s.phase == Phase::Running {
-                    s.phase = Phase::Flushing;
-                }
-                self.cv.notify_all();
-            }
-            self.peer
-                .complete(self.seq.load(Ordering::Acquire), self.clone());
+            return Err(e);
         }
+        s.phase = Phase::Running;
+        s.status = Status::InProgress;
+        s.error = None;
+        s.notification = opts.notification.clone();
+        s.deadline = opts.deadline;
+        self.cancel.store(false, Ordering::Release);
+        self.pending.store(self.plan.lanes, Ordering::Release);
+        Ok(())
     }
 
     /// Called by the sequencer in post order: fail, or send the notification and finish.
     /// The state lock is not held while the notification is sent (`poll` never waits
     /// for the network).
-    pub(crate) fn settle(&self, seq: u64, send: impl FnOnce(&Bytes) -> kv_core::Result<()>) {
+    pub(crate) fn settle(&self, seq: u64, send: impl FnOnce(&Bytes) -> Result<()>) {
         let n = {
             let mut s = self.state.lock();
             if s.phase != Phase::Flushing || self.seq.load(Ordering::Acquire) != seq {
@@ -298,7 +488,7 @@ impl Transfer {
     /// Waits until no lane touches local memory any more, then makes the post report
     /// `Failed(Canceled)` unless it already finished. Gives up after `limit` (a lane
     /// that wedged): `Err(Busy)`, and the memory must stay valid and registered.
-    pub(crate) fn cancel(&self, limit: Duration) -> kv_core::Result<()> {
+    pub(crate) fn cancel(&self, limit: Duration) -> Result<()> {
         self.cancel.store(true, Ordering::Release);
         let end = Instant::now() + limit;
         let mut s = self.state.lock();
@@ -335,6 +525,33 @@ impl Transfer {
                         .wait_until(&mut s, end.min(now + Duration::from_millis(50)));
                 }
             }
+        }
+    }
+}
+
+impl<P: Completion> Transfer<P> {
+    /// A lane finished (successfully or not); the last one hands the post to the
+    /// peer's sequencer.
+    pub(crate) fn lane_done(self: &Arc<Self>, r: Result<()>) {
+        if let Err(e) = r {
+            let mut s = self.state.lock();
+            // The first error wins, but a real failure beats the echo of a cancel.
+            if s.error.is_none() || matches!(s.error, Some(Error::Canceled)) {
+                s.error = Some(e);
+            }
+        }
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            Registry::unpin(&self.plan.local_regs);
+            RemoteHandle::exit_all(&self.plan.remotes);
+            {
+                let mut s = self.state.lock();
+                if s.phase == Phase::Running {
+                    s.phase = Phase::Flushing;
+                }
+                self.cv.notify_all();
+            }
+            self.peer
+                .complete(self.seq.load(Ordering::Acquire), self.clone());
         }
     }
 }

@@ -9,16 +9,16 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kv_core::{Error, Notification, Result};
+use kv_core::{Error, Notification, RegistrationId, Result};
 use parking_lot::{Condvar, Mutex};
 
 use crate::memory::{Registry, Serving};
+use crate::options::Options;
 use crate::sys::{self, Stream, Watch, TICK};
 use crate::wire::{self, ErrorCode, FrameOp, Header, WireSegment, HEADER_LEN};
-use crate::Options;
 
 /// Received notifications waiting for `drain_notifications`, bounded in count and
 /// bytes ([`Options::max_inbox`], [`Options::max_inbox_bytes`]).
@@ -95,6 +95,43 @@ impl Shared {
         for t in threads {
             let _ = t.join();
         }
+    }
+
+    /// Deregisters `id`. Revokes it first; waits (at most `io_timeout` + 100 ms) until
+    /// every same-host importer acknowledged and no peer request is served from it;
+    /// only then unlinks it. Else `Busy`, and it stays registered (revoked).
+    pub(crate) fn deregister(&self, id: RegistrationId) -> Result<()> {
+        // Revoke first (peers' requests refused, served ones stop at their next read,
+        // same-host importers told and acknowledging once their copies into it
+        // finished); unlink only when nothing touches the memory any more.
+        let reg = self.regs.revoke(id)?;
+        let until = Instant::now() + self.deregister_wait();
+        let acked = self.revoke_importers(reg.key, until);
+        let served = Registry::wait_served(&reg, until);
+        if !(acked && served) {
+            let who = if acked {
+                "a peer request is still being served from it"
+            } else {
+                "a same-host peer did not acknowledge the revocation"
+            };
+            tracing::error!(
+                "deregistering {id}: {who} after {:?}",
+                self.deregister_wait()
+            );
+            return Err(Error::Busy(format!(
+                "{id}: {who}; it stays registered (refusing new requests): keep the memory \
+                 and retry deregister"
+            )));
+        }
+        self.regs.unlink(&reg);
+        Ok(())
+    }
+
+    /// How long `deregister` waits for same-host importers' acknowledgements and
+    /// requests being served (each served request has an absolute `io_timeout` limit
+    /// and stops within a tick of the revoke).
+    fn deregister_wait(&self) -> Duration {
+        self.opts.io_timeout + Duration::from_millis(100)
     }
 
     /// Tells every connected same-host importer that the registration with `key` is

@@ -22,8 +22,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use kv_core::Descriptor;
 
+use crate::keys::{RemoteKey, SharedKey};
 use crate::sys::{self, Mapping};
-use crate::wire::{RemoteKey, SharedKey};
 
 /// The exporter's side: the memfd behind a registration, kept open while it lives.
 #[derive(Debug)]

@@ -1,0 +1,474 @@
+//! Peers: the metadata this agent publishes and the metadata it loaded from others —
+//! generations (a restarted peer replaces the old one), the regions each peer
+//! published, the endpoints connected to it and the regions imported from it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kv_core::{
+    AgentMetadata, BackendMetadata, Descriptor, DescriptorList, EndpointId, Error, MemKind,
+    RegistrationMetadata, RemoteId, Result,
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::registry::{LoadedBackend, RegionEntry, Registry};
+
+/// A peer whose metadata was loaded; valid until the peer publishes a new generation or
+/// is invalidated. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "peer#{}", self.0)
+    }
+}
+
+/// Most descriptors one remote registration may expand to (agents publish one range
+/// per registration; this bounds what a peer can make us iterate).
+const MAX_REMOTE_DESCRIPTORS: u64 = 4096;
+
+/// Encodes this agent's metadata: every backend with its connection info and every
+/// live registration (`regions: None`), or a partial update naming only `regions`.
+pub(crate) fn local_metadata(
+    name: &str,
+    generation: u64,
+    reg: &Registry,
+    regions: Option<Vec<Arc<RegionEntry>>>,
+) -> Result<Bytes> {
+    let backends = reg.backends.read().clone();
+    let mut bmeta = Vec::with_capacity(backends.len());
+    for b in &backends {
+        bmeta.push(BackendMetadata {
+            name: b.name.clone(),
+            connection: b.backend.connection_info()?,
+        });
+    }
+    let partial = regions.is_some();
+    let entries = match regions {
+        None => reg.sorted_regions(),
+        Some(rs) => rs,
+    };
+    let mut registrations = Vec::with_capacity(entries.len());
+    for e in entries.iter().filter(|e| !e.is_dropped()) {
+        let mut keys = Vec::new();
+        for (b, rid) in &e.regs {
+            if let Some(idx) = backends.iter().position(|x| x.name == b.name) {
+                keys.push((idx as u16, b.backend.remote_key(*rid)?));
+            }
+        }
+        registrations.push(RegistrationMetadata {
+            id: e.id,
+            kind: e.kind,
+            descs: DescriptorList::single(e.desc),
+            keys,
+        });
+    }
+    AgentMetadata {
+        name: name.to_string(),
+        generation,
+        partial,
+        backends: bmeta,
+        registrations,
+        removed: Vec::new(),
+    }
+    .encode()
+}
+
+pub(crate) struct PeerEntry {
+    pub(crate) id: PeerId,
+    pub(crate) name: String,
+    pub(crate) generation: u64,
+    state: Mutex<PeerState>,
+    /// Set when a newer generation replaced this one or it was invalidated.
+    retired: Mutex<Option<String>>,
+    /// Bumped whenever an imported region of this peer is withdrawn, so a prepared
+    /// transfer re-checks its remote regions before its next post.
+    pub(crate) epoch: AtomicU64,
+}
+
+#[derive(Default)]
+struct PeerState {
+    backends: Vec<BackendMetadata>,
+    regions: HashMap<u64, RegistrationMetadata>,
+    endpoints: HashMap<String, EndpointId>,
+    imported: HashMap<(String, u64), Vec<RemoteId>>,
+}
+
+/// The peers whose metadata was loaded, by id and by name.
+pub(crate) struct Peers {
+    peers: RwLock<HashMap<PeerId, Arc<PeerEntry>>>,
+    by_name: Mutex<HashMap<String, PeerId>>,
+    next_peer: AtomicU64,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Peers {
+            peers: RwLock::new(HashMap::new()),
+            by_name: Mutex::new(HashMap::new()),
+            next_peer: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Peers {
+    /// Loads a peer's metadata (full or partial). A higher generation than the one
+    /// known replaces it: the old [`PeerId`] is refused from then on.
+    pub(crate) fn load(&self, reg: &Registry, bytes: &[u8]) -> Result<PeerId> {
+        let meta = AgentMetadata::decode(bytes)?;
+        let mut by_name = self.by_name.lock();
+        let known = by_name
+            .get(&meta.name)
+            .and_then(|id| self.peers.read().get(id).cloned());
+        if let Some(p) = &known {
+            if meta.generation < p.generation {
+                return Err(Error::InvalidMetadata(format!(
+                    "stale metadata for {}: generation {} is older than the loaded {}",
+                    meta.name, meta.generation, p.generation
+                )));
+            }
+            if meta.generation == p.generation {
+                p.apply(reg, meta)?;
+                return Ok(p.id);
+            }
+            if meta.partial {
+                // Never let a partial message knock out the live incarnation.
+                return Err(Error::InvalidMetadata(format!(
+                    "partial metadata for {} generation {} but generation {} is loaded; load full metadata of the new generation",
+                    meta.name, meta.generation, p.generation
+                )));
+            }
+            self.retire(
+                reg,
+                p,
+                format!(
+                    "the peer restarted (generation {} replaced it); use the PeerId from the new load_remote",
+                    meta.generation
+                ),
+            );
+        }
+        if meta.partial {
+            return Err(Error::InvalidMetadata(format!(
+                "partial metadata for {} (generation {}) but no full metadata of that generation was loaded",
+                meta.name, meta.generation
+            )));
+        }
+        let id = PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed));
+        let entry = Arc::new(PeerEntry {
+            id,
+            name: meta.name.clone(),
+            generation: meta.generation,
+            state: Mutex::new(PeerState::default()),
+            retired: Mutex::new(None),
+            epoch: AtomicU64::new(0),
+        });
+        entry.apply(reg, meta)?;
+        by_name.insert(entry.name.clone(), id);
+        self.peers.write().insert(id, entry);
+        Ok(id)
+    }
+
+    fn retire(&self, reg: &Registry, p: &PeerEntry, why: String) {
+        *p.retired.lock() = Some(why);
+        let mut st = p.state.lock();
+        for ((backend, _), rids) in st.imported.drain() {
+            if let Some(b) = reg.backend(&backend) {
+                for rid in rids {
+                    let _ = b.release_remote(rid);
+                }
+            }
+        }
+        for (backend, ep) in st.endpoints.drain() {
+            if let Some(b) = reg.backend(&backend) {
+                let _ = b.disconnect(ep);
+            }
+        }
+        self.peers.write().remove(&p.id);
+    }
+
+    /// Forgets a peer: its [`PeerId`] is refused from then on.
+    pub(crate) fn invalidate(&self, reg: &Registry, peer: PeerId) -> Result<()> {
+        let p = self.get(peer)?;
+        let mut by_name = self.by_name.lock();
+        if by_name.get(&p.name) == Some(&peer) {
+            by_name.remove(&p.name);
+        }
+        self.retire(reg, &p, "invalidated by the local agent".into());
+        Ok(())
+    }
+
+    /// The current [`PeerId`] of the agent called `name`, if its metadata is loaded.
+    pub(crate) fn by_name(&self, name: &str) -> Option<PeerId> {
+        self.by_name.lock().get(name).copied()
+    }
+
+    /// The loaded peer `peer`.
+    pub(crate) fn get(&self, peer: PeerId) -> Result<Arc<PeerEntry>> {
+        self.peers.read().get(&peer).cloned().ok_or_else(|| {
+            Error::NotRegistered(format!(
+                "{peer} is not loaded (invalidated, or replaced by a newer generation); load_remote again"
+            ))
+        })
+    }
+}
+
+impl PeerEntry {
+    pub(crate) fn check_current(&self) -> Result<()> {
+        match &*self.retired.lock() {
+            None => Ok(()),
+            Some(why) => Err(Error::NotRegistered(format!(
+                "{} ({}, generation {}): {why}",
+                self.id, self.name, self.generation
+            ))),
+        }
+    }
+
+    fn apply(&self, reg: &Registry, meta: AgentMetadata) -> Result<()> {
+        if let Some(r) = meta
+            .registrations
+            .iter()
+            .find(|r| r.descs.len() > MAX_REMOTE_DESCRIPTORS)
+        {
+            return Err(Error::InvalidMetadata(format!(
+                "registration {} of {} has {} descriptors; at most {MAX_REMOTE_DESCRIPTORS} are accepted",
+                r.id,
+                meta.name,
+                r.descs.len()
+            )));
+        }
+        let mut st = self.state.lock();
+        if !meta.partial {
+            // A full message replaces the registrations; imported ones that vanished
+            // are released below.
+            st.backends = meta.backends.clone();
+            let keep: std::collections::HashSet<u64> =
+                meta.registrations.iter().map(|r| r.id).collect();
+            let gone: Vec<u64> = st
+                .regions
+                .keys()
+                .filter(|k| !keep.contains(k))
+                .copied()
+                .collect();
+            for id in gone {
+                self.drop_remote_region(reg, &mut st, id);
+            }
+        }
+        for r in meta.registrations {
+            let mut r = r;
+            // Keys name backends by index into this message's backend list; store names.
+            r.keys.retain(|(i, _)| (*i as usize) < meta.backends.len());
+            let changed = st.regions.get(&r.id).is_some_and(|old| *old != r);
+            if changed {
+                self.drop_remote_region(reg, &mut st, r.id);
+            }
+            let mut named = r.clone();
+            named.keys = r
+                .keys
+                .iter()
+                .filter_map(|(i, k)| {
+                    let name = &meta.backends[*i as usize].name;
+                    st.backends
+                        .iter()
+                        .position(|b| &b.name == name)
+                        .map(|j| (j as u16, k.clone()))
+                })
+                .collect();
+            st.regions.insert(r.id, named);
+        }
+        for id in meta.removed {
+            self.drop_remote_region(reg, &mut st, id);
+        }
+        Ok(())
+    }
+
+    fn drop_remote_region(&self, reg: &Registry, st: &mut PeerState, id: u64) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        st.regions.remove(&id);
+        let keys: Vec<(String, u64)> = st
+            .imported
+            .keys()
+            .filter(|(_, r)| *r == id)
+            .cloned()
+            .collect();
+        for k in keys {
+            if let (Some(rids), Some(b)) = (st.imported.remove(&k), reg.backend(&k.0)) {
+                for rid in rids {
+                    let _ = b.release_remote(rid);
+                }
+            }
+        }
+    }
+
+    /// Names of the backends the peer published.
+    pub(crate) fn backend_names(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .backends
+            .iter()
+            .map(|b| b.name.clone())
+            .collect()
+    }
+
+    /// Registration ids (and their descriptors) the peer published, by id.
+    pub(crate) fn regions(&self) -> Vec<(u64, MemKind, DescriptorList)> {
+        let st = self.state.lock();
+        let mut v: Vec<_> = st
+            .regions
+            .values()
+            .map(|r| (r.id, r.kind, r.descs.clone()))
+            .collect();
+        v.sort_by_key(|x| x.0);
+        v
+    }
+
+    /// The endpoint of this peer on `b`, connecting on first use.
+    pub(crate) fn endpoint(&self, b: &LoadedBackend) -> Result<EndpointId> {
+        let info = {
+            let st = self.state.lock();
+            if let Some(ep) = st.endpoints.get(&b.name) {
+                return Ok(*ep);
+            }
+            st.backends
+                .iter()
+                .find(|x| x.name == b.name)
+                .map(|x| x.connection.clone())
+                .ok_or_else(|| Error::NoCommonBackend {
+                    local: vec![b.name.clone()],
+                    remote: st.backends.iter().map(|x| x.name.clone()).collect(),
+                })?
+        };
+        // Connect without holding the peer's lock: it may take up to the backend's
+        // connect timeout.
+        let ep = b.backend.connect(&self.name, &info)?;
+        let mut st = self.state.lock();
+        match st.endpoints.get(&b.name) {
+            Some(existing) => {
+                // Another thread connected first; keep its endpoint.
+                let existing = *existing;
+                drop(st);
+                let _ = b.backend.disconnect(ep);
+                Ok(existing)
+            }
+            None => {
+                st.endpoints.insert(b.name.clone(), ep);
+                Ok(ep)
+            }
+        }
+    }
+
+    /// Refuses a post whose remote regions were withdrawn since it was prepared.
+    pub(crate) fn check_remote_regions(
+        &self,
+        backend: &str,
+        ids: &[u64],
+        seen: &AtomicU64,
+    ) -> Result<()> {
+        let now = self.epoch.load(Ordering::Acquire);
+        if seen.load(Ordering::Acquire) == now {
+            return Ok(());
+        }
+        let st = self.state.lock();
+        for id in ids {
+            if !st.imported.contains_key(&(backend.to_string(), *id)) {
+                return Err(Error::NotRegistered(format!(
+                    "remote region {id} of {} was withdrawn (deregistered or replaced in new metadata); prepare the transfer again",
+                    self.name
+                )));
+            }
+        }
+        seen.store(now, Ordering::Release);
+        Ok(())
+    }
+
+    /// Imports remote region `id` of this peer on `b` if not done yet.
+    pub(crate) fn import(&self, b: &LoadedBackend, ep: EndpointId, id: u64) -> Result<()> {
+        let mut st = self.state.lock();
+        if st.imported.contains_key(&(b.name.clone(), id)) {
+            return Ok(());
+        }
+        let r = st
+            .regions
+            .get(&id)
+            .ok_or_else(|| Error::NotRegistered(format!("remote region {id} of {}", self.name)))?;
+        let key = r
+            .keys
+            .iter()
+            .find(|(i, _)| {
+                st.backends
+                    .get(*i as usize)
+                    .is_some_and(|x| x.name == b.name)
+            })
+            .map(|(_, k)| k.clone())
+            .ok_or_else(|| {
+                Error::NotRegistered(format!(
+                    "remote region {id} of {} has no key for backend {}",
+                    self.name, b.name
+                ))
+            })?;
+        let kind = r.kind;
+        let descs: Vec<Descriptor> = r.descs.iter().collect();
+        let mut rids = Vec::with_capacity(descs.len());
+        for d in descs {
+            match b.backend.import_remote(ep, kind, &d, &key) {
+                Ok(x) => rids.push(x),
+                Err(e) => {
+                    for x in rids {
+                        let _ = b.backend.release_remote(x);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        st.imported.insert((b.name.clone(), id), rids);
+        Ok(())
+    }
+
+    /// Remote regions of this peer whose ranges contain every entry of `list`, and the
+    /// backends that hold a key for all of them.
+    pub(crate) fn regions_for(
+        &self,
+        kind: MemKind,
+        list: &DescriptorList,
+    ) -> Result<(Vec<u64>, Vec<String>)> {
+        let st = self.state.lock();
+        let mut ids = Vec::new();
+        for e in list.entries() {
+            let x = e
+                .extent()
+                .ok_or_else(|| Error::OutOfBounds("remote entry overflows".into()))?;
+            let r = st
+                .regions
+                .values()
+                .filter(|r| r.kind == kind && r.descs.iter().any(|d| d.contains(&x)))
+                // Memory freed and registered again shows up as a newer region over the
+                // same addresses (the peer may not have published the removal): the
+                // newest registration is the live one.
+                .max_by_key(|r| r.id)
+                .ok_or_else(|| {
+                    Error::OutOfBounds(format!(
+                        "remote range {:#x}+{} is outside every {kind} region {} registered",
+                        x.addr, x.len, self.name
+                    ))
+                })?;
+            if !ids.contains(&r.id) {
+                ids.push(r.id);
+            }
+        }
+        let mut backends: Option<Vec<String>> = None;
+        for id in &ids {
+            let names: Vec<String> = st.regions[id]
+                .keys
+                .iter()
+                .filter_map(|(i, _)| st.backends.get(*i as usize).map(|b| b.name.clone()))
+                .collect();
+            backends = Some(match backends {
+                None => names,
+                Some(prev) => prev.into_iter().filter(|n| names.contains(n)).collect(),
+            });
+        }
+        Ok((ids, backends.unwrap_or_default()))
+    }
+}
