@@ -82,6 +82,16 @@ impl Sequence {
     }
 }
 
+/// Reported by [`Engine::prefill_observed`]: the K/V of `positions` in `layer` are in
+/// their blocks and will not change. `positions` is one chunk (at most one block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvReady {
+    /// The layer.
+    pub layer: usize,
+    /// The positions, within one block.
+    pub positions: Range<usize>,
+}
+
 /// What [`Engine::generate`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generation {
@@ -169,6 +179,19 @@ impl Engine {
     /// trusting that the first `cached` positions are already there (a prefix hit), and
     /// returns the first generated token.
     pub fn prefill(&mut self, tokens: &[u32], blocks: &[BlockId], cached: usize) -> Result<u32> {
+        self.prefill_observed(tokens, blocks, cached, &mut |_| Ok(()))
+    }
+
+    /// [`Engine::prefill`], calling `on_kv` each time a layer's K/V for a chunk is in
+    /// its blocks (chunk by chunk, layer by layer, before that layer's attention runs):
+    /// the hook a layer-wise sender posts from. An error from `on_kv` stops the prefill.
+    pub fn prefill_observed(
+        &mut self,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        cached: usize,
+        on_kv: &mut dyn FnMut(KvReady) -> Result<()>,
+    ) -> Result<u32> {
         if tokens.is_empty() || cached > tokens.len() {
             return Err(Error::invalid(format!(
                 "prefill of {} tokens with {cached} cached",
@@ -180,9 +203,19 @@ impl Engine {
         let mut logits = None;
         for (i, c) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
-            logits = self
-                .model
-                .forward(&tokens[c.clone()], c.start, &mut kv, last)?;
+            let mut ready = |layer| {
+                on_kv(KvReady {
+                    layer,
+                    positions: c.clone(),
+                })
+            };
+            logits = self.model.forward_observed(
+                &tokens[c.clone()],
+                c.start,
+                &mut kv,
+                last,
+                &mut ready,
+            )?;
         }
         greedy(&logits.ok_or_else(|| Error::invalid("prefill ran no chunk"))?)
     }

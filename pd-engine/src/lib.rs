@@ -30,7 +30,7 @@ pub mod rng;
 pub mod tp;
 pub mod workload;
 
-pub use engine::{Engine, EngineOptions, Generation, Sequence};
+pub use engine::{Engine, EngineOptions, Generation, KvReady, Sequence};
 pub use error::{Error, Result};
 pub use kv_cache::{BlockAllocator, BlockId, KvCache, KvDtype, KvLayout, Plane};
 pub use model::{Model, ModelConfig};

@@ -351,6 +351,21 @@ impl Model {
         kv: &mut dyn KvStore,
         logits: bool,
     ) -> Result<Option<Vec<f32>>> {
+        self.forward_observed(tokens, start, kv, logits, &mut |_| Ok(()))
+    }
+
+    /// [`Model::forward`], calling `on_kv(layer)` as soon as each layer's K/V for the
+    /// span is in `kv` (before that layer's attention runs), so a caller can start
+    /// moving it while the rest of the forward computes. An error from `on_kv` stops
+    /// the forward.
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        start: usize,
+        kv: &mut dyn KvStore,
+        logits: bool,
+        on_kv: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<Option<Vec<f32>>> {
         let c = &self.cfg;
         let n = tokens.len();
         if n == 0 || start + n > c.max_positions {
@@ -395,6 +410,7 @@ impl Model {
                 &k.flatten_all()?.to_vec1()?,
                 &v.flatten_all()?.to_vec1()?,
             )?;
+            on_kv(l)?;
             let (kc, vc) = kv.read(l, ctx)?;
             let kc = Tensor::from_vec(kc, (nkv, ctx, d), &dev)?;
             let vc = Tensor::from_vec(vc, (nkv, ctx, d), &dev)?;

@@ -280,3 +280,36 @@ fn experiment_unchunked_prefill_bits() {
         }
     }
 }
+
+/// The layer-wise hook: every (chunk, layer) once, in compute order; the result is the
+/// plain prefill's; an error from the hook stops the prefill.
+#[test]
+fn prefill_reports_each_layer_of_each_chunk_as_it_lands() {
+    let mut e = engine();
+    let toks = prompt(40, 256, 4);
+    let want = e.generate(&toks, 1).unwrap().tokens[0];
+    let seq = e.start(toks.clone()).unwrap();
+    let mut seen = Vec::new();
+    let first = e
+        .prefill_observed(&toks, seq.blocks(), 0, &mut |r| {
+            seen.push((r.layer, r.positions));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(first, want);
+    let layers = e.layout().layers;
+    let chunks = [0..16, 16..32, 32..40];
+    let expect: Vec<(usize, std::ops::Range<usize>)> = chunks
+        .iter()
+        .flat_map(|c| (0..layers).map(move |l| (l, c.clone())))
+        .collect();
+    assert_eq!(seen, expect);
+    let mut calls = 0;
+    let err = e.prefill_observed(&toks, seq.blocks(), 0, &mut |_| {
+        calls += 1;
+        Err(pd_engine::Error::invalid("peer gone"))
+    });
+    assert!(err.is_err());
+    assert_eq!(calls, 1);
+    e.release(seq).unwrap();
+}
