@@ -67,6 +67,10 @@ fn shapes_and_config_checks() {
     assert!(m
         .forward(&[1, 2], cfg.max_positions - 1, &mut kv, true)
         .is_err());
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Model>();
+    send_sync::<Engine>();
+    send_sync::<pd_engine::Sequence>();
     assert!(greedy(&[0.0, f32::NAN]).is_err());
     assert_eq!(
         greedy(&[1.0, 3.0, 3.0, -1.0]).unwrap(),
