@@ -188,6 +188,7 @@ impl Shared {
     }
 
     /// Takes what the callbacks recorded for the core since the last call.
+    #[inline]
     pub fn take_events(&self) -> Events {
         let mut sh = self.inner.lock();
         Events {

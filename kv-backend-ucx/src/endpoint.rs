@@ -168,6 +168,7 @@ impl Endpoint {
     }
 
     /// Refuses to use the endpoint once it is dead.
+    #[inline]
     pub fn usable(&self) -> Result<()> {
         if let Some(why) = &self.dead {
             return Err(self.disconnected(why.clone()));
@@ -177,6 +178,7 @@ impl Endpoint {
 
     /// As [`Endpoint::usable`], noticing first a peer backend of this process that was
     /// dropped (before a post or a notification).
+    #[inline]
     pub fn usable_now(&mut self) -> Result<()> {
         if self.dead.is_none() {
             if let Some(why) = peer_gone(&self.info) {
@@ -272,6 +274,7 @@ impl Endpoint {
 
     /// Queues a notification (encoded `header`, `payload`) behind `gate`, taking the
     /// next sequence number.
+    #[inline]
     pub fn queue_note(&mut self, gate: Gate, header: Vec<u8>, payload: Bytes) {
         self.notes.push_back(Note {
             gate,
@@ -294,6 +297,7 @@ impl Endpoint {
     /// those whose data failed, or all when the endpoint is dead), and lets completed
     /// sends leave the queue, recording the outcome in their transfer's flight. Returns
     /// how many state changes happened.
+    #[inline]
     pub fn advance_notes(&mut self, lib: &Arc<Lib>, transfers: &mut IdMap<Transfer>) -> usize {
         let mut events = 0;
         let mut blocked = false;
@@ -425,6 +429,7 @@ fn set_note(transfers: &mut IdMap<Transfer>, gate: &Gate, state: NoteState) {
 
 /// Marks dead the endpoints UCX reported failed (`errors`: endpoint address, status);
 /// returns how many it marked.
+#[inline]
 pub fn mark_failed(
     eps: &mut IdMap<Endpoint>,
     errors: Vec<(usize, ucs_status_t)>,
@@ -472,6 +477,7 @@ fn all_lanes_tcp(report: &str) -> bool {
 }
 
 /// `Some(reason)` when the peer is a backend of this process that was dropped.
+#[inline]
 pub fn peer_gone(info: &ConnInfo) -> Option<String> {
     (info.pid == own_pid() && !is_live(info.instance))
         .then(|| "the peer backend in this process was dropped".to_owned())

@@ -23,6 +23,7 @@ pub fn mark_dropped(instance: u64) {
 }
 
 /// Whether backend `instance` of this process is alive.
+#[inline]
 pub fn is_live(instance: u64) -> bool {
     LIVE.lock().contains(&instance)
 }

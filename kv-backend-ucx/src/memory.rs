@@ -466,6 +466,7 @@ impl Memory {
     }
 
     /// Refuses a post of transfer `tid` when one of its registrations `regs` is gone.
+    #[inline]
     pub fn check_local(&self, regs: &[u64], tid: u64) -> Result<()> {
         for r in regs {
             if !self.regs.contains_key(r) {
@@ -479,6 +480,7 @@ impl Memory {
 
     /// What a post of transfer `tid` needs of its imports `ids` (in order); refuses
     /// when one was released.
+    #[inline]
     pub fn rkeys(&self, ids: &[u64], tid: u64) -> Result<Vec<RemoteRef>> {
         let mut rkeys: Vec<RemoteRef> = Vec::with_capacity(ids.len());
         for r in ids {
@@ -493,6 +495,7 @@ impl Memory {
     }
 
     /// Marks registrations and imports busy for one more posted transfer.
+    #[inline]
     pub fn hold(&mut self, regs: &[u64], remotes: &[u64]) {
         for r in regs {
             if let Some(r) = self.regs.get_mut(r) {
@@ -507,6 +510,7 @@ impl Memory {
     }
 
     /// Undoes one [`Memory::hold`].
+    #[inline]
     pub fn release(&mut self, regs: &[u64], remotes: &[u64]) {
         for r in regs {
             if let Some(r) = self.regs.get_mut(r) {

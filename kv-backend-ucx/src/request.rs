@@ -230,11 +230,13 @@ pub enum Fail {
 
 impl Flight {
     /// Every request completed and every active-message WRITE answered.
+    #[inline]
     pub fn complete(&self) -> bool {
         self.data.done() && self.acks == 0
     }
 
     /// The first failure (UCX's before the target's).
+    #[inline]
     pub fn failure(&self) -> Option<Fail> {
         self.data
             .error()
@@ -363,6 +365,7 @@ impl Transfer {
 
     /// The segments of a post: the plan made at prepare, or (over [`PLAN_MAX`]
     /// segments) one made for this post only against `rkeys`' ranges.
+    #[inline]
     pub fn segments(&self, rkeys: &[RemoteRef]) -> Result<Cow<'_, [Seg]>> {
         match &self.plan {
             Some(p) => Ok(Cow::Borrowed(p)),
@@ -412,6 +415,7 @@ impl Issue<'_> {
     /// Only for `Core::post`, under the state lock: the segments' local ranges are
     /// those the caller of `Backend::post` keeps valid and registered, and `uep` and
     /// the rkeys were checked live.
+    #[inline]
     pub fn run(&self, segs: &[Seg], am: &mut AmWrites) -> Issued {
         let (lib, uep) = (self.lib, self.uep);
         let mut data = Group::new(lib);
@@ -543,6 +547,7 @@ pub struct Transfers {
 impl Transfers {
     /// Counts the targets' answers `acks` (sequence number, outcome) against the posts
     /// that sent those WRITEs; returns how many matched a post still in flight.
+    #[inline]
     pub fn apply_acks(&mut self, acks: Vec<(u64, AckCode)>) -> usize {
         let mut events = 0;
         for (seq, code) in acks {
@@ -564,6 +569,7 @@ impl Transfers {
 
     /// Quarantined requests that UCX finally completed release their memory; returns
     /// how many.
+    #[inline]
     pub fn release_quarantined(&mut self, mem: &mut Memory) -> usize {
         let mut events = 0;
         let mut i = 0;
@@ -581,6 +587,7 @@ impl Transfers {
 
     /// The transfers in flight that can finish now (with their failure, if any), and
     /// those past their deadline.
+    #[inline]
     pub fn due(&self) -> (Vec<(u64, Option<Fail>)>, Vec<u64>) {
         let mut now = None;
         let mut late = Vec::new();
@@ -611,6 +618,7 @@ impl Transfers {
 
     /// Ends a transfer whose requests all completed: frees them, releases the busy
     /// marks, records the status.
+    #[inline]
     pub fn finish(&mut self, mem: &mut Memory, tid: u64, status: Status) {
         let Some(t) = self.by_id.get_mut(&tid) else {
             return;
