@@ -495,7 +495,7 @@ impl Memory {
     }
 
     /// Marks registrations and imports busy for one more posted transfer.
-    #[inline]
+    #[inline(always)]
     pub fn hold(&mut self, regs: &[u64], remotes: &[u64]) {
         for r in regs {
             if let Some(r) = self.regs.get_mut(r) {
@@ -510,7 +510,7 @@ impl Memory {
     }
 
     /// Undoes one [`Memory::hold`].
-    #[inline]
+    #[inline(always)]
     pub fn release(&mut self, regs: &[u64], remotes: &[u64]) {
         for r in regs {
             if let Some(r) = self.regs.get_mut(r) {

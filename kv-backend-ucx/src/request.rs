@@ -415,7 +415,7 @@ impl Issue<'_> {
     /// Only for `Core::post`, under the state lock: the segments' local ranges are
     /// those the caller of `Backend::post` keeps valid and registered, and `uep` and
     /// the rkeys were checked live.
-    #[inline]
+    #[inline(always)]
     pub fn run(&self, segs: &[Seg], am: &mut AmWrites) -> Issued {
         let (lib, uep) = (self.lib, self.uep);
         let mut data = Group::new(lib);
