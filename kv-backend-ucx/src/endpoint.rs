@@ -1,12 +1,21 @@
-//! Connected peers: the UCP endpoint, its rkey cache and the ordered queue of
-//! notifications waiting to go out after their data.
+//! Connected peers: the UCP endpoint (created with peer error handling where the
+//! transports allow it, force-closed to stop transfers), its rkey cache, whether the
+//! peer is still there, and the ordered queue of notifications waiting to go out after
+//! their data.
 
 use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use kv_core::{Error, Result};
 
-use crate::ffi::{ucp_ep_h, ucp_rkey_h};
-use crate::request::Group;
+use crate::am::{Shared, AM_ID};
+use crate::config::TCP_DEFAULTS;
+use crate::ffi::{self, ucp_ep_h, ucp_rkey_h, ucs_status_t, Lib};
+use crate::ids::{is_live, own_pid, IdMap};
+use crate::request::{Group, NoteState, Transfer};
 use crate::wire::ConnInfo;
 
 /// What must finish before a queued notification may be sent.
@@ -80,5 +89,412 @@ impl Endpoint {
             peer: self.peer_name.clone(),
             reason: reason.into(),
         }
+    }
+
+    /// An endpoint of `worker` to the peer that published `info`, with peer error
+    /// handling (reported through `shared`) unless `shm_only` transports refuse it.
+    /// WRITEs of at least `am_write_min` bytes go as active messages when every lane
+    /// UCX chose is TCP. Called under the state lock.
+    pub fn open(
+        lib: &Lib,
+        worker: ffi::ucp_worker_h,
+        shared: &Shared,
+        peer_name: &str,
+        info: ConnInfo,
+        shm_only: bool,
+        am_write_min: u64,
+    ) -> Result<Endpoint> {
+        let create = |mode: std::ffi::c_uint| {
+            let params = ffi::ucp_ep_params_t {
+                field_mask: ffi::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
+                    | ffi::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+                    | ffi::UCP_EP_PARAM_FIELD_ERR_HANDLER,
+                address: info.worker_address.as_ptr() as *const c_void,
+                err_mode: mode,
+                err_handler: shared.err_handler(),
+                user_data: std::ptr::null_mut(),
+                flags: 0,
+                sockaddr: ffi::ucs_sock_addr_t {
+                    addr: std::ptr::null(),
+                    addrlen: 0,
+                },
+                conn_request: std::ptr::null_mut(),
+                name: std::ptr::null(),
+                local_sockaddr: ffi::ucs_sock_addr_t {
+                    addr: std::ptr::null(),
+                    addrlen: 0,
+                },
+            };
+            let mut ep: ffi::ucp_ep_h = std::ptr::null_mut();
+            // SAFETY: valid worker, params (the address bytes passed our envelope checks
+            // and live through the call) and out-pointer; under the state lock.
+            let s = unsafe { (lib.ep_create)(worker, &params, &mut ep) };
+            (s, ep)
+        };
+        // Peer error handling first; UCX 1.13's shared-memory transports have no peer
+        // failure detection and refuse it (UCS_ERR_UNREACHABLE), so those endpoints fall
+        // back to no error handling, the deadline and the in-process liveness check.
+        let (mut s, mut ep, mut peer_errors) = if shm_only {
+            (ffi::UCS_ERR_UNREACHABLE, std::ptr::null_mut(), false)
+        } else {
+            let (s, ep) = create(ffi::UCP_ERR_HANDLING_MODE_PEER);
+            (s, ep, true)
+        };
+        if s == ffi::UCS_ERR_UNREACHABLE {
+            (s, ep) = create(ffi::UCP_ERR_HANDLING_MODE_NONE);
+            peer_errors = false;
+            tracing::debug!("ucx: transports without peer failure detection; deadlines only");
+        }
+        if s != ffi::UCS_OK {
+            return Err(if ffi::is_disconnect_status(s) {
+                Error::RemoteDisconnected {
+                    peer: peer_name.to_owned(),
+                    reason: lib.status_text(s),
+                }
+            } else {
+                lib.error("ucp_ep_create", s)
+            });
+        }
+        let mut e = Endpoint::new(ep, peer_name.to_owned(), info);
+        e.peer_errors = peer_errors;
+        if am_write_min != u64::MAX {
+            // SAFETY: the endpoint created above and an open FILE stream, under the lock.
+            let lanes = ffi::capture_file(|f| unsafe { (lib.ep_print_info)(ep, f) });
+            if lanes.as_deref().is_some_and(all_lanes_tcp) {
+                e.am_write_min = am_write_min.max(1);
+            }
+        }
+        Ok(e)
+    }
+
+    /// Refuses to use the endpoint once it is dead.
+    #[inline]
+    pub fn usable(&self) -> Result<()> {
+        if let Some(why) = &self.dead {
+            return Err(self.disconnected(why.clone()));
+        }
+        Ok(())
+    }
+
+    /// As [`Endpoint::usable`], noticing first a peer backend of this process that was
+    /// dropped (before a post or a notification).
+    #[inline]
+    pub fn usable_now(&mut self) -> Result<()> {
+        if self.dead.is_none() {
+            if let Some(why) = peer_gone(&self.info) {
+                self.dead = Some(why);
+            }
+        }
+        self.usable()
+    }
+
+    /// The unpacked rkey for the packed bytes `packed`: unpacked once per endpoint and
+    /// cached, with a reference per import.
+    pub fn rkey(&mut self, lib: &Lib, packed: &[u8]) -> Result<ucp_rkey_h> {
+        Ok(match self.rkeys.get_mut(packed) {
+            Some((rkey, refs)) => {
+                *refs += 1;
+                *rkey
+            }
+            None => {
+                let mut rkey: ffi::ucp_rkey_h = std::ptr::null_mut();
+                // SAFETY: a live endpoint; the packed bytes passed the envelope checks
+                // and live through the call; out-pointer valid.
+                lib.check("ucp_ep_rkey_unpack", unsafe {
+                    (lib.ep_rkey_unpack)(self.ep, packed.as_ptr() as *const c_void, &mut rkey)
+                })
+                .map_err(|e| Error::invalid_metadata(format!("remote key refused by UCX: {e}")))?;
+                self.rkeys.insert(packed.to_vec(), (rkey, 1));
+                rkey
+            }
+        })
+    }
+
+    /// Drops one reference to the cached rkey of `packed`, destroying it with the last.
+    /// Only once no posted transfer uses an import that shares it.
+    pub fn release_rkey(&mut self, lib: &Lib, packed: &[u8]) {
+        if let Some((rkey, refs)) = self.rkeys.get_mut(packed) {
+            *refs -= 1;
+            if *refs == 0 {
+                let rkey = *rkey;
+                self.rkeys.remove(packed);
+                // SAFETY: no transfer uses it (busy was 0 for every import sharing
+                // it, and this was the last); destroyed once.
+                unsafe { (lib.rkey_destroy)(rkey) };
+            }
+        }
+    }
+
+    /// Destroys every cached rkey (the endpoint is going away and every transfer that
+    /// used them finished).
+    pub fn destroy_rkeys(&mut self, lib: &Lib) {
+        for (_, (rkey, _)) in self.rkeys.drain() {
+            // SAFETY: every transfer that used the rkey finished (aborted or done) and
+            // the rkey is destroyed once.
+            unsafe { (lib.rkey_destroy)(rkey) };
+        }
+    }
+
+    /// Force-closes the endpoint: UCX completes its outstanding requests with
+    /// `UCS_ERR_CANCELED`. Unsent notifications are dropped.
+    /// An endpoint without peer error handling is closed in flush mode instead (UCX
+    /// requires peer error handling on both sides for a forced close); its requests
+    /// then complete only if the peer progresses. Called under the state lock.
+    pub fn close(&mut self, lib: &Lib, worker: ffi::ucp_worker_h, reason: &str) {
+        if self.dead.is_none() {
+            self.dead = Some(reason.to_owned());
+        }
+        if self.ep.is_null() {
+            return;
+        }
+        let mut p = ffi::ucp_request_param_t::empty();
+        // A forced close needs peer error handling on both sides; without it, close
+        // in flush mode (bounded below).
+        if self.peer_errors {
+            p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_FLAGS;
+            p.flags = ffi::UCP_EP_CLOSE_FLAG_FORCE;
+        }
+        // SAFETY: a live endpoint of this worker, closed once (set to null below).
+        let r = unsafe { (lib.ep_close_nbx)(self.ep, &p) };
+        self.ep = std::ptr::null_mut();
+        self.notes.retain(|n| n.sent.is_some());
+        if ffi::ptr_is_request(r) {
+            let end = Instant::now() + Duration::from_secs(2);
+            // SAFETY: `r` is a live request of this worker until freed below.
+            while unsafe { (lib.request_check_status)(r) } == ffi::UCS_INPROGRESS
+                && Instant::now() < end
+            {
+                // SAFETY: valid worker, under the state lock.
+                unsafe { (lib.worker_progress)(worker) };
+            }
+            // SAFETY: freeing the close request once (complete or not).
+            unsafe { (lib.request_free)(r) };
+        }
+    }
+
+    /// Queues a notification (encoded `header`, `payload`) behind `gate`, taking the
+    /// next sequence number.
+    #[inline]
+    pub fn queue_note(&mut self, gate: Gate, header: Vec<u8>, payload: Bytes) {
+        self.notes.push_back(Note {
+            gate,
+            header,
+            payload,
+            sent: None,
+        });
+        self.next_seq += 1;
+    }
+
+    /// Drops the unsent notification of post `post` of transfer `tid` (it was aborted).
+    pub fn drop_unsent(&mut self, tid: u64, post: u64) {
+        self.notes.retain(|n| {
+            n.sent.is_some()
+                || !matches!(n.gate, Gate::Transfer { transfer, post: p } if transfer == tid && p == post)
+        });
+    }
+
+    /// Sends, in order, each queued notification whose data is complete (dropping
+    /// those whose data failed, or all when the endpoint is dead), and lets completed
+    /// sends leave the queue, recording the outcome in their transfer's flight. Returns
+    /// how many state changes happened.
+    #[inline]
+    pub fn advance_notes(&mut self, lib: &Arc<Lib>, transfers: &mut IdMap<Transfer>) -> usize {
+        let mut events = 0;
+        let mut blocked = false;
+        let dead = self.dead.is_some() || self.ep.is_null();
+        let uep = self.ep;
+        let mut i = 0;
+        while i < self.notes.len() {
+            let n = &mut self.notes[i];
+            if n.sent.is_none() && !blocked {
+                // None: wait; Some(true): send; Some(false): drop.
+                let ready = match &n.gate {
+                    Gate::Flush(g) => g.done().then_some(g.error().is_none()),
+                    Gate::Transfer { transfer, post } => match transfers.get(transfer) {
+                        Some(Transfer {
+                            flight: Some(f), ..
+                        }) if f.post == *post => f.complete().then_some(f.failure().is_none()),
+                        _ => Some(false),
+                    },
+                };
+                match ready {
+                    None => blocked = true,
+                    Some(false) => {
+                        set_note(transfers, &n.gate, NoteState::Failed(ffi::UCS_ERR_CANCELED));
+                        self.notes.remove(i);
+                        events += 1;
+                        continue;
+                    }
+                    Some(true) if dead => {
+                        set_note(
+                            transfers,
+                            &n.gate,
+                            NoteState::Failed(ffi::UCS_ERR_NOT_CONNECTED),
+                        );
+                        self.notes.remove(i);
+                        events += 1;
+                        continue;
+                    }
+                    Some(true) => {
+                        let mut g = Group::new(lib);
+                        let (h, p) = (&n.header, &n.payload);
+                        // SAFETY: live endpoint; header and payload stay alive in the
+                        // note until the send group completes.
+                        let _ = g.issue(ffi::UCP_AM_SEND_FLAG_EAGER, |prm| unsafe {
+                            (lib.am_send_nbx)(
+                                uep,
+                                AM_ID,
+                                h.as_ptr() as *const c_void,
+                                h.len(),
+                                p.as_ptr() as *const c_void,
+                                p.len(),
+                                prm,
+                            )
+                        });
+                        set_note(transfers, &n.gate, NoteState::Issued);
+                        n.sent = Some(g);
+                        events += 1;
+                    }
+                }
+            }
+            // Completed sends leave the queue.
+            let n = &mut self.notes[i];
+            if let Some(g) = &n.sent {
+                if g.done() {
+                    let state = match g.error() {
+                        None => NoteState::Delivered,
+                        Some(s) => NoteState::Failed(s),
+                    };
+                    if let Gate::Transfer { transfer, post } = n.gate {
+                        if let Some(f) =
+                            transfers.get_mut(&transfer).and_then(|t| t.flight.as_mut())
+                        {
+                            if f.post == post {
+                                f.note = state;
+                            }
+                        }
+                    }
+                    self.notes.remove(i);
+                    events += 1;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        events
+    }
+
+    /// Appends what `describe()` says about this endpoint (number `id`): the peer,
+    /// error handling, and the transports and lanes UCX chose (`ucp_ep_print_info`).
+    /// Called under the state lock.
+    pub fn describe(&self, id: u64, lib: &Lib, s: &mut String) {
+        s.push_str(&format!(
+            "endpoint {} -> {} (error handling {})",
+            id,
+            self.peer_name,
+            if self.peer_errors {
+                "PEER"
+            } else {
+                "NONE: deadline only"
+            }
+        ));
+        if let Some(d) = &self.dead {
+            s.push_str(&format!(" (dead: {d})\n"));
+            return;
+        }
+        s.push('\n');
+        if self.am_write_min != u64::MAX {
+            s.push_str(&format!(
+                "WRITE segments of >= {} bytes go as active messages (rendezvous, \
+                 received into the target's registration)\n",
+                self.am_write_min
+            ));
+        }
+        let uep = self.ep;
+        // SAFETY: live endpoint and an open FILE stream, under the state lock.
+        if let Some(text) = ffi::capture_file(|f| unsafe { (lib.ep_print_info)(uep, f) }) {
+            s.push_str(&text);
+        }
+    }
+}
+
+/// Sets the notification state of the flight a `Gate::Transfer` names.
+fn set_note(transfers: &mut IdMap<Transfer>, gate: &Gate, state: NoteState) {
+    if let Gate::Transfer { transfer, .. } = *gate {
+        if let Some(f) = transfers.get_mut(&transfer).and_then(|t| t.flight.as_mut()) {
+            f.note = state;
+        }
+    }
+}
+
+/// Marks dead the endpoints UCX reported failed (`errors`: endpoint address, status);
+/// returns how many it marked.
+#[inline]
+pub fn mark_failed(
+    eps: &mut IdMap<Endpoint>,
+    errors: Vec<(usize, ucs_status_t)>,
+    lib: &Lib,
+) -> usize {
+    let mut events = 0;
+    for (ptr, status) in errors {
+        for ep in eps.values_mut() {
+            if !ep.ep.is_null() && ep.ep as usize == ptr && ep.dead.is_none() {
+                ep.dead = Some(format!("UCX reported {}", lib.status_text(status)));
+                events += 1;
+            }
+        }
+    }
+    events
+}
+
+/// Refuses a peer whose UCX would send TCP segments larger than ours receives, or
+/// receive smaller ones than ours sends: UCX resets such a connection (and a write
+/// can report success before the reset). `ours`: our (send, receive) sizes.
+pub fn check_segments(ours: (u32, u32), peer_name: &str, peer: &ConnInfo) -> Result<()> {
+    let (tx, rx) = ours;
+    let fits = |send: u32, recv: u32| send == 0 || recv == 0 || send <= recv;
+    if fits(tx, peer.tcp_rx_seg) && fits(peer.tcp_tx_seg, rx) {
+        return Ok(());
+    }
+    Err(Error::invalid_argument(format!(
+        "ucx: TCP segment sizes do not match {peer_name}: we send {tx} and receive {rx} \
+         bytes, it sends {} and receives {}; every sender's TCP_TX_SEG_SIZE must be at \
+         most its receiver's TCP_RX_SEG_SIZE (params ucx.TCP_TX_SEG_SIZE / \
+         ucx.TCP_RX_SEG_SIZE; this backend's defaults are {:?})",
+        peer.tcp_tx_seg, peer.tcp_rx_seg, TCP_DEFAULTS
+    )))
+}
+
+/// Whether `ucp_ep_print_info`'s report shows lanes and every one of them is TCP (then
+/// UCX 1.13 emulates put with active messages that the target copies).
+fn all_lanes_tcp(report: &str) -> bool {
+    let mut lanes = report.lines().filter(|l| l.contains("lane["));
+    let mut any = false;
+    lanes.all(|l| {
+        any = true;
+        l.contains("tcp/")
+    }) && any
+}
+
+/// `Some(reason)` when the peer is a backend of this process that was dropped.
+#[inline]
+pub fn peer_gone(info: &ConnInfo) -> Option<String> {
+    (info.pid == own_pid() && !is_live(info.instance))
+        .then(|| "the peer backend in this process was dropped".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_report_detection() {
+        let tcp = "#  lane[0]:  0:tcp/lo.0 md[0] -> md[0]/tcp/sysdev[255] am am_bw#0\n";
+        let shm = "#  lane[0]:  1:posix/memory.0 md[1] am\n#  lane[1]:  2:cma/memory.0 rma_bw#0\n";
+        let mixed = format!("{tcp}#  lane[1]:  2:cma/memory.0 rma_bw#0\n");
+        assert!(all_lanes_tcp(tcp));
+        assert!(!all_lanes_tcp(shm));
+        assert!(!all_lanes_tcp(&mixed));
+        assert!(!all_lanes_tcp("no lanes at all"));
     }
 }

@@ -55,14 +55,17 @@
 //! may still touch it.
 #![warn(missing_docs)]
 
+mod am;
+mod config;
+mod context;
 mod endpoint;
 mod ffi;
+mod ids;
 mod memory;
 mod request;
 mod wire;
 mod worker;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -70,93 +73,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kv_core::{
-    Backend, Capabilities, Descriptor, EndpointId, Error, MemKind, MemKinds, Notification, Params,
+    Backend, Capabilities, Descriptor, EndpointId, MemKind, MemKinds, Notification, Params,
     PostOptions, RegistrationId, RemoteId, Result, Status, TransferId, TransferRequest,
 };
 
+pub use config::Options;
 pub use memory::UcxHostMemory;
 use worker::Core;
-
-/// Settings of a [`UcxBackend`]. `Clone`, `Send + Sync`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Options {
-    /// Transports UCX may use (`UCX_TLS` syntax: `"tcp"`, `"posix,cma,self"`); `None`
-    /// leaves it to the `UCX_TLS` environment or UCX's default. Param `tls`.
-    pub tls: Option<String>,
-    /// Path of `libucp.so.0`; `None` means `KV_UCX_LIB`, else the loader's search path.
-    /// Param `lib`.
-    pub lib_path: Option<PathBuf>,
-    /// Run a thread that calls `progress()` so transfers move without the caller
-    /// driving them (it sleeps 50 µs whenever a poll found nothing). Param
-    /// `progress_thread` (`true`/`false`).
-    pub progress_thread: bool,
-    /// Largest notification payload accepted. Param `max_notification`.
-    pub max_notification: usize,
-    /// How long `cancel` waits for UCX to cancel requests before force-closing the
-    /// endpoint. Param `cancel_grace_ms`.
-    pub cancel_grace: Duration,
-    /// Over endpoints whose lanes are all TCP, WRITE segments of at least this many
-    /// bytes are sent as active messages with rendezvous that the target receives
-    /// straight into its registered memory (UCX 1.13 emulates put over TCP with
-    /// messages the target copies); smaller segments stay `ucp_put_nbx`. `u64::MAX`
-    /// turns it off. Param `am_write_min` (bytes, or `off`). See README, "TCP WRITEs".
-    pub am_write_min: u64,
-    /// Further UCX settings (`ucp_config_modify` names without the `UCX_` prefix, e.g.
-    /// `("RNDV_THRESH", "8k")`, `("TCP_TX_SEG_SIZE", "1M")`). Params `ucx.<NAME>`.
-    /// `TCP_*` names are passed without `TCP_` (how UCX 1.13 applies transport settings
-    /// per context). Over TCP this backend's defaults differ from UCX's: see README,
-    /// "TCP segments"; peers must agree (checked at `connect`).
-    pub config: Vec<(String, String)>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            tls: None,
-            lib_path: None,
-            progress_thread: false,
-            max_notification: 1 << 20,
-            cancel_grace: Duration::from_millis(100),
-            am_write_min: worker::AM_WRITE_MIN,
-            config: Vec::new(),
-        }
-    }
-}
-
-impl Options {
-    /// Reads the keys documented on each field from `params`; unknown keys are refused.
-    pub fn from_params(params: &Params) -> Result<Options> {
-        let mut o = Options::default();
-        let bad = |k: &str, v: &str| Error::invalid_argument(format!("ucx param {k}={v:?}"));
-        for (k, v) in params {
-            match k.as_str() {
-                "tls" => o.tls = Some(v.clone()),
-                "lib" => o.lib_path = Some(PathBuf::from(v)),
-                "progress_thread" => o.progress_thread = v.parse().map_err(|_| bad(k, v))?,
-                "max_notification" => o.max_notification = v.parse().map_err(|_| bad(k, v))?,
-                "am_write_min" => {
-                    o.am_write_min = match v.as_str() {
-                        "off" => u64::MAX,
-                        n => n.parse().map_err(|_| bad(k, v))?,
-                    }
-                }
-                "cancel_grace_ms" => {
-                    o.cancel_grace = Duration::from_millis(v.parse().map_err(|_| bad(k, v))?)
-                }
-                _ => match k.strip_prefix("ucx.") {
-                    Some(name) if !name.is_empty() => o.config.push((name.into(), v.clone())),
-                    _ => {
-                        return Err(Error::invalid_argument(format!(
-                            "unknown ucx param {k:?} (known: tls, lib, progress_thread, \
-                             max_notification, cancel_grace_ms, am_write_min, ucx.<NAME>)"
-                        )))
-                    }
-                },
-            }
-        }
-        Ok(o)
-    }
-}
 
 /// Creates the backend for `agent_name` from `params` (see [`Options::from_params`]).
 pub fn create(agent_name: &str, params: &Params) -> Result<Arc<dyn Backend>> {
@@ -320,39 +243,13 @@ impl Backend for UcxBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kv_core::Error;
 
     #[test]
     fn backend_is_send_sync() {
         fn check<T: Send + Sync>() {}
         check::<UcxBackend>();
         check::<Options>();
-    }
-
-    #[test]
-    fn options_from_params() {
-        let mut p = Params::new();
-        p.insert("tls".into(), "tcp".into());
-        p.insert("progress_thread".into(), "true".into());
-        p.insert("cancel_grace_ms".into(), "5".into());
-        p.insert("ucx.RNDV_THRESH".into(), "8k".into());
-        p.insert("am_write_min".into(), "off".into());
-        let o = Options::from_params(&p).unwrap();
-        assert_eq!(o.am_write_min, u64::MAX);
-        assert_eq!(o.tls.as_deref(), Some("tcp"));
-        assert!(o.progress_thread);
-        assert_eq!(o.cancel_grace, Duration::from_millis(5));
-        assert_eq!(
-            o.config,
-            vec![("RNDV_THRESH".to_string(), "8k".to_string())]
-        );
-        p.insert("bogus".into(), "1".into());
-        assert!(Options::from_params(&p).is_err());
-        let mut p = Params::new();
-        p.insert("progress_thread".into(), "maybe".into());
-        assert!(matches!(
-            Options::from_params(&p),
-            Err(Error::InvalidArgument(_))
-        ));
     }
 
     #[test]

@@ -1,0 +1,288 @@
+//! The backend's settings ([`Options`], from a struct or from params) and the UCX
+//! settings they become: the names and values given to `ucp_config_modify` (with this
+//! backend's TCP segment defaults), the TCP segment sizes a context ends up with
+//! (published in `ConnInfo`), and what a `UCX_TLS` value allows. No UCX call here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kv_core::{Error, Params, Result};
+
+/// Default of [`Options::am_write_min`]: over TCP, WRITE segments of at least this many
+/// bytes go as active messages with rendezvous (received straight into the target's
+/// registered memory); smaller ones stay `ucp_put_nbx`. See README, "TCP WRITEs".
+pub const AM_WRITE_MIN: u64 = 512 << 10;
+
+/// Settings of a [`crate::UcxBackend`]. `Clone`, `Send + Sync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Transports UCX may use (`UCX_TLS` syntax: `"tcp"`, `"posix,cma,self"`); `None`
+    /// leaves it to the `UCX_TLS` environment or UCX's default. Param `tls`.
+    pub tls: Option<String>,
+    /// Path of `libucp.so.0`; `None` means `KV_UCX_LIB`, else the loader's search path.
+    /// Param `lib`.
+    pub lib_path: Option<PathBuf>,
+    /// Run a thread that calls `progress()` so transfers move without the caller
+    /// driving them (it sleeps 50 µs whenever a poll found nothing). Param
+    /// `progress_thread` (`true`/`false`).
+    pub progress_thread: bool,
+    /// Largest notification payload accepted. Param `max_notification`.
+    pub max_notification: usize,
+    /// How long `cancel` waits for UCX to cancel requests before force-closing the
+    /// endpoint. Param `cancel_grace_ms`.
+    pub cancel_grace: Duration,
+    /// Over endpoints whose lanes are all TCP, WRITE segments of at least this many
+    /// bytes are sent as active messages with rendezvous that the target receives
+    /// straight into its registered memory (UCX 1.13 emulates put over TCP with
+    /// messages the target copies); smaller segments stay `ucp_put_nbx`. `u64::MAX`
+    /// turns it off. Param `am_write_min` (bytes, or `off`). See README, "TCP WRITEs".
+    pub am_write_min: u64,
+    /// Further UCX settings (`ucp_config_modify` names without the `UCX_` prefix, e.g.
+    /// `("RNDV_THRESH", "8k")`, `("TCP_TX_SEG_SIZE", "1M")`). Params `ucx.<NAME>`.
+    /// `TCP_*` names are passed without `TCP_` (how UCX 1.13 applies transport settings
+    /// per context). Over TCP this backend's defaults differ from UCX's: see README,
+    /// "TCP segments"; peers must agree (checked at `connect`).
+    pub config: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            tls: None,
+            lib_path: None,
+            progress_thread: false,
+            max_notification: 1 << 20,
+            cancel_grace: Duration::from_millis(100),
+            am_write_min: AM_WRITE_MIN,
+            config: Vec::new(),
+        }
+    }
+}
+
+impl Options {
+    /// Reads the keys documented on each field from `params`; unknown keys are refused.
+    pub fn from_params(params: &Params) -> Result<Options> {
+        let mut o = Options::default();
+        let bad = |k: &str, v: &str| Error::invalid_argument(format!("ucx param {k}={v:?}"));
+        for (k, v) in params {
+            match k.as_str() {
+                "tls" => o.tls = Some(v.clone()),
+                "lib" => o.lib_path = Some(PathBuf::from(v)),
+                "progress_thread" => o.progress_thread = v.parse().map_err(|_| bad(k, v))?,
+                "max_notification" => o.max_notification = v.parse().map_err(|_| bad(k, v))?,
+                "am_write_min" => {
+                    o.am_write_min = match v.as_str() {
+                        "off" => u64::MAX,
+                        n => n.parse().map_err(|_| bad(k, v))?,
+                    }
+                }
+                "cancel_grace_ms" => {
+                    o.cancel_grace = Duration::from_millis(v.parse().map_err(|_| bad(k, v))?)
+                }
+                _ => match k.strip_prefix("ucx.") {
+                    Some(name) if !name.is_empty() => o.config.push((name.into(), v.clone())),
+                    _ => {
+                        return Err(Error::invalid_argument(format!(
+                            "unknown ucx param {k:?} (known: tls, lib, progress_thread, \
+                             max_notification, cancel_grace_ms, am_write_min, ucx.<NAME>)"
+                        )))
+                    }
+                },
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// UCX settings this backend changes from UCX's defaults unless the caller sets them
+/// (`Options::config` / `ucx.<NAME>` params, or the `UCX_<NAME>` environment).
+///
+/// UCX 1.13 emulates `ucp_put`/`ucp_get` over TCP with active messages of at most
+/// `TCP_TX_SEG_SIZE` bytes (default 8 KiB): a 1 MiB WRITE was 128 messages, each a
+/// `send`, a `recv` and two user-space copies, at ~0.7 GiB/s on loopback; with 1 MiB
+/// segments it is one message, ~4.7 GiB/s (256 KiB: ~4.1). The cost is memory: UCX's
+/// TCP send and receive buffers grow to these sizes. A receiver must take a sender's whole segment (UCX
+/// resets the connection otherwise), so both are raised, and `connect` refuses a peer
+/// whose sizes do not fit ours (see `tests/tcp_segments.rs`).
+///
+/// The names are unprefixed on purpose: UCX 1.13's `ucp_config_modify` keeps names it
+/// does not know and applies them to each transport's own table, whose fields carry no
+/// `TCP_` prefix (`TCP_TX_SEG_SIZE` given there is silently unused; UCX warns
+/// "invalid configurations"). `TX_SEG_SIZE`/`RX_SEG_SIZE` exist only in the TCP table.
+pub const TCP_DEFAULTS: [(&str, &str); 2] = [("TX_SEG_SIZE", "1M"), ("RX_SEG_SIZE", "1M")];
+
+/// The name under which `ucp_config_modify` applies setting `name`: UCX 1.13 matches
+/// a transport's settings by their name inside the transport's table, so the `TCP_`
+/// prefix (as in `UCX_TCP_NODELAY`) is dropped (`TCP_CM_*`, a table of its own, is
+/// kept). Other names pass unchanged.
+fn ucx_name(name: &str) -> String {
+    let upper = name.to_ascii_uppercase();
+    match upper.strip_prefix("TCP_") {
+        Some(rest) if !upper.starts_with("TCP_CM_") && !rest.is_empty() => rest.to_owned(),
+        _ => name.to_owned(),
+    }
+}
+
+/// The value the caller chose for TCP setting `name` (`TX_SEG_SIZE`), through
+/// `config` (with or without the `TCP_` prefix; the last one wins) or the
+/// `UCX_TCP_<name>` environment.
+fn tcp_setting(config: &[(String, String)], name: &str) -> Option<String> {
+    let prefixed = format!("TCP_{name}");
+    config
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name) || k.eq_ignore_ascii_case(&prefixed))
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var(format!("UCX_{prefixed}")).ok())
+}
+
+/// UCX 1.13's own `TCP_TX_SEG_SIZE` / `TCP_RX_SEG_SIZE`.
+const UCX_TCP_SEGS: (u32, u32) = (8 << 10, 64 << 10);
+
+/// A UCX memory-units value (`"256K"`, `"1m"`, `"65536"`), in bytes.
+fn parse_memunits(v: &str) -> Option<u32> {
+    let v = v.trim();
+    let v = v.strip_suffix(['b', 'B']).unwrap_or(v);
+    let (num, shift) = match v.char_indices().last()? {
+        (i, 'k' | 'K') => (&v[..i], 10),
+        (i, 'm' | 'M') => (&v[..i], 20),
+        (i, 'g' | 'G') => (&v[..i], 30),
+        _ => (v, 0),
+    };
+    let n: u64 = num.trim().parse().ok()?;
+    u32::try_from(n.checked_shl(shift)?.min(u64::from(u32::MAX) + 1)).ok()
+}
+
+/// Whether a `UCX_TLS` value lets UCX use TCP.
+fn tls_has_tcp(tls: Option<&str>) -> bool {
+    let Some(t) = tls else { return true };
+    let has = |name: &str| {
+        t.trim_start_matches('^')
+            .split(',')
+            .any(|x| x.trim() == name)
+    };
+    if t.starts_with('^') {
+        !has("tcp")
+    } else {
+        has("tcp") || has("all")
+    }
+}
+
+/// The TCP segment sizes (send, receive) this context ends up with: the last value in
+/// `settings` (given to `ucp_config_modify`), else the environment, else UCX's default.
+/// (0, 0) when the transports exclude TCP; 0 for a value we cannot read.
+pub fn tcp_segments(settings: &[(String, String)], tls: Option<&str>) -> (u32, u32) {
+    let env_tls = std::env::var("UCX_TLS").ok();
+    if !tls_has_tcp(tls.or(env_tls.as_deref())) {
+        return (0, 0);
+    }
+    let get = |name: &str, default: u32| match tcp_setting(settings, name) {
+        Some(v) => parse_memunits(&v).unwrap_or(0),
+        None => default,
+    };
+    (
+        get("TX_SEG_SIZE", UCX_TCP_SEGS.0),
+        get("RX_SEG_SIZE", UCX_TCP_SEGS.1),
+    )
+}
+
+/// The `(name, value)` pairs to give `ucp_config_modify`, in order: the caller's
+/// `config` (names as UCX applies them, see [`ucx_name`]), then [`TCP_DEFAULTS`] the
+/// caller did not set (only where the transports include TCP), then `TLS`.
+pub fn settings(config: &[(String, String)], tls: Option<&str>) -> Vec<(String, String)> {
+    let mut settings: Vec<(String, String)> = config
+        .iter()
+        .map(|(k, v)| (ucx_name(k), v.clone()))
+        .collect();
+    let env_tls = std::env::var("UCX_TLS").ok();
+    if tls_has_tcp(tls.or(env_tls.as_deref())) {
+        for (name, value) in TCP_DEFAULTS {
+            if tcp_setting(config, name).is_none() {
+                settings.push((name.to_string(), value.to_string()));
+            }
+        }
+    }
+    if let Some(tls) = tls {
+        settings.push(("TLS".into(), tls.to_owned()));
+    }
+    settings
+}
+
+/// Whether the `tls` option names shared-memory transports only: UCX 1.13's refuse
+/// peer error handling (UCS_ERR_UNREACHABLE), so `connect` does not try it.
+pub fn shm_only(tls: Option<&str>) -> bool {
+    tls.is_some_and(|t| {
+        t.split(',').all(|x| {
+            matches!(
+                x.trim(),
+                "posix" | "sysv" | "cma" | "self" | "knem" | "xpmem" | "sm" | "shm" | "mm"
+            )
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_from_params() {
+        let mut p = Params::new();
+        p.insert("tls".into(), "tcp".into());
+        p.insert("progress_thread".into(), "true".into());
+        p.insert("cancel_grace_ms".into(), "5".into());
+        p.insert("ucx.RNDV_THRESH".into(), "8k".into());
+        p.insert("am_write_min".into(), "off".into());
+        let o = Options::from_params(&p).unwrap();
+        assert_eq!(o.am_write_min, u64::MAX);
+        assert_eq!(o.tls.as_deref(), Some("tcp"));
+        assert!(o.progress_thread);
+        assert_eq!(o.cancel_grace, Duration::from_millis(5));
+        assert_eq!(
+            o.config,
+            vec![("RNDV_THRESH".to_string(), "8k".to_string())]
+        );
+        p.insert("bogus".into(), "1".into());
+        assert!(Options::from_params(&p).is_err());
+        let mut p = Params::new();
+        p.insert("progress_thread".into(), "maybe".into());
+        assert!(matches!(
+            Options::from_params(&p),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn memunits_parse_like_ucx() {
+        assert_eq!(parse_memunits("256K"), Some(256 << 10));
+        assert_eq!(parse_memunits("8k"), Some(8 << 10));
+        assert_eq!(parse_memunits("1M"), Some(1 << 20));
+        assert_eq!(parse_memunits("1mb"), Some(1 << 20));
+        assert_eq!(parse_memunits("65536"), Some(65536));
+        assert_eq!(parse_memunits("auto"), None);
+        assert_eq!(parse_memunits(""), None);
+        assert_eq!(parse_memunits("K"), None);
+    }
+
+    #[test]
+    fn tcp_detection_and_effective_segments() {
+        assert!(tls_has_tcp(Some("tcp")));
+        assert!(tls_has_tcp(Some("rc,tcp")));
+        assert!(tls_has_tcp(Some("all")));
+        assert!(tls_has_tcp(Some("^posix")));
+        assert!(!tls_has_tcp(Some("^tcp,posix")));
+        assert!(!tls_has_tcp(Some("posix,cma,self")));
+        let set = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(tcp_segments(&[], Some("posix,self")), (0, 0));
+        let s = [
+            set("TX_SEG_SIZE", "8K"),
+            set("TX_SEG_SIZE", "256K"),
+            set("RX_SEG_SIZE", "1M"),
+        ];
+        assert_eq!(tcp_segments(&s, Some("tcp")), (256 << 10, 1 << 20));
+        assert_eq!(ucx_name("TCP_TX_SEG_SIZE"), "TX_SEG_SIZE");
+        assert_eq!(ucx_name("tcp_nodelay"), "NODELAY");
+        assert_eq!(ucx_name("TCP_CM_REUSEADDR"), "TCP_CM_REUSEADDR");
+        assert_eq!(ucx_name("RNDV_THRESH"), "RNDV_THRESH");
+    }
+}
