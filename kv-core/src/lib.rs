@@ -23,6 +23,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 mod backend;
 pub mod codec;
 #[cfg(feature = "conformance")]
