@@ -2,13 +2,18 @@
 //! verifies it: the smallest end-to-end use of the `Backend` trait.
 
 use kv_core::loopback::LoopbackFabric;
-use kv_core::{Backend, DescriptorList, MemKind, Op, PostOptions, Status, TransferRequest};
+use kv_core::{
+    Access, Backend, BackendInit, DescriptorList, MemKind, Op, PostOptions, Status, TransferRequest,
+};
 
 fn main() -> kv_core::Result<()> {
     // One layer's K and V: 512 pages of 16 tokens × 8 kv-heads × 128 dims × 2 bytes = 32 KiB.
     let (pages, page) = (512u64, 16 * 8 * 128 * 2u64);
     let fabric = LoopbackFabric::new();
-    let (prefill, decode) = (fabric.backend("prefill"), fabric.backend("decode"));
+    let (prefill, decode) = (
+        fabric.backend(&BackendInit::new("prefill")),
+        fabric.backend(&BackendInit::new("decode")),
+    );
     let src = prefill.alloc((2 * pages * page) as usize);
     let dst = decode.alloc((2 * pages * page) as usize);
     let data = kv_core::conformance::pattern(1, src.len as usize);
@@ -16,8 +21,8 @@ fn main() -> kv_core::Result<()> {
     // SAFETY: loopback memory is owned by its backend and outlives the registration.
     let (_rs, rd) = unsafe {
         (
-            prefill.register(MemKind::Dram, &src)?,
-            decode.register(MemKind::Dram, &dst)?,
+            prefill.register(MemKind::Dram, &src, Access::ReadWrite)?,
+            decode.register(MemKind::Dram, &dst, Access::ReadWrite)?,
         )
     };
     let peer = prefill.connect("decode", &decode.connection_info()?)?;

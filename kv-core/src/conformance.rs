@@ -123,7 +123,7 @@ impl Harness for LoopbackHarness {
     fn pair(&self) -> Result<(Side, Side)> {
         let fabric = LoopbackFabric::new();
         let side = |name: &str| {
-            let b = Arc::new(fabric.backend(name));
+            let b = Arc::new(fabric.backend(&BackendInit::new(name)));
             Side {
                 name: name.into(),
                 memory: Arc::new(LoopbackFactory(Arc::downgrade(&b))),
@@ -213,7 +213,10 @@ impl Conn {
         mem.write(0, &pattern(seed, len))?;
         // SAFETY: the memory lives in `Mem` and every case deregisters (or drops the
         // backend) before dropping it.
-        let reg = unsafe { side.backend.register(MemKind::Dram, &mem.desc())? };
+        let reg = unsafe {
+            side.backend
+                .register(MemKind::Dram, &mem.desc(), Access::ReadWrite)?
+        };
         Ok(Mem {
             mem,
             reg,

@@ -33,10 +33,13 @@ mod error;
 pub mod loopback;
 
 pub use backend::{
-    backend_required, check_request_shape, require_or_skip, Backend, Capabilities, EndpointId,
-    Notification, Op, Params, PostOptions, RegistrationId, RemoteId, Status, TransferId,
-    TransferRequest,
+    backend_required, check_request_shape, require_or_skip, Access, Backend, BackendFactory,
+    BackendInit, Capabilities, EndpointId, Notification, Op, Params, PostOptions, RegistrationId,
+    RemoteId, Status, TransferId, TransferRequest,
 };
+/// Shareable byte blobs (connection info, remote keys, notification payloads), re-exported
+/// so a backend needs no direct `bytes` dependency.
+pub use bytes::Bytes;
 pub use codec::{AgentMetadata, BackendMetadata, RegistrationMetadata};
 pub use desc::{
     segments, Descriptor, DescriptorList, Entry, Iter, MemKind, MemKinds, Segment, Segments,

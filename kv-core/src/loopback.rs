@@ -10,14 +10,14 @@
 //! ```
 //! use kv_core::loopback::LoopbackFabric;
 //! # #[allow(unused_imports)]
-//! use kv_core::{Backend, MemKind, Op, PostOptions, TransferRequest, DescriptorList};
+//! use kv_core::{Access, Backend, BackendInit, MemKind, Op, PostOptions, TransferRequest, DescriptorList};
 //!
 //! let fabric = LoopbackFabric::new();
-//! let (a, b) = (fabric.backend("prefill"), fabric.backend("decode"));
+//! let (a, b) = (fabric.backend(&BackendInit::new("prefill")), fabric.backend(&BackendInit::new("decode")));
 //! let (src, dst) = (a.alloc(4096), b.alloc(4096));
 //! a.write_mem(src.addr, &[7u8; 4096]).unwrap();
 //! // SAFETY: loopback memory is owned by the backend and lives as long as it.
-//! let (ra, rb) = unsafe { (a.register(MemKind::Dram, &src).unwrap(), b.register(MemKind::Dram, &dst).unwrap()) };
+//! let (ra, rb) = unsafe { (a.register(MemKind::Dram, &src, Access::ReadWrite).unwrap(), b.register(MemKind::Dram, &dst, Access::ReadWrite).unwrap()) };
 //! let peer = a.connect("decode", &b.connection_info().unwrap()).unwrap();
 //! a.import_remote(peer, MemKind::Dram, &dst, &b.remote_key(rb).unwrap()).unwrap();
 //! let t = a.prepare(&TransferRequest { op: Op::Write, local_kind: MemKind::Dram, local: DescriptorList::single(src),
@@ -65,8 +65,9 @@ impl LoopbackFabric {
         Self::default()
     }
 
-    /// A new backend on this fabric, for the agent named `agent`.
-    pub fn backend(&self, agent: &str) -> LoopbackBackend {
+    /// A new backend on this fabric, for the agent `init.agent_name`.
+    pub fn backend(&self, init: &BackendInit) -> LoopbackBackend {
+        let agent = init.agent_name.as_str();
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed) + 1;
         let node = Arc::new(Node {
             id,
@@ -351,17 +352,24 @@ impl Backend for LoopbackBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
+        // Outside kv-core `Capabilities` is non-exhaustive: start from
+        // `Capabilities::default()` and set the fields.
         Capabilities {
             local: true,
-            remote: false,
             notifications: true,
             write: true,
             read: true,
             mem_kinds: MemKinds::of(&[MemKind::Dram]),
+            ..Capabilities::default()
         }
     }
 
-    unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> Result<RegistrationId> {
+    unsafe fn register(
+        &self,
+        kind: MemKind,
+        desc: &Descriptor,
+        _access: Access,
+    ) -> Result<RegistrationId> {
         if kind != MemKind::Dram {
             return Err(Error::Unsupported(format!(
                 "loopback registers dram, not {kind}"
