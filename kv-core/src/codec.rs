@@ -439,11 +439,8 @@ impl<'a> Reader<'a> {
                     let addr = self.u64()?;
                     let len = self.u64()?;
                     let device = self.u32()?;
-                    let d = Descriptor::new(addr, len, device);
-                    if d.end().is_none() {
-                        return Err(bad("descriptor overflows the address space"));
-                    }
-                    l.push_entry(Entry::Single(d));
+                    l.push_entry(Entry::Single(Descriptor::new(addr, len, device)))
+                        .map_err(|e| self.bad(e))?;
                 }
                 1 => {
                     let base = self.u64()?;
@@ -461,10 +458,7 @@ impl<'a> Reader<'a> {
                         len,
                         device,
                     };
-                    if e.extent().is_none() || count.checked_mul(len).is_none() {
-                        return Err(bad("strided entry overflows the address space"));
-                    }
-                    l.push_entry(e);
+                    l.push_entry(e).map_err(|e| self.bad(e))?;
                 }
                 t => return Err(bad(format!("unknown descriptor tag {t}"))),
             }
@@ -628,7 +622,7 @@ mod tests {
         .prop_map(|es| {
             let mut l = DescriptorList::new();
             for e in es {
-                l.push_entry(e);
+                l.push_entry(e).unwrap();
             }
             l
         })

@@ -353,7 +353,7 @@ fn one_transfer(h: &dyn Harness, op: Op, len: usize) -> Result<()> {
     let ld = Descriptor::new(l.mem.desc().addr + pad as u64, len as u64, 0);
     let rd = Descriptor::new(r.mem.desc().addr + pad as u64, len as u64, 0);
     c.run(
-        &c.request(op, DescriptorList::single(ld), DescriptorList::single(rd)),
+        &c.request(op, DescriptorList::single(ld)?, DescriptorList::single(rd)?),
         None,
     )?;
     let (src, dst) = match op {
@@ -392,7 +392,10 @@ pub fn read_sizes(h: &dyn Harness) -> Result<()> {
 
 /// Builds `n` scattered descriptors of varied length inside a buffer at `base`, placed
 /// in the order given by `reverse`; returns the list, the offsets and the buffer size.
-fn scatter(base: u64, n: usize, reverse: bool) -> (DescriptorList, Vec<(usize, usize)>, usize) {
+/// A scattered list, the (offset, length) of each descriptor, and the buffer size.
+type Scatter = (DescriptorList, Vec<(usize, usize)>, usize);
+
+fn scatter(base: u64, n: usize, reverse: bool) -> Result<Scatter> {
     let lens: Vec<usize> = (0..n).map(|i| 16 + (i * 7919 % 241)).collect();
     let mut offs = vec![0usize; n];
     let mut pos = 0usize;
@@ -408,19 +411,19 @@ fn scatter(base: u64, n: usize, reverse: bool) -> (DescriptorList, Vec<(usize, u
     }
     let list = (0..n)
         .map(|i| Descriptor::new(base + offs[i] as u64, lens[i] as u64, 0))
-        .collect();
-    (list, offs.into_iter().zip(lens).collect(), pos + 64)
+        .collect::<Result<_>>()?;
+    Ok((list, offs.into_iter().zip(lens).collect(), pos + 64))
 }
 
 fn scattered(h: &dyn Harness, op: Op) -> Result<()> {
     const N: usize = 10_000;
     let c = Conn::new(h)?;
-    let (_, _, lsize) = scatter(0, N, false);
-    let (_, _, rsize) = scatter(0, N, true);
+    let (_, _, lsize) = scatter(0, N, false)?;
+    let (_, _, rsize) = scatter(0, N, true)?;
     let l = c.local(lsize, 31)?;
     let (r, _) = c.remote(rsize, 32)?;
-    let (ll, loffs, _) = scatter(l.mem.desc().addr, N, false);
-    let (rl, roffs, _) = scatter(r.mem.desc().addr, N, true);
+    let (ll, loffs, _) = scatter(l.mem.desc().addr, N, false)?;
+    let (rl, roffs, _) = scatter(r.mem.desc().addr, N, true)?;
     check(ll.len() == N as u64 && rl.len() == N as u64, || {
         "scatter lists lost entries".into()
     })?;
@@ -458,8 +461,8 @@ pub fn notifications(h: &dyn Harness) -> Result<()> {
     let (r, _) = c.remote(8192, 42)?;
     let req = c.request(
         Op::Write,
-        DescriptorList::single(l.mem.desc()),
-        DescriptorList::single(r.mem.desc()),
+        DescriptorList::single(l.mem.desc())?,
+        DescriptorList::single(r.mem.desc())?,
     );
     c.run(&req, Some(Bytes::from_static(b"layer-0 done")))?;
     // The data must be there once the notification is.
@@ -515,8 +518,8 @@ pub fn bounds_refused(h: &dyn Harness) -> Result<()> {
     let (la, ra) = (l.mem.desc().addr, r.mem.desc().addr);
     let past_end = c.request(
         Op::Write,
-        DescriptorList::single(Descriptor::new(la, 4097, 0)),
-        DescriptorList::single(Descriptor::new(ra, 4097, 0)),
+        DescriptorList::single(Descriptor::new(la, 4097, 0))?,
+        DescriptorList::single(Descriptor::new(ra, 4097, 0))?,
     );
     let e = c.a.backend.prepare(&past_end);
     check(matches!(e, Err(Error::OutOfBounds(_))), || {
@@ -524,24 +527,24 @@ pub fn bounds_refused(h: &dyn Harness) -> Result<()> {
     })?;
     let before = c.request(
         Op::Read,
-        DescriptorList::single(Descriptor::new(la, 16, 0)),
-        DescriptorList::single(Descriptor::new(ra - 16, 16, 0)),
+        DescriptorList::single(Descriptor::new(la, 16, 0))?,
+        DescriptorList::single(Descriptor::new(ra - 16, 16, 0))?,
     );
     check(c.a.backend.prepare(&before).is_err(), || {
         "remote range before the registration was accepted".into()
     })?;
     let unregistered_local = c.request(
         Op::Write,
-        DescriptorList::single(Descriptor::new(la + 8192, 16, 0)),
-        DescriptorList::single(Descriptor::new(ra, 16, 0)),
+        DescriptorList::single(Descriptor::new(la + 8192, 16, 0))?,
+        DescriptorList::single(Descriptor::new(ra, 16, 0))?,
     );
     check(c.a.backend.prepare(&unregistered_local).is_err(), || {
         "unregistered local range was accepted".into()
     })?;
     let unequal = c.request(
         Op::Write,
-        DescriptorList::single(Descriptor::new(la, 16, 0)),
-        DescriptorList::single(Descriptor::new(ra, 32, 0)),
+        DescriptorList::single(Descriptor::new(la, 16, 0))?,
+        DescriptorList::single(Descriptor::new(ra, 32, 0))?,
     );
     check(
         matches!(
@@ -565,8 +568,8 @@ pub fn repost(h: &dyn Harness) -> Result<()> {
     let (r, _) = c.remote(4096, 62)?;
     let id = c.a.backend.prepare(&c.request(
         Op::Write,
-        DescriptorList::single(l.mem.desc()),
-        DescriptorList::single(r.mem.desc()),
+        DescriptorList::single(l.mem.desc())?,
+        DescriptorList::single(r.mem.desc())?,
     ))?;
     for i in 0..100u64 {
         let data = pattern(1000 + i, 4096);
@@ -607,7 +610,7 @@ pub fn cancel(h: &dyn Harness) -> Result<()> {
     let id = c.a.backend.prepare(&c.request(
         Op::Write,
         DescriptorList::strided(l.mem.desc().addr, 4096, (len / 4096) as u64, 4096, 0)?,
-        DescriptorList::single(r.mem.desc()),
+        DescriptorList::single(r.mem.desc())?,
     ))?;
     // SAFETY: `l` stays registered until cancel returns.
     unsafe { c.a.backend.post(id, &PostOptions::default())? };
@@ -647,10 +650,10 @@ pub fn dropped_peer(h: &dyn Harness) -> Result<()> {
     let id = a.backend.prepare(&TransferRequest {
         op: Op::Write,
         local_kind: MemKind::Dram,
-        local: DescriptorList::single(l.mem.desc()),
+        local: DescriptorList::single(l.mem.desc())?,
         peer,
         remote_kind: MemKind::Dram,
-        remote: DescriptorList::single(rdesc),
+        remote: DescriptorList::single(rdesc)?,
     });
     // Some backends learn of the death at prepare; that is a bounded error too.
     let st = match id {
@@ -692,8 +695,8 @@ pub fn post_after_deregister(h: &dyn Harness) -> Result<()> {
     let (r, _) = c.remote(4096, 92)?;
     let id = c.a.backend.prepare(&c.request(
         Op::Write,
-        DescriptorList::single(l.mem.desc()),
-        DescriptorList::single(r.mem.desc()),
+        DescriptorList::single(l.mem.desc())?,
+        DescriptorList::single(r.mem.desc())?,
     ))?;
     c.a.backend.deregister(l.reg)?;
     let opts = PostOptions {

@@ -152,7 +152,8 @@ impl Entry {
         }
     }
 
-    /// Total bytes of the expanded descriptors.
+    /// Total bytes of the expanded descriptors. Exact for every entry a
+    /// [`DescriptorList`] holds (the list refuses entries whose total overflows).
     pub fn bytes(&self) -> u64 {
         match self {
             Entry::Single(d) => d.len,
@@ -160,7 +161,7 @@ impl Entry {
         }
     }
 
-    /// The `i`-th descriptor (`i < count()`).
+    /// The `i`-th descriptor (`None` past the end or if its address would overflow).
     pub fn get(&self, i: u64) -> Option<Descriptor> {
         match *self {
             Entry::Single(d) => (i == 0).then_some(d),
@@ -170,7 +171,13 @@ impl Entry {
                 count,
                 len,
                 device,
-            } => (i < count).then(|| Descriptor::new(base.wrapping_add(i * stride), len, device)),
+            } => {
+                if i >= count {
+                    return None;
+                }
+                let addr = i.checked_mul(stride)?.checked_add(base)?;
+                Some(Descriptor::new(addr, len, device))
+            }
         }
     }
 
@@ -196,11 +203,46 @@ impl Entry {
             }
         }
     }
+
+    /// (descriptors, bytes) the entry adds to a list, or why no list may hold it: every
+    /// address (`base + (count-1)*stride + len`) and the byte total must fit in a `u64`.
+    fn checked_size(&self) -> Result<(u64, u64)> {
+        match *self {
+            Entry::Single(d) => match d.end() {
+                Some(_) => Ok((1, d.len)),
+                None => Err(Error::invalid_argument(format!(
+                    "descriptor {:#x}+{} overflows the address space",
+                    d.addr, d.len
+                ))),
+            },
+            // A run of zero-length descriptors moves nothing and is not kept.
+            Entry::Strided { count: 0, .. } | Entry::Strided { len: 0, .. } => Ok((0, 0)),
+            Entry::Strided {
+                base,
+                stride,
+                count,
+                len,
+                ..
+            } => match (self.extent(), count.checked_mul(len)) {
+                (Some(_), Some(bytes)) => Ok((count, bytes)),
+                _ => Err(Error::invalid_argument(format!(
+                    "strided run base={base:#x} stride={stride} count={count} len={len} overflows the address space"
+                ))),
+            },
+        }
+    }
 }
 
 /// An ordered list of descriptors, kept compact: regular layouts are stored as strided
 /// entries and expanded lazily, so a paged KV cache of a million blocks costs a few
 /// entries, not a million allocations. `Clone`, `Send + Sync`.
+///
+/// Every constructor validates what it is given: no descriptor's address computation
+/// overflows a `u64`, and neither do the descriptor count and the byte total, so
+/// [`get`](Self::get), [`slice`](Self::slice), [`coalesced`](Self::coalesced) and
+/// [`total_bytes`](Self::total_bytes) are exact and cannot panic. Zero-length
+/// descriptors are kept (they move nothing); zero-length strided runs are dropped.
+/// Build one from descriptors with `collect::<Result<DescriptorList>>()`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct DescriptorList {
     entries: Vec<Entry>,
@@ -214,11 +256,11 @@ impl DescriptorList {
         Self::default()
     }
 
-    /// A list of one descriptor.
-    pub fn single(desc: Descriptor) -> Self {
+    /// A list of one descriptor; [`Error::InvalidArgument`] if `addr + len` overflows.
+    pub fn single(desc: Descriptor) -> Result<Self> {
         let mut l = Self::new();
-        l.push(desc);
-        l
+        l.push(desc)?;
+        Ok(l)
     }
 
     /// A list of one strided run (see [`Entry::Strided`]).
@@ -228,12 +270,71 @@ impl DescriptorList {
         Ok(l)
     }
 
-    /// Appends one descriptor. A descriptor that continues the last strided run (same
-    /// device, length and stride) extends it instead of adding an entry.
-    pub fn push(&mut self, desc: Descriptor) {
-        self.count = self.count.saturating_add(1);
-        self.bytes = self.bytes.saturating_add(desc.len);
-        if let Some(last) = self.entries.last_mut() {
+    /// A list of the given descriptors, in order (as `collect::<Result<DescriptorList>>()`).
+    pub fn try_from_iter(descs: impl IntoIterator<Item = Descriptor>) -> Result<Self> {
+        let mut l = Self::new();
+        for d in descs {
+            l.push(d)?;
+        }
+        Ok(l)
+    }
+
+    /// Appends one descriptor. A descriptor that continues the last run (same device and
+    /// non-zero length, the next address at the same stride) extends it instead of
+    /// adding an entry. [`Error::InvalidArgument`] if its end or the list's totals
+    /// would overflow.
+    pub fn push(&mut self, desc: Descriptor) -> Result<()> {
+        self.push_entry(Entry::Single(desc))
+    }
+
+    /// Appends a strided run of `count` descriptors of `len` bytes, `stride` apart. A run
+    /// of zero-length descriptors moves nothing and is not added.
+    ///
+    /// Fails with [`Error::InvalidArgument`] when the run's addresses overflow.
+    pub fn push_strided(
+        &mut self,
+        base: u64,
+        stride: u64,
+        count: u64,
+        len: u64,
+        device: u32,
+    ) -> Result<()> {
+        self.push_entry(Entry::Strided {
+            base,
+            stride,
+            count,
+            len,
+            device,
+        })
+    }
+
+    /// Appends an entry (used by decoders: a strided entry is kept as is, a single one
+    /// may continue the last run). Validated like [`DescriptorList::push_strided`].
+    pub fn push_entry(&mut self, e: Entry) -> Result<()> {
+        let (count, bytes) = e.checked_size()?;
+        if count == 0 {
+            return Ok(());
+        }
+        let (Some(new_count), Some(new_bytes)) =
+            (self.count.checked_add(count), self.bytes.checked_add(bytes))
+        else {
+            return Err(Error::invalid_argument(format!(
+                "appending {count} descriptors of {bytes} bytes to a list of {} descriptors and {} bytes overflows",
+                self.count, self.bytes
+            )));
+        };
+        self.count = new_count;
+        self.bytes = new_bytes;
+        match e {
+            Entry::Single(d) => self.append_single(d),
+            Entry::Strided { .. } => self.entries.push(e),
+        }
+        Ok(())
+    }
+
+    /// Adds a validated single descriptor, extending the last run where it continues it.
+    fn append_single(&mut self, desc: Descriptor) {
+        if let (Some(last), true) = (self.entries.last_mut(), desc.len > 0) {
             match *last {
                 Entry::Single(prev)
                     if prev.device == desc.device
@@ -272,54 +373,6 @@ impl DescriptorList {
         self.entries.push(Entry::Single(desc));
     }
 
-    /// Appends a strided run of `count` descriptors of `len` bytes, `stride` apart. A run
-    /// of zero-length descriptors moves nothing and is not added.
-    ///
-    /// Fails with [`Error::InvalidArgument`] when the run's addresses overflow.
-    pub fn push_strided(
-        &mut self,
-        base: u64,
-        stride: u64,
-        count: u64,
-        len: u64,
-        device: u32,
-    ) -> Result<()> {
-        if count == 0 || len == 0 {
-            return Ok(());
-        }
-        let e = Entry::Strided {
-            base,
-            stride,
-            count,
-            len,
-            device,
-        };
-        if e.extent().is_none() || count.checked_mul(len).is_none() {
-            return Err(Error::invalid_argument(format!(
-                "strided run base={base:#x} stride={stride} count={count} len={len} overflows the address space"
-            )));
-        }
-        self.push_entry(e);
-        Ok(())
-    }
-
-    /// Appends an entry as is (used by decoders; strided entries are not re-merged).
-    pub fn push_entry(&mut self, e: Entry) {
-        if e.count() == 0 || matches!(e, Entry::Strided { len: 0, .. }) {
-            return;
-        }
-        self.count = self.count.saturating_add(e.count());
-        self.bytes = self.bytes.saturating_add(e.bytes());
-        if let Entry::Single(d) = e {
-            // Let a single continue a run, as `push` does.
-            self.count -= 1;
-            self.bytes -= d.len;
-            self.push(d);
-        } else {
-            self.entries.push(e);
-        }
-    }
-
     /// The compact entries.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
@@ -335,7 +388,7 @@ impl DescriptorList {
         self.count == 0
     }
 
-    /// Total bytes of all descriptors.
+    /// Total bytes of all descriptors (exact: the list refuses totals above `u64::MAX`).
     pub fn total_bytes(&self) -> u64 {
         self.bytes
     }
@@ -376,16 +429,17 @@ impl DescriptorList {
             let (lo, hi) = (start.max(pos), end.min(pos.saturating_add(c)));
             if lo < hi {
                 match *e {
-                    Entry::Single(d) => out.push(d),
+                    Entry::Single(d) => out.push(d)?,
                     Entry::Strided {
-                        base,
                         stride,
                         len,
                         device,
                         ..
                     } => {
-                        let b = base + (lo - pos) * stride;
-                        out.push_strided(b, stride, hi - lo, len, device)?;
+                        let first = e.get(lo - pos).ok_or_else(|| {
+                            Error::invalid_argument("strided entry overflows (list invariant)")
+                        })?;
+                        out.push_strided(first.addr, stride, hi - lo, len, device)?;
                     }
                 }
             }
@@ -398,21 +452,19 @@ impl DescriptorList {
     }
 
     /// True when every descriptor of `self` lies inside some descriptor of `outer`.
+    /// Zero-length descriptors touch no byte and are always inside.
     ///
-    /// Strided entries are checked by their extent, so this is O(entries × outer entries)
-    /// for lists whose runs do not straddle gaps in `outer`.
+    /// O(entries × outer²) however many descriptors a strided run expands to.
     pub fn within(&self, outer: &[Descriptor]) -> bool {
-        self.entries.iter().all(|e| match e.extent() {
-            Some(x) if outer.iter().any(|o| o.contains(&x)) => true,
-            Some(_) => match *e {
-                // The run's extent straddles several outer ranges: check each descriptor.
-                Entry::Strided { count, .. } => (0..count).all(|i| {
-                    e.get(i)
-                        .is_some_and(|d| outer.iter().any(|o| o.contains(&d)))
-                }),
-                Entry::Single(_) => false,
-            },
-            None => false,
+        self.entries.iter().all(|e| match *e {
+            Entry::Single(d) => d.len == 0 || outer.iter().any(|o| o.contains(&d)),
+            Entry::Strided {
+                base,
+                stride,
+                count,
+                len,
+                device,
+            } => run_within(base, stride, count, len, device, outer),
         })
     }
 
@@ -427,6 +479,12 @@ impl DescriptorList {
     /// merged into one; order is kept. Strided runs whose stride equals their length
     /// become single ranges.
     pub fn coalesced(&self) -> DescriptorList {
+        // Every merged range covers exactly bytes of validated ranges, so the rebuild
+        // cannot overflow; should it ever fail, the list itself is a correct answer.
+        self.try_coalesced().unwrap_or_else(|_| self.clone())
+    }
+
+    fn try_coalesced(&self) -> Result<DescriptorList> {
         let mut out: Vec<Descriptor> = Vec::new();
         let mut list = DescriptorList::new();
         for e in &self.entries {
@@ -434,10 +492,10 @@ impl DescriptorList {
                 Entry::Strided {
                     base,
                     stride,
-                    count,
                     len,
                     device,
-                } if stride == len => Some(Descriptor::new(base, len * count, device)),
+                    ..
+                } if stride == len => Some(Descriptor::new(base, e.bytes(), device)),
                 Entry::Single(d) => Some(d),
                 Entry::Strided { .. } => None,
             };
@@ -446,7 +504,7 @@ impl DescriptorList {
                     Some(prev)
                         if prev.device == d.device
                             && prev.end() == Some(d.addr)
-                            && prev.len.checked_add(d.len).is_some() =>
+                            && d.end().is_some() =>
                     {
                         prev.len += d.len;
                     }
@@ -454,26 +512,60 @@ impl DescriptorList {
                 },
                 None => {
                     for d in out.drain(..) {
-                        list.push(d);
+                        list.push(d)?;
                     }
-                    list.push_entry(*e);
+                    list.push_entry(*e)?;
                 }
             }
         }
         for d in out {
-            list.push(d);
+            list.push(d)?;
         }
-        list
+        Ok(list)
     }
 }
 
-impl FromIterator<Descriptor> for DescriptorList {
-    fn from_iter<I: IntoIterator<Item = Descriptor>>(iter: I) -> Self {
-        let mut l = DescriptorList::new();
-        for d in iter {
-            l.push(d);
+/// Whether the strided run lies in `outer`: jumps from one outer range to the next
+/// instead of visiting each descriptor, so a run of 2^64 descriptors is checked in
+/// O(outer²).
+fn run_within(
+    base: u64,
+    stride: u64,
+    count: u64,
+    len: u64,
+    device: u32,
+    outer: &[Descriptor],
+) -> bool {
+    let mut i = 0u64;
+    while i < count {
+        let Some(addr) = i.checked_mul(stride).and_then(|o| o.checked_add(base)) else {
+            return false;
+        };
+        let d = Descriptor::new(addr, len, device);
+        // The containing range that reaches furthest: each jump then lands past its end,
+        // so no outer range is chosen twice.
+        let Some(end) = outer
+            .iter()
+            .filter(|o| o.contains(&d))
+            .filter_map(|o| o.end())
+            .max()
+        else {
+            return false;
+        };
+        if stride == 0 {
+            return true;
         }
-        l
+        // The last descriptor j >= i with addr_j + len <= end.
+        let fits = (end - len - base) / stride; // end >= addr + len >= base + len
+        i = fits.saturating_add(1).max(i + 1);
+    }
+    true
+}
+
+impl FromIterator<Descriptor> for Result<DescriptorList> {
+    /// Collects descriptors into a list, failing on the first one the list refuses.
+    fn from_iter<I: IntoIterator<Item = Descriptor>>(iter: I) -> Self {
+        DescriptorList::try_from_iter(iter)
     }
 }
 
@@ -586,7 +678,8 @@ mod tests {
     fn push_builds_strided_runs() {
         let l: DescriptorList = (0..1000u64)
             .map(|i| Descriptor::new(0x1000 + i * 64, 32, 0))
-            .collect();
+            .collect::<Result<_>>()
+            .unwrap();
         assert_eq!(l.entries().len(), 1);
         assert_eq!(l.len(), 1000);
         assert_eq!(l.total_bytes(), 32_000);
@@ -608,7 +701,7 @@ mod tests {
     #[test]
     fn slicing_keeps_runs() {
         let mut l = DescriptorList::strided(0, 100, 10, 10, 0).unwrap();
-        l.push(Descriptor::new(5000, 7, 1));
+        l.push(Descriptor::new(5000, 7, 1)).unwrap();
         let s = l.slice(3, 11).unwrap();
         assert_eq!(s.len(), 8);
         assert_eq!(s.get(0), Some(Descriptor::new(300, 10, 0)));
@@ -620,13 +713,18 @@ mod tests {
     #[test]
     fn bounds_and_overlap() {
         let reg = [Descriptor::new(1000, 1000, 0)];
+        // Zero-length descriptors touch nothing, wherever they point.
+        let zero = DescriptorList::single(Descriptor::new(5, 0, 3)).unwrap();
+        assert!(zero.within(&reg) && zero.within(&[]));
         assert!(DescriptorList::strided(1000, 100, 10, 100, 0)
             .unwrap()
             .within(&reg));
         assert!(!DescriptorList::strided(1000, 100, 10, 101, 0)
             .unwrap()
             .within(&reg));
-        assert!(!DescriptorList::single(Descriptor::new(1000, 10, 1)).within(&reg));
+        assert!(!DescriptorList::single(Descriptor::new(1000, 10, 1))
+            .unwrap()
+            .within(&reg));
         let two = [Descriptor::new(0, 50, 0), Descriptor::new(100, 50, 0)];
         assert!(DescriptorList::strided(0, 100, 2, 50, 0)
             .unwrap()
@@ -658,19 +756,75 @@ mod tests {
             count: u64::MAX,
             len: 0,
             device: 0,
-        });
+        })
+        .unwrap();
         assert!(l.is_empty());
-        l.push_strided(0, 0, u64::MAX, 1, 0).unwrap();
-        l.push(Descriptor::new(0, 1, 0));
+        l.push_strided(0, 0, u64::MAX - 1, 1, 0).unwrap();
+        l.push(Descriptor::new(0, 1, 0)).unwrap();
         assert_eq!(l.len(), u64::MAX);
+        // One more descriptor would overflow the count: refused, list unchanged.
+        let before = l.clone();
+        assert!(matches!(
+            l.push(Descriptor::new(0, 1, 0)),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(l, before);
         assert!(l.slice(u64::MAX - 2, u64::MAX).is_ok());
         let big: DescriptorList = [
             Descriptor::new(0, u64::MAX - 1, 0),
             Descriptor::new(u64::MAX - 1, 1, 0),
         ]
         .into_iter()
-        .collect();
+        .collect::<Result<_>>()
+        .unwrap();
         assert_eq!(big.coalesced().len(), 1);
+        assert_eq!(big.total_bytes(), u64::MAX);
+    }
+
+    #[test]
+    fn overflowing_descriptors_are_refused() {
+        let refused = |r: Result<()>| matches!(r, Err(Error::InvalidArgument(_)));
+        let mut l = DescriptorList::new();
+        assert!(refused(l.push(Descriptor::new(u64::MAX, 1, 0))));
+        assert!(DescriptorList::single(Descriptor::new(u64::MAX, 1, 0)).is_err());
+        assert!(DescriptorList::single(Descriptor::new(u64::MAX, 0, 0)).is_ok());
+        // base + (count-1)*stride + len must fit: the last byte here would be at 2^64.
+        assert!(DescriptorList::strided(u64::MAX - 100, 50, 3, 1, 0).is_err());
+        assert!(DescriptorList::strided(u64::MAX - 101, 50, 3, 1, 0).is_ok());
+        // count * len must fit even when the addresses do (stride 0 repeats one range).
+        assert!(DescriptorList::strided(0, 0, u64::MAX, 2, 0).is_err());
+        // Totals across entries must fit too.
+        let mut l = DescriptorList::single(Descriptor::new(0, u64::MAX, 0)).unwrap();
+        assert!(refused(l.push(Descriptor::new(0, 1, 0))));
+        assert!(refused(l.push_entry(Entry::Strided {
+            base: 0,
+            stride: 1,
+            count: 2,
+            len: 1,
+            device: 0
+        })));
+        assert_eq!((l.len(), l.total_bytes()), (1, u64::MAX));
+        let r: Result<DescriptorList> = [Descriptor::new(1, 1, 0), Descriptor::new(u64::MAX, 2, 0)]
+            .into_iter()
+            .collect();
+        assert!(matches!(r, Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn huge_runs_are_checked_without_expanding() {
+        let half = 1u64 << 62;
+        let outer = [
+            Descriptor::new(0, half, 0),
+            Descriptor::new(half + 1, u64::MAX - half - 1, 0),
+        ];
+        // 2^64-1 one-byte descriptors: one falls into the gap at 2^62.
+        let run = DescriptorList::strided(0, 1, u64::MAX, 1, 0).unwrap();
+        let start = std::time::Instant::now();
+        assert!(!run.within(&outer));
+        // Stepping over the gap: every descriptor lies in one of the two ranges.
+        let around = DescriptorList::strided(half - 1, 2, (u64::MAX - half) / 2, 1, 0).unwrap();
+        assert!(around.within(&outer));
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]
@@ -683,7 +837,8 @@ mod tests {
             Descriptor::new(45, 5, 1),
         ]
         .into_iter()
-        .collect();
+        .collect::<Result<_>>()
+        .unwrap();
         let c: Vec<_> = l.coalesced().iter().collect();
         assert_eq!(
             c,
@@ -699,7 +854,8 @@ mod tests {
     fn segments_split_at_both_boundaries() {
         let local: DescriptorList = [Descriptor::new(0, 10, 0), Descriptor::new(100, 6, 0)]
             .into_iter()
-            .collect();
+            .collect::<Result<_>>()
+            .unwrap();
         let remote = DescriptorList::strided(1000, 8, 2, 8, 0).unwrap();
         let s: Vec<_> = segments(&local, &remote).unwrap().collect();
         assert_eq!(s.len(), 3);
@@ -708,7 +864,7 @@ mod tests {
         assert_eq!(s[1].remote, Descriptor::new(1008, 2, 0));
         assert_eq!(s[2].local, Descriptor::new(100, 6, 0));
         assert_eq!(s[2].remote, Descriptor::new(1010, 6, 0));
-        let short = DescriptorList::single(Descriptor::new(0, 1, 0));
+        let short = DescriptorList::single(Descriptor::new(0, 1, 0)).unwrap();
         assert!(segments(&local, &short).is_err());
     }
 
@@ -716,10 +872,77 @@ mod tests {
         (0u64..1 << 40, 0u64..4096, 0u32..3).prop_map(|(a, l, d)| Descriptor::new(a, l, d))
     }
 
+    fn arb_entry() -> impl Strategy<Value = Entry> {
+        let edge = prop_oneof![
+            any::<u64>(),
+            Just(0u64),
+            Just(1u64),
+            Just(u64::MAX),
+            (0u64..64).prop_map(|d| u64::MAX - d),
+            (0u32..64).prop_map(|s| 1u64 << s),
+        ];
+        prop_oneof![
+            (edge.clone(), edge.clone(), any::<u32>())
+                .prop_map(|(a, l, d)| Entry::Single(Descriptor::new(a, l, d))),
+            (edge.clone(), edge.clone(), edge.clone(), edge, 0u32..2).prop_map(
+                |(base, stride, count, len, device)| Entry::Strided {
+                    base,
+                    stride,
+                    count,
+                    len,
+                    device
+                }
+            ),
+        ]
+    }
+
     proptest! {
+        /// Whatever entries arrive (from a peer's metadata, say), a list either refuses
+        /// one with InvalidArgument and stays unchanged, or holds only entries whose every
+        /// address and total fit: then nothing panics or wraps.
+        #[test]
+        fn any_entries_keep_the_invariant(es in proptest::collection::vec(arb_entry(), 0..6)) {
+            let mut l = DescriptorList::new();
+            let (mut count, mut bytes) = (0u128, 0u128);
+            for e in es {
+                let before = l.clone();
+                match l.push_entry(e) {
+                    Ok(()) => {
+                        let each = match e {
+                            Entry::Single(d) => d.len,
+                            Entry::Strided { len, .. } => len,
+                        };
+                        let kept = matches!(e, Entry::Single(_)) || (each > 0 && e.count() > 0);
+                        if kept {
+                            count += e.count() as u128;
+                            bytes += e.count() as u128 * each as u128;
+                            let fits = e.extent().is_some_and(|x| x.end().is_some());
+                            prop_assert!(fits, "accepted an overflowing entry {:?}", e);
+                        }
+                    }
+                    Err(err) => {
+                        prop_assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+                        prop_assert_eq!(&l, &before);
+                    }
+                }
+            }
+            prop_assert_eq!(l.len() as u128, count);
+            prop_assert_eq!(l.total_bytes() as u128, bytes);
+            for i in [0, 1, l.len() / 2, l.len().saturating_sub(1), l.len()] {
+                let d = l.get(i);
+                prop_assert_eq!(d.is_some(), i < l.len());
+                prop_assert!(d.is_none_or(|d| d.end().is_some()));
+            }
+            let _ = l.slice(l.len() / 3, l.len() / 2).unwrap();
+            let c = l.coalesced();
+            prop_assert_eq!(c.total_bytes(), l.total_bytes());
+            let _ = l.within(&[Descriptor::new(0, u64::MAX, 0), Descriptor::new(1 << 40, 1 << 20, 1)]);
+            prop_assert!(l.iter().take(1000).all(|d| d.end().is_some()));
+        }
+
         #[test]
         fn compact_form_expands_to_what_was_pushed(v in proptest::collection::vec(arb_desc(), 0..200)) {
-            let l: DescriptorList = v.iter().copied().collect();
+            let l = DescriptorList::try_from_iter(v.iter().copied()).unwrap();
             let back: Vec<_> = l.iter().collect();
             prop_assert_eq!(&back, &v);
             prop_assert_eq!(l.len(), v.len() as u64);
@@ -728,14 +951,14 @@ mod tests {
 
         #[test]
         fn regular_runs_compress(base in 0u64..1 << 40, stride in 1u64..1 << 20, n in 1u64..5000) {
-            let l: DescriptorList = (0..n).map(|i| Descriptor::new(base + i * stride, stride.min(64), 0)).collect();
+            let l = DescriptorList::try_from_iter((0..n).map(|i| Descriptor::new(base + i * stride, stride.min(64), 0))).unwrap();
             prop_assert!(l.entries().len() <= 1);
             prop_assert_eq!(l.len(), n);
         }
 
         #[test]
         fn coalescing_keeps_bytes_in_order(v in proptest::collection::vec(arb_desc(), 0..100)) {
-            let l: DescriptorList = v.iter().copied().collect();
+            let l = DescriptorList::try_from_iter(v.iter().copied()).unwrap();
             let c = l.coalesced();
             prop_assert_eq!(c.total_bytes(), l.total_bytes());
             let a: Vec<(u32, u64)> = l.iter().flat_map(|d| (0..d.len).map(move |i| (d.device, d.addr + i))).take(10_000).collect();
@@ -745,7 +968,7 @@ mod tests {
 
         #[test]
         fn slices_match_expansion(v in proptest::collection::vec(arb_desc(), 0..100), a in 0usize..100, b in 0usize..100) {
-            let l: DescriptorList = v.iter().copied().collect();
+            let l = DescriptorList::try_from_iter(v.iter().copied()).unwrap();
             let (a, b) = (a.min(v.len()), b.min(v.len()));
             let (a, b) = (a.min(b), a.max(b));
             let s = l.slice(a as u64, b as u64).unwrap();

@@ -20,8 +20,8 @@
 //! let (ra, rb) = unsafe { (a.register(MemKind::Dram, &src, Access::ReadWrite).unwrap(), b.register(MemKind::Dram, &dst, Access::ReadWrite).unwrap()) };
 //! let peer = a.connect("decode", &b.connection_info().unwrap()).unwrap();
 //! a.import_remote(peer, MemKind::Dram, &dst, &b.remote_key(rb).unwrap()).unwrap();
-//! let t = a.prepare(&TransferRequest { op: Op::Write, local_kind: MemKind::Dram, local: DescriptorList::single(src),
-//!     peer, remote_kind: MemKind::Dram, remote: DescriptorList::single(dst) }).unwrap();
+//! let t = a.prepare(&TransferRequest { op: Op::Write, local_kind: MemKind::Dram, local: DescriptorList::single(src).unwrap(),
+//!     peer, remote_kind: MemKind::Dram, remote: DescriptorList::single(dst).unwrap() }).unwrap();
 //! unsafe { a.post(t, &PostOptions::default()).unwrap() };
 //! a.progress().unwrap();
 //! assert!(matches!(a.poll(t), kv_core::Status::Done));
