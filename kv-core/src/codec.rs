@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! header (20 bytes): magic "KVXM" | version u16 | flags u16 | body_len u32 | crc32c(body) u32 | reserved u32
-//! body: name str | generation u64 | backends: u16 n × (name str, blob) |
-//!       registrations: u32 n × (id u64, kind u8, descs list, keys: u16 n × (backend u16, blob)) |
+//! body: name str | generation u64 | attributes: u16 n × (name str, blob) |
+//!       backends: u16 n × (name str, blob) |
+//!       registrations: u32 n × (id u64, kind u8, access u8, descs list,
+//!                               keys: u16 n × (backend u16, blob)) |
 //!       removed: u32 n × u64
 //! str  = u16 len + UTF-8
 //! blob = u32 len + bytes
@@ -15,23 +17,29 @@
 //!
 //! Every length is checked against what remains before anything is allocated, and the
 //! whole message is bounded by [`MAX_METADATA_BYTES`]; any malformed input returns
-//! [`Error::InvalidMetadata`] with the reason.
+//! [`Error::InvalidMetadata`] with the reason. Version 2 added `attributes` and
+//! `access`; a version-1 message is refused with a message saying to upgrade both peers.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::backend::Access;
 use crate::desc::{Descriptor, DescriptorList, Entry, MemKind};
 use crate::error::{Error, Result};
 
 /// Magic bytes at the start of every metadata message.
 pub const MAGIC: [u8; 4] = *b"KVXM";
 /// The wire version this crate writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 20;
 /// Largest metadata message accepted (64 MiB).
 pub const MAX_METADATA_BYTES: usize = 64 << 20;
 /// Largest name (agent or backend) in bytes.
 pub const MAX_NAME_LEN: usize = 1024;
+/// Most attributes one agent publishes ([`AgentMetadata::attributes`]).
+pub const MAX_ATTRIBUTES: usize = 64;
+/// Largest attribute value in bytes.
+pub const MAX_ATTRIBUTE_BYTES: usize = 4096;
 
 const FLAG_PARTIAL: u16 = 1;
 
@@ -51,6 +59,9 @@ pub struct RegistrationMetadata {
     pub id: u64,
     /// Memory kind.
     pub kind: MemKind,
+    /// Who may touch it: a peer refuses to WRITE a read-only registration early (the
+    /// target enforces it regardless).
+    pub access: Access,
     /// The registered ranges (usually one; strided for regular layouts).
     pub descs: DescriptorList,
     /// Remote keys, one per backend that registered it: (index into
@@ -61,7 +72,8 @@ pub struct RegistrationMetadata {
 /// What an agent publishes about itself. `Clone`, `Send + Sync`.
 ///
 /// A full message (`partial == false`) replaces everything known about the agent; a
-/// partial one adds or replaces the listed registrations and drops `removed`.
+/// partial one adds or replaces the listed registrations and drops `removed`, and its
+/// attributes, when it carries any, replace the agent's (none = unchanged).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentMetadata {
     /// The agent's name.
@@ -70,6 +82,10 @@ pub struct AgentMetadata {
     pub generation: u64,
     /// True for an incremental update.
     pub partial: bool,
+    /// Small named values the agent publishes (the KV layout compatibility hash, TP
+    /// rank and size, …): at most [`MAX_ATTRIBUTES`], each value at most
+    /// [`MAX_ATTRIBUTE_BYTES`].
+    pub attributes: Vec<(String, Bytes)>,
     /// Backends and their connection info.
     pub backends: Vec<BackendMetadata>,
     /// Registrations.
@@ -85,6 +101,23 @@ impl AgentMetadata {
         b.put_slice(&[0u8; HEADER_LEN]);
         put_str(&mut b, &self.name)?;
         b.put_u64_le(self.generation);
+        if self.attributes.len() > MAX_ATTRIBUTES {
+            return Err(Error::invalid_argument(format!(
+                "{} attributes exceed the limit of {MAX_ATTRIBUTES}",
+                self.attributes.len()
+            )));
+        }
+        put_count16(&mut b, self.attributes.len(), "attributes")?;
+        for (name, value) in &self.attributes {
+            if value.len() > MAX_ATTRIBUTE_BYTES {
+                return Err(Error::invalid_argument(format!(
+                    "attribute {name:?} of {} bytes exceeds {MAX_ATTRIBUTE_BYTES}",
+                    value.len()
+                )));
+            }
+            put_str(&mut b, name)?;
+            put_blob(&mut b, value)?;
+        }
         put_count16(&mut b, self.backends.len(), "backends")?;
         for be in &self.backends {
             put_str(&mut b, &be.name)?;
@@ -94,6 +127,7 @@ impl AgentMetadata {
         for r in &self.registrations {
             b.put_u64_le(r.id);
             b.put_u8(r.kind as u8);
+            b.put_u8(r.access.as_u8());
             put_list(&mut b, &r.descs)?;
             put_count16(&mut b, r.keys.len(), "keys")?;
             for (idx, key) in &r.keys {
@@ -150,7 +184,7 @@ impl AgentMetadata {
         let version = u16::from_le_bytes([buf[4], buf[5]]);
         if version != VERSION {
             return Err(bad(format!(
-                "wire version {version}, this build reads {VERSION}; upgrade the older peer"
+                "peer speaks metadata v{version}, this build speaks v{VERSION}; upgrade both"
             )));
         }
         let flags = u16::from_le_bytes([buf[6], buf[7]]);
@@ -175,6 +209,24 @@ impl AgentMetadata {
         let mut r = Reader::new(body);
         let name = r.str()?;
         let generation = r.u64()?;
+        let na = r.count16(2 + 4)?;
+        if na > MAX_ATTRIBUTES {
+            return Err(bad(format!(
+                "{na} attributes exceed the limit of {MAX_ATTRIBUTES}"
+            )));
+        }
+        let mut attributes = Vec::with_capacity(na);
+        for _ in 0..na {
+            let name = r.str()?;
+            let value = r.blob()?;
+            if value.len() > MAX_ATTRIBUTE_BYTES {
+                return Err(bad(format!(
+                    "attribute {name:?} of {} bytes exceeds {MAX_ATTRIBUTE_BYTES}",
+                    value.len()
+                )));
+            }
+            attributes.push((name, Bytes::copy_from_slice(value)));
+        }
         let nb = r.count16(2 + 4)?;
         let mut backends = Vec::with_capacity(nb);
         for _ in 0..nb {
@@ -183,13 +235,16 @@ impl AgentMetadata {
                 connection: Bytes::copy_from_slice(r.blob()?),
             });
         }
-        let nr = r.count32(8 + 1 + 4 + 2)?;
+        let nr = r.count32(8 + 1 + 1 + 4 + 2)?;
         let mut registrations = Vec::with_capacity(nr);
         for _ in 0..nr {
             let id = r.u64()?;
             let k = r.u8()?;
             let kind =
                 MemKind::from_u8(k).ok_or_else(|| bad(format!("unknown memory kind {k}")))?;
+            let a = r.u8()?;
+            let access =
+                Access::from_u8(a).ok_or_else(|| bad(format!("unknown access mode {a}")))?;
             let descs = r.list()?;
             let nk = r.count16(2 + 4)?;
             let mut keys = Vec::with_capacity(nk);
@@ -206,6 +261,7 @@ impl AgentMetadata {
             registrations.push(RegistrationMetadata {
                 id,
                 kind,
+                access,
                 descs,
                 keys,
             });
@@ -222,6 +278,7 @@ impl AgentMetadata {
             name,
             generation,
             partial: flags & FLAG_PARTIAL != 0,
+            attributes,
             backends,
             registrations,
             removed,
@@ -477,6 +534,10 @@ mod tests {
             name: "prefill-0".into(),
             generation: 7,
             partial: false,
+            attributes: vec![
+                ("kv_layout".into(), Bytes::from_static(&[0xab; 32])),
+                ("tp".into(), Bytes::from_static(b"2/8")),
+            ],
             backends: vec![
                 BackendMetadata {
                     name: "tcp".into(),
@@ -490,6 +551,7 @@ mod tests {
             registrations: vec![RegistrationMetadata {
                 id: 1,
                 kind: MemKind::Dram,
+                access: Access::ReadOnly,
                 descs: DescriptorList::strided(0x7f00_0000_0000, 1 << 15, 100_000, 1 << 15, 0)
                     .unwrap(),
                 keys: vec![
@@ -530,7 +592,7 @@ mod tests {
         let mut v = b.to_vec();
         v[4] = 9;
         assert!(
-            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("version"))
+            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("version") || m.contains("v9"))
         );
         let mut v = b.to_vec();
         let last = v.len() - 1;
@@ -557,17 +619,88 @@ mod tests {
     }
 
     #[test]
-    fn huge_counts_do_not_allocate() {
-        // name "", generation 0, u16::MAX backends with nothing behind them.
+    fn version_1_is_refused_clearly() {
+        // A v1 peer's message: the v1 header and a body v1 would accept.
+        let mut v = with_header(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        v[4..6].copy_from_slice(&1u16.to_le_bytes());
+        match AgentMetadata::decode(&v) {
+            Err(Error::InvalidMetadata(m)) => assert!(
+                m.contains("peer speaks metadata v1, this build speaks v2; upgrade both"),
+                "{m}"
+            ),
+            other => panic!("v1 message gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn attributes_are_bounded() {
+        let mut m = sample();
+        m.attributes = (0..=MAX_ATTRIBUTES)
+            .map(|i| (format!("a{i}"), Bytes::new()))
+            .collect();
+        assert!(matches!(m.encode(), Err(Error::InvalidArgument(_))));
+        m.attributes.pop();
+        assert_eq!(AgentMetadata::decode(&m.encode().unwrap()).unwrap(), m);
+        m.attributes = vec![("big".into(), Bytes::from(vec![0; MAX_ATTRIBUTE_BYTES + 1]))];
+        assert!(matches!(m.encode(), Err(Error::InvalidArgument(_))));
+        // A peer that sends too many or too large anyway is refused at decode.
         let mut body = vec![0, 0];
         body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&1u16.to_le_bytes());
+        body.extend_from_slice(&[1, 0, b'x']);
+        body.extend_from_slice(&((MAX_ATTRIBUTE_BYTES + 1) as u32).to_le_bytes());
+        body.extend(std::iter::repeat_n(0u8, MAX_ATTRIBUTE_BYTES + 1));
+        body.extend_from_slice(&[0; 2 + 4 + 4]);
+        assert!(
+            matches!(AgentMetadata::decode(&with_header(&body)), Err(Error::InvalidMetadata(m)) if m.contains("exceeds"))
+        );
+        let mut body = vec![0, 0];
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&((MAX_ATTRIBUTES + 1) as u16).to_le_bytes());
+        for _ in 0..=MAX_ATTRIBUTES {
+            body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        }
+        body.extend_from_slice(&[0; 2 + 4 + 4]);
+        assert!(
+            matches!(AgentMetadata::decode(&with_header(&body)), Err(Error::InvalidMetadata(m)) if m.contains("attributes exceed"))
+        );
+    }
+
+    #[test]
+    fn unknown_access_is_refused() {
+        let m = sample();
+        let mut v = m.encode().unwrap().to_vec();
+        // The access byte follows the registration's id and kind.
+        let body = &v[HEADER_LEN..];
+        let at = HEADER_LEN
+            + body
+                .windows(9)
+                .position(|w| w[..8] == 1u64.to_le_bytes() && w[8] == MemKind::Dram as u8)
+                .unwrap()
+            + 9;
+        assert_eq!(v[at], Access::ReadOnly.as_u8());
+        v[at] = 7;
+        let crc = crc32c::crc32c(&v[HEADER_LEN..]);
+        v[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("access"))
+        );
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate() {
+        // name "", generation 0, no attributes, u16::MAX backends with nothing behind them.
+        let mut body = vec![0, 0];
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
         body.extend_from_slice(&u16::MAX.to_le_bytes());
         assert!(
             matches!(AgentMetadata::decode(&with_header(&body)), Err(Error::InvalidMetadata(m)) if m.contains("cannot fit"))
         );
-        // 0 backends, u32::MAX registrations.
+        // 0 attributes, 0 backends, u32::MAX registrations.
         let mut body = vec![0, 0];
         body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
         body.extend_from_slice(&0u16.to_le_bytes());
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(AgentMetadata::decode(&with_header(&body)).is_err());
@@ -588,6 +721,7 @@ mod tests {
             registrations: vec![RegistrationMetadata {
                 id: 0,
                 kind: MemKind::Dram,
+                access: Access::ReadWrite,
                 descs,
                 keys: vec![],
             }],
@@ -643,21 +777,38 @@ mod tests {
                     0u8..5,
                     arb_list(),
                     proptest::collection::vec(any::<u8>(), 0..32),
+                    any::<bool>(),
                 ),
                 0..8,
             ),
             proptest::collection::vec(any::<u64>(), 0..8),
+            proptest::collection::vec(
+                (
+                    "[a-z_]{1,16}",
+                    proptest::collection::vec(any::<u8>(), 0..64),
+                ),
+                0..4,
+            ),
         )
-            .prop_map(
-                |(name, generation, partial, bes, regs, removed)| AgentMetadata {
+            .prop_map(|(name, generation, partial, bes, regs, removed, attrs)| {
+                AgentMetadata {
                     name,
                     generation,
                     partial,
+                    attributes: attrs
+                        .into_iter()
+                        .map(|(n, v)| (n, Bytes::from(v)))
+                        .collect(),
                     registrations: regs
                         .into_iter()
-                        .map(|(id, k, descs, key)| RegistrationMetadata {
+                        .map(|(id, k, descs, key, ro)| RegistrationMetadata {
                             id,
                             kind: MemKind::from_u8(k).unwrap(),
+                            access: if ro {
+                                Access::ReadOnly
+                            } else {
+                                Access::ReadWrite
+                            },
                             descs,
                             keys: vec![(0, Bytes::from(key))],
                         })
@@ -670,8 +821,8 @@ mod tests {
                         })
                         .collect(),
                     removed,
-                },
-            )
+                }
+            })
     }
 
     proptest! {
