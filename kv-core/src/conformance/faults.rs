@@ -201,11 +201,7 @@ pub fn disconnect_inflight(h: &dyn Harness) -> Result<()> {
         c.a.backend
             .register(MemKind::Dram, &l.mem.desc(), Access::ReadWrite)?
     };
-    // SAFETY: `l` is registered; a conforming backend refuses the post anyway.
-    let posted = match unsafe { c.a.backend.post(later, &c.opts(None)) } {
-        Err(e) => Status::Failed(e),
-        Ok(()) => c.wait(later),
-    };
+    let posted = c.post_and_wait(later, &c.opts(None));
     check(
         matches!(posted, Status::Failed(Error::RemoteDisconnected { .. })),
         || format!("post to a disconnected peer gave {posted:?}, want RemoteDisconnected"),
@@ -235,11 +231,7 @@ pub fn expired_deadline(h: &dyn Harness) -> Result<()> {
         notification: None,
         deadline: Some(past),
     };
-    // SAFETY: `l` stays registered until the transfer finished.
-    let st = match unsafe { c.a.backend.post(id, &opts) } {
-        Err(e) => Status::Failed(e),
-        Ok(()) => c.wait(id),
-    };
+    let st = c.post_and_wait(id, &opts);
     check(matches!(st, Status::Failed(Error::TimedOut { .. })), || {
         format!("post with a deadline in the past gave {st:?}, want TimedOut")
     })?;
@@ -286,12 +278,9 @@ pub fn post_after_deregister(h: &dyn Harness) -> Result<()> {
         c.a.backend
             .prepare(&c.single(Op::Write, l.mem.desc(), r.mem.desc())?)?;
     c.a.backend.deregister(l.reg)?;
-    // SAFETY: the memory itself is still alive (`l` is held), only deregistered; a
-    // conforming backend refuses to touch it.
-    let st = match unsafe { c.a.backend.post(id, &c.opts(None)) } {
-        Err(e) => Status::Failed(e),
-        Ok(()) => c.wait(id),
-    };
+    // The memory itself is still alive (`l` is held), only deregistered; a conforming
+    // backend refuses to touch it.
+    let st = c.post_and_wait(id, &c.opts(None));
     check(matches!(st, Status::Failed(_)), || {
         format!("post after the local registration was deregistered gave {st:?}")
     })?;
@@ -320,15 +309,11 @@ pub fn post_after_peer_deregister(h: &dyn Harness) -> Result<()> {
         };
         c.b.backend.deregister(r.reg)?;
         let st = match early {
-            // SAFETY: `l` stays registered until the transfer finished.
-            Some(id) => match unsafe { c.a.backend.post(id, &c.opts(None)) } {
-                Err(e) => Status::Failed(e),
-                Ok(()) => {
-                    let st = c.wait(id);
-                    let _ = c.a.backend.release(id);
-                    st
-                }
-            },
+            Some(id) => {
+                let st = c.post_and_wait(id, &c.opts(None));
+                let _ = c.a.backend.release(id);
+                st
+            }
             None => match c.run(&req, None) {
                 Ok(()) => Status::Done,
                 Err(e) => Status::Failed(e),

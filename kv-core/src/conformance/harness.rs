@@ -233,6 +233,16 @@ impl Conn {
         wait(&*self.a.backend, Some(&*self.b.backend), id, self.deadline)
     }
 
+    /// Posts the prepared `id` with `opts` and waits; a refused post is the `Failed`.
+    pub fn post_and_wait(&self, id: TransferId, opts: &PostOptions) -> Status {
+        // SAFETY: every case keeps its local memory alive and registered until the
+        // transfer finished (cases that deregister first rely on the refusal).
+        match unsafe { self.a.backend.post(id, opts) } {
+            Err(e) => Status::Failed(e),
+            Ok(()) => self.wait(id),
+        }
+    }
+
     /// Prepares, posts and waits for `req`; releases it. Any refusal (at prepare, post
     /// or in the status) is the `Err`.
     pub fn run(&self, req: &TransferRequest, notification: Option<Bytes>) -> Result<()> {

@@ -59,98 +59,82 @@ pub fn notifications(h: &dyn Harness) -> Result<()> {
     c.finish(vec![l, r])
 }
 
-/// Drives both sides and drains `receiver`'s notifications — without polling the
-/// transfer — until one arrives; then runs `at_arrival` at once.
-fn on_arrival(
-    c: &Conn,
-    receiver: &dyn Backend,
-    at_arrival: impl FnOnce(&Notification) -> Result<()>,
-) -> Result<()> {
+/// Posts an `op` of `len` bytes with a notification, then drives both sides and drains
+/// B's notifications — without polling the transfer — until it arrives; at that moment
+/// the destination must already hold all the data. A gets no notification of its own.
+fn notified(h: &dyn Harness, op: Op, len: usize, what: &str) -> Result<()> {
+    let c = Conn::new(h)?;
+    let (lseed, rseed) = (131 + len as u64, 132 + len as u64);
+    let l = c.local(len, lseed)?;
+    let (r, _) = c.remote(len, rseed)?;
+    let payload = Bytes::from_static(b"kv ready");
+    let id = c.post(
+        &c.single(op, l.mem.desc(), r.mem.desc())?,
+        Some(payload.clone()),
+    )?;
+    let (dst, want) = match op {
+        Op::Write => (&r, pattern(lseed, len)),
+        Op::Read => (&l, pattern(rseed, len)),
+    };
     let end = Instant::now() + c.deadline;
     let mut got = Vec::new();
-    while got.is_empty() {
+    let arrived = loop {
         if Instant::now() > end {
-            return Err(Error::Corrupt(
+            break Err(Error::Corrupt(
                 "no notification arrived before the deadline".into(),
             ));
         }
         let _ = c.a.backend.progress();
         let _ = c.b.backend.progress();
-        receiver.drain_notifications(&mut got)?;
-    }
-    check(got.len() == 1, || {
-        format!("{} notifications for one post", got.len())
+        c.b.backend.drain_notifications(&mut got)?;
+        if let Some(n) = got.first() {
+            // Checked at once: the data must not still be on its way.
+            break check(n.payload == payload && n.peer == c.a.name, || {
+                format!("notification {n:?}")
+            })
+            .and_then(|_| check_eq(&dst.mem.read(0, len)?, &want, what));
+        }
+    };
+    // Whatever happened, the transfer ends before its memory can go.
+    let st = c.wait(id);
+    let _ = c.a.backend.release(id);
+    arrived?;
+    check(matches!(st, Status::Done), || {
+        format!("transfer ended {st:?}")
     })?;
-    at_arrival(&got[0])
+    c.drive(Duration::from_millis(10));
+    let mut at_a = Vec::new();
+    c.b.backend.drain_notifications(&mut got)?;
+    c.a.backend.drain_notifications(&mut at_a)?;
+    check(got.len() == 1 && at_a.is_empty(), || {
+        format!(
+            "{} notifications at the peer and {} at the initiator for one {op}",
+            got.len(),
+            at_a.len()
+        )
+    })?;
+    c.finish(vec![l, r])
 }
 
 /// A big WRITE with a notification: the target drains notifications while driving
 /// progress (not waiting for `Done` first), and the moment the notification shows up
 /// the data must already be complete.
 pub fn notification_after_data(h: &dyn Harness) -> Result<()> {
-    let c = Conn::new(h)?;
-    let len = 8 << 20;
-    let l = c.local(len, 131)?;
-    let (r, _) = c.remote(len, 132)?;
-    let id = c.post(
-        &c.single(Op::Write, l.mem.desc(), r.mem.desc())?,
-        Some(Bytes::from_static(b"kv ready")),
-    )?;
-    let arrived = on_arrival(&c, &*c.b.backend, |n| {
-        check(
-            n.payload == Bytes::from_static(b"kv ready") && n.peer == c.a.name,
-            || format!("notification {n:?}"),
-        )?;
-        check_eq(
-            &r.mem.read(0, len)?,
-            &pattern(131, len),
-            "target memory when the WRITE's notification arrived (notification before its data)",
-        )
-    });
-    let st = c.wait(id);
-    let _ = c.a.backend.release(id);
-    arrived?;
-    check(matches!(st, Status::Done), || {
-        format!("transfer ended {st:?}")
-    })?;
-    c.finish(vec![l, r])
+    notified(
+        h,
+        Op::Write,
+        8 << 20,
+        "target memory when the WRITE's notification arrived (notification before its data)",
+    )
 }
 
 /// A READ with a notification: the peer whose memory was read gets it, after the read
 /// finished (the data is in the reader's memory when it arrives); the reader gets none.
 pub fn read_notification(h: &dyn Harness) -> Result<()> {
-    let c = Conn::new(h)?;
-    let len = 4 << 20;
-    let l = c.local(len, 141)?;
-    let (r, _) = c.remote(len, 142)?;
-    let id = c.post(
-        &c.single(Op::Read, l.mem.desc(), r.mem.desc())?,
-        Some(Bytes::from_static(b"read done")),
-    )?;
-    let arrived = on_arrival(&c, &*c.b.backend, |n| {
-        check(
-            n.payload == Bytes::from_static(b"read done") && n.peer == c.a.name,
-            || format!("notification {n:?}"),
-        )?;
-        check_eq(
-            &l.mem.read(0, len)?,
-            &pattern(142, len),
-            "reader's memory when the READ's notification arrived",
-        )
-    });
-    let st = c.wait(id);
-    let _ = c.a.backend.release(id);
-    arrived?;
-    check(matches!(st, Status::Done), || {
-        format!("transfer ended {st:?}")
-    })?;
-    let mut at_a = Vec::new();
-    c.a.backend.drain_notifications(&mut at_a)?;
-    check(at_a.is_empty(), || {
-        format!(
-            "the reader got {} notifications of its own READ",
-            at_a.len()
-        )
-    })?;
-    c.finish(vec![l, r])
+    notified(
+        h,
+        Op::Read,
+        4 << 20,
+        "reader's memory when the READ's notification arrived",
+    )
 }
