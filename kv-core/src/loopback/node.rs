@@ -400,3 +400,91 @@ impl NodeState {
         n
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{ClientHandshake, ClusterSecret, ServerHandshake};
+
+    /// A node state with 4 KiB of memory registered under key 7, and a session whose
+    /// key both ends share.
+    fn target() -> (NodeState, u64, SessionKey) {
+        let secret = ClusterSecret::generate().unwrap();
+        let (server, hello) = ServerHandshake::start(&secret, b"t").unwrap();
+        let (client, answer) = ClientHandshake::respond(&secret, b"t", "a", &hello).unwrap();
+        let (proof, peer) = server.finish(&answer).unwrap();
+        let key = client.finish(&proof).unwrap();
+        let mut s = NodeState::default();
+        let desc = Descriptor::new(0x1000, 4096, 0);
+        s.memory.insert(0x1000, vec![0; 4096]);
+        let reg = Reg {
+            kind: MemKind::Dram,
+            desc,
+            access: Access::ReadWrite,
+            key: 7,
+            busy: 0,
+        };
+        s.regs.insert(1, reg);
+        s.keys.insert(7, 1);
+        let session = s.accept(peer.name, Some(peer.key)).unwrap();
+        (s, session, key)
+    }
+
+    fn op(session: u64, key: &SessionKey, seq: u64, desc: Descriptor) -> PeerOp {
+        PeerOp {
+            session,
+            tag: key.tag(seq, &PeerOp::frame(Op::Write, &desc, 7)),
+            op: Op::Write,
+            desc,
+            key: 7,
+        }
+    }
+
+    #[test]
+    fn replayed_or_forged_frames_are_refused() {
+        let (mut s, session, key) = target();
+        let d = Descriptor::new(0x1000, 4, 0);
+        let first = op(session, &key, 0, d);
+        s.serve(None, &first, Some(&[1; 4])).unwrap();
+        // The same frame again: it carries frame 0's tag where frame 1 is expected.
+        let replay = s.serve(None, &first, Some(&[2; 4]));
+        assert!(
+            matches!(replay, Err(Error::Unauthenticated(_))),
+            "{replay:?}"
+        );
+        // A frame for another range under a tag computed for this one.
+        let mut forged = op(session, &key, 1, d);
+        forged.desc = Descriptor::new(0x1004, 4, 0);
+        assert!(matches!(
+            s.serve(None, &forged, Some(&[3; 4])),
+            Err(Error::Unauthenticated(_))
+        ));
+        assert_eq!(
+            s.read(&Descriptor::new(0x1000, 8, 0)).unwrap(),
+            [1, 1, 1, 1, 0, 0, 0, 0]
+        );
+        // No session, no service.
+        let stranger = op(session + 100, &key, 0, d);
+        assert!(matches!(
+            s.serve(None, &stranger, Some(&[4; 4])),
+            Err(Error::Unauthenticated(_))
+        ));
+    }
+
+    #[test]
+    fn sessions_and_inbox_are_bounded() {
+        let (mut s, session, key) = target();
+        while s.sessions.len() < MAX_ENDPOINTS {
+            s.accept("x".into(), None).unwrap();
+        }
+        assert!(matches!(s.accept("x".into(), None), Err(Error::Busy(_))));
+        let big = Bytes::from(vec![0u8; MAX_INBOX_BYTES / 2 + 1]);
+        s.deliver(session, &key.tag(0, &note_frame(&big)), big.clone())
+            .unwrap();
+        let full = s.deliver(session, &key.tag(1, &note_frame(&big)), big);
+        assert!(matches!(full, Err(Error::Busy(_))), "{full:?}");
+        let mut out = Vec::new();
+        assert_eq!(s.drain(&mut out), 1);
+        assert_eq!(out[0].peer, "a");
+    }
+}
