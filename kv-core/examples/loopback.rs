@@ -2,13 +2,20 @@
 //! verifies it: the smallest end-to-end use of the `Backend` trait.
 
 use kv_core::loopback::LoopbackFabric;
-use kv_core::{Backend, DescriptorList, MemKind, Op, PostOptions, Status, TransferRequest};
+use kv_core::{
+    Access, Backend, BackendInit, DescriptorList, MemKind, Op, PostOptions, Status, TransferRequest,
+};
 
 fn main() -> kv_core::Result<()> {
     // One layer's K and V: 512 pages of 16 tokens × 8 kv-heads × 128 dims × 2 bytes = 32 KiB.
     let (pages, page) = (512u64, 16 * 8 * 128 * 2u64);
     let fabric = LoopbackFabric::new();
-    let (prefill, decode) = (fabric.backend("prefill"), fabric.backend("decode"));
+    // Both agents share a cluster secret: `connect` runs the authentication handshake.
+    let secret = kv_core::auth::ClusterSecret::generate()?;
+    let (prefill, decode) = (
+        fabric.backend(&BackendInit::new("prefill").with_secret(secret.clone())),
+        fabric.backend(&BackendInit::new("decode").with_secret(secret)),
+    );
     let src = prefill.alloc((2 * pages * page) as usize);
     let dst = decode.alloc((2 * pages * page) as usize);
     let data = kv_core::conformance::pattern(1, src.len as usize);
@@ -16,8 +23,8 @@ fn main() -> kv_core::Result<()> {
     // SAFETY: loopback memory is owned by its backend and outlives the registration.
     let (_rs, rd) = unsafe {
         (
-            prefill.register(MemKind::Dram, &src)?,
-            decode.register(MemKind::Dram, &dst)?,
+            prefill.register(MemKind::Dram, &src, Access::ReadWrite)?,
+            decode.register(MemKind::Dram, &dst, Access::ReadWrite)?,
         )
     };
     let peer = prefill.connect("decode", &decode.connection_info()?)?;
@@ -34,9 +41,19 @@ fn main() -> kv_core::Result<()> {
     let start = std::time::Instant::now();
     // SAFETY: the source stays registered until the transfer is done.
     unsafe { prefill.post(t, &PostOptions::default())? };
-    prefill.progress()?;
-    let Status::Done = prefill.poll(t) else {
-        return Err(kv_core::Error::invalid_argument("transfer did not finish"));
+    // The loopback moves at most 1 MiB per `progress` call, like a NIC with a queue.
+    let mut st = prefill.poll(t);
+    for _ in 0..10_000 {
+        if st.is_finished() {
+            break;
+        }
+        prefill.progress()?;
+        st = prefill.poll(t);
+    }
+    let Status::Done = st else {
+        return Err(kv_core::Error::invalid_argument(format!(
+            "transfer ended {st:?}"
+        )));
     };
     let ok = decode.read_mem(dst.addr, dst.len as usize)? == data;
     println!(

@@ -1,9 +1,13 @@
-//! The `Backend` plugin trait and the types that cross it.
+//! The `Backend` plugin trait, the types that cross it, and the contract every backend
+//! keeps (written once, in [`Backend`]'s docs).
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::auth::ClusterSecret;
 use crate::desc::{DescriptorList, MemKind, MemKinds};
 use crate::error::{Error, Result};
 
@@ -56,8 +60,103 @@ impl std::fmt::Display for Op {
     }
 }
 
+/// Who may touch a registration. `Copy`, `Send + Sync`; `Default` is `ReadWrite`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Access {
+    /// Peers may READ and WRITE it; it may be a READ's local destination.
+    #[default]
+    ReadWrite,
+    /// Peers may only READ it, and the backend never writes into it — not even as the
+    /// local destination of a READ (such a prepare is refused with
+    /// [`Error::AccessDenied`]). The caller then only promises the range is valid for
+    /// reads, which lets an owner hand out safe `&[u8]` over it.
+    ReadOnly,
+}
+
+impl Access {
+    /// The wire byte (`0` read-write, `1` read-only).
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Access::ReadWrite => 0,
+            Access::ReadOnly => 1,
+        }
+    }
+
+    /// The access for a wire byte, if it names one.
+    pub fn from_u8(v: u8) -> Option<Access> {
+        match v {
+            0 => Some(Access::ReadWrite),
+            1 => Some(Access::ReadOnly),
+            _ => None,
+        }
+    }
+
+    /// True when peers (and READs landing locally) may write into the registration.
+    pub fn writable(self) -> bool {
+        self == Access::ReadWrite
+    }
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Access::ReadWrite => "read-write",
+            Access::ReadOnly => "read-only",
+        })
+    }
+}
+
+/// The construction-time context an agent passes to every backend factory (beside its
+/// [`Params`]). `Clone`, `Send + Sync`; `Debug` shows the secret's fingerprint only.
+///
+/// Built with [`BackendInit::new`] and the `with_*` setters (or by setting the pub
+/// fields); `#[non_exhaustive]` so fields can be added without breaking backends.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BackendInit {
+    /// The agent's name: what notifications from this backend carry as their sender
+    /// ([`Notification::peer`]) and what it proves in authentication handshakes.
+    pub agent_name: String,
+    /// The cluster secret every data-plane connection is authenticated with; `None`
+    /// means unauthenticated (tests, or an explicit opt-out by the operator).
+    pub secret: Option<ClusterSecret>,
+    /// Where the backend's listeners bind (default `127.0.0.1`: nothing off-host can
+    /// connect unless the operator says so).
+    pub bind_ip: IpAddr,
+}
+
+impl BackendInit {
+    /// The context for agent `agent_name`: no secret, listeners on `127.0.0.1`.
+    pub fn new(agent_name: impl Into<String>) -> Self {
+        BackendInit {
+            agent_name: agent_name.into(),
+            secret: None,
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+
+    /// Sets the cluster secret connections are authenticated with.
+    pub fn with_secret(mut self, secret: ClusterSecret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
+    /// Sets the address listeners bind to.
+    pub fn with_bind_ip(mut self, ip: IpAddr) -> Self {
+        self.bind_ip = ip;
+        self
+    }
+}
+
+/// How an agent creates a backend by name: every in-tree backend crate exports one
+/// (`create`), and a third-party crate registers its own with the agent.
+pub type BackendFactory = fn(&BackendInit, &Params) -> Result<Arc<dyn Backend>>;
+
 /// What a backend can do. `Copy`, `Send + Sync`.
+///
+/// `#[non_exhaustive]`: build it from `Capabilities::default()` and set the fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Moves data between two backends in the same process (or on one host).
     pub local: bool,
@@ -71,6 +170,15 @@ pub struct Capabilities {
     pub read: bool,
     /// Memory kinds it can register locally and address remotely.
     pub mem_kinds: MemKinds,
+    /// The target side must call [`Backend::progress`] to serve peers' operations and
+    /// notifications (e.g. UCX active-message writes); the agent then drives it.
+    pub needs_target_progress: bool,
+    /// Every data-plane connection this backend accepts is authenticated with the
+    /// cluster secret of its [`BackendInit`].
+    pub authenticated: bool,
+    /// Enforces [`Access::ReadOnly`] on its target side (and for READ destinations). An
+    /// agent refuses to register read-only memory on a backend that says `false`.
+    pub read_only: bool,
 }
 
 /// A transfer to prepare: a local and a remote descriptor list of equal total length.
@@ -103,9 +211,12 @@ pub struct PostOptions {
 }
 
 /// The state of a posted transfer. `Clone`, `Send + Sync`.
+///
+/// `poll` of a released or unknown id is `Failed(Error::InvalidArgument(..))` naming the
+/// id — never `Idle`, which would let a caller wait forever on a transfer that is gone.
 #[derive(Debug, Clone)]
 pub enum Status {
-    /// Prepared but not posted (or released).
+    /// Prepared but not posted.
     Idle,
     /// Posted and not finished.
     InProgress,
@@ -125,7 +236,7 @@ impl Status {
 /// A notification received from a peer. `Clone`, `Send + Sync`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
-    /// The peer's name, as it gave it in its connection info.
+    /// The sender's agent name ([`BackendInit::agent_name`] of its backend).
     pub peer: String,
     /// The payload.
     pub payload: Bytes,
@@ -133,31 +244,93 @@ pub struct Notification {
 
 /// A data-movement plugin: UCX, libfabric, TCP, io_uring, a loopback for tests.
 ///
-/// The agent holds backends as `Arc<dyn Backend>` and calls them from many threads, so
-/// every method takes `&self` and implementations synchronise inside (`Send + Sync`
-/// is required). The trait is synchronous and poll-driven: [`Backend::post`] starts a
-/// transfer, [`Backend::progress`] drives completions, [`Backend::poll`] reports them.
+/// The agent holds backends as `Arc<dyn Backend>` (created by a [`BackendFactory`]) and
+/// calls them from many threads, so every method takes `&self` and implementations
+/// synchronise inside (`Send + Sync` is required). The trait is synchronous and
+/// poll-driven: [`Backend::post`] starts a transfer, [`Backend::progress`] drives
+/// completions, [`Backend::poll`] reports them. Handles are small typed ids into the
+/// backend's own tables; blobs that cross the wire (connection info, remote keys) are
+/// opaque [`Bytes`] the backend produces and consumes.
 ///
-/// Handles are small typed ids into the backend's own tables; blobs that cross the wire
-/// (connection info, remote keys) are opaque [`Bytes`] the backend produces and consumes.
+/// # The contract
+///
+/// Every clause below is checked by the case of the `conformance` suite named at its end
+/// (in `kv_core::conformance`); the in-process [`loopback`](crate::loopback) backend is the reference.
+///
+/// * **Bounds.** Local ranges must lie in this backend's registrations and remote ranges
+///   in imported ones, else `prepare` fails ([`Error::OutOfBounds`] /
+///   [`Error::NotRegistered`]) (case `bounds_refused`). The *target* re-checks every peer
+///   operation against its own registrations and the key it names, whatever the
+///   importer claimed: a forged descriptor or key never moves a byte outside that key's
+///   registration (case `bounds_forged`).
+/// * **Remote keys** may be empty only if `capabilities().local` and the backend needs
+///   none. Keys a backend chooses itself are ≥ 128 random bits from the OS
+///   ([`crate::auth::random_u128`]). `import_remote` of a malformed key fails with
+///   [`Error::InvalidMetadata`] and never panics (case `export_import`).
+/// * **Revocation.** `deregister` returns only when no peer operation can touch the
+///   range any more (bounded; [`Error::Busy`] otherwise), and every later peer operation
+///   naming it is refused ([`Error::NotRegistered`]) and moves nothing — also for a
+///   transfer prepared before the peer deregistered (case `post_after_peer_deregister`). A
+///   peer's in-flight operation does not make a local deregister `Busy`; only this
+///   backend's own posted transfers do (case `deregister_busy`), and a post whose local
+///   registration is gone is refused (case `post_after_deregister`).
+/// * **Read-only** registrations ([`Access::ReadOnly`]): peers may READ them, a WRITE
+///   into one is refused ([`Error::AccessDenied`], at prepare, post or in its status)
+///   and moves nothing, and one is never a READ's local destination (case `read_only`).
+/// * **Descriptors.** Zero-length descriptors inside a list are allowed and move
+///   nothing (case `zero_length_descriptors`); a transfer of zero total bytes is refused
+///   ([`check_request_shape`]).
+/// * **Notifications** are delivered after all data of their post landed at the target,
+///   in order per (sender, receiver), exactly once (cases
+///   `notifications`, `notification_after_data`); for a READ the notification goes to the peer whose
+///   memory was read, after the read finished (case `read_notification`).
+///   [`Notification::peer`] is the sender's [`BackendInit::agent_name`].
+/// * **Target progress.** If `capabilities().needs_target_progress`, peers are served
+///   only while someone calls `progress()` on the target; otherwise the backend serves
+///   them on its own threads.
+/// * **Deadlines.** A transfer not finished by its deadline ends `Failed(TimedOut)`; a
+///   post whose deadline has already passed fails with [`Error::TimedOut`] (at post or
+///   in its status) and moves nothing (case `expired_deadline`).
+/// * **Cancel** is bounded: it returns within a bounded time and, once it returned
+///   `Ok`, no copy of that transfer runs any more (cases `cancel`, `cancel_stops_copies`).
+///   If the native layer may still touch the memory, it returns [`Error::Busy`] and
+///   keeps (leaks) what that layer may touch — never `Ok` while a copy can still run.
+/// * **Released transfers.** `poll` of a released or unknown id is
+///   `Failed(Error::InvalidArgument)` naming the id (case `poll_after_release`).
+/// * **Disconnect.** After `disconnect(peer)`, or when the peer is gone, in-flight
+///   transfers to it end `Failed(`[`Error::RemoteDisconnected`]`)` within their deadline,
+///   and later prepares and posts to it fail with `RemoteDisconnected`
+///   (cases `disconnect_inflight`, `dropped_peer`).
+/// * **Authentication.** If `capabilities().authenticated`, a peer without the cluster
+///   secret cannot connect, import or move a byte, and is refused within the deadline
+///   (case `unauthenticated_peer_refused`).
+/// * **Bounded peer input.** Frame sizes, inbox messages and bytes, reorder state and
+///   connections are bounded; peer input never panics or unwinds across FFI.
 ///
 /// # Safety
 ///
 /// The trait is safe to implement, but two methods are `unsafe` to call because the
 /// backend reads and writes raw addresses the compiler cannot check:
 ///
-/// * [`Backend::register`]: the caller promises the range is valid for reads and writes
-///   until [`Backend::deregister`] returns (a peer may write into it at any time while
-///   it is registered).
+/// * [`Backend::register`]: the caller promises the range is valid for reads (and, for
+///   [`Access::ReadWrite`], for writes: a peer may write into it at any time) until
+///   [`Backend::deregister`] of it returned `Ok` — or, if it never does, for as long as
+///   the backend lives.
 /// * [`Backend::post`]: the caller promises the local ranges of the transfer stay valid
 ///   and registered until [`Backend::poll`] reports it finished or [`Backend::cancel`]
-///   returns.
+///   returned `Ok`.
 ///
-/// In return an implementation promises never to touch a registered range after
-/// `deregister` returns, nor a transfer's local ranges after it reported `Done`/`Failed`
-/// or `cancel` returned, and to refuse (with [`Error::OutOfBounds`] or
-/// [`Error::NotRegistered`]) any local or remote range outside the registrations it
-/// knows — including ranges requested by a peer over the network.
+/// In return an implementation promises:
+///
+/// * never to touch a registered range after `deregister` of it returned `Ok`, nor a
+///   transfer's local ranges after it reported `Done`/`Failed` or `cancel` returned
+///   `Ok`; never to write into an [`Access::ReadOnly`] registration;
+/// * to refuse (with [`Error::OutOfBounds`] or [`Error::NotRegistered`]) any local or
+///   remote range outside the registrations it knows — including ranges requested by
+///   a peer over the network;
+/// * when dropped (its last `Arc`), to stop its threads and afterwards touch no
+///   registered memory; whatever the kernel or a NIC may still write is leaked, never
+///   freed.
 pub trait Backend: Send + Sync {
     /// Short name (`tcp`, `ucx`, `libfabric`, `gds`, `loopback`).
     fn name(&self) -> &str;
@@ -165,16 +338,25 @@ pub trait Backend: Send + Sync {
     /// What the backend supports.
     fn capabilities(&self) -> Capabilities;
 
-    /// Registers `desc` of `kind` so it can be a transfer's local side or a peer's target.
+    /// Registers `desc` of `kind` with `access` so it can be a transfer's local side or a
+    /// peer's target.
     ///
     /// # Safety
     ///
-    /// The range must be valid for reads and writes (for DRAM/VRAM: mapped, not freed)
-    /// until `deregister` of the returned id returns.
+    /// The range must be valid for reads — and, for [`Access::ReadWrite`], for writes —
+    /// (for DRAM/VRAM: mapped, not freed) until `deregister` of the returned id returned
+    /// `Ok`.
     #[allow(unsafe_code)] // declares the contract; kv-core itself dereferences nothing
-    unsafe fn register(&self, kind: MemKind, desc: &crate::Descriptor) -> Result<RegistrationId>;
+    unsafe fn register(
+        &self,
+        kind: MemKind,
+        desc: &crate::Descriptor,
+        access: Access,
+    ) -> Result<RegistrationId>;
 
-    /// Ends a registration. Fails with [`Error::Busy`] while a posted transfer names it.
+    /// Ends a registration. Fails with [`Error::Busy`] while a transfer this backend
+    /// posted names it (a peer's in-flight operation does not count: it is cut off).
+    /// Returns only when no peer operation can touch the range any more.
     fn deregister(&self, id: RegistrationId) -> Result<()>;
 
     /// The public part of a registration a peer needs to address it (the remote key).
@@ -183,15 +365,17 @@ pub trait Backend: Send + Sync {
     /// This backend's connection info (addresses, worker blobs) for peers to connect.
     fn connection_info(&self) -> Result<Bytes>;
 
-    /// Connects to (or prepares to address) a peer from its connection info.
+    /// Connects to (or prepares to address) a peer from its connection info;
+    /// authenticated backends run the cluster-secret handshake here (or on first use).
     fn connect(&self, peer_name: &str, info: &[u8]) -> Result<EndpointId>;
 
-    /// Forgets a peer: its transfers fail with [`Error::RemoteDisconnected`] and its
-    /// imported registrations are released.
+    /// Forgets a peer: its in-flight transfers end `Failed(RemoteDisconnected)`, its
+    /// imported registrations are released, and later prepares and posts naming it fail
+    /// with [`Error::RemoteDisconnected`].
     fn disconnect(&self, peer: EndpointId) -> Result<()>;
 
     /// Imports a peer's registration: `desc` is what the peer registered and `key` the
-    /// remote key it exported for it.
+    /// remote key it exported for it. A malformed key is [`Error::InvalidMetadata`].
     fn import_remote(
         &self,
         peer: EndpointId,
@@ -207,7 +391,9 @@ pub trait Backend: Send + Sync {
     /// lengths, supported kinds) and keeps it for any number of posts.
     fn prepare(&self, req: &TransferRequest) -> Result<TransferId>;
 
-    /// Starts a prepared transfer. A transfer that finished may be posted again.
+    /// Starts a prepared transfer. A transfer that finished may be posted again. A
+    /// deadline that already passed fails with [`Error::TimedOut`] (here or in the
+    /// status) and moves nothing.
     ///
     /// # Safety
     ///
@@ -216,11 +402,13 @@ pub trait Backend: Send + Sync {
     #[allow(unsafe_code)] // declares the contract; kv-core itself dereferences nothing
     unsafe fn post(&self, id: TransferId, opts: &PostOptions) -> Result<()>;
 
-    /// The transfer's state. Does not block; may drive progress.
+    /// The transfer's state. Does not block; may drive progress. A released or unknown
+    /// id is `Failed(InvalidArgument)`.
     fn poll(&self, id: TransferId) -> Status;
 
-    /// Stops a transfer. Returns only when the backend will no longer touch its memory;
-    /// the transfer then reports `Failed(Canceled)` (or `Done` if it won the race).
+    /// Stops a transfer. Returns `Ok` only when the backend will no longer touch its
+    /// memory; the transfer then reports `Failed(Canceled)` (or `Done` if it won the
+    /// race). Bounded: [`Error::Busy`] if the native layer may still touch the memory.
     fn cancel(&self, id: TransferId) -> Result<()>;
 
     /// Forgets a prepared transfer. Fails with [`Error::Busy`] while it is in progress.
@@ -270,8 +458,8 @@ pub fn require_or_skip<T>(backend: &str, created: Result<T>) -> Option<T> {
     }
 }
 
-/// Helper for backends: checks that the local and remote lists of a request are
-/// non-empty and of equal total length.
+/// Helper for backends: checks that the local and remote lists of a request are of
+/// equal, non-zero total length (zero-length descriptors inside them are fine).
 pub fn check_request_shape(req: &TransferRequest) -> Result<()> {
     if req.local.total_bytes() != req.remote.total_bytes() {
         return Err(Error::invalid_argument(format!(
@@ -289,6 +477,32 @@ pub fn check_request_shape(req: &TransferRequest) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_hides_its_secret() {
+        let s = ClusterSecret::generate().unwrap();
+        let init = BackendInit::new("prefill-0")
+            .with_secret(s.clone())
+            .with_bind_ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let dbg = format!("{init:?}");
+        assert!(dbg.contains("prefill-0") && dbg.contains(&s.fingerprint()));
+        assert!(!dbg.contains(&s.to_hex()), "{dbg}");
+        assert_eq!(
+            BackendInit::new("x").bind_ip,
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        );
+        fn check<T: Send + Sync + Clone>() {}
+        check::<BackendInit>();
+    }
+
+    #[test]
+    fn access_round_trips() {
+        for a in [Access::ReadWrite, Access::ReadOnly] {
+            assert_eq!(Access::from_u8(a.as_u8()), Some(a));
+        }
+        assert_eq!(Access::from_u8(2), None);
+        assert_eq!(Access::default(), Access::ReadWrite);
+    }
 
     #[test]
     fn backend_is_object_safe_and_shareable() {

@@ -10,7 +10,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// Variants are what a caller can act on: retry after a reconnect
 /// ([`Error::RemoteDisconnected`]), pick another backend
-/// ([`Error::BackendUnavailable`]), fix the request ([`Error::OutOfBounds`]).
+/// ([`Error::BackendUnavailable`]), fix the request ([`Error::OutOfBounds`]), fix the
+/// configuration ([`Error::Unauthenticated`]: the cluster secrets differ), or stop asking
+/// ([`Error::AccessDenied`]: a WRITE into a read-only registration).
 /// The type is `Clone` (sources are shared behind `Arc`) so a failed transfer can report
 /// the same error to every poll. `Send + Sync`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,6 +76,13 @@ pub enum Error {
     /// The object is in use (e.g. deregistering memory that an in-flight transfer names).
     #[error("busy: {0}")]
     Busy(String),
+    /// A peer (or this side) failed the cluster-secret handshake or a frame's MAC check.
+    #[error("peer failed authentication ({0}); both sides must use the same cluster secret (KVX_SECRET)")]
+    Unauthenticated(String),
+    /// The operation is not allowed on that memory (a WRITE into a read-only registration,
+    /// a READ whose destination is registered read-only, …).
+    #[error("access denied: {0}")]
+    AccessDenied(String),
     /// A native library or the operating system reported an error.
     #[error("{name}: {message} (code {code})")]
     Backend {
@@ -145,5 +154,7 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::NotFound),
         );
         assert!(e.to_string().starts_with("open /x: "));
+        let e = Error::Unauthenticated("bad MAC from 127.0.0.1:4000".into());
+        assert!(e.to_string().contains("same cluster secret (KVX_SECRET)"));
     }
 }

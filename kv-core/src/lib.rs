@@ -1,21 +1,37 @@
-//! The ground floor of kvx: memory descriptors, the [`Backend`] plugin trait, the one
-//! [`Error`] type and the metadata wire codec.
+//! The ground floor of kvx: memory descriptors, the [`Backend`] plugin trait and its
+//! contract, the one [`Error`] type, the metadata wire codec and the cluster-secret
+//! authentication primitives.
 //!
-//! A third-party backend depends on this crate alone: it implements [`Backend`] and
-//! proves itself with the `conformance` feature's suite. `kv-core` does no I/O and no
-//! unsafe operation (`#![deny(unsafe_code)]`, lifted only where the trait declares its two
-//! `unsafe` methods and where the loopback backend and the conformance suite implement or
-//! call them); it compiles in seconds.
+//! A third-party backend depends on this crate alone: it implements [`Backend`] — whose
+//! docs are the contract, clause by clause — exports a [`BackendFactory`] the agent
+//! calls with a [`BackendInit`] (agent name, cluster secret, bind address), and proves
+//! itself with the `conformance` feature's suite, which `tests/mutants.rs` shows failing
+//! on a dozen deliberately broken backends. The in-process [`loopback`] backend is the
+//! reference implementation to read. `kv-core` does no I/O besides reading OS randomness
+//! ([`auth`]) and no unsafe operation (`#![deny(unsafe_code)]`, lifted only where the
+//! trait declares its two `unsafe` methods and where the loopback backend and the
+//! conformance suite implement or call them); it compiles in seconds.
 //!
 //! ```
-//! use kv_core::{Descriptor, DescriptorList, AgentMetadata};
+//! use kv_core::{Access, AgentMetadata, Bytes, Descriptor, DescriptorList, MemKind, RegistrationMetadata};
 //!
 //! // One layer's K cache: 1 M pages of 32 KiB, one strided entry, not a million.
 //! let pages = DescriptorList::strided(0x7f00_0000_0000, 32 << 10, 1 << 20, 32 << 10, 0)?;
 //! assert_eq!((pages.len(), pages.entries().len()), (1 << 20, 1));
 //! assert_eq!(pages.get(3), Some(Descriptor::new(0x7f00_0000_0000 + 3 * (32 << 10), 32 << 10, 0)));
+//! // Lists refuse what would overflow the address space instead of wrapping.
+//! assert!(DescriptorList::strided(u64::MAX - 4096, 32 << 10, 2, 32 << 10, 0).is_err());
 //!
-//! let meta = AgentMetadata { name: "prefill-0".into(), generation: 1, ..Default::default() };
+//! // What an agent publishes: its registrations (read-only ones too) and small attributes.
+//! let meta = AgentMetadata {
+//!     name: "prefill-0".into(),
+//!     generation: 1,
+//!     attributes: vec![("kv_layout".into(), Bytes::from_static(b"llama3-8b/bf16/16"))],
+//!     registrations: vec![RegistrationMetadata {
+//!         id: 1, kind: MemKind::Dram, access: Access::ReadOnly, descs: pages, keys: vec![],
+//!     }],
+//!     ..Default::default()
+//! };
 //! let wire = meta.encode()?;
 //! assert_eq!(AgentMetadata::decode(&wire)?, meta);
 //! # Ok::<(), kv_core::Error>(())
@@ -23,6 +39,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 mod backend;
 pub mod codec;
 #[cfg(feature = "conformance")]
@@ -32,10 +49,13 @@ mod error;
 pub mod loopback;
 
 pub use backend::{
-    backend_required, check_request_shape, require_or_skip, Backend, Capabilities, EndpointId,
-    Notification, Op, Params, PostOptions, RegistrationId, RemoteId, Status, TransferId,
-    TransferRequest,
+    backend_required, check_request_shape, require_or_skip, Access, Backend, BackendFactory,
+    BackendInit, Capabilities, EndpointId, Notification, Op, Params, PostOptions, RegistrationId,
+    RemoteId, Status, TransferId, TransferRequest,
 };
+/// Shareable byte blobs (connection info, remote keys, notification payloads), re-exported
+/// so a backend needs no direct `bytes` dependency.
+pub use bytes::Bytes;
 pub use codec::{AgentMetadata, BackendMetadata, RegistrationMetadata};
 pub use desc::{
     segments, Descriptor, DescriptorList, Entry, Iter, MemKind, MemKinds, Segment, Segments,

@@ -152,7 +152,8 @@ impl Entry {
         }
     }
 
-    /// Total bytes of the expanded descriptors.
+    /// Total bytes of the expanded descriptors. Exact for every entry a
+    /// [`DescriptorList`] holds (the list refuses entries whose total overflows).
     pub fn bytes(&self) -> u64 {
         match self {
             Entry::Single(d) => d.len,
@@ -160,7 +161,7 @@ impl Entry {
         }
     }
 
-    /// The `i`-th descriptor (`i < count()`).
+    /// The `i`-th descriptor (`None` past the end or if its address would overflow).
     pub fn get(&self, i: u64) -> Option<Descriptor> {
         match *self {
             Entry::Single(d) => (i == 0).then_some(d),
@@ -170,7 +171,13 @@ impl Entry {
                 count,
                 len,
                 device,
-            } => (i < count).then(|| Descriptor::new(base.wrapping_add(i * stride), len, device)),
+            } => {
+                if i >= count {
+                    return None;
+                }
+                let addr = i.checked_mul(stride)?.checked_add(base)?;
+                Some(Descriptor::new(addr, len, device))
+            }
         }
     }
 
@@ -196,11 +203,46 @@ impl Entry {
             }
         }
     }
+
+    /// (descriptors, bytes) the entry adds to a list, or why no list may hold it: every
+    /// address (`base + (count-1)*stride + len`) and the byte total must fit in a `u64`.
+    fn checked_size(&self) -> Result<(u64, u64)> {
+        match *self {
+            Entry::Single(d) => match d.end() {
+                Some(_) => Ok((1, d.len)),
+                None => Err(Error::invalid_argument(format!(
+                    "descriptor {:#x}+{} overflows the address space",
+                    d.addr, d.len
+                ))),
+            },
+            // A run of zero-length descriptors moves nothing and is not kept.
+            Entry::Strided { count: 0, .. } | Entry::Strided { len: 0, .. } => Ok((0, 0)),
+            Entry::Strided {
+                base,
+                stride,
+                count,
+                len,
+                ..
+            } => match (self.extent(), count.checked_mul(len)) {
+                (Some(_), Some(bytes)) => Ok((count, bytes)),
+                _ => Err(Error::invalid_argument(format!(
+                    "strided run base={base:#x} stride={stride} count={count} len={len} overflows the address space"
+                ))),
+            },
+        }
+    }
 }
 
 /// An ordered list of descriptors, kept compact: regular layouts are stored as strided
 /// entries and expanded lazily, so a paged KV cache of a million blocks costs a few
 /// entries, not a million allocations. `Clone`, `Send + Sync`.
+///
+/// Every constructor validates what it is given: no descriptor's address computation
+/// overflows a `u64`, and neither do the descriptor count and the byte total, so
+/// [`get`](Self::get), [`slice`](Self::slice), [`coalesced`](Self::coalesced) and
+/// [`total_bytes`](Self::total_bytes) are exact and cannot panic. Zero-length
+/// descriptors are kept (they move nothing); zero-length strided runs are dropped.
+/// Build one from descriptors with `collect::<Result<DescriptorList>>()`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct DescriptorList {
     entries: Vec<Entry>,
@@ -214,11 +256,11 @@ impl DescriptorList {
         Self::default()
     }
 
-    /// A list of one descriptor.
-    pub fn single(desc: Descriptor) -> Self {
+    /// A list of one descriptor; [`Error::InvalidArgument`] if `addr + len` overflows.
+    pub fn single(desc: Descriptor) -> Result<Self> {
         let mut l = Self::new();
-        l.push(desc);
-        l
+        l.push(desc)?;
+        Ok(l)
     }
 
     /// A list of one strided run (see [`Entry::Strided`]).
@@ -228,12 +270,71 @@ impl DescriptorList {
         Ok(l)
     }
 
-    /// Appends one descriptor. A descriptor that continues the last strided run (same
-    /// device, length and stride) extends it instead of adding an entry.
-    pub fn push(&mut self, desc: Descriptor) {
-        self.count = self.count.saturating_add(1);
-        self.bytes = self.bytes.saturating_add(desc.len);
-        if let Some(last) = self.entries.last_mut() {
+    /// A list of the given descriptors, in order (as `collect::<Result<DescriptorList>>()`).
+    pub fn try_from_iter(descs: impl IntoIterator<Item = Descriptor>) -> Result<Self> {
+        let mut l = Self::new();
+        for d in descs {
+            l.push(d)?;
+        }
+        Ok(l)
+    }
+
+    /// Appends one descriptor. A descriptor that continues the last run (same device and
+    /// non-zero length, the next address at the same stride) extends it instead of
+    /// adding an entry. [`Error::InvalidArgument`] if its end or the list's totals
+    /// would overflow.
+    pub fn push(&mut self, desc: Descriptor) -> Result<()> {
+        self.push_entry(Entry::Single(desc))
+    }
+
+    /// Appends a strided run of `count` descriptors of `len` bytes, `stride` apart. A run
+    /// of zero-length descriptors moves nothing and is not added.
+    ///
+    /// Fails with [`Error::InvalidArgument`] when the run's addresses overflow.
+    pub fn push_strided(
+        &mut self,
+        base: u64,
+        stride: u64,
+        count: u64,
+        len: u64,
+        device: u32,
+    ) -> Result<()> {
+        self.push_entry(Entry::Strided {
+            base,
+            stride,
+            count,
+            len,
+            device,
+        })
+    }
+
+    /// Appends an entry (used by decoders: a strided entry is kept as is, a single one
+    /// may continue the last run). Validated like [`DescriptorList::push_strided`].
+    pub fn push_entry(&mut self, e: Entry) -> Result<()> {
+        let (count, bytes) = e.checked_size()?;
+        if count == 0 {
+            return Ok(());
+        }
+        let (Some(new_count), Some(new_bytes)) =
+            (self.count.checked_add(count), self.bytes.checked_add(bytes))
+        else {
+            return Err(Error::invalid_argument(format!(
+                "appending {count} descriptors of {bytes} bytes to a list of {} descriptors and {} bytes overflows",
+                self.count, self.bytes
+            )));
+        };
+        self.count = new_count;
+        self.bytes = new_bytes;
+        match e {
+            Entry::Single(d) => self.append_single(d),
+            Entry::Strided { .. } => self.entries.push(e),
+        }
+        Ok(())
+    }
+
+    /// Adds a validated single descriptor, extending the last run where it continues it.
+    fn append_single(&mut self, desc: Descriptor) {
+        if let (Some(last), true) = (self.entries.last_mut(), desc.len > 0) {
             match *last {
                 Entry::Single(prev)
                     if prev.device == desc.device
@@ -272,54 +373,6 @@ impl DescriptorList {
         self.entries.push(Entry::Single(desc));
     }
 
-    /// Appends a strided run of `count` descriptors of `len` bytes, `stride` apart. A run
-    /// of zero-length descriptors moves nothing and is not added.
-    ///
-    /// Fails with [`Error::InvalidArgument`] when the run's addresses overflow.
-    pub fn push_strided(
-        &mut self,
-        base: u64,
-        stride: u64,
-        count: u64,
-        len: u64,
-        device: u32,
-    ) -> Result<()> {
-        if count == 0 || len == 0 {
-            return Ok(());
-        }
-        let e = Entry::Strided {
-            base,
-            stride,
-            count,
-            len,
-            device,
-        };
-        if e.extent().is_none() || count.checked_mul(len).is_none() {
-            return Err(Error::invalid_argument(format!(
-                "strided run base={base:#x} stride={stride} count={count} len={len} overflows the address space"
-            )));
-        }
-        self.push_entry(e);
-        Ok(())
-    }
-
-    /// Appends an entry as is (used by decoders; strided entries are not re-merged).
-    pub fn push_entry(&mut self, e: Entry) {
-        if e.count() == 0 || matches!(e, Entry::Strided { len: 0, .. }) {
-            return;
-        }
-        self.count = self.count.saturating_add(e.count());
-        self.bytes = self.bytes.saturating_add(e.bytes());
-        if let Entry::Single(d) = e {
-            // Let a single continue a run, as `push` does.
-            self.count -= 1;
-            self.bytes -= d.len;
-            self.push(d);
-        } else {
-            self.entries.push(e);
-        }
-    }
-
     /// The compact entries.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
@@ -335,7 +388,7 @@ impl DescriptorList {
         self.count == 0
     }
 
-    /// Total bytes of all descriptors.
+    /// Total bytes of all descriptors (exact: the list refuses totals above `u64::MAX`).
     pub fn total_bytes(&self) -> u64 {
         self.bytes
     }
@@ -376,16 +429,17 @@ impl DescriptorList {
             let (lo, hi) = (start.max(pos), end.min(pos.saturating_add(c)));
             if lo < hi {
                 match *e {
-                    Entry::Single(d) => out.push(d),
+                    Entry::Single(d) => out.push(d)?,
                     Entry::Strided {
-                        base,
                         stride,
                         len,
                         device,
                         ..
                     } => {
-                        let b = base + (lo - pos) * stride;
-                        out.push_strided(b, stride, hi - lo, len, device)?;
+                        let first = e.get(lo - pos).ok_or_else(|| {
+                            Error::invalid_argument("strided entry overflows (list invariant)")
+                        })?;
+                        out.push_strided(first.addr, stride, hi - lo, len, device)?;
                     }
                 }
             }
@@ -398,21 +452,19 @@ impl DescriptorList {
     }
 
     /// True when every descriptor of `self` lies inside some descriptor of `outer`.
+    /// Zero-length descriptors touch no byte and are always inside.
     ///
-    /// Strided entries are checked by their extent, so this is O(entries × outer entries)
-    /// for lists whose runs do not straddle gaps in `outer`.
+    /// O(entries × outer²) however many descriptors a strided run expands to.
     pub fn within(&self, outer: &[Descriptor]) -> bool {
-        self.entries.iter().all(|e| match e.extent() {
-            Some(x) if outer.iter().any(|o| o.contains(&x)) => true,
-            Some(_) => match *e {
-                // The run's extent straddles several outer ranges: check each descriptor.
-                Entry::Strided { count, .. } => (0..count).all(|i| {
-                    e.get(i)
-                        .is_some_and(|d| outer.iter().any(|o| o.contains(&d)))
-                }),
-                Entry::Single(_) => false,
-            },
-            None => false,
+        self.entries.iter().all(|e| match *e {
+            Entry::Single(d) => d.len == 0 || outer.iter().any(|o| o.contains(&d)),
+            Entry::Strided {
+                base,
+                stride,
+                count,
+                len,
+                device,
+            } => run_within(base, stride, count, len, device, outer),
         })
     }
 
@@ -427,6 +479,12 @@ impl DescriptorList {
     /// merged into one; order is kept. Strided runs whose stride equals their length
     /// become single ranges.
     pub fn coalesced(&self) -> DescriptorList {
+        // Every merged range covers exactly bytes of validated ranges, so the rebuild
+        // cannot overflow; should it ever fail, the list itself is a correct answer.
+        self.try_coalesced().unwrap_or_else(|_| self.clone())
+    }
+
+    fn try_coalesced(&self) -> Result<DescriptorList> {
         let mut out: Vec<Descriptor> = Vec::new();
         let mut list = DescriptorList::new();
         for e in &self.entries {
@@ -434,10 +492,10 @@ impl DescriptorList {
                 Entry::Strided {
                     base,
                     stride,
-                    count,
                     len,
                     device,
-                } if stride == len => Some(Descriptor::new(base, len * count, device)),
+                    ..
+                } if stride == len => Some(Descriptor::new(base, e.bytes(), device)),
                 Entry::Single(d) => Some(d),
                 Entry::Strided { .. } => None,
             };
@@ -446,7 +504,7 @@ impl DescriptorList {
                     Some(prev)
                         if prev.device == d.device
                             && prev.end() == Some(d.addr)
-                            && prev.len.checked_add(d.len).is_some() =>
+                            && d.end().is_some() =>
                     {
                         prev.len += d.len;
                     }
@@ -454,26 +512,60 @@ impl DescriptorList {
                 },
                 None => {
                     for d in out.drain(..) {
-                        list.push(d);
+                        list.push(d)?;
                     }
-                    list.push_entry(*e);
+                    list.push_entry(*e)?;
                 }
             }
         }
         for d in out {
-            list.push(d);
+            list.push(d)?;
         }
-        list
+        Ok(list)
     }
 }
 
-impl FromIterator<Descriptor> for DescriptorList {
-    fn from_iter<I: IntoIterator<Item = Descriptor>>(iter: I) -> Self {
-        let mut l = DescriptorList::new();
-        for d in iter {
-            l.push(d);
+/// Whether the strided run lies in `outer`: jumps from one outer range to the next
+/// instead of visiting each descriptor, so a run of 2^64 descriptors is checked in
+/// O(outer²).
+fn run_within(
+    base: u64,
+    stride: u64,
+    count: u64,
+    len: u64,
+    device: u32,
+    outer: &[Descriptor],
+) -> bool {
+    let mut i = 0u64;
+    while i < count {
+        let Some(addr) = i.checked_mul(stride).and_then(|o| o.checked_add(base)) else {
+            return false;
+        };
+        let d = Descriptor::new(addr, len, device);
+        // The containing range that reaches furthest: each jump then lands past its end,
+        // so no outer range is chosen twice.
+        let Some(end) = outer
+            .iter()
+            .filter(|o| o.contains(&d))
+            .filter_map(|o| o.end())
+            .max()
+        else {
+            return false;
+        };
+        if stride == 0 {
+            return true;
         }
-        l
+        // The last descriptor j >= i with addr_j + len <= end.
+        let fits = (end - len - base) / stride; // end >= addr + len >= base + len
+        i = fits.saturating_add(1).max(i + 1);
+    }
+    true
+}
+
+impl FromIterator<Descriptor> for Result<DescriptorList> {
+    /// Collects descriptors into a list, failing on the first one the list refuses.
+    fn from_iter<I: IntoIterator<Item = Descriptor>>(iter: I) -> Self {
+        DescriptorList::try_from_iter(iter)
     }
 }
 
@@ -578,178 +670,4 @@ impl Iterator for Segments<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn push_builds_strided_runs() {
-        let l: DescriptorList = (0..1000u64)
-            .map(|i| Descriptor::new(0x1000 + i * 64, 32, 0))
-            .collect();
-        assert_eq!(l.entries().len(), 1);
-        assert_eq!(l.len(), 1000);
-        assert_eq!(l.total_bytes(), 32_000);
-        assert_eq!(l.get(999), Some(Descriptor::new(0x1000 + 999 * 64, 32, 0)));
-        assert_eq!(l.iter().count(), 1000);
-    }
-
-    #[test]
-    fn million_blocks_are_one_entry() {
-        let l = DescriptorList::strided(0x10_0000, 32 * 1024, 1 << 20, 32 * 1024, 0).unwrap();
-        assert_eq!(l.entries().len(), 1);
-        assert_eq!(l.len(), 1 << 20);
-        let c = l.coalesced();
-        assert_eq!(c.entries().len(), 1);
-        assert_eq!(c.len(), 1);
-        assert_eq!(c.total_bytes(), 32 << 30);
-    }
-
-    #[test]
-    fn slicing_keeps_runs() {
-        let mut l = DescriptorList::strided(0, 100, 10, 10, 0).unwrap();
-        l.push(Descriptor::new(5000, 7, 1));
-        let s = l.slice(3, 11).unwrap();
-        assert_eq!(s.len(), 8);
-        assert_eq!(s.get(0), Some(Descriptor::new(300, 10, 0)));
-        assert_eq!(s.get(7), Some(Descriptor::new(5000, 7, 1)));
-        assert!(l.slice(3, 12).is_err());
-        assert!(l.slice(4, 3).is_err());
-    }
-
-    #[test]
-    fn bounds_and_overlap() {
-        let reg = [Descriptor::new(1000, 1000, 0)];
-        assert!(DescriptorList::strided(1000, 100, 10, 100, 0)
-            .unwrap()
-            .within(&reg));
-        assert!(!DescriptorList::strided(1000, 100, 10, 101, 0)
-            .unwrap()
-            .within(&reg));
-        assert!(!DescriptorList::single(Descriptor::new(1000, 10, 1)).within(&reg));
-        let two = [Descriptor::new(0, 50, 0), Descriptor::new(100, 50, 0)];
-        assert!(DescriptorList::strided(0, 100, 2, 50, 0)
-            .unwrap()
-            .within(&two));
-        assert!(!DescriptorList::strided(0, 100, 2, 51, 0)
-            .unwrap()
-            .within(&two));
-        assert!(!DescriptorList::strided(0, 10, 3, 20, 0)
-            .unwrap()
-            .iter()
-            .all(|_| false));
-        assert!(DescriptorList::strided(0, 10, 3, 20, 0)
-            .unwrap()
-            .has_overlap());
-        assert!(!DescriptorList::strided(0, 20, 3, 20, 0)
-            .unwrap()
-            .has_overlap());
-        assert!(DescriptorList::strided(u64::MAX - 10, 10, 3, 1, 0).is_err());
-    }
-
-    #[test]
-    fn extremes_do_not_overflow_or_hang() {
-        let mut l = DescriptorList::new();
-        l.push_strided(0, 1, u64::MAX, 0, 0).unwrap(); // zero-length run: nothing
-        assert!(l.is_empty());
-        l.push_entry(Entry::Strided {
-            base: 0,
-            stride: 0,
-            count: u64::MAX,
-            len: 0,
-            device: 0,
-        });
-        assert!(l.is_empty());
-        l.push_strided(0, 0, u64::MAX, 1, 0).unwrap();
-        l.push(Descriptor::new(0, 1, 0));
-        assert_eq!(l.len(), u64::MAX);
-        assert!(l.slice(u64::MAX - 2, u64::MAX).is_ok());
-        let big: DescriptorList = [
-            Descriptor::new(0, u64::MAX - 1, 0),
-            Descriptor::new(u64::MAX - 1, 1, 0),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(big.coalesced().len(), 1);
-    }
-
-    #[test]
-    fn coalesce_merges_adjacent() {
-        let l: DescriptorList = [
-            Descriptor::new(0, 10, 0),
-            Descriptor::new(10, 10, 0),
-            Descriptor::new(30, 10, 0),
-            Descriptor::new(40, 5, 0),
-            Descriptor::new(45, 5, 1),
-        ]
-        .into_iter()
-        .collect();
-        let c: Vec<_> = l.coalesced().iter().collect();
-        assert_eq!(
-            c,
-            vec![
-                Descriptor::new(0, 20, 0),
-                Descriptor::new(30, 15, 0),
-                Descriptor::new(45, 5, 1)
-            ]
-        );
-    }
-
-    #[test]
-    fn segments_split_at_both_boundaries() {
-        let local: DescriptorList = [Descriptor::new(0, 10, 0), Descriptor::new(100, 6, 0)]
-            .into_iter()
-            .collect();
-        let remote = DescriptorList::strided(1000, 8, 2, 8, 0).unwrap();
-        let s: Vec<_> = segments(&local, &remote).unwrap().collect();
-        assert_eq!(s.len(), 3);
-        assert_eq!(s[0].local, Descriptor::new(0, 8, 0));
-        assert_eq!(s[1].local, Descriptor::new(8, 2, 0));
-        assert_eq!(s[1].remote, Descriptor::new(1008, 2, 0));
-        assert_eq!(s[2].local, Descriptor::new(100, 6, 0));
-        assert_eq!(s[2].remote, Descriptor::new(1010, 6, 0));
-        let short = DescriptorList::single(Descriptor::new(0, 1, 0));
-        assert!(segments(&local, &short).is_err());
-    }
-
-    fn arb_desc() -> impl Strategy<Value = Descriptor> {
-        (0u64..1 << 40, 0u64..4096, 0u32..3).prop_map(|(a, l, d)| Descriptor::new(a, l, d))
-    }
-
-    proptest! {
-        #[test]
-        fn compact_form_expands_to_what_was_pushed(v in proptest::collection::vec(arb_desc(), 0..200)) {
-            let l: DescriptorList = v.iter().copied().collect();
-            let back: Vec<_> = l.iter().collect();
-            prop_assert_eq!(&back, &v);
-            prop_assert_eq!(l.len(), v.len() as u64);
-            prop_assert_eq!(l.total_bytes(), v.iter().map(|d| d.len).sum::<u64>());
-        }
-
-        #[test]
-        fn regular_runs_compress(base in 0u64..1 << 40, stride in 1u64..1 << 20, n in 1u64..5000) {
-            let l: DescriptorList = (0..n).map(|i| Descriptor::new(base + i * stride, stride.min(64), 0)).collect();
-            prop_assert!(l.entries().len() <= 1);
-            prop_assert_eq!(l.len(), n);
-        }
-
-        #[test]
-        fn coalescing_keeps_bytes_in_order(v in proptest::collection::vec(arb_desc(), 0..100)) {
-            let l: DescriptorList = v.iter().copied().collect();
-            let c = l.coalesced();
-            prop_assert_eq!(c.total_bytes(), l.total_bytes());
-            let a: Vec<(u32, u64)> = l.iter().flat_map(|d| (0..d.len).map(move |i| (d.device, d.addr + i))).take(10_000).collect();
-            let b: Vec<(u32, u64)> = c.iter().flat_map(|d| (0..d.len).map(move |i| (d.device, d.addr + i))).take(10_000).collect();
-            prop_assert_eq!(a, b);
-        }
-
-        #[test]
-        fn slices_match_expansion(v in proptest::collection::vec(arb_desc(), 0..100), a in 0usize..100, b in 0usize..100) {
-            let l: DescriptorList = v.iter().copied().collect();
-            let (a, b) = (a.min(v.len()), b.min(v.len()));
-            let (a, b) = (a.min(b), a.max(b));
-            let s = l.slice(a as u64, b as u64).unwrap();
-            prop_assert_eq!(s.iter().collect::<Vec<_>>(), v[a..b].to_vec());
-        }
-    }
-}
+mod tests;

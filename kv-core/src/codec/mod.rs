@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! header (20 bytes): magic "KVXM" | version u16 | flags u16 | body_len u32 | crc32c(body) u32 | reserved u32
-//! body: name str | generation u64 | backends: u16 n × (name str, blob) |
-//!       registrations: u32 n × (id u64, kind u8, descs list, keys: u16 n × (backend u16, blob)) |
+//! body: name str | generation u64 | attributes: u16 n × (name str, blob) |
+//!       backends: u16 n × (name str, blob) |
+//!       registrations: u32 n × (id u64, kind u8, access u8, descs list,
+//!                               keys: u16 n × (backend u16, blob)) |
 //!       removed: u32 n × u64
 //! str  = u16 len + UTF-8
 //! blob = u32 len + bytes
@@ -15,23 +17,29 @@
 //!
 //! Every length is checked against what remains before anything is allocated, and the
 //! whole message is bounded by [`MAX_METADATA_BYTES`]; any malformed input returns
-//! [`Error::InvalidMetadata`] with the reason.
+//! [`Error::InvalidMetadata`] with the reason. Version 2 added `attributes` and
+//! `access`; a version-1 message is refused with a message saying to upgrade both peers.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::backend::Access;
 use crate::desc::{Descriptor, DescriptorList, Entry, MemKind};
 use crate::error::{Error, Result};
 
 /// Magic bytes at the start of every metadata message.
 pub const MAGIC: [u8; 4] = *b"KVXM";
 /// The wire version this crate writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 20;
 /// Largest metadata message accepted (64 MiB).
 pub const MAX_METADATA_BYTES: usize = 64 << 20;
 /// Largest name (agent or backend) in bytes.
 pub const MAX_NAME_LEN: usize = 1024;
+/// Most attributes one agent publishes ([`AgentMetadata::attributes`]).
+pub const MAX_ATTRIBUTES: usize = 64;
+/// Largest attribute value in bytes.
+pub const MAX_ATTRIBUTE_BYTES: usize = 4096;
 
 const FLAG_PARTIAL: u16 = 1;
 
@@ -51,6 +59,9 @@ pub struct RegistrationMetadata {
     pub id: u64,
     /// Memory kind.
     pub kind: MemKind,
+    /// Who may touch it: a peer refuses to WRITE a read-only registration early (the
+    /// target enforces it regardless).
+    pub access: Access,
     /// The registered ranges (usually one; strided for regular layouts).
     pub descs: DescriptorList,
     /// Remote keys, one per backend that registered it: (index into
@@ -61,7 +72,8 @@ pub struct RegistrationMetadata {
 /// What an agent publishes about itself. `Clone`, `Send + Sync`.
 ///
 /// A full message (`partial == false`) replaces everything known about the agent; a
-/// partial one adds or replaces the listed registrations and drops `removed`.
+/// partial one adds or replaces the listed registrations and drops `removed`, and its
+/// attributes, when it carries any, replace the agent's (none = unchanged).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentMetadata {
     /// The agent's name.
@@ -70,6 +82,10 @@ pub struct AgentMetadata {
     pub generation: u64,
     /// True for an incremental update.
     pub partial: bool,
+    /// Small named values the agent publishes (the KV layout compatibility hash, TP
+    /// rank and size, …): at most [`MAX_ATTRIBUTES`], each value at most
+    /// [`MAX_ATTRIBUTE_BYTES`].
+    pub attributes: Vec<(String, Bytes)>,
     /// Backends and their connection info.
     pub backends: Vec<BackendMetadata>,
     /// Registrations.
@@ -85,6 +101,23 @@ impl AgentMetadata {
         b.put_slice(&[0u8; HEADER_LEN]);
         put_str(&mut b, &self.name)?;
         b.put_u64_le(self.generation);
+        if self.attributes.len() > MAX_ATTRIBUTES {
+            return Err(Error::invalid_argument(format!(
+                "{} attributes exceed the limit of {MAX_ATTRIBUTES}",
+                self.attributes.len()
+            )));
+        }
+        put_count16(&mut b, self.attributes.len(), "attributes")?;
+        for (name, value) in &self.attributes {
+            if value.len() > MAX_ATTRIBUTE_BYTES {
+                return Err(Error::invalid_argument(format!(
+                    "attribute {name:?} of {} bytes exceeds {MAX_ATTRIBUTE_BYTES}",
+                    value.len()
+                )));
+            }
+            put_str(&mut b, name)?;
+            put_blob(&mut b, value)?;
+        }
         put_count16(&mut b, self.backends.len(), "backends")?;
         for be in &self.backends {
             put_str(&mut b, &be.name)?;
@@ -94,6 +127,7 @@ impl AgentMetadata {
         for r in &self.registrations {
             b.put_u64_le(r.id);
             b.put_u8(r.kind as u8);
+            b.put_u8(r.access.as_u8());
             put_list(&mut b, &r.descs)?;
             put_count16(&mut b, r.keys.len(), "keys")?;
             for (idx, key) in &r.keys {
@@ -150,7 +184,7 @@ impl AgentMetadata {
         let version = u16::from_le_bytes([buf[4], buf[5]]);
         if version != VERSION {
             return Err(bad(format!(
-                "wire version {version}, this build reads {VERSION}; upgrade the older peer"
+                "peer speaks metadata v{version}, this build speaks v{VERSION}; upgrade both"
             )));
         }
         let flags = u16::from_le_bytes([buf[6], buf[7]]);
@@ -175,6 +209,24 @@ impl AgentMetadata {
         let mut r = Reader::new(body);
         let name = r.str()?;
         let generation = r.u64()?;
+        let na = r.count16(2 + 4)?;
+        if na > MAX_ATTRIBUTES {
+            return Err(bad(format!(
+                "{na} attributes exceed the limit of {MAX_ATTRIBUTES}"
+            )));
+        }
+        let mut attributes = Vec::with_capacity(na);
+        for _ in 0..na {
+            let name = r.str()?;
+            let value = r.blob()?;
+            if value.len() > MAX_ATTRIBUTE_BYTES {
+                return Err(bad(format!(
+                    "attribute {name:?} of {} bytes exceeds {MAX_ATTRIBUTE_BYTES}",
+                    value.len()
+                )));
+            }
+            attributes.push((name, Bytes::copy_from_slice(value)));
+        }
         let nb = r.count16(2 + 4)?;
         let mut backends = Vec::with_capacity(nb);
         for _ in 0..nb {
@@ -183,13 +235,16 @@ impl AgentMetadata {
                 connection: Bytes::copy_from_slice(r.blob()?),
             });
         }
-        let nr = r.count32(8 + 1 + 4 + 2)?;
+        let nr = r.count32(8 + 1 + 1 + 4 + 2)?;
         let mut registrations = Vec::with_capacity(nr);
         for _ in 0..nr {
             let id = r.u64()?;
             let k = r.u8()?;
             let kind =
                 MemKind::from_u8(k).ok_or_else(|| bad(format!("unknown memory kind {k}")))?;
+            let a = r.u8()?;
+            let access =
+                Access::from_u8(a).ok_or_else(|| bad(format!("unknown access mode {a}")))?;
             let descs = r.list()?;
             let nk = r.count16(2 + 4)?;
             let mut keys = Vec::with_capacity(nk);
@@ -206,6 +261,7 @@ impl AgentMetadata {
             registrations.push(RegistrationMetadata {
                 id,
                 kind,
+                access,
                 descs,
                 keys,
             });
@@ -222,6 +278,7 @@ impl AgentMetadata {
             name,
             generation,
             partial: flags & FLAG_PARTIAL != 0,
+            attributes,
             backends,
             registrations,
             removed,
@@ -439,11 +496,8 @@ impl<'a> Reader<'a> {
                     let addr = self.u64()?;
                     let len = self.u64()?;
                     let device = self.u32()?;
-                    let d = Descriptor::new(addr, len, device);
-                    if d.end().is_none() {
-                        return Err(bad("descriptor overflows the address space"));
-                    }
-                    l.push_entry(Entry::Single(d));
+                    l.push_entry(Entry::Single(Descriptor::new(addr, len, device)))
+                        .map_err(|e| self.bad(e))?;
                 }
                 1 => {
                     let base = self.u64()?;
@@ -461,10 +515,7 @@ impl<'a> Reader<'a> {
                         len,
                         device,
                     };
-                    if e.extent().is_none() || count.checked_mul(len).is_none() {
-                        return Err(bad("strided entry overflows the address space"));
-                    }
-                    l.push_entry(e);
+                    l.push_entry(e).map_err(|e| self.bad(e))?;
                 }
                 t => return Err(bad(format!("unknown descriptor tag {t}"))),
             }
@@ -474,231 +525,4 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn sample() -> AgentMetadata {
-        AgentMetadata {
-            name: "prefill-0".into(),
-            generation: 7,
-            partial: false,
-            backends: vec![
-                BackendMetadata {
-                    name: "tcp".into(),
-                    connection: Bytes::from_static(b"127.0.0.1:5000"),
-                },
-                BackendMetadata {
-                    name: "ucx".into(),
-                    connection: Bytes::from_static(&[1, 2, 3]),
-                },
-            ],
-            registrations: vec![RegistrationMetadata {
-                id: 1,
-                kind: MemKind::Dram,
-                descs: DescriptorList::strided(0x7f00_0000_0000, 1 << 15, 100_000, 1 << 15, 0)
-                    .unwrap(),
-                keys: vec![
-                    (0, Bytes::from_static(b"k0")),
-                    (1, Bytes::from_static(b"k1")),
-                ],
-            }],
-            removed: vec![3, 4],
-        }
-    }
-
-    #[test]
-    fn round_trip() {
-        let m = sample();
-        let b = m.encode().unwrap();
-        assert_eq!(AgentMetadata::decode(&b).unwrap(), m);
-    }
-
-    #[test]
-    fn every_truncation_is_refused() {
-        let b = sample().encode().unwrap();
-        for n in 0..b.len() {
-            match AgentMetadata::decode(&b[..n]) {
-                Err(Error::InvalidMetadata(_)) => {}
-                other => panic!("truncation to {n} gave {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn bad_headers_are_refused_with_reason() {
-        let b = sample().encode().unwrap();
-        let mut v = b.to_vec();
-        v[0] = b'X';
-        assert!(
-            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("magic"))
-        );
-        let mut v = b.to_vec();
-        v[4] = 9;
-        assert!(
-            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("version"))
-        );
-        let mut v = b.to_vec();
-        let last = v.len() - 1;
-        v[last] ^= 0xff;
-        assert!(
-            matches!(AgentMetadata::decode(&v), Err(Error::InvalidMetadata(m)) if m.contains("checksum"))
-        );
-        let mut v = b.to_vec();
-        v.push(0);
-        assert!(AgentMetadata::decode(&v).is_err());
-    }
-
-    /// Builds a body with a valid header so the body parser itself is exercised.
-    fn with_header(body: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&MAGIC);
-        v.extend_from_slice(&VERSION.to_le_bytes());
-        v.extend_from_slice(&0u16.to_le_bytes());
-        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        v.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-        v.extend_from_slice(&[0; 4]);
-        v.extend_from_slice(body);
-        v
-    }
-
-    #[test]
-    fn huge_counts_do_not_allocate() {
-        // name "", generation 0, u16::MAX backends with nothing behind them.
-        let mut body = vec![0, 0];
-        body.extend_from_slice(&0u64.to_le_bytes());
-        body.extend_from_slice(&u16::MAX.to_le_bytes());
-        assert!(
-            matches!(AgentMetadata::decode(&with_header(&body)), Err(Error::InvalidMetadata(m)) if m.contains("cannot fit"))
-        );
-        // 0 backends, u32::MAX registrations.
-        let mut body = vec![0, 0];
-        body.extend_from_slice(&0u64.to_le_bytes());
-        body.extend_from_slice(&0u16.to_le_bytes());
-        body.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(AgentMetadata::decode(&with_header(&body)).is_err());
-    }
-
-    #[test]
-    fn paged_layout_is_small() {
-        // 15 000 pages in each of 32 layers × K/V: one strided entry per layer and side.
-        let mut descs = DescriptorList::new();
-        let page = 32 * 1024u64;
-        for l in 0..64u64 {
-            descs
-                .push_strided(0x7000_0000_0000 + l * 15_000 * page, page, 15_000, page, 0)
-                .unwrap();
-        }
-        let m = AgentMetadata {
-            name: "p".into(),
-            registrations: vec![RegistrationMetadata {
-                id: 0,
-                kind: MemKind::Dram,
-                descs,
-                keys: vec![],
-            }],
-            ..Default::default()
-        };
-        let b = m.encode().unwrap();
-        assert!(b.len() < 64 * 1024, "{} bytes", b.len());
-    }
-
-    fn arb_list() -> impl Strategy<Value = DescriptorList> {
-        proptest::collection::vec(
-            prop_oneof![
-                (any::<u32>(), 0u64..1 << 20, any::<u32>())
-                    .prop_map(|(a, l, d)| Entry::Single(Descriptor::new(a as u64, l, d))),
-                (
-                    any::<u32>(),
-                    0u64..1 << 20,
-                    1u64..1 << 20,
-                    0u64..1 << 16,
-                    any::<u32>()
-                )
-                    .prop_map(|(b, s, c, l, d)| Entry::Strided {
-                        base: b as u64,
-                        stride: s,
-                        count: c,
-                        len: l,
-                        device: d
-                    }),
-            ],
-            0..20,
-        )
-        .prop_map(|es| {
-            let mut l = DescriptorList::new();
-            for e in es {
-                l.push_entry(e);
-            }
-            l
-        })
-    }
-
-    fn arb_meta() -> impl Strategy<Value = AgentMetadata> {
-        (
-            "[a-z0-9-]{0,40}",
-            any::<u64>(),
-            any::<bool>(),
-            proptest::collection::vec(
-                ("[a-z]{1,10}", proptest::collection::vec(any::<u8>(), 0..64)),
-                1..4,
-            ),
-            proptest::collection::vec(
-                (
-                    any::<u64>(),
-                    0u8..5,
-                    arb_list(),
-                    proptest::collection::vec(any::<u8>(), 0..32),
-                ),
-                0..8,
-            ),
-            proptest::collection::vec(any::<u64>(), 0..8),
-        )
-            .prop_map(
-                |(name, generation, partial, bes, regs, removed)| AgentMetadata {
-                    name,
-                    generation,
-                    partial,
-                    registrations: regs
-                        .into_iter()
-                        .map(|(id, k, descs, key)| RegistrationMetadata {
-                            id,
-                            kind: MemKind::from_u8(k).unwrap(),
-                            descs,
-                            keys: vec![(0, Bytes::from(key))],
-                        })
-                        .collect(),
-                    backends: bes
-                        .into_iter()
-                        .map(|(name, c)| BackendMetadata {
-                            name,
-                            connection: Bytes::from(c),
-                        })
-                        .collect(),
-                    removed,
-                },
-            )
-    }
-
-    proptest! {
-        #[test]
-        fn decode_inverts_encode(m in arb_meta()) {
-            let b = m.encode().unwrap();
-            prop_assert_eq!(AgentMetadata::decode(&b).unwrap(), m);
-        }
-
-        #[test]
-        fn random_bytes_never_panic(v in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = AgentMetadata::decode(&v);
-            let _ = AgentMetadata::decode(&with_header(&v));
-        }
-
-        #[test]
-        fn flipped_bytes_are_detected(m in arb_meta(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
-            let mut v = m.encode().unwrap().to_vec();
-            let i = pos.index(v.len());
-            v[i] ^= 1 << bit;
-            prop_assert!(AgentMetadata::decode(&v).is_err(), "flip at byte {}", i);
-        }
-    }
-}
+mod tests;
