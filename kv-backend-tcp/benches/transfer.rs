@@ -96,8 +96,9 @@ impl Rig {
         {
             opts.inline_max = n;
         }
-        let a = TcpBackend::new("bench-a", opts.clone()).expect("backend a");
-        let b = TcpBackend::new("bench-b", opts).expect("backend b");
+        let a = TcpBackend::new(&kv_core::BackendInit::new("bench-a"), opts.clone())
+            .expect("backend a");
+        let b = TcpBackend::new(&kv_core::BackendInit::new("bench-b"), opts).expect("backend b");
         let peer = a.connect("bench-b", &b.connection_info().unwrap()).unwrap();
         assert_eq!(
             a.uses_cma(peer).unwrap(),
@@ -113,8 +114,10 @@ impl Rig {
             let dst = alloc(n);
             // SAFETY: the buffers live in the rig, which drops the backends first.
             let rb = unsafe {
-                a.register(MemKind::Dram, &src.descriptor()).unwrap();
-                b.register(MemKind::Dram, &dst.descriptor()).unwrap()
+                a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap();
+                b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap()
             };
             a.import_remote(
                 peer,

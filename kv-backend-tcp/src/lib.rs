@@ -9,17 +9,19 @@
 //! the embedded default of `kv-agent` and the worked example for plugin authors.
 //!
 //! ```
-//! use kv_core::{Backend, Descriptor, DescriptorList, MemKind, Op, Params, PostOptions, Status, TransferRequest};
+//! use kv_core::{Access, Backend, BackendInit, Descriptor, DescriptorList, MemKind, Op, Params, PostOptions, Status, TransferRequest};
 //! let params = Params::from([("same_host".to_string(), "false".to_string())]);
-//! let (a, b) = (kv_backend_tcp::create("prefill", &params)?, kv_backend_tcp::create("decode", &params)?);
+//! let create = |name| kv_backend_tcp::create(&BackendInit::new(name), &params);
+//! let (a, b) = (create("prefill")?, create("decode")?);
 //! let (src, mut dst) = (vec![7u8; 4096], vec![0u8; 4096]);
 //! let (sd, dd) = (Descriptor::new(src.as_ptr() as u64, 4096, 0), Descriptor::new(dst.as_mut_ptr() as u64, 4096, 0));
 //! // SAFETY: both buffers outlive their registrations (deregistered below).
-//! let (ra, rb) = unsafe { (a.register(MemKind::Dram, &sd)?, b.register(MemKind::Dram, &dd)?) };
+//! let rw = Access::ReadWrite;
+//! let (ra, rb) = unsafe { (a.register(MemKind::Dram, &sd, rw)?, b.register(MemKind::Dram, &dd, rw)?) };
 //! let peer = a.connect("decode", &b.connection_info()?)?;
 //! a.import_remote(peer, MemKind::Dram, &dd, &b.remote_key(rb)?)?;
-//! let t = a.prepare(&TransferRequest { op: Op::Write, local_kind: MemKind::Dram, local: DescriptorList::single(sd),
-//!     peer, remote_kind: MemKind::Dram, remote: DescriptorList::single(dd) })?;
+//! let t = a.prepare(&TransferRequest { op: Op::Write, local_kind: MemKind::Dram, local: DescriptorList::single(sd)?,
+//!     peer, remote_kind: MemKind::Dram, remote: DescriptorList::single(dd)? })?;
 //! unsafe { a.post(t, &PostOptions::default())? }; // SAFETY: `src` stays registered until Done.
 //! while !a.poll(t).is_finished() { a.progress()?; }
 //! assert!(matches!(a.poll(t), Status::Done));
@@ -67,9 +69,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kv_core::{
-    check_request_shape, Backend, Capabilities, Descriptor, EndpointId, Error, MemKind, MemKinds,
-    Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status, TransferId,
-    TransferRequest,
+    check_request_shape, Access, Backend, BackendInit, Capabilities, Descriptor, EndpointId, Error,
+    MemKind, MemKinds, Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status,
+    TransferId, TransferRequest,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -85,10 +87,10 @@ pub use request::{Path, PathCounts};
 /// The backend's name.
 pub const NAME: &str = "tcp";
 
-/// Creates the backend for the agent named `agent_name` with [`Options::from_params`].
-pub fn create(agent_name: &str, params: &Params) -> Result<Arc<dyn Backend>> {
+/// Creates the backend for the agent `init` names with [`Options::from_params`].
+pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(TcpBackend::new(
-        agent_name,
+        init,
         Options::from_params(params)?,
     )?))
 }
@@ -97,7 +99,9 @@ pub fn create(agent_name: &str, params: &Params) -> Result<Arc<dyn Backend>> {
 /// the I/O runs on its own threads. Dropping it stops its threads and closes its
 /// connections (peers then see `RemoteDisconnected`).
 pub struct TcpBackend {
-    agent: String,
+    /// The agent name, cluster secret and bind address it was created with (the secret
+    /// and bind address are not used yet).
+    init: BackendInit,
     opts: Options,
     shared: Arc<Shared>,
     addr: SocketAddr,
@@ -117,7 +121,7 @@ pub struct TcpBackend {
 impl std::fmt::Debug for TcpBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpBackend")
-            .field("agent", &self.agent)
+            .field("agent", &self.init.agent_name)
             .field("addr", &self.addr)
             .finish_non_exhaustive()
     }
@@ -125,7 +129,7 @@ impl std::fmt::Debug for TcpBackend {
 
 impl TcpBackend {
     /// Starts the listener and returns the backend.
-    pub fn new(agent_name: &str, opts: Options) -> Result<TcpBackend> {
+    pub fn new(init: &BackendInit, opts: Options) -> Result<TcpBackend> {
         let instance = memory::random_u64() | 1;
         let shared = Arc::new(Shared::new(instance, opts.clone()));
         let (addr, listener) = server::start(shared.clone())?;
@@ -137,7 +141,7 @@ impl TcpBackend {
             }
         };
         Ok(TcpBackend {
-            agent: agent_name.to_string(),
+            init: init.clone(),
             opts,
             shared,
             addr,
@@ -243,17 +247,31 @@ impl Backend for TcpBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            local: true,
-            remote: true,
-            notifications: true,
-            write: true,
-            read: true,
-            mem_kinds: MemKinds::of(&[MemKind::Dram]),
-        }
+        let mut c = Capabilities::default();
+        c.local = true;
+        c.remote = true;
+        c.notifications = true;
+        c.write = true;
+        c.read = true;
+        c.mem_kinds = MemKinds::of(&[MemKind::Dram]);
+        // The listener and lanes serve peers on their own threads.
+        c.needs_target_progress = false;
+        c.authenticated = false;
+        c.read_only = false;
+        c
     }
 
-    unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> Result<RegistrationId> {
+    unsafe fn register(
+        &self,
+        kind: MemKind,
+        desc: &Descriptor,
+        access: Access,
+    ) -> Result<RegistrationId> {
+        if access == Access::ReadOnly {
+            return Err(Error::Unsupported(
+                "tcp: read-only registrations not supported yet".into(),
+            ));
+        }
         if kind != MemKind::Dram {
             return Err(Error::Unsupported(format!(
                 "tcp registers dram, not {kind}"
@@ -279,7 +297,7 @@ impl Backend for TcpBackend {
 
     fn connection_info(&self) -> Result<Bytes> {
         ConnectionInfo {
-            agent: self.agent.clone(),
+            agent: self.init.agent_name.clone(),
             addr: self.advertised.to_string(),
             host: sys::host_identity(),
             pid: std::process::id(),
@@ -294,7 +312,7 @@ impl Backend for TcpBackend {
         let peer = Peer::connect(
             peer_name,
             info,
-            &self.agent,
+            &self.init.agent_name,
             &self.opts,
             self.completions.clone(),
         )?;
@@ -487,8 +505,8 @@ mod tests {
             io_timeout: Duration::from_millis(200),
             ..Options::default()
         };
-        let a = Arc::new(TcpBackend::new("a", o.clone()).unwrap());
-        let b = TcpBackend::new("b", o).unwrap();
+        let a = Arc::new(TcpBackend::new(&BackendInit::new("a"), o.clone()).unwrap());
+        let b = TcpBackend::new(&BackendInit::new("b"), o).unwrap();
         let (l, r) = (vec![1u8; 4096], vec![0u8; 4096]);
         let (ld, rd) = (
             Descriptor::new(l.as_ptr() as u64, 4096, 0),
@@ -497,8 +515,8 @@ mod tests {
         // SAFETY: the vectors outlive both backends (dropped at the end).
         let (_la, rb) = unsafe {
             (
-                a.register(MemKind::Dram, &ld).unwrap(),
-                b.register(MemKind::Dram, &rd).unwrap(),
+                a.register(MemKind::Dram, &ld, Access::ReadWrite).unwrap(),
+                b.register(MemKind::Dram, &rd, Access::ReadWrite).unwrap(),
             )
         };
         let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
@@ -508,10 +526,10 @@ mod tests {
             .prepare(&TransferRequest {
                 op: kv_core::Op::Write,
                 local_kind: MemKind::Dram,
-                local: kv_core::DescriptorList::single(ld),
+                local: kv_core::DescriptorList::single(ld).unwrap(),
                 peer,
                 remote_kind: MemKind::Dram,
-                remote: kv_core::DescriptorList::single(rd),
+                remote: kv_core::DescriptorList::single(rd).unwrap(),
             })
             .unwrap();
         // A post whose only lane never reports back.

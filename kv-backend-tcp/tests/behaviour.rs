@@ -19,7 +19,7 @@ fn backend(name: &str, same_host: bool) -> TcpBackend {
         same_host,
         ..Options::default()
     };
-    TcpBackend::new(name, opts).expect("tcp backend")
+    TcpBackend::new(&kv_core::BackendInit::new(name), opts).expect("tcp backend")
 }
 
 fn buf(len: usize, seed: u64) -> HostBuffer {
@@ -32,10 +32,10 @@ fn req(op: Op, peer: EndpointId, l: Descriptor, r: Descriptor) -> TransferReques
     TransferRequest {
         op,
         local_kind: MemKind::Dram,
-        local: DescriptorList::single(l),
+        local: DescriptorList::single(l).unwrap(),
         peer,
         remote_kind: MemKind::Dram,
-        remote: DescriptorList::single(r),
+        remote: DescriptorList::single(r).unwrap(),
     }
 }
 
@@ -83,10 +83,22 @@ fn shared_memory_path_is_chosen_used_and_falls_back() {
     // SAFETY: the buffers outlive their registrations (deregistered below).
     let (ra, rback, rb, rheap) = unsafe {
         (
-            a.register(MemKind::Dram, &src.descriptor()).unwrap(),
-            a.register(MemKind::Dram, &back.descriptor()).unwrap(),
-            b.register(MemKind::Dram, &dst.descriptor()).unwrap(),
-            b.register(MemKind::Dram, &heap_dst.descriptor()).unwrap(),
+            a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            a.register(
+                MemKind::Dram,
+                &back.descriptor(),
+                kv_core::Access::ReadWrite,
+            )
+            .unwrap(),
+            b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            b.register(
+                MemKind::Dram,
+                &heap_dst.descriptor(),
+                kv_core::Access::ReadWrite,
+            )
+            .unwrap(),
         )
     };
     let key = b.remote_key(rb).unwrap();
@@ -136,11 +148,19 @@ fn shared_memory_path_is_chosen_used_and_falls_back() {
     assert_eq!(a.transfer_path(id).unwrap(), Path::CrossMemoryAttach);
     a.release(id).unwrap();
     let mut local = DescriptorList::new();
-    local.push(Descriptor::new(src.descriptor().addr, 4096, 0));
-    local.push(Descriptor::new(src.descriptor().addr + 4096, 4096, 0));
+    local
+        .push(Descriptor::new(src.descriptor().addr, 4096, 0))
+        .unwrap();
+    local
+        .push(Descriptor::new(src.descriptor().addr + 4096, 4096, 0))
+        .unwrap();
     let mut remote = DescriptorList::new();
-    remote.push(Descriptor::new(dst.descriptor().addr, 4096, 0));
-    remote.push(Descriptor::new(heap_dst.descriptor().addr, 4096, 0));
+    remote
+        .push(Descriptor::new(dst.descriptor().addr, 4096, 0))
+        .unwrap();
+    remote
+        .push(Descriptor::new(heap_dst.descriptor().addr, 4096, 0))
+        .unwrap();
     let mixed = TransferRequest {
         local,
         remote,
@@ -171,7 +191,10 @@ fn shared_memory_path_is_chosen_used_and_falls_back() {
     // Forced TCP never maps.
     let c = backend("c", false);
     // SAFETY: `dst` outlives the registration (deregistered below).
-    let rb2 = unsafe { b.register(MemKind::Dram, &dst.descriptor()).unwrap() };
+    let rb2 = unsafe {
+        b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
+            .unwrap()
+    };
     let pc = c.connect("b", &b.connection_info().unwrap()).unwrap();
     let ic = c
         .import_remote(
@@ -196,10 +219,12 @@ fn target_refuses_forged_ranges_and_deregistered_keys() {
     // SAFETY: the buffers outlive the backends' use of them (deregistered or dropped first).
     let (_la, rb) = unsafe {
         (
-            a.register(MemKind::Dram, &l.descriptor()).unwrap(),
+            a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
             b.register(
                 MemKind::Dram,
                 &Descriptor::new(r.descriptor().addr, 4096, 0),
+                kv_core::Access::ReadWrite,
             )
             .unwrap(),
         )
@@ -262,8 +287,10 @@ fn malformed_frames_close_one_connection_only() {
     let r = buf(1 << 20, 4);
     // SAFETY: buffers outlive the registrations (backends dropped first).
     let rb = unsafe {
-        a.register(MemKind::Dram, &l.descriptor()).unwrap();
-        b.register(MemKind::Dram, &r.descriptor()).unwrap()
+        a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
+            .unwrap();
+        b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
+            .unwrap()
     };
     let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
     a.import_remote(
@@ -288,8 +315,10 @@ fn deregister_is_busy_while_a_post_names_the_memory() {
     // SAFETY: buffers outlive the registrations.
     let (la, rb) = unsafe {
         (
-            a.register(MemKind::Dram, &l.descriptor()).unwrap(),
-            b.register(MemKind::Dram, &r.descriptor()).unwrap(),
+            a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
         )
     };
     let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
@@ -320,13 +349,19 @@ fn reconnects_to_a_republished_peer_and_notifications_name_the_sender() {
         let a = backend("prefill", same_host);
         let l = buf(4096, 6);
         // SAFETY: `l` outlives `a`'s use of it (deregistered at the end).
-        let la = unsafe { a.register(MemKind::Dram, &l.descriptor()).unwrap() };
+        let la = unsafe {
+            a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap()
+        };
         let mut last = None;
         for round in 0..2u64 {
             let b = backend("decode", same_host);
             let r = HostBuffer::alloc(4096, 4096).unwrap();
             // SAFETY: `r` outlives `b` (dropped at the end of the round, after `b`).
-            let rb = unsafe { b.register(MemKind::Dram, &r.descriptor()).unwrap() };
+            let rb = unsafe {
+                b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap()
+            };
             if let Some((old, old_desc)) = last.take() {
                 // The old peer is gone: a bounded RemoteDisconnected, not a hang.
                 let start = Instant::now();

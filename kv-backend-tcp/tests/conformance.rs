@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
+use kv_core::auth::ClusterSecret;
 use kv_core::conformance::{Harness, MemoryFactory, Side, TestMemory};
-use kv_core::{Descriptor, Error, Params, Result};
+use kv_core::{BackendInit, Descriptor, Error, Params, Result};
 use kv_mem::conformance::HostMemoryFactory;
 use kv_mem::HostBuffer;
 
@@ -57,9 +58,17 @@ struct TcpHarness {
 
 impl Harness for TcpHarness {
     fn pair(&self) -> Result<(Side, Side)> {
+        let secret = ClusterSecret::generate()?;
+        self.pair_with(
+            &BackendInit::new("a").with_secret(secret.clone()),
+            &BackendInit::new("b").with_secret(secret),
+        )
+    }
+
+    fn pair_with(&self, a: &BackendInit, b: &BackendInit) -> Result<(Side, Side)> {
         let params = Params::from([("same_host".to_string(), self.same_host.to_string())]);
-        let side = |name: &str| -> Result<Side> {
-            let backend = kv_core::require_or_skip("tcp", kv_backend_tcp::create(name, &params))
+        let side = |init: &BackendInit| -> Result<Side> {
+            let backend = kv_core::require_or_skip("tcp", kv_backend_tcp::create(init, &params))
                 .ok_or_else(|| kv_core::Error::BackendUnavailable {
                     name: "tcp".into(),
                     reason: "could not be created".into(),
@@ -70,12 +79,12 @@ impl Harness for TcpHarness {
                 Arc::new(HostMemoryFactory)
             };
             Ok(Side {
-                name: name.into(),
+                name: init.agent_name.clone(),
                 backend,
                 memory,
             })
         };
-        Ok((side("a")?, side("b")?))
+        Ok((side(a)?, side(b)?))
     }
 }
 

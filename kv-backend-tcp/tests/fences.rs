@@ -20,17 +20,17 @@ use kv_core::{
 use kv_mem::HostBuffer;
 
 fn backend(name: &str, opts: Options) -> TcpBackend {
-    TcpBackend::new(name, opts).expect("tcp backend")
+    TcpBackend::new(&kv_core::BackendInit::new(name), opts).expect("tcp backend")
 }
 
 fn req(op: Op, peer: EndpointId, l: Descriptor, r: Descriptor) -> TransferRequest {
     TransferRequest {
         op,
         local_kind: MemKind::Dram,
-        local: DescriptorList::single(l),
+        local: DescriptorList::single(l).unwrap(),
         peer,
         remote_kind: MemKind::Dram,
-        remote: DescriptorList::single(r),
+        remote: DescriptorList::single(r).unwrap(),
     }
 }
 
@@ -97,7 +97,10 @@ fn deregister_stops_a_trickling_served_write() {
     let mut r = HostBuffer::alloc(1 << 20, 4096).unwrap();
     r.as_mut_slice().fill(0x11);
     // SAFETY: `r` outlives the registration (deregistered below, `b` dropped first).
-    let rb = unsafe { b.register(MemKind::Dram, &r.descriptor()).unwrap() };
+    let rb = unsafe {
+        b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
+            .unwrap()
+    };
     let key = RemoteKey::decode(&b.remote_key(rb).unwrap()).unwrap().key;
     let mut s = raw_client(&b);
     start_write(&mut s, key, r.descriptor().addr, 1 << 20);
@@ -141,7 +144,10 @@ fn a_served_request_has_an_absolute_time_limit() {
     let b = backend("b", opts_with_io_timeout(300));
     let r = HostBuffer::alloc(1 << 20, 4096).unwrap();
     // SAFETY: `r` outlives the registration (`b` dropped before it).
-    let rb = unsafe { b.register(MemKind::Dram, &r.descriptor()).unwrap() };
+    let rb = unsafe {
+        b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
+            .unwrap()
+    };
     let key = RemoteKey::decode(&b.remote_key(rb).unwrap()).unwrap().key;
     let mut s = raw_client(&b);
     start_write(&mut s, key, r.descriptor().addr, 1 << 20);
@@ -192,8 +198,10 @@ fn same_host_writes_stop_when_the_peer_deregisters() {
         // SAFETY: the buffers outlive the registrations (backends dropped first).
         let (_la, rb) = unsafe {
             (
-                a.register(MemKind::Dram, &l.descriptor()).unwrap(),
-                b.register(MemKind::Dram, &r.descriptor()).unwrap(),
+                a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap(),
+                b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap(),
             )
         };
         let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();

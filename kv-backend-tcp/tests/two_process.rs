@@ -71,7 +71,7 @@ fn child_role() {
         }
     });
     let b = TcpBackend::new(
-        "child",
+        &kv_core::BackendInit::new("child"),
         Options {
             same_host,
             ..Options::default()
@@ -85,7 +85,10 @@ fn child_role() {
     };
     let desc = mem.descriptor();
     // SAFETY: `mem` outlives the backend (dropped explicitly below, before `mem`).
-    let reg = unsafe { b.register(MemKind::Dram, &desc).expect("register") };
+    let reg = unsafe {
+        b.register(MemKind::Dram, &desc, kv_core::Access::ReadWrite)
+            .expect("register")
+    };
     say(format!("INFO {}", hex(&b.connection_info().unwrap())));
     say(format!("KEY {}", hex(&b.remote_key(reg).unwrap())));
     say(format!("DESC {} {}", desc.addr, desc.len));
@@ -246,7 +249,7 @@ impl Drop for ChildProc {
 
 fn parent(same_host: bool) -> TcpBackend {
     TcpBackend::new(
-        "parent",
+        &kv_core::BackendInit::new("parent"),
         Options {
             same_host,
             ..Options::default()
@@ -259,10 +262,10 @@ fn request(op: Op, peer: EndpointId, l: Descriptor, r: Descriptor) -> TransferRe
     TransferRequest {
         op,
         local_kind: MemKind::Dram,
-        local: DescriptorList::single(l),
+        local: DescriptorList::single(l).unwrap(),
         peer,
         remote_kind: MemKind::Dram,
-        remote: DescriptorList::single(r),
+        remote: DescriptorList::single(r).unwrap(),
     }
 }
 
@@ -280,8 +283,10 @@ fn write_then_read(path: Path) {
     // SAFETY: both buffers outlive their registrations (deregistered below).
     let (rs, rd) = unsafe {
         (
-            a.register(MemKind::Dram, &src.descriptor()).unwrap(),
-            a.register(MemKind::Dram, &dst.descriptor()).unwrap(),
+            a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            a.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
         )
     };
     let peer = a.connect("child", &child.info).unwrap();
@@ -363,14 +368,17 @@ fn kill_mid_transfer(path: Path) {
     let a = parent(path != Path::Tcp);
     let src = HostBuffer::alloc(LEN, 4096).unwrap();
     // SAFETY: `src` outlives its registration (deregistered below).
-    let rs = unsafe { a.register(MemKind::Dram, &src.descriptor()).unwrap() };
+    let rs = unsafe {
+        a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+            .unwrap()
+    };
     let peer = a.connect("child", &child.info).unwrap();
     a.import_remote(peer, MemKind::Dram, &child.desc, &child.key)
         .unwrap();
     // Many small descriptors so the transfer takes a while.
     let local =
         DescriptorList::strided(src.descriptor().addr, 4096, (LEN / 4096) as u64, 4096, 0).unwrap();
-    let remote = DescriptorList::single(child.desc);
+    let remote = DescriptorList::single(child.desc).unwrap();
     let id = a
         .prepare(&TransferRequest {
             op: Op::Write,
