@@ -96,14 +96,14 @@ fn pair(c: &Case) -> Option<Pair> {
         progress_thread: b_thread,
         ..opts.clone()
     };
-    let a = match UcxBackend::new("a", opts.clone()) {
+    let a = match UcxBackend::new(&kv_core::BackendInit::new("a"), opts.clone()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("skipping ucx bench: {e}");
             return None;
         }
     };
-    let b = UcxBackend::new("b", b_opts).ok()?;
+    let b = UcxBackend::new(&kv_core::BackendInit::new("b"), b_opts).ok()?;
     // The local pieces are adjacent, the remote ones in reverse order: `count` puts
     // of `len` bytes over the same footprint as one `count * len` put (nothing merges).
     let size = if same { len } else { len * count } as usize;
@@ -119,8 +119,10 @@ fn pair(c: &Case) -> Option<Pair> {
     };
     // SAFETY: the buffers live in the returned `Pair`, dropped after the backends.
     let rb = unsafe {
-        a.register(MemKind::Dram, &la.descriptor()).ok()?;
-        b.register(MemKind::Dram, &lb.descriptor()).ok()?
+        a.register(MemKind::Dram, &la.descriptor(), kv_core::Access::ReadWrite)
+            .ok()?;
+        b.register(MemKind::Dram, &lb.descriptor(), kv_core::Access::ReadWrite)
+            .ok()?
     };
     let ep = a.connect("b", &b.connection_info().ok()?).ok()?;
     a.import_remote(ep, MemKind::Dram, &lb.descriptor(), &b.remote_key(rb).ok()?)
@@ -145,7 +147,8 @@ fn pair(c: &Case) -> Option<Pair> {
                     let at = if same { 0 } else { i * len };
                     Descriptor::new(lb.descriptor().addr + at, len, 0)
                 })
-                .collect(),
+                .collect::<kv_core::Result<_>>()
+                .ok()?,
         })
         .ok()?;
     Some(Pair {

@@ -9,11 +9,11 @@
 //!
 //! ```no_run
 //! use kv_backend_ucx::{Options, UcxBackend};
-//! use kv_core::Backend;
+//! use kv_core::{Backend, BackendInit};
 //!
 //! let opts = Options { tls: Some("posix,cma,self".into()), ..Default::default() };
-//! let prefill = UcxBackend::new("prefill-0", opts.clone())?;
-//! let decode = UcxBackend::new("decode-0", opts)?;
+//! let prefill = UcxBackend::new(&BackendInit::new("prefill-0"), opts.clone())?;
+//! let decode = UcxBackend::new(&BackendInit::new("decode-0"), opts)?;
 //! let peer = prefill.connect("decode-0", &decode.connection_info()?)?;
 //! // register memory on both sides, export `remote_key`, `import_remote`, `prepare`,
 //! // `post`, then `progress` + `poll` until `Status::Done`.
@@ -73,34 +73,39 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kv_core::{
-    Backend, Capabilities, Descriptor, EndpointId, MemKind, MemKinds, Notification, Params,
-    PostOptions, RegistrationId, RemoteId, Result, Status, TransferId, TransferRequest,
+    Access, Backend, BackendInit, Capabilities, Descriptor, EndpointId, MemKind, MemKinds,
+    Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status, TransferId,
+    TransferRequest,
 };
 
 pub use config::Options;
 pub use memory::UcxHostMemory;
 use worker::Core;
 
-/// Creates the backend for `agent_name` from `params` (see [`Options::from_params`]).
-pub fn create(agent_name: &str, params: &Params) -> Result<Arc<dyn Backend>> {
+/// Creates the backend for the agent `init` names from `params` (see
+/// [`Options::from_params`]).
+pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(UcxBackend::new(
-        agent_name,
+        init,
         Options::from_params(params)?,
     )?))
 }
 
 /// The UCX backend. `Send + Sync` (see the crate docs, "Threads").
 pub struct UcxBackend {
+    /// The agent name, cluster secret and bind address it was created with (the secret
+    /// and bind address are not used yet).
+    init: BackendInit,
     core: Arc<Core>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl UcxBackend {
-    /// Loads UCX and creates a context and worker for `agent_name`.
-    pub fn new(agent_name: &str, opts: Options) -> Result<UcxBackend> {
+    /// Loads UCX and creates a context and worker for the agent `init` names.
+    pub fn new(init: &BackendInit, opts: Options) -> Result<UcxBackend> {
         let progress_thread = opts.progress_thread;
-        let core = Arc::new(Core::new(agent_name, opts)?);
+        let core = Arc::new(Core::new(&init.agent_name, opts)?);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = progress_thread.then(|| {
             let (weak, stop) = (Arc::downgrade(&core), stop.clone());
@@ -118,7 +123,12 @@ impl UcxBackend {
                 }
             })
         });
-        Ok(UcxBackend { core, stop, thread })
+        Ok(UcxBackend {
+            init: init.clone(),
+            core,
+            stop,
+            thread,
+        })
     }
 
     /// The UCX version, transports setting and, per endpoint, the transports and lanes
@@ -138,7 +148,7 @@ impl UcxBackend {
 
     /// The agent name notifications from this backend carry.
     pub fn agent_name(&self) -> &str {
-        &self.core.agent
+        &self.init.agent_name
     }
 }
 
@@ -157,17 +167,33 @@ impl Backend for UcxBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            local: true,
-            remote: true,
-            notifications: true,
-            write: true,
-            read: true,
-            mem_kinds: MemKinds::of(&[MemKind::Dram]),
-        }
+        let mut c = Capabilities::default();
+        c.local = true;
+        c.remote = true;
+        c.notifications = true;
+        c.write = true;
+        c.read = true;
+        c.mem_kinds = MemKinds::of(&[MemKind::Dram]);
+        // Notifications (active messages), AM WRITEs over TCP and emulated RMA on heap
+        // memory over shared memory are served only while the target's worker
+        // progresses: by the caller, unless the progress thread does it.
+        c.needs_target_progress = !self.core.opts.progress_thread;
+        c.authenticated = false;
+        c.read_only = false;
+        c
     }
 
-    unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> Result<RegistrationId> {
+    unsafe fn register(
+        &self,
+        kind: MemKind,
+        desc: &Descriptor,
+        access: Access,
+    ) -> Result<RegistrationId> {
+        if access == Access::ReadOnly {
+            return Err(kv_core::Error::Unsupported(
+                "ucx: read-only registrations not supported yet".into(),
+            ));
+        }
         self.core.register(kind, desc).map(RegistrationId)
     }
 
@@ -258,7 +284,7 @@ mod tests {
             lib_path: Some("/nonexistent/libucp.so.0".into()),
             ..Default::default()
         };
-        match UcxBackend::new("a", opts) {
+        match UcxBackend::new(&BackendInit::new("a"), opts) {
             Err(Error::BackendUnavailable { name, reason }) => {
                 assert_eq!(name, "ucx");
                 assert!(reason.contains("libucx0"), "{reason}");

@@ -586,16 +586,18 @@ mod tests {
     #[test]
     fn covering_finds_ranges_and_refuses_outside() {
         let ranges = [Descriptor::new(0, 100, 0), Descriptor::new(200, 100, 0)];
-        let l: DescriptorList = [Descriptor::new(10, 10, 0), Descriptor::new(250, 10, 0)]
-            .into_iter()
-            .collect();
+        let l = DescriptorList::try_from_iter([
+            Descriptor::new(10, 10, 0),
+            Descriptor::new(250, 10, 0),
+        ])
+        .unwrap();
         assert_eq!(covering(&l, &ranges), Some(vec![0, 1]));
         // A strided run whose extent straddles the gap but whose pieces do not.
         let s = DescriptorList::strided(0, 200, 2, 50, 0).unwrap();
         assert_eq!(covering(&s, &ranges), Some(vec![0, 1]));
-        let out = DescriptorList::single(Descriptor::new(90, 20, 0));
+        let out = DescriptorList::single(Descriptor::new(90, 20, 0)).unwrap();
         assert_eq!(covering(&out, &ranges), None);
-        let other_dev = DescriptorList::single(Descriptor::new(10, 1, 1));
+        let other_dev = DescriptorList::single(Descriptor::new(10, 1, 1)).unwrap();
         assert_eq!(covering(&other_dev, &ranges), None);
     }
 }

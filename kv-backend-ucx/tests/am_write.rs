@@ -22,10 +22,13 @@ fn mixed_write_lands_before_its_notification() {
         tls: Some("tcp".into()),
         ..Default::default()
     };
-    let Some(a) = kv_core::require_or_skip("ucx", UcxBackend::new("init", opts.clone())) else {
+    let Some(a) = kv_core::require_or_skip(
+        "ucx",
+        UcxBackend::new(&kv_core::BackendInit::new("init"), opts.clone()),
+    ) else {
         return;
     };
-    let b = UcxBackend::new("target", opts).unwrap();
+    let b = UcxBackend::new(&kv_core::BackendInit::new("target"), opts).unwrap();
     let mut src = HostBuffer::alloc(2 * MIB, 4096).unwrap();
     src.as_mut_slice().copy_from_slice(&pattern(3, 2 * MIB));
     let mut dst = HostBuffer::alloc(4 * MIB, 4096).unwrap();
@@ -33,8 +36,10 @@ fn mixed_write_lands_before_its_notification() {
     // SAFETY: both buffers outlive their registrations (deregistered below).
     let (rs, rd) = unsafe {
         (
-            a.register(MemKind::Dram, &src.descriptor()).unwrap(),
-            b.register(MemKind::Dram, &dst.descriptor()).unwrap(),
+            a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
         )
     };
     let ep = a.connect("target", &b.connection_info().unwrap()).unwrap();
@@ -53,11 +58,13 @@ fn mixed_write_lands_before_its_notification() {
     let local: DescriptorList = pieces
         .iter()
         .map(|&(l, _, n)| Descriptor::new(s0 + l, n, 0))
-        .collect();
+        .collect::<kv_core::Result<_>>()
+        .unwrap();
     let remote: DescriptorList = pieces
         .iter()
         .map(|&(_, r, n)| Descriptor::new(d0 + r, n, 0))
-        .collect();
+        .collect::<kv_core::Result<_>>()
+        .unwrap();
     let t = a
         .prepare(&TransferRequest {
             op: Op::Write,

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use kv_backend_ucx::{Options, UcxBackend, UcxHostMemory};
+use kv_core::auth::ClusterSecret;
 use kv_core::conformance::{Harness, MemoryFactory, Side, TestMemory};
-use kv_core::{Descriptor, Error, Result};
+use kv_core::{BackendInit, Descriptor, Error, Result};
 use kv_mem::conformance::HostMemoryFactory;
 
 /// Memory from the side's own backend (`alloc_host`).
@@ -61,36 +62,44 @@ impl UcxHarness {
             progress_thread,
             ucx_memory,
         };
-        kv_core::require_or_skip("ucx", h.backend("probe"))?;
+        kv_core::require_or_skip("ucx", h.backend(&BackendInit::new("probe")))?;
         Some(h)
     }
 
-    fn backend(&self, name: &str) -> Result<UcxBackend> {
+    fn backend(&self, init: &BackendInit) -> Result<UcxBackend> {
         let opts = Options {
             tls: Some(self.tls.into()),
             progress_thread: self.progress_thread,
             ..Default::default()
         };
-        UcxBackend::new(name, opts)
+        UcxBackend::new(init, opts)
     }
 }
 
 impl Harness for UcxHarness {
     fn pair(&self) -> Result<(Side, Side)> {
-        let side = |name: &str| -> Result<Side> {
-            let backend = Arc::new(self.backend(name)?);
+        let secret = ClusterSecret::generate()?;
+        self.pair_with(
+            &BackendInit::new("a").with_secret(secret.clone()),
+            &BackendInit::new("b").with_secret(secret),
+        )
+    }
+
+    fn pair_with(&self, a: &BackendInit, b: &BackendInit) -> Result<(Side, Side)> {
+        let side = |init: &BackendInit| -> Result<Side> {
+            let backend = Arc::new(self.backend(init)?);
             let memory: Arc<dyn MemoryFactory> = if self.ucx_memory {
                 Arc::new(UcxMemoryFactory(backend.clone()))
             } else {
                 Arc::new(HostMemoryFactory)
             };
             Ok(Side {
-                name: name.into(),
+                name: init.agent_name.clone(),
                 backend,
                 memory,
             })
         };
-        Ok((side("a")?, side("b")?))
+        Ok((side(a)?, side(b)?))
     }
 }
 

@@ -6,7 +6,7 @@ use kv_core::{Error, Params};
 #[test]
 fn kv_ucx_lib_pointing_nowhere_is_unavailable() {
     std::env::set_var("KV_UCX_LIB", "/nonexistent/dir/libucp.so.0");
-    let created = kv_backend_ucx::create("a", &Params::new());
+    let created = kv_backend_ucx::create(&kv_core::BackendInit::new("a"), &Params::new());
     match &created {
         Err(Error::BackendUnavailable { name, reason }) => {
             assert_eq!(name, "ucx");

@@ -16,10 +16,13 @@ fn shm_deadline_fails_a_stuck_transfer_and_keeps_its_memory_busy() {
         cancel_grace: Duration::from_millis(20),
         ..Default::default()
     };
-    let Some(a) = kv_core::require_or_skip("ucx", UcxBackend::new("a", opts.clone())) else {
+    let Some(a) = kv_core::require_or_skip(
+        "ucx",
+        UcxBackend::new(&kv_core::BackendInit::new("a"), opts.clone()),
+    ) else {
         return;
     };
-    let b = UcxBackend::new("b", opts).unwrap();
+    let b = UcxBackend::new(&kv_core::BackendInit::new("b"), opts).unwrap();
     let len = 1 << 20;
     let mut la = HostBuffer::alloc(len, 4096).unwrap();
     la.as_mut_slice().fill(7);
@@ -28,8 +31,10 @@ fn shm_deadline_fails_a_stuck_transfer_and_keeps_its_memory_busy() {
     // dropped before the buffers).
     let (ra, rb) = unsafe {
         (
-            a.register(MemKind::Dram, &la.descriptor()).unwrap(),
-            b.register(MemKind::Dram, &lb.descriptor()).unwrap(),
+            a.register(MemKind::Dram, &la.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            b.register(MemKind::Dram, &lb.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
         )
     };
     let ep = a.connect("b", &b.connection_info().unwrap()).unwrap();
@@ -44,10 +49,10 @@ fn shm_deadline_fails_a_stuck_transfer_and_keeps_its_memory_busy() {
         .prepare(&TransferRequest {
             op: Op::Write,
             local_kind: MemKind::Dram,
-            local: DescriptorList::single(la.descriptor()),
+            local: DescriptorList::single(la.descriptor()).unwrap(),
             peer: ep,
             remote_kind: MemKind::Dram,
-            remote: DescriptorList::single(lb.descriptor()),
+            remote: DescriptorList::single(lb.descriptor()).unwrap(),
         })
         .unwrap();
     let start = Instant::now();

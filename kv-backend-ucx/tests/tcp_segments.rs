@@ -19,7 +19,10 @@ fn backend(name: &str, config: Vec<(String, String)>) -> Option<UcxBackend> {
         config,
         ..Default::default()
     };
-    kv_core::require_or_skip("ucx", UcxBackend::new(name, opts))
+    kv_core::require_or_skip(
+        "ucx",
+        UcxBackend::new(&kv_core::BackendInit::new(name), opts),
+    )
 }
 
 /// `from` WRITEs then READs `LEN` bytes to/from `to`, driving both. The endpoint stays
@@ -33,9 +36,16 @@ fn round_trip(from: &UcxBackend, to: &UcxBackend) {
     // SAFETY: the buffers outlive their registrations (deregistered below).
     let (rs, rd, rb) = unsafe {
         (
-            from.register(MemKind::Dram, &src.descriptor()).unwrap(),
-            to.register(MemKind::Dram, &dst.descriptor()).unwrap(),
-            from.register(MemKind::Dram, &back.descriptor()).unwrap(),
+            from.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            to.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            from.register(
+                MemKind::Dram,
+                &back.descriptor(),
+                kv_core::Access::ReadWrite,
+            )
+            .unwrap(),
         )
     };
     let ep = from.connect("to", &to.connection_info().unwrap()).unwrap();
@@ -52,10 +62,10 @@ fn round_trip(from: &UcxBackend, to: &UcxBackend) {
             .prepare(&TransferRequest {
                 op,
                 local_kind: MemKind::Dram,
-                local: DescriptorList::single(local),
+                local: DescriptorList::single(local).unwrap(),
                 peer: ep,
                 remote_kind: MemKind::Dram,
-                remote: DescriptorList::single(dst.descriptor()),
+                remote: DescriptorList::single(dst.descriptor()).unwrap(),
             })
             .unwrap();
         let opts = PostOptions {

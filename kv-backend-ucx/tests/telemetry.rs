@@ -8,8 +8,11 @@ fn pair(tls: &str) -> Option<(UcxBackend, UcxBackend)> {
         tls: Some(tls.into()),
         ..Default::default()
     };
-    let a = kv_core::require_or_skip("ucx", UcxBackend::new("a", opts.clone()))?;
-    let b = UcxBackend::new("b", opts).expect("second backend");
+    let a = kv_core::require_or_skip(
+        "ucx",
+        UcxBackend::new(&kv_core::BackendInit::new("a"), opts.clone()),
+    )?;
+    let b = UcxBackend::new(&kv_core::BackendInit::new("b"), opts).expect("second backend");
     Some((a, b))
 }
 

@@ -70,7 +70,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 
 fn backend(name: &str, tls: &str) -> kv_core::Result<UcxBackend> {
     UcxBackend::new(
-        name,
+        &kv_core::BackendInit::new(name),
         Options {
             tls: Some(tls.into()),
             ..Default::default()
@@ -88,7 +88,10 @@ fn child_main() {
     let mut mem = Mem::new(&b, std::env::var_os("KV_UCX_CHILD_ALLOC").is_some());
     mem.as_mut_slice().copy_from_slice(&pattern(2, LEN));
     // SAFETY: `mem` outlives the registration (deregistered before it drops).
-    let reg = unsafe { b.register(MemKind::Dram, &mem.descriptor()).unwrap() };
+    let reg = unsafe {
+        b.register(MemKind::Dram, &mem.descriptor(), kv_core::Access::ReadWrite)
+            .unwrap()
+    };
     let d = mem.descriptor();
     println!("INFO {}", hex(&b.connection_info().unwrap()));
     println!("KEY {}", hex(&b.remote_key(reg).unwrap()));
@@ -252,15 +255,18 @@ fn two_processes(tls: &str, ucx_mem: bool) {
     a.import_remote(ep, MemKind::Dram, &rdesc, &key).unwrap();
     let mut mem = Mem::new(&a, ucx_mem);
     // SAFETY: `mem` outlives the registration (deregistered below).
-    let reg = unsafe { a.register(MemKind::Dram, &mem.descriptor()).unwrap() };
+    let reg = unsafe {
+        a.register(MemKind::Dram, &mem.descriptor(), kv_core::Access::ReadWrite)
+            .unwrap()
+    };
     let mdesc = mem.descriptor();
     let req = |op| TransferRequest {
         op,
         local_kind: MemKind::Dram,
-        local: DescriptorList::single(mdesc),
+        local: DescriptorList::single(mdesc).unwrap(),
         peer: ep,
         remote_kind: MemKind::Dram,
-        remote: DescriptorList::single(rdesc),
+        remote: DescriptorList::single(rdesc).unwrap(),
     };
     if ucx_mem {
         // The child's worker stands still: puts and gets are copies into its mapping.

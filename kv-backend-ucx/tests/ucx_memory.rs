@@ -18,8 +18,11 @@ fn pair(tls: &str) -> Option<(UcxBackend, UcxBackend)> {
         tls: Some(tls.into()),
         ..Default::default()
     };
-    let a = kv_core::require_or_skip("ucx", UcxBackend::new("a", opts.clone()))?;
-    let b = UcxBackend::new("b", opts).expect("second backend");
+    let a = kv_core::require_or_skip(
+        "ucx",
+        UcxBackend::new(&kv_core::BackendInit::new("a"), opts.clone()),
+    )?;
+    let b = UcxBackend::new(&kv_core::BackendInit::new("b"), opts).expect("second backend");
     Some((a, b))
 }
 
@@ -50,10 +53,10 @@ fn req(op: Op, local: Descriptor, ep: kv_core::EndpointId, remote: Descriptor) -
     TransferRequest {
         op,
         local_kind: MemKind::Dram,
-        local: DescriptorList::single(local),
+        local: DescriptorList::single(local).unwrap(),
         peer: ep,
         remote_kind: MemKind::Dram,
-        remote: DescriptorList::single(remote),
+        remote: DescriptorList::single(remote).unwrap(),
     }
 }
 
@@ -67,8 +70,10 @@ fn write_and_read(tls: &str, drive_b: bool) {
     // SAFETY: the memory outlives the registrations (deregistered below).
     let (ra, rb) = unsafe {
         (
-            a.register(MemKind::Dram, &la.descriptor()).unwrap(),
-            b.register(MemKind::Dram, &lb.descriptor()).unwrap(),
+            a.register(MemKind::Dram, &la.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            b.register(MemKind::Dram, &lb.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
         )
     };
     let ep = a.connect("b", &b.connection_info().unwrap()).unwrap();
@@ -131,9 +136,14 @@ fn registrations_of_parts_and_late_drops_are_safe() {
     // drop below happens while registered on purpose (the unmap must wait).
     let (whole, part) = unsafe {
         (
-            a.register(MemKind::Dram, &d).unwrap(),
-            a.register(MemKind::Dram, &Descriptor::new(d.addr + 4096, 4096, 0))
+            a.register(MemKind::Dram, &d, kv_core::Access::ReadWrite)
                 .unwrap(),
+            a.register(
+                MemKind::Dram,
+                &Descriptor::new(d.addr + 4096, 4096, 0),
+                kv_core::Access::ReadWrite,
+            )
+            .unwrap(),
         )
     };
     assert!(!a.remote_key(part).unwrap().is_empty());

@@ -126,10 +126,10 @@ fn forged_write_headers_are_refused() {
         .prepare(&TransferRequest {
             op: Op::Write,
             local_kind: MemKind::Dram,
-            local: DescriptorList::single(sd),
+            local: DescriptorList::single(sd).unwrap(),
             peer: kv_core::EndpointId(ep),
             remote_kind: MemKind::Dram,
-            remote: DescriptorList::single(dd),
+            remote: DescriptorList::single(dd).unwrap(),
         })
         .unwrap();
     let untouched = |dst: &kv_mem::HostBuffer, what: &str| {
