@@ -42,16 +42,16 @@ fn pair(provider: &str) -> kv_core::Result<Pair> {
     if provider.starts_with("tcp") {
         p.insert("node".into(), "127.0.0.1".into());
     }
-    let a = kv_backend_libfabric::create("bench-a", &p)?;
-    let b = kv_backend_libfabric::create("bench-b", &p)?;
+    let a = kv_backend_libfabric::create(&kv_core::BackendInit::new("bench-a"), &p)?;
+    let b = kv_backend_libfabric::create(&kv_core::BackendInit::new("bench-b"), &p)?;
     let src = HostBuffer::alloc(SIZE, 4096)?;
     let dst = HostBuffer::alloc(SIZE, 4096)?;
     // SAFETY: the buffers live in the Pair, which stops the transfers (and drops the
     // backends' last users) before them; the benchmark only waits for finished posts.
     let (_ra, rb) = unsafe {
         (
-            a.register(MemKind::Dram, &src.descriptor())?,
-            b.register(MemKind::Dram, &dst.descriptor())?,
+            a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)?,
+            b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)?,
         )
     };
     let peer = a.connect("bench-b", &b.connection_info()?)?;
@@ -59,10 +59,10 @@ fn pair(provider: &str) -> kv_core::Result<Pair> {
     let req = |op| TransferRequest {
         op,
         local_kind: MemKind::Dram,
-        local: DescriptorList::single(src.descriptor()),
+        local: DescriptorList::single(src.descriptor()).unwrap(),
         peer,
         remote_kind: MemKind::Dram,
-        remote: DescriptorList::single(dst.descriptor()),
+        remote: DescriptorList::single(dst.descriptor()).unwrap(),
     };
     let (write, read) = (a.prepare(&req(Op::Write))?, a.prepare(&req(Op::Read))?);
     let stop = Arc::new(AtomicBool::new(false));

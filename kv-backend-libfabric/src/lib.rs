@@ -14,7 +14,7 @@
 //! let mut params = Params::new();
 //! params.insert("provider".into(), "tcp;ofi_rxm".into());
 //! params.insert("node".into(), "127.0.0.1".into());
-//! let backend = create("prefill-0", &params)?;
+//! let backend = create(&kv_core::BackendInit::new("prefill-0"), &params)?;
 //! let info = backend.connection_info()?; // hand this to the peer's `connect`
 //! assert_eq!(backend.name(), "libfabric");
 //! # let _ = (info, Options::default());
@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kv_core::{
-    check_request_shape, Backend, Capabilities, Descriptor, EndpointId, Error, MemKind, MemKinds,
-    Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status, TransferId,
-    TransferRequest,
+    check_request_shape, Access, Backend, BackendInit, Capabilities, Descriptor, EndpointId, Error,
+    MemKind, MemKinds, Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status,
+    TransferId, TransferRequest,
 };
 use parking_lot::Mutex;
 
@@ -104,10 +104,10 @@ impl Options {
     }
 }
 
-/// Creates the backend for the agent `agent_name` from `params` (see [`Options`]).
-pub fn create(agent_name: &str, params: &Params) -> Result<Arc<dyn Backend>> {
+/// Creates the backend for the agent `init` names from `params` (see [`Options`]).
+pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(FabricBackend::new(
-        agent_name,
+        init,
         Options::from_params(params)?,
     )?))
 }
@@ -115,7 +115,9 @@ pub fn create(agent_name: &str, params: &Params) -> Result<Arc<dyn Backend>> {
 /// The libfabric backend. `Send + Sync`: all state sits behind one mutex, which also
 /// serialises every libfabric call (the domain is opened `FI_THREAD_DOMAIN`).
 pub struct FabricBackend {
-    agent: String,
+    /// The agent name, cluster secret and bind address it was created with (the secret
+    /// and bind address are not used yet).
+    init: BackendInit,
     timeout: Duration,
     state: Mutex<State>,
 }
@@ -123,22 +125,23 @@ pub struct FabricBackend {
 impl std::fmt::Debug for FabricBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FabricBackend")
-            .field("agent", &self.agent)
+            .field("agent", &self.init.agent_name)
             .field("provider", &self.state.lock().fabric.provider)
             .finish_non_exhaustive()
     }
 }
 
 impl FabricBackend {
-    /// Opens libfabric and an endpoint for the agent `agent_name`.
-    pub fn new(agent_name: &str, opts: Options) -> Result<FabricBackend> {
+    /// Opens libfabric and an endpoint for the agent `init` names.
+    pub fn new(init: &BackendInit, opts: Options) -> Result<FabricBackend> {
+        let agent_name = init.agent_name.as_str();
         if agent_name.len() > wire::MAX_NAME {
             return Err(Error::invalid_argument("agent name longer than 1024 bytes"));
         }
         let lib = ffi::Lib::open(opts.library.as_deref())?;
         let fabric = Fabric::open(lib, opts.provider.as_deref(), opts.node.as_deref())?;
         Ok(FabricBackend {
-            agent: agent_name.to_string(),
+            init: init.clone(),
             timeout: opts.timeout,
             state: Mutex::new(State::open(agent_name, fabric)?),
         })
@@ -162,17 +165,32 @@ impl Backend for FabricBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            local: true,
-            remote: true,
-            notifications: true,
-            write: true,
-            read: true,
-            mem_kinds: MemKinds::of(&[MemKind::Dram]),
-        }
+        let mut c = Capabilities::default();
+        c.local = true;
+        c.remote = true;
+        c.notifications = true;
+        c.write = true;
+        c.read = true;
+        c.mem_kinds = MemKinds::of(&[MemKind::Dram]);
+        // No thread of its own: the target's completion queue (notifications, and the
+        // software RMA of providers like ofi_rxm) is read only inside `progress()`.
+        c.needs_target_progress = true;
+        c.authenticated = false;
+        c.read_only = false;
+        c
     }
 
-    unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> Result<RegistrationId> {
+    unsafe fn register(
+        &self,
+        kind: MemKind,
+        desc: &Descriptor,
+        access: Access,
+    ) -> Result<RegistrationId> {
+        if access == Access::ReadOnly {
+            return Err(Error::Unsupported(
+                "libfabric: read-only registrations not supported yet".into(),
+            ));
+        }
         if kind != MemKind::Dram {
             return Err(Error::Unsupported(format!(
                 "libfabric registers dram, not {kind}"
@@ -231,7 +249,7 @@ impl Backend for FabricBackend {
     fn connection_info(&self) -> Result<Bytes> {
         let s = self.state.lock();
         ConnectionInfo {
-            agent: self.agent.clone(),
+            agent: self.init.agent_name.clone(),
             provider: s.fabric.provider.clone(),
             address: s.fabric.address.clone(),
         }
@@ -436,7 +454,7 @@ mod tests {
             p.insert("provider".into(), prov.into());
             kv_core::require_or_skip(
                 "libfabric",
-                FabricBackend::new("t", Options::from_params(&p)?),
+                FabricBackend::new(&BackendInit::new("t"), Options::from_params(&p)?),
             )
             .map(Ok)
             .unwrap_or(Err(Error::Canceled))

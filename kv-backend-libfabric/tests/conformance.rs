@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use kv_core::auth::ClusterSecret;
 use kv_core::conformance::{Harness, Side};
-use kv_core::{Error, Params, Result};
+use kv_core::{BackendInit, Error, Params, Result};
 
 /// Two fresh backends on one provider, bound to loopback.
 struct FabricHarness {
@@ -11,15 +12,15 @@ struct FabricHarness {
 }
 
 impl FabricHarness {
-    fn side(&self, name: &str) -> Result<Side> {
+    fn side(&self, init: &BackendInit) -> Result<Side> {
         let mut p = Params::new();
         p.insert("provider".into(), self.provider.into());
         if self.provider.starts_with("tcp") {
             p.insert("node".into(), "127.0.0.1".into());
         }
         Ok(Side {
-            name: name.into(),
-            backend: kv_backend_libfabric::create(name, &p)?,
+            name: init.agent_name.clone(),
+            backend: kv_backend_libfabric::create(init, &p)?,
             memory: Arc::new(kv_mem::conformance::HostMemoryFactory),
         })
     }
@@ -27,7 +28,15 @@ impl FabricHarness {
 
 impl Harness for FabricHarness {
     fn pair(&self) -> Result<(Side, Side)> {
-        Ok((self.side("a")?, self.side("b")?))
+        let secret = ClusterSecret::generate()?;
+        self.pair_with(
+            &BackendInit::new("a").with_secret(secret.clone()),
+            &BackendInit::new("b").with_secret(secret),
+        )
+    }
+
+    fn pair_with(&self, a: &BackendInit, b: &BackendInit) -> Result<(Side, Side)> {
+        Ok((self.side(a)?, self.side(b)?))
     }
     fn deadline(&self) -> std::time::Duration {
         std::time::Duration::from_secs(10)
@@ -36,7 +45,7 @@ impl Harness for FabricHarness {
 
 fn available(provider: &'static str) -> Option<FabricHarness> {
     let h = FabricHarness { provider };
-    kv_core::require_or_skip("libfabric", h.side("probe").map(|_| ()))?;
+    kv_core::require_or_skip("libfabric", h.side(&BackendInit::new("probe")).map(|_| ()))?;
     Some(h)
 }
 
@@ -65,7 +74,7 @@ mod shm {
 fn missing_library_is_backend_unavailable() {
     let mut p = Params::new();
     p.insert("library".into(), "/nonexistent/libfabric.so.1".into());
-    match kv_backend_libfabric::create("x", &p) {
+    match kv_backend_libfabric::create(&kv_core::BackendInit::new("x"), &p) {
         Err(Error::BackendUnavailable { name, reason }) => {
             assert_eq!(name, "libfabric");
             assert!(reason.contains("KV_FABRIC_LIB"), "{reason}");

@@ -7,7 +7,7 @@ use kv_core::{Error, Params};
 #[test]
 fn kv_fabric_lib_pointing_nowhere_is_backend_unavailable() {
     std::env::set_var("KV_FABRIC_LIB", "/nonexistent/libfabric.so.1");
-    let created = kv_backend_libfabric::create("x", &Params::new());
+    let created = kv_backend_libfabric::create(&kv_core::BackendInit::new("x"), &Params::new());
     match &created {
         Err(Error::BackendUnavailable { name, reason }) => {
             assert_eq!(name, "libfabric");

@@ -40,12 +40,18 @@ fn child() {
     let Ok(provider) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let backend = kv_backend_libfabric::create("child", &params(&provider)).expect("child backend");
+    let backend =
+        kv_backend_libfabric::create(&kv_core::BackendInit::new("child"), &params(&provider))
+            .expect("child backend");
     let mut buf = HostBuffer::alloc(LEN, 4096).expect("child buffer");
     buf.as_mut_slice().fill(0x5a);
     let desc = buf.descriptor();
     // SAFETY: `buf` outlives the registration (deregistered below, before it drops).
-    let reg = unsafe { backend.register(MemKind::Dram, &desc).expect("register") };
+    let reg = unsafe {
+        backend
+            .register(MemKind::Dram, &desc, kv_core::Access::ReadWrite)
+            .expect("register")
+    };
     let key = backend.remote_key(reg).expect("key");
     let info = backend.connection_info().expect("info");
     println!(
@@ -90,7 +96,7 @@ fn run(backend: &dyn Backend, req: &TransferRequest) {
 fn parent(provider: &str) {
     let Some(backend) = kv_core::require_or_skip(
         "libfabric",
-        kv_backend_libfabric::create("parent", &params(provider)),
+        kv_backend_libfabric::create(&kv_core::BackendInit::new("parent"), &params(provider)),
     ) else {
         return;
     };
@@ -136,17 +142,25 @@ fn parent(provider: &str) {
     // SAFETY: both buffers outlive their registrations (deregistered below).
     let (rs, rb) = unsafe {
         (
-            backend.register(MemKind::Dram, &src.descriptor()).unwrap(),
-            backend.register(MemKind::Dram, &back.descriptor()).unwrap(),
+            backend
+                .register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            backend
+                .register(
+                    MemKind::Dram,
+                    &back.descriptor(),
+                    kv_core::Access::ReadWrite,
+                )
+                .unwrap(),
         )
     };
     let req = |op, local: Descriptor| TransferRequest {
         op,
         local_kind: MemKind::Dram,
-        local: DescriptorList::single(local),
+        local: DescriptorList::single(local).unwrap(),
         peer,
         remote_kind: MemKind::Dram,
-        remote: DescriptorList::single(remote),
+        remote: DescriptorList::single(remote).unwrap(),
     };
     run(&*backend, &req(Op::Write, src.descriptor()));
     run(&*backend, &req(Op::Read, back.descriptor()));
