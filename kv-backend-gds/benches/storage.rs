@@ -121,9 +121,10 @@ fn setup(case: &Case, size: u64) -> Setup {
     // SAFETY: `buf` and `file` live in `Setup`, which outlives every transfer.
     let (_m, f) = unsafe {
         (
-            b.register(MemKind::Dram, &buf.descriptor())
+            b.register(MemKind::Dram, &buf.descriptor(), kv_core::Access::ReadWrite)
                 .expect("register dram"),
-            b.register(MemKind::File, &fdesc).expect("register file"),
+            b.register(MemKind::File, &fdesc, kv_core::Access::ReadWrite)
+                .expect("register file"),
         )
     };
     let me: EndpointId = b.connect("bench", &b.connection_info().unwrap()).unwrap();
@@ -149,10 +150,12 @@ fn setup(case: &Case, size: u64) -> Setup {
         let local: DescriptorList = range
             .clone()
             .map(|i| Descriptor::new(buf.descriptor().addr + (i % per_mem) * case.bs, case.bs, 0))
-            .collect();
+            .collect::<kv_core::Result<_>>()
+            .unwrap();
         let remote: DescriptorList = range
             .map(|i| Descriptor::new(block_at(i) * case.bs, case.bs, fd))
-            .collect();
+            .collect::<kv_core::Result<_>>()
+            .unwrap();
         b.prepare(&TransferRequest {
             op: case.op,
             local_kind: MemKind::Dram,

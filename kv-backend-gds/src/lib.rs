@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use std::os::fd::AsRawFd;
-//! use kv_core::{Backend, DescriptorList, MemKind, Op, PostOptions, TransferRequest};
+//! use kv_core::{Access, Backend, DescriptorList, MemKind, Op, PostOptions, TransferRequest};
 //!
 //! let path = std::env::temp_dir().join(format!("kv-gds-doc-{}", std::process::id()));
 //! let (file, _direct) = kv_backend_gds::open_direct(&path, true)?;
@@ -21,12 +21,13 @@
 //! buf.as_mut_slice().fill(7);
 //! let fdesc = kv_core::Descriptor::new(0, 1 << 20, file.as_raw_fd() as u32);
 //! // SAFETY: `buf` and `file` outlive the registrations (deregistered at the end).
-//! let (mreg, freg) = unsafe { (gds.register(MemKind::Dram, &buf.descriptor())?, gds.register(MemKind::File, &fdesc)?) };
+//! let rw = Access::ReadWrite;
+//! let (mreg, freg) = unsafe { (gds.register(MemKind::Dram, &buf.descriptor(), rw)?, gds.register(MemKind::File, &fdesc, rw)?) };
 //! let me = gds.connect("agent-0", &gds.connection_info()?)?;
 //! gds.import_remote(me, MemKind::File, &fdesc, &gds.remote_key(freg)?)?;
 //! let t = gds.prepare(&TransferRequest { op: Op::Write, local_kind: MemKind::Dram,
-//!     local: DescriptorList::single(buf.descriptor()), peer: me, remote_kind: MemKind::File,
-//!     remote: DescriptorList::single(fdesc) })?;
+//!     local: DescriptorList::single(buf.descriptor())?, peer: me, remote_kind: MemKind::File,
+//!     remote: DescriptorList::single(fdesc)? })?;
 //! unsafe { gds.post(t, &PostOptions::default())? };
 //! assert!(matches!(gds.wait(t, std::time::Duration::from_secs(10)), kv_core::Status::Done));
 //! gds.release(t)?; gds.deregister(mreg)?; gds.deregister(freg)?;
@@ -55,9 +56,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kv_core::{
-    check_request_shape, Backend, Capabilities, Descriptor, EndpointId, Error, MemKind, MemKinds,
-    Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status, TransferId,
-    TransferRequest,
+    check_request_shape, Access, Backend, BackendInit, Capabilities, Descriptor, EndpointId, Error,
+    MemKind, MemKinds, Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status,
+    TransferId, TransferRequest,
 };
 use parking_lot::Mutex;
 
@@ -180,10 +181,11 @@ impl Options {
     }
 }
 
-/// Creates the gds backend for the agent `agent_name` from agent params.
-pub fn create(agent_name: &str, params: &Params) -> Result<Arc<dyn Backend>> {
+/// Creates the gds backend for the agent `init` names from agent params (it has no
+/// peers and no listener, so `init`'s secret and bind address do not apply).
+pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(GdsBackend::new(
-        agent_name,
+        &init.agent_name,
         Options::from_params(params)?,
     )?))
 }
@@ -388,17 +390,31 @@ impl Backend for GdsBackend {
         if self.driver.cufile.is_ok() {
             kinds.push(MemKind::Vram);
         }
-        Capabilities {
-            local: true,
-            remote: false,
-            notifications: true,
-            write: true,
-            read: true,
-            mem_kinds: MemKinds::of(&kinds),
-        }
+        let mut c = Capabilities::default();
+        c.local = true;
+        c.remote = false;
+        c.notifications = true;
+        c.write = true;
+        c.read = true;
+        c.mem_kinds = MemKinds::of(&kinds);
+        // Its only peer is itself: nothing to serve for another agent.
+        c.needs_target_progress = false;
+        c.authenticated = false;
+        c.read_only = false;
+        c
     }
 
-    unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> Result<RegistrationId> {
+    unsafe fn register(
+        &self,
+        kind: MemKind,
+        desc: &Descriptor,
+        access: Access,
+    ) -> Result<RegistrationId> {
+        if access == Access::ReadOnly {
+            return Err(Error::Unsupported(
+                "gds: read-only registrations not supported yet".into(),
+            ));
+        }
         if desc.len == 0 || desc.end().is_none() {
             return Err(Error::invalid_argument(format!(
                 "cannot register {kind} range {:#x}+{}",

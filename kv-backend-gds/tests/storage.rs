@@ -98,8 +98,10 @@ impl Rig {
         // SAFETY: the buffer and the file live in the rig, which deregisters on drop.
         let (mreg, freg) = unsafe {
             (
-                b.register(MemKind::Dram, &buf.descriptor()).unwrap(),
-                b.register(MemKind::File, &fdesc).unwrap(),
+                b.register(MemKind::Dram, &buf.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap(),
+                b.register(MemKind::File, &fdesc, kv_core::Access::ReadWrite)
+                    .unwrap(),
             )
         };
         let me = b.connect("tester", &b.connection_info().unwrap()).unwrap();
@@ -150,8 +152,8 @@ impl Rig {
     fn one(&self, op: Op, mem_off: u64, file_off: u64, len: u64) -> Status {
         self.run(
             op,
-            DescriptorList::single(Descriptor::new(self.addr(mem_off), len, 0)),
-            DescriptorList::single(Descriptor::new(file_off, len, self.fd())),
+            DescriptorList::single(Descriptor::new(self.addr(mem_off), len, 0)).unwrap(),
+            DescriptorList::single(Descriptor::new(file_off, len, self.fd())).unwrap(),
         )
     }
 
@@ -242,7 +244,8 @@ fn scattered_with(engine: EngineChoice, opts: Options) {
     let local = DescriptorList::strided(rig.addr(0), BS, N, BS, 0).unwrap();
     let remote: DescriptorList = (0..N)
         .map(|i| Descriptor::new(slot(i), BS, rig.fd()))
-        .collect();
+        .collect::<kv_core::Result<_>>()
+        .unwrap();
     assert_eq!(remote.len(), N);
     let data = pattern(99, (N * BS) as usize);
     rig.buf.as_mut_slice().copy_from_slice(&data);
@@ -263,11 +266,13 @@ fn scattered_with(engine: EngineChoice, opts: Options) {
     let rev_local: DescriptorList = (0..N)
         .rev()
         .map(|i| Descriptor::new(rig.addr(i * BS), BS, 0))
-        .collect();
+        .collect::<kv_core::Result<_>>()
+        .unwrap();
     let rev_remote: DescriptorList = (0..N)
         .rev()
         .map(|i| Descriptor::new(slot(i), BS, rig.fd()))
-        .collect();
+        .collect::<kv_core::Result<_>>()
+        .unwrap();
     assert_done(&rig.run(Op::Read, rev_local, rev_remote), "scattered read");
     assert_eq!(crc32c::crc32c(rig.buf.as_slice()), crc32c::crc32c(&data));
 }
@@ -382,7 +387,7 @@ fn missing_file_and_bad_fd() {
     // A descriptor number nothing has open.
     let bad = Descriptor::new(0, 4096, 1_000_000);
     // SAFETY: registration of a file range touches no memory.
-    let r = unsafe { b.register(MemKind::File, &bad) };
+    let r = unsafe { b.register(MemKind::File, &bad, kv_core::Access::ReadWrite) };
     assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
 }
 
@@ -404,8 +409,8 @@ fn unaligned_io_is_refused_with_the_alignment() {
     for (mem_off, file_off, len, what) in cases {
         let req = rig.request(
             Op::Write,
-            DescriptorList::single(Descriptor::new(rig.addr(mem_off), len, 0)),
-            DescriptorList::single(Descriptor::new(file_off, len, rig.fd())),
+            DescriptorList::single(Descriptor::new(rig.addr(mem_off), len, 0)).unwrap(),
+            DescriptorList::single(Descriptor::new(file_off, len, rig.fd())).unwrap(),
         );
         match rig.b.prepare(&req) {
             Err(Error::InvalidArgument(m)) => {
@@ -524,8 +529,8 @@ fn notifications_follow_the_data() {
     let rig = Rig::new(b, 0, 1 << 20, 1 << 20);
     let req = rig.request(
         Op::Write,
-        DescriptorList::single(Descriptor::new(rig.addr(0), 1 << 20, 0)),
-        DescriptorList::single(Descriptor::new(0, 1 << 20, rig.fd())),
+        DescriptorList::single(Descriptor::new(rig.addr(0), 1 << 20, 0)).unwrap(),
+        DescriptorList::single(Descriptor::new(0, 1 << 20, rig.fd())).unwrap(),
     );
     let t = rig.b.prepare(&req).unwrap();
     let opts = PostOptions {
@@ -552,8 +557,8 @@ fn bounds_and_kinds_are_checked() {
         return;
     };
     let rig = Rig::new(b, 0, 1 << 20, 1 << 20);
-    let mem = |off, len| DescriptorList::single(Descriptor::new(rig.addr(off), len, 0));
-    let file = |off, len| DescriptorList::single(Descriptor::new(off, len, rig.fd()));
+    let mem = |off, len| DescriptorList::single(Descriptor::new(rig.addr(off), len, 0)).unwrap();
+    let file = |off, len| DescriptorList::single(Descriptor::new(off, len, rig.fd())).unwrap();
     assert!(matches!(
         rig.b
             .prepare(&rig.request(Op::Write, mem(0, 8192), file((1 << 20) - 4096, 8192))),
@@ -594,8 +599,8 @@ fn deadline_fails_the_transfer() {
     let rig = Rig::new(b, 0, 1 << 30, 1 << 20);
     let req = rig.request(
         Op::Write,
-        DescriptorList::single(Descriptor::new(rig.addr(0), 1 << 20, 0)),
-        DescriptorList::single(Descriptor::new(0, 1 << 20, rig.fd())),
+        DescriptorList::single(Descriptor::new(rig.addr(0), 1 << 20, 0)).unwrap(),
+        DescriptorList::single(Descriptor::new(0, 1 << 20, rig.fd())).unwrap(),
     );
     let t = rig.b.prepare(&req).unwrap();
     let opts = PostOptions {
@@ -619,7 +624,8 @@ fn cufile_absence_is_reported_cleanly() {
         Ok(v) => {
             // A GPU host: VRAM registers when cuFile is there, else says why not.
             // SAFETY: `v` outlives the registration (deregistered below).
-            match unsafe { b.register(MemKind::Vram, &v.descriptor()) } {
+            match unsafe { b.register(MemKind::Vram, &v.descriptor(), kv_core::Access::ReadWrite) }
+            {
                 Ok(r) => b.deregister(r).unwrap(),
                 Err(e) => assert!(
                     matches!(e, Error::BackendUnavailable { .. } | Error::Backend { .. }),
@@ -632,7 +638,7 @@ fn cufile_absence_is_reported_cleanly() {
             assert!(!b.capabilities().mem_kinds.contains(MemKind::Vram));
             let fake = Descriptor::new(0x7000_0000_0000, 4096, 0);
             // SAFETY: refused before anything touches the range.
-            match unsafe { b.register(MemKind::Vram, &fake) } {
+            match unsafe { b.register(MemKind::Vram, &fake, kv_core::Access::ReadWrite) } {
                 Err(Error::BackendUnavailable { reason, .. }) => {
                     assert!(
                         reason.contains("libcuda")
