@@ -47,6 +47,7 @@ impl Agent {
                 kv_core::codec::MAX_NAME_LEN
             )));
         }
+        check_attributes(&opts.attributes)?;
         let generation = opts.generation.unwrap_or_else(|| {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -85,7 +86,7 @@ impl Agent {
                 crate::backends::known().join(", ")
             ),
         })?;
-        match factory(&self.shared.name, params) {
+        match factory(&self.shared.backend_init(), params) {
             Ok(b) => self.add_backend_instance(b),
             Err(e) => {
                 tracing::info!(backend = name, error = %e, "backend unavailable");
@@ -121,7 +122,7 @@ impl Agent {
         self.shared.registry.stats()
     }
 
-    /// Registers `region` with every loaded backend that supports its kind. The returned
+    /// Registers `region` read-write with every loaded backend that supports its kind. The returned
     /// handle keeps the memory alive; dropping it deregisters once no posted transfer
     /// names the region.
     pub fn register<M: Memory>(&self, region: &Region<M>) -> Result<Registration> {
@@ -158,6 +159,22 @@ impl Agent {
     pub fn peer_info(&self, peer: PeerId) -> Result<(String, u64)> {
         let p = self.shared.peers.get(peer)?;
         Ok((p.name.clone(), p.generation))
+    }
+
+    /// The attributes a loaded peer published (see [`AgentOptions::attributes`]).
+    pub fn peer_attributes(&self, peer: PeerId) -> Result<Vec<(String, Bytes)>> {
+        Ok(self.shared.peers.get(peer)?.attributes())
+    }
+
+    /// Replaces the attributes this agent publishes from its next metadata message on
+    /// (peers see them after the next [`Agent::publish`] or fetch). At most
+    /// [`kv_core::codec::MAX_ATTRIBUTES`], each value at most
+    /// [`kv_core::codec::MAX_ATTRIBUTE_BYTES`]. A partial message cannot clear them:
+    /// publish full metadata after setting none.
+    pub fn set_attributes(&self, attributes: Vec<(String, Bytes)>) -> Result<()> {
+        check_attributes(&attributes)?;
+        *self.shared.attributes.write() = attributes;
+        Ok(())
     }
 
     /// The current [`PeerId`] of the agent called `name`, if its metadata is loaded.
@@ -250,6 +267,18 @@ impl Agent {
             .filter_map(|a| self.publish_to(a).err().map(|e| (a, e)))
             .collect()
     }
+}
+
+/// Refuses attributes the metadata codec would refuse (too many, too long), by encoding
+/// them once.
+fn check_attributes(attributes: &[(String, Bytes)]) -> Result<()> {
+    kv_core::AgentMetadata {
+        name: "check".into(),
+        attributes: attributes.to_vec(),
+        ..Default::default()
+    }
+    .encode()
+    .map(|_| ())
 }
 
 /// A registered region. Dropping it deregisters the memory once no posted transfer names

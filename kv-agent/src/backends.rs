@@ -1,11 +1,6 @@
 //! Backends the agent creates by name, one cargo feature each.
 
-use std::sync::Arc;
-
-use kv_core::{Backend, Params, Result};
-
-/// Type of a function that creates a backend by name: `(agent name, params)`.
-pub type BackendFactory = fn(&str, &Params) -> Result<Arc<dyn Backend>>;
+use kv_core::BackendFactory;
 
 /// The factory for `name`, if this build has that backend.
 pub(crate) fn factory(name: &str) -> Option<BackendFactory> {

@@ -205,7 +205,7 @@ impl PagedLayout {
                     base + self.offset(layer, plane, pages[i]),
                     n * self.page_bytes(),
                     0,
-                ));
+                ))?;
                 i += n as usize;
             }
         }
@@ -244,11 +244,7 @@ impl PagedLayout {
         let start = base + self.offset(layer, plane, page);
         let shard = self.shape.tp_shard(tp)?;
         if shard == self.shape {
-            return Ok(DescriptorList::single(Descriptor::new(
-                start,
-                self.page_bytes(),
-                0,
-            )));
+            return DescriptorList::single(Descriptor::new(start, self.page_bytes(), 0));
         }
         let slice = shard.token_bytes();
         DescriptorList::strided(

@@ -17,7 +17,7 @@
 //! let reg = agent.register(&kv)?;
 //! let decode = agent.fetch_remote("10.0.0.2:7000")?;           // the decode side's channel
 //! let (_, _, remote) = agent.remote_regions(decode)?.remove(0);
-//! let t = agent.prepare(&TransferSpec::write(kv_core::DescriptorList::single(reg.descriptor()), decode, remote))?;
+//! let t = agent.prepare(&TransferSpec::write(kv_core::DescriptorList::single(reg.descriptor())?, decode, remote))?;
 //! t.post(Some("req-42 layer 0".into()))?;
 //! t.wait()?;
 //! # Ok::<(), kv_core::Error>(())
@@ -36,9 +36,8 @@ mod shared;
 mod transfer;
 
 pub use agent::{Agent, Registration};
-pub use backends::BackendFactory;
 pub use channel::parse_header as parse_channel_header;
-pub use kv_core::{Error, Result};
+pub use kv_core::{BackendFactory, Error, Result};
 pub use peers::PeerId;
 pub use registry::BackendStats;
 pub use shared::AgentOptions;

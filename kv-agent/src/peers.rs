@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use kv_core::{
-    AgentMetadata, BackendMetadata, Descriptor, DescriptorList, EndpointId, Error, MemKind,
+    Access, AgentMetadata, BackendMetadata, Descriptor, DescriptorList, EndpointId, Error, MemKind,
     RegistrationMetadata, RemoteId, Result,
 };
 use parking_lot::{Mutex, RwLock};
@@ -31,10 +31,12 @@ impl std::fmt::Display for PeerId {
 const MAX_REMOTE_DESCRIPTORS: u64 = 4096;
 
 /// Encodes this agent's metadata: every backend with its connection info and every
-/// live registration (`regions: None`), or a partial update naming only `regions`.
+/// live registration (`regions: None`), or a partial update naming only `regions`; both
+/// carry `attributes` (in a partial one, none means unchanged).
 pub(crate) fn local_metadata(
     name: &str,
     generation: u64,
+    attributes: Vec<(String, Bytes)>,
     reg: &Registry,
     regions: Option<Vec<Arc<RegionEntry>>>,
 ) -> Result<Bytes> {
@@ -62,7 +64,9 @@ pub(crate) fn local_metadata(
         registrations.push(RegistrationMetadata {
             id: e.id,
             kind: e.kind,
-            descs: DescriptorList::single(e.desc),
+            // The agent registers read-write only (see `Registry::register`).
+            access: Access::ReadWrite,
+            descs: DescriptorList::single(e.desc)?,
             keys,
         });
     }
@@ -70,6 +74,7 @@ pub(crate) fn local_metadata(
         name: name.to_string(),
         generation,
         partial,
+        attributes,
         backends: bmeta,
         registrations,
         removed: Vec::new(),
@@ -91,6 +96,8 @@ pub(crate) struct PeerEntry {
 
 #[derive(Default)]
 struct PeerState {
+    /// The attributes the peer published.
+    attributes: Vec<(String, Bytes)>,
     backends: Vec<BackendMetadata>,
     regions: HashMap<u64, RegistrationMetadata>,
     endpoints: HashMap<String, EndpointId>,
@@ -240,6 +247,10 @@ impl PeerEntry {
             )));
         }
         let mut st = self.state.lock();
+        // A full message replaces the attributes; a partial one only when it carries any.
+        if !meta.partial || !meta.attributes.is_empty() {
+            st.attributes = meta.attributes;
+        }
         if !meta.partial {
             // A full message replaces the registrations; imported ones that vanished
             // are released below.
@@ -300,6 +311,12 @@ impl PeerEntry {
                 }
             }
         }
+    }
+
+    /// The attributes the peer published (the latest full message, or a later partial
+    /// one that carried attributes).
+    pub(crate) fn attributes(&self) -> Vec<(String, Bytes)> {
+        self.state.lock().attributes.clone()
     }
 
     /// Names of the backends the peer published.

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kv_core::{Backend, Descriptor, DescriptorList, Error, MemKind, RegistrationId, Result};
+use kv_core::{
+    Access, Backend, Descriptor, DescriptorList, Error, MemKind, RegistrationId, Result,
+};
 use kv_mem::{Memory, Region};
 use parking_lot::{Mutex, RwLock};
 
@@ -172,7 +174,7 @@ impl Registry {
             // SAFETY: `region.keep_alive()` is stored in the entry below and dropped
             // only after every backend deregistered, so the memory outlives the
             // registration (kv_mem::Memory promises a stable, valid range).
-            match unsafe { b.backend.register(kind, &desc) } {
+            match unsafe { b.backend.register(kind, &desc, Access::ReadWrite) } {
                 Ok(id) => regs.push((b, id)),
                 Err(e) => {
                     tracing::debug!(backend = %b.name, error = %e, "registration skipped");

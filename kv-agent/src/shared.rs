@@ -2,12 +2,15 @@
 //! that an `Agent`, its `Registration`s and `Transfer`s hold, so the agent lives (its
 //! side channel served, its progress thread running) while any of them does.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kv_core::Result;
+use kv_core::auth::ClusterSecret;
+use kv_core::{BackendInit, Result};
+use parking_lot::RwLock;
 
 use crate::channel::{ChannelState, Service};
 use crate::peers::{local_metadata, PeerId, Peers};
@@ -29,6 +32,18 @@ pub struct AgentOptions {
     pub generation: Option<u64>,
     /// Timeout of side-channel connections (metadata fetch and publish).
     pub channel_timeout: Duration,
+    /// The cluster secret handed to every backend this agent creates (in its
+    /// [`BackendInit`]); backends that authenticate their connections use it. `None`
+    /// (the default): unauthenticated. The side channel does not use it yet.
+    pub secret: Option<ClusterSecret>,
+    /// Where the backends this agent creates bind their listeners (in their
+    /// [`BackendInit`]); default `127.0.0.1`, so nothing off-host can connect unless set.
+    pub bind_ip: IpAddr,
+    /// Small named values this agent publishes in its metadata (a KV layout hash, TP
+    /// rank and size, …); at most [`kv_core::codec::MAX_ATTRIBUTES`], each value at
+    /// most [`kv_core::codec::MAX_ATTRIBUTE_BYTES`]. Change them with
+    /// [`Agent::set_attributes`](crate::Agent::set_attributes).
+    pub attributes: Vec<(String, Bytes)>,
 }
 
 impl Default for AgentOptions {
@@ -39,6 +54,9 @@ impl Default for AgentOptions {
             progress_thread: false,
             generation: None,
             channel_timeout: Duration::from_secs(5),
+            secret: None,
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            attributes: Vec::new(),
         }
     }
 }
@@ -51,6 +69,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) peers: Peers,
     pub(crate) channel: ChannelState,
+    /// The attributes this agent publishes (starts as `opts.attributes`).
+    pub(crate) attributes: RwLock<Vec<(String, Bytes)>>,
     stop: AtomicBool,
 }
 
@@ -66,6 +86,7 @@ impl Shared {
         Shared {
             name: name.to_string(),
             generation,
+            attributes: RwLock::new(opts.attributes.clone()),
             opts,
             registry: Registry::default(),
             peers: Peers::default(),
@@ -76,7 +97,22 @@ impl Shared {
 
     /// This agent's metadata: full (`regions: None`) or naming only `regions`.
     pub(crate) fn metadata(&self, regions: Option<Vec<Arc<RegionEntry>>>) -> Result<Bytes> {
-        local_metadata(&self.name, self.generation, &self.registry, regions)
+        let attributes = self.attributes.read().clone();
+        local_metadata(
+            &self.name,
+            self.generation,
+            attributes,
+            &self.registry,
+            regions,
+        )
+    }
+
+    /// The context every backend this agent creates gets: its name, the cluster
+    /// secret and the bind address from the options.
+    pub(crate) fn backend_init(&self) -> BackendInit {
+        let mut init = BackendInit::new(self.name.clone()).with_bind_ip(self.opts.bind_ip);
+        init.secret = self.opts.secret.clone();
+        init
     }
 
     /// Loads a peer's metadata (full or partial).

@@ -9,8 +9,8 @@ use kv_agent::{Agent, AgentOptions, PeerId, TransferSpec};
 use kv_core::conformance::pattern;
 use kv_core::loopback::{LoopbackBackend, LoopbackFabric};
 use kv_core::{
-    Backend, Capabilities, Descriptor, DescriptorList, EndpointId, Error, MemKind, Notification,
-    PostOptions, RegistrationId, RemoteId, Status, TransferId, TransferRequest,
+    Backend, BackendInit, Capabilities, Descriptor, DescriptorList, EndpointId, Error, MemKind,
+    Notification, PostOptions, RegistrationId, RemoteId, Status, TransferId, TransferRequest,
 };
 use kv_mem::{Memory, Region};
 
@@ -34,7 +34,7 @@ struct Node {
 }
 
 fn node(fabric: &LoopbackFabric, name: &str, opts: AgentOptions) -> Node {
-    let lb = Arc::new(fabric.backend(name));
+    let lb = Arc::new(fabric.backend(&BackendInit::new(name)));
     let agent = Agent::new(name, opts).unwrap();
     agent.add_backend_instance(lb.clone()).unwrap();
     Node { agent, lb }
@@ -61,9 +61,9 @@ impl Node {
 /// A DRAM WRITE of one local range into one remote range.
 fn write1(local: Descriptor, peer: PeerId, remote: Descriptor) -> TransferSpec {
     TransferSpec::write(
-        DescriptorList::single(local),
+        DescriptorList::single(local).unwrap(),
         peer,
-        DescriptorList::single(remote),
+        DescriptorList::single(remote).unwrap(),
     )
 }
 
@@ -84,12 +84,12 @@ fn write_with_notification_then_read() {
     let rd = d.agent.register(&dst).unwrap();
     let peer = p.load(&d);
     assert_eq!(p.agent.peer_info(peer).unwrap().0, "decode");
-    let remote = DescriptorList::single(rd.descriptor());
+    let remote = DescriptorList::single(rd.descriptor()).unwrap();
     let t = p
         .agent
         .transfer(
             &TransferSpec::write(
-                DescriptorList::single(src.descriptor()),
+                DescriptorList::single(src.descriptor()).unwrap(),
                 peer,
                 remote.clone(),
             ),
@@ -114,8 +114,8 @@ fn write_with_notification_then_read() {
     // Decode-shaped READ of half the remote into the second half of the source.
     d.lb.write_mem(dst.descriptor().addr, &pattern(9, 1 << 19))
         .unwrap();
-    let local = DescriptorList::single(src.slice(1 << 19, 1 << 19).unwrap());
-    let remote = DescriptorList::single(dst.slice(0, 1 << 19).unwrap());
+    let local = DescriptorList::single(src.slice(1 << 19, 1 << 19).unwrap()).unwrap();
+    let remote = DescriptorList::single(dst.slice(0, 1 << 19).unwrap()).unwrap();
     let t = p
         .agent
         .transfer(&TransferSpec::read(local, peer, remote), None)
@@ -177,9 +177,9 @@ fn restarted_peer_replaces_old_generation() {
     let old = p.agent.load_remote(&old_meta).unwrap();
     let spec = |peer, r: Descriptor| {
         TransferSpec::write(
-            DescriptorList::single(src.descriptor()),
+            DescriptorList::single(src.descriptor()).unwrap(),
             peer,
-            DescriptorList::single(r),
+            DescriptorList::single(r).unwrap(),
         )
     };
     let prepared = p.agent.prepare(&spec(old, r1.descriptor())).unwrap();
@@ -271,9 +271,9 @@ fn bounds_and_registration_are_checked() {
     let peer = p.load(&d);
     let big = Descriptor::new(rd.descriptor().addr, 4097, 0);
     let e = p.agent.prepare(&TransferSpec::write(
-        DescriptorList::single(Descriptor::new(src.descriptor().addr, 4097, 0)),
+        DescriptorList::single(Descriptor::new(src.descriptor().addr, 4097, 0)).unwrap(),
         peer,
-        DescriptorList::single(big),
+        DescriptorList::single(big).unwrap(),
     ));
     assert!(e.is_err());
     let e = p
@@ -281,9 +281,9 @@ fn bounds_and_registration_are_checked() {
         .prepare(&write1(unregistered.descriptor(), peer, rd.descriptor()));
     assert!(matches!(e, Err(Error::NotRegistered(_))), "{e:?}");
     let e = p.agent.prepare(&TransferSpec::write(
-        DescriptorList::single(src.slice(0, 10).unwrap()),
+        DescriptorList::single(src.slice(0, 10).unwrap()).unwrap(),
         peer,
-        DescriptorList::single(rd.descriptor()),
+        DescriptorList::single(rd.descriptor()).unwrap(),
     ));
     assert!(matches!(e, Err(Error::InvalidArgument(_))), "{e:?}");
     assert!(d.read(dst.descriptor()) == pattern(2, 4096));
@@ -298,9 +298,9 @@ fn no_common_backend_lists_both_sides() {
     let _rs = p.agent.register(&src).unwrap();
     let peer = p.agent.load_remote(&d.local_metadata().unwrap()).unwrap();
     let e = p.agent.prepare(&TransferSpec::write(
-        DescriptorList::single(src.descriptor()),
+        DescriptorList::single(src.descriptor()).unwrap(),
         peer,
-        DescriptorList::single(Descriptor::new(0, 4096, 0)),
+        DescriptorList::single(Descriptor::new(0, 4096, 0)).unwrap(),
     ));
     // The peer published no region, so the range is out of bounds before backend choice.
     assert!(e.is_err());
@@ -377,9 +377,14 @@ impl Backend for Wrapped {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    unsafe fn register(&self, kind: MemKind, desc: &Descriptor) -> kv_core::Result<RegistrationId> {
+    unsafe fn register(
+        &self,
+        kind: MemKind,
+        desc: &Descriptor,
+        access: kv_core::Access,
+    ) -> kv_core::Result<RegistrationId> {
         // SAFETY: forwarded contract.
-        unsafe { self.inner.register(kind, desc) }
+        unsafe { self.inner.register(kind, desc, access) }
     }
     fn deregister(&self, id: RegistrationId) -> kv_core::Result<()> {
         if self.fail_deregister {
@@ -455,14 +460,14 @@ fn backend_choice_by_cost_then_preference() {
         // Memory lives in the "slow" backend's loopback space; both share the fabric
         // addresses only by name, so each side registers one region per backend.
         let slow = Arc::new(Wrapped {
-            inner: f1.backend(name),
+            inner: f1.backend(&BackendInit::new(name)),
             name: "slow",
             cost: Some(Duration::from_millis(10)),
             stuck: false,
             fail_deregister: false,
         });
         let fast = Arc::new(Wrapped {
-            inner: f2.backend(name),
+            inner: f2.backend(&BackendInit::new(name)),
             name: "fast",
             cost: Some(Duration::from_millis(1)),
             stuck: false,
@@ -513,8 +518,8 @@ fn backend_choice_by_cost_then_preference() {
 fn deadline_ends_a_stuck_transfer() {
     let f = LoopbackFabric::new();
     let (lp, ld) = (
-        Arc::new(Wrapped::stuck(f.backend("prefill"))),
-        Arc::new(Wrapped::stuck(f.backend("decode"))),
+        Arc::new(Wrapped::stuck(f.backend(&BackendInit::new("prefill")))),
+        Arc::new(Wrapped::stuck(f.backend(&BackendInit::new("decode")))),
     );
     let p = Agent::new("prefill", AgentOptions::default()).unwrap();
     let d = Agent::new("decode", AgentOptions::default()).unwrap();
@@ -558,8 +563,11 @@ fn dead_peer_fails_transfers() {
     drop(dst);
     drop(d);
     let start = Instant::now();
-    t.post(None).unwrap();
-    let e = t.wait().unwrap_err();
+    // The contract allows the refusal at post or in the status.
+    let e = match t.post(None) {
+        Err(e) => e,
+        Ok(()) => t.wait().unwrap_err(),
+    };
     assert!(e.is_disconnect(), "{e}");
     // A new transfer fails at connect or completion, never hangs.
     let p2 = p.agent.clone();
@@ -571,9 +579,9 @@ fn dead_peer_fails_transfers() {
     let e = p2
         .transfer(
             &TransferSpec::write(
-                DescriptorList::single(src.descriptor()),
+                DescriptorList::single(src.descriptor()).unwrap(),
                 fresh_peer,
-                DescriptorList::single(Descriptor::new(0, 4096, 0)),
+                DescriptorList::single(Descriptor::new(0, 4096, 0)).unwrap(),
             ),
             None,
         )
@@ -780,7 +788,7 @@ fn newer_partial_metadata_does_not_retire_the_peer() {
 fn failed_deregistration_keeps_the_memory() {
     let f = LoopbackFabric::new();
     let lb = Wrapped {
-        inner: f.backend("a"),
+        inner: f.backend(&BackendInit::new("a")),
         name: "nodereg",
         cost: None,
         stuck: false,

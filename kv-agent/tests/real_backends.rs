@@ -48,9 +48,9 @@ fn tcp_ucx_and_libfabric_for_the_same_peers() {
     let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
     for (i, b) in loaded.iter().enumerate() {
         let mut spec = TransferSpec::write(
-            DescriptorList::single(rs.descriptor()),
+            DescriptorList::single(rs.descriptor()).unwrap(),
             peer,
-            DescriptorList::single(dst.slice(i as u64 * len as u64, len as u64).unwrap()),
+            DescriptorList::single(dst.slice(i as u64 * len as u64, len as u64).unwrap()).unwrap(),
         );
         spec.backend = Some(b.clone());
         let t = p.transfer(&spec, Some(format!("via {b}").into())).unwrap();
@@ -104,9 +104,9 @@ fn reregistered_memory_at_the_same_address_is_used() {
         let t = p
             .transfer(
                 &TransferSpec::write(
-                    DescriptorList::single(rs.descriptor()),
+                    DescriptorList::single(rs.descriptor()).unwrap(),
                     peer,
-                    DescriptorList::single(rd.descriptor()),
+                    DescriptorList::single(rd.descriptor()).unwrap(),
                 ),
                 None,
             )
@@ -115,5 +115,43 @@ fn reregistered_memory_at_the_same_address_is_used() {
         drop(t);
         drop(rd);
         drop(dst);
+    }
+}
+
+/// Until a backend enforces read-only registrations on its target side it must refuse
+/// them (and say so in its capabilities), never accept one silently.
+#[test]
+fn read_only_registrations_are_refused_until_enforced() {
+    let fabric = Params::from([("provider".to_string(), "tcp;ofi_rxm".to_string())]);
+    let list = [
+        ("tcp", Params::new()),
+        ("ucx", Params::new()),
+        ("libfabric", fabric),
+        ("gds", Params::new()),
+    ];
+    let (a, loaded) = agent("ro", &list);
+    assert!(loaded.len() >= 2, "{loaded:?}");
+    let buf = HostBuffer::alloc(4096, 4096).unwrap();
+    for name in &loaded {
+        let b = a.backend(name).unwrap();
+        if b.capabilities().read_only {
+            continue;
+        }
+        // SAFETY: `buf` outlives the backend's use of it; the registration is refused
+        // (and deregistered at once if a backend took it after all).
+        let got = unsafe {
+            b.register(
+                kv_core::MemKind::Dram,
+                &buf.descriptor(),
+                kv_core::Access::ReadOnly,
+            )
+        };
+        if let Ok(id) = &got {
+            b.deregister(*id).unwrap();
+        }
+        assert!(
+            matches!(&got, Err(kv_core::Error::Unsupported(m)) if m.contains("read-only")),
+            "{name}: {got:?}"
+        );
     }
 }

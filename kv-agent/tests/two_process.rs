@@ -266,9 +266,10 @@ fn decode_read_pulls_the_cache() {
     let t = agent
         .transfer(
             &TransferSpec::read(
-                DescriptorList::single(reg.descriptor()),
+                DescriptorList::single(reg.descriptor()).unwrap(),
                 peer,
-                DescriptorList::single(kv_core::Descriptor::new(rbase, CHILD_LEN as u64, 0)),
+                DescriptorList::single(kv_core::Descriptor::new(rbase, CHILD_LEN as u64, 0))
+                    .unwrap(),
             ),
             None,
         )
@@ -287,9 +288,9 @@ fn repost_prepared_transfer_1000_times() {
     let rbase = remote_base(&agent, peer);
     let t = agent
         .prepare(&TransferSpec::write(
-            DescriptorList::single(reg.descriptor()),
+            DescriptorList::single(reg.descriptor()).unwrap(),
             peer,
-            DescriptorList::single(kv_core::Descriptor::new(rbase, 64 << 10, 0)),
+            DescriptorList::single(kv_core::Descriptor::new(rbase, 64 << 10, 0)).unwrap(),
         ))
         .unwrap();
     for i in 0..1000u64 {
@@ -318,7 +319,7 @@ fn peer_killed_mid_transfer_errors_within_deadline() {
         )
         .unwrap(),
         peer,
-        DescriptorList::single(kv_core::Descriptor::new(rbase, CHILD_LEN as u64, 0)),
+        DescriptorList::single(kv_core::Descriptor::new(rbase, CHILD_LEN as u64, 0)).unwrap(),
     );
     spec.deadline = Some(Duration::from_secs(5));
     let t = agent.prepare(&spec).unwrap();
@@ -365,9 +366,9 @@ fn restarted_peer_new_generation_old_handles_refused() {
     let (_, gen1) = agent.peer_info(old).unwrap();
     let spec = |peer, base| {
         TransferSpec::write(
-            DescriptorList::single(reg.descriptor()),
+            DescriptorList::single(reg.descriptor()).unwrap(),
             peer,
-            DescriptorList::single(kv_core::Descriptor::new(base, 1 << 20, 0)),
+            DescriptorList::single(kv_core::Descriptor::new(base, 1 << 20, 0)).unwrap(),
         )
     };
     let old_t = agent.prepare(&spec(old, remote_base(&agent, old))).unwrap();
