@@ -20,7 +20,8 @@ fn build_paged_list() -> DescriptorList {
     for plane in 0..PLANES {
         let base = 0x7f00_0000_0000 + plane * per_plane * PAGE;
         for b in 0..per_plane {
-            l.push(Descriptor::new(base + b * PAGE, PAGE, 0));
+            l.push(Descriptor::new(base + b * PAGE, PAGE, 0))
+                .expect("fits");
         }
     }
     l
@@ -51,6 +52,7 @@ fn paged_metadata(segments: u64) -> AgentMetadata {
         registrations: vec![RegistrationMetadata {
             id: 1,
             kind: MemKind::Dram,
+            access: kv_core::Access::ReadWrite,
             descs,
             keys: vec![],
         }],
@@ -87,11 +89,13 @@ fn report_goals() {
     // Irregular worst case: every segment its own descriptor.
     let mut irregular = DescriptorList::new();
     for i in 0..15_000u64 {
-        irregular.push(Descriptor::new(
-            0x1000 + i * PAGE * 3 + (i % 7) * 64,
-            PAGE - (i % 5) * 64,
-            0,
-        ));
+        irregular
+            .push(Descriptor::new(
+                0x1000 + i * PAGE * 3 + (i % 7) * 64,
+                PAGE - (i % 5) * 64,
+                0,
+            ))
+            .expect("fits");
     }
     let mut m2 = m.clone();
     m2.registrations[0].descs = irregular;

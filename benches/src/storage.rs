@@ -132,10 +132,10 @@ fn ours(
                 breg.descriptor().addr + slot * block,
                 block,
                 0,
-            )),
+            ))?,
             peer: me,
             remote_kind: MemKind::File,
-            remote: DescriptorList::single(Descriptor::new(b * block, block, fd)),
+            remote: DescriptorList::single(Descriptor::new(b * block, block, fd))?,
             backend: Some("gds".into()),
             deadline: None,
         };

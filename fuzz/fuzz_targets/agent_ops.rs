@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kv_agent::{Agent, AgentOptions, TransferSpec};
 use kv_core::loopback::{LoopbackBackend, LoopbackFabric};
-use kv_core::{Descriptor, DescriptorList, MemKind};
+use kv_core::{BackendInit, Descriptor, DescriptorList, MemKind};
 use kv_mem::{Memory, Region};
 use libfuzzer_sys::fuzz_target;
 
@@ -26,7 +26,7 @@ unsafe impl Memory for LoopMem {
 fuzz_target!(|data: &[u8]| {
     let f = LoopbackFabric::new();
     let opts = || AgentOptions { default_deadline: Duration::from_millis(50), ..Default::default() };
-    let (la, lb): (Arc<LoopbackBackend>, Arc<LoopbackBackend>) = (Arc::new(f.backend("a")), Arc::new(f.backend("b")));
+    let (la, lb): (Arc<LoopbackBackend>, Arc<LoopbackBackend>) = (Arc::new(f.backend(&BackendInit::new("a"))), Arc::new(f.backend(&BackendInit::new("b"))));
     let (a, b) = (Agent::new("a", opts()).unwrap(), Agent::new("b", opts()).unwrap());
     a.add_backend_instance(la.clone()).unwrap();
     b.add_backend_instance(lb.clone()).unwrap();
@@ -51,12 +51,13 @@ fuzz_target!(|data: &[u8]| {
             5 => {
                 if let (Some(p), Some(ra), Some(rb)) = (peer, regs_a.first(), regs_b.first()) {
                     let len = 1 + (x * 31 + y) % 4096;
-                    let spec = TransferSpec::write(
+                    let (Ok(l), Ok(r)) = (
                         DescriptorList::single(Descriptor::new(ra.descriptor().addr + y, len, 0)),
-                        p,
                         DescriptorList::single(Descriptor::new(rb.descriptor().addr + x, len, 0)),
-                    );
-                    if let Ok(t) = a.prepare(&spec) {
+                    ) else {
+                        continue;
+                    };
+                    if let Ok(t) = a.prepare(&TransferSpec::write(l, p, r)) {
                         transfers.push(t);
                     }
                 }

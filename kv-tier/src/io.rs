@@ -78,7 +78,13 @@ impl GdsIo {
         let me = backend.connect("kv-tier", &backend.connection_info()?)?;
         // SAFETY: `arena` (a clone of the Region, so the memory cannot be freed) is held
         // by this struct, and `Drop` deregisters before the field is released.
-        let arena_reg = unsafe { backend.register(MemKind::Dram, &arena.descriptor())? };
+        let arena_reg = unsafe {
+            backend.register(
+                MemKind::Dram,
+                &arena.descriptor(),
+                kv_core::Access::ReadWrite,
+            )?
+        };
         Ok(GdsIo {
             backend,
             me,
@@ -106,7 +112,10 @@ impl GdsIo {
         let d = Descriptor::new(0, len, fd);
         // SAFETY: a File registration names a descriptor, not memory; the backend dups
         // the fd, and `file` is kept open by the returned FileReg anyway.
-        let reg = unsafe { self.backend.register(MemKind::File, &d)? };
+        let reg = unsafe {
+            self.backend
+                .register(MemKind::File, &d, kv_core::Access::ReadWrite)?
+        };
         let key = self.backend.remote_key(reg)?;
         let remote = match self.backend.import_remote(self.me, MemKind::File, &d, &key) {
             Ok(r) => r,
@@ -131,7 +140,10 @@ impl GdsIo {
         let buf = HostBuffer::mmap(len.max(4096))?;
         // SAFETY: the buffer is owned by the returned Bounce, whose Drop deregisters it
         // before the buffer field is dropped (fields drop after `drop` runs).
-        let reg = unsafe { self.backend.register(MemKind::Dram, &buf.descriptor())? };
+        let reg = unsafe {
+            self.backend
+                .register(MemKind::Dram, &buf.descriptor(), kv_core::Access::ReadWrite)?
+        };
         Ok(Bounce {
             io: self.clone(),
             reg,
@@ -152,8 +164,8 @@ impl GdsIo {
         let mut local = DescriptorList::new();
         let mut remote = DescriptorList::new();
         for (l, r) in pairs {
-            local.push(*l);
-            remote.push(*r);
+            local.push(*l)?;
+            remote.push(*r)?;
         }
         let t = self.backend.prepare(&TransferRequest {
             op,
