@@ -366,7 +366,9 @@ impl Backend for FabricBackend {
     fn poll(&self, id: TransferId) -> Status {
         match self.state.lock().transfers.get(&id.0) {
             Some(t) => t.status.clone(),
-            None => Status::Failed(Error::NotRegistered(format!("{id}"))),
+            None => Status::Failed(Error::invalid_argument(format!(
+                "{id} is released or unknown"
+            ))),
         }
     }
 

@@ -450,7 +450,9 @@ impl Backend for TcpBackend {
     fn poll(&self, id: TransferId) -> Status {
         match self.transfer(id) {
             Ok(t) => t.status(),
-            Err(e) => Status::Failed(e),
+            Err(_) => Status::Failed(Error::invalid_argument(format!(
+                "{id} is released or unknown"
+            ))),
         }
     }
 

@@ -420,7 +420,9 @@ impl Core {
         }
         match st.transfers.by_id.get(&id) {
             Some(t) => t.status.clone(),
-            None => Status::Failed(Error::NotRegistered(format!("TransferId#{id}"))),
+            None => Status::Failed(Error::invalid_argument(format!(
+                "TransferId#{id} is released or unknown"
+            ))),
         }
     }
 
