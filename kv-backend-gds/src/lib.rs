@@ -397,10 +397,8 @@ impl Backend for GdsBackend {
         c.write = true;
         c.read = true;
         c.mem_kinds = MemKinds::of(&kinds);
-        // Its only peer is itself: nothing to serve for another agent.
-        c.needs_target_progress = false;
-        c.authenticated = false;
-        c.read_only = false;
+        // Its only peer is itself: nothing to serve for another agent
+        // (needs_target_progress false); not authenticated and no read-only yet.
         c
     }
 

@@ -175,8 +175,7 @@ impl Backend for FabricBackend {
         // No thread of its own: the target's completion queue (notifications, and the
         // software RMA of providers like ofi_rxm) is read only inside `progress()`.
         c.needs_target_progress = true;
-        c.authenticated = false;
-        c.read_only = false;
+        // Not authenticated and no read-only registrations yet (the defaults).
         c
     }
 

@@ -254,10 +254,8 @@ impl Backend for TcpBackend {
         c.write = true;
         c.read = true;
         c.mem_kinds = MemKinds::of(&[MemKind::Dram]);
-        // The listener and lanes serve peers on their own threads.
-        c.needs_target_progress = false;
-        c.authenticated = false;
-        c.read_only = false;
+        // The listener and lanes serve peers on their own threads
+        // (needs_target_progress false); not authenticated and no read-only yet.
         c
     }
 

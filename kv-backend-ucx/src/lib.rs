@@ -178,8 +178,7 @@ impl Backend for UcxBackend {
         // memory over shared memory are served only while the target's worker
         // progresses: by the caller, unless the progress thread does it.
         c.needs_target_progress = !self.core.opts.progress_thread;
-        c.authenticated = false;
-        c.read_only = false;
+        // Not authenticated and no read-only registrations yet (the defaults).
         c
     }
 
