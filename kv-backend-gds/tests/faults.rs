@@ -16,6 +16,7 @@
 //! The engine failure is real too: a seccomp filter makes `io_uring_enter` fail with
 //! `EPERM` in the posting thread only, after the SQEs were queued in the shared ring.
 
+#[macro_use]
 mod common;
 
 use std::fs::File;
@@ -26,7 +27,7 @@ use std::process::Command;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{backend, pattern, Rig, TempDir, WAIT};
+use common::{attach, backend, pattern, Attached, Rig, TempDir, WAIT};
 use kv_backend_gds::{leaks, open_direct, EngineChoice, Options};
 use kv_core::{Backend, Descriptor, DescriptorList, Error, MemKind, Op, PostOptions, Status};
 use kv_mem::HostBuffer;
@@ -233,17 +234,8 @@ fn drop_is_bounded_and_leaks(engine: EngineChoice) {
     let mut buf = HostBuffer::alloc(64 << 10, 4096).unwrap();
     let data = pattern(12, 5000);
     buf.as_mut_slice()[3..5003].copy_from_slice(&data);
-    let fdesc = Descriptor::new(0, 1 << 20, file.as_raw_fd() as u32);
     // SAFETY: `buf` and `file` outlive the backend (dropped in the thread below).
-    let (_m, f) = unsafe {
-        (
-            b.register(MemKind::Dram, &buf.descriptor()).unwrap(),
-            b.register(MemKind::File, &fdesc).unwrap(),
-        )
-    };
-    let me = b.connect("tester", &b.connection_info().unwrap()).unwrap();
-    b.import_remote(me, MemKind::File, &fdesc, &b.remote_key(f).unwrap())
-        .unwrap();
+    let Attached { fdesc, me, .. } = unsafe { attach(&b, &buf, &file, 1 << 20) };
     let req = kv_core::TransferRequest {
         op: Op::Write,
         local_kind: MemKind::Dram,
@@ -298,17 +290,6 @@ fn drop_is_bounded_and_leaks(engine: EngineChoice) {
         "the bytes written from the leaked bounce buffer"
     );
     drop(buf);
-}
-
-macro_rules! per_engine {
-    ($($name:ident),*) => {
-        mod uring {
-            $( #[test] fn $name() { super::$name(kv_backend_gds::EngineChoice::Uring) } )*
-        }
-        mod thread_pool {
-            $( #[test] fn $name() { super::$name(kv_backend_gds::EngineChoice::ThreadPool) } )*
-        }
-    };
 }
 
 per_engine!(cancel_is_bounded, drop_is_bounded_and_leaks);

@@ -5,6 +5,7 @@
 //! it skips with a reason where io_uring is unavailable, and fails instead when CI sets
 //! `KV_REQUIRE_BACKENDS=gds-uring`.
 
+#[macro_use]
 mod common;
 
 use std::fs::File;
@@ -180,17 +181,6 @@ fn enospc(engine: EngineChoice) {
 
 fn libc_enospc() -> i32 {
     28 // ENOSPC on Linux
-}
-
-macro_rules! per_engine {
-    ($($name:ident),*) => {
-        mod uring {
-            $( #[test] fn $name() { super::$name(kv_backend_gds::EngineChoice::Uring) } )*
-        }
-        mod thread_pool {
-            $( #[test] fn $name() { super::$name(kv_backend_gds::EngineChoice::ThreadPool) } )*
-        }
-    };
 }
 
 per_engine!(round_trip_sizes, scattered, read_past_end, enospc);

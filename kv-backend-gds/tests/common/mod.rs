@@ -91,17 +91,13 @@ impl Rig {
         buf_len: usize,
     ) -> Rig {
         let buf = HostBuffer::alloc(buf_len, 4096).unwrap();
-        let fdesc = Descriptor::new(0, reg_len, file.as_raw_fd() as u32);
         // SAFETY: the buffer and the file live in the rig, which deregisters on drop.
-        let (mreg, freg) = unsafe {
-            (
-                b.register(MemKind::Dram, &buf.descriptor()).unwrap(),
-                b.register(MemKind::File, &fdesc).unwrap(),
-            )
-        };
-        let me = b.connect("tester", &b.connection_info().unwrap()).unwrap();
-        b.import_remote(me, MemKind::File, &fdesc, &b.remote_key(freg).unwrap())
-            .unwrap();
+        let Attached {
+            mreg,
+            freg,
+            fdesc,
+            me,
+        } = unsafe { attach(&b, &buf, &file, reg_len) };
         Rig {
             b,
             file,
@@ -172,6 +168,56 @@ impl Drop for Rig {
         let _ = self.b.deregister(self.mreg);
         let _ = self.b.deregister(self.freg);
     }
+}
+
+/// What [`attach`] set up.
+pub struct Attached {
+    pub mreg: RegistrationId,
+    pub freg: RegistrationId,
+    /// The file's first `reg_len` bytes, as registered and imported.
+    pub fdesc: Descriptor,
+    /// The self-endpoint the file is imported through.
+    pub me: EndpointId,
+}
+
+/// Registers `buf` and the first `reg_len` bytes of `file` on `b` and imports the file
+/// through a self-endpoint.
+///
+/// # Safety
+///
+/// `buf` and `file` must outlive the registrations.
+pub unsafe fn attach(b: &GdsBackend, buf: &HostBuffer, file: &File, reg_len: u64) -> Attached {
+    let fdesc = Descriptor::new(0, reg_len, file.as_raw_fd() as u32);
+    // SAFETY: the caller keeps both alive.
+    let (mreg, freg) = unsafe {
+        (
+            b.register(MemKind::Dram, &buf.descriptor()).unwrap(),
+            b.register(MemKind::File, &fdesc).unwrap(),
+        )
+    };
+    let me = b.connect("tester", &b.connection_info().unwrap()).unwrap();
+    b.import_remote(me, MemKind::File, &fdesc, &b.remote_key(freg).unwrap())
+        .unwrap();
+    Attached {
+        mreg,
+        freg,
+        fdesc,
+        me,
+    }
+}
+
+/// One test per engine: `per_engine!(f, g)` makes `uring::f`, `thread_pool::f`, … that
+/// call `f(EngineChoice::…)`.
+#[macro_export]
+macro_rules! per_engine {
+    ($($name:ident),*) => {
+        mod uring {
+            $( #[test] fn $name() { super::$name(kv_backend_gds::EngineChoice::Uring) } )*
+        }
+        mod thread_pool {
+            $( #[test] fn $name() { super::$name(kv_backend_gds::EngineChoice::ThreadPool) } )*
+        }
+    };
 }
 
 pub fn assert_done(st: &Status, what: &str) {
