@@ -7,6 +7,7 @@
 //! Which engine a backend gets is decided here too ([`Engine::open`]).
 
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 use kv_core::Result;
 
@@ -125,9 +126,10 @@ impl Engine {
         }
     }
 
-    /// Submits what was queued and appends finished requests to `out`; when `wait`,
-    /// blocks until at least one request finishes (if any is in flight).
-    pub fn flush(&mut self, wait: bool, out: &mut Vec<IoDone>) -> Result<()> {
+    /// Submits what was queued and appends finished requests to `out`; with `wait`,
+    /// blocks up to that long for at least one request to finish (if any is in flight).
+    /// Never longer: a stuck device cannot hold the caller.
+    pub fn flush(&mut self, wait: Option<Duration>, out: &mut Vec<IoDone>) -> Result<()> {
         match self {
             Engine::Uring(e) => e.flush(wait, out),
             Engine::Pool(e) => e.flush(wait, out),
@@ -141,6 +143,15 @@ impl Engine {
             Engine::Uring(e) => e.cancel(matches),
             // Workers watch the request's cancel flag; nothing to submit.
             Engine::Pool(_) => {}
+        }
+    }
+
+    /// Gives up on requests still in flight when the backend is dropped: the thread
+    /// pool's workers are let go without being joined. The caller leaks the engine
+    /// (the ring, its registered buffers and files stay as the kernel may use them).
+    pub fn abandon(&mut self) {
+        if let Engine::Pool(e) = self {
+            e.abandon()
         }
     }
 

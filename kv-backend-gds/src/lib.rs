@@ -49,8 +49,8 @@ mod wire;
 #[cfg(feature = "cuda")]
 mod cufile;
 
+use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,7 @@ use crate::request::{Shape, Transfer};
 
 pub use crate::engine::{EngineChoice, EngineKind};
 pub use crate::file::{is_direct, open_direct};
+pub use crate::progress::{leaks, Leaks};
 
 /// Options of the gds backend; [`Options::from_params`] reads them from agent params.
 /// `Clone`, `Send + Sync`.
@@ -96,6 +97,13 @@ pub struct Options {
     pub register_buffers: bool,
     /// Register files with the ring (param `register_files`).
     pub register_files: bool,
+    /// How long `cancel` waits for the kernel to let go of a transfer's memory before
+    /// it returns [`Error::Busy`] (param `cancel_wait_ms`, default 100 ms).
+    pub cancel_wait: Duration,
+    /// How long dropping the backend waits for I/O in flight before it leaks the ring,
+    /// files and bounce buffers instead (param `drop_wait_ms`, default 2 s; see
+    /// [`leaks`]).
+    pub drop_wait: Duration,
 }
 
 impl Default for Options {
@@ -109,6 +117,8 @@ impl Default for Options {
             threads: 8,
             register_buffers: true,
             register_files: true,
+            cancel_wait: Duration::from_millis(100),
+            drop_wait: Duration::from_secs(2),
         }
     }
 }
@@ -153,9 +163,11 @@ impl Options {
                 "threads" => o.threads = num(k, v)?,
                 "register_buffers" => o.register_buffers = flag(k, v)?,
                 "register_files" => o.register_files = flag(k, v)?,
+                "cancel_wait_ms" => o.cancel_wait = Duration::from_millis(num(k, v)?),
+                "drop_wait_ms" => o.drop_wait = Duration::from_millis(num(k, v)?),
                 _ => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown gds param {k:?}; known: engine, queue_depth, max_io_size, submit_batch, bounce, threads, register_buffers, register_files"
+                        "unknown gds param {k:?}; known: engine, queue_depth, max_io_size, submit_batch, bounce, threads, register_buffers, register_files, cancel_wait_ms, drop_wait_ms"
                     )))
                 }
             }
@@ -190,11 +202,9 @@ pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
     )?))
 }
 
-/// Tells backends of different processes (and instances) apart in connection info.
-static INSTANCES: AtomicU64 = AtomicU64::new(1);
-
 /// The storage backend. `Send + Sync`: every table and the engine sit behind one
-/// mutex; `progress`/`poll` never block, [`GdsBackend::wait`] and `cancel` may.
+/// mutex; `progress`/`poll` never block, [`GdsBackend::wait`] and `cancel` block for a
+/// bounded time.
 pub struct GdsBackend {
     opts: Options,
     instance: u64,
@@ -202,7 +212,8 @@ pub struct GdsBackend {
     description: String,
     /// The agent name and the cuFile driver (or why it is unavailable).
     driver: Driver,
-    inner: Mutex<State>,
+    /// Not dropped when the backend is dropped with I/O in flight (see `Drop`).
+    inner: ManuallyDrop<Mutex<State>>,
 }
 
 impl std::fmt::Debug for GdsBackend {
@@ -228,8 +239,7 @@ impl GdsBackend {
             opts.register_buffers,
             opts.register_files,
         )?;
-        let instance =
-            (u64::from(std::process::id()) << 32) | INSTANCES.fetch_add(1, Ordering::Relaxed);
+        let instance = wire::new_instance()?;
         Ok(GdsBackend {
             opts,
             instance,
@@ -240,7 +250,7 @@ impl GdsBackend {
                 #[cfg(feature = "cuda")]
                 cufile: cufile::CuFile::open(),
             },
-            inner: Mutex::new(State::new(engine)),
+            inner: ManuallyDrop::new(Mutex::new(State::new(engine))),
         })
     }
 
@@ -275,7 +285,8 @@ impl GdsBackend {
     }
 
     /// Drives the engine, blocking for completions, until `id` finishes or `timeout`
-    /// passes (then the current status, usually `InProgress`, is returned).
+    /// passes (then the current status, usually `InProgress`, is returned). A stuck
+    /// device does not hold it past `timeout`.
     pub fn wait(&self, id: TransferId, timeout: Duration) -> Status {
         let end = Instant::now() + timeout;
         loop {
@@ -284,13 +295,16 @@ impl GdsBackend {
                 Some(t) => t.status.clone(),
                 None => return Status::Failed(Error::NotRegistered(format!("{id}"))),
             };
-            if !matches!(st, Status::InProgress) || Instant::now() >= end {
+            let left = end.saturating_duration_since(Instant::now());
+            if !matches!(st, Status::InProgress) || left.is_zero() {
                 return st;
             }
-            // Blocking for one completion is bounded: storage I/O always completes,
-            // and the thread pool wakes at least once a second.
-            if let Err(e) = self.driver.drive(&mut g, true) {
-                return Status::Failed(e);
+            if let Err(e) = self.driver.drive(&mut g, Some(left)) {
+                // The engine failed; the transfer's pieces may still be in the kernel, so
+                // its status stays as it is. Report, and let the caller decide.
+                tracing::warn!("gds wait for {id}: {e}");
+                drop(g);
+                std::thread::sleep(left.min(Duration::from_millis(1)));
             }
         }
     }
@@ -419,11 +433,11 @@ impl Backend for GdsBackend {
                 desc.addr, desc.len
             )));
         }
+        let key = wire::new_secret()?;
         let mut g = self.inner.lock();
         // SAFETY: forwarded contract (the caller keeps the range valid until deregister).
         let mem = unsafe { self.register_mem(&mut g, kind, desc)? };
         let id = g.next_id();
-        let key = Reg::secret(self.instance, id);
         g.regs.insert(
             id,
             Reg {
@@ -463,7 +477,7 @@ impl Backend for GdsBackend {
             .regs
             .get(&id.0)
             .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
-        Ok(Bytes::copy_from_slice(&wire::encode_key(id.0, r.key)))
+        Ok(Bytes::copy_from_slice(&wire::encode_key(id.0, &r.key)))
     }
 
     fn connection_info(&self) -> Result<Bytes> {
@@ -516,7 +530,7 @@ impl Backend for GdsBackend {
         }
         g.regs
             .get(&reg_id)
-            .filter(|r| r.key == secret)
+            .filter(|r| wire::same_secret(&r.key, &secret))
             .ok_or_else(|| {
                 Error::NotRegistered(format!("gds remote key for registration {reg_id}"))
             })?
@@ -596,7 +610,7 @@ impl Backend for GdsBackend {
             Some(t) if !matches!(t.status, Status::InProgress) => return t.status.clone(),
             Some(_) => {}
         }
-        if let Err(e) = self.driver.drive(&mut g, false) {
+        if let Err(e) = self.driver.drive(&mut g, None) {
             tracing::warn!("gds progress: {e}");
         }
         g.transfers
@@ -605,9 +619,12 @@ impl Backend for GdsBackend {
             .unwrap_or(Status::Failed(Error::NotRegistered(format!("{id}"))))
     }
 
+    /// Bounded: waits up to [`Options::cancel_wait`] for the kernel to let go of the
+    /// transfer's memory; after that returns [`Error::Busy`] and the transfer stays in
+    /// progress (canceled) until `poll` sees its last piece end — keep its memory.
     fn cancel(&self, id: TransferId) -> Result<()> {
         let mut g = self.inner.lock();
-        self.driver.cancel(&mut g, id)
+        self.driver.cancel(&mut g, id, self.opts.cancel_wait)
     }
 
     fn release(&self, id: TransferId) -> Result<()> {
@@ -626,7 +643,7 @@ impl Backend for GdsBackend {
 
     fn progress(&self) -> Result<usize> {
         let mut g = self.inner.lock();
-        self.driver.drive(&mut g, false)
+        self.driver.drive(&mut g, None)
     }
 
     fn notify(&self, peer: EndpointId, payload: Bytes) -> Result<()> {
@@ -663,16 +680,15 @@ impl Backend for GdsBackend {
 
 impl Drop for GdsBackend {
     fn drop(&mut self) {
-        // Nothing may still write into user memory once the backend is gone: wait for
-        // whatever is in flight (user memory outlives it by the `post` contract).
-        let g = self.inner.get_mut();
-        let mut done = Vec::new();
-        let mut rounds = 0;
-        while g.engine.in_flight() > 0 && rounds < 100_000 {
-            if g.engine.flush(true, &mut done).is_err() {
-                break;
-            }
-            rounds += 1;
+        // Cancel whatever is in flight and wait for it, but not forever: after
+        // `drop_wait` the state (ring, registered files and buffers, bounce buffers) is
+        // leaked, never freed while the kernel may still use it (counted in `leaks()`).
+        if self
+            .driver
+            .shutdown(self.inner.get_mut(), self.opts.drop_wait)
+        {
+            // SAFETY: dropped once, here; nothing is in flight any more.
+            unsafe { ManuallyDrop::drop(&mut self.inner) };
         }
     }
 }
@@ -714,10 +730,17 @@ mod tests {
 
     #[test]
     fn keys_round_trip_and_reject_garbage() {
-        let k = wire::encode_key(7, 0xdead_beef);
-        assert_eq!(wire::decode_key(&k), Some((7, 0xdead_beef)));
-        assert_eq!(wire::decode_key(&k[..15]), None);
+        let s = wire::new_secret().unwrap();
+        let k = wire::encode_key(7, &s);
+        assert_eq!(wire::decode_key(&k), Some((7, s)));
+        assert_eq!(wire::decode_key(&k[..k.len() - 1]), None);
+        assert!(wire::same_secret(&s, &s));
+        let mut t = s;
+        t[SECRET_LAST] ^= 0x80;
+        assert!(!wire::same_secret(&s, &t));
     }
+
+    const SECRET_LAST: usize = wire::SECRET_LEN - 1;
 
     #[test]
     fn connect_refuses_other_agents_and_garbage() {

@@ -3,18 +3,18 @@
 //! `prepare` finds the registration holding a range.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use kv_core::{Descriptor, Error, MemKind, Result};
 
 use crate::file::FileInfo;
+use crate::wire::Secret;
 
 /// One local registration.
 pub(crate) struct Reg {
     pub kind: MemKind,
     pub desc: Descriptor,
-    /// The secret half of the remote key.
-    pub key: u64,
+    /// The secret half of the remote key (random, see [`crate::wire::new_secret`]).
+    pub key: Secret,
     /// Posted transfers that name it.
     pub busy: u32,
     pub mem: RegMem,
@@ -32,12 +32,6 @@ pub(crate) enum RegMem {
 }
 
 impl Reg {
-    /// The secret half of registration `id`'s remote key, on backend `instance`.
-    pub fn secret(instance: u64, id: u64) -> u64 {
-        (instance ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17)
-            ^ (Instant::now().elapsed().as_nanos() as u64)
-    }
-
     /// Checks that `desc` of `kind` may be imported under this registration's key.
     pub fn check_import(&self, kind: MemKind, desc: &Descriptor) -> Result<()> {
         if self.kind != kind {

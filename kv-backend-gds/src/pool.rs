@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use kv_core::{Error, Result};
@@ -83,17 +83,24 @@ impl PoolEngine {
         }
     }
 
-    pub fn flush(&mut self, wait: bool, out: &mut Vec<IoDone>) -> Result<()> {
+    /// Hands out finished requests; with `wait`, blocks up to that long for a first one
+    /// when requests are in flight (a worker stuck in the kernel does not hold it longer).
+    pub fn flush(&mut self, wait: Option<Duration>, out: &mut Vec<IoDone>) -> Result<()> {
         let before = out.len();
         out.append(&mut self.orphans);
         while let Ok(d) = self.done.try_recv() {
             self.in_flight -= 1;
             out.push(d);
         }
-        if wait && out.len() == before && self.in_flight > 0 {
-            // Workers always answer; the timeout only guards against a lost worker.
+        if let Some(wait) = wait.filter(|_| out.len() == before && self.in_flight > 0) {
+            let deadline = Instant::now() + wait;
+            // Slices of at most a second, to notice workers that are gone.
             loop {
-                match self.done.recv_timeout(Duration::from_secs(1)) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match self.done.recv_timeout(left.min(Duration::from_secs(1))) {
                     Ok(d) => {
                         self.in_flight -= 1;
                         out.push(d);
@@ -118,10 +125,19 @@ impl PoolEngine {
         }
         Ok(())
     }
+
+    /// Lets the workers go without waiting for them: each exits once its current call
+    /// returns. For a backend dropped while a worker is stuck in the kernel.
+    pub fn abandon(&mut self) {
+        self.jobs = None;
+        self.workers.clear();
+    }
 }
 
 impl Drop for PoolEngine {
     fn drop(&mut self) {
+        // Idle workers exit as the channel closes (the backend waited for every request
+        // first, or abandoned the workers).
         self.jobs = None;
         for w in self.workers.drain(..) {
             let _ = w.join();

@@ -4,7 +4,7 @@
 //! after the transfers posted before them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,6 +16,33 @@ use crate::engine::Engine;
 use crate::io::{IoDone, IoFail, IoReq};
 use crate::memory::{Reg, RemoteImport};
 use crate::request::{Bounce, Failure, Run, Stop, Transfer};
+
+/// What this process gave up to the kernel: backends dropped while I/O was still in
+/// flight, whose ring (or stuck workers), files and bounce buffers were leaked rather
+/// than freed under the kernel. `Copy`; read with [`leaks`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Leaks {
+    /// Backends dropped with I/O in flight (their state was leaked).
+    pub backends: u64,
+    /// Pieces of I/O that were still in flight when their backend was dropped.
+    pub requests: u64,
+    /// Bytes of bounce buffers leaked with them.
+    pub bounce_bytes: u64,
+}
+
+static LEAKED_BACKENDS: AtomicU64 = AtomicU64::new(0);
+static LEAKED_REQUESTS: AtomicU64 = AtomicU64::new(0);
+static LEAKED_BOUNCE_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// What every gds backend of this process leaked so far (see [`Leaks`]).
+pub fn leaks() -> Leaks {
+    Leaks {
+        backends: LEAKED_BACKENDS.load(Ordering::Relaxed),
+        requests: LEAKED_REQUESTS.load(Ordering::Relaxed),
+        bounce_bytes: LEAKED_BOUNCE_BYTES.load(Ordering::Relaxed),
+    }
+}
 
 /// What an in-flight engine request belongs to.
 struct Tagged {
@@ -129,14 +156,26 @@ impl Driver {
         t.deadline = opts.deadline;
         g.deadlines |= opts.deadline.is_some();
         g.active.push_back(id.0);
-        // Start the I/O now; completions are reaped by progress/poll/wait.
-        self.drive(g, false)?;
+        // Start the I/O now; completions are reaped by progress/poll/wait. From here on
+        // pieces may be in the kernel's hands, so the post has happened: a failure goes
+        // into the transfer's status, never into an `Err` (the caller would free memory
+        // the kernel may still use).
+        if let Err(e) = self.drive(g, None) {
+            tracing::warn!("gds post of {id}: {e}; the transfer ends with this error");
+            if let Some(t) = g.transfers.get_mut(&id.0) {
+                t.run.engine_error.get_or_insert(e);
+            }
+            self.maybe_finish(g, id.0);
+        }
         Ok(())
     }
 
-    /// Cancels transfer `id` (the body of `Backend::cancel`): returns once the kernel
-    /// (or a worker) no longer touches its memory.
-    pub fn cancel(&self, g: &mut State, id: TransferId) -> Result<()> {
+    /// Cancels transfer `id` (the body of `Backend::cancel`): asks the engine to stop
+    /// its pieces and waits up to `wait` for every one of them to be reaped. Returns
+    /// `Ok` once the kernel (or a worker) no longer touches the memory, else
+    /// [`Error::Busy`]: the transfer stays in progress (canceled) until its pieces end,
+    /// and its memory must be kept until `poll` reports that.
+    pub fn cancel(&self, g: &mut State, id: TransferId, wait: Duration) -> Result<()> {
         let t = g
             .transfers
             .get_mut(&id.0)
@@ -147,25 +186,76 @@ impl Driver {
         t.run.stop = Some(Stop::Canceled);
         t.run.cancel_flag.store(true, Ordering::Release);
         self.cancel_in_engine(g, id.0);
-        // Return only once the kernel (or a worker) no longer touches the memory: every
-        // piece in flight has been reaped. Storage requests always complete.
+        let end = Instant::now() + wait;
         loop {
             let in_flight = g.transfers.get(&id.0).map_or(0, |t| t.run.in_flight);
             if in_flight == 0 {
                 break;
             }
-            if let (_, Err(e)) = self.reap(g, true) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Busy(format!(
+                    "{id} is canceled but {in_flight} of its pieces are still in the kernel after {wait:?} (a stuck device?); keep its memory until poll reports the end"
+                )));
+            }
+            if let (_, Err(e)) = self.reap(g, Some(left)) {
                 tracing::error!("gds cancel could not reap completions: {e}");
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(left.min(Duration::from_millis(1)));
             }
         }
         self.maybe_finish(g, id.0);
         Ok(())
     }
 
-    /// Issues pieces, flushes the engine and handles completions once; when `block`,
-    /// waits for at least one completion.
-    pub fn drive(&self, g: &mut State, block: bool) -> Result<usize> {
+    /// Stops every transfer and waits up to `wait` for the engine to go idle (the body
+    /// of the backend's `Drop`). Returns false, having counted the leak in [`leaks`],
+    /// when requests are still in flight: the caller must then leak `g` (the kernel may
+    /// still use the ring, the files and the bounce buffers it owns).
+    pub fn shutdown(&self, g: &mut State, wait: Duration) -> bool {
+        for t in g.transfers.values_mut() {
+            if matches!(t.status, Status::InProgress) {
+                t.run.stop.get_or_insert(Stop::Canceled);
+                t.run.cancel_flag.store(true, Ordering::Release);
+            }
+        }
+        g.engine.cancel(&|_| true);
+        let end = Instant::now() + wait;
+        while g.engine.in_flight() > 0 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let (_, Err(e)) = self.reap(g, Some(left)) {
+                tracing::error!("gds shutdown could not reap completions: {e}");
+                break;
+            }
+        }
+        let requests = g.engine.in_flight() as u64;
+        if requests == 0 {
+            return true;
+        }
+        let bounce: u64 = g
+            .tags
+            .iter()
+            .flatten()
+            .filter_map(|t| t.bounce.as_ref())
+            .map(|b| b.bytes() as u64)
+            .sum();
+        tracing::error!(
+            requests,
+            bounce_bytes = bounce,
+            "gds backend dropped with I/O still in flight after {wait:?} (a stuck device?); leaking its ring, files and bounce buffers instead of freeing them under the kernel"
+        );
+        g.engine.abandon();
+        LEAKED_BACKENDS.fetch_add(1, Ordering::Relaxed);
+        LEAKED_REQUESTS.fetch_add(requests, Ordering::Relaxed);
+        LEAKED_BOUNCE_BYTES.fetch_add(bounce, Ordering::Relaxed);
+        false
+    }
+
+    /// Issues pieces, flushes the engine and handles completions once; with `block`,
+    /// waits up to that long for at least one completion.
+    pub fn drive(&self, g: &mut State, block: Option<Duration>) -> Result<usize> {
         self.check_deadlines(g);
         self.pump(g);
         let (n, r) = self.reap(g, block);
@@ -175,18 +265,18 @@ impl Driver {
             // blocking caller loops into `flush` again, which submits the refill and
             // waits in one system call (as fio does); a non-blocking one submits now.
             self.pump(g);
-            if block {
+            if block.is_some() {
                 return Ok(n);
             }
-            self.reap(g, false).1?;
+            self.reap(g, None).1?;
         }
         Ok(n)
     }
 
-    /// Flushes the engine (submitting what was queued; when `block`, waiting for at
-    /// least one completion) and accounts every finished piece. Returns how many
+    /// Flushes the engine (submitting what was queued; with `block`, waiting up to that
+    /// long for a completion) and accounts every finished piece. Returns how many
     /// finished, and the engine's result.
-    fn reap(&self, g: &mut State, block: bool) -> (usize, Result<()>) {
+    fn reap(&self, g: &mut State, block: Option<Duration>) -> (usize, Result<()>) {
         let mut done = std::mem::take(&mut g.done);
         done.clear();
         let r = g.engine.flush(block, &mut done);

@@ -193,6 +193,9 @@ pub(crate) struct Run {
     /// Bytes that reached their destination.
     pub landed: u64,
     pub failure: Option<Failure>,
+    /// The engine failed while the transfer was being posted (after pieces were handed
+    /// to it): nothing more is issued and the run ends with this error.
+    pub engine_error: Option<Error>,
     pub stop: Option<Stop>,
     pub cancel_flag: Arc<AtomicBool>,
     pub started: Option<Instant>,
@@ -201,7 +204,10 @@ pub(crate) struct Run {
 impl Run {
     /// True when no more pieces will be issued.
     pub fn issuing_done(&self, ops: usize) -> bool {
-        self.next >= ops || self.failure.is_some() || self.stop.is_some()
+        self.next >= ops
+            || self.failure.is_some()
+            || self.stop.is_some()
+            || self.engine_error.is_some()
     }
 }
 
@@ -236,14 +242,24 @@ impl Transfer {
                 },
             });
         }
+        let tail = format!(
+            "{} of {} bytes of the transfer landed before it failed; the rest did not",
+            run.landed, self.total
+        );
+        if let Some(e) = &run.engine_error {
+            let what = format!("gds {} of {} bytes, while posting", self.op, self.total);
+            return Some(match e {
+                Error::Io { context, source } => Error::Io {
+                    context: format!("{what}: {context} ({tail})"),
+                    source: source.clone(),
+                },
+                other => other.clone(),
+            });
+        }
         let f = run.failure?;
         let what = format!(
             "gds {} of {} bytes at offset {} of fd {}",
             self.op, f.op.len, f.op.offset, f.op.fd
-        );
-        let tail = format!(
-            "{} of {} bytes of the transfer landed before it failed; the rest did not",
-            run.landed, self.total
         );
         Some(match f.fail {
             IoFail::Eof => Error::OutOfBounds(format!(
@@ -393,6 +409,11 @@ impl Bounce {
     /// edge blocks must not interleave).
     pub fn is_write(&self) -> bool {
         self.write
+    }
+
+    /// Bytes of the bounce buffer (what is leaked if the backend must give it up).
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
     }
 }
 

@@ -2,6 +2,7 @@
 //! submission, completions reaped without blocking unless asked to.
 
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use kv_core::{Error, Result};
@@ -16,6 +17,12 @@ const BUFFER_SLOTS: u32 = 256;
 const FILE_SLOTS: u32 = 1024;
 /// The kernel's per-buffer limit for `IORING_REGISTER_BUFFERS`.
 const MAX_FIXED_BUFFER: u64 = 1 << 30;
+/// Attempts to hand a full submission queue to the kernel before an entry is given up
+/// (a request then fails with `EBUSY`; a cancel is dropped): no loop here is unbounded.
+const SQ_FULL_TRIES: u32 = 1_000;
+/// Rounds a non-blocking flush makes while the kernel refuses queued entries (`EBUSY`,
+/// `EAGAIN`); they stay queued for the next flush.
+const FLUSH_ROUNDS: u32 = 64;
 
 struct Slot {
     req: IoReq,
@@ -34,8 +41,12 @@ pub(crate) struct UringEngine {
     buffers: Option<Vec<bool>>,
     files: Option<Vec<bool>>,
     cqes: Vec<(u64, i32)>,
+    /// Requests finished since the last reap (handed out by it).
+    finished: Vec<IoDone>,
     /// SQEs are handed to the kernel as soon as this many are queued.
     submit_batch: usize,
+    /// The kernel bounds a wait by a timeout (`IORING_FEAT_EXT_ARG`, 5.11).
+    ext_arg: bool,
 }
 
 impl UringEngine {
@@ -92,6 +103,7 @@ impl UringEngine {
         } else {
             None
         };
+        let ext_arg = ring.params().is_feature_ext_arg();
         Ok(UringEngine {
             ring,
             depth,
@@ -101,7 +113,9 @@ impl UringEngine {
             buffers,
             files,
             cqes: Vec::with_capacity(2 * depth),
+            finished: Vec::new(),
             submit_batch: submit_batch.clamp(1, depth),
+            ext_arg,
         })
     }
 
@@ -149,17 +163,23 @@ impl UringEngine {
         self.enqueue(idx);
     }
 
-    /// Puts slot `idx`'s remaining bytes in the submission queue.
+    /// Puts slot `idx`'s remaining bytes in the submission queue; when the kernel will
+    /// not take entries, the request ends with `EBUSY` (it never reached the kernel).
     fn enqueue(&mut self, idx: usize) {
         let Some(slot) = self.slots[idx].as_ref() else {
             return;
         };
         let entry = build(&slot.req, slot.done).user_data(idx as u64);
-        self.push_entry(&entry);
+        if !self.push_entry(&entry) {
+            self.finish(idx, Some(IoFail::Os(libc::EBUSY)));
+        }
     }
 
-    fn push_entry(&mut self, entry: &squeue::Entry) {
-        loop {
+    /// Queues `entry`, submitting when `submit_batch` entries wait. Returns false when
+    /// the submission queue stayed full for [`SQ_FULL_TRIES`] submissions (the entry was
+    /// not queued).
+    fn push_entry(&mut self, entry: &squeue::Entry) -> bool {
+        for _ in 0..SQ_FULL_TRIES {
             // SAFETY: the entry's buffer is valid until its completion is reaped (the
             // `push` contract); cancel and NOP entries reference no memory.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
@@ -172,7 +192,7 @@ impl UringEngine {
                         tracing::debug!("io_uring eager submit: {e}; left for flush");
                     }
                 }
-                return;
+                return true;
             }
             // The SQ is full (only when cancels pile on top of requests): hand it over.
             if let Err(e) = self.ring.submit() {
@@ -180,37 +200,68 @@ impl UringEngine {
                 std::thread::yield_now();
             }
         }
+        false
     }
 
-    pub fn flush(&mut self, wait: bool, out: &mut Vec<IoDone>) -> Result<()> {
+    /// Submits what was queued and reaps completions into `out`. With `wait`, blocks up
+    /// to that long for a first completion when requests are in flight: the wait is
+    /// bounded even when the device never answers.
+    pub fn flush(&mut self, wait: Option<Duration>, out: &mut Vec<IoDone>) -> Result<()> {
         let before = out.len();
+        let deadline = wait.map(|d| Instant::now() + d);
         let mut rounds = 0u32;
         loop {
+            let left = deadline.map_or(Duration::ZERO, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let block = !left.is_zero() && self.in_flight > 0 && out.len() == before;
             let pending = !self.ring.submission().is_empty();
-            let block = wait && self.in_flight > 0 && out.len() == before;
             if pending || block || self.in_flight > 0 {
                 // Entering the kernel also runs completion task work, so even a
                 // non-blocking flush with nothing to submit makes progress visible.
-                match self.ring.submit_and_wait(usize::from(block)) {
+                let r = if block {
+                    self.enter_and_wait(left)
+                } else {
+                    self.ring.submit()
+                };
+                match r {
                     Ok(_) => {}
                     Err(e)
                         if matches!(
                             e.raw_os_error(),
-                            Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                            Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
                         ) => {}
-                    Err(e) => {
-                        return Err(Error::io("io_uring_enter", e));
-                    }
+                    Err(e) => return Err(Error::io("io_uring_enter", e)),
                 }
             }
             self.reap(out);
-            let pending = !self.ring.submission().is_empty();
-            let block = wait && self.in_flight > 0 && out.len() == before;
             rounds += 1;
-            if !(pending || block) || rounds > 1_000_000 {
+            let waiting = deadline.is_some_and(|d| Instant::now() < d)
+                && self.in_flight > 0
+                && out.len() == before;
+            let pending = !self.ring.submission().is_empty();
+            if waiting {
+                continue;
+            }
+            if !pending || rounds >= FLUSH_ROUNDS {
                 return Ok(());
             }
         }
+    }
+
+    /// Submits and waits up to `left` for one completion.
+    fn enter_and_wait(&mut self, left: Duration) -> std::io::Result<usize> {
+        if self.ext_arg {
+            let ts = types::Timespec::from(left);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            return self.ring.submitter().submit_with_args(1, &args);
+        }
+        // Kernels before 5.11 cannot bound the wait: poll instead.
+        let n = self.ring.submit()?;
+        if self.ring.completion().is_empty() {
+            std::thread::sleep(left.min(Duration::from_micros(200)));
+        }
+        Ok(n)
     }
 
     fn reap(&mut self, out: &mut Vec<IoDone>) {
@@ -221,12 +272,13 @@ impl UringEngine {
             if ud == CANCEL_TAG {
                 continue;
             }
-            self.complete(ud as usize, res, out);
+            self.complete(ud as usize, res);
         }
         self.cqes = cqes;
+        out.append(&mut self.finished);
     }
 
-    fn complete(&mut self, idx: usize, res: i32, out: &mut Vec<IoDone>) {
+    fn complete(&mut self, idx: usize, res: i32) {
         let Some(slot) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
             tracing::warn!(idx, "io_uring completion for an unknown slot");
             return;
@@ -262,14 +314,20 @@ impl UringEngine {
                 return;
             }
         };
-        let done = slot.done;
-        let tag = slot.req.tag;
-        self.slots[idx] = None;
+        self.finish(idx, fail);
+    }
+
+    /// Frees slot `idx` and reports its request finished with `fail` (through
+    /// `finished`, handed out by the next reap).
+    fn finish(&mut self, idx: usize, fail: Option<IoFail>) {
+        let Some(slot) = self.slots.get_mut(idx).and_then(|s| s.take()) else {
+            return;
+        };
         self.free_slots.push(idx);
         self.in_flight -= 1;
-        out.push(IoDone {
-            tag,
-            bytes: done,
+        self.finished.push(IoDone {
+            tag: slot.req.tag,
+            bytes: slot.done,
             fail,
         });
     }
@@ -288,7 +346,10 @@ impl UringEngine {
             let e = opcode::AsyncCancel::new(i as u64)
                 .build()
                 .user_data(CANCEL_TAG);
-            self.push_entry(&e);
+            if !self.push_entry(&e) {
+                // Best effort: the request still ends on its own.
+                tracing::warn!(slot = i, "io_uring cancel not queued: the SQ stayed full");
+            }
         }
     }
 

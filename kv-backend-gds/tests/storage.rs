@@ -5,178 +5,17 @@
 //! it skips with a reason where io_uring is unavailable, and fails instead when CI sets
 //! `KV_REQUIRE_BACKENDS=gds-uring`.
 
+#[macro_use]
+mod common;
+
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{assert_done, backend, pattern, Rig, TempDir, WAIT};
 use kv_backend_gds::{open_direct, EngineChoice, EngineKind, GdsBackend, Options};
-use kv_core::{
-    Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions,
-    RegistrationId, Status, TransferRequest,
-};
-use kv_mem::HostBuffer;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A directory under the system temp dir (a real disk here), removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "kv-gds-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn backend(engine: EngineChoice, opts: Options) -> Option<GdsBackend> {
-    let o = Options { engine, ..opts };
-    match engine {
-        EngineChoice::ThreadPool => Some(GdsBackend::new("tester", o).unwrap()),
-        _ => kv_core::require_or_skip("gds-uring", GdsBackend::new("tester", o)),
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    kv_core::conformance::pattern(seed, len)
-}
-
-/// A backend with one file and one DRAM buffer registered and the file imported
-/// through a self-endpoint.
-struct Rig {
-    b: GdsBackend,
-    file: Arc<File>,
-    _dir: TempDir,
-    buf: HostBuffer,
-    mreg: RegistrationId,
-    freg: RegistrationId,
-    fdesc: Descriptor,
-    me: EndpointId,
-}
-
-impl Rig {
-    fn new(b: GdsBackend, file_len: u64, reg_len: u64, buf_len: usize) -> Rig {
-        let dir = TempDir::new("rig");
-        let (file, direct) = open_direct(dir.file("data"), true).unwrap();
-        if !direct {
-            eprintln!(
-                "note: {} refuses O_DIRECT; testing buffered I/O",
-                dir.0.display()
-            );
-        }
-        file.set_len(file_len).unwrap();
-        Self::with_file(b, Arc::new(file), dir, reg_len, buf_len)
-    }
-
-    fn with_file(
-        b: GdsBackend,
-        file: Arc<File>,
-        dir: TempDir,
-        reg_len: u64,
-        buf_len: usize,
-    ) -> Rig {
-        let buf = HostBuffer::alloc(buf_len, 4096).unwrap();
-        let fdesc = Descriptor::new(0, reg_len, file.as_raw_fd() as u32);
-        // SAFETY: the buffer and the file live in the rig, which deregisters on drop.
-        let (mreg, freg) = unsafe {
-            (
-                b.register(MemKind::Dram, &buf.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-                b.register(MemKind::File, &fdesc, kv_core::Access::ReadWrite)
-                    .unwrap(),
-            )
-        };
-        let me = b.connect("tester", &b.connection_info().unwrap()).unwrap();
-        b.import_remote(me, MemKind::File, &fdesc, &b.remote_key(freg).unwrap())
-            .unwrap();
-        Rig {
-            b,
-            file,
-            _dir: dir,
-            buf,
-            mreg,
-            freg,
-            fdesc,
-            me,
-        }
-    }
-
-    fn fd(&self) -> u32 {
-        self.fdesc.device
-    }
-
-    fn addr(&self, off: u64) -> u64 {
-        self.buf.descriptor().addr + off
-    }
-
-    fn request(&self, op: Op, local: DescriptorList, remote: DescriptorList) -> TransferRequest {
-        TransferRequest {
-            op,
-            local_kind: MemKind::Dram,
-            local,
-            peer: self.me,
-            remote_kind: MemKind::File,
-            remote,
-        }
-    }
-
-    /// Prepares, posts and waits; releases the transfer.
-    fn run(&self, op: Op, local: DescriptorList, remote: DescriptorList) -> Status {
-        let t = self.b.prepare(&self.request(op, local, remote)).unwrap();
-        // SAFETY: the buffer outlives the wait below.
-        unsafe { self.b.post(t, &PostOptions::default()).unwrap() };
-        let st = self.b.wait(t, WAIT);
-        assert!(st.is_finished(), "transfer did not finish in {WAIT:?}");
-        self.b.release(t).unwrap();
-        st
-    }
-
-    fn one(&self, op: Op, mem_off: u64, file_off: u64, len: u64) -> Status {
-        self.run(
-            op,
-            DescriptorList::single(Descriptor::new(self.addr(mem_off), len, 0)).unwrap(),
-            DescriptorList::single(Descriptor::new(file_off, len, self.fd())).unwrap(),
-        )
-    }
-
-    fn read_file(&self, off: u64, len: usize) -> Vec<u8> {
-        // A separate buffered handle: what another reader of the file would see.
-        let mut f = File::open(format!("/proc/self/fd/{}", self.file.as_raw_fd())).unwrap();
-        f.seek(SeekFrom::Start(off)).unwrap();
-        let mut v = vec![0u8; len];
-        f.read_exact(&mut v).unwrap();
-        v
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = self.b.deregister(self.mreg);
-        let _ = self.b.deregister(self.freg);
-    }
-}
-
-fn assert_done(st: &Status, what: &str) {
-    assert!(matches!(st, Status::Done), "{what}: {st:?}");
-}
+use kv_core::{Backend, Descriptor, DescriptorList, Error, MemKind, Op, PostOptions, Status};
 
 fn round_trip_sizes(engine: EngineChoice) {
     const MAX: usize = 64 << 20;
@@ -345,17 +184,6 @@ fn enospc(engine: EngineChoice) {
 
 fn libc_enospc() -> i32 {
     28 // ENOSPC on Linux
-}
-
-macro_rules! per_engine {
-    ($($name:ident),*) => {
-        mod uring {
-            $( #[test] fn $name() { super::$name(kv_backend_gds::EngineChoice::Uring) } )*
-        }
-        mod thread_pool {
-            $( #[test] fn $name() { super::$name(kv_backend_gds::EngineChoice::ThreadPool) } )*
-        }
-    };
 }
 
 per_engine!(round_trip_sizes, scattered, read_past_end, enospc);
@@ -651,5 +479,86 @@ fn cufile_absence_is_reported_cleanly() {
             }
         }
         Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+/// Remote keys carry 128 random bits from the OS (issue 14): they are not derived from
+/// the instance and registration ids (which connection info and the key itself reveal),
+/// registrations and backends get unrelated keys, and forged keys are refused.
+#[test]
+fn remote_keys_are_random_and_forgeries_refused() {
+    let new = || backend(EngineChoice::ThreadPool, Options::default()).unwrap();
+    let (a, b) = (new(), new());
+    let rig = Rig::new(a, 0, 1 << 20, 4096);
+    // Registrations of the same file, on this backend and on another one.
+    let mut keys = Vec::new();
+    let mut regs = Vec::new();
+    for be in [&rig.b, &b] {
+        for _ in 0..32 {
+            // SAFETY: a file range; the file lives in the rig.
+            let r = unsafe {
+                be.register(MemKind::File, &rig.fdesc, kv_core::Access::ReadWrite)
+                    .unwrap()
+            };
+            keys.push(be.remote_key(r).unwrap().to_vec());
+            regs.push(r);
+        }
+    }
+    assert!(
+        keys.iter().all(|k| k.len() >= 8 + 16),
+        "{} bytes",
+        keys[0].len()
+    );
+    // Unrelated: every secret differs, and each of their bits is set in about half of
+    // them (8..=56 of 64 fails by chance with probability below 1e-7).
+    let secrets: Vec<&[u8]> = keys.iter().map(|k| &k[8..]).collect();
+    for (i, s) in secrets.iter().enumerate() {
+        assert!(!secrets[..i].contains(s), "secret {i} repeats");
+    }
+    for bit in 0..secrets[0].len() * 8 {
+        let set = secrets
+            .iter()
+            .filter(|s| s[bit / 8] & (1 << (bit % 8)) != 0)
+            .count();
+        assert!(
+            (8..=56).contains(&set),
+            "bit {bit} set in {set} of 64 secrets"
+        );
+    }
+    let import = |key: &[u8]| rig.b.import_remote(rig.me, MemKind::File, &rig.fdesc, key);
+    let own = rig.b.remote_key(rig.freg).unwrap().to_vec();
+    assert!(import(&own).is_ok());
+    // The old derivation from public ids (connection info's instance id, the key's
+    // registration id, a time term of a few nanoseconds) must not open anything.
+    let info = rig.b.connection_info().unwrap();
+    let instance = u64::from_le_bytes(info[6..14].try_into().unwrap());
+    let id = u64::from_le_bytes(own[..8].try_into().unwrap());
+    let derived = (instance ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17);
+    for ns in 0..4096u64 {
+        let mut forged = id.to_le_bytes().to_vec();
+        forged.extend_from_slice(&(derived ^ ns).to_le_bytes());
+        forged.resize(own.len(), 0);
+        assert!(
+            import(&forged).is_err(),
+            "a key derived from public ids was accepted"
+        );
+    }
+    // Random secrets, another registration's secret, another backend's key.
+    for i in 0..256u64 {
+        let mut forged = own.clone();
+        let noise = kv_core::conformance::pattern(i, own.len() - 8);
+        forged[8..].copy_from_slice(&noise);
+        assert!(import(&forged).is_err(), "random secret {i} accepted");
+    }
+    let mut swapped = own.clone();
+    swapped[8..].copy_from_slice(&keys[0][8..]);
+    assert!(
+        import(&swapped).is_err(),
+        "another registration's secret accepted"
+    );
+    assert!(import(&keys[40]).is_err(), "another backend's key accepted");
+    for (i, r) in regs.into_iter().enumerate() {
+        let be = if i < 32 { &rig.b } else { &b };
+        be.deregister(r).unwrap();
     }
 }
