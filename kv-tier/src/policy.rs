@@ -271,9 +271,13 @@ impl S3Fifo {
         }
     }
 
-    /// One step of eviction from queue `q`: returns Some(victim), or None after moving
-    /// the tail elsewhere (promotion, reinsertion, pinned skip).
-    fn step(&mut self, q: u8, evictable: &mut dyn FnMut(BlockKey) -> bool) -> Option<BlockKey> {
+    /// One step of eviction from queue `q`: `Ok(victim)`, or `Err(pinned)` after moving
+    /// the tail elsewhere (promotion, reinsertion: `false`; a pinned skip: `true`).
+    fn step(
+        &mut self,
+        q: u8,
+        evictable: &mut dyn FnMut(BlockKey) -> bool,
+    ) -> Result<BlockKey, bool> {
         let i = self.lists.tails[q as usize];
         let n = self.lists.nodes[i];
         self.lists.unlink(i);
@@ -281,23 +285,23 @@ impl S3Fifo {
             self.lists.nodes[i].queue = MAIN;
             self.lists.nodes[i].freq = 0;
             self.lists.push_head(i);
-            return None;
+            return Err(false);
         }
         if q == MAIN && n.freq > 0 {
             self.lists.nodes[i].freq = n.freq - 1;
             self.lists.push_head(i);
-            return None;
+            return Err(false);
         }
         if !evictable(n.key) {
             self.lists.push_head(i);
-            return None;
+            return Err(true);
         }
         self.lists.release(i);
         self.map.remove(&n.key);
         if q == SMALL {
             self.ghost_add(n.key);
         }
-        Some(n.key)
+        Ok(n.key)
     }
 }
 
@@ -338,22 +342,32 @@ impl EvictionPolicy for S3Fifo {
     fn evict(&mut self, evictable: &mut dyn FnMut(BlockKey) -> bool) -> Option<BlockKey> {
         // Each step either evicts or moves one node; nodes carry at most 3 credits, so
         // 5 × len steps visit every node with credits spent: anything left is pinned.
+        // Consecutive pinned skips are counted per queue: once a queue has been walked
+        // through finding only pinned blocks, the other queue is used even when the
+        // size rule prefers this one (a small queue full of pinned blocks must not
+        // starve an evictable main).
         let budget = 5 * self.map.len() + 8;
+        let mut skipped = [0usize; 2];
         for _ in 0..budget {
             let small = self.lists.lens[SMALL as usize];
             let main = self.lists.lens[MAIN as usize];
-            if small == 0 && main == 0 {
+            let small_open = small > 0 && skipped[SMALL as usize] < small;
+            let main_open = main > 0 && skipped[MAIN as usize] < main;
+            if !small_open && !main_open {
                 return None;
             }
-            let q = if small > 0
-                && (self.lists.bytes[SMALL as usize] >= self.small_target || main == 0)
+            let q = if small_open
+                && (self.lists.bytes[SMALL as usize] >= self.small_target || !main_open)
             {
                 SMALL
             } else {
                 MAIN
             };
-            if let Some(k) = self.step(q, evictable) {
-                return Some(k);
+            match self.step(q, evictable) {
+                Ok(k) => return Some(k),
+                Err(true) => skipped[q as usize] += 1,
+                // Something moved: the next pass may find it evictable.
+                Err(false) => skipped[q as usize] = 0,
             }
         }
         None
