@@ -873,8 +873,12 @@ impl Inner {
                 let installed = {
                     let mut sh = self.shard(k).write();
                     match sh.get_mut(&k) {
+                        // Cleaning may have moved the record while we waited for a
+                        // slot: a moved record keeps its sequence number and bytes.
                         Some(e)
-                            if e.version == version && e.nvme == Some(loc) && e.dram.is_none() =>
+                            if e.version == version
+                                && e.nvme.is_some_and(|l| l.seq == loc.seq)
+                                && e.dram.is_none() =>
                         {
                             e.dram = Some(slot);
                             true

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::block;
+use common::{block, opts, tmpdir};
 use kv_tier::{BlockKey, Options, PolicyKind, Store};
 
 fn k(i: u64) -> BlockKey {
@@ -57,4 +57,41 @@ fn s3fifo_pinned_small_queue_does_not_livelock() {
             assert!(s.contains(k(i)), "{policy:?}: pinned block {i} evicted");
         }
     }
+}
+
+/// Bug 2: `get` of a pinned NVMe-only block waited for DRAM while write-back rolled a
+/// segment; the cleaning that followed moved the block's record, and `get` then
+/// reported a miss instead of reading the block.
+#[test]
+fn get_survives_compaction_moving_the_record_during_promotion() {
+    const LEN: usize = 60 << 10; // 64 KiB records and slots (with the header page)
+    let dir = tmpdir("bug2");
+    // DRAM: 8 slots. NVMe: 3 segments of 16 records, 16 records live at most.
+    let mut o = opts(&dir, 512 << 10, 3 << 20, 1 << 20, PolicyKind::Lru);
+    o.slab_page_bytes = 256 << 10;
+    let s = Store::open(o).unwrap();
+    let key = k(7);
+    s.put_durable(key, &block(7, LEN)).unwrap();
+    assert!(s.evict_from_dram(key));
+    assert!(s.pin(key));
+    // Fill segment 1 behind the block and all of segment 2; the NVMe budget drops the
+    // older fillers, so segment 1 ends with the pinned block as its only live record.
+    for i in 100..131 {
+        s.put_durable(k(i), &block(i, LEN)).unwrap();
+    }
+    for i in 100..131 {
+        s.evict_from_dram(k(i));
+    }
+    // DRAM full of blocks not yet on NVMe: reading the block needs a write-back, which
+    // rolls to a third segment and cleans segment 1.
+    for i in 200..208 {
+        s.put(k(i), &block(i, LEN)).unwrap();
+    }
+    let before = s.stats().compactions;
+    let h = s.get(key).unwrap().expect("pinned block reported missing");
+    assert_eq!(h.as_slice(), &block(7, LEN)[..]);
+    assert!(s.stats().compactions > before, "the scenario did not clean a segment");
+    drop(h);
+    drop(s);
+    std::fs::remove_dir_all(&dir).ok();
 }
