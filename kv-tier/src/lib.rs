@@ -45,4 +45,4 @@ pub mod trace;
 pub use key::{BlockKey, ChunkHasher};
 pub use options::{NvmeOptions, Options};
 pub use policy::{EvictionPolicy, PolicyKind};
-pub use store::{BlockHandle, Stats, Store};
+pub use store::{BlockHandle, Prefix, Stats, Store};

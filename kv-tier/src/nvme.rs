@@ -617,26 +617,42 @@ impl Inner {
     }
 
     /// A write-back that failed: an evicting DRAM copy is dropped anyway (it must free
-    /// its slot); other copies stay dirty.
+    /// its slot) unless the block is pinned, which keeps it in DRAM; other copies stay
+    /// dirty.
     fn fail_item(&self, it: &Item) {
         self.c.write_back_failures.fetch_add(1, Ordering::Relaxed);
-        let mut sh = self.shard(it.key).write();
-        if let Some(e) = sh.get_mut(&it.key).filter(|e| e.version == it.version) {
-            e.wb_queued = false;
-            if e.evicting {
-                e.evicting = false;
-                e.dram = None;
-                if e.nvme.is_none() {
-                    sh.remove(&it.key);
+        let mut keep = None;
+        {
+            let mut sh = self.shard(it.key).write();
+            if let Some(e) = sh.get_mut(&it.key).filter(|e| e.version == it.version) {
+                e.wb_queued = false;
+                if e.evicting {
+                    e.evicting = false;
+                    if e.pins > 0 {
+                        keep = e.dram.as_ref().map(|s| s.size);
+                    } else {
+                        e.dram = None;
+                        if e.nvme.is_none() {
+                            sh.remove(&it.key);
+                        }
+                        self.c.dram_evictions.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                self.c.dram_evictions.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if let Some(size) = keep {
+            self.dram_policy.lock().insert(it.key, size);
         }
     }
 
     /// Opens a new active segment, cleaning old ones to keep the file count bounded.
     fn roll(&self) -> Result<()> {
         let nv = self.nv()?;
+        if nv.segs.lock().map.len() as u64 >= nv.max_segments {
+            // An earlier cleaning failed (pinned records): clean into what room the
+            // active segment has left before adding a file.
+            self.clean_one()?;
+        }
         let id = {
             let mut g = nv.segs.lock();
             let id = g.next_id.max(1);
@@ -675,33 +691,42 @@ impl Inner {
             };
             (id, s.records.clone(), s.reg.clone())
         };
-        let live: Vec<(BlockKey, NvmeLoc)> = records
+        let mut live: Vec<(BlockKey, NvmeLoc, bool)> = records
             .into_iter()
-            .filter(|(k, loc)| {
-                self.shard(*k)
-                    .read()
-                    .get(k)
-                    .is_some_and(|e| e.nvme == Some(*loc))
+            .filter_map(|(k, loc)| {
+                let sh = self.shard(k).read();
+                let e = sh.get(&k).filter(|e| e.nvme == Some(loc))?;
+                Some((k, loc, e.pins > 0))
             })
             .collect();
+        // Pinned records are moved first: only unpinned ones may be dropped for room.
+        live.sort_by_key(|(_, _, pinned)| !*pinned);
         let room = {
             let g = nv.segs.lock();
             g.active
                 .and_then(|a| g.map.get(&a))
                 .map_or(0, |s| s.file_len - s.write_off)
         };
+        let pinned_bytes: u64 = live.iter().filter(|l| l.2).map(|l| l.1.rec).sum();
+        if pinned_bytes > room {
+            return Err(Error::Busy(format!(
+                "NVMe segment {victim} holds {pinned_bytes} bytes of pinned blocks and the active segment has room for {room}"
+            )));
+        }
         let mut used = 0;
         let mut keep = Vec::new();
-        for (k, loc) in live {
+        for (k, loc, _) in live {
             if used + loc.rec <= room {
                 used += loc.rec;
                 keep.push((k, loc));
             } else {
-                self.drop_nvme_copy(k, loc);
+                self.drop_nvme_copy(k, loc, false);
             }
         }
-        if !keep.is_empty() {
-            self.move_records(nv, &vreg, keep)?;
+        if !keep.is_empty() && !self.move_records(nv, &vreg, keep)? {
+            return Err(Error::Busy(format!(
+                "NVMe segment {victim} keeps pinned blocks that could not be moved"
+            )));
         }
         let removed = nv.segs.lock().map.remove(&victim);
         if let Some(s) = removed {
@@ -717,14 +742,24 @@ impl Inner {
         Ok(())
     }
 
-    fn drop_nvme_copy(&self, k: BlockKey, loc: NvmeLoc) {
+    /// True while the index places `k`'s NVMe copy at `loc`.
+    fn points_at(&self, k: BlockKey, loc: NvmeLoc) -> bool {
+        self.shard(k)
+            .read()
+            .get(&k)
+            .is_some_and(|e| e.nvme == Some(loc))
+    }
+
+    /// Drops the NVMe copy of `k` at `loc`; a pinned block keeps it unless `corrupt`
+    /// (a record that failed its checks is never kept). True when dropped.
+    pub(crate) fn drop_nvme_copy(&self, k: BlockKey, loc: NvmeLoc, corrupt: bool) -> bool {
         let Some(nv) = self.nvme.as_ref() else {
-            return;
+            return false;
         };
         let dropped = {
             let mut sh = self.shard(k).write();
             match sh.get_mut(&k) {
-                Some(e) if e.nvme == Some(loc) => {
+                Some(e) if e.nvme == Some(loc) && (corrupt || e.pins == 0) => {
                     e.nvme = None;
                     if e.dram.is_none() {
                         sh.remove(&k);
@@ -739,16 +774,19 @@ impl Inner {
             nv.mark_dead(loc);
             self.c.nvme_evictions.fetch_add(1, Ordering::Relaxed);
         }
+        dropped
     }
 
     /// Reads `keep` from the victim into a bounce buffer and appends them to the active
-    /// segment, then repoints the index.
+    /// segment, then repoints the index. False when a pinned record stayed behind (the
+    /// victim must then be kept).
     fn move_records(
         &self,
         nv: &Nvme,
         vreg: &Arc<FileReg>,
         keep: Vec<(BlockKey, NvmeLoc)>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let mut all_moved = true;
         let total: u64 = keep.iter().map(|(_, l)| l.rec).sum();
         let mut bounce = nv.io.bounce(total as usize)?;
         let base = bounce.buf.descriptor().addr;
@@ -774,11 +812,13 @@ impl Inner {
             });
             if !ok {
                 self.c.corrupt.fetch_add(1, Ordering::Relaxed);
-                self.drop_nvme_copy(k, old);
+                self.drop_nvme_copy(k, old, true);
                 continue;
             }
             let Some((new, reg)) = nv.reserve(k, old.rec, old.seq) else {
-                self.drop_nvme_copy(k, old);
+                if !self.drop_nvme_copy(k, old, false) && self.points_at(k, old) {
+                    all_moved = false; // pinned: it stays where it is
+                }
                 continue;
             };
             let Ok(mut h) = crate::record::decode_header(rec_bytes) else {
@@ -817,7 +857,7 @@ impl Inner {
             }
         }
         drop(bounce);
-        Ok(())
+        Ok(all_moved)
     }
 
     /// Reads the NVMe-only blocks among `keys` into DRAM, `batch` at a time; returns how
@@ -866,7 +906,7 @@ impl Inner {
                 if !ok {
                     tracing::warn!("kv-tier: block {k} failed its checksum on NVMe; dropped");
                     self.c.corrupt.fetch_add(1, Ordering::Relaxed);
-                    self.drop_nvme_copy(k, loc);
+                    self.drop_nvme_copy(k, loc, true);
                     continue;
                 }
                 let size = slot.size;
@@ -895,5 +935,46 @@ impl Inner {
             }
         }
         Ok(brought)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{BlockKey, NvmeOptions, Options, Store};
+
+    /// Bug 3: cleaning dropped NVMe copies without looking at pins.
+    #[test]
+    fn dropping_for_room_keeps_pinned_copies() {
+        let dir = std::env::temp_dir().join(format!("kv-tier-unit-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = Store::open(Options {
+            dram_capacity: 1 << 20,
+            nvme: Some(NvmeOptions {
+                capacity: 4 << 20,
+                segment_bytes: 1 << 20,
+                ..NvmeOptions::new(&dir)
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let (a, b) = (BlockKey::from_u64(1), BlockKey::from_u64(2));
+        for k in [a, b] {
+            s.put_durable(k, &[5u8; 10_000]).unwrap();
+            assert!(s.evict_from_dram(k));
+        }
+        assert!(s.pin(a));
+        let i = &s.inner;
+        let loc = |k: BlockKey| i.shard(k).read().get(&k).and_then(|e| e.nvme).unwrap();
+        let (la, lb) = (loc(a), loc(b));
+        assert!(
+            !i.drop_nvme_copy(a, la, false),
+            "a pinned copy was dropped for room"
+        );
+        assert!(i.drop_nvme_copy(b, lb, false));
+        assert!(s.contains(a) && !s.contains(b));
+        // A corrupt record goes even when pinned.
+        assert!(i.drop_nvme_copy(a, la, true));
+        drop(s);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

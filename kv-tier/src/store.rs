@@ -35,9 +35,11 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// DRAM copy present and nothing holds it but the index.
-    fn dram_evictable(&self) -> bool {
-        self.pins == 0
+    /// DRAM copy present and nothing holds it but the index. A pinned block's DRAM copy
+    /// may go only where an NVMe tier keeps the block (`spill`): a pin keeps the block
+    /// in the store, a handle keeps it in DRAM.
+    fn dram_evictable(&self, spill: bool) -> bool {
+        (self.pins == 0 || spill)
             && !self.evicting
             && self
                 .dram
@@ -124,7 +126,7 @@ pub struct Stats {
 /// Dropping the store stops its threads; blocks not yet written back are lost (call
 /// [`Store::flush`] first to keep them).
 pub struct Store {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -194,6 +196,53 @@ impl BlockHandle {
     /// The payload as a new vector.
     pub fn to_vec(&self) -> Vec<u8> {
         self.as_slice().to_vec()
+    }
+}
+
+/// The stored prefix of a request, from [`Store::lookup`]: the keys of its leading
+/// stored chunks in order, each pinned (no tier evicts it) until this is dropped, so
+/// every key here can be read with [`Store::get`]. `Send + Sync`.
+pub struct Prefix {
+    inner: Arc<Inner>,
+    keys: Vec<BlockKey>,
+    chunk_tokens: usize,
+}
+
+impl std::fmt::Debug for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefix").field("keys", &self.keys).finish()
+    }
+}
+
+impl Prefix {
+    /// The matched chunks' keys, in order.
+    pub fn keys(&self) -> &[BlockKey] {
+        &self.keys
+    }
+
+    /// Matched chunks.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True when not even the first chunk is stored.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Matched tokens (full chunks).
+    pub fn tokens(&self) -> usize {
+        self.keys.len() * self.chunk_tokens
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        for k in &self.keys {
+            if let Some(e) = self.inner.shard(*k).write().get_mut(k) {
+                e.pins = e.pins.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -372,6 +421,40 @@ impl Store {
         hit
     }
 
+    /// The longest stored prefix of `tokens`, pinned: the keys of its full chunks up to
+    /// the first one no tier holds, each checked and pinned in one step under its index
+    /// lock, so nothing (our own write-back included) evicts them before the caller
+    /// reads them. Dropping the [`Prefix`] unpins.
+    pub fn lookup(&self, tokens: &[u32]) -> Prefix {
+        let h = self.inner.hasher;
+        let mut keys = Vec::new();
+        let mut parent = None;
+        for c in tokens.chunks_exact(h.chunk_tokens) {
+            let k = h.chunk_key(parent, c);
+            if !self.inner.try_pin(k) {
+                break;
+            }
+            keys.push(k);
+            parent = Some(k);
+        }
+        self.prefix(keys)
+    }
+
+    /// [`Store::lookup`] for keys already computed (with [`Store::chunk_keys`]): the
+    /// leading stored run of `keys`, pinned.
+    pub fn lookup_keys(&self, keys: &[BlockKey]) -> Prefix {
+        let n = keys.iter().take_while(|k| self.inner.try_pin(**k)).count();
+        self.prefix(keys[..n].to_vec())
+    }
+
+    fn prefix(&self, keys: Vec<BlockKey>) -> Prefix {
+        Prefix {
+            inner: self.inner.clone(),
+            keys,
+            chunk_tokens: self.inner.hasher.chunk_tokens,
+        }
+    }
+
     /// Starts bringing `keys` that are only on NVMe into DRAM in the background.
     pub fn prefetch(&self, keys: &[BlockKey]) -> Result<()> {
         match &self.inner.nvme {
@@ -393,7 +476,7 @@ impl Store {
         let dropped = {
             let mut sh = i.shard(key).write();
             match sh.get_mut(&key) {
-                Some(e) if e.nvme.is_some() && e.dram_evictable() => {
+                Some(e) if e.nvme.is_some() && e.dram_evictable(true) => {
                     e.dram = None;
                     true
                 }
@@ -406,7 +489,8 @@ impl Store {
         dropped
     }
 
-    /// Pins `key`: no tier evicts it until as many `unpin`s. False when absent.
+    /// Pins `key`: the store keeps it (in DRAM, or on NVMe where there is an NVMe tier)
+    /// until as many `unpin`s. False when absent.
     pub fn pin(&self, key: BlockKey) -> bool {
         match self.inner.shard(key).write().get_mut(&key) {
             Some(e) => {
@@ -518,6 +602,17 @@ impl Inner {
         &self.shards[key.shard(self.shards.len())]
     }
 
+    /// Pins `key` if some tier holds it.
+    fn try_pin(&self, key: BlockKey) -> bool {
+        match self.shard(key).write().get_mut(&key) {
+            Some(e) if e.pins < u32::MAX => {
+                e.pins += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn dram_handle(&self, key: BlockKey) -> Option<BlockHandle> {
         let sh = self.shard(key).read();
         let e = sh.get(&key)?;
@@ -603,11 +698,12 @@ impl Inner {
 
     /// Evicts one DRAM block (or queues its write-back); false when nothing can go.
     fn evict_one_dram(&self) -> bool {
+        let spill = self.nvme.is_some();
         let victim = self.dram_policy.lock().evict(&mut |k| {
             self.shard(k)
                 .read()
                 .get(&k)
-                .is_some_and(|e| e.dram_evictable())
+                .is_some_and(|e| e.dram_evictable(spill))
         });
         let Some(k) = victim else {
             return false;
@@ -616,7 +712,7 @@ impl Inner {
         let Some(e) = sh.get_mut(&k) else {
             return true;
         };
-        if !e.dram_evictable() {
+        if !e.dram_evictable(spill) {
             // Pinned or handed out since the policy looked: keep it.
             let size = e.dram.as_ref().map_or(0, |s| s.size);
             drop(sh);
