@@ -90,12 +90,6 @@ impl ChunkHasher {
     }
 }
 
-impl Default for ChunkHasher {
-    fn default() -> Self {
-        ChunkHasher::new(256, 0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

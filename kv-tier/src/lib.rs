@@ -18,7 +18,7 @@
 //!     dram_capacity: 8 << 20,
 //!     chunk_tokens: 4,
 //!     nvme: Some(NvmeOptions { capacity: 12 << 20, segment_bytes: 4 << 20, ..NvmeOptions::new(&dir) }),
-//!     ..Default::default()
+//!     ..Options::for_model("llama-3-8b/bf16/tp1")
 //! })?;
 //! let tokens: Vec<u32> = (0..10).collect();
 //! let keys = store.chunk_keys(&tokens);                 // two full chunks of 4 tokens

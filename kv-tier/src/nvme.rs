@@ -954,7 +954,7 @@ mod tests {
                 segment_bytes: 1 << 20,
                 ..NvmeOptions::new(&dir)
             }),
-            ..Default::default()
+            ..Options::for_model("test")
         })
         .unwrap();
         let (a, b) = (BlockKey::from_u64(1), BlockKey::from_u64(2));

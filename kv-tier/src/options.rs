@@ -22,9 +22,10 @@ pub struct Options {
     pub dram_policy: PolicyKind,
     /// Tokens per chunk for [`crate::Store::lookup_prefix`] (default 256).
     pub chunk_tokens: usize,
-    /// Model/layout compatibility hash mixed into every chunk key
-    /// (see [`crate::ChunkHasher::compat_of`]).
-    pub compat: u64,
+    /// Model identity: the compatibility hash mixed into every chunk key
+    /// ([`crate::ChunkHasher::compat_of`] of model, dtype, layout, TP). Required —
+    /// [`crate::Store::open`] refuses `None`, so two models never share keys by accident.
+    pub compat: Option<u64>,
     /// Index shards (rounded up to a power of two; default 64).
     pub shards: usize,
     /// How long a `put` waits for write-back to free DRAM before failing with
@@ -42,10 +43,21 @@ impl Default for Options {
             host: HostOptions::default(),
             dram_policy: PolicyKind::S3Fifo,
             chunk_tokens: 256,
-            compat: 0,
+            compat: None,
             shards: 64,
             evict_wait: Duration::from_secs(30),
             nvme: None,
+        }
+    }
+}
+
+impl Options {
+    /// Defaults for the model described by `model` (`"llama-3-8b/bf16/paged16/tp1"`):
+    /// everything that makes two KV caches incompatible belongs in it.
+    pub fn for_model(model: &str) -> Options {
+        Options {
+            compat: Some(crate::ChunkHasher::compat_of(model)),
+            ..Default::default()
         }
     }
 }

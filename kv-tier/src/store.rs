@@ -254,11 +254,16 @@ impl Store {
         if opts.chunk_tokens == 0 {
             return Err(Error::invalid_argument("chunk_tokens must be at least 1"));
         }
+        let Some(compat) = opts.compat else {
+            return Err(Error::invalid_argument(
+                "Options::compat (the model identity) is required: use Options::for_model(\"model/dtype/layout/tp\") or set compat to ChunkHasher::compat_of(...)",
+            ));
+        };
         let arena = Arena::new(opts.dram_capacity, opts.slab_page_bytes, opts.host)?;
         let nshards = opts.shards.clamp(1, 1 << 16).next_power_of_two();
         let shards: Box<[Shard]> = (0..nshards).map(|_| RwLock::default()).collect();
         let dram_policy = Mutex::new(opts.dram_policy.build(arena.capacity()));
-        let hasher = ChunkHasher::new(opts.chunk_tokens, opts.compat);
+        let hasher = ChunkHasher::new(opts.chunk_tokens, compat);
         let (wb_tx, wb_rx) = unbounded();
         let (pf_tx, pf_rx) = unbounded();
         let nvme = match &opts.nvme {

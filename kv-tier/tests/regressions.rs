@@ -16,7 +16,7 @@ fn slot_bytes(len: usize) -> u64 {
     let s = Store::open(Options {
         dram_capacity: 4 << 20,
         slab_page_bytes: 1 << 20,
-        ..Default::default()
+        ..Options::for_model("test")
     })
     .unwrap();
     s.put(k(0), &block(0, len)).unwrap();
@@ -35,7 +35,7 @@ fn s3fifo_pinned_small_queue_does_not_livelock() {
             slab_page_bytes: 10 * slot,
             dram_policy: policy,
             evict_wait: Duration::from_secs(2),
-            ..Default::default()
+            ..Options::for_model("test")
         })
         .unwrap();
         // Ordinary blocks that are read (hit) twice: S3-FIFO moves them to main.
@@ -140,4 +140,30 @@ fn blocks_found_by_lookup_survive_promotion_of_their_prefix() {
     assert!(s.remove(keys[0]).unwrap());
     drop(s);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Bug 4: the model identity defaulted to 0, so two models sharing a store without
+/// setting it got identical keys and read each other's KV. It is now required.
+#[test]
+fn model_identity_is_required() {
+    let r = Store::open(Options {
+        dram_capacity: 1 << 20,
+        slab_page_bytes: 256 << 10,
+        ..Default::default()
+    });
+    assert!(
+        matches!(r, Err(kv_core::Error::InvalidArgument(_))),
+        "a store without a model identity was opened"
+    );
+    let keys = |model: &str| {
+        let s = Store::open(Options {
+            dram_capacity: 1 << 20,
+            slab_page_bytes: 256 << 10,
+            ..Options::for_model(model)
+        })
+        .unwrap();
+        s.chunk_keys(&[1; 512])
+    };
+    assert_ne!(keys("llama-3-8b/bf16/tp1"), keys("qwen2-7b/bf16/tp1"));
+    assert_eq!(keys("llama-3-8b/bf16/tp1"), keys("llama-3-8b/bf16/tp1"));
 }

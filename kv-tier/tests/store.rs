@@ -28,7 +28,7 @@ fn dram_only_put_get_prefix_pin_remove() {
             slab_page_bytes: 256 << 10,
             dram_policy: policy,
             chunk_tokens: 16,
-            ..Default::default()
+            ..Options::for_model("test")
         })
         .unwrap();
         let tokens: Vec<u32> = (0..70).collect();
@@ -83,7 +83,7 @@ fn everything_pinned_times_out_instead_of_hanging() {
         dram_capacity: 64 << 10,
         slab_page_bytes: 64 << 10,
         evict_wait: Duration::from_millis(200),
-        ..Default::default()
+        ..Options::for_model("test")
     })
     .unwrap();
     let mut n = 0;
