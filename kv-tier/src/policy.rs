@@ -39,8 +39,9 @@ impl std::str::FromStr for PolicyKind {
         match s.to_ascii_lowercase().as_str() {
             "lru" => Ok(PolicyKind::Lru),
             "s3fifo" | "s3-fifo" => Ok(PolicyKind::S3Fifo),
+            "default" => Ok(PolicyKind::default()),
             _ => Err(kv_core::Error::invalid_argument(format!(
-                "unknown eviction policy {s:?}; use lru or s3fifo"
+                "unknown eviction policy {s:?}; use lru, s3fifo or default"
             ))),
         }
     }

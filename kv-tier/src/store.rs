@@ -301,6 +301,13 @@ impl Store {
         Ok(Store { inner, threads })
     }
 
+    /// Arena bytes one block of `len` bytes takes in DRAM (`nvme`: in a store with an
+    /// NVMe tier, where a slot also carries the record's header page).
+    pub fn dram_slot_bytes(nvme: bool, len: u64) -> u64 {
+        let _ = nvme;
+        Arena::slot_size(record_len(len))
+    }
+
     /// The DRAM arena, for an agent to register: block handles' descriptors lie in it.
     /// Transfer *from* it (WRITE to a peer, or a peer's READ); never post a transfer that
     /// writes into it — the store owns its contents and hands out slices of them.
@@ -415,8 +422,9 @@ impl Store {
         let h = self.inner.hasher;
         let mut parent = None;
         let mut hit = 0;
+        let mut buf = Vec::new();
         for c in tokens.chunks_exact(h.chunk_tokens) {
-            let k = h.chunk_key(parent, c);
+            let k = h.chunk_key_with(parent, c, &mut buf);
             if !self.contains(k) {
                 break;
             }
@@ -434,8 +442,9 @@ impl Store {
         let h = self.inner.hasher;
         let mut keys = Vec::new();
         let mut parent = None;
+        let mut buf = Vec::new();
         for c in tokens.chunks_exact(h.chunk_tokens) {
-            let k = h.chunk_key(parent, c);
+            let k = h.chunk_key_with(parent, c, &mut buf);
             if !self.inner.try_pin(k) {
                 break;
             }
