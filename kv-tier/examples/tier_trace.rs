@@ -50,7 +50,7 @@ fn main() -> Result<(), kv_core::Error> {
         return throughput(args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000));
     }
     let requests = first.and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let policies = [PolicyKind::Lru, PolicyKind::S3Fifo];
+    let policies = [PolicyKind::Lru, PolicyKind::S3Fifo, PolicyKind::Prefix];
     for p in [GenParams::chat(), GenParams::agent(), GenParams::mixed()] {
         let t = generate(&GenParams { requests, ..p });
         let unique = t.unique_blocks() as u64;

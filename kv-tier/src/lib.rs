@@ -44,5 +44,5 @@ pub mod trace;
 
 pub use key::{BlockKey, ChunkHasher};
 pub use options::{NvmeOptions, Options};
-pub use policy::{EvictionPolicy, PolicyKind};
-pub use store::{BlockHandle, Prefix, Stats, Store};
+pub use policy::{ChainPos, EvictionPolicy, PolicyKind, PolicySizes};
+pub use store::{BlockHandle, Latency, Prefix, Stats, Store};

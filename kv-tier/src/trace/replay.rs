@@ -1,8 +1,9 @@
 //! Replays a trace through the real [`Store`] API, as a prefill engine drives it.
 //!
 //! Per request: synthesise the prompt's tokens from its hash ids (outside the timed
-//! part), then — timed — compute the chunk keys, look the prefix up (pinning it), read
-//! every hit into a buffer, and store the blocks after the first miss. A hit is a block
+//! part), then — timed — compute the chunk keys, look the prefix up (`lookup_keys`,
+//! pinning it), copy every hit into a buffer (`get_many`), and store the blocks after
+//! the first miss (`put_many`). A hit is a block
 //! of the matched prefix (prefix semantics: nothing after the first miss is reused).
 
 use std::time::{Duration, Instant};
@@ -98,7 +99,7 @@ pub fn replay(trace: &Trace, r: &Replay) -> Result<ReplayResult> {
         ..Options::for_model("kv-tier trace replay")
     })?;
     let payload = vec![0x5au8; r.block_bytes];
-    let mut buf = vec![0u8; r.block_bytes];
+    let mut bufs: Vec<Vec<u8>> = Vec::new();
     let mut tokens = Vec::new();
     let mut out = ReplayResult {
         policy: r.policy.as_str(),
@@ -118,20 +119,17 @@ pub fn replay(trace: &Trace, r: &Replay) -> Result<ReplayResult> {
         let t = Instant::now();
         let keys = store.chunk_keys(&tokens);
         let prefix = store.lookup_keys(&keys);
-        let mut n = 0;
-        for k in prefix.keys() {
-            match store.get(*k)? {
-                Some(h) => {
-                    h.read_into(&mut buf)?;
-                    n += 1;
-                }
-                None => break,
-            }
+        while bufs.len() < prefix.len() {
+            bufs.push(vec![0u8; r.block_bytes]);
         }
+        let mut outs: Vec<&mut [u8]> = bufs[..prefix.len()]
+            .iter_mut()
+            .map(|b| &mut b[..])
+            .collect();
+        let n = store.get_many(prefix.keys(), &mut outs)?;
         drop(prefix);
-        for k in &keys[n..] {
-            store.put(*k, &payload)?;
-        }
+        let blocks: Vec<&[u8]> = vec![&payload[..]; keys.len() - n];
+        store.put_many(&keys, n, &blocks)?;
         out.store_time += t.elapsed();
         out.blocks += keys.len() as u64;
         out.hits += n as u64;

@@ -1,123 +1,29 @@
 //! The store: a sharded index over the DRAM and NVMe tiers.
 
-use std::collections::HashMap;
+mod batch;
+mod handle;
+mod inner;
+mod stats;
+
+pub use handle::{BlockHandle, Prefix};
+use inner::{Counters, Shard};
+pub(crate) use inner::{Entry, Inner, Wait};
+pub use stats::{Latency, Stats};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam::channel::{bounded, unbounded};
-use kv_core::{Descriptor, Error, Result};
+use kv_core::{Error, Result};
 use kv_mem::{HostBuffer, Region};
 use parking_lot::{Mutex, RwLock};
 
-use crate::arena::{Arena, Slot};
+use crate::arena::Arena;
 use crate::key::{BlockKey, ChunkHasher};
-use crate::nvme::{self, Job, Nvme, NvmeLoc, PfJob};
+use crate::nvme::{self, Job, Nvme, PfJob};
 use crate::options::Options;
-use crate::policy::EvictionPolicy;
-use crate::record::{record_len, PAGE};
-
-/// One index entry: where a block lives.
-#[derive(Debug)]
-pub(crate) struct Entry {
-    pub len: u64,
-    /// Bumped by every `put` of the key, so background work on an old copy is dropped.
-    pub version: u64,
-    pub dram: Option<Arc<Slot>>,
-    /// The DRAM copy leaves once the write-back under way lands.
-    pub evicting: bool,
-    /// A write-back job for this version is queued.
-    pub wb_queued: bool,
-    pub nvme: Option<NvmeLoc>,
-    /// Explicit pins ([`Store::pin`]); handles pin by holding the slot.
-    pub pins: u32,
-}
-
-impl Entry {
-    /// DRAM copy present and nothing holds it but the index. A pinned block's DRAM copy
-    /// may go only where an NVMe tier keeps the block (`spill`): a pin keeps the block
-    /// in the store, a handle keeps it in DRAM.
-    fn dram_evictable(&self, spill: bool) -> bool {
-        (self.pins == 0 || spill)
-            && !self.evicting
-            && self
-                .dram
-                .as_ref()
-                .is_some_and(|s| Arc::strong_count(s) == 1)
-    }
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub dram_hits: AtomicU64,
-    pub nvme_hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub dram_evictions: AtomicU64,
-    pub nvme_evictions: AtomicU64,
-    pub write_backs: AtomicU64,
-    pub write_back_failures: AtomicU64,
-    pub wb_queue: AtomicU64,
-    pub prefetched: AtomicU64,
-    pub corrupt: AtomicU64,
-    pub compactions: AtomicU64,
-}
-
-pub(crate) type Shard = RwLock<HashMap<BlockKey, Entry>>;
-
-pub(crate) struct Inner {
-    pub opts: Options,
-    pub hasher: ChunkHasher,
-    pub arena: Arc<Arena>,
-    pub shards: Box<[Shard]>,
-    pub dram_policy: Mutex<Box<dyn EvictionPolicy>>,
-    pub nvme: Option<Nvme>,
-    pub version: AtomicU64,
-    pub c: Counters,
-}
-
-/// Counters and sizes of a store, from [`Store::stats`]. `Clone`, `Send + Sync`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// `get`s served from DRAM.
-    pub dram_hits: u64,
-    /// `get`s served by reading NVMe.
-    pub nvme_hits: u64,
-    /// `get`s of keys in no tier.
-    pub misses: u64,
-    /// Blocks with a DRAM copy.
-    pub dram_blocks: u64,
-    /// Arena bytes in use (slots, 4 KiB granular, header page included).
-    pub dram_bytes: u64,
-    /// Arena size.
-    pub dram_capacity: u64,
-    /// Blocks with an NVMe copy.
-    pub nvme_blocks: u64,
-    /// Bytes of live records on NVMe.
-    pub nvme_bytes: u64,
-    /// Bytes of segment files.
-    pub nvme_file_bytes: u64,
-    /// Configured NVMe capacity (0 without an NVMe tier).
-    pub nvme_capacity: u64,
-    /// DRAM copies dropped to make room (after write-back when needed).
-    pub dram_evictions: u64,
-    /// NVMe copies dropped to make room.
-    pub nvme_evictions: u64,
-    /// Blocks written to NVMe.
-    pub write_backs: u64,
-    /// Blocks whose write-back failed (dropped from DRAM unwritten).
-    pub write_back_failures: u64,
-    /// Write-back jobs waiting.
-    pub write_back_queue: u64,
-    /// Blocks brought from NVMe into DRAM by `prefetch`/`fetch`/`get`.
-    pub prefetched: u64,
-    /// Records that failed their checksum (at recovery or on read) and were dropped.
-    pub corrupt_records: u64,
-    /// Segments cleaned (live records copied out, file deleted).
-    pub compactions: u64,
-    /// Segment files.
-    pub segments: u64,
-}
 
 /// The KV block store. `Send + Sync`: the index is sharded behind `RwLock`s (lookups
 /// take one shard's read lock), each tier's policy sits behind its own mutex, and the
@@ -136,113 +42,6 @@ impl std::fmt::Debug for Store {
             .field("dram_capacity", &self.inner.arena.capacity())
             .field("nvme", &self.inner.nvme.is_some())
             .finish_non_exhaustive()
-    }
-}
-
-/// A block kept readable in DRAM while the handle lives (it holds the slot, so the block
-/// is not evicted and its memory not reused). `Send + Sync`.
-#[derive(Debug, Clone)]
-pub struct BlockHandle {
-    key: BlockKey,
-    len: u64,
-    slot: Arc<Slot>,
-}
-
-impl BlockHandle {
-    /// The block's key.
-    pub fn key(&self) -> BlockKey {
-        self.key
-    }
-
-    /// Payload length in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// True for an empty block (never: blocks have at least one byte).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The payload's offset in [`Store::arena`].
-    pub fn offset(&self) -> u64 {
-        self.slot.offset + PAGE
-    }
-
-    /// The payload as a DRAM descriptor inside the arena: an agent that registered
-    /// [`Store::arena`] can transfer straight from it.
-    pub fn descriptor(&self) -> Descriptor {
-        let base = self.slot.arena().region().descriptor().addr;
-        Descriptor::new(base + self.offset(), self.len, 0)
-    }
-
-    /// The payload bytes, without copying.
-    pub fn as_slice(&self) -> &[u8] {
-        self.slot.arena().bytes(self.offset(), self.len)
-    }
-
-    /// Copies the payload into `out` (which must be exactly `len()` bytes).
-    pub fn read_into(&self, out: &mut [u8]) -> Result<()> {
-        if out.len() as u64 != self.len {
-            return Err(Error::invalid_argument(format!(
-                "read_into a buffer of {} bytes; the block has {}",
-                out.len(),
-                self.len
-            )));
-        }
-        self.slot.arena().read(self.offset(), out)
-    }
-
-    /// The payload as a new vector.
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.as_slice().to_vec()
-    }
-}
-
-/// The stored prefix of a request, from [`Store::lookup`]: the keys of its leading
-/// stored chunks in order, each pinned (no tier evicts it) until this is dropped, so
-/// every key here can be read with [`Store::get`]. `Send + Sync`.
-pub struct Prefix {
-    inner: Arc<Inner>,
-    keys: Vec<BlockKey>,
-    chunk_tokens: usize,
-}
-
-impl std::fmt::Debug for Prefix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prefix").field("keys", &self.keys).finish()
-    }
-}
-
-impl Prefix {
-    /// The matched chunks' keys, in order.
-    pub fn keys(&self) -> &[BlockKey] {
-        &self.keys
-    }
-
-    /// Matched chunks.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// True when not even the first chunk is stored.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
-    /// Matched tokens (full chunks).
-    pub fn tokens(&self) -> usize {
-        self.keys.len() * self.chunk_tokens
-    }
-}
-
-impl Drop for Prefix {
-    fn drop(&mut self) {
-        for k in &self.keys {
-            if let Some(e) = self.inner.shard(*k).write().get_mut(k) {
-                e.pins = e.pins.saturating_sub(1);
-            }
-        }
     }
 }
 
@@ -271,6 +70,7 @@ impl Store {
             None => None,
         };
         let inner = Arc::new(Inner {
+            payload_off: inner::payload_off(nvme.is_some()),
             opts,
             hasher,
             arena,
@@ -304,8 +104,7 @@ impl Store {
     /// Arena bytes one block of `len` bytes takes in DRAM (`nvme`: in a store with an
     /// NVMe tier, where a slot also carries the record's header page).
     pub fn dram_slot_bytes(nvme: bool, len: u64) -> u64 {
-        let _ = nvme;
-        Arena::slot_size(record_len(len))
+        Inner::slot_len(nvme, len)
     }
 
     /// The DRAM arena, for an agent to register: block handles' descriptors lie in it.
@@ -327,8 +126,12 @@ impl Store {
 
     /// Stores `data` under `key` in DRAM (replacing any earlier block of that key). It
     /// reaches NVMe when evicted from DRAM or on [`Store::flush`].
+    /// Waits (up to `Options::evict_wait`) for write-back when DRAM is full of blocks
+    /// not yet on NVMe; [`Store::put_many`] never waits.
     pub fn put(&self, key: BlockKey, data: &[u8]) -> Result<()> {
-        self.inner.insert(key, data).map(|_| ())
+        self.inner
+            .insert(key, data, None, true, Wait::Yes)
+            .map(|_| ())
     }
 
     /// Stores `len` bytes of `region` from `offset` (e.g. a staging buffer a transfer
@@ -358,7 +161,10 @@ impl Store {
         let nv = self.inner.nvme.as_ref().ok_or_else(|| {
             Error::Unsupported("put_durable needs an NVMe tier (Options::nvme)".into())
         })?;
-        let (version, slot) = self.inner.insert(key, data)?;
+        let (version, slot) = self
+            .inner
+            .insert(key, data, None, true, Wait::Yes)?
+            .ok_or_else(|| Error::Busy("no DRAM for the block".into()))?;
         let (tx, rx) = bounded(1);
         self.inner.c.wb_queue.fetch_add(1, Ordering::Relaxed);
         nv.send(Job::Durable {
@@ -389,6 +195,13 @@ impl Store {
     /// The block, pinned in DRAM while the handle lives; reads it from NVMe first if it
     /// is only there. `None` when no tier has it (or its NVMe copy was corrupt).
     pub fn get(&self, key: BlockKey) -> Result<Option<BlockHandle>> {
+        let start = Instant::now();
+        let r = self.get_inner(key);
+        self.inner.c.get_ns.since(start);
+        r
+    }
+
+    fn get_inner(&self, key: BlockKey) -> Result<Option<BlockHandle>> {
         let i = &self.inner;
         if let Some(h) = i.dram_handle(key) {
             i.c.dram_hits.fetch_add(1, Ordering::Relaxed);
@@ -548,6 +361,7 @@ impl Store {
                 nv.mark_dead(loc);
             }
         }
+        i.lost(key);
         Ok(true)
     }
 
@@ -586,10 +400,20 @@ impl Store {
             write_backs: ld(&i.c.write_backs),
             write_back_failures: ld(&i.c.write_back_failures),
             write_back_queue: ld(&i.c.wb_queue),
+            dropped_writes: ld(&i.c.dropped_writes),
             prefetched: ld(&i.c.prefetched),
+            corrupt_dram: ld(&i.c.corrupt_dram),
             corrupt_records: ld(&i.c.corrupt),
             compactions: ld(&i.c.compactions),
             segments,
+            dram_policy: i.dram_policy.lock().sizes(),
+            nvme_policy: i
+                .nvme
+                .as_ref()
+                .map_or_else(Default::default, |nv| nv.policy.lock().sizes()),
+            get_latency: i.c.get_ns.summary(),
+            put_latency: i.c.put_ns.summary(),
+            nvme_read_latency: i.c.nvme_read_ns.summary(),
         }
     }
 
@@ -608,159 +432,5 @@ impl Drop for Store {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-    }
-}
-
-impl Inner {
-    pub fn shard(&self, key: BlockKey) -> &Shard {
-        &self.shards[key.shard(self.shards.len())]
-    }
-
-    /// Pins `key` if some tier holds it.
-    fn try_pin(&self, key: BlockKey) -> bool {
-        match self.shard(key).write().get_mut(&key) {
-            Some(e) if e.pins < u32::MAX => {
-                e.pins += 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn dram_handle(&self, key: BlockKey) -> Option<BlockHandle> {
-        let sh = self.shard(key).read();
-        let e = sh.get(&key)?;
-        let slot = e.dram.clone()?;
-        Some(BlockHandle {
-            key,
-            len: e.len,
-            slot,
-        })
-    }
-
-    /// Copies `data` into a fresh slot and publishes it; returns the version and slot.
-    fn insert(&self, key: BlockKey, data: &[u8]) -> Result<(u64, Arc<Slot>)> {
-        if data.is_empty() {
-            return Err(Error::invalid_argument("a block of zero bytes"));
-        }
-        let len = data.len() as u64;
-        let rec = record_len(len);
-        if let Some(nv) = &self.nvme {
-            if rec > nv.opts.segment_bytes {
-                return Err(Error::invalid_argument(format!(
-                    "a block of {len} bytes does not fit in an NVMe segment of {} bytes; raise segment_bytes",
-                    nv.opts.segment_bytes
-                )));
-            }
-        }
-        let slot = self.alloc_slot(rec)?;
-        self.arena.write(slot.offset + PAGE, data)?;
-        let version = self.version.fetch_add(1, Ordering::Relaxed);
-        let old = {
-            let mut sh = self.shard(key).write();
-            let pins = sh.get(&key).map_or(0, |e| e.pins);
-            sh.insert(
-                key,
-                Entry {
-                    len,
-                    version,
-                    dram: Some(slot.clone()),
-                    evicting: false,
-                    wb_queued: false,
-                    nvme: None,
-                    pins,
-                },
-            )
-        };
-        self.dram_policy.lock().insert(key, slot.size);
-        if let (
-            Some(nv),
-            Some(Entry {
-                nvme: Some(loc), ..
-            }),
-        ) = (&self.nvme, old)
-        {
-            nv.policy.lock().remove(key);
-            nv.mark_dead(loc);
-        }
-        Ok((version, slot))
-    }
-
-    /// A slot of `bytes`, evicting from DRAM (and waiting for write-back) as needed.
-    pub fn alloc_slot(&self, bytes: u64) -> Result<Arc<Slot>> {
-        let deadline = Instant::now() + self.opts.evict_wait;
-        loop {
-            if let Some(s) = self.arena.alloc(bytes)? {
-                return Ok(Arc::new(s));
-            }
-            let wb_busy = self.nvme.as_ref().is_some_and(|nv| {
-                self.c.wb_queue.load(Ordering::Relaxed) >= 2 * nv.opts.batch as u64
-            });
-            if wb_busy || !self.evict_one_dram() {
-                if Instant::now() >= deadline {
-                    return Err(Error::TimedOut {
-                        what: format!(
-                            "waiting for {bytes} bytes of DRAM (every block is pinned or being written back)"
-                        ),
-                        after: self.opts.evict_wait,
-                    });
-                }
-                self.arena.wait_freed(Duration::from_millis(2));
-            }
-        }
-    }
-
-    /// Evicts one DRAM block (or queues its write-back); false when nothing can go.
-    fn evict_one_dram(&self) -> bool {
-        let spill = self.nvme.is_some();
-        let victim = self.dram_policy.lock().evict(&mut |k| {
-            self.shard(k)
-                .read()
-                .get(&k)
-                .is_some_and(|e| e.dram_evictable(spill))
-        });
-        let Some(k) = victim else {
-            return false;
-        };
-        let mut sh = self.shard(k).write();
-        let Some(e) = sh.get_mut(&k) else {
-            return true;
-        };
-        if !e.dram_evictable(spill) {
-            // Pinned or handed out since the policy looked: keep it.
-            let size = e.dram.as_ref().map_or(0, |s| s.size);
-            drop(sh);
-            if size > 0 {
-                self.dram_policy.lock().insert(k, size);
-            }
-            return true;
-        }
-        match &self.nvme {
-            Some(nv) if e.nvme.is_none() => {
-                e.evicting = true;
-                if let (false, Some(slot)) = (e.wb_queued, e.dram.clone()) {
-                    e.wb_queued = true;
-                    let item = nvme::Item {
-                        key: k,
-                        version: e.version,
-                        len: e.len,
-                        slot,
-                    };
-                    drop(sh);
-                    self.c.wb_queue.fetch_add(1, Ordering::Relaxed);
-                    if nv.send(Job::WriteBack(item)).is_err() {
-                        self.c.wb_queue.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            _ => {
-                e.dram = None;
-                if e.nvme.is_none() {
-                    sh.remove(&k);
-                }
-                self.c.dram_evictions.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        true
     }
 }
