@@ -11,10 +11,12 @@ use crate::policy::PolicyKind;
 /// How to open a [`crate::Store`]. Plain struct with `Default`. `Clone`, `Send + Sync`.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Bytes of the DRAM arena, allocated once at open (default 1 GiB).
+    /// Bytes of the DRAM arena, allocated once at open (default 1 GiB): exactly this
+    /// many, a multiple of 4 KiB ([`crate::Store::open`] refuses others, never rounds).
     pub dram_capacity: u64,
     /// Slab page size: the arena is handed to block sizes in pages of this many bytes,
-    /// and no block may be larger (default 64 MiB, clamped to the capacity).
+    /// and no block may be larger (default 64 MiB, clamped to the capacity; the last
+    /// page is shorter when the capacity is not a whole number of pages).
     pub slab_page_bytes: u64,
     /// How the arena is allocated (huge pages, `mlock`).
     pub host: HostOptions,

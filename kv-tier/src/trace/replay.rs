@@ -92,7 +92,7 @@ pub fn replay(trace: &Trace, r: &Replay) -> Result<ReplayResult> {
     let slot = Store::dram_slot_bytes(false, r.block_bytes as u64);
     let store = Store::open(Options {
         dram_capacity: r.capacity_blocks.max(1) * slot,
-        slab_page_bytes: slot,
+        slab_page_bytes: slot * 256,
         dram_policy: r.policy,
         chunk_tokens: trace.block_tokens,
         evict_wait: Duration::from_secs(5),
