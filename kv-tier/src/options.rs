@@ -35,6 +35,9 @@ pub struct Options {
     pub evict_wait: Duration,
     /// The NVMe tier; `None` keeps blocks in DRAM only (evictions drop them).
     pub nvme: Option<NvmeOptions>,
+    /// Dropping a store with an NVMe tier writes the blocks not yet on NVMe and syncs,
+    /// waiting at most this long (default 30 s); `None` drops them instead.
+    pub flush_on_drop: Option<Duration>,
 }
 
 impl Default for Options {
@@ -49,6 +52,7 @@ impl Default for Options {
             shards: 64,
             evict_wait: Duration::from_secs(30),
             nvme: None,
+            flush_on_drop: Some(Duration::from_secs(30)),
         }
     }
 }

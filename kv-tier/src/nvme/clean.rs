@@ -46,7 +46,7 @@ impl Inner {
     /// the active segment and deletes its file.
     pub(crate) fn clean_one(&self) -> Result<()> {
         let nv = self.nv()?;
-        let (victim, records, vreg) = {
+        let (victim, records, tombs, vreg) = {
             let g = nv.segs.lock();
             let Some((&id, s)) = g
                 .map
@@ -56,36 +56,46 @@ impl Inner {
             else {
                 return Ok(());
             };
-            (id, s.records.clone(), s.reg.clone())
+            // A tombstone stays while another segment up to its guard may hold an
+            // older record of its key.
+            let tombs: Vec<_> = s
+                .tombs
+                .iter()
+                .filter(|(_, _, guard)| g.map.keys().any(|o| *o != id && o <= guard))
+                .map(|&(k, loc, guard)| (k, loc, Some(guard), true))
+                .collect();
+            (id, s.records.clone(), tombs, s.reg.clone())
         };
-        let mut live: Vec<(BlockKey, NvmeLoc, bool)> = records
+        let mut live: Vec<(BlockKey, NvmeLoc, Option<u32>, bool)> = records
             .into_iter()
             .filter_map(|(k, loc)| {
                 let sh = self.shard(k).read();
                 let e = sh.get(&k).filter(|e| e.nvme == Some(loc))?;
-                Some((k, loc, e.pins > 0))
+                Some((k, loc, None, e.pins > 0))
             })
+            .chain(tombs)
             .collect();
-        // Pinned records are moved first: only unpinned ones may be dropped for room.
-        live.sort_by_key(|(_, _, pinned)| !*pinned);
+        // Pinned records and needed tombstones are moved first: only unpinned blocks
+        // may be dropped for room.
+        live.sort_by_key(|l| !l.3);
         let room = {
             let g = nv.segs.lock();
             g.active
                 .and_then(|a| g.map.get(&a))
                 .map_or(0, |s| s.file_len - s.write_off)
         };
-        let pinned_bytes: u64 = live.iter().filter(|l| l.2).map(|l| l.1.rec).sum();
+        let pinned_bytes: u64 = live.iter().filter(|l| l.3).map(|l| l.1.rec).sum();
         if pinned_bytes > room {
             return Err(Error::Busy(format!(
-                "NVMe segment {victim} holds {pinned_bytes} bytes of pinned blocks and the active segment has room for {room}"
+                "NVMe segment {victim} holds {pinned_bytes} bytes of pinned blocks and tombstones and the active segment has room for {room}"
             )));
         }
         let mut used = 0;
         let mut keep = Vec::new();
-        for (k, loc, _) in live {
+        for (k, loc, tomb, _) in live {
             if used + loc.rec <= room {
                 used += loc.rec;
-                keep.push((k, loc));
+                keep.push((k, loc, tomb));
             } else {
                 self.drop_nvme_copy(k, loc, false);
             }
@@ -148,22 +158,23 @@ impl Inner {
         dropped
     }
 
-    /// Reads `keep` from the victim into a bounce buffer and appends them to the active
-    /// segment, then repoints the index. False when a pinned record stayed behind (the
-    /// victim must then be kept).
+    /// Reads `keep` (blocks, and tombstones with their guard) from the victim into a
+    /// bounce buffer and appends them to the active segment, then repoints the index.
+    /// False when a pinned record or a needed tombstone stayed behind (the victim must
+    /// then be kept).
     pub(crate) fn move_records(
         &self,
         nv: &Nvme,
         vreg: &Arc<FileReg>,
-        keep: Vec<(BlockKey, NvmeLoc)>,
+        keep: Vec<(BlockKey, NvmeLoc, Option<u32>)>,
     ) -> Result<bool> {
         let mut all_moved = true;
-        let total: u64 = keep.iter().map(|(_, l)| l.rec).sum();
+        let total: u64 = keep.iter().map(|(_, l, _)| l.rec).sum();
         let mut bounce = nv.io.bounce(total as usize)?;
         let base = bounce.buf.descriptor().addr;
         let mut pairs = Vec::new();
         let mut off = 0;
-        for (_, l) in &keep {
+        for (_, l, _) in &keep {
             pairs.push((
                 kv_core::Descriptor::new(base + off, l.rec, 0),
                 vreg.range(l.offset, l.rec),
@@ -173,14 +184,35 @@ impl Inner {
         nv.io.transfer(Op::Read, &pairs)?;
         let mut writes = Vec::new();
         let mut moved = Vec::new();
+        let mut tombs_moved = Vec::new();
         let mut off = 0u64;
-        for (k, old) in keep {
+        for (k, old, tomb) in keep {
             let at = off as usize;
             off += old.rec;
             let rec_bytes = &mut bounce.buf.as_mut_slice()[at..at + old.rec as usize];
             let ok = decode_record(rec_bytes).is_ok_and(|(h, _)| {
                 h.key == k && h.seq == old.seq && h.segment == old.seg && h.offset == old.offset
             });
+            if let Some(guard) = tomb {
+                // A tombstone whose write never landed has nothing to keep.
+                if ok {
+                    match nv.reserve_tomb(k, old.seq, Some(guard)) {
+                        Some((new, reg, _)) => {
+                            let mut h = crate::record::decode_header(rec_bytes)?;
+                            h.segment = new.seg;
+                            h.offset = new.offset;
+                            h.encode_into(rec_bytes)?;
+                            writes.push((
+                                kv_core::Descriptor::new(base + at as u64, old.rec, 0),
+                                reg.range(new.offset, new.rec),
+                            ));
+                            tombs_moved.push(new);
+                        }
+                        None => all_moved = false,
+                    }
+                }
+                continue;
+            }
             if !ok {
                 self.c.corrupt.fetch_add(1, Ordering::Relaxed);
                 self.drop_nvme_copy(k, old, true);
@@ -205,7 +237,7 @@ impl Inner {
             moved.push((k, old, new));
         }
         if let Err(e) = nv.io.transfer(Op::Write, &writes) {
-            for (_, _, new) in &moved {
+            for new in moved.iter().map(|m| &m.2).chain(&tombs_moved) {
                 nv.mark_dead(*new);
             }
             return Err(e);

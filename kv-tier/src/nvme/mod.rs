@@ -24,6 +24,7 @@ use crate::io::{FileReg, GdsIo};
 use crate::key::BlockKey;
 use crate::options::NvmeOptions;
 use crate::policy::EvictionPolicy;
+use crate::record::PAGE;
 use crate::store::Inner;
 
 /// Where a block's record is. `Copy`.
@@ -46,8 +47,16 @@ pub(crate) struct Item {
 
 pub(crate) enum Job {
     WriteBack(Item),
-    Durable { item: Item, ack: Sender<Result<()>> },
+    Durable {
+        item: Item,
+        ack: Sender<Result<()>>,
+    },
     Flush(Sender<Result<()>>),
+    /// Writes and syncs a tombstone for a removed key.
+    Tombstone {
+        key: BlockKey,
+        ack: Sender<Result<()>>,
+    },
     Shutdown,
 }
 
@@ -70,6 +79,8 @@ pub(crate) struct Seg {
     pub write_off: u64,
     pub live: u64,
     pub records: Vec<(BlockKey, NvmeLoc)>,
+    /// Tombstones written here: key, where, guard segment.
+    pub tombs: Vec<(BlockKey, NvmeLoc, u32)>,
     pub unsynced: bool,
 }
 
@@ -94,6 +105,8 @@ pub(crate) struct Nvme {
     pub(crate) budget: u64,
     /// A registered buffer `get_many` reads records into (reused while large enough).
     pub(crate) bounce: Mutex<Option<crate::io::Bounce>>,
+    /// The write-back thread's buffer for tombstone pages.
+    pub(crate) tomb_bounce: Mutex<Option<crate::io::Bounce>>,
 }
 
 fn seg_path(dir: &Path, id: u32) -> PathBuf {
@@ -131,6 +144,7 @@ impl Nvme {
             max_segments,
             budget,
             bounce: Mutex::new(None),
+            tomb_bounce: Mutex::new(None),
         })
     }
 
@@ -162,6 +176,32 @@ impl Nvme {
         rec: u64,
         seq: u64,
     ) -> Option<(NvmeLoc, Arc<FileReg>)> {
+        self.reserve_as(key, rec, seq, None)
+    }
+
+    /// [`Nvme::reserve`] for a tombstone page: `guard` is kept when a tombstone moves;
+    /// a new one (`None`) guards up to the segment it lands in. Returns the guard too.
+    pub(crate) fn reserve_tomb(
+        &self,
+        key: BlockKey,
+        seq: u64,
+        guard: Option<u32>,
+    ) -> Option<(NvmeLoc, Arc<FileReg>, u32)> {
+        let guard = match guard {
+            Some(g) => g,
+            None => self.segs.lock().active?,
+        };
+        let (loc, reg) = self.reserve_as(key, PAGE, seq, Some(guard))?;
+        Some((loc, reg, guard))
+    }
+
+    fn reserve_as(
+        &self,
+        key: BlockKey,
+        rec: u64,
+        seq: u64,
+        tomb: Option<u32>,
+    ) -> Option<(NvmeLoc, Arc<FileReg>)> {
         let mut g = self.segs.lock();
         let id = g.active?;
         let s = g.map.get_mut(&id)?;
@@ -177,7 +217,10 @@ impl Nvme {
         s.write_off += rec;
         s.live += rec;
         s.unsynced = true;
-        s.records.push((key, loc));
+        match tomb {
+            Some(guard) => s.tombs.push((key, loc, guard)),
+            None => s.records.push((key, loc)),
+        }
         let reg = s.reg.clone();
         g.live += rec;
         Some((loc, reg))
@@ -206,6 +249,7 @@ impl Nvme {
             write_off: 0,
             live: 0,
             records: Vec::new(),
+            tombs: Vec::new(),
             unsynced: false,
         })
     }

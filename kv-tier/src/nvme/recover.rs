@@ -26,6 +26,7 @@ impl Inner {
         }
         ids.sort_unstable();
         let mut best: HashMap<BlockKey, RecordHeader> = HashMap::new();
+        let mut tombs = Vec::new();
         let mut segs = BTreeMap::new();
         for &id in &ids {
             let path = seg_path(dir, id);
@@ -45,6 +46,9 @@ impl Inner {
                 .corrupt
                 .fetch_add(scan.corrupt_records, Ordering::Relaxed);
             for h in &scan.records {
+                if h.is_tombstone() {
+                    tombs.push(*h);
+                }
                 let newer = best
                     .get(&h.key)
                     .is_none_or(|b| (h.seq, h.segment) > (b.seq, b.segment));
@@ -71,6 +75,7 @@ impl Inner {
                     write_off: file_len,
                     live: 0,
                     records: Vec::new(),
+                    tombs: Vec::new(),
                     unsynced: false,
                 },
             );
@@ -78,8 +83,25 @@ impl Inner {
         let mut winners: Vec<RecordHeader> = best.into_values().collect();
         winners.sort_unstable_by_key(|h| h.seq);
         let mut live = 0;
+        // Every tombstone is kept (cleaning decides when one is no longer needed).
+        for h in &tombs {
+            if let Some(s) = segs.get_mut(&h.segment) {
+                let loc = NvmeLoc {
+                    seg: h.segment,
+                    offset: h.offset,
+                    seq: h.seq,
+                    rec: h.record_len(),
+                };
+                s.tombs.push((h.key, loc, h.guard));
+                s.live += loc.rec;
+                live += loc.rec;
+            }
+        }
         let mut policy = nv.policy.lock();
         for h in &winners {
+            if h.is_tombstone() {
+                continue; // removed: its newest record is its tombstone
+            }
             let Some(s) = segs.get_mut(&h.segment) else {
                 continue;
             };

@@ -7,8 +7,9 @@ use crossbeam::channel::{Receiver, Sender};
 use kv_core::{Error, Op, Result};
 
 use super::{Item, Job, NvmeLoc};
+use crate::key::BlockKey;
 use crate::policy::ChainPos;
-use crate::record::{record_len, RecordHeader};
+use crate::record::{record_len, RecordHeader, FLAG_TOMBSTONE, PAGE};
 use crate::store::Inner;
 
 /// The write-back thread: batches jobs, writes them, syncs for durable puts and flushes.
@@ -27,7 +28,11 @@ pub(crate) fn writeback_loop(inner: Arc<Inner>, rx: Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        // Items and tombstones are written in job order (runs of each), so a key put
+        // again after its removal gets a newer record than its tombstone.
         let mut items = Vec::new();
+        let mut results: Vec<Result<()>> = Vec::new();
+        let mut tomb_keys = Vec::new();
         let mut acks: Vec<(usize, Sender<Result<()>>)> = Vec::new();
         let mut flushes = Vec::new();
         let mut shutdown = false;
@@ -35,18 +40,26 @@ pub(crate) fn writeback_loop(inner: Arc<Inner>, rx: Receiver<Job>) {
             match j {
                 Job::WriteBack(it) => {
                     inner.c.wb_queue.fetch_sub(1, Ordering::Relaxed);
+                    inner.write_tombstone_run(&mut tomb_keys, &mut results);
                     items.push(it);
                 }
                 Job::Durable { item, ack } => {
                     inner.c.wb_queue.fetch_sub(1, Ordering::Relaxed);
-                    acks.push((items.len(), ack));
+                    inner.write_tombstone_run(&mut tomb_keys, &mut results);
+                    acks.push((results.len() + items.len(), ack));
                     items.push(item);
+                }
+                Job::Tombstone { key, ack } => {
+                    results.extend(inner.write_items(std::mem::take(&mut items)));
+                    acks.push((results.len() + tomb_keys.len(), ack));
+                    tomb_keys.push(key);
                 }
                 Job::Flush(ack) => flushes.push(ack),
                 Job::Shutdown => shutdown = true,
             }
         }
-        let results = inner.write_items(items);
+        results.extend(inner.write_items(items));
+        inner.write_tombstone_run(&mut tomb_keys, &mut results);
         let flushed = if flushes.is_empty() {
             Ok(())
         } else {
@@ -211,6 +224,8 @@ impl Inner {
                 segment: loc.seg,
                 offset: loc.offset,
                 payload_crc: crc32c::crc32c(payload),
+                flags: 0,
+                guard: 0,
             };
             if let Err(e) = self.arena.write(it.slot.offset, &h.encode()) {
                 nv.mark_dead(loc);
@@ -329,5 +344,70 @@ impl Inner {
         if gone {
             self.lost(it.key);
         }
+    }
+
+    /// Writes the tombstones of `keys` (if any), one result each appended to
+    /// `results`, and empties `keys`.
+    pub(crate) fn write_tombstone_run(
+        &self,
+        keys: &mut Vec<BlockKey>,
+        results: &mut Vec<Result<()>>,
+    ) {
+        if keys.is_empty() {
+            return;
+        }
+        let r = self.write_tombstones(keys);
+        results.extend(keys.iter().map(|_| r.clone()));
+        keys.clear();
+    }
+
+    /// Appends a tombstone page for each of `keys` (not synced).
+    fn write_tombstones(&self, keys: &[BlockKey]) -> Result<()> {
+        let nv = self.nv()?;
+        let mut held = nv.tomb_bounce.lock();
+        let need = keys.len() * PAGE as usize;
+        if held.as_ref().is_none_or(|b| b.buf.len() < need) {
+            *held = Some(nv.io.bounce(need)?);
+        }
+        let b = held
+            .as_mut()
+            .ok_or_else(|| Error::Busy("no tombstone buffer".into()))?;
+        let base = b.buf.descriptor().addr;
+        let mut pairs = Vec::new();
+        for (i, &key) in keys.iter().enumerate() {
+            self.nvme_make_room(PAGE)?;
+            let seq = nv.seq.fetch_add(1, Ordering::Relaxed);
+            let placed = match nv.reserve_tomb(key, seq, None) {
+                Some(p) => p,
+                None => {
+                    // The active segment is full: write what is planned, then roll.
+                    nv.io.transfer(Op::Write, &pairs)?;
+                    pairs.clear();
+                    self.roll()?;
+                    nv.reserve_tomb(key, seq, None).ok_or_else(|| {
+                        Error::Busy("no room for a tombstone in a fresh NVMe segment".into())
+                    })?
+                }
+            };
+            let (loc, reg, guard) = placed;
+            let page = &mut b.buf.as_mut_slice()[i * PAGE as usize..(i + 1) * PAGE as usize];
+            page.fill(0);
+            RecordHeader {
+                key,
+                len: 0,
+                seq,
+                segment: loc.seg,
+                offset: loc.offset,
+                payload_crc: crc32c::crc32c(&[]),
+                flags: FLAG_TOMBSTONE,
+                guard,
+            }
+            .encode_into(page)?;
+            pairs.push((
+                kv_core::Descriptor::new(base + (i as u64) * PAGE, PAGE, 0),
+                reg.range(loc.offset, PAGE),
+            ));
+        }
+        nv.io.transfer(Op::Write, &pairs)
     }
 }

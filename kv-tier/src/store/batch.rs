@@ -76,14 +76,13 @@ impl Store {
         }
         let i = &self.inner;
         let batch = i.nvme.as_ref().map_or(1, |nv| nv.opts.batch.max(1));
+        let start = Instant::now();
         let (mut from_dram, mut from_nvme) = (Vec::new(), Vec::new());
         let mut n = 0;
         'chain: while n < keys.len() {
-            let start = Instant::now();
             if let Some(h) = i.dram_handle(keys[n]) {
                 h.read_into(out[n])?;
                 from_dram.push(keys[n]);
-                i.c.get_ns.since(start);
                 n += 1;
                 continue;
             }
@@ -123,8 +122,8 @@ impl Store {
                 from_nvme.push(it.1);
                 n += 1;
             }
-            i.c.get_ns.since(start);
         }
+        i.c.get_ns.since(start);
         if n < keys.len() {
             i.c.misses.fetch_add(1, Ordering::Relaxed);
         }

@@ -4,6 +4,8 @@ mod batch;
 mod handle;
 mod inner;
 mod stats;
+#[cfg(test)]
+mod tests;
 
 pub use handle::{BlockHandle, Prefix};
 use inner::{Counters, Shard};
@@ -29,8 +31,9 @@ use crate::options::Options;
 /// take one shard's read lock), each tier's policy sits behind its own mutex, and the
 /// NVMe tier's appends belong to one write-back thread.
 ///
-/// Dropping the store stops its threads; blocks not yet written back are lost (call
-/// [`Store::flush`] first to keep them).
+/// Dropping the store flushes: blocks not yet on NVMe are written and synced, waiting
+/// at most `Options::flush_on_drop` (blocks still unwritten then are lost, with a
+/// warning); then its threads stop. Without an NVMe tier there is nothing to keep.
 pub struct Store {
     pub(crate) inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
@@ -340,8 +343,10 @@ impl Store {
     }
 
     /// Removes `key` from every tier; false when absent. Pinned blocks are
-    /// [`Error::Busy`]. Not durable: after a crash an NVMe copy written earlier may come
-    /// back (byte-exact).
+    /// [`Error::Busy`]. Durable: with an NVMe tier it returns once a tombstone record
+    /// is written and synced, so no earlier copy of the block comes back after a
+    /// crash (an error means the block is gone from the store but its tombstone may
+    /// not have reached the disk).
     pub fn remove(&self, key: BlockKey) -> Result<bool> {
         let i = &self.inner;
         let old = {
@@ -362,6 +367,12 @@ impl Store {
             }
         }
         i.lost(key);
+        if let Some(nv) = &i.nvme {
+            let (tx, rx) = bounded(1);
+            nv.send(Job::Tombstone { key, ack: tx })?;
+            rx.recv()
+                .map_err(|_| Error::Busy("the write-back thread stopped".into()))??;
+        }
         Ok(true)
     }
 
@@ -425,6 +436,16 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if let (Some(nv), Some(limit)) = (&self.inner.nvme, self.inner.opts.flush_on_drop) {
+            let (tx, rx) = bounded(1);
+            if nv.send(Job::Flush(tx)).is_ok() {
+                match rx.recv_timeout(limit) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("kv-tier: flush on drop failed: {e}"),
+                    Err(_) => tracing::warn!("kv-tier: flush on drop took over {limit:?}; blocks not yet on NVMe are lost"),
+                }
+            }
+        }
         if let Some(nv) = &self.inner.nvme {
             let _ = nv.send(Job::Shutdown);
             let _ = nv.send_prefetch(PfJob::Shutdown);

@@ -156,9 +156,9 @@ pub struct Stats {
     pub dram_policy: PolicySizes,
     /// The NVMe policy's sizes (zero without an NVMe tier).
     pub nvme_policy: PolicySizes,
-    /// `get` (one block, checksum included; NVMe reads included).
+    /// Each `get` and `get_many` call (checksums and NVMe reads included).
     pub get_latency: Latency,
-    /// `put` and each block of `put_many`.
+    /// Each `put` and `put_many` call.
     pub put_latency: Latency,
     /// One batch of NVMe reads (promotion, `get_many`, prefetch).
     pub nvme_read_latency: Latency,
