@@ -10,7 +10,8 @@ use super::{NvmeLoc, PfJob};
 use crate::key::BlockKey;
 use crate::policy::ChainPos;
 use crate::record::decode_record;
-use crate::store::{Inner, Wait};
+use crate::record::PAGE;
+use crate::store::{checksum, Inner, Wait};
 
 /// The prefetch thread.
 pub(crate) fn prefetch_loop(inner: Arc<Inner>, rx: Receiver<PfJob>) {
@@ -85,6 +86,7 @@ impl Inner {
                     continue;
                 }
                 let size = slot.size;
+                let sum = checksum(&bytes[PAGE as usize..(PAGE + len) as usize]);
                 let installed = {
                     let mut sh = self.shard(k).write();
                     match sh.get_mut(&k) {
@@ -96,6 +98,7 @@ impl Inner {
                                 && e.dram.is_none() =>
                         {
                             e.dram = Some(slot);
+                            e.sum = Some(sum);
                             true
                         }
                         _ => false,

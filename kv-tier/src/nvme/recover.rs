@@ -119,7 +119,7 @@ impl Inner {
                 h.key,
                 Entry {
                     len: h.len,
-                    crc: h.payload_crc,
+                    sum: None,
                     parent: None,
                     version,
                     dram: None,

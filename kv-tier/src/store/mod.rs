@@ -8,8 +8,8 @@ mod stats;
 mod tests;
 
 pub use handle::{BlockHandle, Prefix};
+pub(crate) use inner::{checksum, Entry, Inner, Wait};
 use inner::{Counters, Shard};
-pub(crate) use inner::{Entry, Inner, Wait};
 pub use stats::{Latency, Stats};
 
 use std::sync::atomic::{AtomicU64, Ordering};
