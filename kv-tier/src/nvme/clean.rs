@@ -3,12 +3,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use kv_core::{Error, Op, Result};
+use kv_core::{Descriptor, Error, Op, Result};
 
 use super::{Nvme, NvmeLoc};
 use crate::io::FileReg;
 use crate::key::BlockKey;
-use crate::record::decode_record;
+use crate::record::{decode_header, decode_record};
 use crate::store::Inner;
 
 impl Inner {
@@ -176,7 +176,7 @@ impl Inner {
         let mut off = 0;
         for (_, l, _) in &keep {
             pairs.push((
-                kv_core::Descriptor::new(base + off, l.rec, 0),
+                Descriptor::new(base + off, l.rec, 0),
                 vreg.range(l.offset, l.rec),
             ));
             off += l.rec;
@@ -198,14 +198,7 @@ impl Inner {
                 if ok {
                     match nv.reserve_tomb(k, old.seq, Some(guard)) {
                         Some((new, reg, _)) => {
-                            let mut h = crate::record::decode_header(rec_bytes)?;
-                            h.segment = new.seg;
-                            h.offset = new.offset;
-                            h.encode_into(rec_bytes)?;
-                            writes.push((
-                                kv_core::Descriptor::new(base + at as u64, old.rec, 0),
-                                reg.range(new.offset, new.rec),
-                            ));
+                            plan_move(rec_bytes, new, &reg, base + at as u64, &mut writes)?;
                             tombs_moved.push(new);
                         }
                         None => all_moved = false,
@@ -224,16 +217,7 @@ impl Inner {
                 }
                 continue;
             };
-            let Ok(mut h) = crate::record::decode_header(rec_bytes) else {
-                continue;
-            };
-            h.segment = new.seg;
-            h.offset = new.offset;
-            h.encode_into(rec_bytes)?;
-            writes.push((
-                kv_core::Descriptor::new(base + at as u64, old.rec, 0),
-                reg.range(new.offset, new.rec),
-            ));
+            plan_move(rec_bytes, new, &reg, base + at as u64, &mut writes)?;
             moved.push((k, old, new));
         }
         if let Err(e) = nv.io.transfer(Op::Write, &writes) {
@@ -262,6 +246,26 @@ impl Inner {
         drop(bounce);
         Ok(all_moved)
     }
+}
+
+/// Rewrites a moved record's header (`rec_bytes`, at `src` in memory) for its new
+/// place and plans its write there.
+fn plan_move(
+    rec_bytes: &mut [u8],
+    new: NvmeLoc,
+    reg: &FileReg,
+    src: u64,
+    writes: &mut Vec<(Descriptor, Descriptor)>,
+) -> Result<()> {
+    let mut h = decode_header(rec_bytes)?;
+    h.segment = new.seg;
+    h.offset = new.offset;
+    h.encode_into(rec_bytes)?;
+    writes.push((
+        Descriptor::new(src, new.rec, 0),
+        reg.range(new.offset, new.rec),
+    ));
+    Ok(())
 }
 
 #[cfg(test)]
