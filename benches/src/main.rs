@@ -3,8 +3,8 @@
 //! `kv-bench transfer` moves a model-shaped KV cache from a prefill process to a decode
 //! process layer by layer and verifies every byte; `kv-bench sweep` maps bandwidth and
 //! latency over block sizes, batches, threads and backends; `kv-bench storage` measures
-//! memory <-> file transfers beside fio; `kv-bench tier` prints the block store's hit
-//! ratios per eviction policy.
+//! memory <-> file transfers beside fio; `kv-bench tier` replays a request trace through
+//! the block store and prints hit ratios per capacity and eviction policy.
 
 #![warn(missing_docs)]
 
@@ -37,7 +37,8 @@ enum Cmd {
     Sweep(sweep::SweepArgs),
     /// KV blocks between memory and a file (gds backend: io_uring, O_DIRECT), beside fio.
     Storage(storage::StorageArgs),
-    /// Hit ratios of the kv-tier eviction policies (LRU vs S3-FIFO) per tier on traces.
+    /// Replays a request trace (Mooncake JSON lines, or generated) through the kv-tier
+    /// store: hit ratio, RSS and speed per DRAM capacity and eviction policy.
     Tier(tier::TierArgs),
 }
 

@@ -1,11 +1,12 @@
-//! `kv-bench tier`: hit ratios of the kv-tier block store's eviction policies (LRU vs
-//! S3-FIFO) per tier, on synthetic multi-turn-chat and shared-system-prompt traces with
-//! Zipfian prefix popularity.
+//! `kv-bench tier`: replays a request trace — a Mooncake-format JSON-lines file, or one
+//! from kv-tier's generator — through the real kv-tier `Store` API at several DRAM
+//! capacities and eviction policies, and prints hit ratios (prefix semantics), resident
+//! memory and replay speed.
+
+use std::path::PathBuf;
 
 use kv_core::{Error, Result};
-use kv_tier::trace::{
-    multi_turn_chat, run_trace, shared_system_prompt, Capacity, ChatParams, PromptParams,
-};
+use kv_tier::trace::{generate, replay, GenParams, Replay, Trace};
 use kv_tier::PolicyKind;
 
 use crate::stats::{render, Format, Row, Value};
@@ -14,83 +15,128 @@ use crate::sweep::parse_size;
 /// Arguments of `kv-bench tier`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TierArgs {
-    /// DRAM tier capacity (K/M/G).
-    #[arg(long, default_value = "2G")]
-    pub dram: String,
-    /// NVMe tier capacity (K/M/G).
-    #[arg(long, default_value = "8G")]
-    pub nvme: String,
-    /// Bytes per stored chunk (K/M).
-    #[arg(long, default_value = "2M")]
-    pub block: String,
-    /// Traces: chat, prompt (comma-separated).
-    #[arg(long, default_value = "chat,prompt")]
-    pub trace: String,
-    /// Requests per trace (0: the trace's default).
-    #[arg(long, default_value_t = 0)]
+    /// A trace file: one JSON object per line with `timestamp`, `input_length`,
+    /// `output_length` and `hash_ids` (Mooncake's format). Without it, a generated trace.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Generated trace preset: chat, agent or mixed (without --trace).
+    #[arg(long, default_value = "mixed")]
+    pub gen: String,
+    /// Requests of the generated trace.
+    #[arg(long, default_value_t = 20_000)]
     pub requests: usize,
-    /// Zipf exponent of prefix popularity (0: the trace's default).
-    #[arg(long, default_value_t = 0.0)]
-    pub zipf: f64,
+    /// Seed of the generated trace (0: the preset's).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Writes the generated trace to this file (JSON lines) before replaying it.
+    #[arg(long)]
+    pub write_trace: Option<PathBuf>,
+    /// Tokens per block (hash id) of the trace.
+    #[arg(long, default_value_t = 512)]
+    pub block_tokens: usize,
+    /// DRAM capacities in blocks (comma-separated).
+    #[arg(long, default_value = "512,1024,2048,4096")]
+    pub capacities: String,
+    /// Eviction policies (comma-separated): lru, s3fifo, default.
+    #[arg(long, default_value = "lru,s3fifo,default")]
+    pub policies: String,
+    /// Payload bytes per block (K/M; hit ratios do not depend on it).
+    #[arg(long, default_value = "4K")]
+    pub block: String,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
 
-/// Runs the trace bench and prints a row per trace and policy.
-pub fn main(args: &TierArgs) -> Result<bool> {
-    let cap = Capacity {
-        dram_bytes: parse_size(&args.dram)?,
-        nvme_bytes: parse_size(&args.nvme)?,
-        block_bytes: parse_size(&args.block)?,
-    };
-    if !(0.0..=5.0).contains(&args.zipf) {
-        return Err(Error::invalid_argument("--zipf must be within 0..=5"));
-    }
-    let mut rows: Vec<Row> = Vec::new();
-    for name in args
-        .trace
+fn list<T>(s: &str, what: &str, f: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
+    let v = s
         .split(',')
         .map(str::trim)
         .filter(|x| !x.is_empty())
-    {
-        let trace = match name {
-            "chat" => {
-                let mut p = ChatParams::default();
-                if args.requests > 0 {
-                    p.requests = args.requests;
-                }
-                if args.zipf > 0.0 {
-                    p.zipf_s = args.zipf;
-                }
-                multi_turn_chat(&p)
-            }
-            "prompt" => {
-                let mut p = PromptParams::default();
-                if args.requests > 0 {
-                    p.requests = args.requests;
-                }
-                if args.zipf > 0.0 {
-                    p.zipf_s = args.zipf;
-                }
-                shared_system_prompt(&p)
-            }
-            o => {
-                return Err(Error::invalid_argument(format!(
-                    "unknown --trace {o}; use chat or prompt"
-                )))
-            }
-        };
-        for policy in [PolicyKind::Lru, PolicyKind::S3Fifo] {
-            let r = run_trace(policy, cap, &trace);
+        .map(f)
+        .collect::<Result<Vec<T>>>()?;
+    if v.is_empty() {
+        return Err(Error::invalid_argument(format!("--{what} is empty")));
+    }
+    Ok(v)
+}
+
+fn load(args: &TierArgs) -> Result<Trace> {
+    if let Some(path) = &args.trace {
+        return Trace::read_jsonl(path, args.block_tokens);
+    }
+    let mut p = match args.gen.as_str() {
+        "chat" => GenParams::chat(),
+        "agent" => GenParams::agent(),
+        "mixed" => GenParams::mixed(),
+        o => {
+            return Err(Error::invalid_argument(format!(
+                "unknown --gen {o}; use chat, agent or mixed"
+            )))
+        }
+    };
+    if args.requests == 0 {
+        return Err(Error::invalid_argument("--requests must be at least 1"));
+    }
+    p.requests = args.requests;
+    p.block_tokens = args.block_tokens;
+    if args.seed != 0 {
+        p.seed = args.seed;
+    }
+    let t = generate(&p);
+    if let Some(out) = &args.write_trace {
+        std::fs::write(out, t.to_jsonl())
+            .map_err(|e| Error::io(format!("writing {}", out.display()), e))?;
+    }
+    Ok(t)
+}
+
+/// Replays the trace at every capacity and policy and prints a row for each.
+pub fn main(args: &TierArgs) -> Result<bool> {
+    if args.block_tokens == 0 {
+        return Err(Error::invalid_argument("--block-tokens must be at least 1"));
+    }
+    let block = parse_size(&args.block)?;
+    if block > 64 << 20 {
+        return Err(Error::invalid_argument("--block is at most 64M"));
+    }
+    let capacities = list(&args.capacities, "capacities", |c| {
+        c.parse::<u64>()
+            .ok()
+            .filter(|n| (1..=1 << 24).contains(n))
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "capacity {c:?} is not a block count within 1..=16777216"
+                ))
+            })
+    })?;
+    let policies = list(&args.policies, "policies", str::parse::<PolicyKind>)?;
+    let trace = load(args)?;
+    let mut rows: Vec<Row> = Vec::new();
+    for &cap in &capacities {
+        for &policy in &policies {
+            let r = replay(
+                &trace,
+                &Replay {
+                    capacity_blocks: cap,
+                    block_bytes: block as usize,
+                    policy,
+                },
+            )?;
             rows.push(vec![
                 ("trace", Value::Str(trace.name.clone())),
                 ("requests", Value::Int(r.requests)),
-                ("chunks", Value::Int(r.chunks)),
+                ("blocks", Value::Int(r.blocks)),
+                ("capacity_blocks", Value::Int(cap)),
+                (
+                    "capacity_mib",
+                    Value::Num((cap * block) as f64 / (1 << 20) as f64),
+                ),
                 ("policy", Value::Str(r.policy.to_string())),
-                ("dram_hit_ratio", Value::Num(r.dram_hit_ratio())),
-                ("nvme_hit_ratio", Value::Num(r.nvme_hit_ratio())),
-                ("total_hit_ratio", Value::Num(r.hit_ratio())),
+                ("hit_ratio", Value::Num(r.hit_ratio())),
+                ("rss_mib", Value::Num(r.rss_bytes as f64 / (1 << 20) as f64)),
+                ("blocks_per_s", Value::Num(r.blocks_per_sec())),
+                ("requests_per_s", Value::Num(r.requests_per_sec())),
             ]);
         }
     }

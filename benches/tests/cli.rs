@@ -97,6 +97,9 @@ fn bad_input_is_one_line_and_exit_2() {
         &["transfer", "--model", "custom", "--layers", "4"],
         &["sweep", "--sizes", "0"],
         &["storage", "--block", "1000"],
+        &["tier", "--capacities", "0"],
+        &["tier", "--policies", "mru"],
+        &["tier", "--gen", "chess"],
     ] {
         let (rc, out, err) = kv_bench(args);
         assert_eq!(rc, 2, "{args:?}: {out}\n{err}");
@@ -149,9 +152,53 @@ fn storage_round_trips_through_a_file() {
 }
 
 #[test]
-fn tier_prints_both_policies() {
-    let (rc, out, err) = kv_bench(&["tier", "--requests", "200", "--format", "csv"]);
+fn tier_replays_generated_and_file_traces() {
+    let file = std::env::temp_dir().join(format!("kv-bench-trace-{}.jsonl", std::process::id()));
+    let f = file.to_str().unwrap();
+    let (rc, out, err) = kv_bench(&[
+        "tier",
+        "--gen",
+        "chat",
+        "--requests",
+        "300",
+        "--capacities",
+        "64,256",
+        "--policies",
+        "lru,s3fifo",
+        "--write-trace",
+        f,
+        "--format",
+        "csv",
+    ]);
     assert_eq!(rc, 0, "{out}\n{err}");
     assert_eq!(out.lines().count(), 1 + 2 * 2, "{out}");
-    assert!(out.contains("lru") || out.contains("LRU"), "{out}");
+    assert!(
+        out.lines().next().unwrap_or("").contains("hit_ratio"),
+        "{out}"
+    );
+    // The written trace replays the same: equal hit ratios.
+    let (rc, again, err) = kv_bench(&[
+        "tier",
+        "--trace",
+        f,
+        "--capacities",
+        "64,256",
+        "--policies",
+        "lru,s3fifo",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(rc, 0, "{again}\n{err}");
+    let ratios = |s: &str| -> Vec<String> {
+        s.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(6).unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(ratios(&out), ratios(&again), "{out}\n{again}");
+    std::fs::write(&file, "{\"hash_ids\": [1, \"x\"]}\n").unwrap();
+    let (rc, _, err) = kv_bench(&["tier", "--trace", f]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("line 1"), "{err}");
+    std::fs::remove_file(&file).ok();
 }

@@ -20,7 +20,7 @@ const KEYS: u64 = 32;
 fn store() -> Store {
     Store::open(Options {
         dram_capacity: (KEYS + 4) * (BLOCK as u64 + 4096) + (64 << 20),
-        ..Default::default()
+        ..Options::for_model("bench")
     })
     .expect("open store")
 }

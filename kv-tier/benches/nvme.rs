@@ -56,7 +56,7 @@ fn setup() -> Setup {
             },
             ..NvmeOptions::new(&dir)
         }),
-        ..Default::default()
+        ..Options::for_model("bench")
     })
     .expect("open store");
     let mut buf = vec![0u8; block as usize];

@@ -1,45 +1,87 @@
-//! Prints LRU vs S3-FIFO hit ratios per tier on the two synthetic traces — what
-//! `kv-bench tier` shows. `cargo run --release -p kv-tier --example tier_trace`.
+//! The policy table of the README: hit ratio (prefix semantics) and replay throughput
+//! of each eviction policy at several DRAM capacities, on the generator's traces,
+//! replayed through the real `Store` API (DRAM-only).
+//!
+//! `cargo run --release -p kv-tier --example tier_trace [requests]`; with `throughput
+//! [requests]` first, the DRAM-only replay speed instead (median of five runs).
 
-use kv_tier::trace::{
-    multi_turn_chat, run_trace, shared_system_prompt, Capacity, ChatParams, PromptParams,
-};
+use kv_tier::trace::{generate, replay, GenParams, Replay};
 use kv_tier::PolicyKind;
 
-fn main() {
-    // 2 MiB per 256-token chunk (one layer group of a Llama-3-8B-sized cache).
-    let cap = Capacity {
-        dram_bytes: 2 << 30,
-        nvme_bytes: 8 << 30,
-        block_bytes: 2 << 20,
-    };
-    let traces = [
-        multi_turn_chat(&ChatParams::default()),
-        shared_system_prompt(&PromptParams::default()),
-    ];
-    println!(
-        "DRAM {} MiB, NVMe {} MiB, {} KiB blocks",
-        cap.dram_bytes >> 20,
-        cap.nvme_bytes >> 20,
-        cap.block_bytes >> 10
-    );
-    for t in &traces {
+/// `throughput`: DRAM-only replay speed of the mixed trace (LRU, 2048 blocks), five
+/// runs, median.
+fn throughput(requests: usize) -> Result<(), kv_core::Error> {
+    let t = generate(&GenParams {
+        requests,
+        ..GenParams::mixed()
+    });
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        let r = replay(
+            &t,
+            &Replay {
+                capacity_blocks: 2048,
+                policy: PolicyKind::Lru,
+                ..Default::default()
+            },
+        )?;
+        v.push(r.blocks_per_sec());
         println!(
-            "{} — {} requests, {} tokens",
+            "  {:.0} blocks/s, {:.0} requests/s, hit ratio {:.4}",
+            r.blocks_per_sec(),
+            r.requests_per_sec(),
+            r.hit_ratio()
+        );
+    }
+    v.sort_by(f64::total_cmp);
+    println!(
+        "median {:.0} blocks/s ({} requests, {} blocks)",
+        v[2],
+        t.requests.len(),
+        t.blocks()
+    );
+    Ok(())
+}
+
+fn main() -> Result<(), kv_core::Error> {
+    let mut args = std::env::args().skip(1);
+    let first = args.next();
+    if first.as_deref() == Some("throughput") {
+        return throughput(args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000));
+    }
+    let requests = first.and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let policies = [PolicyKind::Lru, PolicyKind::S3Fifo, PolicyKind::Prefix];
+    for p in [GenParams::chat(), GenParams::agent(), GenParams::mixed()] {
+        let t = generate(&GenParams { requests, ..p });
+        let unique = t.unique_blocks() as u64;
+        println!(
+            "{}: {} requests, {} blocks, {} unique",
             t.name,
             t.requests.len(),
-            t.tokens()
+            t.blocks(),
+            unique
         );
-        for p in [PolicyKind::Lru, PolicyKind::S3Fifo] {
-            let r = run_trace(p, cap, t);
-            println!(
-                "  {:7} dram {:.3}  nvme {:.3}  total {:.3}  ({} chunks)",
-                r.policy,
-                r.dram_hit_ratio(),
-                r.nvme_hit_ratio(),
-                r.hit_ratio(),
-                r.chunks
-            );
+        for div in [64, 32, 16, 8, 4] {
+            let cap = (unique / div).max(16);
+            let mut line = format!("  {cap:>7} blocks (1/{div:<2})");
+            for policy in policies {
+                let r = replay(
+                    &t,
+                    &Replay {
+                        capacity_blocks: cap,
+                        policy,
+                        ..Default::default()
+                    },
+                )?;
+                line += &format!(
+                    "  {} {:.4} ({:.2} M blocks/s)",
+                    r.policy,
+                    r.hit_ratio(),
+                    r.blocks_per_sec() / 1e6
+                );
+            }
+            println!("{line}");
         }
     }
+    Ok(())
 }

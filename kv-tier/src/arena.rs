@@ -30,7 +30,7 @@ struct Alloc {
 pub(crate) struct Arena {
     region: Region<HostBuffer>,
     page_bytes: u64,
-    pages: u32,
+    capacity: u64,
     alloc: Mutex<Alloc>,
     /// Signalled whenever a slot is freed.
     freed: Condvar,
@@ -64,18 +64,24 @@ impl Drop for Slot {
 }
 
 impl Arena {
-    /// An arena of `capacity` bytes (rounded down to whole pages) in pages of
-    /// `page_bytes` (a multiple of 4 KiB).
+    /// An arena of exactly `capacity` bytes (a multiple of 4 KiB, else refused) in
+    /// pages of `page_bytes` (rounded down to 4 KiB); the last page is shorter when
+    /// the capacity is not a whole number of pages, and serves the slot sizes that fit.
     pub fn new(capacity: u64, page_bytes: u64, host: HostOptions) -> Result<Arc<Arena>> {
-        let page_bytes = page_bytes.min(capacity) / PAGE * PAGE;
-        if page_bytes == 0 {
+        if capacity == 0 || capacity % PAGE != 0 {
             return Err(Error::invalid_argument(format!(
-                "DRAM capacity {capacity} and slab page size must be at least 4 KiB"
+                "DRAM capacity {capacity} is not a positive multiple of 4096 bytes; round it (the store never rounds a capacity for you)"
             )));
         }
-        let pages = u32::try_from(capacity / page_bytes)
+        let page_bytes = page_bytes.min(capacity) / PAGE * PAGE;
+        if page_bytes == 0 {
+            return Err(Error::invalid_argument(
+                "the slab page size must be at least 4 KiB",
+            ));
+        }
+        let pages = u32::try_from(capacity.div_ceil(page_bytes))
             .map_err(|_| Error::invalid_argument("too many slab pages; raise slab_page_bytes"))?;
-        let len = usize::try_from(u64::from(pages) * page_bytes)
+        let len = usize::try_from(capacity)
             .map_err(|_| Error::invalid_argument("DRAM capacity does not fit in memory"))?;
         let host = HostOptions {
             align: host.align.max(PAGE as usize),
@@ -85,7 +91,7 @@ impl Arena {
         Ok(Arc::new(Arena {
             region: Region::new(buf),
             page_bytes,
-            pages,
+            capacity,
             alloc: Mutex::new(Alloc {
                 free_pages: (0..pages).rev().collect(),
                 pages: vec![None; pages as usize],
@@ -95,12 +101,18 @@ impl Arena {
         }))
     }
 
+    /// Bytes of page `page` (the last one may be short).
+    fn page_len(&self, page: u32) -> u64 {
+        let start = u64::from(page) * self.page_bytes;
+        self.page_bytes.min(self.capacity - start)
+    }
+
     pub fn region(&self) -> &Region<HostBuffer> {
         &self.region
     }
 
     pub fn capacity(&self) -> u64 {
-        u64::from(self.pages) * self.page_bytes
+        self.capacity
     }
 
     pub fn used(&self) -> u64 {
@@ -125,10 +137,13 @@ impl Arena {
         let offset = match a.classes.get_mut(&size).and_then(|f| f.pop()) {
             Some(o) => o,
             None => {
-                let Some(page) = a.free_pages.pop() else {
+                // The most recently freed page that is long enough (only the short last
+                // page can be too short).
+                let Some(at) = a.free_pages.iter().rposition(|&p| self.page_len(p) >= size) else {
                     return Ok(None);
                 };
-                let per = self.page_bytes / size;
+                let page = a.free_pages.remove(at);
+                let per = self.page_len(page) / size;
                 let base = u64::from(page) * self.page_bytes;
                 let list = a.classes.entry(size).or_default();
                 // Highest first so pops hand out ascending offsets.
@@ -167,7 +182,8 @@ impl Arena {
         let class = a.classes.entry(size).or_default();
         if empty {
             // The page's slots all came back: give the page to any size.
-            class.retain(|o| *o < base || *o >= base + self.page_bytes);
+            let end = base + self.page_len(page as u32);
+            class.retain(|o| *o < base || *o >= end);
             a.pages[page] = None;
             a.free_pages.push(page as u32);
         } else {
@@ -244,5 +260,31 @@ mod tests {
         drop(held);
         drop(small);
         assert_eq!(a.used(), 0);
+    }
+
+    /// 500 MiB in 64 MiB pages used to become 448 MiB; the capacity is now exact (the
+    /// last page is short) or refused.
+    #[test]
+    fn capacity_is_exact_or_refused() {
+        let a = Arena::new((1 << 20) + 12288, 256 << 10, HostOptions::default()).unwrap();
+        assert_eq!(a.capacity(), (1 << 20) + 12288);
+        let mut held = Vec::new();
+        while let Some(s) = a.alloc(4096).unwrap() {
+            held.push(s);
+        }
+        assert_eq!(held.len(), 256 + 3);
+        assert!(held.iter().all(|s| s.offset + s.size <= a.capacity()));
+        drop(held);
+        // A size the short page cannot serve still finds the whole pages.
+        let big: Vec<_> = (0..8).map_while(|_| a.alloc(100 << 10).unwrap()).collect();
+        assert_eq!(big.len(), 8);
+        drop(big);
+        assert_eq!(a.used(), 0);
+        for bad in [0, 1000, (1 << 20) + 1] {
+            assert!(
+                Arena::new(bad, 256 << 10, HostOptions::default()).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

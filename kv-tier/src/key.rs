@@ -1,7 +1,5 @@
 //! Block keys: a chained xxh3-128 hash over token chunks.
 
-use xxhash_rust::xxh3::Xxh3;
-
 /// The key of one stored block: 128 bits of xxh3. `Copy`, `Send + Sync`.
 ///
 /// A chunk's key hashes its parent's key, the chunk's token ids and the model/layout
@@ -64,35 +62,42 @@ impl ChunkHasher {
 
     /// The key of one chunk given its parent's key (`None` for the first chunk).
     pub fn chunk_key(&self, parent: Option<BlockKey>, tokens: &[u32]) -> BlockKey {
-        let mut h = Xxh3::new();
-        match parent {
-            Some(p) => h.update(&p.to_bytes()),
-            None => h.update(&[0u8; 16]),
-        }
-        h.update(&self.compat.to_le_bytes());
-        h.update(&(tokens.len() as u64).to_le_bytes());
+        self.chunk_key_with(parent, tokens, &mut Vec::new())
+    }
+
+    /// [`ChunkHasher::chunk_key`] with a caller's scratch buffer: the chunk is laid out
+    /// as bytes once and hashed in one call (xxh3 over a contiguous buffer), which is
+    /// several times faster than feeding a streaming hasher token by token. The bytes —
+    /// parent key, compatibility hash, token count, tokens (all little-endian) — and so
+    /// the keys are the same as before.
+    pub fn chunk_key_with(
+        &self,
+        parent: Option<BlockKey>,
+        tokens: &[u32],
+        buf: &mut Vec<u8>,
+    ) -> BlockKey {
+        buf.clear();
+        buf.reserve(32 + 4 * tokens.len());
+        buf.extend_from_slice(&parent.map_or([0u8; 16], BlockKey::to_bytes));
+        buf.extend_from_slice(&self.compat.to_le_bytes());
+        buf.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
         for t in tokens {
-            h.update(&t.to_le_bytes());
+            buf.extend_from_slice(&t.to_le_bytes());
         }
-        BlockKey(h.digest128())
+        BlockKey(xxhash_rust::xxh3::xxh3_128(buf))
     }
 
     /// Keys of every full chunk of `tokens`, in order (a trailing partial chunk has none).
     pub fn keys(&self, tokens: &[u32]) -> Vec<BlockKey> {
         let mut out = Vec::with_capacity(tokens.len() / self.chunk_tokens);
         let mut parent = None;
+        let mut buf = Vec::new();
         for c in tokens.chunks_exact(self.chunk_tokens) {
-            let k = self.chunk_key(parent, c);
+            let k = self.chunk_key_with(parent, c, &mut buf);
             out.push(k);
             parent = Some(k);
         }
         out
-    }
-}
-
-impl Default for ChunkHasher {
-    fn default() -> Self {
-        ChunkHasher::new(256, 0)
     }
 }
 
@@ -118,5 +123,30 @@ mod tests {
         assert_ne!(ka, ChunkHasher::new(4, 2).keys(&a));
         assert_eq!(h.keys(&a[..11]).len(), 2);
         assert_eq!(BlockKey::from_bytes(ka[0].to_bytes()), ka[0]);
+    }
+
+    /// The one-call hash gives the keys the token-by-token streaming hash gave (stores
+    /// written before keep their keys).
+    #[test]
+    fn whole_chunk_hash_equals_the_streaming_hash() {
+        fn streaming(h: &ChunkHasher, parent: Option<BlockKey>, tokens: &[u32]) -> BlockKey {
+            let mut x = xxhash_rust::xxh3::Xxh3::new();
+            x.update(&parent.map_or([0u8; 16], BlockKey::to_bytes));
+            x.update(&h.compat.to_le_bytes());
+            x.update(&(tokens.len() as u64).to_le_bytes());
+            for t in tokens {
+                x.update(&t.to_le_bytes());
+            }
+            BlockKey(x.digest128())
+        }
+        let h = ChunkHasher::new(512, ChunkHasher::compat_of("m"));
+        let tokens: Vec<u32> = (0..2048u32)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
+        let mut parent = None;
+        for (c, k) in tokens.chunks_exact(512).zip(h.keys(&tokens)) {
+            assert_eq!(streaming(&h, parent, c), k);
+            parent = Some(k);
+        }
     }
 }

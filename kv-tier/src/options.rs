@@ -11,10 +11,12 @@ use crate::policy::PolicyKind;
 /// How to open a [`crate::Store`]. Plain struct with `Default`. `Clone`, `Send + Sync`.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Bytes of the DRAM arena, allocated once at open (default 1 GiB).
+    /// Bytes of the DRAM arena, allocated once at open (default 1 GiB): exactly this
+    /// many, a multiple of 4 KiB ([`crate::Store::open`] refuses others, never rounds).
     pub dram_capacity: u64,
     /// Slab page size: the arena is handed to block sizes in pages of this many bytes,
-    /// and no block may be larger (default 64 MiB, clamped to the capacity).
+    /// and no block may be larger (default 64 MiB, clamped to the capacity; the last
+    /// page is shorter when the capacity is not a whole number of pages).
     pub slab_page_bytes: u64,
     /// How the arena is allocated (huge pages, `mlock`).
     pub host: HostOptions,
@@ -22,9 +24,10 @@ pub struct Options {
     pub dram_policy: PolicyKind,
     /// Tokens per chunk for [`crate::Store::lookup_prefix`] (default 256).
     pub chunk_tokens: usize,
-    /// Model/layout compatibility hash mixed into every chunk key
-    /// (see [`crate::ChunkHasher::compat_of`]).
-    pub compat: u64,
+    /// Model identity: the compatibility hash mixed into every chunk key
+    /// ([`crate::ChunkHasher::compat_of`] of model, dtype, layout, TP). Required —
+    /// [`crate::Store::open`] refuses `None`, so two models never share keys by accident.
+    pub compat: Option<u64>,
     /// Index shards (rounded up to a power of two; default 64).
     pub shards: usize,
     /// How long a `put` waits for write-back to free DRAM before failing with
@@ -32,6 +35,9 @@ pub struct Options {
     pub evict_wait: Duration,
     /// The NVMe tier; `None` keeps blocks in DRAM only (evictions drop them).
     pub nvme: Option<NvmeOptions>,
+    /// Dropping a store with an NVMe tier writes the blocks not yet on NVMe and syncs,
+    /// waiting at most this long (default 30 s); `None` drops them instead.
+    pub flush_on_drop: Option<Duration>,
 }
 
 impl Default for Options {
@@ -42,10 +48,22 @@ impl Default for Options {
             host: HostOptions::default(),
             dram_policy: PolicyKind::S3Fifo,
             chunk_tokens: 256,
-            compat: 0,
+            compat: None,
             shards: 64,
             evict_wait: Duration::from_secs(30),
             nvme: None,
+            flush_on_drop: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Options {
+    /// Defaults for the model described by `model` (`"llama-3-8b/bf16/paged16/tp1"`):
+    /// everything that makes two KV caches incompatible belongs in it.
+    pub fn for_model(model: &str) -> Options {
+        Options {
+            compat: Some(crate::ChunkHasher::compat_of(model)),
+            ..Default::default()
         }
     }
 }

@@ -5,13 +5,17 @@
 //!
 //! ```text
 //! page 0 (4096 bytes): header, 64 bytes used, the rest zero
-//!   0 magic "KVT1" | 4 version u16 = 1 | 6 flags u16 = 0 | 8 key u128 | 24 len u64
+//!   0 magic "KVT1" | 4 version u16 = 1 | 6 flags u16 | 8 key u128 | 24 len u64
 //!   32 seq u64 | 40 segment u32 | 44 offset u64 | 52 payload crc32c u32
-//!   56 reserved u32 = 0 | 60 header crc32c u32 (of bytes 0..60)
+//!   56 guard u32 | 60 header crc32c u32 (of bytes 0..60)
 //! pages 1..: payload (`len` bytes), zero-padded to a multiple of 4096
 //! ```
 //!
-//! All integers are little-endian. A record is valid only when both checksums match and
+//! Flags: bit 0 marks a **tombstone** (`len` 0, no payload): the key was removed at
+//! this sequence number, and an older record of it must not come back at recovery.
+//! `guard` is a tombstone's newest segment that may hold such an older record (0 for
+//! blocks); the tombstone is kept while any segment up to it is. Other flag bits are
+//! corrupt. All integers are little-endian. A record is valid only when both checksums match and
 //! the header names the segment and offset it was found at, so a torn or misplaced write
 //! is skipped at recovery and never returned as data.
 
@@ -25,6 +29,8 @@ pub const PAGE: u64 = 4096;
 pub const HEADER_LEN: usize = 64;
 const MAGIC: &[u8; 4] = b"KVT1";
 const VERSION: u16 = 1;
+/// The tombstone flag.
+pub const FLAG_TOMBSTONE: u16 = 1;
 /// The largest payload a record may claim (1 TiB); larger is corrupt by definition.
 pub const MAX_PAYLOAD: u64 = 1 << 40;
 
@@ -43,12 +49,21 @@ pub struct RecordHeader {
     pub offset: u64,
     /// crc32c of the payload.
     pub payload_crc: u32,
+    /// Flag bits ([`FLAG_TOMBSTONE`]).
+    pub flags: u16,
+    /// A tombstone's guard segment (see the module docs); 0 for a block.
+    pub guard: u32,
 }
 
 impl RecordHeader {
     /// Bytes the record takes on disk: the header page plus the padded payload.
     pub fn record_len(&self) -> u64 {
         record_len(self.len)
+    }
+
+    /// True for a tombstone.
+    pub fn is_tombstone(&self) -> bool {
+        self.flags & FLAG_TOMBSTONE != 0
     }
 
     /// Writes the 64-byte header (with its checksum) into `out[..64]`.
@@ -58,14 +73,14 @@ impl RecordHeader {
             .ok_or_else(|| Error::invalid_argument("record header buffer under 64 bytes"))?;
         h[0..4].copy_from_slice(MAGIC);
         h[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        h[6..8].copy_from_slice(&0u16.to_le_bytes());
+        h[6..8].copy_from_slice(&self.flags.to_le_bytes());
         h[8..24].copy_from_slice(&self.key.to_bytes());
         h[24..32].copy_from_slice(&self.len.to_le_bytes());
         h[32..40].copy_from_slice(&self.seq.to_le_bytes());
         h[40..44].copy_from_slice(&self.segment.to_le_bytes());
         h[44..52].copy_from_slice(&self.offset.to_le_bytes());
         h[52..56].copy_from_slice(&self.payload_crc.to_le_bytes());
-        h[56..60].copy_from_slice(&0u32.to_le_bytes());
+        h[56..60].copy_from_slice(&self.guard.to_le_bytes());
         let crc = crc32c::crc32c(&h[..60]);
         h[60..64].copy_from_slice(&crc.to_le_bytes());
         Ok(())
@@ -124,6 +139,12 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader> {
     if len > MAX_PAYLOAD {
         return Err(Error::Corrupt(format!("record claims {len} payload bytes")));
     }
+    let flags = u16::from_le_bytes([h[6], h[7]]);
+    if flags & !FLAG_TOMBSTONE != 0 || (flags & FLAG_TOMBSTONE != 0 && len != 0) {
+        return Err(Error::Corrupt(format!(
+            "record flags {flags:#x} with {len} bytes"
+        )));
+    }
     Ok(RecordHeader {
         key: BlockKey::from_bytes(key),
         len,
@@ -131,6 +152,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader> {
         segment: u32_at(h, 40),
         offset: u64_at(h, 44),
         payload_crc: u32_at(h, 52),
+        flags,
+        guard: u32_at(h, 56),
     })
 }
 
@@ -220,6 +243,8 @@ mod tests {
             segment: seg,
             offset: off,
             payload_crc: crc32c::crc32c(payload),
+            flags: 0,
+            guard: 0,
         };
         let mut v = vec![0u8; h.record_len() as usize];
         h.encode_into(&mut v).unwrap();
@@ -249,5 +274,35 @@ mod tests {
         assert_eq!(scan_segment(3, &seg, false).records.len(), 3);
         // A record found in the wrong segment is not trusted.
         assert!(scan_segment(4, &seg, true).records.is_empty());
+    }
+
+    #[test]
+    fn tombstones_round_trip_and_bad_flags_are_corrupt() {
+        let t = RecordHeader {
+            key: BlockKey::from_u64(5),
+            len: 0,
+            seq: 9,
+            segment: 2,
+            offset: 0,
+            payload_crc: crc32c::crc32c(&[]),
+            flags: FLAG_TOMBSTONE,
+            guard: 2,
+        };
+        let mut page = vec![0u8; PAGE as usize];
+        t.encode_into(&mut page).unwrap();
+        let (h, p) = decode_record(&page).unwrap();
+        assert!(h.is_tombstone() && p.is_empty());
+        assert_eq!(h, t);
+        assert_eq!(scan_segment(2, &page, true).records, vec![t]);
+        for (flags, len) in [(2u16, 0u64), (FLAG_TOMBSTONE, 10)] {
+            let mut b = vec![0u8; 2 * PAGE as usize];
+            RecordHeader { flags, len, ..t }
+                .encode_into(&mut b)
+                .unwrap();
+            assert!(
+                matches!(decode_header(&b), Err(Error::Corrupt(_))),
+                "{flags} {len}"
+            );
+        }
     }
 }

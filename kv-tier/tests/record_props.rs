@@ -13,6 +13,8 @@ fn record(seg: u32, off: u64, key: u64, payload: &[u8]) -> Vec<u8> {
         segment: seg,
         offset: off,
         payload_crc: crc32c::crc32c(payload),
+        flags: 0,
+        guard: 0,
     };
     let mut v = vec![0u8; h.record_len() as usize];
     h.encode_into(&mut v).unwrap();

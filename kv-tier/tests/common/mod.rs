@@ -40,6 +40,6 @@ pub fn opts(dir: &std::path::Path, dram: u64, nvme: u64, seg: u64, policy: Polic
             policy,
             ..NvmeOptions::new(dir)
         }),
-        ..Default::default()
+        ..Options::for_model("test")
     }
 }

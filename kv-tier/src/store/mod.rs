@@ -1,130 +1,41 @@
 //! The store: a sharded index over the DRAM and NVMe tiers.
 
-use std::collections::HashMap;
+mod batch;
+mod handle;
+mod inner;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+pub use handle::{BlockHandle, Prefix};
+pub(crate) use inner::{checksum, Entry, Inner, Wait};
+use inner::{Counters, Shard};
+pub use stats::{Latency, Stats};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam::channel::{bounded, unbounded};
-use kv_core::{Descriptor, Error, Result};
+use kv_core::{Error, Result};
 use kv_mem::{HostBuffer, Region};
 use parking_lot::{Mutex, RwLock};
 
-use crate::arena::{Arena, Slot};
+use crate::arena::Arena;
 use crate::key::{BlockKey, ChunkHasher};
-use crate::nvme::{self, Job, Nvme, NvmeLoc, PfJob};
+use crate::nvme::{self, Job, Nvme, PfJob};
 use crate::options::Options;
-use crate::policy::EvictionPolicy;
-use crate::record::{record_len, PAGE};
-
-/// One index entry: where a block lives.
-#[derive(Debug)]
-pub(crate) struct Entry {
-    pub len: u64,
-    /// Bumped by every `put` of the key, so background work on an old copy is dropped.
-    pub version: u64,
-    pub dram: Option<Arc<Slot>>,
-    /// The DRAM copy leaves once the write-back under way lands.
-    pub evicting: bool,
-    /// A write-back job for this version is queued.
-    pub wb_queued: bool,
-    pub nvme: Option<NvmeLoc>,
-    /// Explicit pins ([`Store::pin`]); handles pin by holding the slot.
-    pub pins: u32,
-}
-
-impl Entry {
-    /// DRAM copy present and nothing holds it but the index.
-    fn dram_evictable(&self) -> bool {
-        self.pins == 0
-            && !self.evicting
-            && self
-                .dram
-                .as_ref()
-                .is_some_and(|s| Arc::strong_count(s) == 1)
-    }
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub dram_hits: AtomicU64,
-    pub nvme_hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub dram_evictions: AtomicU64,
-    pub nvme_evictions: AtomicU64,
-    pub write_backs: AtomicU64,
-    pub write_back_failures: AtomicU64,
-    pub wb_queue: AtomicU64,
-    pub prefetched: AtomicU64,
-    pub corrupt: AtomicU64,
-    pub compactions: AtomicU64,
-}
-
-pub(crate) type Shard = RwLock<HashMap<BlockKey, Entry>>;
-
-pub(crate) struct Inner {
-    pub opts: Options,
-    pub hasher: ChunkHasher,
-    pub arena: Arc<Arena>,
-    pub shards: Box<[Shard]>,
-    pub dram_policy: Mutex<Box<dyn EvictionPolicy>>,
-    pub nvme: Option<Nvme>,
-    pub version: AtomicU64,
-    pub c: Counters,
-}
-
-/// Counters and sizes of a store, from [`Store::stats`]. `Clone`, `Send + Sync`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// `get`s served from DRAM.
-    pub dram_hits: u64,
-    /// `get`s served by reading NVMe.
-    pub nvme_hits: u64,
-    /// `get`s of keys in no tier.
-    pub misses: u64,
-    /// Blocks with a DRAM copy.
-    pub dram_blocks: u64,
-    /// Arena bytes in use (slots, 4 KiB granular, header page included).
-    pub dram_bytes: u64,
-    /// Arena size.
-    pub dram_capacity: u64,
-    /// Blocks with an NVMe copy.
-    pub nvme_blocks: u64,
-    /// Bytes of live records on NVMe.
-    pub nvme_bytes: u64,
-    /// Bytes of segment files.
-    pub nvme_file_bytes: u64,
-    /// Configured NVMe capacity (0 without an NVMe tier).
-    pub nvme_capacity: u64,
-    /// DRAM copies dropped to make room (after write-back when needed).
-    pub dram_evictions: u64,
-    /// NVMe copies dropped to make room.
-    pub nvme_evictions: u64,
-    /// Blocks written to NVMe.
-    pub write_backs: u64,
-    /// Blocks whose write-back failed (dropped from DRAM unwritten).
-    pub write_back_failures: u64,
-    /// Write-back jobs waiting.
-    pub write_back_queue: u64,
-    /// Blocks brought from NVMe into DRAM by `prefetch`/`fetch`/`get`.
-    pub prefetched: u64,
-    /// Records that failed their checksum (at recovery or on read) and were dropped.
-    pub corrupt_records: u64,
-    /// Segments cleaned (live records copied out, file deleted).
-    pub compactions: u64,
-    /// Segment files.
-    pub segments: u64,
-}
 
 /// The KV block store. `Send + Sync`: the index is sharded behind `RwLock`s (lookups
 /// take one shard's read lock), each tier's policy sits behind its own mutex, and the
 /// NVMe tier's appends belong to one write-back thread.
 ///
-/// Dropping the store stops its threads; blocks not yet written back are lost (call
-/// [`Store::flush`] first to keep them).
+/// Dropping the store flushes: blocks not yet on NVMe are written and synced, waiting
+/// at most `Options::flush_on_drop` (blocks still unwritten then are lost, with a
+/// warning); then its threads stop. Without an NVMe tier there is nothing to keep.
 pub struct Store {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -137,66 +48,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// A block kept readable in DRAM while the handle lives (it holds the slot, so the block
-/// is not evicted and its memory not reused). `Send + Sync`.
-#[derive(Debug, Clone)]
-pub struct BlockHandle {
-    key: BlockKey,
-    len: u64,
-    slot: Arc<Slot>,
-}
-
-impl BlockHandle {
-    /// The block's key.
-    pub fn key(&self) -> BlockKey {
-        self.key
-    }
-
-    /// Payload length in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// True for an empty block (never: blocks have at least one byte).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The payload's offset in [`Store::arena`].
-    pub fn offset(&self) -> u64 {
-        self.slot.offset + PAGE
-    }
-
-    /// The payload as a DRAM descriptor inside the arena: an agent that registered
-    /// [`Store::arena`] can transfer straight from it.
-    pub fn descriptor(&self) -> Descriptor {
-        let base = self.slot.arena().region().descriptor().addr;
-        Descriptor::new(base + self.offset(), self.len, 0)
-    }
-
-    /// The payload bytes, without copying.
-    pub fn as_slice(&self) -> &[u8] {
-        self.slot.arena().bytes(self.offset(), self.len)
-    }
-
-    /// Copies the payload into `out` (which must be exactly `len()` bytes).
-    pub fn read_into(&self, out: &mut [u8]) -> Result<()> {
-        if out.len() as u64 != self.len {
-            return Err(Error::invalid_argument(format!(
-                "read_into a buffer of {} bytes; the block has {}",
-                out.len(),
-                self.len
-            )));
-        }
-        self.slot.arena().read(self.offset(), out)
-    }
-
-    /// The payload as a new vector.
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.as_slice().to_vec()
-    }
-}
-
 impl Store {
     /// Opens a store: allocates the DRAM arena and, with an NVMe tier, recovers its
     /// index from the segment files in `nvme.dir` and starts the write-back and
@@ -205,11 +56,16 @@ impl Store {
         if opts.chunk_tokens == 0 {
             return Err(Error::invalid_argument("chunk_tokens must be at least 1"));
         }
+        let Some(compat) = opts.compat else {
+            return Err(Error::invalid_argument(
+                "Options::compat (the model identity) is required: use Options::for_model(\"model/dtype/layout/tp\") or set compat to ChunkHasher::compat_of(...)",
+            ));
+        };
         let arena = Arena::new(opts.dram_capacity, opts.slab_page_bytes, opts.host)?;
         let nshards = opts.shards.clamp(1, 1 << 16).next_power_of_two();
         let shards: Box<[Shard]> = (0..nshards).map(|_| RwLock::default()).collect();
         let dram_policy = Mutex::new(opts.dram_policy.build(arena.capacity()));
-        let hasher = ChunkHasher::new(opts.chunk_tokens, opts.compat);
+        let hasher = ChunkHasher::new(opts.chunk_tokens, compat);
         let (wb_tx, wb_rx) = unbounded();
         let (pf_tx, pf_rx) = unbounded();
         let nvme = match &opts.nvme {
@@ -217,6 +73,7 @@ impl Store {
             None => None,
         };
         let inner = Arc::new(Inner {
+            payload_off: inner::payload_off(nvme.is_some()),
             opts,
             hasher,
             arena,
@@ -247,6 +104,12 @@ impl Store {
         Ok(Store { inner, threads })
     }
 
+    /// Arena bytes one block of `len` bytes takes in DRAM (`nvme`: in a store with an
+    /// NVMe tier, where a slot also carries the record's header page).
+    pub fn dram_slot_bytes(nvme: bool, len: u64) -> u64 {
+        Inner::slot_len(nvme, len)
+    }
+
     /// The DRAM arena, for an agent to register: block handles' descriptors lie in it.
     /// Transfer *from* it (WRITE to a peer, or a peer's READ); never post a transfer that
     /// writes into it — the store owns its contents and hands out slices of them.
@@ -266,8 +129,12 @@ impl Store {
 
     /// Stores `data` under `key` in DRAM (replacing any earlier block of that key). It
     /// reaches NVMe when evicted from DRAM or on [`Store::flush`].
+    /// Waits (up to `Options::evict_wait`) for write-back when DRAM is full of blocks
+    /// not yet on NVMe; [`Store::put_many`] never waits.
     pub fn put(&self, key: BlockKey, data: &[u8]) -> Result<()> {
-        self.inner.insert(key, data).map(|_| ())
+        self.inner
+            .insert(key, data, None, true, Wait::Yes)
+            .map(|_| ())
     }
 
     /// Stores `len` bytes of `region` from `offset` (e.g. a staging buffer a transfer
@@ -297,7 +164,10 @@ impl Store {
         let nv = self.inner.nvme.as_ref().ok_or_else(|| {
             Error::Unsupported("put_durable needs an NVMe tier (Options::nvme)".into())
         })?;
-        let (version, slot) = self.inner.insert(key, data)?;
+        let (version, slot) = self
+            .inner
+            .insert(key, data, None, true, Wait::Yes)?
+            .ok_or_else(|| Error::Busy("no DRAM for the block".into()))?;
         let (tx, rx) = bounded(1);
         self.inner.c.wb_queue.fetch_add(1, Ordering::Relaxed);
         nv.send(Job::Durable {
@@ -328,6 +198,13 @@ impl Store {
     /// The block, pinned in DRAM while the handle lives; reads it from NVMe first if it
     /// is only there. `None` when no tier has it (or its NVMe copy was corrupt).
     pub fn get(&self, key: BlockKey) -> Result<Option<BlockHandle>> {
+        let start = Instant::now();
+        let r = self.get_inner(key);
+        self.inner.c.get_ns.since(start);
+        r
+    }
+
+    fn get_inner(&self, key: BlockKey) -> Result<Option<BlockHandle>> {
         let i = &self.inner;
         if let Some(h) = i.dram_handle(key) {
             i.c.dram_hits.fetch_add(1, Ordering::Relaxed);
@@ -361,8 +238,9 @@ impl Store {
         let h = self.inner.hasher;
         let mut parent = None;
         let mut hit = 0;
+        let mut buf = Vec::new();
         for c in tokens.chunks_exact(h.chunk_tokens) {
-            let k = h.chunk_key(parent, c);
+            let k = h.chunk_key_with(parent, c, &mut buf);
             if !self.contains(k) {
                 break;
             }
@@ -370,6 +248,41 @@ impl Store {
             parent = Some(k);
         }
         hit
+    }
+
+    /// The longest stored prefix of `tokens`, pinned: the keys of its full chunks up to
+    /// the first one no tier holds, each checked and pinned in one step under its index
+    /// lock, so nothing (our own write-back included) evicts them before the caller
+    /// reads them. Dropping the [`Prefix`] unpins.
+    pub fn lookup(&self, tokens: &[u32]) -> Prefix {
+        let h = self.inner.hasher;
+        let mut keys = Vec::new();
+        let mut parent = None;
+        let mut buf = Vec::new();
+        for c in tokens.chunks_exact(h.chunk_tokens) {
+            let k = h.chunk_key_with(parent, c, &mut buf);
+            if !self.inner.try_pin(k) {
+                break;
+            }
+            keys.push(k);
+            parent = Some(k);
+        }
+        self.prefix(keys)
+    }
+
+    /// [`Store::lookup`] for keys already computed (with [`Store::chunk_keys`]): the
+    /// leading stored run of `keys`, pinned.
+    pub fn lookup_keys(&self, keys: &[BlockKey]) -> Prefix {
+        let n = keys.iter().take_while(|k| self.inner.try_pin(**k)).count();
+        self.prefix(keys[..n].to_vec())
+    }
+
+    fn prefix(&self, keys: Vec<BlockKey>) -> Prefix {
+        Prefix {
+            inner: self.inner.clone(),
+            keys,
+            chunk_tokens: self.inner.hasher.chunk_tokens,
+        }
     }
 
     /// Starts bringing `keys` that are only on NVMe into DRAM in the background.
@@ -393,7 +306,7 @@ impl Store {
         let dropped = {
             let mut sh = i.shard(key).write();
             match sh.get_mut(&key) {
-                Some(e) if e.nvme.is_some() && e.dram_evictable() => {
+                Some(e) if e.nvme.is_some() && e.dram_evictable(true) => {
                     e.dram = None;
                     true
                 }
@@ -406,7 +319,8 @@ impl Store {
         dropped
     }
 
-    /// Pins `key`: no tier evicts it until as many `unpin`s. False when absent.
+    /// Pins `key`: the store keeps it (in DRAM, or on NVMe where there is an NVMe tier)
+    /// until as many `unpin`s. False when absent.
     pub fn pin(&self, key: BlockKey) -> bool {
         match self.inner.shard(key).write().get_mut(&key) {
             Some(e) => {
@@ -429,8 +343,10 @@ impl Store {
     }
 
     /// Removes `key` from every tier; false when absent. Pinned blocks are
-    /// [`Error::Busy`]. Not durable: after a crash an NVMe copy written earlier may come
-    /// back (byte-exact).
+    /// [`Error::Busy`]. Durable: with an NVMe tier it returns once a tombstone record
+    /// is written and synced, so no earlier copy of the block comes back after a
+    /// crash (an error means the block is gone from the store but its tombstone may
+    /// not have reached the disk).
     pub fn remove(&self, key: BlockKey) -> Result<bool> {
         let i = &self.inner;
         let old = {
@@ -449,6 +365,13 @@ impl Store {
                 nv.policy.lock().remove(key);
                 nv.mark_dead(loc);
             }
+        }
+        i.lost(key);
+        if let Some(nv) = &i.nvme {
+            let (tx, rx) = bounded(1);
+            nv.send(Job::Tombstone { key, ack: tx })?;
+            rx.recv()
+                .map_err(|_| Error::Busy("the write-back thread stopped".into()))??;
         }
         Ok(true)
     }
@@ -488,10 +411,20 @@ impl Store {
             write_backs: ld(&i.c.write_backs),
             write_back_failures: ld(&i.c.write_back_failures),
             write_back_queue: ld(&i.c.wb_queue),
+            dropped_writes: ld(&i.c.dropped_writes),
             prefetched: ld(&i.c.prefetched),
+            corrupt_dram: ld(&i.c.corrupt_dram),
             corrupt_records: ld(&i.c.corrupt),
             compactions: ld(&i.c.compactions),
             segments,
+            dram_policy: i.dram_policy.lock().sizes(),
+            nvme_policy: i
+                .nvme
+                .as_ref()
+                .map_or_else(Default::default, |nv| nv.policy.lock().sizes()),
+            get_latency: i.c.get_ns.summary(),
+            put_latency: i.c.put_ns.summary(),
+            nvme_read_latency: i.c.nvme_read_ns.summary(),
         }
     }
 
@@ -503,6 +436,16 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if let (Some(nv), Some(limit)) = (&self.inner.nvme, self.inner.opts.flush_on_drop) {
+            let (tx, rx) = bounded(1);
+            if nv.send(Job::Flush(tx)).is_ok() {
+                match rx.recv_timeout(limit) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("kv-tier: flush on drop failed: {e}"),
+                    Err(_) => tracing::warn!("kv-tier: flush on drop took over {limit:?}; blocks not yet on NVMe are lost"),
+                }
+            }
+        }
         if let Some(nv) = &self.inner.nvme {
             let _ = nv.send(Job::Shutdown);
             let _ = nv.send_prefetch(PfJob::Shutdown);
@@ -510,147 +453,5 @@ impl Drop for Store {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-    }
-}
-
-impl Inner {
-    pub fn shard(&self, key: BlockKey) -> &Shard {
-        &self.shards[key.shard(self.shards.len())]
-    }
-
-    fn dram_handle(&self, key: BlockKey) -> Option<BlockHandle> {
-        let sh = self.shard(key).read();
-        let e = sh.get(&key)?;
-        let slot = e.dram.clone()?;
-        Some(BlockHandle {
-            key,
-            len: e.len,
-            slot,
-        })
-    }
-
-    /// Copies `data` into a fresh slot and publishes it; returns the version and slot.
-    fn insert(&self, key: BlockKey, data: &[u8]) -> Result<(u64, Arc<Slot>)> {
-        if data.is_empty() {
-            return Err(Error::invalid_argument("a block of zero bytes"));
-        }
-        let len = data.len() as u64;
-        let rec = record_len(len);
-        if let Some(nv) = &self.nvme {
-            if rec > nv.opts.segment_bytes {
-                return Err(Error::invalid_argument(format!(
-                    "a block of {len} bytes does not fit in an NVMe segment of {} bytes; raise segment_bytes",
-                    nv.opts.segment_bytes
-                )));
-            }
-        }
-        let slot = self.alloc_slot(rec)?;
-        self.arena.write(slot.offset + PAGE, data)?;
-        let version = self.version.fetch_add(1, Ordering::Relaxed);
-        let old = {
-            let mut sh = self.shard(key).write();
-            let pins = sh.get(&key).map_or(0, |e| e.pins);
-            sh.insert(
-                key,
-                Entry {
-                    len,
-                    version,
-                    dram: Some(slot.clone()),
-                    evicting: false,
-                    wb_queued: false,
-                    nvme: None,
-                    pins,
-                },
-            )
-        };
-        self.dram_policy.lock().insert(key, slot.size);
-        if let (
-            Some(nv),
-            Some(Entry {
-                nvme: Some(loc), ..
-            }),
-        ) = (&self.nvme, old)
-        {
-            nv.policy.lock().remove(key);
-            nv.mark_dead(loc);
-        }
-        Ok((version, slot))
-    }
-
-    /// A slot of `bytes`, evicting from DRAM (and waiting for write-back) as needed.
-    pub fn alloc_slot(&self, bytes: u64) -> Result<Arc<Slot>> {
-        let deadline = Instant::now() + self.opts.evict_wait;
-        loop {
-            if let Some(s) = self.arena.alloc(bytes)? {
-                return Ok(Arc::new(s));
-            }
-            let wb_busy = self.nvme.as_ref().is_some_and(|nv| {
-                self.c.wb_queue.load(Ordering::Relaxed) >= 2 * nv.opts.batch as u64
-            });
-            if wb_busy || !self.evict_one_dram() {
-                if Instant::now() >= deadline {
-                    return Err(Error::TimedOut {
-                        what: format!(
-                            "waiting for {bytes} bytes of DRAM (every block is pinned or being written back)"
-                        ),
-                        after: self.opts.evict_wait,
-                    });
-                }
-                self.arena.wait_freed(Duration::from_millis(2));
-            }
-        }
-    }
-
-    /// Evicts one DRAM block (or queues its write-back); false when nothing can go.
-    fn evict_one_dram(&self) -> bool {
-        let victim = self.dram_policy.lock().evict(&mut |k| {
-            self.shard(k)
-                .read()
-                .get(&k)
-                .is_some_and(|e| e.dram_evictable())
-        });
-        let Some(k) = victim else {
-            return false;
-        };
-        let mut sh = self.shard(k).write();
-        let Some(e) = sh.get_mut(&k) else {
-            return true;
-        };
-        if !e.dram_evictable() {
-            // Pinned or handed out since the policy looked: keep it.
-            let size = e.dram.as_ref().map_or(0, |s| s.size);
-            drop(sh);
-            if size > 0 {
-                self.dram_policy.lock().insert(k, size);
-            }
-            return true;
-        }
-        match &self.nvme {
-            Some(nv) if e.nvme.is_none() => {
-                e.evicting = true;
-                if let (false, Some(slot)) = (e.wb_queued, e.dram.clone()) {
-                    e.wb_queued = true;
-                    let item = nvme::Item {
-                        key: k,
-                        version: e.version,
-                        len: e.len,
-                        slot,
-                    };
-                    drop(sh);
-                    self.c.wb_queue.fetch_add(1, Ordering::Relaxed);
-                    if nv.send(Job::WriteBack(item)).is_err() {
-                        self.c.wb_queue.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            _ => {
-                e.dram = None;
-                if e.nvme.is_none() {
-                    sh.remove(&k);
-                }
-                self.c.dram_evictions.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        true
     }
 }
