@@ -29,18 +29,21 @@ mod agent;
 mod backends;
 mod channel;
 mod choice;
+mod frame;
 pub mod layout;
 mod peers;
 mod registry;
 mod shared;
+mod slow;
 mod transfer;
 
 pub use agent::{Agent, Registration};
-pub use channel::parse_header as parse_channel_header;
+pub use backends::{backend_params, register_backend_factory, register_backend_params, ParamDoc};
+pub use frame::parse_header as parse_channel_header;
 pub use kv_core::{BackendFactory, Error, Result};
 pub use peers::PeerId;
 pub use registry::BackendStats;
-pub use shared::AgentOptions;
+pub use shared::{AgentOptions, SECRET_ENV};
 pub use transfer::{Transfer, TransferSpec, TransferTelemetry};
 
 /// The READMEs' Rust examples, compiled as doc tests so they cannot rot.

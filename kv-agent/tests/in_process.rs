@@ -67,12 +67,22 @@ fn write1(local: Descriptor, peer: PeerId, remote: Descriptor) -> TransferSpec {
     )
 }
 
+/// The cluster secret every agent of these tests shares (the side channel needs one).
+fn secret() -> Option<kv_core::auth::ClusterSecret> {
+    static S: std::sync::OnceLock<kv_core::auth::ClusterSecret> = std::sync::OnceLock::new();
+    Some(
+        S.get_or_init(|| kv_core::auth::ClusterSecret::generate().unwrap())
+            .clone(),
+    )
+}
+
 fn pair() -> (Node, Node) {
     let f = LoopbackFabric::new();
-    (
-        node(&f, "prefill", AgentOptions::default()),
-        node(&f, "decode", AgentOptions::default()),
-    )
+    let opts = || AgentOptions {
+        secret: secret(),
+        ..Default::default()
+    };
+    (node(&f, "prefill", opts()), node(&f, "decode", opts()))
 }
 
 #[test]
@@ -815,6 +825,7 @@ fn side_channel_trickle_is_bounded() {
         "decode",
         AgentOptions {
             channel_timeout: Duration::from_millis(300),
+            secret: secret(),
             ..Default::default()
         },
     )
@@ -861,6 +872,13 @@ fn side_channel_trickle_is_bounded() {
         start.elapsed()
     );
     // The channel still serves others.
-    let p = Agent::new("prefill", AgentOptions::default()).unwrap();
+    let p = Agent::new(
+        "prefill",
+        AgentOptions {
+            secret: secret(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     p.fetch_remote(addr).unwrap();
 }
