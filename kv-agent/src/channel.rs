@@ -102,8 +102,9 @@ impl Drop for ChannelState {
 struct Conn {
     id: u64,
     source: IpAddr,
-    /// A handle on the socket to cut it off (eviction, shutdown).
-    socket: TcpStream,
+    /// A handle on the socket to cut it off (eviction, shutdown); dropped when its
+    /// thread is done so the socket really closes.
+    socket: Option<TcpStream>,
     /// Past its handshake: counted against `MAX_ADMITTED`, never evicted.
     admitted: bool,
     evicted: bool,
@@ -153,7 +154,9 @@ impl Table {
         if let Some(c) = victim {
             tracing::debug!(source = %c.source, "side channel: evicting the oldest connection still in its handshake");
             c.evicted = true;
-            let _ = c.socket.shutdown(std::net::Shutdown::Both);
+            if let Some(s) = &c.socket {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 
@@ -169,16 +172,27 @@ impl Table {
         }
     }
 
-    fn shutdown_all(&mut self) {
-        for c in &mut self.conns {
-            let _ = c.socket.shutdown(std::net::Shutdown::Both);
+    /// Forgets the socket of connection `id` (its thread is done with it).
+    fn closed(&mut self, id: u64) {
+        if let Some(c) = self.conns.iter_mut().find(|c| c.id == id) {
+            c.socket = None;
         }
-        for c in &mut self.conns {
-            if let Some(t) = c.thread.take() {
-                let _ = t.join();
-            }
+    }
+}
+
+/// Cuts every connection off and joins its thread (without the table's lock: a
+/// finishing thread takes it).
+fn shutdown_all(table: &Mutex<Table>) {
+    let conns = std::mem::take(&mut table.lock().conns);
+    for c in &conns {
+        if let Some(s) = &c.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        self.conns.clear();
+    }
+    for mut c in conns {
+        if let Some(t) = c.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -208,7 +222,10 @@ impl<S: Service> Server<S> {
         } else {
             hs_deadline
         };
-        let (op, payload) = session.recv(s, req_deadline, Some(&self.budget))?;
+        let (op, payload) = match session.recv(s, req_deadline, Some(&self.budget)) {
+            Err(Error::Busy(m)) => return session.send(s, ERR, m.as_bytes()),
+            r => r?,
+        };
         if !session.authenticated() && !self.table.lock().admit(id) {
             return session.send(s, ERR, b"side channel busy; retry");
         }
@@ -259,14 +276,16 @@ impl<S: Service> Server<S> {
                     if let Err(e) = server.serve(id, &mut conn) {
                         tracing::debug!(error = %e, "side-channel request failed");
                     }
-                    // The accept loop holds a clone of the socket: close it for real.
-                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    // Close it for real (the accept loop holds a clone): unread bytes
+                    // make the kernel reset the connection, so a sender stops at once.
+                    server.table.lock().closed(id);
+                    drop(conn);
                 });
             match spawned {
                 Ok(t) => table.conns.push(Conn {
                     id,
                     source: peer.ip(),
-                    socket,
+                    socket: Some(socket),
                     admitted: false,
                     evicted: false,
                     thread: Some(t),
@@ -274,7 +293,7 @@ impl<S: Service> Server<S> {
                 Err(e) => tracing::warn!(error = %e, "side channel: cannot start a thread"),
             }
         }
-        self.table.lock().shutdown_all();
+        shutdown_all(&self.table);
     }
 }
 

@@ -146,6 +146,13 @@ impl Session {
 
     /// Sends one frame (tagged when authenticated).
     pub(crate) fn send(&mut self, s: &mut TcpStream, op: u8, payload: &[u8]) -> Result<()> {
+        let buf = self.seal(op, payload)?;
+        s.write_all(&buf)
+            .map_err(|e| Error::io("side channel write", e))
+    }
+
+    /// The bytes of the next frame (tagged when authenticated), as `send` writes them.
+    pub(crate) fn seal(&mut self, op: u8, payload: &[u8]) -> Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
         buf.extend_from_slice(&header(op, payload.len())?);
         buf.extend_from_slice(payload);
@@ -154,8 +161,7 @@ impl Session {
             buf.extend_from_slice(&tag);
         }
         self.send_seq += 1;
-        s.write_all(&buf)
-            .map_err(|e| Error::io("side channel write", e))
+        Ok(buf)
     }
 
     /// Receives one frame by `deadline`; its payload is reserved in `budget` (if any)
