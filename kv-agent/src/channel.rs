@@ -172,10 +172,12 @@ impl Table {
         }
     }
 
-    /// Forgets the socket of connection `id` (its thread is done with it).
+    /// Forgets the socket of connection `id` (its thread is done with it) and stops
+    /// counting it.
     fn closed(&mut self, id: u64) {
         if let Some(c) = self.conns.iter_mut().find(|c| c.id == id) {
             c.socket = None;
+            (c.admitted, c.evicted) = (false, true);
         }
     }
 }

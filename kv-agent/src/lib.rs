@@ -5,12 +5,14 @@
 //! side channel by default), picks per transfer a backend both peers share, and prepares
 //! transfers once to post many times, with deadlines, cancellation and notifications.
 //! Memory is registered through [`kv_mem::Region`]s that stay alive while any transfer
-//! names them.
+//! names them. Peers are authenticated with a cluster secret (see the README's trust
+//! model and [`AgentOptions::secret`]).
 //!
 //! ```no_run
 //! use kv_agent::{Agent, AgentOptions, TransferSpec};
 //! use kv_mem::{HostBuffer, Region};
 //!
+//! // The cluster secret: AgentOptions::secret, else KVX_SECRET (hex) from the environment.
 //! let agent = Agent::new("prefill-0", AgentOptions::default())?;
 //! agent.add_backend("tcp", &Default::default())?;
 //! let kv = Region::new(HostBuffer::alloc(64 << 20, 4096)?);
