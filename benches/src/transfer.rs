@@ -5,16 +5,26 @@
 //! order, each with a notification, as a prefill engine does while it computes; the
 //! passive side (a child process, or `--role passive` on another host) owns the other
 //! buffer and answers on its side channel. For WRITE the passive side checks what
-//! arrived; for READ it holds the source and the active side checks.
+//! arrived and publishes its verdict in its metadata (an attribute the active side
+//! fetches); for READ it holds the source and the active side checks.
+//!
+//! Both sides share a cluster secret: generated for a spawned pair (handed to the child
+//! in `KVX_SECRET`), given with `--secret`/`KVX_SECRET` in two-host mode (a passive
+//! side without one generates one and prints how to pass it). The active side sends a
+//! heartbeat notification every quarter deadline, so the passive side notices a dead
+//! or stalled active side within `--deadline`.
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kv_agent::layout::{ModelShape, PagedLayout};
-use kv_agent::{Agent, AgentOptions, TransferSpec};
+use kv_agent::{Agent, AgentOptions, PeerId, TransferSpec, SECRET_ENV};
+use kv_core::auth::ClusterSecret;
 use kv_core::{Error, Op, Result};
 use kv_mem::{HostBuffer, HostOptions, Region};
 
@@ -23,6 +33,12 @@ use crate::stats::{gbps, render, Format, Row, Summary, Value};
 
 /// Seed of the fill pattern (both processes use it).
 const SEED: u64 = 0x6b76_7862_656e_6368;
+/// Longest `--deadline`, in seconds (a day).
+const MAX_DEADLINE: u64 = 86_400;
+/// The attribute in which the passive side publishes its verdict.
+const RESULT_ATTRIBUTE: &str = "kv-bench/result";
+/// How long the active side waits for the passive side's verdict (it checks every byte).
+const VERDICT_WAIT: Duration = Duration::from_secs(120);
 
 /// Arguments of `kv-bench transfer`.
 #[derive(Debug, Clone, clap::Args)]
@@ -81,9 +97,15 @@ pub struct TransferArgs {
     /// Side-channel address the passive side listens on.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
-    /// Per-transfer deadline in seconds.
+    /// Per-transfer deadline in seconds (1..=86400); the passive side also gives up on
+    /// an active side it has not heard from for this long.
     #[arg(long, default_value_t = 60)]
     pub deadline: u64,
+    /// Cluster secret (hex) both sides share in two-host mode; prefer `KVX_SECRET` in
+    /// the environment (other users can read a command line). A spawned pair generates
+    /// its own.
+    #[arg(long)]
+    pub secret: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
@@ -154,6 +176,51 @@ impl TransferArgs {
         PagedLayout::for_tokens(self.shape()?, self.page_tokens, self.tokens)
     }
 
+    /// Checks every argument before any work (no buffer, agent or child yet).
+    pub fn validate(&self) -> Result<()> {
+        self.layout()?;
+        if !(1..=MAX_DEADLINE).contains(&self.deadline) {
+            return Err(Error::invalid_argument(format!(
+                "--deadline {} is out of range; use 1..={MAX_DEADLINE} seconds",
+                self.deadline
+            )));
+        }
+        if let Some(r) = &self.reference {
+            if r != "memcpy" {
+                return Err(Error::invalid_argument(format!(
+                    "unknown --reference {r}; use memcpy (native tools: kv-bench reference)"
+                )));
+            }
+        }
+        parse_params(&self.params)?;
+        if let Some(s) = &self.secret {
+            ClusterSecret::from_hex(s)?;
+        }
+        if self.role == Role::Passive && self.peer.is_some() {
+            return Err(Error::invalid_argument(
+                "--peer is for the active side; the passive side listens (--listen)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn deadline(&self) -> Duration {
+        Duration::from_secs(self.deadline)
+    }
+
+    /// The secret given on the command line or in `KVX_SECRET`, if any.
+    fn given_secret(&self) -> Result<Option<ClusterSecret>> {
+        if let Some(s) = &self.secret {
+            return ClusterSecret::from_hex(s).map(Some);
+        }
+        match std::env::var(SECRET_ENV) {
+            Ok(hex) if !hex.trim().is_empty() => ClusterSecret::from_hex(&hex)
+                .map(Some)
+                .map_err(|e| Error::invalid_argument(format!("{SECRET_ENV}: {e}"))),
+            _ => Ok(None),
+        }
+    }
+
     fn op(&self) -> Op {
         match self.op {
             OpArg::Write => Op::Write,
@@ -186,6 +253,8 @@ impl TransferArgs {
             },
             "--check".into(),
             self.check.to_string(),
+            "--deadline".into(),
+            self.deadline.to_string(),
         ];
         for (flag, v) in [
             ("--layers", self.layers),
@@ -216,8 +285,34 @@ pub fn parse_params(s: &str) -> Result<kv_core::Params> {
     Ok(p)
 }
 
-/// An agent with the requested backends loaded (the first must load).
-pub fn agent_with(name: &str, backends: &str, params: &str, opts: AgentOptions) -> Result<Agent> {
+/// The secret this process's agents share when none is given: `KVX_SECRET`, else one
+/// generated once (so agents of one process can talk to each other).
+fn process_secret() -> Result<ClusterSecret> {
+    static GENERATED: OnceLock<ClusterSecret> = OnceLock::new();
+    if let Ok(hex) = std::env::var(SECRET_ENV) {
+        if !hex.trim().is_empty() {
+            return ClusterSecret::from_hex(&hex)
+                .map_err(|e| Error::invalid_argument(format!("{SECRET_ENV}: {e}")));
+        }
+    }
+    if let Some(s) = GENERATED.get() {
+        return Ok(s.clone());
+    }
+    let s = ClusterSecret::generate()?;
+    Ok(GENERATED.get_or_init(|| s).clone())
+}
+
+/// An agent with the requested backends loaded (the first must load); without a secret
+/// in `opts` it gets this process's ([`process_secret`]).
+pub fn agent_with(
+    name: &str,
+    backends: &str,
+    params: &str,
+    mut opts: AgentOptions,
+) -> Result<Agent> {
+    if opts.secret.is_none() {
+        opts.secret = Some(process_secret()?);
+    }
     let agent = Agent::new(name, opts)?;
     let params = parse_params(params)?;
     let mut errors = Vec::new();
@@ -274,12 +369,25 @@ fn fill_region(buf: &mut HostBuffer) {
 /// The passive side: owns a buffer, listens, answers until told it is done.
 pub fn run_passive(args: &TransferArgs) -> Result<()> {
     let layout = args.layout()?;
+    let listen: SocketAddr = kv_agent_addr(&args.listen)?;
+    let child = std::env::var_os("KV_BENCH_CHILD").is_some();
+    let (secret, generated) = match args.given_secret()? {
+        Some(s) => (s, false),
+        None => (ClusterSecret::generate()?, true),
+    };
     let agent = agent_with(
         "decode",
         &args.backend,
         &args.params,
         AgentOptions {
             progress_thread: true,
+            secret: Some(secret.clone()),
+            // Listeners bind where the side channel does (loopback unless told).
+            bind_ip: if listen.ip().is_loopback() {
+                IpAddr::from([127, 0, 0, 1])
+            } else {
+                listen.ip()
+            },
             ..Default::default()
         },
     )?;
@@ -289,20 +397,29 @@ pub fn run_passive(args: &TransferArgs) -> Result<()> {
     }
     let region = Region::new(buf);
     let _reg = agent.register(&region)?;
-    let addr = agent.listen(&args.listen)?;
+    let addr = agent.listen(listen)?;
     println!("KVBENCH READY {addr}");
     let _ = std::io::stdout().flush();
-    if std::env::var_os("KV_BENCH_CHILD").is_none() {
+    if !child {
         eprintln!(
             "passive side listening on {addr} ({} MiB, backends {:?})",
             layout.total_bytes() >> 20,
             agent.backends()
         );
+        if generated {
+            eprintln!(
+                "no --secret or {SECRET_ENV} given: generated a cluster secret for this run \
+                 (fingerprint {}). Start the active side with\n  {SECRET_ENV}={} kv-bench \
+                 transfer --peer {addr} [same --model/--tokens/--op/--backend]",
+                secret.fingerprint(),
+                secret.to_hex()
+            );
+        }
     }
 
     // Exit if the parent goes away (stdin closes) when we were spawned by it.
     let (eof_tx, eof_rx) = mpsc::channel::<()>();
-    if std::env::var_os("KV_BENCH_CHILD").is_some() {
+    if child {
         std::thread::spawn(move || {
             let mut sink = String::new();
             while std::io::stdin()
@@ -315,8 +432,13 @@ pub fn run_passive(args: &TransferArgs) -> Result<()> {
             let _ = eof_tx.send(());
         });
     }
-    let idle_limit = Duration::from_secs(args.deadline.max(1) * 10);
-    let mut last = Instant::now();
+    // Before the active side shows up it may take a while (another host); once it did,
+    // its heartbeat must never pause for a whole deadline.
+    let first_contact = args.deadline() * 10;
+    let silence = args.deadline();
+    let started = Instant::now();
+    let mut last: Option<Instant> = None;
+    let mut verdict: Option<String> = None;
     loop {
         if eof_rx.try_recv().is_ok() {
             return Err(Error::RemoteDisconnected {
@@ -325,12 +447,19 @@ pub fn run_passive(args: &TransferArgs) -> Result<()> {
             });
         }
         for n in agent.notifications()? {
-            last = Instant::now();
-            if n.payload.starts_with(b"DONE") {
+            if last.is_none() {
+                println!("KVBENCH PEER {}", n.peer);
+                let _ = std::io::stdout().flush();
+            }
+            last = Some(Instant::now());
+            if n.payload.starts_with(b"BYE") {
+                return Ok(());
+            }
+            if n.payload.starts_with(b"DONE") && verdict.is_none() {
                 // SAFETY: DONE follows every transfer's data on the same backend, and the
                 // active side posts nothing after it.
                 let bytes = unsafe { region.memory() }.as_slice();
-                let verdict = if args.check && args.op() == Op::Write {
+                let v = if args.check && args.op() == Op::Write {
                     match pattern::first_mismatch(bytes, SEED, 0) {
                         None => "verified".to_string(),
                         Some(off) => format!("MISMATCH at byte {off}"),
@@ -338,19 +467,82 @@ pub fn run_passive(args: &TransferArgs) -> Result<()> {
                 } else {
                     "unchecked".to_string()
                 };
-                let crc = crc_of(bytes);
-                println!("KVBENCH RESULT {verdict} crc32c={crc:08x}");
+                let v = format!("{v} crc32c={:08x}", crc_of(bytes));
+                agent.set_attributes(vec![(RESULT_ATTRIBUTE.into(), Bytes::from(v.clone()))])?;
+                println!("KVBENCH RESULT {v}");
                 let _ = std::io::stdout().flush();
-                return Ok(());
+                verdict = Some(v);
+                last = Some(Instant::now());
             }
         }
-        if last.elapsed() > idle_limit {
-            return Err(Error::TimedOut {
-                what: "waiting for the active side".into(),
-                after: idle_limit,
-            });
+        match last {
+            // The verdict is published; the active side went away without a goodbye.
+            Some(t) if verdict.is_some() && t.elapsed() > silence => return Ok(()),
+            Some(t) if t.elapsed() > silence => {
+                return Err(Error::RemoteDisconnected {
+                    peer: "active side".into(),
+                    reason: format!(
+                        "no heartbeat for {}s (--deadline): it died or is stalled",
+                        silence.as_secs()
+                    ),
+                })
+            }
+            None if started.elapsed() > first_contact => {
+                return Err(Error::TimedOut {
+                    what: "waiting for the active side to connect".into(),
+                    after: first_contact,
+                })
+            }
+            _ => {}
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `addr` as a socket address (resolving a host name).
+fn kv_agent_addr(addr: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| Error::invalid_argument(format!("--listen {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::invalid_argument(format!("--listen {addr} resolves to nothing")))
+}
+
+/// Notifies `peer` every `every` from a thread until dropped, so the passive side knows
+/// this side is alive.
+struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(agent: &Agent, peer: PeerId, every: Duration) -> Heartbeat {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (agent.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Acquire) {
+                if a.notify(peer, Bytes::from_static(b"HB")).is_err() {
+                    return;
+                }
+                let end = Instant::now() + every;
+                while Instant::now() < end && !s.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        });
+        Heartbeat {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -366,12 +558,13 @@ struct Passive {
 }
 
 impl Passive {
-    fn spawn(args: &TransferArgs) -> Result<Passive> {
+    fn spawn(args: &TransferArgs, secret: &ClusterSecret) -> Result<Passive> {
         let exe =
             std::env::current_exe().map_err(|e| Error::io("finding kv-bench's own path", e))?;
         let mut child = Command::new(exe)
             .args(args.passive_args())
             .env("KV_BENCH_CHILD", "1")
+            .env(SECRET_ENV, secret.to_hex())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -457,12 +650,24 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     let op = args.op();
     let shape = layout.shape;
     let total = layout.total_bytes();
+    let secret = match (args.given_secret()?, &args.peer) {
+        (Some(s), _) => s,
+        (None, None) => ClusterSecret::generate()?,
+        (None, Some(_)) => {
+            return Err(Error::invalid_argument(format!(
+                "two-host mode needs the passive side's cluster secret: set {SECRET_ENV}=<hex> \
+                 (or --secret <hex>); a passive side started without one prints the one it \
+                 generated"
+            )))
+        }
+    };
     let agent = agent_with(
         "prefill",
         &args.backend,
         &args.params,
         AgentOptions {
-            default_deadline: Duration::from_secs(args.deadline.max(1)),
+            default_deadline: args.deadline(),
+            secret: Some(secret.clone()),
             ..Default::default()
         },
     )?;
@@ -471,17 +676,18 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
         fill_region(&mut buf);
     }
     // Everything that can be refused is checked before the passive side starts.
-    let mut passive = match &args.peer {
+    let passive = match &args.peer {
         Some(addr) => Passive {
             child: None,
             lines: mpsc::channel().1,
             addr: addr.clone(),
         },
-        None => Passive::spawn(args)?,
+        None => Passive::spawn(args, &secret)?,
     };
     let region = Region::new(buf);
     let reg = agent.register(&region)?;
     let peer = agent.fetch_remote(passive.addr.as_str())?;
+    let heartbeat = Heartbeat::start(&agent, peer, args.deadline() / 4);
     let (_, _, remote) = agent
         .remote_regions(peer)?
         .into_iter()
@@ -550,18 +756,19 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     bar.finish_and_clear();
 
     agent.notify(peer, Bytes::from_static(b"DONE"))?;
-    let verdict = match (op, &args.peer) {
-        (Op::Write, None) => passive.expect("KVBENCH RESULT ", Duration::from_secs(120))?,
-        (Op::Write, Some(_)) => "checked on the passive side".to_string(),
-        (Op::Read, _) if args.check => {
+    let verdict = match op {
+        Op::Write => passive_verdict(&agent, &passive.addr, peer)?,
+        Op::Read if args.check => {
             // SAFETY: every READ into the region completed (waited above).
             match pattern::first_mismatch(unsafe { region.memory() }.as_slice(), SEED, 0) {
                 None => "verified".to_string(),
                 Some(off) => format!("MISMATCH at byte {off}"),
             }
         }
-        (Op::Read, _) => "unchecked".to_string(),
+        Op::Read => "unchecked".to_string(),
     };
+    drop(heartbeat);
+    let _ = agent.notify(peer, Bytes::from_static(b"BYE"));
     let verified = verdict.starts_with("verified");
 
     let timed: Duration = iter_times.iter().sum();
@@ -606,6 +813,32 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     Ok(Report { rows, verified })
 }
 
+/// The passive side's verdict on a WRITE, from the attribute it publishes after DONE
+/// (fetched again until it shows up; the passive side checks every byte first).
+fn passive_verdict(agent: &Agent, addr: &str, peer: PeerId) -> Result<String> {
+    let end = Instant::now() + VERDICT_WAIT;
+    loop {
+        let now = agent.fetch_remote(addr)?;
+        let attrs = agent.peer_attributes(now)?;
+        if let Some((_, v)) = attrs.iter().find(|(k, _)| k == RESULT_ATTRIBUTE) {
+            return Ok(String::from_utf8_lossy(v).into_owned());
+        }
+        if now != peer {
+            return Err(Error::RemoteDisconnected {
+                peer: "passive side".into(),
+                reason: "it restarted before publishing its verdict".into(),
+            });
+        }
+        if Instant::now() > end {
+            return Err(Error::TimedOut {
+                what: "the passive side's verdict".into(),
+                after: VERDICT_WAIT,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Measures a reference in this process: single-thread memcpy of the same bytes.
 fn reference(name: &str, bytes: u64) -> Result<(String, f64)> {
     match name {
@@ -635,6 +868,7 @@ fn reference(name: &str, bytes: u64) -> Result<(String, f64)> {
 
 /// Runs `kv-bench transfer` and prints the result.
 pub fn main(args: &TransferArgs) -> Result<bool> {
+    args.validate()?;
     if args.role == Role::Passive {
         run_passive(args)?;
         return Ok(true);
