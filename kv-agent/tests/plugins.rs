@@ -198,7 +198,12 @@ fn a_registered_factory_works_like_the_built_ins() {
 /// Every documented parameter of every in-tree backend is one the backend knows (a
 /// wrong value may be refused, an unknown key must not be).
 #[test]
-#[cfg(all(feature = "tcp", feature = "ucx", feature = "libfabric", feature = "gds"))]
+#[cfg(all(
+    feature = "tcp",
+    feature = "ucx",
+    feature = "libfabric",
+    feature = "gds"
+))]
 fn documented_params_are_known_to_their_backends() {
     let init = BackendInit::new("params").with_secret(common::secret());
     for (backend, unknown) in [
