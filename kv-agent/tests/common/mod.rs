@@ -73,6 +73,10 @@ pub struct Hooked {
     pub slow_cancel: Duration,
     pub slow_deregister: Duration,
     pub slow_disconnect: Duration,
+    /// `deregister` always fails (a peer still writing, say).
+    pub fail_deregister: bool,
+    /// What `estimate_cost` answers.
+    pub cost: Option<Duration>,
     /// The target side serves peers' posts only inside its own `progress`.
     pub hub: Option<Arc<Hub>>,
     /// Endpoint -> peer name, transfer -> peer name (to route posts through the hub).
@@ -93,6 +97,8 @@ impl Hooked {
             slow_cancel: Duration::ZERO,
             slow_deregister: Duration::ZERO,
             slow_disconnect: Duration::ZERO,
+            fail_deregister: false,
+            cost: None,
             hub: None,
             peers: Mutex::new(Default::default()),
         }
@@ -142,6 +148,9 @@ impl Backend for Hooked {
     }
     fn deregister(&self, id: RegistrationId) -> kv_core::Result<()> {
         std::thread::sleep(self.slow_deregister);
+        if self.fail_deregister {
+            return Err(Error::Busy("a peer is still writing".into()));
+        }
         self.inner.deregister(id)
     }
     fn remote_key(&self, id: RegistrationId) -> kv_core::Result<Bytes> {
@@ -249,6 +258,9 @@ impl Backend for Hooked {
     }
     fn drain_notifications(&self, out: &mut Vec<Notification>) -> kv_core::Result<usize> {
         self.inner.drain_notifications(out)
+    }
+    fn estimate_cost(&self, _req: &TransferRequest) -> Option<Duration> {
+        self.cost
     }
 }
 
