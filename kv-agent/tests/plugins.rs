@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{agent, loopback, opts, write1, Hooked, Hub};
+use common::{agent, loopback, opts, pair, write1, Hooked, Hub};
 use kv_agent::{Agent, AgentOptions};
 use kv_core::conformance::pattern;
 use kv_core::loopback::LoopbackFabric;
@@ -232,23 +232,16 @@ fn documented_params_are_known_to_their_backends() {
 
 #[test]
 fn a_target_that_needs_progress_is_driven_by_its_agent() {
-    let f = LoopbackFabric::new();
     let hub = Arc::new(Hub::default());
-    let mk = |name: &str| {
-        let mut b = Hooked::new(loopback(&f, name), name, "tp");
-        b.hub = Some(hub.clone());
-        let b = Arc::new(b);
-        (agent(name, opts(), vec![b.clone()]), b)
-    };
-    let (p, pb) = mk("prefill");
     // Decode never calls progress, wait or notifications itself.
-    let (d, db) = mk("decode");
-    let src = pb.region(4096, 5);
-    let dst = db.region(4096, 6);
-    let _rs = p.register(&src).unwrap();
-    let rd = d.register(&dst).unwrap();
-    let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
-    let mut spec = write1(src.descriptor(), peer, rd.descriptor());
+    let x = pair(
+        "tp",
+        5,
+        |pb| pb.hub = Some(hub.clone()),
+        |db| db.hub = Some(hub.clone()),
+    );
+    let (p, d, db, dst) = (&x.p, &x.d, &x.db, &x.dst);
+    let mut spec = x.write();
     spec.deadline = Some(Duration::from_secs(3));
     let t = p.transfer(&spec, Some("after the data".into())).unwrap();
     let start = Instant::now();
@@ -269,26 +262,18 @@ fn a_target_that_needs_progress_is_driven_by_its_agent() {
 
 #[test]
 fn a_write_into_a_read_only_remote_region_is_refused_early() {
-    let f = LoopbackFabric::new();
-    let pb = Arc::new(Hooked::new(loopback(&f, "prefill"), "prefill", "lb"));
-    let db = Arc::new(Hooked::new(loopback(&f, "decode"), "decode", "lb"));
-    let p = agent("prefill", opts(), vec![pb.clone()]);
-    let d = agent("decode", opts(), vec![db.clone()]);
-    let src = pb.region(4096, 1);
-    let dst = db.region(4096, 2);
-    let _rs = p.register(&src).unwrap();
-    let rd = d.register(&dst).unwrap();
+    let x = pair("lb", 1, |_| {}, |_| {});
+    let (p, pb, db, src, dst) = (&x.p, &x.pb, &x.db, &x.src, &x.dst);
     // Decode publishes its region read-only.
-    let mut m = AgentMetadata::decode(&d.local_metadata().unwrap()).unwrap();
+    let mut m = AgentMetadata::decode(&x.d.local_metadata().unwrap()).unwrap();
     m.registrations[0].access = Access::ReadOnly;
     let peer = p.load_remote(&m.encode().unwrap()).unwrap();
-    let e = p
-        .prepare(&write1(src.descriptor(), peer, rd.descriptor()))
-        .unwrap_err();
+    assert_eq!(peer, x.peer);
+    let e = p.prepare(&x.write()).unwrap_err();
     assert!(matches!(e, Error::AccessDenied(_)), "{e}");
     assert_eq!(db.read(dst.descriptor()), pattern(2, 4096));
     // READs from it are fine.
-    let mut s = write1(src.descriptor(), peer, rd.descriptor());
+    let mut s = x.write();
     s.op = kv_core::Op::Read;
     p.transfer(&s, None).unwrap().wait().unwrap();
     assert_eq!(pb.read(src.descriptor()), pattern(2, 4096));

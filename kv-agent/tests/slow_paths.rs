@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{agent, loopback, opts, write1, Hooked};
+use common::{agent, loopback, opts, pair, write1, Hooked};
 use kv_core::conformance::pattern;
 use kv_core::loopback::LoopbackFabric;
 use kv_core::{Error, Status};
@@ -23,19 +23,14 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 
 #[test]
 fn poll_past_the_deadline_does_not_wait_for_a_slow_cancel() {
-    let f = LoopbackFabric::new();
-    let mut pb = Hooked::new(loopback(&f, "prefill"), "prefill", "lb");
-    (pb.stuck, pb.slow_cancel) = (true, SLOW);
-    let pb = Arc::new(pb);
-    let db = Arc::new(Hooked::new(loopback(&f, "decode"), "decode", "lb"));
-    let p = agent("prefill", opts(), vec![pb.clone()]);
-    let d = agent("decode", opts(), vec![db.clone()]);
-    let src = pb.region(4096, 1);
-    let dst = db.region(4096, 2);
-    let _rs = p.register(&src).unwrap();
-    let rd = d.register(&dst).unwrap();
-    let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
-    let mut spec = write1(src.descriptor(), peer, rd.descriptor());
+    let x = pair(
+        "lb",
+        1,
+        |pb| (pb.stuck, pb.slow_cancel) = (true, SLOW),
+        |_| {},
+    );
+    let (p, src) = (&x.p, &x.src);
+    let mut spec = x.write();
     spec.deadline = Some(Duration::from_millis(50));
     let t = p.transfer(&spec, None).unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -56,23 +51,11 @@ fn poll_past_the_deadline_does_not_wait_for_a_slow_cancel() {
 
 #[test]
 fn poll_does_not_wait_for_a_slow_deregistration() {
-    let f = LoopbackFabric::new();
-    let mut pb = Hooked::new(loopback(&f, "prefill"), "prefill", "lb");
-    pb.slow_deregister = SLOW;
-    let pb = Arc::new(pb);
-    let db = Arc::new(Hooked::new(loopback(&f, "decode"), "decode", "lb"));
-    let p = agent("prefill", opts(), vec![pb.clone()]);
-    let d = agent("decode", opts(), vec![db.clone()]);
-    let src = pb.region(4096, 3);
-    let dst = db.region(4096, 4);
-    let rs = p.register(&src).unwrap();
-    let rd = d.register(&dst).unwrap();
-    let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
-    let t = p
-        .transfer(&write1(src.descriptor(), peer, rd.descriptor()), None)
-        .unwrap();
+    let x = pair("lb", 3, |pb| pb.slow_deregister = SLOW, |_| {});
+    let t = x.p.transfer(&x.write(), None).unwrap();
+    let (p, src, db, dst) = (&x.p, &x.src, &x.db, &x.dst);
     // Dropped while in flight: deregistration is due when the transfer ends.
-    drop(rs);
+    drop(x.rs);
     let end = Instant::now() + Duration::from_secs(5);
     let mut status = Status::InProgress;
     while matches!(status, Status::InProgress) && Instant::now() < end {

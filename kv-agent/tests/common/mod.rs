@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kv_agent::{Agent, AgentOptions, PeerId, TransferSpec};
+use kv_agent::{Agent, AgentOptions, PeerId, Registration, TransferSpec};
 use kv_core::auth::ClusterSecret;
 use kv_core::conformance::pattern;
 use kv_core::loopback::{LoopbackBackend, LoopbackFabric};
@@ -285,4 +285,59 @@ pub fn agent(name: &str, o: AgentOptions, backends: Vec<Arc<Hooked>>) -> Agent {
 /// A fresh fabric's backend for agent `name`.
 pub fn loopback(f: &LoopbackFabric, name: &str) -> LoopbackBackend {
     f.backend(&BackendInit::new(name))
+}
+
+/// A prefill and a decode agent on one loopback fabric, each with a `Hooked` backend
+/// called `backend` (set up by `pk` / `dk`) and one registered 4 KiB region (patterns
+/// `seed`, `seed + 1`); prefill loaded decode's metadata as `peer`.
+pub struct Pair {
+    pub p: Agent,
+    pub d: Agent,
+    pub pb: Arc<Hooked>,
+    pub db: Arc<Hooked>,
+    pub src: Region<LoopMem>,
+    pub dst: Region<LoopMem>,
+    pub rs: Registration,
+    pub rd: Registration,
+    pub peer: PeerId,
+}
+
+pub fn pair(
+    backend: &str,
+    seed: u64,
+    pk: impl FnOnce(&mut Hooked),
+    dk: impl FnOnce(&mut Hooked),
+) -> Pair {
+    let f = LoopbackFabric::new();
+    let (mut pb, mut db) = (
+        Hooked::new(loopback(&f, "prefill"), "prefill", backend),
+        Hooked::new(loopback(&f, "decode"), "decode", backend),
+    );
+    pk(&mut pb);
+    dk(&mut db);
+    let (pb, db) = (Arc::new(pb), Arc::new(db));
+    let p = agent("prefill", opts(), vec![pb.clone()]);
+    let d = agent("decode", opts(), vec![db.clone()]);
+    let (src, dst) = (pb.region(4096, seed), db.region(4096, seed + 1));
+    let rs = p.register(&src).unwrap();
+    let rd = d.register(&dst).unwrap();
+    let peer = p.load_remote(&d.local_metadata().unwrap()).unwrap();
+    Pair {
+        p,
+        d,
+        pb,
+        db,
+        src,
+        dst,
+        rs,
+        rd,
+        peer,
+    }
+}
+
+impl Pair {
+    /// A WRITE of the whole source region into the whole destination region.
+    pub fn write(&self) -> TransferSpec {
+        write1(self.src.descriptor(), self.peer, self.rd.descriptor())
+    }
 }
