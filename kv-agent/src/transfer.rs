@@ -392,12 +392,14 @@ impl Transfer {
         }
     }
 
-    /// Waits like [`Transfer::wait`], from async code (tokio's timer drives the polling).
+    /// Waits like [`Transfer::wait`], from async code (tokio's timer drives the polling);
+    /// like `poll`, it never blocks on a cancel or a deregistration.
     #[cfg(feature = "tokio")]
     pub async fn wait_async(&self) -> Result<()> {
         loop {
             self.shared.progress_for_wait(&self.backend)?;
-            match self.poll_with(true) {
+            // Never block the executor: a cancel after the deadline runs on a helper.
+            match self.poll() {
                 Status::Done => return Ok(()),
                 Status::Failed(e) => return Err(e),
                 Status::Idle => {
