@@ -15,11 +15,14 @@ struct Pair {
 }
 
 fn pair(backend: &str, size: usize, batch: u64) -> Option<Pair> {
+    // Both agents share a cluster secret (networked backends need one).
+    let secret = kv_core::auth::ClusterSecret::generate().ok()?;
     let mk = |name: &str, progress| {
         let a = Agent::new(
             name,
             AgentOptions {
                 progress_thread: progress,
+                secret: Some(secret.clone()),
                 ..Default::default()
             },
         )

@@ -8,7 +8,9 @@
 
 #![warn(missing_docs)]
 
+mod passive;
 mod pattern;
+mod setup;
 mod stats;
 mod storage;
 mod sweep;

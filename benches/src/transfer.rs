@@ -5,445 +5,28 @@
 //! order, each with a notification, as a prefill engine does while it computes; the
 //! passive side (a child process, or `--role passive` on another host) owns the other
 //! buffer and answers on its side channel. For WRITE the passive side checks what
-//! arrived; for READ it holds the source and the active side checks.
+//! arrived and publishes its verdict in its metadata (an attribute the active side
+//! fetches); for READ it holds the source and the active side checks.
+//!
+//! Both sides share a cluster secret: generated for a spawned pair (handed to the child
+//! in `KVX_SECRET`), given with `--secret`/`KVX_SECRET` in two-host mode (a passive
+//! side without one generates one and prints how to pass it). The active side sends a
+//! heartbeat notification every quarter deadline, so the passive side notices a dead
+//! or stalled active side within `--deadline`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kv_agent::layout::{ModelShape, PagedLayout};
-use kv_agent::{Agent, AgentOptions, TransferSpec};
+use kv_agent::{AgentOptions, TransferSpec, SECRET_ENV};
+use kv_core::auth::ClusterSecret;
 use kv_core::{Error, Op, Result};
-use kv_mem::{HostBuffer, HostOptions, Region};
+use kv_mem::{HostBuffer, Region};
 
+use crate::passive::{passive_verdict, run_passive, Heartbeat, Passive};
 use crate::pattern;
+pub use crate::setup::{agent_with, Role, TransferArgs};
+use crate::setup::{fill_region, kv_buffer, SEED};
 use crate::stats::{gbps, render, Format, Row, Summary, Value};
-
-/// Seed of the fill pattern (both processes use it).
-const SEED: u64 = 0x6b76_7862_656e_6368;
-
-/// Arguments of `kv-bench transfer`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TransferArgs {
-    /// Model shape: llama3-8b, mistral-7b, llama3-70b, llama3.1-405b, qwen2-7b, deepseek-v3, or custom.
-    #[arg(long, default_value = "llama3-8b")]
-    pub model: String,
-    /// Layers (custom model).
-    #[arg(long)]
-    pub layers: Option<u32>,
-    /// KV heads (custom model).
-    #[arg(long)]
-    pub kv_heads: Option<u32>,
-    /// Head dimension (custom model).
-    #[arg(long)]
-    pub head_dim: Option<u32>,
-    /// Element type: bf16, fp16, fp8, fp32.
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
-    /// MLA latent layout (custom model): one vector per token per layer.
-    #[arg(long)]
-    pub latent: bool,
-    /// Tokens per page.
-    #[arg(long, default_value_t = 16)]
-    pub page_tokens: u32,
-    /// Tokens of KV to move.
-    #[arg(long, default_value_t = 8192)]
-    pub tokens: u64,
-    /// Coalesce adjacent pages into payloads of at most this many tokens (0: unlimited).
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: u32,
-    /// Backend(s) to load, comma-separated, in preference order.
-    #[arg(long, default_value = "tcp")]
-    pub backend: String,
-    /// Backend parameters as key=value, comma-separated (e.g. `same_host=false`).
-    #[arg(long, default_value = "")]
-    pub params: String,
-    /// WRITE (prefill pushes) or READ (decode pulls).
-    #[arg(long, value_enum, default_value = "write")]
-    pub op: OpArg,
-    /// Timed iterations over all layers (after one warm-up).
-    #[arg(long, default_value_t = 3)]
-    pub iters: u32,
-    /// Verify every byte on the receiver (default on).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub check: bool,
-    /// Also measure a reference in this process and print the ratio: `memcpy`.
-    #[arg(long)]
-    pub reference: Option<String>,
-    /// `active` (default; spawns the passive side unless --peer is given) or `passive`.
-    #[arg(long, value_enum, default_value = "active")]
-    pub role: Role,
-    /// Side-channel address of a passive side already running (two hosts).
-    #[arg(long)]
-    pub peer: Option<String>,
-    /// Side-channel address the passive side listens on.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: String,
-    /// Per-transfer deadline in seconds.
-    #[arg(long, default_value_t = 60)]
-    pub deadline: u64,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-}
-
-/// Transfer direction on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OpArg {
-    /// Active side pushes into the passive side.
-    Write,
-    /// Active side pulls from the passive side.
-    Read,
-}
-
-/// Which side this process plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    /// Prepares and posts the transfers.
-    Active,
-    /// Owns the other buffer; answers on its side channel.
-    Passive,
-}
-
-impl TransferArgs {
-    /// The model shape the arguments name.
-    pub fn shape(&self) -> Result<ModelShape> {
-        let dtype_bytes = match self.dtype.as_str() {
-            "bf16" | "fp16" => 2,
-            "fp8" => 1,
-            "fp32" => 4,
-            other => {
-                return Err(Error::invalid_argument(format!(
-                    "unknown --dtype {other}; use bf16, fp16, fp8 or fp32"
-                )))
-            }
-        };
-        let shape = if self.model == "custom" {
-            let need = |v: Option<u32>, name: &str| {
-                v.ok_or_else(|| Error::invalid_argument(format!("--model custom needs --{name}")))
-            };
-            ModelShape {
-                layers: need(self.layers, "layers")?,
-                kv_heads: need(self.kv_heads, "kv-heads")?,
-                head_dim: need(self.head_dim, "head-dim")?,
-                dtype_bytes,
-                latent: self.latent,
-            }
-        } else {
-            let mut s = ModelShape::preset(&self.model).ok_or_else(|| {
-                Error::invalid_argument(format!(
-                    "unknown --model {}; use one of {} or custom",
-                    self.model,
-                    ModelShape::PRESETS.join(", ")
-                ))
-            })?;
-            s.dtype_bytes = dtype_bytes;
-            s
-        };
-        shape.validate()?;
-        Ok(shape)
-    }
-
-    /// The paged layout of the KV cache to move.
-    pub fn layout(&self) -> Result<PagedLayout> {
-        if self.tokens == 0 {
-            return Err(Error::invalid_argument("--tokens must be at least 1"));
-        }
-        PagedLayout::for_tokens(self.shape()?, self.page_tokens, self.tokens)
-    }
-
-    fn op(&self) -> Op {
-        match self.op {
-            OpArg::Write => Op::Write,
-            OpArg::Read => Op::Read,
-        }
-    }
-
-    /// Arguments that make a passive side with the same layout.
-    fn passive_args(&self) -> Vec<String> {
-        let mut a = vec![
-            "transfer".into(),
-            "--role".into(),
-            "passive".into(),
-            "--model".into(),
-            self.model.clone(),
-            "--dtype".into(),
-            self.dtype.clone(),
-            "--page-tokens".into(),
-            self.page_tokens.to_string(),
-            "--tokens".into(),
-            self.tokens.to_string(),
-            "--backend".into(),
-            self.backend.clone(),
-            "--params".into(),
-            self.params.clone(),
-            "--op".into(),
-            match self.op {
-                OpArg::Write => "write".into(),
-                OpArg::Read => "read".into(),
-            },
-            "--check".into(),
-            self.check.to_string(),
-        ];
-        for (flag, v) in [
-            ("--layers", self.layers),
-            ("--kv-heads", self.kv_heads),
-            ("--head-dim", self.head_dim),
-        ] {
-            if let Some(v) = v {
-                a.push(flag.into());
-                a.push(v.to_string());
-            }
-        }
-        if self.latent {
-            a.push("--latent".into());
-        }
-        a
-    }
-}
-
-/// Parses `k=v,k=v` backend parameters.
-pub fn parse_params(s: &str) -> Result<kv_core::Params> {
-    let mut p = kv_core::Params::new();
-    for kv in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-        let (k, v) = kv.split_once('=').ok_or_else(|| {
-            Error::invalid_argument(format!("--params entry {kv:?} is not key=value"))
-        })?;
-        p.insert(k.trim().to_string(), v.trim().to_string());
-    }
-    Ok(p)
-}
-
-/// An agent with the requested backends loaded (the first must load).
-pub fn agent_with(name: &str, backends: &str, params: &str, opts: AgentOptions) -> Result<Agent> {
-    let agent = Agent::new(name, opts)?;
-    let params = parse_params(params)?;
-    let mut errors = Vec::new();
-    for b in backends.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-        if let Err(e) = agent.add_backend(b, &params) {
-            errors.push(e);
-        }
-    }
-    if agent.backends().is_empty() {
-        return Err(errors
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| Error::invalid_argument("--backend names no backend")));
-    }
-    for e in errors {
-        eprintln!("note: {e}");
-    }
-    Ok(agent)
-}
-
-/// Bytes of memory the OS says are available, if it says.
-fn available_memory() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Allocates the KV buffer; refuses sizes the machine cannot hold.
-fn kv_buffer(bytes: u64, copies: u64) -> Result<HostBuffer> {
-    if let Some(avail) = available_memory() {
-        if bytes.saturating_mul(copies) > avail / 10 * 9 {
-            return Err(Error::invalid_argument(format!(
-                "the KV cache needs {} MiB x {copies} but only {} MiB are available; lower --tokens",
-                bytes >> 20,
-                avail >> 20
-            )));
-        }
-    }
-    let len = usize::try_from(bytes).map_err(|_| Error::invalid_argument("KV cache too large"))?;
-    HostBuffer::with_options(
-        len,
-        HostOptions {
-            shared: true,
-            ..Default::default()
-        },
-    )
-}
-
-fn fill_region(buf: &mut HostBuffer) {
-    pattern::fill(buf.as_mut_slice(), SEED, 0);
-}
-
-/// The passive side: owns a buffer, listens, answers until told it is done.
-pub fn run_passive(args: &TransferArgs) -> Result<()> {
-    let layout = args.layout()?;
-    let agent = agent_with(
-        "decode",
-        &args.backend,
-        &args.params,
-        AgentOptions {
-            progress_thread: true,
-            ..Default::default()
-        },
-    )?;
-    let mut buf = kv_buffer(layout.total_bytes(), 2)?;
-    if args.op() == Op::Read {
-        fill_region(&mut buf);
-    }
-    let region = Region::new(buf);
-    let _reg = agent.register(&region)?;
-    let addr = agent.listen(&args.listen)?;
-    println!("KVBENCH READY {addr}");
-    let _ = std::io::stdout().flush();
-    if std::env::var_os("KV_BENCH_CHILD").is_none() {
-        eprintln!(
-            "passive side listening on {addr} ({} MiB, backends {:?})",
-            layout.total_bytes() >> 20,
-            agent.backends()
-        );
-    }
-
-    // Exit if the parent goes away (stdin closes) when we were spawned by it.
-    let (eof_tx, eof_rx) = mpsc::channel::<()>();
-    if std::env::var_os("KV_BENCH_CHILD").is_some() {
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while std::io::stdin()
-                .read_line(&mut sink)
-                .map(|n| n > 0)
-                .unwrap_or(false)
-            {
-                sink.clear();
-            }
-            let _ = eof_tx.send(());
-        });
-    }
-    let idle_limit = Duration::from_secs(args.deadline.max(1) * 10);
-    let mut last = Instant::now();
-    loop {
-        if eof_rx.try_recv().is_ok() {
-            return Err(Error::RemoteDisconnected {
-                peer: "active side".into(),
-                reason: "stdin closed".into(),
-            });
-        }
-        for n in agent.notifications()? {
-            last = Instant::now();
-            if n.payload.starts_with(b"DONE") {
-                // SAFETY: DONE follows every transfer's data on the same backend, and the
-                // active side posts nothing after it.
-                let bytes = unsafe { region.memory() }.as_slice();
-                let verdict = if args.check && args.op() == Op::Write {
-                    match pattern::first_mismatch(bytes, SEED, 0) {
-                        None => "verified".to_string(),
-                        Some(off) => format!("MISMATCH at byte {off}"),
-                    }
-                } else {
-                    "unchecked".to_string()
-                };
-                let crc = crc_of(bytes);
-                println!("KVBENCH RESULT {verdict} crc32c={crc:08x}");
-                let _ = std::io::stdout().flush();
-                return Ok(());
-            }
-        }
-        if last.elapsed() > idle_limit {
-            return Err(Error::TimedOut {
-                what: "waiting for the active side".into(),
-                after: idle_limit,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn crc_of(b: &[u8]) -> u32 {
-    // A CRC over 1 GiB costs ~0.1 s with SSE4.2; it lets two hosts compare by eye.
-    crc32c::crc32c(b)
-}
-
-struct Passive {
-    child: Option<Child>,
-    lines: mpsc::Receiver<String>,
-    addr: String,
-}
-
-impl Passive {
-    fn spawn(args: &TransferArgs) -> Result<Passive> {
-        let exe =
-            std::env::current_exe().map_err(|e| Error::io("finding kv-bench's own path", e))?;
-        let mut child = Command::new(exe)
-            .args(args.passive_args())
-            .env("KV_BENCH_CHILD", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| Error::io("spawning the passive side", e))?;
-        let out = child
-            .stdout
-            .take()
-            .ok_or_else(|| Error::invalid_argument("child has no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut p = Passive {
-            child: Some(child),
-            lines: rx,
-            addr: String::new(),
-        };
-        let ready = p.expect("KVBENCH READY ", Duration::from_secs(120))?;
-        p.addr = ready.trim().to_string();
-        Ok(p)
-    }
-
-    fn expect(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
-        let end = Instant::now() + timeout;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    if let Some(rest) = l.strip_prefix(prefix) {
-                        return Ok(rest.to_string());
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(Error::TimedOut {
-                        what: format!("passive side to print {prefix:?}"),
-                        after: timeout,
-                    })
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.as_mut().and_then(|c| c.wait().ok());
-                    return Err(Error::RemoteDisconnected {
-                        peer: "passive side".into(),
-                        reason: format!("exited ({status:?}) before printing {prefix:?}"),
-                    });
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Passive {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            drop(c.stdin.take());
-            let end = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// What one run measured.
 pub struct Report {
@@ -457,12 +40,24 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     let op = args.op();
     let shape = layout.shape;
     let total = layout.total_bytes();
+    let secret = match (args.given_secret()?, &args.peer) {
+        (Some(s), _) => s,
+        (None, None) => ClusterSecret::generate()?,
+        (None, Some(_)) => {
+            return Err(Error::invalid_argument(format!(
+                "two-host mode needs the passive side's cluster secret: set {SECRET_ENV}=<hex> \
+                 (or --secret <hex>); a passive side started without one prints the one it \
+                 generated"
+            )))
+        }
+    };
     let agent = agent_with(
         "prefill",
         &args.backend,
         &args.params,
         AgentOptions {
-            default_deadline: Duration::from_secs(args.deadline.max(1)),
+            default_deadline: args.deadline(),
+            secret: Some(secret.clone()),
             ..Default::default()
         },
     )?;
@@ -471,17 +66,14 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
         fill_region(&mut buf);
     }
     // Everything that can be refused is checked before the passive side starts.
-    let mut passive = match &args.peer {
-        Some(addr) => Passive {
-            child: None,
-            lines: mpsc::channel().1,
-            addr: addr.clone(),
-        },
-        None => Passive::spawn(args)?,
+    let passive = match &args.peer {
+        Some(addr) => Passive::at(addr),
+        None => Passive::spawn(args, &secret)?,
     };
     let region = Region::new(buf);
     let reg = agent.register(&region)?;
     let peer = agent.fetch_remote(passive.addr.as_str())?;
+    let heartbeat = Heartbeat::start(&agent, peer, args.deadline() / 4);
     let (_, _, remote) = agent
         .remote_regions(peer)?
         .into_iter()
@@ -550,18 +142,19 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     bar.finish_and_clear();
 
     agent.notify(peer, Bytes::from_static(b"DONE"))?;
-    let verdict = match (op, &args.peer) {
-        (Op::Write, None) => passive.expect("KVBENCH RESULT ", Duration::from_secs(120))?,
-        (Op::Write, Some(_)) => "checked on the passive side".to_string(),
-        (Op::Read, _) if args.check => {
+    let verdict = match op {
+        Op::Write => passive_verdict(&agent, &passive.addr, peer)?,
+        Op::Read if args.check => {
             // SAFETY: every READ into the region completed (waited above).
             match pattern::first_mismatch(unsafe { region.memory() }.as_slice(), SEED, 0) {
                 None => "verified".to_string(),
                 Some(off) => format!("MISMATCH at byte {off}"),
             }
         }
-        (Op::Read, _) => "unchecked".to_string(),
+        Op::Read => "unchecked".to_string(),
     };
+    drop(heartbeat);
+    let _ = agent.notify(peer, Bytes::from_static(b"BYE"));
     let verified = verdict.starts_with("verified");
 
     let timed: Duration = iter_times.iter().sum();
@@ -635,6 +228,7 @@ fn reference(name: &str, bytes: u64) -> Result<(String, f64)> {
 
 /// Runs `kv-bench transfer` and prints the result.
 pub fn main(args: &TransferArgs) -> Result<bool> {
+    args.validate()?;
     if args.role == Role::Passive {
         run_passive(args)?;
         return Ok(true);

@@ -1,7 +1,10 @@
 //! The `kv-bench` binary as a user runs it: a real two-process transfer, verified, and
 //! one-line errors with exit code 2 for bad input.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 fn kv_bench(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kv-bench"))
@@ -94,6 +97,10 @@ fn bad_input_is_one_line_and_exit_2() {
         &["transfer", "--tokens", "0"],
         &["transfer", "--tokens", "100000000000"],
         &["transfer", "--backend", "no-such-backend"],
+        &["transfer", "--deadline", "0"],
+        &["transfer", "--deadline", "18446744073709551615"],
+        &["transfer", "--secret", "not-hex"],
+        &["transfer", "--role", "passive", "--peer", "127.0.0.1:1"],
         &["transfer", "--model", "custom", "--layers", "4"],
         &["sweep", "--sizes", "0"],
         &["storage", "--block", "1000"],
@@ -201,4 +208,163 @@ fn tier_replays_generated_and_file_traces() {
     assert_eq!(rc, 2, "{err}");
     assert!(err.contains("line 1"), "{err}");
     std::fs::remove_file(&file).ok();
+}
+
+/// Bad arguments are refused before any work: no buffer, no child, no transfer.
+#[test]
+fn transfer_arguments_are_checked_before_any_work() {
+    for args in [
+        &["transfer", "--tokens", "2048", "--reference", "fio"][..],
+        &["transfer", "--tokens", "2048", "--deadline", "0"],
+    ] {
+        let start = Instant::now();
+        let (rc, out, err) = kv_bench(args);
+        assert_eq!(rc, 2, "{args:?}: {out}\n{err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!out.contains("KVBENCH"), "{args:?} did work: {out}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{args:?} took {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+/// A `kv-bench transfer --role passive` process on its own (the other host), with its
+/// stdout and stderr lines.
+struct Passive {
+    child: Child,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines().map_while(|l| l.ok()) {
+            let _ = tx.send(l);
+        }
+    });
+    rx
+}
+
+impl Passive {
+    fn start(args: &[&str], secret: Option<&str>) -> Passive {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kv-bench"));
+        cmd.args(["transfer", "--role", "passive", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("KVX_SECRET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(s) = secret {
+            cmd.env("KVX_SECRET", s);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let out = lines(child.stdout.take().unwrap());
+        let err = lines(child.stderr.take().unwrap());
+        Passive { child, out, err }
+    }
+
+    /// The rest of the first line on `rx` that contains `what`.
+    fn find(rx: &mpsc::Receiver<String>, what: &str, within: Duration) -> Option<String> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(50)) {
+                if let Some(i) = l.find(what) {
+                    return Some(l[i + what.len()..].trim().to_string());
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits for the process to exit; its status code and how long that took.
+    fn exit_within(&mut self, within: Duration) -> Option<(i32, Duration)> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some((st.code().unwrap_or(-1), start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Passive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two-host mode with `--op write`: the active side learns the passive side's verdict
+/// (and a passive side without a secret prints one, with how to pass it).
+#[test]
+fn two_host_write_reports_the_passive_verdict() {
+    let common = ["--tokens", "256", "--op", "write", "--deadline", "20"];
+    let mut p = Passive::start(&common, None);
+    let addr = Passive::find(&p.out, "KVBENCH READY ", Duration::from_secs(20)).expect("READY");
+    let how = Passive::find(&p.err, "KVX_SECRET=", Duration::from_secs(5)).expect("secret hint");
+    let secret = how.split_whitespace().next().unwrap().to_string();
+    // Without the secret the active side says how to get one, before any work.
+    let (rc, out, err) = kv_bench(&[&["transfer", "--peer", &addr][..], &common].concat());
+    assert_eq!(rc, 2, "{out}\n{err}");
+    assert!(err.contains("KVX_SECRET"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_kv-bench"))
+        .args([&["transfer", "--peer", &addr, "--iters", "1"][..], &common].concat())
+        .env("KVX_SECRET", &secret)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("verified") && stdout.contains("true"),
+        "{stdout}"
+    );
+    let (rc, _) = p
+        .exit_within(Duration::from_secs(10))
+        .expect("passive exits");
+    assert_eq!(rc, 0);
+}
+
+/// The passive side notices an active side that died mid-run within `--deadline`, not
+/// ten deadlines later.
+#[test]
+fn passive_notices_a_dead_active_within_the_deadline() {
+    let secret = "00112233445566778899aabbccddeeff";
+    let common = ["--tokens", "256", "--op", "write", "--deadline", "2"];
+    let mut p = Passive::start(&common, Some(secret));
+    let addr = Passive::find(&p.out, "KVBENCH READY ", Duration::from_secs(20)).expect("READY");
+    let mut active = Command::new(env!("CARGO_BIN_EXE_kv-bench"))
+        .args(
+            [
+                &["transfer", "--peer", &addr, "--iters", "1000000"][..],
+                &common,
+            ]
+            .concat(),
+        )
+        .env("KVX_SECRET", secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once the active side is connected and moving data, kill it.
+    let contact = Passive::find(&p.out, "KVBENCH PEER", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(if contact.is_some() {
+        500
+    } else {
+        3000
+    }));
+    active.kill().unwrap();
+    active.wait().unwrap();
+    let (rc, took) = p
+        .exit_within(Duration::from_secs(8))
+        .expect("the passive side did not notice the dead active side within 8 s");
+    assert_ne!(rc, 0);
+    assert!(took < Duration::from_secs(4), "noticed after {took:?}");
 }

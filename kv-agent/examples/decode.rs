@@ -1,15 +1,19 @@
 //! The decode side of a disaggregated pair: registers a KV cache, serves its metadata on
 //! a side channel, and reports each layer as the prefill side's notifications arrive.
 //!
+//! Both sides must share a cluster secret (`KVX_SECRET`, hex); without one the decode
+//! side generates one and prints it:
+//!
 //! ```sh
-//! cargo run --release -p kv-agent --example decode -- 127.0.0.1:7000
-//! cargo run --release -p kv-agent --example prefill -- 127.0.0.1:7000   # second terminal
+//! cargo run --release -p kv-agent --example decode -- 127.0.0.1:7000   # prints KVX_SECRET=…
+//! KVX_SECRET=<printed> cargo run --release -p kv-agent --example prefill -- 127.0.0.1:7000
 //! ```
 
 use std::time::{Duration, Instant};
 
 use kv_agent::layout::{ModelShape, PagedLayout};
 use kv_agent::{Agent, AgentOptions};
+use kv_core::auth::ClusterSecret;
 use kv_mem::{HostBuffer, Region};
 
 fn main() -> kv_core::Result<()> {
@@ -19,10 +23,20 @@ fn main() -> kv_core::Result<()> {
     // Llama-3-8B, 2048 tokens in 16-token pages: 256 MiB of KV.
     let layout =
         PagedLayout::for_tokens(ModelShape::preset("llama3-8b").expect("preset"), 16, 2048)?;
+    // The secret from KVX_SECRET, else a fresh one the prefill side must be given.
+    let secret = match std::env::var(kv_agent::SECRET_ENV) {
+        Ok(hex) => ClusterSecret::from_hex(&hex)?,
+        Err(_) => {
+            let s = ClusterSecret::generate()?;
+            println!("decode: start prefill with KVX_SECRET={}", s.to_hex());
+            s
+        }
+    };
     let agent = Agent::new(
         "decode",
         AgentOptions {
             progress_thread: true,
+            secret: Some(secret),
             ..Default::default()
         },
     )?;

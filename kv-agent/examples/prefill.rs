@@ -1,6 +1,7 @@
 //! The prefill side: fetches the decode side's metadata, then writes the KV cache into
 //! it layer by layer, each layer followed by a notification, as a prefill engine does
-//! while it computes. Run `decode` first (see examples/decode.rs).
+//! while it computes. Run `decode` first (see examples/decode.rs) and give this side the
+//! secret it printed in `KVX_SECRET` (the agent reads it from there).
 
 use bytes::Bytes;
 use kv_agent::layout::{ModelShape, PagedLayout};

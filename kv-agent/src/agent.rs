@@ -10,11 +10,12 @@ use bytes::Bytes;
 use kv_core::{Backend, Descriptor, DescriptorList, Error, MemKind, Notification, Params, Result};
 use kv_mem::{Memory, Region};
 
+use crate::backends::ParamDoc;
 use crate::channel;
 use crate::choice;
-use crate::peers::PeerId;
+use crate::peers::{check_attributes, PeerId};
 use crate::registry::{BackendStats, RegionEntry};
-use crate::shared::{progress_loop, AgentOptions, Shared};
+use crate::shared::{resolve_secret, AgentOptions, Shared};
 use crate::transfer::{Transfer, TransferSpec};
 
 /// The agent an inference engine embeds: it owns backends and registrations, exchanges
@@ -40,7 +41,9 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// A new agent called `name` (unique among the agents that talk to each other).
-    pub fn new(name: &str, opts: AgentOptions) -> Result<Agent> {
+    /// Its cluster secret is `opts.secret`, else `KVX_SECRET` (hex) from the
+    /// environment; a malformed `KVX_SECRET` is [`Error::InvalidArgument`].
+    pub fn new(name: &str, mut opts: AgentOptions) -> Result<Agent> {
         if name.is_empty() || name.len() > kv_core::codec::MAX_NAME_LEN {
             return Err(Error::invalid_argument(format!(
                 "agent name must be 1..={} bytes",
@@ -48,20 +51,14 @@ impl Agent {
             )));
         }
         check_attributes(&opts.attributes)?;
+        opts.secret = resolve_secret(&opts)?;
         let generation = opts.generation.unwrap_or_else(|| {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1)
         });
-        let shared = Arc::new(Shared::new(name, generation, opts.clone()));
-        if opts.progress_thread {
-            let weak = Arc::downgrade(&shared);
-            std::thread::Builder::new()
-                .name(format!("kv-agent-progress-{name}"))
-                .spawn(move || progress_loop(weak))
-                .map_err(|e| Error::io("starting the progress thread", e))?;
-        }
+        let shared = Arc::new(Shared::new(name, generation, opts));
         Ok(Agent { shared })
     }
 
@@ -75,19 +72,27 @@ impl Agent {
         self.shared.generation
     }
 
-    /// Creates a backend by name (`tcp`, `ucx`, `libfabric`, `gds`) with its parameters
-    /// and adds it. A backend whose library is missing fails with
-    /// [`Error::BackendUnavailable`] and is listed by [`Agent::unavailable`].
+    /// Creates a backend by name (`tcp`, `ucx`, `libfabric`, `gds`, or one registered
+    /// with [`crate::register_backend_factory`]) with its parameters
+    /// ([`Agent::backend_params`]) and adds it. A backend whose library is missing fails
+    /// with [`Error::BackendUnavailable`] and is listed by [`Agent::unavailable`]. A
+    /// networked backend (`Capabilities::remote`) needs the cluster secret (see
+    /// [`AgentOptions::secret`]).
     pub fn add_backend(&self, name: &str, params: &Params) -> Result<()> {
-        let factory = crate::backends::factory(name).ok_or_else(|| Error::BackendUnavailable {
-            name: name.into(),
-            reason: format!(
-                "unknown backend; this build knows [{}]",
-                crate::backends::known().join(", ")
-            ),
-        })?;
-        match factory(&self.shared.backend_init(), params) {
-            Ok(b) => self.add_backend_instance(b),
+        let created = crate::backends::create(
+            name,
+            &self.shared.backend_init(),
+            params,
+            self.shared.unauthenticated(),
+        );
+        match created {
+            Ok(b) => {
+                if b.capabilities().remote {
+                    self.shared
+                        .require_secret(&format!("the networked backend {name}"))?;
+                }
+                self.add_backend_instance(b)
+            }
             Err(e) => {
                 tracing::info!(backend = name, error = %e, "backend unavailable");
                 self.shared.registry.mark_unavailable(name, e.to_string());
@@ -96,10 +101,17 @@ impl Agent {
         }
     }
 
+    /// The parameters [`Agent::add_backend`] takes for backend `name`, with defaults and
+    /// a line on each (as NIXL's `get_plugin_params`).
+    pub fn backend_params(&self, name: &str) -> Result<Vec<ParamDoc>> {
+        crate::backends::backend_params(name)
+    }
+
     /// Adds a backend built elsewhere (a third-party plugin). Its `name()` must be unique
-    /// in this agent and equal to the name peers use for it.
+    /// in this agent and equal to the name peers use for it. The caller built it with
+    /// its own [`kv_core::BackendInit`]: the agent's secret is not checked here.
     pub fn add_backend_instance(&self, backend: Arc<dyn Backend>) -> Result<()> {
-        self.shared.registry.add_backend(backend)
+        self.shared.add_backend(backend)
     }
 
     /// Names of the usable backends, in the order they were added.
@@ -146,13 +158,16 @@ impl Agent {
 
     /// Loads a peer's metadata (full or partial). A higher generation than the one
     /// known replaces it: the old [`PeerId`] is refused from then on.
+    /// The generation it replaces is disconnected on a helper thread, so this returns
+    /// without waiting for any backend.
     pub fn load_remote(&self, bytes: &[u8]) -> Result<PeerId> {
-        self.shared.load_remote(bytes)
+        self.shared.load_remote(bytes, None)
     }
 
-    /// Forgets a peer: its [`PeerId`] is refused from then on.
+    /// Forgets a peer: its [`PeerId`] is refused from then on (its connections close on
+    /// a helper thread).
     pub fn invalidate_remote(&self, peer: PeerId) -> Result<()> {
-        self.shared.peers.invalidate(&self.shared.registry, peer)
+        self.shared.invalidate(peer)
     }
 
     /// The name and generation of a loaded peer.
@@ -213,13 +228,10 @@ impl Agent {
         b.backend.notify(ep, payload)
     }
 
-    /// Drains the notifications received on every backend, oldest first per backend.
+    /// Drains the notifications received on every backend, oldest first per backend
+    /// (driving first the backends whose target side needs progress).
     pub fn notifications(&self) -> Result<Vec<Notification>> {
-        let mut out = Vec::new();
-        for b in self.shared.registry.backends.read().iter() {
-            b.backend.drain_notifications(&mut out)?;
-        }
-        Ok(out)
+        self.shared.notifications()
     }
 
     /// Drives every backend once; returns the number of events handled.
@@ -228,12 +240,22 @@ impl Agent {
     }
 
     /// Serves this agent's metadata on `addr` (e.g. `127.0.0.1:0`) from a background
-    /// thread until the agent is dropped; returns the bound address.
+    /// thread until the agent is dropped; returns the bound address. Only peers that
+    /// prove the cluster secret are served. `addr` must be loopback or on
+    /// [`AgentOptions::bind_ip`].
     pub fn listen(&self, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+        self.shared.require_secret("the side channel")?;
+        let addr = channel::resolve(addr)?;
+        let bind = self.shared.opts.bind_ip;
+        if !addr.ip().is_loopback() && !bind.is_unspecified() && addr.ip() != bind {
+            return Err(Error::invalid_argument(format!(
+                "the side channel binds to loopback or AgentOptions::bind_ip ({bind}); set                  bind_ip to {} to listen on {addr}",
+                addr.ip()
+            )));
+        }
         self.shared.channel.listen(
             addr,
-            &self.shared.name,
-            self.shared.opts.channel_timeout,
+            self.shared.channel_config(),
             Arc::downgrade(&self.shared),
         )
     }
@@ -241,21 +263,23 @@ impl Agent {
     /// Fetches a peer's metadata from its side channel and loads it; remembers the
     /// address for [`Agent::publish`].
     pub fn fetch_remote(&self, addr: impl ToSocketAddrs) -> Result<PeerId> {
+        self.shared.require_secret("fetching metadata")?;
         let addr = channel::resolve(addr)?;
         self.shared
             .channel
-            .fetch(addr, self.shared.opts.channel_timeout, |meta| {
+            .fetch(addr, &self.shared.channel_config(), |meta| {
                 self.load_remote(meta)
             })
     }
 
     /// Pushes this agent's full metadata to the side channel at `addr`.
     pub fn publish_to(&self, addr: impl ToSocketAddrs) -> Result<()> {
+        self.shared.require_secret("publishing metadata")?;
         let addr = channel::resolve(addr)?;
         let meta = self.local_metadata()?;
         self.shared
             .channel
-            .push(addr, self.shared.opts.channel_timeout, &meta)
+            .push(addr, &self.shared.channel_config(), &meta)
     }
 
     /// Pushes this agent's metadata to every side channel it fetched from or published
@@ -267,18 +291,6 @@ impl Agent {
             .filter_map(|a| self.publish_to(a).err().map(|e| (a, e)))
             .collect()
     }
-}
-
-/// Refuses attributes the metadata codec would refuse (too many, too long), by encoding
-/// them once.
-fn check_attributes(attributes: &[(String, Bytes)]) -> Result<()> {
-    kv_core::AgentMetadata {
-        name: "check".into(),
-        attributes: attributes.to_vec(),
-        ..Default::default()
-    }
-    .encode()
-    .map(|_| ())
 }
 
 /// A registered region. Dropping it deregisters the memory once no posted transfer names

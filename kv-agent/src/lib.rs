@@ -5,12 +5,14 @@
 //! side channel by default), picks per transfer a backend both peers share, and prepares
 //! transfers once to post many times, with deadlines, cancellation and notifications.
 //! Memory is registered through [`kv_mem::Region`]s that stay alive while any transfer
-//! names them.
+//! names them. Peers are authenticated with a cluster secret (see the README's trust
+//! model and [`AgentOptions::secret`]).
 //!
 //! ```no_run
 //! use kv_agent::{Agent, AgentOptions, TransferSpec};
 //! use kv_mem::{HostBuffer, Region};
 //!
+//! // The cluster secret: AgentOptions::secret, else KVX_SECRET (hex) from the environment.
 //! let agent = Agent::new("prefill-0", AgentOptions::default())?;
 //! agent.add_backend("tcp", &Default::default())?;
 //! let kv = Region::new(HostBuffer::alloc(64 << 20, 4096)?);
@@ -29,18 +31,21 @@ mod agent;
 mod backends;
 mod channel;
 mod choice;
+mod frame;
 pub mod layout;
 mod peers;
 mod registry;
 mod shared;
+mod slow;
 mod transfer;
 
 pub use agent::{Agent, Registration};
-pub use channel::parse_header as parse_channel_header;
+pub use backends::{backend_params, register_backend_factory, register_backend_params, ParamDoc};
+pub use frame::parse_header as parse_channel_header;
 pub use kv_core::{BackendFactory, Error, Result};
 pub use peers::PeerId;
 pub use registry::BackendStats;
-pub use shared::AgentOptions;
+pub use shared::{AgentOptions, SECRET_ENV};
 pub use transfer::{Transfer, TransferSpec, TransferTelemetry};
 
 /// The READMEs' Rust examples, compiled as doc tests so they cannot rot.

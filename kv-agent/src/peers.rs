@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use kv_core::{
@@ -14,6 +14,7 @@ use kv_core::{
 use parking_lot::{Mutex, RwLock};
 
 use crate::registry::{LoadedBackend, RegionEntry, Registry};
+use crate::slow::Deferred;
 
 /// A peer whose metadata was loaded; valid until the peer publishes a new generation or
 /// is invalidated. `Copy`, `Send + Sync`.
@@ -29,6 +30,87 @@ impl std::fmt::Display for PeerId {
 /// Most descriptors one remote registration may expand to (agents publish one range
 /// per registration; this bounds what a peer can make us iterate).
 const MAX_REMOTE_DESCRIPTORS: u64 = 4096;
+
+/// Attribute names the agent publishes itself; users' attributes may not use them.
+pub(crate) const RESERVED_PREFIX: &str = "kv-agent/";
+/// Where a peer runs: its host's boot id and a random id of its process (32 bytes).
+const LOCALITY: &str = "kv-agent/locality";
+
+/// Where a peer runs relative to this process, from the locality it published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Locality {
+    /// An agent in this process.
+    SameProcess,
+    /// Another process on this host.
+    SameHost,
+    /// Another host (or a host we cannot tell is ours).
+    OtherHost,
+    /// The peer published no locality (hand-made or foreign metadata).
+    Unknown,
+}
+
+/// This process's locality value: the host's boot id (zeros if unknown) and a random
+/// process id.
+fn my_locality() -> &'static [u8; 32] {
+    static ME: OnceLock<[u8; 32]> = OnceLock::new();
+    ME.get_or_init(|| {
+        let mut v = [0u8; 32];
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let hex: Vec<u8> = boot
+            .bytes()
+            .filter_map(|c| (c as char).to_digit(16).map(|d| d as u8))
+            .collect();
+        if hex.len() == 32 {
+            for (i, pair) in hex.chunks_exact(2).enumerate() {
+                v[i] = pair[0] << 4 | pair[1];
+            }
+        }
+        let process = kv_core::auth::random_u128().unwrap_or_else(|_| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            t ^ (u128::from(std::process::id()) << 96)
+        });
+        v[16..].copy_from_slice(&process.to_le_bytes());
+        v
+    })
+}
+
+fn locality_of(v: &[u8]) -> Locality {
+    let me = my_locality();
+    if v.len() != me.len() {
+        Locality::Unknown
+    } else if v[16..] == me[16..] {
+        Locality::SameProcess
+    } else if v[..16] == me[..16] && me[..16] != [0u8; 16] {
+        Locality::SameHost
+    } else {
+        Locality::OtherHost
+    }
+}
+
+/// Refuses attributes the metadata codec would refuse (too many, too long, counting the
+/// one the agent adds) and names the agent reserves.
+pub(crate) fn check_attributes(attributes: &[(String, Bytes)]) -> Result<()> {
+    if let Some((n, _)) = attributes
+        .iter()
+        .find(|(n, _)| n.starts_with(RESERVED_PREFIX))
+    {
+        return Err(Error::invalid_argument(format!(
+            "attribute name {n:?}: names starting with {RESERVED_PREFIX} are the agent's own"
+        )));
+    }
+    let mut all = attributes.to_vec();
+    all.push((LOCALITY.into(), Bytes::copy_from_slice(my_locality())));
+    AgentMetadata {
+        name: "check".into(),
+        attributes: all,
+        ..Default::default()
+    }
+    .encode()
+    .map(|_| ())
+}
 
 /// Encodes this agent's metadata: every backend with its connection info and every
 /// live registration (`regions: None`), or a partial update naming only `regions`; both
@@ -49,6 +131,10 @@ pub(crate) fn local_metadata(
         });
     }
     let partial = regions.is_some();
+    let mut attributes = attributes;
+    if !partial {
+        attributes.push((LOCALITY.into(), Bytes::copy_from_slice(my_locality())));
+    }
     let entries = match regions {
         None => reg.sorted_regions(),
         Some(rs) => rs,
@@ -92,16 +178,58 @@ pub(crate) struct PeerEntry {
     /// Bumped whenever an imported region of this peer is withdrawn, so a prepared
     /// transfer re-checks its remote regions before its next post.
     pub(crate) epoch: AtomicU64,
+    /// The retirement of the generation this one replaced: connecting waits for it, so
+    /// the old connections are closed before new ones open.
+    predecessor: Option<Deferred<()>>,
 }
 
-#[derive(Default)]
 struct PeerState {
-    /// The attributes the peer published.
+    /// The attributes the peer published (its own, not the agent's reserved ones).
     attributes: Vec<(String, Bytes)>,
+    /// Where the peer runs, from its latest full metadata.
+    locality: Locality,
     backends: Vec<BackendMetadata>,
     regions: HashMap<u64, RegistrationMetadata>,
     endpoints: HashMap<String, EndpointId>,
     imported: HashMap<(String, u64), Vec<RemoteId>>,
+}
+
+impl Default for PeerState {
+    fn default() -> Self {
+        PeerState {
+            attributes: Vec::new(),
+            locality: Locality::Unknown,
+            backends: Vec::new(),
+            regions: HashMap::new(),
+            endpoints: HashMap::new(),
+            imported: HashMap::new(),
+        }
+    }
+}
+
+/// What a retired peer generation still holds on our backends: released and
+/// disconnected by [`Retired::run`], which may take a backend's disconnect timeout.
+pub(crate) struct Retired {
+    imports: Vec<(String, Vec<RemoteId>)>,
+    endpoints: Vec<(String, EndpointId)>,
+}
+
+impl Retired {
+    /// Releases the imports and closes the endpoints.
+    pub(crate) fn run(self, reg: &Registry) {
+        for (backend, rids) in self.imports {
+            if let Some(b) = reg.backend(&backend) {
+                for rid in rids {
+                    let _ = b.release_remote(rid);
+                }
+            }
+        }
+        for (backend, ep) in self.endpoints {
+            if let Some(b) = reg.backend(&backend) {
+                let _ = b.disconnect(ep);
+            }
+        }
+    }
 }
 
 /// The peers whose metadata was loaded, by id and by name.
@@ -123,13 +251,28 @@ impl Default for Peers {
 
 impl Peers {
     /// Loads a peer's metadata (full or partial). A higher generation than the one
-    /// known replaces it: the old [`PeerId`] is refused from then on.
-    pub(crate) fn load(&self, reg: &Registry, bytes: &[u8]) -> Result<PeerId> {
+    /// known replaces it: the old [`PeerId`] is refused from then on, and what it held
+    /// goes to `retire` (which must not block: it runs under the name lock). `from` is
+    /// the name the sender authenticated as: it may publish only itself.
+    pub(crate) fn load(
+        &self,
+        reg: &Registry,
+        bytes: &[u8],
+        from: Option<&str>,
+        retire: &dyn Fn(Retired) -> Deferred<()>,
+    ) -> Result<PeerId> {
         let meta = AgentMetadata::decode(bytes)?;
+        if let Some(from) = from.filter(|f| *f != meta.name) {
+            return Err(Error::AccessDenied(format!(
+                "a peer authenticated as {from:?} pushed metadata for {:?}; an agent may publish only itself",
+                meta.name
+            )));
+        }
         let mut by_name = self.by_name.lock();
         let known = by_name
             .get(&meta.name)
             .and_then(|id| self.peers.read().get(id).cloned());
+        let mut predecessor = None;
         if let Some(p) = &known {
             if meta.generation < p.generation {
                 return Err(Error::InvalidMetadata(format!(
@@ -148,14 +291,11 @@ impl Peers {
                     meta.name, meta.generation, p.generation
                 )));
             }
-            self.retire(
-                reg,
-                p,
-                format!(
-                    "the peer restarted (generation {} replaced it); use the PeerId from the new load_remote",
-                    meta.generation
-                ),
+            let why = format!(
+                "the peer restarted (generation {} replaced it); use the PeerId from the new load_remote",
+                meta.generation
             );
+            predecessor = Some(retire(self.retire(p, why)));
         }
         if meta.partial {
             return Err(Error::InvalidMetadata(format!(
@@ -171,6 +311,7 @@ impl Peers {
             state: Mutex::new(PeerState::default()),
             retired: Mutex::new(None),
             epoch: AtomicU64::new(0),
+            predecessor,
         });
         entry.apply(reg, meta)?;
         by_name.insert(entry.name.clone(), id);
@@ -178,33 +319,31 @@ impl Peers {
         Ok(id)
     }
 
-    fn retire(&self, reg: &Registry, p: &PeerEntry, why: String) {
+    /// Marks `p` retired and takes what it holds (to be released off this path).
+    fn retire(&self, p: &PeerEntry, why: String) -> Retired {
         *p.retired.lock() = Some(why);
         let mut st = p.state.lock();
-        for ((backend, _), rids) in st.imported.drain() {
-            if let Some(b) = reg.backend(&backend) {
-                for rid in rids {
-                    let _ = b.release_remote(rid);
-                }
-            }
-        }
-        for (backend, ep) in st.endpoints.drain() {
-            if let Some(b) = reg.backend(&backend) {
-                let _ = b.disconnect(ep);
-            }
-        }
+        let retired = Retired {
+            imports: st
+                .imported
+                .drain()
+                .map(|((backend, _), rids)| (backend, rids))
+                .collect(),
+            endpoints: st.endpoints.drain().collect(),
+        };
         self.peers.write().remove(&p.id);
+        retired
     }
 
-    /// Forgets a peer: its [`PeerId`] is refused from then on.
-    pub(crate) fn invalidate(&self, reg: &Registry, peer: PeerId) -> Result<()> {
+    /// Forgets a peer: its [`PeerId`] is refused from then on; what it held is returned
+    /// to be released off this path.
+    pub(crate) fn invalidate(&self, peer: PeerId) -> Result<Retired> {
         let p = self.get(peer)?;
         let mut by_name = self.by_name.lock();
         if by_name.get(&p.name) == Some(&peer) {
             by_name.remove(&p.name);
         }
-        self.retire(reg, &p, "invalidated by the local agent".into());
-        Ok(())
+        Ok(self.retire(&p, "invalidated by the local agent".into()))
     }
 
     /// The current [`PeerId`] of the agent called `name`, if its metadata is loaded.
@@ -247,9 +386,19 @@ impl PeerEntry {
             )));
         }
         let mut st = self.state.lock();
+        let (reserved, own): (Vec<_>, Vec<_>) = meta
+            .attributes
+            .into_iter()
+            .partition(|(n, _)| n.starts_with(RESERVED_PREFIX));
+        if !meta.partial {
+            st.locality = reserved
+                .iter()
+                .find(|(n, _)| n == LOCALITY)
+                .map_or(Locality::Unknown, |(_, v)| locality_of(v));
+        }
         // A full message replaces the attributes; a partial one only when it carries any.
-        if !meta.partial || !meta.attributes.is_empty() {
-            st.attributes = meta.attributes;
+        if !meta.partial || !own.is_empty() {
+            st.attributes = own;
         }
         if !meta.partial {
             // A full message replaces the registrations; imported ones that vanished
@@ -341,8 +490,17 @@ impl PeerEntry {
         v
     }
 
-    /// The endpoint of this peer on `b`, connecting on first use.
+    /// Where the peer runs relative to this process.
+    pub(crate) fn locality(&self) -> Locality {
+        self.state.lock().locality
+    }
+
+    /// The endpoint of this peer on `b`, connecting on first use (after the generation
+    /// it replaced is disconnected).
     pub(crate) fn endpoint(&self, b: &LoadedBackend) -> Result<EndpointId> {
+        if let Some(p) = &self.predecessor {
+            p.wait();
+        }
         let info = {
             let st = self.state.lock();
             if let Some(ep) = st.endpoints.get(&b.name) {
@@ -398,6 +556,22 @@ impl PeerEntry {
         }
         seen.store(now, Ordering::Release);
         Ok(())
+    }
+
+    /// Refuses a WRITE into remote regions the peer published read-only.
+    pub(crate) fn check_writable(&self, ids: &[u64]) -> Result<()> {
+        let st = self.state.lock();
+        match ids.iter().find(|id| {
+            st.regions
+                .get(id)
+                .is_some_and(|r| r.access == Access::ReadOnly)
+        }) {
+            Some(id) => Err(Error::AccessDenied(format!(
+                "remote region {id} of {} is published read-only; only READs may name it",
+                self.name
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Imports remote region `id` of this peer on `b` if not done yet.

@@ -239,16 +239,19 @@ impl Registry {
 
     /// Called when a posted transfer that named `r` finished.
     pub(crate) fn unpin(&self, r: &RegionEntry) {
-        let run = {
-            let mut st = r.state.lock();
-            st.inflight = st.inflight.saturating_sub(1);
-            let run = st.inflight == 0 && st.dropped && !st.done;
-            st.done |= run;
-            run
-        };
-        if run {
+        if self.release_pin(r) {
             self.deregister_now(r);
         }
+    }
+
+    /// Ends one pin of `r`; true if its deregistration is now due (the caller runs
+    /// [`Registry::deregister_now`]).
+    pub(crate) fn release_pin(&self, r: &RegionEntry) -> bool {
+        let mut st = r.state.lock();
+        st.inflight = st.inflight.saturating_sub(1);
+        let run = st.inflight == 0 && st.dropped && !st.done;
+        st.done |= run;
+        run
     }
 
     /// Marks the region dropped; deregisters now if nothing is in flight.
@@ -265,7 +268,7 @@ impl Registry {
         }
     }
 
-    fn deregister_now(&self, r: &RegionEntry) {
+    pub(crate) fn deregister_now(&self, r: &RegionEntry) {
         let mut failed = false;
         for (b, id) in &r.regs {
             if let Err(e) = b.backend.deregister(*id) {

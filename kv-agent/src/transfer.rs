@@ -13,6 +13,7 @@ use crate::choice::{self, Need};
 use crate::peers::{PeerEntry, PeerId};
 use crate::registry::{LoadedBackend, RegionEntry};
 use crate::shared::Shared;
+use crate::slow::Deferred;
 
 /// What to move: a local and a remote descriptor list of equal total length. Plain
 /// struct; `Clone`, `Send + Sync`.
@@ -98,6 +99,8 @@ struct State {
     posted_at: Option<Instant>,
     completed_at: Option<Instant>,
     posts: u64,
+    /// A cancel after the deadline running on a helper thread (`poll` never waits).
+    cancelling: Option<Deferred<Result<Status>>>,
 }
 
 /// A prepared transfer. Post it with [`Transfer::post`], then [`Transfer::wait`] or
@@ -119,6 +122,8 @@ pub struct Transfer {
     descriptors: u64,
     deadline: Duration,
     prepare_time: Duration,
+    /// Why the agent chose `backend` (and passed over the others).
+    choice: String,
     state: Mutex<State>,
 }
 
@@ -151,6 +156,9 @@ impl Transfer {
             .registry
             .local_regions_for(spec.local_kind, &spec.local)?;
         let (remote_ids, remote_backends) = peer.regions_for(spec.remote_kind, &spec.remote)?;
+        if spec.op == Op::Write {
+            peer.check_writable(&remote_ids)?;
+        }
         let need = Need {
             op: spec.op,
             local_kind: spec.local_kind,
@@ -159,7 +167,7 @@ impl Transfer {
             remote: &spec.remote,
             backend: spec.backend.as_deref(),
         };
-        let backend = choice::for_transfer(
+        let chosen = choice::for_transfer(
             &shared.registry,
             &shared.opts.backend_preference,
             &need,
@@ -167,6 +175,7 @@ impl Transfer {
             &remote_backends,
             &peer,
         )?;
+        let backend = chosen.backend;
         let ep = peer.endpoint(&backend)?;
         for id in &remote_ids {
             peer.import(&backend, ep, *id)?;
@@ -185,6 +194,7 @@ impl Transfer {
             descriptors: spec.local.len(),
             deadline: spec.deadline.unwrap_or(shared.opts.default_deadline),
             prepare_time: start.elapsed(),
+            choice: chosen.reason,
             backend,
             id,
             peer,
@@ -198,6 +208,7 @@ impl Transfer {
                 posted_at: None,
                 completed_at: None,
                 posts: 0,
+                cancelling: None,
             }),
         })
     }
@@ -205,6 +216,13 @@ impl Transfer {
     /// The backend the agent chose for this transfer.
     pub fn backend(&self) -> &str {
         &self.backend.name
+    }
+
+    /// Why the agent chose this backend, and why it passed over each other loaded one
+    /// (e.g. `"tcp: first candidate in backend_preference; passed over: ucx (cannot
+    /// reach the peer: …)"`).
+    pub fn choice_reason(&self) -> &str {
+        &self.choice
     }
 
     /// Bytes moved per post.
@@ -256,11 +274,17 @@ impl Transfer {
         Ok(())
     }
 
-    fn finish(&self, st: &mut State, status: Status) {
+    /// Records the end of the outstanding post and unpins its regions; a deregistration
+    /// that becomes due runs here if `inline`, else on a helper thread.
+    fn finish(&self, st: &mut State, status: Status, inline: bool) {
         if st.pinned {
             st.pinned = false;
             for r in &self.local {
-                self.shared.registry.unpin(r);
+                if inline {
+                    self.shared.registry.unpin(r);
+                } else {
+                    self.shared.unpin_later(r);
+                }
             }
             st.completed_at = Some(Instant::now());
             let mut stats = self.backend.stats.lock();
@@ -275,52 +299,81 @@ impl Transfer {
         st.last = status;
     }
 
-    /// The state of the last post; never blocks. A post past its deadline is cancelled
-    /// and reported as [`Error::TimedOut`].
+    /// The state of the last post; never blocks. A post past its deadline is reported
+    /// as [`Error::TimedOut`] at once; its cancel (and any deregistration that becomes
+    /// due) runs on a helper thread, and the regions stay pinned — a new `post` is
+    /// `Busy` — until the backend let go.
     pub fn poll(&self) -> Status {
+        self.poll_with(false)
+    }
+
+    /// `poll`, running the cancel and deregistration that are due here (blocking) if
+    /// `inline`, else on a helper thread.
+    fn poll_with(&self, inline: bool) -> Status {
         let mut st = self.state.lock();
+        if let Some(job) = st.cancelling.take() {
+            let done = if inline {
+                Some(job.take())
+            } else {
+                job.try_take()
+            };
+            match done {
+                Some(r) => self.cancelled(&mut st, r.and_then(|x| x), inline),
+                None => st.cancelling = Some(job),
+            }
+            return st.last.clone();
+        }
         if !st.pinned {
             return st.last.clone();
         }
         let s = self.backend.backend.poll(self.id);
         match s {
-            Status::Done | Status::Failed(_) => self.finish(&mut st, s),
+            Status::Done | Status::Failed(_) => self.finish(&mut st, s, inline),
             Status::InProgress | Status::Idle => {
                 if st.deadline_at.is_some_and(|d| Instant::now() > d) {
-                    let s = match self.backend.backend.cancel(self.id) {
-                        Ok(()) => match self.backend.backend.poll(self.id) {
-                            Status::Done => Status::Done,
-                            _ => Status::Failed(Error::TimedOut {
-                                what: format!(
-                                    "{}-byte transfer to {} over {}",
-                                    self.bytes, self.peer.name, self.backend.name
-                                ),
-                                after: self.deadline,
-                            }),
-                        },
-                        Err(e) => {
-                            // The backend may still touch the memory: stay pinned (no
-                            // deregistration, memory kept) and report the failure.
-                            tracing::error!(error = %e, "cancel after the deadline failed; keeping the regions pinned");
-                            st.last = Status::Failed(e);
-                            return st.last.clone();
-                        }
+                    let timed_out = Error::TimedOut {
+                        what: format!(
+                            "{}-byte transfer to {} over {}",
+                            self.bytes, self.peer.name, self.backend.name
+                        ),
+                        after: self.deadline,
                     };
-                    self.finish(&mut st, s);
+                    if inline {
+                        let r = cancel_after_deadline(&self.backend, self.id, timed_out);
+                        self.cancelled(&mut st, r, true);
+                    } else {
+                        st.last = Status::Failed(timed_out.clone());
+                        let (b, id) = (self.backend.clone(), self.id);
+                        st.cancelling = Some(
+                            self.shared
+                                .defer(move |_| cancel_after_deadline(&b, id, timed_out)),
+                        );
+                    }
                 }
             }
         }
         st.last.clone()
     }
 
+    /// The end of a cancel after the deadline: the backend let go (`Ok`), or it may
+    /// still touch the memory (`Err`): stay pinned (no deregistration, memory kept) and
+    /// report the failure.
+    fn cancelled(&self, st: &mut State, r: Result<Status>, inline: bool) {
+        match r {
+            Ok(s) => self.finish(st, s, inline),
+            Err(e) => {
+                tracing::error!(error = %e, "cancel after the deadline failed; keeping the regions pinned");
+                st.last = Status::Failed(e);
+            }
+        }
+    }
+
     /// Drives progress until the last post finishes (or its deadline passes).
     pub fn wait(&self) -> Result<()> {
         let mut spins = 0u32;
         loop {
-            if !self.shared.opts.progress_thread {
-                self.backend.backend.progress()?;
-            }
-            match self.poll() {
+            self.shared.progress_for_wait(&self.backend)?;
+            match self.poll_with(true) {
                 Status::Done => return Ok(()),
                 Status::Failed(e) => return Err(e),
                 Status::Idle => {
@@ -339,13 +392,13 @@ impl Transfer {
         }
     }
 
-    /// Waits like [`Transfer::wait`], from async code (tokio's timer drives the polling).
+    /// Waits like [`Transfer::wait`], from async code (tokio's timer drives the polling);
+    /// like `poll`, it never blocks on a cancel or a deregistration.
     #[cfg(feature = "tokio")]
     pub async fn wait_async(&self) -> Result<()> {
         loop {
-            if !self.shared.opts.progress_thread {
-                self.backend.backend.progress()?;
-            }
+            self.shared.progress_for_wait(&self.backend)?;
+            // Never block the executor: a cancel after the deadline runs on a helper.
             match self.poll() {
                 Status::Done => return Ok(()),
                 Status::Failed(e) => return Err(e),
@@ -363,6 +416,19 @@ impl Transfer {
     /// memory and the regions are the caller's again.
     pub fn cancel(&self) -> Result<()> {
         let mut st = self.state.lock();
+        if let Some(job) = st.cancelling.take() {
+            // A cancel after the deadline is running: its end is this cancel's.
+            return match job.take().and_then(|x| x) {
+                Ok(s) => {
+                    self.finish(&mut st, s, true);
+                    Ok(())
+                }
+                Err(e) => {
+                    st.last = Status::Failed(e.clone());
+                    Err(e)
+                }
+            };
+        }
         if !st.pinned {
             return Ok(());
         }
@@ -371,7 +437,7 @@ impl Transfer {
             Status::Done => Status::Done,
             _ => Status::Failed(Error::Canceled),
         };
-        self.finish(&mut st, s);
+        self.finish(&mut st, s, true);
         Ok(())
     }
 
@@ -403,6 +469,16 @@ impl Drop for Transfer {
             tracing::debug!(error = %e, "release on drop failed");
         }
     }
+}
+
+/// Cancels transfer `id` on `b` after its deadline passed: `Done` if it finished
+/// meanwhile, else `timed_out`; `Err` if the backend may still touch the memory.
+fn cancel_after_deadline(b: &LoadedBackend, id: TransferId, timed_out: Error) -> Result<Status> {
+    b.backend.cancel(id)?;
+    Ok(match b.backend.poll(id) {
+        Status::Done => Status::Done,
+        _ => Status::Failed(timed_out),
+    })
 }
 
 /// Returns a deadline `d` from now (saturating).

@@ -8,25 +8,12 @@ use bytes::Bytes;
 use kv_agent::{Agent, AgentOptions, PeerId, TransferSpec};
 use kv_core::conformance::pattern;
 use kv_core::loopback::{LoopbackBackend, LoopbackFabric};
-use kv_core::{
-    Backend, BackendInit, Capabilities, Descriptor, DescriptorList, EndpointId, Error, MemKind,
-    Notification, PostOptions, RegistrationId, RemoteId, Status, TransferId, TransferRequest,
-};
-use kv_mem::{Memory, Region};
+use kv_core::{BackendInit, Descriptor, DescriptorList, Error, Notification, Status};
+use kv_mem::Region;
 
-/// Loopback memory as a `kv_mem::Memory`, so the agent can register it.
-struct LoopMem(Descriptor);
+mod common;
 
-// SAFETY: the range is loopback-simulated memory owned by the backend; neither the agent
-// nor the loopback backend ever dereferences it as a host address.
-unsafe impl Memory for LoopMem {
-    fn kind(&self) -> MemKind {
-        MemKind::Dram
-    }
-    fn descriptor(&self) -> Descriptor {
-        self.0
-    }
-}
+use common::{Hooked, LoopMem};
 
 struct Node {
     agent: Agent,
@@ -67,12 +54,22 @@ fn write1(local: Descriptor, peer: PeerId, remote: Descriptor) -> TransferSpec {
     )
 }
 
+/// The cluster secret every agent of these tests shares (the side channel needs one).
+fn secret() -> Option<kv_core::auth::ClusterSecret> {
+    static S: std::sync::OnceLock<kv_core::auth::ClusterSecret> = std::sync::OnceLock::new();
+    Some(
+        S.get_or_init(|| kv_core::auth::ClusterSecret::generate().unwrap())
+            .clone(),
+    )
+}
+
 fn pair() -> (Node, Node) {
     let f = LoopbackFabric::new();
-    (
-        node(&f, "prefill", AgentOptions::default()),
-        node(&f, "decode", AgentOptions::default()),
-    )
+    let opts = || AgentOptions {
+        secret: secret(),
+        ..Default::default()
+    };
+    (node(&f, "prefill", opts()), node(&f, "decode", opts()))
 }
 
 #[test]
@@ -346,108 +343,12 @@ fn custody_defers_deregistration() {
     assert_eq!(src.holders(), 1);
 }
 
-/// A loopback backend under another name, with a cost estimate, and optionally stuck
-/// (progress does nothing, so its transfers never complete).
-struct Wrapped {
-    inner: LoopbackBackend,
-    name: &'static str,
-    cost: Option<Duration>,
-    stuck: bool,
-    /// `deregister` always fails (a peer still writing, say).
-    fail_deregister: bool,
-}
-
-impl Wrapped {
-    fn stuck(inner: LoopbackBackend) -> Wrapped {
-        Wrapped {
-            inner,
-            name: "stuck",
-            cost: None,
-            stuck: true,
-            fail_deregister: false,
-        }
-    }
-}
-
-#[allow(unsafe_code)]
-impl Backend for Wrapped {
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    unsafe fn register(
-        &self,
-        kind: MemKind,
-        desc: &Descriptor,
-        access: kv_core::Access,
-    ) -> kv_core::Result<RegistrationId> {
-        // SAFETY: forwarded contract.
-        unsafe { self.inner.register(kind, desc, access) }
-    }
-    fn deregister(&self, id: RegistrationId) -> kv_core::Result<()> {
-        if self.fail_deregister {
-            return Err(Error::Busy("a peer is still writing".into()));
-        }
-        self.inner.deregister(id)
-    }
-    fn remote_key(&self, id: RegistrationId) -> kv_core::Result<Bytes> {
-        self.inner.remote_key(id)
-    }
-    fn connection_info(&self) -> kv_core::Result<Bytes> {
-        self.inner.connection_info()
-    }
-    fn connect(&self, n: &str, info: &[u8]) -> kv_core::Result<EndpointId> {
-        self.inner.connect(n, info)
-    }
-    fn disconnect(&self, p: EndpointId) -> kv_core::Result<()> {
-        self.inner.disconnect(p)
-    }
-    fn import_remote(
-        &self,
-        p: EndpointId,
-        k: MemKind,
-        d: &Descriptor,
-        key: &[u8],
-    ) -> kv_core::Result<RemoteId> {
-        self.inner.import_remote(p, k, d, key)
-    }
-    fn release_remote(&self, id: RemoteId) -> kv_core::Result<()> {
-        self.inner.release_remote(id)
-    }
-    fn prepare(&self, r: &TransferRequest) -> kv_core::Result<TransferId> {
-        self.inner.prepare(r)
-    }
-    unsafe fn post(&self, id: TransferId, o: &PostOptions) -> kv_core::Result<()> {
-        // SAFETY: forwarded contract.
-        unsafe { self.inner.post(id, o) }
-    }
-    fn poll(&self, id: TransferId) -> Status {
-        self.inner.poll(id)
-    }
-    fn cancel(&self, id: TransferId) -> kv_core::Result<()> {
-        self.inner.cancel(id)
-    }
-    fn release(&self, id: TransferId) -> kv_core::Result<()> {
-        self.inner.release(id)
-    }
-    fn progress(&self) -> kv_core::Result<usize> {
-        if self.stuck {
-            Ok(0)
-        } else {
-            self.inner.progress()
-        }
-    }
-    fn notify(&self, p: EndpointId, b: Bytes) -> kv_core::Result<()> {
-        self.inner.notify(p, b)
-    }
-    fn drain_notifications(&self, out: &mut Vec<Notification>) -> kv_core::Result<usize> {
-        self.inner.drain_notifications(out)
-    }
-    fn estimate_cost(&self, _req: &TransferRequest) -> Option<Duration> {
-        self.cost
-    }
+/// A loopback backend named "stuck": progress does nothing, so its transfers never
+/// complete.
+fn stuck(inner: LoopbackBackend, agent: &str) -> Hooked {
+    let mut w = Hooked::new(inner, agent, "stuck");
+    w.stuck = true;
+    w
 }
 
 /// Without a preference the agent picks the backend with the lowest cost estimate;
@@ -459,20 +360,11 @@ fn backend_choice_by_cost_then_preference() {
         let agent = Agent::new(name, opts).unwrap();
         // Memory lives in the "slow" backend's loopback space; both share the fabric
         // addresses only by name, so each side registers one region per backend.
-        let slow = Arc::new(Wrapped {
-            inner: f1.backend(&BackendInit::new(name)),
-            name: "slow",
-            cost: Some(Duration::from_millis(10)),
-            stuck: false,
-            fail_deregister: false,
-        });
-        let fast = Arc::new(Wrapped {
-            inner: f2.backend(&BackendInit::new(name)),
-            name: "fast",
-            cost: Some(Duration::from_millis(1)),
-            stuck: false,
-            fail_deregister: false,
-        });
+        let mut slow = Hooked::new(f1.backend(&BackendInit::new(name)), name, "slow");
+        slow.cost = Some(Duration::from_millis(10));
+        let mut fast = Hooked::new(f2.backend(&BackendInit::new(name)), name, "fast");
+        fast.cost = Some(Duration::from_millis(1));
+        let (slow, fast) = (Arc::new(slow), Arc::new(fast));
         agent.add_backend_instance(slow.clone()).unwrap();
         agent.add_backend_instance(fast.clone()).unwrap();
         (agent, slow, fast)
@@ -518,8 +410,8 @@ fn backend_choice_by_cost_then_preference() {
 fn deadline_ends_a_stuck_transfer() {
     let f = LoopbackFabric::new();
     let (lp, ld) = (
-        Arc::new(Wrapped::stuck(f.backend(&BackendInit::new("prefill")))),
-        Arc::new(Wrapped::stuck(f.backend(&BackendInit::new("decode")))),
+        Arc::new(stuck(f.backend(&BackendInit::new("prefill")), "prefill")),
+        Arc::new(stuck(f.backend(&BackendInit::new("decode")), "decode")),
     );
     let p = Agent::new("prefill", AgentOptions::default()).unwrap();
     let d = Agent::new("decode", AgentOptions::default()).unwrap();
@@ -787,13 +679,8 @@ fn newer_partial_metadata_does_not_retire_the_peer() {
 #[test]
 fn failed_deregistration_keeps_the_memory() {
     let f = LoopbackFabric::new();
-    let lb = Wrapped {
-        inner: f.backend(&BackendInit::new("a")),
-        name: "nodereg",
-        cost: None,
-        stuck: false,
-        fail_deregister: true,
-    };
+    let mut lb = Hooked::new(f.backend(&BackendInit::new("a")), "a", "nodereg");
+    lb.fail_deregister = true;
     let d = lb.inner.alloc(4096);
     let agent = Agent::new("a", AgentOptions::default()).unwrap();
     agent.add_backend_instance(Arc::new(lb)).unwrap();
@@ -815,6 +702,7 @@ fn side_channel_trickle_is_bounded() {
         "decode",
         AgentOptions {
             channel_timeout: Duration::from_millis(300),
+            secret: secret(),
             ..Default::default()
         },
     )
@@ -861,6 +749,13 @@ fn side_channel_trickle_is_bounded() {
         start.elapsed()
     );
     // The channel still serves others.
-    let p = Agent::new("prefill", AgentOptions::default()).unwrap();
+    let p = Agent::new(
+        "prefill",
+        AgentOptions {
+            secret: secret(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     p.fetch_remote(addr).unwrap();
 }

@@ -9,12 +9,20 @@ use kv_core::conformance::pattern;
 use kv_core::{DescriptorList, Params};
 use kv_mem::{HostBuffer, Region};
 
+/// The cluster secret both agents share.
+fn secret() -> kv_core::auth::ClusterSecret {
+    static S: std::sync::OnceLock<kv_core::auth::ClusterSecret> = std::sync::OnceLock::new();
+    S.get_or_init(|| kv_core::auth::ClusterSecret::generate().unwrap())
+        .clone()
+}
+
 fn agent(name: &str, backends: &[(&str, Params)]) -> (Agent, Vec<String>) {
     let a = Agent::new(
         name,
         AgentOptions {
             progress_thread: true,
             default_deadline: Duration::from_secs(20),
+            secret: Some(secret()),
             ..Default::default()
         },
     )

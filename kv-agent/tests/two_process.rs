@@ -17,7 +17,15 @@ use kv_mem::{HostBuffer, Region};
 const CHILD_LEN: usize = 32 << 20;
 const CHILD_SEED: u64 = 4242;
 
-/// The decode side. Runs when the test binary is started with `KV_AGENT_CHILD=1`.
+/// The cluster secret of the parent, handed to the child in `KVX_SECRET`.
+fn secret() -> kv_core::auth::ClusterSecret {
+    static S: std::sync::OnceLock<kv_core::auth::ClusterSecret> = std::sync::OnceLock::new();
+    S.get_or_init(|| kv_core::auth::ClusterSecret::generate().unwrap())
+        .clone()
+}
+
+/// The decode side. Runs when the test binary is started with `KV_AGENT_CHILD=1`; its
+/// secret comes from `KVX_SECRET`.
 fn child_main() {
     let agent = Agent::new(
         "decode",
@@ -118,6 +126,7 @@ impl Decode {
         let mut child = cmd
             .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
             .env("KV_AGENT_CHILD", "1")
+            .env("KVX_SECRET", secret().to_hex())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -192,6 +201,7 @@ fn prefill_with(len: usize, seed: u64, tcp_only: bool) -> (Agent, Region, kv_age
         "prefill",
         AgentOptions {
             default_deadline: Duration::from_secs(10),
+            secret: Some(secret()),
             ..Default::default()
         },
     )
