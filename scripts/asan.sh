@@ -24,12 +24,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/asan}"
 # them on, an instrumented process jumps to a wild address as soon as UCX loads.
 # The backend does not rely on UCX memory events (it registers memory explicitly).
 export UCX_MEM_EVENTS=no
-# Leaks are checked, except inside the C libraries (fuzz/lsan.supp says which and why).
-export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
+# Leaks are checked, except the few scripts/lsan.supp names (each with its reason).
+export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 export ASAN_OPTIONS="detect_stack_use_after_return=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 
 lock=()
 if [ -e /tmp/kvx-cargo.lock ] && command -v flock >/dev/null; then
     lock=(flock /tmp/kvx-cargo.lock)
 fi
-"${lock[@]}" cargo +nightly test --target x86_64-unknown-linux-gnu "${args[@]}"
+"${lock[@]}" cargo +nightly test --no-fail-fast --target x86_64-unknown-linux-gnu "${args[@]}"

@@ -37,8 +37,8 @@ fi
 
 bin=fuzz/target/x86_64-unknown-linux-gnu/release
 # UCX and libfabric keep process-lifetime allocations they never free; only their
-# libraries' leaks are suppressed (fuzz/lsan.supp says why).
-export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
+# libraries' leaks are suppressed (scripts/lsan.supp says why).
+export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 passed=0
 failed=0
 for t in "${targets[@]}"; do
