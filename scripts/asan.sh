@@ -26,6 +26,14 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/asan}"
 export UCX_MEM_EVENTS=no
 # Leaks are checked, except the few scripts/lsan.supp names (each with its reason).
 export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
+# libfabric is dlopen'ed and dlclose'd by each backend; once it is unmapped, what its
+# globals still point to (provider tables, strdup'ed names) looks leaked to LSan, from
+# "<unknown module>" frames no suppression can name. Preloading keeps it mapped, so LSan
+# sees those roots; a leak in our own code still shows.
+lf=$(ldconfig -p 2>/dev/null | awk '/libfabric\.so\.1 /{print $NF; exit}')
+if [ -n "$lf" ]; then
+    export LD_PRELOAD="$lf${LD_PRELOAD:+:$LD_PRELOAD}"
+fi
 export ASAN_OPTIONS="detect_stack_use_after_return=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 
 lock=()
