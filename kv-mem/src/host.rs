@@ -368,6 +368,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri supports neither MAP_HUGETLB nor mlock")]
     fn huge_pages_and_lock_fail_cleanly_or_work() {
         // Either works or says what to do; never panics.
         match HostBuffer::with_options(
@@ -393,6 +394,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri supports neither memfd_create nor MAP_SHARED")]
     fn shared_buffers_are_found_by_address() {
         let mut b = HostBuffer::shared(1 << 20).unwrap();
         b.as_mut_slice()[4096] = 9;
