@@ -29,6 +29,7 @@ mod agent;
 mod backends;
 mod channel;
 mod choice;
+mod cover;
 pub mod layout;
 mod peers;
 mod registry;

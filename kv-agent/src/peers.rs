@@ -451,28 +451,31 @@ impl PeerEntry {
         list: &DescriptorList,
     ) -> Result<(Vec<u64>, Vec<String>)> {
         let st = self.state.lock();
+        // Every descriptor must lie in one published region (a strided entry may cross
+        // several). Memory freed and registered again shows up as a newer region over
+        // the same addresses (the peer may not have published the removal): the newest
+        // registration is the live one, so newer regions come first.
+        let mut published: Vec<(u64, Descriptor)> = st
+            .regions
+            .values()
+            .filter(|r| r.kind == kind)
+            .flat_map(|r| r.descs.iter().map(move |d| (r.id, d)))
+            .collect();
+        published.sort_by_key(|(id, d)| (std::cmp::Reverse(*id), d.addr));
+        let ranges = crate::cover::Ranges::new(published.iter().map(|(_, d)| *d).collect());
         let mut ids = Vec::new();
         for e in list.entries() {
-            let x = e
-                .extent()
-                .ok_or_else(|| Error::OutOfBounds("remote entry overflows".into()))?;
-            let r = st
-                .regions
-                .values()
-                .filter(|r| r.kind == kind && r.descs.iter().any(|d| d.contains(&x)))
-                // Memory freed and registered again shows up as a newer region over the
-                // same addresses (the peer may not have published the removal): the
-                // newest registration is the live one.
-                .max_by_key(|r| r.id)
-                .ok_or_else(|| {
-                    Error::OutOfBounds(format!(
-                        "remote range {:#x}+{} is outside every {kind} region {} registered",
-                        x.addr, x.len, self.name
-                    ))
-                })?;
-            if !ids.contains(&r.id) {
-                ids.push(r.id);
-            }
+            crate::cover::split_entry(e, &ranges, |_, k| {
+                if !ids.contains(&published[k].0) {
+                    ids.push(published[k].0);
+                }
+            })
+            .map_err(|x| {
+                Error::OutOfBounds(format!(
+                    "remote range {:#x}+{} is outside every {kind} region {} registered",
+                    x.addr, x.len, self.name
+                ))
+            })?;
         }
         let mut backends: Option<Vec<String>> = None;
         for id in &ids {

@@ -13,6 +13,8 @@ use kv_core::{
 use kv_mem::{Memory, Region};
 use parking_lot::{Mutex, RwLock};
 
+use crate::cover::{self, Ranges};
+
 /// Counters of one backend, summed over every transfer it carried. `Clone`,
 /// `Send + Sync`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -208,33 +210,41 @@ impl Registry {
         v
     }
 
-    /// Local regions whose ranges contain every entry of `list`.
+    /// Live local regions of `kind`, with their ranges for [`cover::split_entry`].
+    pub(crate) fn live_regions(&self, kind: MemKind) -> (Vec<Arc<RegionEntry>>, Ranges) {
+        let regions = self.regions.read();
+        let mut live: Vec<Arc<RegionEntry>> = regions
+            .values()
+            .filter(|r| r.kind == kind && !r.is_dropped())
+            .cloned()
+            .collect();
+        live.sort_by_key(|r| r.id);
+        let ranges = Ranges::new(live.iter().map(|r| r.desc).collect());
+        (live, ranges)
+    }
+
+    /// The local regions `list` lies in: every descriptor must lie wholly inside one
+    /// registered region of `kind` (a strided entry may cross several of them).
     pub(crate) fn local_regions_for(
         &self,
         kind: MemKind,
         list: &DescriptorList,
     ) -> Result<Vec<Arc<RegionEntry>>> {
-        let regions = self.regions.read();
-        let mut out: Vec<Arc<RegionEntry>> = Vec::new();
+        let (live, ranges) = self.live_regions(kind);
+        let mut used = vec![false; live.len()];
         for e in list.entries() {
-            let x = e
-                .extent()
-                .ok_or_else(|| Error::OutOfBounds("local entry overflows".into()))?;
-            if out.iter().any(|r| r.desc.contains(&x)) {
-                continue;
-            }
-            let r = regions
-                .values()
-                .find(|r| r.kind == kind && r.desc.contains(&x) && !r.is_dropped())
-                .ok_or_else(|| {
-                    Error::NotRegistered(format!(
-                        "local range {:#x}+{} is outside every registered {kind} region",
-                        x.addr, x.len
-                    ))
-                })?;
-            out.push(r.clone());
+            cover::split_entry(e, &ranges, |_, k| used[k] = true).map_err(|x| {
+                Error::NotRegistered(format!(
+                    "local range {:#x}+{} is outside every registered {kind} region",
+                    x.addr, x.len
+                ))
+            })?;
         }
-        Ok(out)
+        Ok(live
+            .into_iter()
+            .zip(used)
+            .filter_map(|(r, u)| u.then_some(r))
+            .collect())
     }
 
     /// Called when a posted transfer that named `r` finished.
