@@ -30,8 +30,13 @@ mod backends;
 mod channel;
 mod choice;
 mod cover;
+mod kv_lists;
+mod layerwise;
 pub mod layout;
+mod lease;
+mod offload;
 mod peers;
+mod prepared;
 mod registry;
 mod shared;
 mod transfer;
@@ -39,8 +44,15 @@ mod transfer;
 pub use agent::{Agent, Registration};
 pub use channel::parse_header as parse_channel_header;
 pub use kv_core::{BackendFactory, Error, Result};
+pub use kv_lists::{KvItems, KvLists};
+pub use layerwise::{LayerwiseReceiver, LayerwiseReport, LayerwiseTransfer};
+pub use lease::{
+    done_notification, BlockLeases, BlockLoad, LeaseEnd, LoadFailurePolicy, LoadOutcome, Released,
+};
+pub use offload::{should_offload_prefill, OffloadThresholds};
 pub use peers::PeerId;
-pub use registry::BackendStats;
+pub use prepared::{PreparedList, TransferOptions};
+pub use registry::{BackendStats, RegisterOptions};
 pub use shared::AgentOptions;
 pub use transfer::{Transfer, TransferSpec, TransferTelemetry};
 

@@ -29,6 +29,15 @@ pub struct BackendStats {
     pub bytes: u64,
 }
 
+/// Options of a registration; plain struct with `Default` (register on every loaded
+/// backend that supports the memory's kind).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegisterOptions {
+    /// Register on these backends only (NIXL's `backends=`); each must be loaded and
+    /// able to register the memory. Empty: every loaded backend that supports the kind.
+    pub backends: Vec<String>,
+}
+
 pub(crate) struct LoadedBackend {
     pub(crate) name: String,
     pub(crate) backend: Arc<dyn Backend>,
@@ -161,14 +170,40 @@ impl Registry {
             .collect()
     }
 
-    /// Registers `region` with every loaded backend that supports its kind and takes
-    /// custody of its memory.
-    pub(crate) fn register<M: Memory>(&self, region: &Region<M>) -> Result<Arc<RegionEntry>> {
+    /// Registers `region` with the loaded backends `opts` names (every one that
+    /// supports its kind when it names none) and takes custody of its memory. A named
+    /// backend that is not loaded or cannot register the memory fails the call.
+    pub(crate) fn register<M: Memory>(
+        &self,
+        region: &Region<M>,
+        opts: &RegisterOptions,
+    ) -> Result<Arc<RegionEntry>> {
         let (kind, desc) = (region.kind(), region.descriptor());
-        let backends = self.backends.read().clone();
+        let loaded = self.backends.read().clone();
+        if let Some(missing) = opts
+            .backends
+            .iter()
+            .find(|n| !loaded.iter().any(|b| &b.name == *n))
+        {
+            return Err(Error::BackendUnavailable {
+                name: missing.clone(),
+                reason: format!(
+                    "not loaded in this agent (loaded: [{}]); add it before registering on it",
+                    loaded
+                        .iter()
+                        .map(|b| b.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        let named = !opts.backends.is_empty();
         let mut regs = Vec::new();
         let mut why = Vec::new();
-        for b in backends {
+        for b in loaded {
+            if named && !opts.backends.contains(&b.name) {
+                continue;
+            }
             if !b.backend.capabilities().mem_kinds.contains(kind) {
                 why.push(format!("{}: does not support {kind}", b.name));
                 continue;
@@ -183,6 +218,18 @@ impl Registry {
                     why.push(format!("{}: {e}", b.name));
                 }
             }
+        }
+        if named && regs.len() < opts.backends.len() {
+            for (b, id) in regs {
+                if let Err(e) = b.backend.deregister(id) {
+                    tracing::error!(backend = %b.name, error = %e, "undoing a partial registration failed; leaking the memory");
+                    std::mem::forget(region.keep_alive());
+                }
+            }
+            return Err(Error::Unsupported(format!(
+                "not every named backend could register {kind} memory [{}]",
+                why.join("; ")
+            )));
         }
         if regs.is_empty() {
             return Err(Error::Unsupported(format!(

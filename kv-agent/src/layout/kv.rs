@@ -3,7 +3,7 @@
 //! or interleaved per block (FlashInfer's blocks-first), block size, dtype, MLA latent
 //! and the KV heads this tensor-parallel rank holds.
 
-use kv_core::{Error, Result};
+use kv_core::{Error, MemKind, Result};
 
 use super::tp;
 
@@ -124,6 +124,8 @@ pub struct KvLayout {
     pub tp_rank: u32,
     /// Size of the TP group.
     pub tp_size: u32,
+    /// Kind of the memory (DRAM, or VRAM for a GPU engine).
+    pub kind: MemKind,
     /// Device of the memory (GPU ordinal for VRAM, 0 for host memory).
     pub device: u32,
     /// Base addresses: `layers × planes` (index `layer × planes + plane`) for
@@ -168,6 +170,7 @@ impl KvLayout {
             heads_held: heads.end - heads.start,
             tp_rank,
             tp_size,
+            kind: MemKind::Dram,
             device: 0,
             bases: Vec::new(),
         })
@@ -268,6 +271,39 @@ impl KvLayout {
             KvPlacement::Separate => at(layer * self.planes() + plane)?,
             KvPlacement::Interleaved => at(layer)? + plane as u64 * self.block_bytes(),
         })
+    }
+
+    /// Address of element `dim` of global head `head` of token `token` (within the
+    /// block) of `block` of `plane` of `layer`.
+    pub fn element_addr(
+        &self,
+        layer: u32,
+        plane: u32,
+        block: u64,
+        token: u32,
+        head: u32,
+        dim: u32,
+    ) -> Result<u64> {
+        let h = head.wrapping_sub(self.first_head);
+        if block >= self.blocks
+            || token >= self.block_tokens
+            || h >= self.heads_held
+            || dim >= self.head_dim
+        {
+            return Err(Error::OutOfBounds(format!(
+                "block {block} token {token} head {head} dim {dim} of {}",
+                self.describe()
+            )));
+        }
+        let (t, h) = (token as u64, h as u64);
+        let inner = match self.order {
+            HeadOrder::Hnd => h * self.block_tokens as u64 + t,
+            HeadOrder::Nhd => t * self.heads_held as u64 + h,
+        };
+        Ok(self.plane_base(layer, plane)?
+            + block * self.block_stride()
+            + inner * self.head_bytes()
+            + dim as u64 * self.dtype.bytes())
     }
 
     /// The bytes one plane of one layer spans (`blocks × block_stride`, less the
@@ -398,6 +434,7 @@ impl KvLayout {
         b.extend_from_slice(&self.blocks.to_le_bytes());
         b.push(matches!(self.order, HeadOrder::Nhd) as u8);
         b.push(matches!(self.placement, KvPlacement::Interleaved) as u8);
+        b.push(self.kind as u8);
         for v in [
             self.first_head,
             self.heads_held,
@@ -438,6 +475,7 @@ impl KvLayout {
         } else {
             KvPlacement::Separate
         };
+        let kind = MemKind::from_u8(r.u8()?).ok_or_else(|| bad("unknown memory kind"))?;
         let (first_head, heads_held, tp_rank, tp_size, device) =
             (r.u32()?, r.u32()?, r.u32()?, r.u32()?, r.u32()?);
         let n = r.u32()? as usize;
@@ -463,6 +501,7 @@ impl KvLayout {
             heads_held,
             tp_rank,
             tp_size,
+            kind,
             device,
             bases,
         };

@@ -116,6 +116,18 @@ pub fn shard_moves(kv_heads: u32, src_tp: u32, dst_tp: u32) -> Result<Vec<ShardM
     Ok(out)
 }
 
+/// How many ranks of a destination group of `dst_tp` read from rank `src_rank` of a
+/// source group of `src_tp` (the "done" notifications a lease on that rank waits for).
+pub fn readers_of(kv_heads: u32, src_tp: u32, src_rank: u32, dst_tp: u32) -> Result<u32> {
+    let mut n = 0;
+    for dst in 0..dst_tp {
+        if !moved_heads(kv_heads, src_tp, src_rank, dst_tp, dst)?.is_empty() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +197,20 @@ mod tests {
         assert_eq!(moved_heads(8, 16, 1, 2, 0).unwrap(), 0..0);
         assert_eq!(moved_heads(8, 16, 6, 2, 0).unwrap(), 3..4);
         assert_eq!(moved_heads(8, 16, 8, 2, 1).unwrap(), 4..5);
+        assert_eq!(
+            readers_of(8, 2, 1, 8).unwrap(),
+            4,
+            "each of 4 heads to its rank"
+        );
+        assert_eq!(
+            readers_of(2, 1, 0, 8).unwrap(),
+            8,
+            "replicated on every reader"
+        );
+        assert_eq!(
+            readers_of(8, 16, 1, 2).unwrap(),
+            0,
+            "a replica is read by nobody"
+        );
     }
 }

@@ -53,12 +53,8 @@ fn layout(
 
 /// Address of (layer, plane, block, token in block, held head index, dim).
 fn addr(l: &KvLayout, layer: u32, plane: u32, block: u64, t: u64, h: u64, dim: u32) -> u64 {
-    let hb = l.head_bytes();
-    let inner = match l.order {
-        HeadOrder::Hnd => (h * l.block_tokens as u64 + t) * hb,
-        HeadOrder::Nhd => (t * l.heads_held as u64 + h) * hb,
-    };
-    l.plane_base(layer, plane).unwrap() + block * l.block_stride() + inner + dim as u64 * 2
+    l.element_addr(layer, plane, block, t as u32, l.first_head + h as u32, dim)
+        .unwrap()
 }
 
 /// Writes the logical values of `tokens` tokens into `blocks` of a source rank.
