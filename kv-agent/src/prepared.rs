@@ -400,7 +400,8 @@ pub(crate) fn make_transfer(
         local: lregions
             .iter()
             .zip(&lused)
-            .filter_map(|(x, u)| u.then(|| x.clone()))
+            .filter(|(_, u)| **u)
+            .map(|(x, _)| x.clone())
             .collect(),
         remote_ids: rregions
             .iter()
