@@ -84,6 +84,16 @@ pub struct TransferArgs {
     /// Per-transfer deadline in seconds.
     #[arg(long, default_value_t = 60)]
     pub deadline: u64,
+    /// Also hand the layers off as an engine computes (layer i posted when its compute
+    /// ends): time to the first layer and the share of the transfer the compute hides.
+    #[arg(long)]
+    pub layerwise: bool,
+    /// Simulated compute per layer for --layerwise, in microseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub layer_compute_us: u64,
+    /// KV memory: memfd (same-host peers map it) or heap (cross-memory attach).
+    #[arg(long, value_enum, default_value = "memfd")]
+    pub memory: MemoryArg,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
@@ -96,6 +106,15 @@ pub enum OpArg {
     Write,
     /// Active side pulls from the passive side.
     Read,
+}
+
+/// What backs the KV buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryArg {
+    /// A memfd mapping (`HostOptions::shared`).
+    Memfd,
+    /// Plain heap memory.
+    Heap,
 }
 
 /// Which side this process plays.
@@ -186,6 +205,11 @@ impl TransferArgs {
             },
             "--check".into(),
             self.check.to_string(),
+            "--memory".into(),
+            match self.memory {
+                MemoryArg::Memfd => "memfd".into(),
+                MemoryArg::Heap => "heap".into(),
+            },
         ];
         for (flag, v) in [
             ("--layers", self.layers),
@@ -247,7 +271,7 @@ fn available_memory() -> Option<u64> {
 }
 
 /// Allocates the KV buffer; refuses sizes the machine cannot hold.
-fn kv_buffer(bytes: u64, copies: u64) -> Result<HostBuffer> {
+fn kv_buffer(bytes: u64, copies: u64, memory: MemoryArg) -> Result<HostBuffer> {
     if let Some(avail) = available_memory() {
         if bytes.saturating_mul(copies) > avail / 10 * 9 {
             return Err(Error::invalid_argument(format!(
@@ -261,7 +285,7 @@ fn kv_buffer(bytes: u64, copies: u64) -> Result<HostBuffer> {
     HostBuffer::with_options(
         len,
         HostOptions {
-            shared: true,
+            shared: memory == MemoryArg::Memfd,
             ..Default::default()
         },
     )
@@ -283,7 +307,7 @@ pub fn run_passive(args: &TransferArgs) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let mut buf = kv_buffer(layout.total_bytes(), 2)?;
+    let mut buf = kv_buffer(layout.total_bytes(), 2, args.memory)?;
     if args.op() == Op::Read {
         fill_region(&mut buf);
     }
@@ -466,7 +490,7 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
             ..Default::default()
         },
     )?;
-    let mut buf = kv_buffer(total, if args.peer.is_some() { 1 } else { 2 })?;
+    let mut buf = kv_buffer(total, if args.peer.is_some() { 1 } else { 2 }, args.memory)?;
     if op == Op::Write {
         fill_region(&mut buf);
     }
@@ -510,6 +534,11 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
         .map(|t| t.backend().to_string())
         .unwrap_or_default();
 
+    let mut layerwise_rows = Vec::new();
+    if args.layerwise {
+        let per_layer = Duration::from_micros(args.layer_compute_us);
+        (transfers, layerwise_rows) = crate::layerwise::measure(transfers, args.iters, per_layer)?;
+    }
     let bar = indicatif::ProgressBar::new((args.iters as u64 + 1) * shape.layers as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} layers")
@@ -593,6 +622,7 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     add("post_avg_p50_p99", post_times);
     add("complete_avg_p50_p99", complete_times);
     add("time_to_first_layer_avg_p50_p99", first_layer);
+    rows.extend(layerwise_rows);
     if let Some(r) = &args.reference {
         let (name, ref_bw) = reference(r, total)?;
         rows.push(("reference", Value::Str(name)));

@@ -185,6 +185,13 @@ impl LayerwiseTransfer {
         Ok(self.report())
     }
 
+    /// The layers' transfers back (cancelled if still running), to post them again for
+    /// another request over the same blocks.
+    pub fn into_transfers(mut self) -> Vec<Transfer> {
+        self.cancel();
+        self.layers
+    }
+
     /// Cancels every outstanding layer (the memory is the caller's again on return).
     pub fn cancel(&mut self) {
         for t in &self.layers {

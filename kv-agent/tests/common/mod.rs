@@ -74,3 +74,93 @@ pub fn expected_image(
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     (0..a.len().max(b.len())).find(|i| a.get(*i) != b.get(*i))
 }
+
+/// A child process running this test binary's `entry` test with `KV_ENGINE_CHILD` set,
+/// read line by line; killed on drop.
+pub struct Child {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Child {
+    /// Starts the child; it runs the test named `entry`.
+    pub fn spawn(entry: &str) -> Child {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", entry, "--nocapture", "--test-threads=1"])
+            .env("KV_ENGINE_CHILD", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Child { child, lines: rx }
+    }
+
+    /// The rest of the first line containing `prefix` within 30 s (panics otherwise).
+    pub fn expect(&mut self, prefix: &str) -> String {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < end {
+            if let Ok(l) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(100))
+            {
+                // libtest may print "test entry ... " before the child's first line.
+                if let Some(i) = l.find(prefix) {
+                    return l[i + prefix.len()..].to_string();
+                }
+            }
+        }
+        panic!("child did not print {prefix:?} within 30 s");
+    }
+
+    /// Sends one line to the child's stdin.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True in the child process of a [`Child`].
+pub fn is_child() -> bool {
+    std::env::var_os("KV_ENGINE_CHILD").is_some()
+}
+
+/// Lines from this process's stdin (the parent's commands), on a channel; closed when
+/// the parent closes stdin or dies.
+pub fn commands() -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        while std::io::stdin()
+            .read_line(&mut s)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            if tx.send(s.trim().to_string()).is_err() {
+                break;
+            }
+            s.clear();
+        }
+    });
+    rx
+}
