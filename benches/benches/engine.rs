@@ -1,13 +1,13 @@
-//! The engine API's costs (issue 17), each beside its reference measured in the same run:
+//! The engine API's per-request cost (issue 17), beside its reference measured in the
+//! same run: a transfer of 1 000 blocks picked out of prepared 100 000-block lists
+//! (`make_transfer` with two index arrays) against rebuilding a `TransferSpec` of the
+//! same blocks and preparing it (goal: ≥ 10× cheaper and ≤ 20 µs), on the tcp backend
+//! and on a null backend whose prepare costs nothing (the agent's own cost), with the
+//! floor both pay: pushing the request's descriptors into kv-core lists.
 //!
-//! * per request, a transfer of 1 000 blocks picked out of prepared 100 000-block lists
-//!   (`make_transfer` with two index arrays) against rebuilding a `TransferSpec` of the
-//!   same blocks and preparing it (goal: ≥ 10× cheaper and ≤ 20 µs);
-//! * same-host WRITEs of engine-owned memory registered with `register_external`: heap
-//!   memory (cross-memory attach) against memory from a `kv_mem::SharedArena` (memfd,
-//!   mapped by the peer), beside a single-thread memcpy.
-//!
-//! Two agents with the tcp backend in this process (same-host paths to our own pid).
+//! Two agents in this process. The same-host figures for engine memory come from
+//! `kv-bench transfer --memory heap|memfd` (two processes) and the kv-mem example
+//! `same_host`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion};
 use kv_agent::{Agent, AgentOptions, PeerId, Registration, TransferOptions, TransferSpec};
 use kv_core::{
     Backend, Capabilities, Descriptor, DescriptorList, EndpointId, MemKind, MemKinds, Notification,
     Op, PostOptions, RegistrationId, RemoteId, Status, TransferId, TransferRequest,
 };
-use kv_mem::{HostBuffer, SharedArena};
+use kv_mem::HostBuffer;
 
 const BLOCKS: u64 = 100_000;
 const BLOCK: u64 = 512;
@@ -103,10 +103,6 @@ impl Backend for NullBackend {
     fn drain_notifications(&self, _: &mut Vec<Notification>) -> kv_core::Result<usize> {
         Ok(0)
     }
-}
-
-fn pair(progress: bool) -> (Agent, Agent, PeerId) {
-    pair_on("tcp", progress)
 }
 
 /// Two agents with `backend` (`tcp` or `null`).
@@ -268,90 +264,5 @@ fn lists_on(c: &mut Criterion, backend: &str) {
     g.finish();
 }
 
-/// A WRITE between two agents' engine memory. Fields drop in order: the transfer and the
-/// registrations before the agents, the memory last.
-struct EnginePair {
-    t: kv_agent::Transfer,
-    _regs: Vec<Registration>,
-    _agents: (Agent, Agent),
-    _memory: Vec<Box<dyn std::any::Any>>,
-}
-
-/// Engine-owned memory of `len` bytes registered with `register_external`: heap (CMA
-/// to the peer) or from a shared arena (memfd, mapped by the peer).
-fn engine_pair(len: usize, arena: bool) -> EnginePair {
-    let (a, b, _) = pair(false);
-    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
-    let mut mem = |fill: u8| -> u64 {
-        if arena {
-            let ar = SharedArena::new(len).expect("arena");
-            let mut buf = ar.alloc(len, 4096).expect("alloc");
-            buf.as_mut_slice().fill(fill);
-            let addr = buf.as_ptr() as u64;
-            keep.push(Box::new((ar, buf)));
-            addr
-        } else {
-            let mut v = vec![fill; len];
-            let addr = v.as_mut_ptr() as u64;
-            keep.push(Box::new(v));
-            addr
-        }
-    };
-    let (s, d) = (mem(1), mem(0));
-    let opts = kv_agent::RegisterOptions::default();
-    // SAFETY: both ranges live in `keep`, which the returned EnginePair drops after the
-    // transfer and the registrations.
-    let regs = unsafe {
-        vec![
-            a.register_external(s, len as u64, MemKind::Dram, 0, &opts)
-                .expect("register"),
-            b.register_external(d, len as u64, MemKind::Dram, 0, &opts)
-                .expect("register"),
-        ]
-    };
-    let peer = a
-        .load_remote(&b.local_metadata().expect("metadata"))
-        .expect("reload");
-    let t = a
-        .prepare(&TransferSpec::write(
-            DescriptorList::single(Descriptor::new(s, len as u64, 0)).expect("list"),
-            peer,
-            DescriptorList::single(Descriptor::new(d, len as u64, 0)).expect("list"),
-        ))
-        .expect("prepare");
-    EnginePair {
-        t,
-        _regs: regs,
-        _agents: (a, b),
-        _memory: keep,
-    }
-}
-
-fn same_host(c: &mut Criterion) {
-    const LEN: usize = 64 << 20;
-    let mut g = c.benchmark_group("same-host WRITE of 64 MiB engine memory");
-    g.throughput(Throughput::Bytes(LEN as u64));
-    g.sample_size(10);
-    g.measurement_time(Duration::from_secs(4));
-    let src = vec![1u8; LEN];
-    let mut dst = vec![0u8; LEN];
-    g.bench_function("memcpy 1 thread (reference)", |bch| {
-        bch.iter(|| dst.copy_from_slice(black_box(&src)))
-    });
-    for (name, arena) in [
-        ("heap, register_external (CMA)", false),
-        ("SharedArena, register_external (memfd)", true),
-    ] {
-        let p = engine_pair(LEN, arena);
-        g.bench_function(name, |bch| {
-            bch.iter(|| {
-                p.t.post(None).expect("post");
-                p.t.wait().expect("wait");
-            })
-        });
-    }
-    g.finish();
-}
-
-criterion_group!(engine, prepared_lists, same_host);
+criterion_group!(engine, prepared_lists);
 criterion_main!(engine);

@@ -7,6 +7,13 @@
 //! Memory is registered through [`kv_mem::Region`]s that stay alive while any transfer
 //! names them.
 //!
+//! For engines: memory they own ([`Agent::register_external`]), lists prepared once and
+//! selected by index per request ([`Agent::make_transfer`]), KV layouts and their
+//! re-layout across TP and block sizes ([`layout::KvLayout`], [`Agent::prepare_kv_lists`]),
+//! layer-wise hand-off ([`LayerwiseTransfer`]), leases and all-or-nothing loads
+//! ([`BlockLeases`], [`BlockLoad`]) and the prefill-offload gate
+//! ([`should_offload_prefill`]).
+//!
 //! ```no_run
 //! use kv_agent::{Agent, AgentOptions, TransferSpec};
 //! use kv_mem::{HostBuffer, Region};

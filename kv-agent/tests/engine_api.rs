@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::LoopMem;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,21 +18,7 @@ use kv_agent::{
 };
 use kv_core::loopback::{LoopbackBackend, LoopbackFabric};
 use kv_core::{BackendInit, Descriptor, DescriptorList, Error, MemKind, Op};
-use kv_mem::{Memory, Region};
-
-/// Loopback memory as a `kv_mem::Memory`, so the agent can register it.
-struct LoopMem(Descriptor);
-
-// SAFETY: the range is loopback-simulated memory owned by the backend; neither the agent
-// nor the loopback backend ever dereferences it as a host address.
-unsafe impl Memory for LoopMem {
-    fn kind(&self) -> MemKind {
-        MemKind::Dram
-    }
-    fn descriptor(&self) -> Descriptor {
-        self.0
-    }
-}
+use kv_mem::Region;
 
 /// One engine rank: its cache is one loopback allocation laid out as `layout`, with
 /// one registration per layer and plane.
@@ -86,6 +74,12 @@ impl Rank {
             .unwrap()
     }
 
+    /// Writes the reference values of a request held in `blocks` (source side).
+    fn fill_source(&self, blocks: &[u32], tokens: u64) {
+        let img = common::source_image(&self.layout, self.base, self.len, blocks, tokens);
+        self.lb.write_mem(self.base, &img).unwrap();
+    }
+
     fn image(&self) -> Vec<u8> {
         self.lb.read_mem(self.base, self.len).unwrap()
     }
@@ -109,8 +103,7 @@ fn hand_off(kv: u32, (a, b): (u32, u32), (sbt, dbt): (u32, u32), op: Op, tokens:
         .map(|r| Rank::new(&f, &format!("decode-{r}"), layout(kv, b, r, dbt)))
         .collect();
     for p in &prefill {
-        let img = common::source_image(&p.layout, p.base, p.len, &SRC_BLOCKS, tokens);
-        p.lb.write_mem(p.base, &img).unwrap();
+        p.fill_source(&SRC_BLOCKS, tokens);
     }
     let mut moved = vec![0u32; b as usize];
     for p in &prefill {
@@ -211,14 +204,7 @@ fn prepared_lists_select_blocks_by_index() {
     l.order = HeadOrder::Nhd;
     let p = Rank::new(&f, "prefill", l.clone());
     let d = Rank::new(&f, "decode", l.clone());
-    let img = common::source_image(
-        &p.layout,
-        p.base,
-        p.len,
-        &[0, 1, 2, 3, 4, 5, 6, 7, 8],
-        9 * 16,
-    );
-    p.lb.write_mem(p.base, &img).unwrap();
+    p.fill_source(&[0, 1, 2, 3, 4, 5, 6, 7, 8], 9 * 16);
     let peer = p.load(&d);
     assert_eq!(p.agent.make_connection(peer).unwrap(), vec!["loopback"]);
     // Every block of every (layer, plane) tensor, tensor-major: item = t * 9 + block.
@@ -338,8 +324,7 @@ fn layerwise_hand_off_waits_per_layer() {
     let f = LoopbackFabric::new();
     let p = Rank::new(&f, "prefill", layout(8, 2, 1, 16));
     let d = Rank::new(&f, "decode", layout(8, 1, 0, 32));
-    let img = common::source_image(&p.layout, p.base, p.len, &SRC_BLOCKS, 70);
-    p.lb.write_mem(p.base, &img).unwrap();
+    p.fill_source(&SRC_BLOCKS, 70);
     let peer = p.load(&d);
     let lists = p
         .agent
@@ -419,8 +404,7 @@ fn leases_and_loads() {
     let f = LoopbackFabric::new();
     let p = Rank::new(&f, "prefill", layout(8, 1, 0, 16));
     let d = Rank::new(&f, "decode", layout(8, 1, 0, 16));
-    let img = common::source_image(&p.layout, p.base, p.len, &SRC_BLOCKS, 70);
-    p.lb.write_mem(p.base, &img).unwrap();
+    p.fill_source(&SRC_BLOCKS, 70);
     let mut leases = BlockLeases::new(Duration::from_millis(200));
     let readers = tp::readers_of(8, 1, 0, 1).unwrap();
     leases.hold("r1", SRC_BLOCKS.to_vec(), readers).unwrap();
@@ -516,4 +500,19 @@ fn registration_on_named_backends() {
         matches!(e, Error::BackendUnavailable { ref name, .. } if name == "ucx"),
         "{e}"
     );
+}
+
+#[test]
+fn engine_types_are_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<kv_agent::PreparedList>();
+    check::<kv_agent::KvLists>();
+    check::<kv_agent::KvItems>();
+    check::<LayerwiseTransfer>();
+    check::<LayerwiseReceiver>();
+    check::<BlockLeases>();
+    check::<BlockLoad>();
+    check::<KvLayout>();
+    check::<kv_agent::layout::Relayout>();
+    check::<kv_agent::layout::ItemGrid>();
 }

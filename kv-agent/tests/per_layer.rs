@@ -4,25 +4,14 @@
 
 use std::sync::Arc;
 
+mod common;
+
+use common::LoopMem;
 use kv_agent::{Agent, AgentOptions, PeerId, Registration, TransferSpec};
 use kv_core::conformance::pattern;
 use kv_core::loopback::{LoopbackBackend, LoopbackFabric};
-use kv_core::{BackendInit, Descriptor, DescriptorList, Error, MemKind};
-use kv_mem::{Memory, Region};
-
-/// Loopback memory as a `kv_mem::Memory`, so the agent can register it.
-struct LoopMem(Descriptor);
-
-// SAFETY: the range is loopback-simulated memory owned by the backend; neither the agent
-// nor the loopback backend ever dereferences it as a host address.
-unsafe impl Memory for LoopMem {
-    fn kind(&self) -> MemKind {
-        MemKind::Dram
-    }
-    fn descriptor(&self) -> Descriptor {
-        self.0
-    }
-}
+use kv_core::{BackendInit, Descriptor, DescriptorList, Error};
+use kv_mem::Region;
 
 const LAYERS: u64 = 4;
 const BLOCKS: u64 = 8;

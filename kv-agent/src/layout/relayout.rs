@@ -255,5 +255,4 @@ fn coalesce(list: &DescriptorList, cap: u64) -> Result<DescriptorList> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests;
+// Byte-exact tests against the reference re-layout: tests/relayout.rs.

@@ -4,6 +4,21 @@
 #![allow(dead_code)] // each test binary uses part of it
 
 use kv_agent::layout::KvLayout;
+use kv_core::{Descriptor, MemKind};
+
+/// Loopback memory as a `kv_mem::Memory`, so an agent can register it.
+pub struct LoopMem(pub Descriptor);
+
+// SAFETY: the range is loopback-simulated memory owned by the backend; neither the agent
+// nor the loopback backend ever dereferences it as a host address.
+unsafe impl kv_mem::Memory for LoopMem {
+    fn kind(&self) -> MemKind {
+        MemKind::Dram
+    }
+    fn descriptor(&self) -> Descriptor {
+        self.0
+    }
+}
 
 /// The bytes of element (layer, plane, token, global head, dim): distinct for every
 /// element and byte.

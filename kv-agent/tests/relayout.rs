@@ -1,32 +1,16 @@
-//! Byte-exact checks of [`Relayout`] against a reference re-layout computed element by
-//! element from logical coordinates (layer, plane, token, head, dim), over simulated
-//! memory: every TP pair of the issue, different block sizes, HND/NHD, blocks-first.
+//! Byte-exact checks of `Relayout` against the reference re-layout (`common`: every
+//! element's value from its logical coordinates) over simulated memory: every TP pair
+//! of the issue, different block sizes, HND/NHD, blocks-first, MLA.
 
-use super::*;
-use crate::layout::{KvDtype, KvPlacement};
+mod common;
 
-/// The bytes of element (layer, plane, token, head, dim): distinct for every element
-/// and byte, so a misplaced byte is always seen.
-fn value(layer: u32, plane: u32, token: u64, head: u32, dim: u32, byte: u64) -> u8 {
-    let x = (layer as u64) << 40
-        | (plane as u64) << 36
-        | token << 20
-        | (head as u64) << 12
-        | (dim as u64) << 4
-        | byte;
-    (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
-}
+use kv_agent::layout::{HeadOrder, KvDtype, KvLayout, KvPlacement, Relayout, Side};
+use kv_core::DescriptorList;
 
 /// A simulated address space: one allocation at `base`.
 struct Mem {
     base: u64,
     bytes: Vec<u8>,
-}
-
-impl Mem {
-    fn at(&mut self, addr: u64) -> &mut u8 {
-        &mut self.bytes[(addr - self.base) as usize]
-    }
 }
 
 fn layout(
@@ -51,82 +35,20 @@ fn layout(
     )
 }
 
-/// Address of (layer, plane, block, token in block, held head index, dim).
-fn addr(l: &KvLayout, layer: u32, plane: u32, block: u64, t: u64, h: u64, dim: u32) -> u64 {
-    l.element_addr(layer, plane, block, t as u32, l.first_head + h as u32, dim)
-        .unwrap()
-}
-
-/// Writes the logical values of `tokens` tokens into `blocks` of a source rank.
-fn fill(l: &KvLayout, m: &mut Mem, blocks: &[u32], tokens: u64) {
-    let bt = l.block_tokens as u64;
-    for layer in 0..l.layers {
-        for plane in 0..l.planes() {
-            for t in 0..tokens.div_ceil(bt) * bt {
-                for h in 0..l.heads_held {
-                    for dim in 0..l.head_dim {
-                        let a = addr(
-                            l,
-                            layer,
-                            plane,
-                            blocks[(t / bt) as usize] as u64,
-                            t % bt,
-                            h as u64,
-                            dim,
-                        );
-                        for b in 0..2 {
-                            *m.at(a + b) = value(layer, plane, t, l.first_head + h, dim, b);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// What a destination rank must hold after the request: every one of its heads, for
-/// every token of the moved chunks, in its own blocks and layout.
-fn expected(l: &KvLayout, m: &mut Mem, blocks: &[u32], tokens: u64, chunk: u64) {
-    let bt = l.block_tokens as u64;
-    for layer in 0..l.layers {
-        for plane in 0..l.planes() {
-            for t in 0..tokens.div_ceil(chunk) * chunk {
-                for h in 0..l.heads_held {
-                    for dim in 0..l.head_dim {
-                        let a = addr(
-                            l,
-                            layer,
-                            plane,
-                            blocks[(t / bt) as usize] as u64,
-                            t % bt,
-                            h as u64,
-                            dim,
-                        );
-                        for b in 0..2 {
-                            *m.at(a + b) = value(layer, plane, t, l.first_head + h, dim, b);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Moves bytes as a backend does: the source list's bytes, in order, into the
 /// destination list's ranges, in order.
-fn apply(src: &mut Mem, sl: &DescriptorList, dst: &mut Mem, dl: &DescriptorList) {
+fn apply(src: &Mem, sl: &DescriptorList, dst: &mut Mem, dl: &DescriptorList) {
     assert_eq!(sl.total_bytes(), dl.total_bytes());
     let mut bytes = Vec::new();
     for d in sl.iter() {
-        for a in d.addr..d.addr + d.len {
-            bytes.push(*src.at(a));
-        }
+        let at = (d.addr - src.base) as usize;
+        bytes.extend_from_slice(&src.bytes[at..at + d.len as usize]);
     }
-    let mut it = bytes.into_iter();
+    let mut off = 0;
     for d in dl.iter() {
-        for a in d.addr..d.addr + d.len {
-            *dst.at(a) = it.next().unwrap();
-        }
+        let at = (d.addr - dst.base) as usize;
+        dst.bytes[at..at + d.len as usize].copy_from_slice(&bytes[off..off + d.len as usize]);
+        off += d.len as usize;
     }
 }
 
@@ -143,21 +65,24 @@ fn check(
     let what = format!("kv {kv} TP {a}->{b} blocks {sbt}->{dbt} {so:?}->{dorder:?} {sp:?}->{dp:?}");
     let src_blocks: Vec<u32> = [5, 0, 3, 6, 1, 2, 4].to_vec();
     let dst_blocks: Vec<u32> = [2, 6, 0, 4, 5, 1, 3].to_vec();
-    let mut srcs: Vec<(KvLayout, Mem)> = (0..a)
-        .map(|r| layout(kv, a, r, sbt, so, sp, 0x1000_0000 * (r as u64 + 1)))
+    let srcs: Vec<(KvLayout, Mem)> = (0..a)
+        .map(|r| {
+            let (l, mut m) = layout(kv, a, r, sbt, so, sp, 0x1000_0000 * (r as u64 + 1));
+            m.bytes = common::source_image(&l, m.base, m.bytes.len(), &src_blocks, tokens);
+            (l, m)
+        })
         .collect();
-    for (l, m) in &mut srcs {
-        fill(l, m, &src_blocks, tokens);
-    }
     for r in 0..b {
         let (dl, mut got) = layout(kv, b, r, dbt, dorder, dp, 0x100_0000_0000);
         let mut moved = 0;
-        for (sl, sm) in &mut srcs {
+        let mut chunk = 0;
+        for (sl, sm) in &srcs {
             let rl = Relayout::new(sl, &dl).unwrap();
             if rl.is_empty() {
                 continue;
             }
             moved += rl.heads().len();
+            chunk = rl.chunk_tokens();
             for layer in 0..2 {
                 let (s, d) = if via_items {
                     let (si, di) = rl.items(&src_blocks, &dst_blocks, tokens).unwrap();
@@ -175,9 +100,15 @@ fn check(
             }
         }
         assert_eq!(moved, dl.heads_held as usize, "{what}: rank {r} heads");
-        let (_, mut want) = layout(kv, b, r, dbt, dorder, dp, 0x100_0000_0000);
-        expected(&dl, &mut want, &dst_blocks, tokens, gcd(sbt, dbt) as u64);
-        if let Some(i) = (0..got.bytes.len()).find(|i| got.bytes[*i] != want.bytes[*i]) {
+        let want = common::expected_image(
+            &dl,
+            &vec![0xee; got.bytes.len()],
+            got.base,
+            &dst_blocks,
+            tokens,
+            chunk as u64,
+        );
+        if let Some(i) = common::first_difference(&got.bytes, &want) {
             panic!("{what}: rank {r} differs first at byte {i}");
         }
     }
