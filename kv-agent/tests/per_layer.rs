@@ -144,3 +144,31 @@ fn read_across_registrations_and_straddling_refused() {
         .unwrap_err();
     assert!(matches!(e, Error::NotRegistered(_)), "{e}");
 }
+
+/// `TransferSpec` carries memory kinds: a VRAM spec is looked up among VRAM regions.
+#[test]
+fn transfer_spec_carries_memory_kinds() {
+    let (p, d, peer) = pair();
+    let (l, r) = (
+        block_of_every_tensor(p.base, 1),
+        block_of_every_tensor(d.base, 1),
+    );
+    let spec = TransferSpec::new(
+        kv_core::Op::Write,
+        kv_core::MemKind::Dram,
+        l.clone(),
+        peer,
+        kv_core::MemKind::Dram,
+        r.clone(),
+    );
+    assert_eq!(spec, TransferSpec::write(l.clone(), peer, r.clone()));
+    let vram =
+        TransferSpec::write(l, peer, r).with_kinds(kv_core::MemKind::Vram, kv_core::MemKind::Dram);
+    assert_eq!(vram.local_kind, kv_core::MemKind::Vram);
+    let e = p.agent.prepare(&vram).unwrap_err();
+    assert!(
+        matches!(e, Error::NotRegistered(ref m) if m.contains("vram")),
+        "{e}"
+    );
+    p.agent.prepare(&spec).unwrap();
+}
