@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+mod layerwise;
 mod passive;
 mod pattern;
 mod setup;

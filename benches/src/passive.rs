@@ -50,7 +50,7 @@ pub fn run_passive(args: &TransferArgs) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let mut buf = kv_buffer(layout.total_bytes(), 2)?;
+    let mut buf = kv_buffer(layout.total_bytes(), 2, args.memory)?;
     if args.op() == Op::Read {
         fill_region(&mut buf);
     }

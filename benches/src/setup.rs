@@ -78,6 +78,16 @@ pub struct TransferArgs {
     /// an active side it has not heard from for this long.
     #[arg(long, default_value_t = 60)]
     pub deadline: u64,
+    /// Also hand the layers off as an engine computes (layer i posted when its compute
+    /// ends): time to the first layer and the share of the transfer the compute hides.
+    #[arg(long)]
+    pub layerwise: bool,
+    /// Simulated compute per layer for --layerwise, in microseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub layer_compute_us: u64,
+    /// KV memory: memfd (same-host peers map it) or heap (cross-memory attach).
+    #[arg(long, value_enum, default_value = "memfd")]
+    pub memory: MemoryArg,
     /// Cluster secret (hex) both sides share in two-host mode; prefer `KVX_SECRET` in
     /// the environment (other users can read a command line). A spawned pair generates
     /// its own.
@@ -95,6 +105,15 @@ pub enum OpArg {
     Write,
     /// Active side pulls from the passive side.
     Read,
+}
+
+/// What backs the KV buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryArg {
+    /// A memfd mapping (`HostOptions::shared`).
+    Memfd,
+    /// Plain heap memory.
+    Heap,
 }
 
 /// Which side this process plays.
@@ -230,6 +249,11 @@ impl TransferArgs {
             },
             "--check".into(),
             self.check.to_string(),
+            "--memory".into(),
+            match self.memory {
+                MemoryArg::Memfd => "memfd".into(),
+                MemoryArg::Heap => "heap".into(),
+            },
             "--deadline".into(),
             self.deadline.to_string(),
         ];
@@ -319,7 +343,7 @@ fn available_memory() -> Option<u64> {
 }
 
 /// Allocates the KV buffer; refuses sizes the machine cannot hold.
-pub(crate) fn kv_buffer(bytes: u64, copies: u64) -> Result<HostBuffer> {
+pub(crate) fn kv_buffer(bytes: u64, copies: u64, memory: MemoryArg) -> Result<HostBuffer> {
     if let Some(avail) = available_memory() {
         if bytes.saturating_mul(copies) > avail / 10 * 9 {
             return Err(Error::invalid_argument(format!(
@@ -333,7 +357,7 @@ pub(crate) fn kv_buffer(bytes: u64, copies: u64) -> Result<HostBuffer> {
     HostBuffer::with_options(
         len,
         HostOptions {
-            shared: true,
+            shared: memory == MemoryArg::Memfd,
             ..Default::default()
         },
     )

@@ -61,7 +61,7 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
             ..Default::default()
         },
     )?;
-    let mut buf = kv_buffer(total, if args.peer.is_some() { 1 } else { 2 })?;
+    let mut buf = kv_buffer(total, if args.peer.is_some() { 1 } else { 2 }, args.memory)?;
     if op == Op::Write {
         fill_region(&mut buf);
     }
@@ -102,6 +102,11 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
         .map(|t| t.backend().to_string())
         .unwrap_or_default();
 
+    let mut layerwise_rows = Vec::new();
+    if args.layerwise {
+        let per_layer = Duration::from_micros(args.layer_compute_us);
+        (transfers, layerwise_rows) = crate::layerwise::measure(transfers, args.iters, per_layer)?;
+    }
     let bar = indicatif::ProgressBar::new((args.iters as u64 + 1) * shape.layers as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} layers")
@@ -186,6 +191,7 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     add("post_avg_p50_p99", post_times);
     add("complete_avg_p50_p99", complete_times);
     add("time_to_first_layer_avg_p50_p99", first_layer);
+    rows.extend(layerwise_rows);
     if let Some(r) = &args.reference {
         let (name, ref_bw) = reference(r, total)?;
         rows.push(("reference", Value::Str(name)));

@@ -7,14 +7,19 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use kv_core::{Backend, Descriptor, DescriptorList, Error, MemKind, Notification, Params, Result};
-use kv_mem::{Memory, Region};
+use kv_core::{
+    Backend, Descriptor, DescriptorList, Error, MemKind, Notification, Op, Params, Result,
+};
+use kv_mem::{EngineMemory, Memory, Region};
 
 use crate::backends::ParamDoc;
 use crate::channel;
 use crate::choice;
+use crate::kv_lists::{self, KvLists};
+use crate::layout::{ItemGrid, KvLayout, Side, LAYOUT_ATTRIBUTE};
 use crate::peers::{check_attributes, PeerId};
-use crate::registry::{BackendStats, RegionEntry};
+use crate::prepared::{self, PreparedList, Source, TransferOptions};
+use crate::registry::{BackendStats, RegionEntry, RegisterOptions};
 use crate::shared::{resolve_secret, AgentOptions, Shared};
 use crate::transfer::{Transfer, TransferSpec};
 
@@ -138,11 +143,50 @@ impl Agent {
     /// handle keeps the memory alive; dropping it deregisters once no posted transfer
     /// names the region.
     pub fn register<M: Memory>(&self, region: &Region<M>) -> Result<Registration> {
-        let entry = self.shared.registry.register(region)?;
+        self.register_with(region, &RegisterOptions::default())
+    }
+
+    /// Registers `region` on the backends `opts` names (NIXL's `backends=`; every
+    /// loaded backend that supports its kind when it names none). Custody as
+    /// [`Agent::register`].
+    pub fn register_with<M: Memory>(
+        &self,
+        region: &Region<M>,
+        opts: &RegisterOptions,
+    ) -> Result<Registration> {
+        let entry = self.shared.registry.register(region, opts)?;
         Ok(Registration {
             shared: self.shared.clone(),
             entry,
         })
+    }
+
+    /// Registers memory the engine owns — `len` bytes at `addr` of `kind` on `device`
+    /// (a tensor's storage, an `mmap`, pinned host memory, a VRAM pointer) — on the
+    /// backends `opts` names. DRAM inside a [`kv_mem::SharedArena`] or a shared
+    /// `HostBuffer` is memfd-backed, so same-host peers map it.
+    ///
+    /// # Safety
+    ///
+    /// The range must stay valid for reads and writes, at that address, until the
+    /// returned [`Registration`] is dropped *and* every transfer that names it finished
+    /// (custody defers deregistration until then; [`Registration::deregister`] returning
+    /// `Ok` proves it is over). Bytes that peers write arrive outside the compiler's
+    /// view: read them only after the transfer completed or its notification arrived.
+    /// Use [`kv_mem::EngineMemory::with_owner`] and [`Agent::register_with`] to tie the
+    /// allocation's lifetime to the registration instead.
+    pub unsafe fn register_external(
+        &self,
+        addr: u64,
+        len: u64,
+        kind: MemKind,
+        device: u32,
+        opts: &RegisterOptions,
+    ) -> Result<Registration> {
+        // SAFETY: forwarded to our caller (valid until the registration and every
+        // transfer naming it are gone, which is when the EngineMemory drops).
+        let mem = unsafe { EngineMemory::new(addr, len, kind, device)? };
+        self.register_with(&Region::new(mem), opts)
     }
 
     /// Everything a peer needs: backends with connection info and every registration.
@@ -190,6 +234,118 @@ impl Agent {
         check_attributes(&attributes)?;
         *self.shared.attributes.write() = attributes;
         Ok(())
+    }
+
+    /// Publishes this engine rank's KV layout (attribute [`LAYOUT_ATTRIBUTE`]) from the
+    /// next metadata message on, keeping the other attributes.
+    pub fn set_kv_layout(&self, layout: &KvLayout) -> Result<()> {
+        let value = Bytes::from(layout.encode()?);
+        let mut attrs = self.shared.attributes.read().clone();
+        attrs.retain(|(k, _)| k != LAYOUT_ATTRIBUTE);
+        attrs.push((LAYOUT_ATTRIBUTE.to_string(), value));
+        self.set_attributes(attrs)
+    }
+
+    /// The KV layout `peer` published ([`Error::InvalidMetadata`] if none or malformed).
+    pub fn peer_kv_layout(&self, peer: PeerId) -> Result<KvLayout> {
+        kv_lists::peer_layout(&self.shared, peer)
+    }
+
+    /// Connects to `peer` now on every backend both sides loaded (else the first
+    /// transfer pays for it); returns the backends connected. Fails only if none could.
+    pub fn make_connection(&self, peer: PeerId) -> Result<Vec<String>> {
+        let p = self.shared.peers.get(peer)?;
+        p.check_current()?;
+        let published = p.backend_names();
+        let (mut ok, mut last) = (Vec::new(), None);
+        for b in self.shared.registry.backends.read().clone() {
+            if published.contains(&b.name) {
+                match p.endpoint(&b) {
+                    Ok(_) => ok.push(b.name.clone()),
+                    Err(e) => last = Some(e),
+                }
+            }
+        }
+        if ok.is_empty() {
+            return Err(last.unwrap_or_else(|| Error::NoCommonBackend {
+                local: self.backends(),
+                remote: published,
+            }));
+        }
+        Ok(ok)
+    }
+
+    /// Prepares a list of local items once (NIXL's `prep_xfer_dlist`): every descriptor
+    /// of `list` is an item, and must lie in a registered region of `kind` (a list may
+    /// cross regions).
+    pub fn prepare_local_list(&self, kind: MemKind, list: &DescriptorList) -> Result<PreparedList> {
+        PreparedList::local(&self.shared, kind, Source::List(list))
+    }
+
+    /// Prepares a list of `peer`'s items once: checked against what it published,
+    /// connected and imported on every backend both sides loaded.
+    pub fn prepare_remote_list(
+        &self,
+        peer: PeerId,
+        kind: MemKind,
+        list: &DescriptorList,
+    ) -> Result<PreparedList> {
+        PreparedList::remote(&self.shared, peer, kind, Source::List(list))
+    }
+
+    /// Like [`Agent::prepare_local_list`], with items given by a formula (no stored
+    /// descriptors; each plane of the grid must lie in one registered region).
+    pub fn prepare_local_grid(&self, kind: MemKind, grid: &ItemGrid) -> Result<PreparedList> {
+        PreparedList::local(&self.shared, kind, Source::Grid(grid))
+    }
+
+    /// Like [`Agent::prepare_remote_list`], with items given by a formula.
+    pub fn prepare_remote_grid(
+        &self,
+        peer: PeerId,
+        kind: MemKind,
+        grid: &ItemGrid,
+    ) -> Result<PreparedList> {
+        PreparedList::remote(&self.shared, peer, kind, Source::Grid(grid))
+    }
+
+    /// A transfer of items `local_items` of `local` to (WRITE) or from (READ) items
+    /// `remote_items` of `remote` (NIXL's `make_prepped_xfer`): item `k` of one side
+    /// carries the bytes of item `k` of the other. Only the selection and the backend's
+    /// own prepare run; post it like any [`Transfer`].
+    pub fn make_transfer(
+        &self,
+        op: Op,
+        local: &PreparedList,
+        local_items: &[u32],
+        remote: &PreparedList,
+        remote_items: &[u32],
+        opts: &TransferOptions,
+    ) -> Result<Transfer> {
+        prepared::make_transfer(
+            &self.shared,
+            op,
+            local,
+            local_items,
+            remote,
+            remote_items,
+            opts,
+        )
+    }
+
+    /// Prepares the per-layer lists between this engine rank (laid out as `local`) and
+    /// `peer`'s rank (the layout it published): refuses an incompatible model with
+    /// [`Error::InvalidMetadata`] before any byte moves, works out which heads move
+    /// (heterogeneous TP and block sizes), and prepares every layer's lists on both
+    /// sides. `local_side` is [`Side::Source`] on the rank holding the KV (it WRITEs),
+    /// [`Side::Destination`] on the rank receiving it (it READs).
+    pub fn prepare_kv_lists(
+        &self,
+        peer: PeerId,
+        local: &KvLayout,
+        local_side: Side,
+    ) -> Result<KvLists> {
+        KvLists::prepare(&self.shared, peer, local, local_side)
     }
 
     /// The current [`PeerId`] of the agent called `name`, if its metadata is loaded.

@@ -8,6 +8,13 @@
 //! names them. Peers are authenticated with a cluster secret (see the README's trust
 //! model and [`AgentOptions::secret`]).
 //!
+//! For engines: memory they own ([`Agent::register_external`]), lists prepared once and
+//! selected by index per request ([`Agent::make_transfer`]), KV layouts and their
+//! re-layout across TP and block sizes ([`layout::KvLayout`], [`Agent::prepare_kv_lists`]),
+//! layer-wise hand-off ([`LayerwiseTransfer`]), leases and all-or-nothing loads
+//! ([`BlockLeases`], [`BlockLoad`]) and the prefill-offload gate
+//! ([`should_offload_prefill`]).
+//!
 //! ```no_run
 //! use kv_agent::{Agent, AgentOptions, TransferSpec};
 //! use kv_mem::{HostBuffer, Region};
@@ -31,9 +38,15 @@ mod agent;
 mod backends;
 mod channel;
 mod choice;
+mod cover;
 mod frame;
+mod kv_lists;
+mod layerwise;
 pub mod layout;
+mod lease;
+mod offload;
 mod peers;
+mod prepared;
 mod registry;
 mod shared;
 mod slow;
@@ -43,8 +56,15 @@ pub use agent::{Agent, Registration};
 pub use backends::{backend_params, register_backend_factory, register_backend_params, ParamDoc};
 pub use frame::parse_header as parse_channel_header;
 pub use kv_core::{BackendFactory, Error, Result};
+pub use kv_lists::{KvItems, KvLists};
+pub use layerwise::{LayerwiseReceiver, LayerwiseReport, LayerwiseTransfer};
+pub use lease::{
+    done_notification, BlockLeases, BlockLoad, LeaseEnd, LoadFailurePolicy, LoadOutcome, Released,
+};
+pub use offload::{should_offload_prefill, OffloadThresholds};
 pub use peers::PeerId;
-pub use registry::BackendStats;
+pub use prepared::{PreparedList, TransferOptions};
+pub use registry::{BackendStats, RegisterOptions};
 pub use shared::{AgentOptions, SECRET_ENV};
 pub use transfer::{Transfer, TransferSpec, TransferTelemetry};
 

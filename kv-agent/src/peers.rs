@@ -617,49 +617,73 @@ impl PeerEntry {
         Ok(())
     }
 
-    /// Remote regions of this peer whose ranges contain every entry of `list`, and the
-    /// backends that hold a key for all of them.
-    pub(crate) fn regions_for(
-        &self,
-        kind: MemKind,
-        list: &DescriptorList,
-    ) -> Result<(Vec<u64>, Vec<String>)> {
+    /// The ranges this peer published for `kind`, with the region id of each. Memory
+    /// freed and registered again shows up as a newer region over the same addresses
+    /// (the peer may not have published the removal): the newest registration is the
+    /// live one, so newer regions come first.
+    pub(crate) fn published(&self, kind: MemKind) -> (Vec<u64>, crate::cover::Ranges) {
         let st = self.state.lock();
-        let mut ids = Vec::new();
-        for e in list.entries() {
-            let x = e
-                .extent()
-                .ok_or_else(|| Error::OutOfBounds("remote entry overflows".into()))?;
-            let r = st
-                .regions
-                .values()
-                .filter(|r| r.kind == kind && r.descs.iter().any(|d| d.contains(&x)))
-                // Memory freed and registered again shows up as a newer region over the
-                // same addresses (the peer may not have published the removal): the
-                // newest registration is the live one.
-                .max_by_key(|r| r.id)
-                .ok_or_else(|| {
-                    Error::OutOfBounds(format!(
-                        "remote range {:#x}+{} is outside every {kind} region {} registered",
-                        x.addr, x.len, self.name
-                    ))
-                })?;
-            if !ids.contains(&r.id) {
-                ids.push(r.id);
-            }
-        }
+        let mut published: Vec<(u64, Descriptor)> = st
+            .regions
+            .values()
+            .filter(|r| r.kind == kind)
+            .flat_map(|r| r.descs.iter().map(move |d| (r.id, d)))
+            .collect();
+        published.sort_by_key(|(id, d)| (std::cmp::Reverse(*id), d.addr));
+        let ranges = crate::cover::Ranges::new(published.iter().map(|(_, d)| *d).collect());
+        (published.into_iter().map(|(id, _)| id).collect(), ranges)
+    }
+
+    /// The backends that hold a key for every region in `ids` (none if one vanished).
+    pub(crate) fn key_backends(&self, ids: &[u64]) -> Vec<String> {
+        let st = self.state.lock();
         let mut backends: Option<Vec<String>> = None;
-        for id in &ids {
-            let names: Vec<String> = st.regions[id]
-                .keys
-                .iter()
-                .filter_map(|(i, _)| st.backends.get(*i as usize).map(|b| b.name.clone()))
-                .collect();
+        for id in ids {
+            let names: Vec<String> = st
+                .regions
+                .get(id)
+                .map(|r| {
+                    r.keys
+                        .iter()
+                        .filter_map(|(i, _)| st.backends.get(*i as usize).map(|b| b.name.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
             backends = Some(match backends {
                 None => names,
                 Some(prev) => prev.into_iter().filter(|n| names.contains(n)).collect(),
             });
         }
-        Ok((ids, backends.unwrap_or_default()))
+        backends.unwrap_or_default()
+    }
+
+    /// Remote regions of this peer that hold `list` (every descriptor lies wholly in
+    /// one; a strided entry may cross several), and the backends that hold a key for
+    /// all of them.
+    pub(crate) fn regions_for(
+        &self,
+        kind: MemKind,
+        list: &DescriptorList,
+    ) -> Result<(Vec<u64>, Vec<String>)> {
+        let (region_of, ranges) = self.published(kind);
+        let mut ids = Vec::new();
+        for e in list.entries() {
+            crate::cover::split_entry(e, &ranges, |_, k| {
+                if !ids.contains(&region_of[k]) {
+                    ids.push(region_of[k]);
+                }
+            })
+            .map_err(|x| self.outside(kind, &x))?;
+        }
+        let backends = self.key_backends(&ids);
+        Ok((ids, backends))
+    }
+
+    /// The error for a remote range outside every region this peer published.
+    pub(crate) fn outside(&self, kind: MemKind, x: &Descriptor) -> Error {
+        Error::OutOfBounds(format!(
+            "remote range {:#x}+{} is outside every {kind} region {} registered",
+            x.addr, x.len, self.name
+        ))
     }
 }

@@ -13,6 +13,8 @@ use kv_core::{
 use kv_mem::{Memory, Region};
 use parking_lot::{Mutex, RwLock};
 
+use crate::cover::{self, Ranges};
+
 /// Counters of one backend, summed over every transfer it carried. `Clone`,
 /// `Send + Sync`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,6 +27,15 @@ pub struct BackendStats {
     pub failed: u64,
     /// Bytes of completed posts.
     pub bytes: u64,
+}
+
+/// Options of a registration; plain struct with `Default` (register on every loaded
+/// backend that supports the memory's kind).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegisterOptions {
+    /// Register on these backends only (NIXL's `backends=`); each must be loaded and
+    /// able to register the memory. Empty: every loaded backend that supports the kind.
+    pub backends: Vec<String>,
 }
 
 pub(crate) struct LoadedBackend {
@@ -159,14 +170,40 @@ impl Registry {
             .collect()
     }
 
-    /// Registers `region` with every loaded backend that supports its kind and takes
-    /// custody of its memory.
-    pub(crate) fn register<M: Memory>(&self, region: &Region<M>) -> Result<Arc<RegionEntry>> {
+    /// Registers `region` with the loaded backends `opts` names (every one that
+    /// supports its kind when it names none) and takes custody of its memory. A named
+    /// backend that is not loaded or cannot register the memory fails the call.
+    pub(crate) fn register<M: Memory>(
+        &self,
+        region: &Region<M>,
+        opts: &RegisterOptions,
+    ) -> Result<Arc<RegionEntry>> {
         let (kind, desc) = (region.kind(), region.descriptor());
-        let backends = self.backends.read().clone();
+        let loaded = self.backends.read().clone();
+        if let Some(missing) = opts
+            .backends
+            .iter()
+            .find(|n| !loaded.iter().any(|b| &b.name == *n))
+        {
+            return Err(Error::BackendUnavailable {
+                name: missing.clone(),
+                reason: format!(
+                    "not loaded in this agent (loaded: [{}]); add it before registering on it",
+                    loaded
+                        .iter()
+                        .map(|b| b.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        let named = !opts.backends.is_empty();
         let mut regs = Vec::new();
         let mut why = Vec::new();
-        for b in backends {
+        for b in loaded {
+            if named && !opts.backends.contains(&b.name) {
+                continue;
+            }
             if !b.backend.capabilities().mem_kinds.contains(kind) {
                 why.push(format!("{}: does not support {kind}", b.name));
                 continue;
@@ -181,6 +218,18 @@ impl Registry {
                     why.push(format!("{}: {e}", b.name));
                 }
             }
+        }
+        if named && regs.len() < opts.backends.len() {
+            for (b, id) in regs {
+                if let Err(e) = b.backend.deregister(id) {
+                    tracing::error!(backend = %b.name, error = %e, "undoing a partial registration failed; leaking the memory");
+                    std::mem::forget(region.keep_alive());
+                }
+            }
+            return Err(Error::Unsupported(format!(
+                "not every named backend could register {kind} memory [{}]",
+                why.join("; ")
+            )));
         }
         if regs.is_empty() {
             return Err(Error::Unsupported(format!(
@@ -208,33 +257,41 @@ impl Registry {
         v
     }
 
-    /// Local regions whose ranges contain every entry of `list`.
+    /// Live local regions of `kind`, with their ranges for [`cover::split_entry`].
+    pub(crate) fn live_regions(&self, kind: MemKind) -> (Vec<Arc<RegionEntry>>, Ranges) {
+        let regions = self.regions.read();
+        let mut live: Vec<Arc<RegionEntry>> = regions
+            .values()
+            .filter(|r| r.kind == kind && !r.is_dropped())
+            .cloned()
+            .collect();
+        live.sort_by_key(|r| r.id);
+        let ranges = Ranges::new(live.iter().map(|r| r.desc).collect());
+        (live, ranges)
+    }
+
+    /// The local regions `list` lies in: every descriptor must lie wholly inside one
+    /// registered region of `kind` (a strided entry may cross several of them).
     pub(crate) fn local_regions_for(
         &self,
         kind: MemKind,
         list: &DescriptorList,
     ) -> Result<Vec<Arc<RegionEntry>>> {
-        let regions = self.regions.read();
-        let mut out: Vec<Arc<RegionEntry>> = Vec::new();
+        let (live, ranges) = self.live_regions(kind);
+        let mut used = vec![false; live.len()];
         for e in list.entries() {
-            let x = e
-                .extent()
-                .ok_or_else(|| Error::OutOfBounds("local entry overflows".into()))?;
-            if out.iter().any(|r| r.desc.contains(&x)) {
-                continue;
-            }
-            let r = regions
-                .values()
-                .find(|r| r.kind == kind && r.desc.contains(&x) && !r.is_dropped())
-                .ok_or_else(|| {
-                    Error::NotRegistered(format!(
-                        "local range {:#x}+{} is outside every registered {kind} region",
-                        x.addr, x.len
-                    ))
-                })?;
-            out.push(r.clone());
+            cover::split_entry(e, &ranges, |_, k| used[k] = true).map_err(|x| {
+                Error::NotRegistered(format!(
+                    "local range {:#x}+{} is outside every registered {kind} region",
+                    x.addr, x.len
+                ))
+            })?;
         }
-        Ok(out)
+        Ok(live
+            .into_iter()
+            .zip(used)
+            .filter_map(|(r, u)| u.then_some(r))
+            .collect())
     }
 
     /// Called when a posted transfer that named `r` finished.

@@ -38,28 +38,58 @@ pub struct TransferSpec {
 }
 
 impl TransferSpec {
-    /// A DRAM → DRAM WRITE.
-    pub fn write(local: DescriptorList, peer: PeerId, remote: DescriptorList) -> Self {
-        Self::new(Op::Write, local, peer, remote)
-    }
-
-    /// A DRAM ← DRAM READ.
-    pub fn read(local: DescriptorList, peer: PeerId, remote: DescriptorList) -> Self {
-        Self::new(Op::Read, local, peer, remote)
-    }
-
-    fn new(op: Op, local: DescriptorList, peer: PeerId, remote: DescriptorList) -> Self {
+    /// A transfer between `local` memory of `local_kind` and the peer's `remote` memory
+    /// of `remote_kind` (VRAM → VRAM for GPU engines, DRAM → FILE for offload, …).
+    pub fn new(
+        op: Op,
+        local_kind: MemKind,
+        local: DescriptorList,
+        peer: PeerId,
+        remote_kind: MemKind,
+        remote: DescriptorList,
+    ) -> Self {
         TransferSpec {
             op,
-            local_kind: MemKind::Dram,
+            local_kind,
             local,
             peer,
-            remote_kind: MemKind::Dram,
+            remote_kind,
             remote,
             backend: None,
             deadline: None,
         }
     }
+
+    /// A DRAM → DRAM WRITE (set other kinds with [`TransferSpec::with_kinds`]).
+    pub fn write(local: DescriptorList, peer: PeerId, remote: DescriptorList) -> Self {
+        Self::new(Op::Write, MemKind::Dram, local, peer, MemKind::Dram, remote)
+    }
+
+    /// A DRAM ← DRAM READ (set other kinds with [`TransferSpec::with_kinds`]).
+    pub fn read(local: DescriptorList, peer: PeerId, remote: DescriptorList) -> Self {
+        Self::new(Op::Read, MemKind::Dram, local, peer, MemKind::Dram, remote)
+    }
+
+    /// The same transfer between memory of other kinds.
+    pub fn with_kinds(mut self, local_kind: MemKind, remote_kind: MemKind) -> Self {
+        self.local_kind = local_kind;
+        self.remote_kind = remote_kind;
+        self
+    }
+}
+
+/// What a transfer was resolved to before the backend prepares it: the backend, the
+/// peer, the local regions it pins and the remote regions it names (with the peer's
+/// epoch they were checked at).
+pub(crate) struct Resolved {
+    pub(crate) backend: Arc<LoadedBackend>,
+    pub(crate) peer: Arc<PeerEntry>,
+    pub(crate) local: Vec<Arc<RegionEntry>>,
+    pub(crate) remote_ids: Vec<u64>,
+    pub(crate) epoch: u64,
+    pub(crate) deadline: Option<Duration>,
+    /// Why the agent chose `backend` (and passed over the others).
+    pub(crate) choice: String,
 }
 
 /// Timing and size of a transfer's last post. `Clone`, `Send + Sync`.
@@ -180,27 +210,48 @@ impl Transfer {
         for id in &remote_ids {
             peer.import(&backend, ep, *id)?;
         }
-        let id = backend.backend.prepare(&TransferRequest {
+        let req = TransferRequest {
             op: spec.op,
             local_kind: spec.local_kind,
             local: spec.local.clone(),
             peer: ep,
             remote_kind: spec.remote_kind,
             remote: spec.remote.clone(),
-        })?;
-        Ok(Transfer {
-            shared: shared.clone(),
-            bytes: spec.local.total_bytes(),
-            descriptors: spec.local.len(),
-            deadline: spec.deadline.unwrap_or(shared.opts.default_deadline),
-            prepare_time: start.elapsed(),
+        };
+        let resolved = Resolved {
             choice: chosen.reason,
             backend,
-            id,
             peer,
             local,
             remote_ids,
-            epoch: std::sync::atomic::AtomicU64::new(epoch),
+            epoch,
+            deadline: spec.deadline,
+        };
+        Self::from_resolved(shared, resolved, &req, start)
+    }
+
+    /// Has the backend prepare `req` (whose regions, backend and imports `r` resolved)
+    /// and wraps it; `start` is when preparing began, for telemetry.
+    pub(crate) fn from_resolved(
+        shared: &Arc<Shared>,
+        r: Resolved,
+        req: &TransferRequest,
+        start: Instant,
+    ) -> Result<Transfer> {
+        let id = r.backend.backend.prepare(req)?;
+        Ok(Transfer {
+            shared: shared.clone(),
+            bytes: req.local.total_bytes(),
+            descriptors: req.local.len(),
+            deadline: r.deadline.unwrap_or(shared.opts.default_deadline),
+            prepare_time: start.elapsed(),
+            choice: r.choice,
+            backend: r.backend,
+            id,
+            peer: r.peer,
+            local: r.local,
+            remote_ids: r.remote_ids,
+            epoch: std::sync::atomic::AtomicU64::new(r.epoch),
             state: Mutex::new(State {
                 pinned: false,
                 last: Status::Idle,
@@ -223,6 +274,11 @@ impl Transfer {
     /// reach the peer: …)"`).
     pub fn choice_reason(&self) -> &str {
         &self.choice
+    }
+
+    /// The peer it moves data to or from.
+    pub fn peer(&self) -> PeerId {
+        self.peer.id
     }
 
     /// Bytes moved per post.

@@ -73,6 +73,71 @@ pub fn shared_backing(desc: &Descriptor) -> Option<SharedBacking> {
     })
 }
 
+/// Makes the memfd-backed range `addr..addr + len` (the whole mapping of `file`) known
+/// to [`shared_backing`].
+pub(crate) fn publish_shared(addr: u64, len: u64, file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    SHARED
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(addr, (len, file.as_raw_fd()));
+}
+
+/// Forgets the range published at `addr` (before its mapping goes away).
+pub(crate) fn withdraw_shared(addr: u64) {
+    SHARED
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&addr);
+}
+
+/// A new memfd of `len` bytes, sealed against resizing, mapped `MAP_SHARED`.
+pub(crate) fn memfd_mapping(
+    len: usize,
+    huge: bool,
+    name: &std::ffi::CStr,
+) -> Result<(memmap2::MmapMut, std::fs::File)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    if huge {
+        flags |= libc::MFD_HUGETLB;
+    }
+    // SAFETY: the name is a valid NUL-terminated string; the call has no other inputs.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(Error::io(
+            "memfd_create for shared host memory",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len as u64)
+        .map_err(|e| Error::io(format!("sizing a {len}-byte memfd"), e))?;
+    // Sealed against resizing: a peer that maps it can never be made to fault (SIGBUS)
+    // by a truncate, from us or from anyone it is shared with.
+    // SAFETY: fcntl on our own open fd with integer arguments only.
+    let rc = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    };
+    if rc != 0 && !huge {
+        return Err(Error::io(
+            "sealing a shared memfd",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the memfd is private to its owner until it is shared on purpose (peers
+    // map it to read and write it, which is the point); no Rust reference to the
+    // mapping outlives the owner.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }
+        .map_err(|e| Error::io(format!("mapping a {len}-byte memfd"), e))?;
+    Ok((map, file))
+}
+
 /// A zero-initialised host buffer at a stable address.
 ///
 /// `Send + Sync`: it owns its bytes like a `Vec<u8>`; shared access hands out `&[u8]`
@@ -183,50 +248,10 @@ impl HostBuffer {
     }
 
     fn memfd(len: usize, huge: bool) -> Result<HostBuffer> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-        if huge {
-            flags |= libc::MFD_HUGETLB;
-        }
-        // SAFETY: the name is a valid NUL-terminated string; the call has no other inputs.
-        let fd = unsafe { libc::memfd_create(c"kvx-host-buffer".as_ptr(), flags) };
-        if fd < 0 {
-            return Err(Error::io(
-                "memfd_create for a shared host buffer",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-        let file = unsafe { std::fs::File::from_raw_fd(fd) };
-        file.set_len(len as u64)
-            .map_err(|e| Error::io(format!("sizing a {len}-byte memfd"), e))?;
-        // Sealed against resizing: a peer that maps it can never be made to fault
-        // (SIGBUS) by a truncate, from us or from anyone it is shared with.
-        // SAFETY: fcntl on our own open fd with integer arguments only.
-        let rc = unsafe {
-            libc::fcntl(
-                file.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-            )
-        };
-        if rc != 0 && !huge {
-            return Err(Error::io(
-                "sealing the shared host buffer's memfd",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: the memfd is private to this buffer until it is shared on purpose
-        // (peers map it to read and write it, which is the point); no Rust reference to
-        // the mapping outlives the buffer.
-        let mut map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }
-            .map_err(|e| Error::io(format!("mapping a {len}-byte memfd"), e))?;
+        let (mut map, file) = memfd_mapping(len, huge, c"kvx-host-buffer")?;
         let ptr = NonNull::new(map.as_mut_ptr())
             .ok_or_else(|| Error::invalid_argument("mmap returned a null address"))?;
-        SHARED
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ptr.as_ptr() as u64, (len as u64, file.as_raw_fd()));
+        publish_shared(ptr.as_ptr() as u64, len as u64, &file);
         Ok(HostBuffer {
             ptr,
             len,
@@ -334,10 +359,7 @@ impl Drop for HostBuffer {
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
         }
         if matches!(self.backing, Backing::Shared(..)) {
-            SHARED
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&(self.ptr.as_ptr() as u64));
+            withdraw_shared(self.ptr.as_ptr() as u64);
         }
         // Mappings unmap themselves when `backing` drops.
     }

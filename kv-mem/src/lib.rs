@@ -7,6 +7,11 @@
 //! [`RegistrationCache`] makes many small registrations inside one allocation cost one
 //! backend registration.
 //!
+//! Memory the engine allocated itself (a tensor's storage, pinned host memory, a VRAM
+//! pointer) is wrapped with the `unsafe` [`EngineMemory`] constructor. An engine that
+//! allocates its KV tensors from a [`SharedArena`] gets memfd-backed memory, which
+//! same-host peers map instead of copying it through the kernel.
+//!
 //! ```
 //! use kv_mem::{HostBuffer, Region};
 //!
@@ -24,16 +29,20 @@
 
 #![warn(missing_docs)]
 
+mod arena;
 mod cache;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod engine;
 mod file;
 mod host;
 mod region;
 #[cfg(feature = "cuda")]
 mod vram;
 
+pub use arena::{ArenaBuffer, SharedArena};
 pub use cache::{CacheKey, RegistrationCache};
+pub use engine::EngineMemory;
 pub use file::FileSegment;
 pub use host::{shared_backing, HostBuffer, HostOptions, SharedBacking};
 pub use region::{Memory, Region};

@@ -341,3 +341,7 @@ impl Pair {
         write1(self.src.descriptor(), self.peer, self.rd.descriptor())
     }
 }
+
+mod reference;
+#[allow(unused_imports)] // only the engine tests use the reference re-layout
+pub use reference::*;

@@ -1,11 +1,24 @@
 //! KV-cache layout helpers: bytes per token, paged blocks → descriptors, coalescing,
 //! layer-wise lists and tensor-parallel re-layout.
 //!
-//! The paged layout is `[layer][plane][page][token][head][dim]`, where `plane` is K or V
-//! (two planes) or the single latent of an MLA model. One layer's K pages are therefore
-//! one strided run, and a set of pages becomes a handful of descriptors.
+//! Two levels. [`ModelShape`] and [`PagedLayout`] describe kvx's own paged buffer
+//! (`[layer][plane][page][token][head][dim]` in one allocation), what `kv-bench` moves.
+//! [`KvLayout`] describes a cache as engines hold it — per-layer (and per-plane)
+//! allocations, HND or NHD blocks, K and V separate or interleaved per block, block
+//! size, dtype, MLA latent, the heads one TP rank holds — and [`Relayout`] builds the
+//! lists that move one rank's blocks into another's across TP sizes, block sizes and
+//! element orders ([`tp`] says which heads go where).
 
 use kv_core::{Descriptor, DescriptorList, Error, Result};
+
+mod grid;
+mod kv;
+mod relayout;
+pub mod tp;
+
+pub use grid::ItemGrid;
+pub use kv::{HeadOrder, KvDtype, KvLayout, KvPlacement, LAYOUT_ATTRIBUTE, MAX_BASES};
+pub use relayout::{Relayout, Side};
 
 /// The shape of a model's KV cache. `Copy`, `Send + Sync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
