@@ -37,6 +37,9 @@ fn agent(name: &str) -> Agent {
         AgentOptions {
             progress_thread: true,
             default_deadline: Duration::from_secs(10),
+            // The parent's secret; the child (secret None) reads the same one from
+            // KVX_SECRET, which the parent set when it spawned it.
+            secret: (!common::is_child()).then(common::secret),
             ..Default::default()
         },
     )

@@ -88,6 +88,8 @@ impl Child {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", entry, "--nocapture", "--test-threads=1"])
             .env("KV_ENGINE_CHILD", "1")
+            // The child's agent reads the parent's cluster secret from KVX_SECRET.
+            .env(kv_agent::SECRET_ENV, super::secret().to_hex())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
