@@ -411,8 +411,11 @@ impl Backend for GdsBackend {
         c.write = true;
         c.read = true;
         c.mem_kinds = MemKinds::of(&kinds);
+        // A read-only memory registration is never a READ's destination and a read-only
+        // file range never a WRITE's (checked at prepare, see `request::plan`).
+        c.read_only = true;
         // Its only peer is itself: nothing to serve for another agent
-        // (needs_target_progress false); not authenticated and no read-only yet.
+        // (needs_target_progress false) and nobody to authenticate.
         c
     }
 
@@ -422,11 +425,6 @@ impl Backend for GdsBackend {
         desc: &Descriptor,
         access: Access,
     ) -> Result<RegistrationId> {
-        if access == Access::ReadOnly {
-            return Err(Error::Unsupported(
-                "gds: read-only registrations not supported yet".into(),
-            ));
-        }
         if desc.len == 0 || desc.end().is_none() {
             return Err(Error::invalid_argument(format!(
                 "cannot register {kind} range {:#x}+{}",
@@ -445,6 +443,7 @@ impl Backend for GdsBackend {
                 desc: *desc,
                 key,
                 busy: 0,
+                access,
                 mem,
             },
         );

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use kv_core::{Descriptor, Error, MemKind, Result};
+use kv_core::{Access, Descriptor, Error, MemKind, Result};
 
 use crate::file::FileInfo;
 use crate::wire::Secret;
@@ -17,6 +17,9 @@ pub(crate) struct Reg {
     pub key: Secret,
     /// Posted transfers that name it.
     pub busy: u32,
+    /// `ReadOnly`: the backend never writes into it (no READ lands in read-only memory,
+    /// no WRITE in a read-only file range).
+    pub access: Access,
     pub mem: RegMem,
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use kv_core::{segments, Descriptor, Error, Op, Result, Status, TransferRequest};
+use kv_core::{segments, Access, Descriptor, Error, Op, Result, Status, TransferRequest};
 use kv_mem::HostBuffer;
 
 use crate::io::IoFail;
@@ -88,6 +88,7 @@ pub(crate) fn plan(
                 req.remote_kind, seg.remote.addr, seg.remote.len, seg.remote.device
             ))
         })?;
+        check_access(req.op, regs, lreg, freg)?;
         for r in [lreg, freg] {
             if !named.contains(&r) {
                 named.push(r);
@@ -111,6 +112,21 @@ pub(crate) fn plan(
         push_pieces(&mut ops, first, seg.local.len, seg.remote.device, shape)?;
     }
     Ok((ops, named))
+}
+
+/// Refuses a transfer that would write into a read-only registration: a READ's local
+/// memory (`lreg`) or a WRITE's file range (`freg`).
+fn check_access(op: Op, regs: &HashMap<u64, Reg>, lreg: u64, freg: u64) -> Result<()> {
+    let (dest, what) = match op {
+        Op::Read => (lreg, "memory a READ would fill"),
+        Op::Write => (freg, "file range a WRITE would fill"),
+    };
+    match regs.get(&dest) {
+        Some(r) if r.access == Access::ReadOnly => Err(Error::AccessDenied(format!(
+            "registration {dest} ({what}) is read-only"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Appends the pieces of one segment of `len` bytes starting as `first` (on the file

@@ -562,3 +562,88 @@ fn remote_keys_are_random_and_forgeries_refused() {
         be.deregister(r).unwrap();
     }
 }
+
+/// Read-only registrations (contract v2, `Access::ReadOnly`): a read-only buffer is
+/// written to a file but never filled by a READ, a read-only file range is read but never
+/// written; each refusal is `AccessDenied` at prepare and moves nothing.
+#[test]
+fn read_only_registrations_are_never_written() {
+    let Some(b) = backend(EngineChoice::ThreadPool, Options::default()) else {
+        return;
+    };
+    assert!(b.capabilities().read_only);
+    let dir = TempDir::new("ro");
+    let (file, _) = open_direct(dir.file("data"), true).unwrap();
+    file.set_len(1 << 20).unwrap();
+    let len = 64u64 << 10;
+    let mut src = kv_mem::HostBuffer::alloc(len as usize, 4096).unwrap();
+    src.as_mut_slice()
+        .copy_from_slice(&pattern(7, len as usize));
+    let mut dst = kv_mem::HostBuffer::alloc(len as usize, 4096).unwrap();
+    dst.as_mut_slice().fill(0xEE);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file) as u32;
+    let ro = kv_core::Access::ReadOnly;
+    let rw = kv_core::Access::ReadWrite;
+    // SAFETY: the buffers and the file outlive the registrations (deregistered below).
+    let (msrc, mdst, fro, frw) = unsafe {
+        (
+            b.register(MemKind::Dram, &src.descriptor(), ro).unwrap(),
+            b.register(MemKind::Dram, &dst.descriptor(), ro).unwrap(),
+            b.register(MemKind::File, &Descriptor::new(0, len, fd), ro)
+                .unwrap(),
+            b.register(MemKind::File, &Descriptor::new(len, len, fd), rw)
+                .unwrap(),
+        )
+    };
+    let me = b.connect("tester", &b.connection_info().unwrap()).unwrap();
+    for (reg, off) in [(fro, 0), (frw, len)] {
+        let key = b.remote_key(reg).unwrap();
+        b.import_remote(me, MemKind::File, &Descriptor::new(off, len, fd), &key)
+            .unwrap();
+    }
+    let req = |op, mem: &kv_mem::HostBuffer, off| kv_core::TransferRequest {
+        op,
+        local_kind: MemKind::Dram,
+        local: DescriptorList::single(mem.descriptor()).unwrap(),
+        peer: me,
+        remote_kind: MemKind::File,
+        remote: DescriptorList::single(Descriptor::new(off, len, fd)).unwrap(),
+    };
+    let run = |r: &kv_core::TransferRequest| {
+        let t = b.prepare(r)?;
+        // SAFETY: the buffers outlive the wait.
+        unsafe { b.post(t, &PostOptions::default())? };
+        let st = b.wait(t, WAIT);
+        b.release(t)?;
+        match st {
+            Status::Done => Ok(()),
+            other => panic!("transfer ended {other:?}"),
+        }
+    };
+    // A read-only buffer is a WRITE's source: allowed, into the writable file range.
+    run(&req(Op::Write, &src, len)).unwrap();
+    // The read-only file range is never written, whatever the source.
+    let e = run(&req(Op::Write, &src, 0)).unwrap_err();
+    assert!(matches!(e, Error::AccessDenied(_)), "{e}");
+    // A read-only buffer is never a READ's destination.
+    let e = run(&req(Op::Read, &dst, len)).unwrap_err();
+    assert!(matches!(e, Error::AccessDenied(_)), "{e}");
+    assert!(
+        dst.as_slice().iter().all(|&x| x == 0xEE),
+        "read-only memory changed"
+    );
+    // The file holds what the allowed WRITE put there, and nothing at the read-only range.
+    // A buffered reader of the file (the backend's handle may be O_DIRECT).
+    let on_disk = std::fs::read(dir.file("data")).unwrap();
+    assert!(
+        on_disk[..len as usize].iter().all(|&x| x == 0),
+        "read-only file range written"
+    );
+    assert_eq!(
+        &on_disk[len as usize..2 * len as usize],
+        &pattern(7, len as usize)[..]
+    );
+    for r in [msrc, mdst, fro, frw] {
+        b.deregister(r).unwrap();
+    }
+}
