@@ -150,8 +150,7 @@ pub(crate) fn local_metadata(
         registrations.push(RegistrationMetadata {
             id: e.id,
             kind: e.kind,
-            // The agent registers read-write only (see `Registry::register`).
-            access: Access::ReadWrite,
+            access: e.access,
             descs: DescriptorList::single(e.desc)?,
             keys,
         });

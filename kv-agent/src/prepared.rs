@@ -12,7 +12,7 @@ use kv_core::{DescriptorList, EndpointId, Entry, Error, MemKind, Op, Result, Tra
 use crate::cover::{self, Ranges};
 use crate::layout::ItemGrid;
 use crate::peers::{PeerEntry, PeerId};
-use crate::registry::{LoadedBackend, RegionEntry};
+use crate::registry::{check_local_writable, LoadedBackend, RegionEntry};
 use crate::shared::Shared;
 use crate::transfer::{Resolved, Transfer};
 
@@ -399,8 +399,15 @@ pub(crate) fn make_transfer(
         .zip(&rused)
         .filter_map(|(x, u)| u.then_some(*x))
         .collect();
-    if op == Op::Write {
-        peer.check_writable(&remote_used)?;
+    let local_used: Vec<_> = lregions
+        .iter()
+        .zip(&lused)
+        .filter(|(_, u)| **u)
+        .map(|(x, _)| x.clone())
+        .collect();
+    match op {
+        Op::Write => peer.check_writable(&remote_used)?,
+        Op::Read => check_local_writable(&local_used)?,
     }
     let resolved = Resolved {
         choice: format!(
@@ -409,12 +416,7 @@ pub(crate) fn make_transfer(
         ),
         backend: backend.clone(),
         peer: peer.clone(),
-        local: lregions
-            .iter()
-            .zip(&lused)
-            .filter(|(_, u)| **u)
-            .map(|(x, _)| x.clone())
-            .collect(),
+        local: local_used,
         remote_ids: remote_used,
         epoch: *epoch,
         deadline: opts.deadline,

@@ -29,13 +29,19 @@ pub struct BackendStats {
     pub bytes: u64,
 }
 
-/// Options of a registration; plain struct with `Default` (register on every loaded
+/// Options of a registration; plain struct with `Default` (read-write, on every loaded
 /// backend that supports the memory's kind).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegisterOptions {
     /// Register on these backends only (NIXL's `backends=`); each must be loaded and
     /// able to register the memory. Empty: every loaded backend that supports the kind.
     pub backends: Vec<String>,
+    /// [`Access::ReadOnly`]: peers may only READ the memory, and no transfer writes into
+    /// it (not even a local READ's destination). Registered only on backends that
+    /// enforce it on their target side (`Capabilities::read_only`); a named backend that
+    /// does not fails the call, an unnamed one is skipped. Published with the metadata,
+    /// so a peer's agent refuses a WRITE before it reaches the backend.
+    pub access: Access,
 }
 
 pub(crate) struct LoadedBackend {
@@ -48,6 +54,8 @@ pub(crate) struct RegionEntry {
     pub(crate) id: u64,
     pub(crate) kind: MemKind,
     pub(crate) desc: Descriptor,
+    /// What peers may do with it (published in the metadata).
+    pub(crate) access: Access,
     /// Keeps the memory alive while registered (custody); leaked if a backend fails
     /// to deregister, so memory a backend may still touch is never freed.
     keep: Mutex<Option<Arc<dyn Memory>>>,
@@ -66,6 +74,18 @@ struct RegionState {
     dropped: bool,
     /// Deregistration ran (or is running).
     done: bool,
+}
+
+/// Refuses local regions a transfer would write into (a READ's destination) when one of
+/// them is registered read-only.
+pub(crate) fn check_local_writable(regions: &[Arc<RegionEntry>]) -> Result<()> {
+    match regions.iter().find(|r| r.access == Access::ReadOnly) {
+        Some(r) => Err(Error::AccessDenied(format!(
+            "local region {} is registered read-only; it cannot be a READ's destination",
+            r.id
+        ))),
+        None => Ok(()),
+    }
 }
 
 impl RegionEntry {
@@ -204,14 +224,22 @@ impl Registry {
             if named && !opts.backends.contains(&b.name) {
                 continue;
             }
-            if !b.backend.capabilities().mem_kinds.contains(kind) {
+            let caps = b.backend.capabilities();
+            if !caps.mem_kinds.contains(kind) {
                 why.push(format!("{}: does not support {kind}", b.name));
+                continue;
+            }
+            if opts.access == Access::ReadOnly && !caps.read_only {
+                why.push(format!(
+                    "{}: does not enforce read-only registrations",
+                    b.name
+                ));
                 continue;
             }
             // SAFETY: `region.keep_alive()` is stored in the entry below and dropped
             // only after every backend deregistered, so the memory outlives the
             // registration (kv_mem::Memory promises a stable, valid range).
-            match unsafe { b.backend.register(kind, &desc, Access::ReadWrite) } {
+            match unsafe { b.backend.register(kind, &desc, opts.access) } {
                 Ok(id) => regs.push((b, id)),
                 Err(e) => {
                     tracing::debug!(backend = %b.name, error = %e, "registration skipped");
@@ -242,6 +270,7 @@ impl Registry {
             id,
             kind,
             desc,
+            access: opts.access,
             keep: Mutex::new(Some(region.keep_alive())),
             regs,
             state: Mutex::new(RegionState::default()),

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 
 use crate::choice::{self, Need};
 use crate::peers::{PeerEntry, PeerId};
-use crate::registry::{LoadedBackend, RegionEntry};
+use crate::registry::{check_local_writable, LoadedBackend, RegionEntry};
 use crate::shared::Shared;
 use crate::slow::Deferred;
 
@@ -186,8 +186,9 @@ impl Transfer {
             .registry
             .local_regions_for(spec.local_kind, &spec.local)?;
         let (remote_ids, remote_backends) = peer.regions_for(spec.remote_kind, &spec.remote)?;
-        if spec.op == Op::Write {
-            peer.check_writable(&remote_ids)?;
+        match spec.op {
+            Op::Write => peer.check_writable(&remote_ids)?,
+            Op::Read => check_local_writable(&local)?,
         }
         let need = Need {
             op: spec.op,

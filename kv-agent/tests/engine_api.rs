@@ -483,6 +483,7 @@ fn registration_on_named_backends() {
     let d = p.lb.alloc(4096);
     let named = kv_agent::RegisterOptions {
         backends: vec!["loopback".into()],
+        ..Default::default()
     };
     let r = p
         .agent
@@ -491,6 +492,7 @@ fn registration_on_named_backends() {
     assert_eq!(r.backends(), vec!["loopback"]);
     let missing = kv_agent::RegisterOptions {
         backends: vec!["ucx".into()],
+        ..Default::default()
     };
     let e = p
         .agent

@@ -278,3 +278,42 @@ fn a_write_into_a_read_only_remote_region_is_refused_early() {
     p.transfer(&s, None).unwrap().wait().unwrap();
     assert_eq!(pb.read(src.descriptor()), pattern(2, 4096));
 }
+
+/// Issue 14 item 3 through the agent: `RegisterOptions::access = ReadOnly` reaches the
+/// backend and the metadata. A peer's WRITE into the region is refused before it moves a
+/// byte, its READ works; a local read-only region is a WRITE's source but never a READ's
+/// destination.
+#[test]
+fn read_only_registrations_through_the_agent() {
+    let x = pair("lb", 5, |_| {}, |_| {});
+    let ro = kv_agent::RegisterOptions {
+        access: Access::ReadOnly,
+        ..Default::default()
+    };
+    // Decode exports a second region read-only.
+    let shared = x.db.region(4096, 40);
+    let rshared = x.d.register_with(&shared, &ro).unwrap();
+    let m = AgentMetadata::decode(&x.d.local_metadata().unwrap()).unwrap();
+    let published: Vec<_> = m.registrations.iter().map(|r| r.access).collect();
+    assert!(published.contains(&Access::ReadOnly), "{published:?}");
+    let peer = x.p.load_remote(&x.d.local_metadata().unwrap()).unwrap();
+    let into_ro = write1(x.src.descriptor(), peer, rshared.descriptor());
+    let e = x.p.prepare(&into_ro).unwrap_err();
+    assert!(matches!(e, Error::AccessDenied(_)), "{e}");
+    assert_eq!(x.db.read(shared.descriptor()), pattern(40, 4096));
+    let mut read = into_ro.clone();
+    read.op = kv_core::Op::Read;
+    x.p.transfer(&read, None).unwrap().wait().unwrap();
+    assert_eq!(x.pb.read(x.src.descriptor()), pattern(40, 4096));
+    // Prefill's own read-only region: a WRITE's source, never a READ's destination.
+    let mine = x.pb.region(4096, 41);
+    let rmine = x.p.register_with(&mine, &ro).unwrap();
+    let mut pull = write1(rmine.descriptor(), peer, x.rd.descriptor());
+    pull.op = kv_core::Op::Read;
+    let e = x.p.prepare(&pull).unwrap_err();
+    assert!(matches!(e, Error::AccessDenied(_)), "{e}");
+    assert_eq!(x.pb.read(mine.descriptor()), pattern(41, 4096));
+    let push = write1(rmine.descriptor(), peer, x.rd.descriptor());
+    x.p.transfer(&push, None).unwrap().wait().unwrap();
+    assert_eq!(x.db.read(x.rd.descriptor()), pattern(41, 4096));
+}
