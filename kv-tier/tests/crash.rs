@@ -113,7 +113,7 @@ fn main() {
                 .expect("get")
                 .unwrap_or_else(|| panic!("round {round}: acknowledged block {i} lost"));
             assert!(
-                h.as_slice() == &block(i, len_of(i))[..],
+                h.to_vec() == block(i, len_of(i)),
                 "round {round}: block {i} differs"
             );
         }
@@ -122,7 +122,7 @@ fn main() {
             for id in [i, LAZY + i] {
                 if let Some(h) = s.get(BlockKey::from_u64(id)).expect("get") {
                     assert!(
-                        h.as_slice() == &block(id, len_of(id))[..],
+                        h.to_vec() == block(id, len_of(id)),
                         "round {round}: block {id} came back corrupt"
                     );
                     lazy_back += u64::from(id >= LAZY);

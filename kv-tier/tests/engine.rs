@@ -206,7 +206,7 @@ fn dropping_the_store_flushes() {
     let s = Store::open(o.clone()).unwrap();
     for (i, k) in keys.iter().enumerate() {
         let h = s.get(*k).unwrap().expect("lost by drop");
-        assert_eq!(h.as_slice(), &block(i as u64, LEN)[..]);
+        assert_eq!(h.to_vec(), block(i as u64, LEN));
     }
     drop(s);
     // Opting out drops them.

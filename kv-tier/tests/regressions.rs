@@ -89,7 +89,7 @@ fn get_survives_compaction_moving_the_record_during_promotion() {
     }
     let before = s.stats().compactions;
     let h = s.get(key).unwrap().expect("pinned block reported missing");
-    assert_eq!(h.as_slice(), &block(7, LEN)[..]);
+    assert_eq!(h.to_vec(), block(7, LEN));
     assert!(
         s.stats().compactions > before,
         "the scenario did not clean a segment"
@@ -126,7 +126,7 @@ fn blocks_found_by_lookup_survive_promotion_of_their_prefix() {
     let mut lost = Vec::new();
     for (i, key) in keys.iter().enumerate().take(n) {
         match s.get(*key).unwrap() {
-            Some(h) => assert_eq!(h.as_slice(), &block(i as u64, LEN)[..]),
+            Some(h) => assert_eq!(h.to_vec(), block(i as u64, LEN)),
             None => lost.push(i),
         }
     }

@@ -40,7 +40,7 @@ fn dram_only_put_get_prefix_pin_remove() {
         assert_eq!(s.lookup_prefix(&tokens), 48);
         assert_eq!(s.lookup_prefix(&tokens[..40]), 32);
         let h = s.get(keys[1]).unwrap().unwrap();
-        assert_eq!(h.as_slice(), &block(1, 10_000)[..]);
+        assert_eq!(h.to_vec(), block(1, 10_000));
         let mut out = vec![0u8; 10_000];
         h.read_into(&mut out).unwrap();
         assert_eq!(out, block(1, 10_000));
@@ -64,7 +64,7 @@ fn dram_only_put_get_prefix_pin_remove() {
         assert!(st.dram_bytes <= st.dram_capacity, "{st:?}");
         assert!(st.dram_evictions > 0);
         assert!(s.contains(keys[2]) && s.contains(keys[1]));
-        assert_eq!(h.as_slice(), &block(1, 10_000)[..]);
+        assert_eq!(h.to_vec(), block(1, 10_000));
         assert_eq!(s.get(keys[2]).unwrap().unwrap().to_vec(), block(2, 10_000));
         let st = s.stats();
         assert_eq!(st.dram_hits, 2);
@@ -120,7 +120,7 @@ fn spills_to_nvme_and_reads_back_for_both_policies() {
                 .get(k(i))
                 .unwrap()
                 .unwrap_or_else(|| panic!("block {i} lost"));
-            assert_eq!(h.as_slice(), &block(i, 50_000)[..], "block {i}");
+            assert_eq!(h.to_vec(), block(i, 50_000), "block {i}");
         }
         let st = s.stats();
         assert!(st.nvme_hits > 0 && st.write_backs > 0, "{st:?}");
@@ -148,7 +148,7 @@ fn nvme_capacity_is_bounded_with_eviction_and_compaction() {
     let mut found = 0;
     for i in 0..200 {
         if let Some(h) = s.get(k(i)).unwrap() {
-            assert_eq!(h.as_slice(), &block(i, 40_000)[..], "block {i}");
+            assert_eq!(h.to_vec(), block(i, 40_000), "block {i}");
             found += 1;
         }
     }
@@ -184,7 +184,7 @@ fn flushed_blocks_survive_reopen_and_prefetch_brings_them_back() {
     assert_eq!(s.stats().prefetched, 20);
     for i in 0..20 {
         let h = s.get(k(i)).unwrap().unwrap();
-        assert_eq!(h.as_slice(), &block(i, 30_000 + i as usize)[..]);
+        assert_eq!(h.to_vec(), block(i, 30_000 + i as usize));
     }
     assert_eq!(s.stats().dram_hits, 20);
     // Demote and fetch synchronously.
@@ -247,8 +247,8 @@ fn concurrent_put_get_keeps_bytes_exact() {
                     let other = ((t + 1) % 4) * 1000 + round % 40;
                     if let Some(h) = s.get(k(other)).unwrap() {
                         assert_eq!(
-                            h.as_slice(),
-                            &block(other, 20_000 + (other % 5) as usize * 1000)[..]
+                            h.to_vec(),
+                            block(other, 20_000 + (other % 5) as usize * 1000)
                         );
                     }
                     if round % 10 == 0 {

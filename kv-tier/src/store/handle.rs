@@ -47,8 +47,18 @@ impl BlockHandle {
         Descriptor::new(base + self.offset(), self.len, 0)
     }
 
-    /// The payload bytes, without copying.
-    pub fn as_slice(&self) -> &[u8] {
+    /// The payload bytes, without copying. [`BlockHandle::read_into`] and
+    /// [`BlockHandle::to_vec`] copy them without any promise.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write into [`Store::arena`](crate::Store::arena) through a registration
+    /// of it while the slice lives: register the arena with an agent or backend only
+    /// read-only (`kv_agent::RegisterOptions { access: Access::ReadOnly, .. }`; peers may
+    /// then only READ it) or not at all. The store itself never writes a block's bytes
+    /// while a handle to it exists.
+    #[allow(unsafe_code)]
+    pub unsafe fn as_slice(&self) -> &[u8] {
         self.slot.arena().bytes(self.offset(), self.len)
     }
 
@@ -66,7 +76,12 @@ impl BlockHandle {
 
     /// The payload as a new vector.
     pub fn to_vec(&self) -> Vec<u8> {
-        self.as_slice().to_vec()
+        let mut v = vec![0u8; self.len as usize];
+        // Cannot fail: `v` has exactly `len` bytes and the range lies in the arena.
+        if let Err(e) = self.read_into(&mut v) {
+            tracing::error!(error = %e, "copying a block out of the arena failed");
+        }
+        v
     }
 }
 

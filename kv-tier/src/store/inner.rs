@@ -129,7 +129,7 @@ impl Inner {
             };
             (h, e.sum)
         };
-        if sum == Some(checksum(h.as_slice())) {
+        if sum == Some(checksum(h.slot.arena().bytes(h.offset, h.len))) {
             return Some(h);
         }
         self.drop_corrupt_dram(key, &h.slot);

@@ -111,8 +111,9 @@ impl Store {
     }
 
     /// The DRAM arena, for an agent to register: block handles' descriptors lie in it.
-    /// Transfer *from* it (WRITE to a peer, or a peer's READ); never post a transfer that
-    /// writes into it — the store owns its contents and hands out slices of them.
+    /// Register it read-only (`kv_agent::RegisterOptions { access: Access::ReadOnly, .. }`):
+    /// transfers then only read it (a WRITE to a peer, a peer's READ), which is what
+    /// [`BlockHandle::as_slice`]'s safety contract asks — the store owns its contents.
     pub fn arena(&self) -> &Region<HostBuffer> {
         self.inner.arena.region()
     }
