@@ -14,12 +14,14 @@ use kv_core::{
 };
 use kv_mem::HostBuffer;
 
+mod common;
+
 fn backend(name: &str, same_host: bool) -> TcpBackend {
     let opts = Options {
         same_host,
         ..Options::default()
     };
-    TcpBackend::new(&kv_core::BackendInit::new(name), opts).expect("tcp backend")
+    common::backend(name, opts)
 }
 
 fn buf(len: usize, seed: u64) -> HostBuffer {
@@ -181,13 +183,11 @@ fn shared_memory_path_is_chosen_used_and_falls_back() {
     let r = unsafe { a.post(id, &opts) };
     assert!(matches!(r, Err(Error::NotRegistered(_))), "{r:?}");
     a.release(id).unwrap();
-    // Once the peer deregistered, its old key no longer maps (the memfd's fd is closed
-    // or reused by another file): the import falls back.
+    // Once the peer deregistered, its old key is refused outright: validated live with
+    // the target, it neither maps nor falls back to cross-memory attach.
     b.deregister(rb).unwrap();
-    let stale = a
-        .import_remote(peer, MemKind::Dram, &dst.descriptor(), &key)
-        .unwrap();
-    assert!(!a.remote_is_mapped(stale).unwrap());
+    let stale = a.import_remote(peer, MemKind::Dram, &dst.descriptor(), &key);
+    assert!(matches!(stale, Err(Error::NotRegistered(_))), "{stale:?}");
     // Forced TCP never maps.
     let c = backend("c", false);
     // SAFETY: `dst` outlives the registration (deregistered below).
