@@ -225,7 +225,16 @@ pub(crate) fn connect(
             let hello = ServerHello::decode(&recv_auth(&stream, w)?)?;
             let (hs, answer) = ClientHandshake::respond(secret, kind.purpose(), name, &hello)?;
             stream.send_bytes(&[&answer.encode()], w)?;
-            let proof = ServerProof::decode(&recv_auth(&stream, w)?)?;
+            // A server that does not accept our proof closes without a word.
+            let proof = match recv_auth(&stream, w) {
+                Err(Error::RemoteDisconnected { reason, .. }) => {
+                    return Err(Error::Unauthenticated(format!(
+                        "the peer closed the connection during authentication ({reason}): \
+                         do both sides use the same cluster secret (KVX_SECRET)?"
+                    )))
+                }
+                r => ServerProof::decode(&r?)?,
+            };
             Some(hs.finish(&proof)?)
         }
     };

@@ -84,6 +84,8 @@ pub(crate) struct PeerCore {
     imports: Mutex<ImportSet>,
     imports_cv: Condvar,
     next_req: AtomicU64,
+    /// Control connections opened after the first (recoveries).
+    pub reconnects: AtomicU64,
     /// Backend-wide count of finished posts, reported by `progress`.
     pub completions: Arc<AtomicUsize>,
 }
@@ -123,6 +125,7 @@ impl PeerCore {
             imports: Mutex::new(ImportSet::default()),
             imports_cv: Condvar::new(),
             next_req: AtomicU64::new(1),
+            reconnects: AtomicU64::new(0),
             completions,
         };
         if core.opts.same_host
@@ -276,6 +279,7 @@ impl PeerCore {
         // Tell the target we hold nothing only once no copy into its memory runs.
         let reset = self.cma && self.drain(until);
         let ch = Arc::new(self.open(ChannelKind::Control, reset, until)?);
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
         *c = Some(ch.clone());
         if self.cma {
             let pending: Vec<_> = {

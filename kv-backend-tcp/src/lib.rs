@@ -198,6 +198,12 @@ impl TcpBackend {
         self.posts.get()
     }
 
+    /// How many times the control connection to `peer` was re-established after it
+    /// broke (then, for a same-host peer, every import is re-validated with it).
+    pub fn control_reconnects(&self, peer: EndpointId) -> Result<u64> {
+        Ok(self.peer(peer)?.core.reconnects.load(Ordering::Relaxed))
+    }
+
     /// True when the imported remote registration `id` is mapped here, so transfers
     /// to it can use [`Path::SharedMemory`].
     pub fn remote_is_mapped(&self, id: RemoteId) -> Result<bool> {

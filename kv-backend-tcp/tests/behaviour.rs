@@ -412,3 +412,88 @@ fn reconnects_to_a_republished_peer_and_notifications_name_the_sender() {
         a.deregister(la).unwrap();
     }
 }
+
+/// Issue 14 item 10: after a same-host control connection was lost (here the target
+/// closes it: its notification inbox overflowed), every import was revoked for good and
+/// every later post to the live peer failed until its metadata changed. Now the
+/// importer reconnects and re-validates its imports: the transfer prepared before the
+/// loss, and a new one, still land — over shared memory and over cross-memory attach.
+#[test]
+fn a_lost_control_connection_recovers_for_a_live_peer() {
+    for shared in [true, false] {
+        let o = Options {
+            max_inbox: 2,
+            io_timeout: Duration::from_secs(3),
+            ..Options::default()
+        };
+        let (a, b) = (common::backend("a", o.clone()), common::backend("b", o));
+        const LEN: usize = 1 << 20;
+        let l = buf(LEN, 21);
+        let r = if shared {
+            shared_buf(LEN, 22)
+        } else {
+            buf(LEN, 22)
+        };
+        // SAFETY: the buffers outlive the registrations (backends dropped first).
+        let (_la, rb) = unsafe {
+            (
+                a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap(),
+                b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap(),
+            )
+        };
+        let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+        if !a.uses_cma(peer).unwrap() {
+            eprintln!("skipping: no same-host path here (ptrace_scope?)");
+            return;
+        }
+        a.import_remote(
+            peer,
+            MemKind::Dram,
+            &r.descriptor(),
+            &b.remote_key(rb).unwrap(),
+        )
+        .unwrap();
+        let w = req(Op::Write, peer, l.descriptor(), r.descriptor());
+        let id = a.prepare(&w).unwrap();
+        let opts = || PostOptions {
+            deadline: Some(Instant::now() + Duration::from_secs(10)),
+            ..Default::default()
+        };
+        // SAFETY (both posts below): `l` stays registered until the transfer finished.
+        unsafe { a.post(id, &opts()).unwrap() };
+        assert!(matches!(
+            wait(&a, None, id, Duration::from_secs(10)),
+            Status::Done
+        ));
+        assert_eq!(r.as_slice(), l.as_slice());
+        // The target closes the control connection: its inbox takes two notifications.
+        for i in 0..6u8 {
+            let _ = a.notify(peer, Bytes::from(vec![i; 16]));
+        }
+        let end = Instant::now() + Duration::from_secs(5);
+        while a.control_reconnects(peer).unwrap() == 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            a.control_reconnects(peer).unwrap() > 0,
+            "the control connection was never lost (test is vacuous)"
+        );
+        let mut got = Vec::new();
+        b.drain_notifications(&mut got).unwrap();
+        assert!(!got.is_empty() && got.len() <= 3, "{}", got.len());
+        // The live peer keeps working: the old prepared transfer and a new one.
+        let mut l = l;
+        l.as_mut_slice().copy_from_slice(&pattern(23, LEN));
+        unsafe { a.post(id, &opts()).unwrap() };
+        let st = wait(&a, None, id, Duration::from_secs(10));
+        assert!(matches!(st, Status::Done), "shared={shared}: {st:?}");
+        assert_eq!(r.as_slice(), l.as_slice());
+        a.release(id).unwrap();
+        l.as_mut_slice().copy_from_slice(&pattern(24, LEN));
+        assert!(matches!(run(&a, &w), Status::Done));
+        assert_eq!(r.as_slice(), l.as_slice());
+        drop((a, b));
+    }
+}
