@@ -43,6 +43,12 @@ pub(crate) struct Accepted {
 }
 
 impl Channel {
+    /// A channel over `stream` as if its handshake had happened (unit tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(stream: Stream) -> Channel {
+        Channel::new(stream, None)
+    }
+
     fn new(stream: Stream, key: Option<SessionKey>) -> Channel {
         Channel {
             stream,

@@ -270,14 +270,22 @@ impl PeerCore {
         if self.closed.load(Ordering::Acquire) {
             return Err(self.gone("disconnected"));
         }
-        let mut c = self.control.lock();
-        match c.as_ref() {
-            Some(s) if !s.peer_closed() => return Ok(s.clone()),
-            Some(_) => self.lost(&mut c),
-            None => {}
+        {
+            let mut c = self.control.lock();
+            match c.as_ref() {
+                Some(s) if !s.peer_closed() => return Ok(s.clone()),
+                Some(_) => self.lost(&mut c),
+                None => {}
+            }
         }
-        // Tell the target we hold nothing only once no copy into its memory runs.
+        // Tell the target we hold nothing only once no copy into its memory runs. The
+        // lock is not held meanwhile: a copying lane looks at the connection. No post
+        // starts meanwhile (the imports are suspended).
         let reset = self.cma && self.drain(until);
+        let mut c = self.control.lock();
+        if let Some(s) = c.as_ref().filter(|s| !s.peer_closed()) {
+            return Ok(s.clone()); // another thread reconnected meanwhile
+        }
         let ch = Arc::new(self.open(ChannelKind::Control, reset, until)?);
         self.reconnects.fetch_add(1, Ordering::Relaxed);
         *c = Some(ch.clone());
@@ -504,8 +512,8 @@ impl PeerCore {
     /// At close: once no copy into the peer's memory runs, tells a same-host target
     /// (BYE) that this importer holds nothing of it, then shuts the connection down.
     pub(crate) fn close_control(&self) {
-        let mut c = self.control.lock();
-        if let Some(s) = c.take() {
+        let taken = self.control.lock().take();
+        if let Some(s) = taken {
             if self.cma && self.drain(None) {
                 let mut w =
                     Watch::new(&self.name, self.opts.io_timeout.min(Duration::from_secs(1)));

@@ -215,3 +215,79 @@ impl Importers {
         done
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_core::{Access, Descriptor};
+    use std::os::unix::net::UnixStream;
+
+    fn channel() -> (Arc<Channel>, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let s = crate::sys::Stream::from_unix(OwnedFd::from(a)).unwrap();
+        (Arc::new(Channel::for_test(s)), b)
+    }
+
+    /// Issue 14 item 1: a control connection closed (by us, or lost) while its
+    /// importer may still copy used to leave the wait set — counted as acknowledged.
+    /// Now only an acknowledgement, a reset, a BYE or the importer's exit count.
+    #[test]
+    fn an_unreachable_importer_is_never_counted_as_done() {
+        let regs = Registry::default();
+        let id = regs
+            .register(Descriptor::new(0x1000, 0x1000, 0), Access::ReadWrite)
+            .unwrap();
+        let key = regs.get(id).unwrap().key;
+        regs.subscribe(key, 0x1000, 0x10, 7).unwrap();
+        let imp = Importers::default();
+        let no = AtomicBool::new(false);
+        let (ch, _peer) = channel();
+        imp.attach(7, (1, ch), None, "importer", false, &regs);
+        imp.detach(7, 1);
+        let (_, subs) = regs.revoke(id).unwrap();
+        assert_eq!(subs, vec![7]);
+        let short = Instant::now() + Duration::from_millis(100);
+        assert!(
+            !imp.revoke(key, &subs, short, &no),
+            "unreachable counted as done"
+        );
+        // It reconnects and REVOKE goes out again; it acknowledges.
+        std::thread::scope(|s| {
+            let (ch2, mut peer2) = channel();
+            let (imp, regs) = (&imp, &regs);
+            s.spawn(move || {
+                imp.attach(7, (2, ch2), None, "importer", false, regs);
+                use std::io::Read;
+                let mut f = [0u8; crate::wire::HEADER_LEN];
+                peer2.read_exact(&mut f).unwrap();
+                let h = crate::wire::decode_header(&f).unwrap();
+                assert_eq!((h.op, h.key), (FrameOp::Revoke, key));
+                imp.acked(7, h.id);
+            });
+            let until = Instant::now() + Duration::from_secs(5);
+            assert!(imp.revoke(key, &subs, until, &no));
+        });
+        // A reset (reconnect holding nothing) counts, and so does an exited process.
+        imp.detach(7, 2);
+        std::thread::scope(|s| {
+            let (ch3, _p3) = channel();
+            let imp = &imp;
+            let regs = &regs;
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                imp.attach(7, (3, ch3), None, "importer", true, regs);
+            });
+            assert!(imp.revoke(key, &subs, Instant::now() + Duration::from_secs(5), &no));
+        });
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pidfd = crate::sys::pidfd_open(child.id()).unwrap();
+        child.wait().unwrap();
+        let (ch4, _p4) = channel();
+        imp.attach(8, (4, ch4), Some(pidfd), "gone", false, &regs);
+        imp.detach(8, 4);
+        assert!(imp.revoke(key, &[8], Instant::now() + Duration::from_secs(5), &no));
+        // BYE forgets it.
+        imp.bye(7, &regs);
+        assert!(imp.revoke(key, &[7], Instant::now(), &no));
+    }
+}

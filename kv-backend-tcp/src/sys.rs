@@ -338,7 +338,8 @@ impl Stream {
         })
     }
 
-    fn from_unix(sock: OwnedFd) -> io::Result<Stream> {
+    /// Sets the options on an accepted or connected Unix socket.
+    pub(crate) fn from_unix(sock: OwnedFd) -> io::Result<Stream> {
         set_timeouts(sock.as_raw_fd())?;
         Ok(Stream { sock, unix: true })
     }
