@@ -30,21 +30,31 @@
 //! # Ok::<(), kv_core::Error>(())
 //! ```
 //!
+//! # Trust
+//!
+//! With a cluster secret ([`BackendInit::secret`]) every connection is authenticated
+//! with the `kv_core::auth` handshake and every frame's header carries a tag with its
+//! sequence number; remote keys are 128 random bits; the target checks every TCP
+//! request against its live registrations, and refuses WRITEs into read-only ones.
+//! Without a secret the backend starts only with `insecure=true`, or on a loopback
+//! listener (logged). The crate README ("Trust") says what a network attacker can and
+//! cannot do.
+//!
 //! # Same-host peers
 //!
 //! When a peer's connection info carries this host's identity (kernel boot id and host
-//! name) and a probe read of its process succeeds, data does not cross TCP; only
-//! notifications use the control connection. A registration inside a shared
-//! (memfd-backed) `kv_mem::HostBuffer` is mapped into the importer at `import_remote`
-//! and transfers to it are plain memory copies ([`Path::SharedMemory`]); other memory
-//! moves with cross-memory attach ([`Path::CrossMemoryAttach`]). Then the bounds check
-//! happens on the initiator, against the ranges the target exported with its remote
-//! keys; the target's own check applies to TCP requests only. A target's `deregister`
-//! tells its same-host importers (a REVOKE frame on their control connection) and
-//! returns only once each acknowledged that it refuses new posts to the registration
-//! and no copy into it is in flight; a prepared transfer is also refused once an
-//! import it names was released. This fences cooperating peers; a malicious same-host
-//! peer with ptrace rights can still write anyway. Set `same_host = false` to force TCP.
+//! name), its control connection goes to its abstract Unix socket, and the kernel names
+//! its process (`SO_PEERCRED`) — only that pid is used. Then data does not cross TCP: a
+//! registration inside a shared (memfd-backed) `kv_mem::HostBuffer` is mapped into the
+//! importer at `import_remote` (read-only for a read-only registration) and transfers
+//! to it are plain memory copies ([`Path::SharedMemory`]); other memory moves with
+//! cross-memory attach ([`Path::CrossMemoryAttach`]). Every such import is validated
+//! live with the target (check-and-subscribe), and a target's `deregister` returns only
+//! once each subscribed importer acknowledged its REVOKE (no copy into the range runs,
+//! new posts are refused), reconnected holding nothing, or exited; an unreachable one
+//! makes it `Busy`. A lost control connection is re-established and the imports
+//! re-validated. This fences cooperating peers; a same-host peer with ptrace rights
+//! over this process can write its memory anyway. Set `same_host = false` to force TCP.
 #![warn(missing_docs)]
 
 // Rooms; each imports only rooms below it in the README's map.
