@@ -497,3 +497,41 @@ fn a_lost_control_connection_recovers_for_a_live_peer() {
         drop((a, b));
     }
 }
+
+/// Issue 14 item 12: the listener binds where the agent says (`BackendInit::bind_ip`),
+/// and a backend without a cluster secret refuses to start on a non-loopback address
+/// unless `insecure=true` says so (`insecure=false` refuses even on loopback).
+#[test]
+fn listeners_bind_to_bind_ip_and_no_secret_needs_an_opt_out() {
+    let params = |kv: &[(&str, &str)]| -> kv_core::Params {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let at = |ip: [u8; 4]| common::init("a").with_bind_ip(ip.into());
+    let b = TcpBackend::new(&at([127, 0, 0, 2]), Options::default()).unwrap();
+    assert_eq!(b.local_addr().ip(), std::net::IpAddr::from([127, 0, 0, 2]));
+    assert!(b.capabilities().authenticated);
+    let open = kv_core::BackendInit::new("a").with_bind_ip([0, 0, 0, 0].into());
+    let r = kv_backend_tcp::create(&open, &params(&[]));
+    assert!(matches!(r, Err(Error::Unauthenticated(_))), "{:?}", r.err());
+    // The refusal comes before any bind; the opt-out is checked on loopback only
+    // (tests stay off real interfaces; the unit test covers insecure=true on 0.0.0.0).
+    let lo2 = kv_core::BackendInit::new("a").with_bind_ip([127, 0, 0, 2].into());
+    let r = kv_backend_tcp::create(&lo2, &params(&[("insecure", "true")])).unwrap();
+    assert!(!r.capabilities().authenticated);
+    let lo = kv_core::BackendInit::new("a");
+    assert!(
+        !kv_backend_tcp::create(&lo, &params(&[]))
+            .unwrap()
+            .capabilities()
+            .authenticated
+    );
+    let r = kv_backend_tcp::create(&lo, &params(&[("insecure", "false")]));
+    assert!(matches!(r, Err(Error::Unauthenticated(_))), "{:?}", r.err());
+    // An explicit listen address wins over bind_ip.
+    let r =
+        kv_backend_tcp::create(&at([127, 0, 0, 2]), &params(&[("listen", "127.0.0.3:0")])).unwrap();
+    let ci = kv_backend_tcp::wire::ConnectionInfo::decode(&r.connection_info().unwrap()).unwrap();
+    assert!(ci.addr.starts_with("127.0.0.3:"), "{}", ci.addr);
+}
