@@ -312,23 +312,8 @@ fn deregister_is_busy_while_a_post_names_the_memory() {
     let len = 64 << 20;
     let l = buf(len, 5);
     let r = HostBuffer::alloc(len, 4096).unwrap();
-    // SAFETY: buffers outlive the registrations.
-    let (la, rb) = unsafe {
-        (
-            a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
-                .unwrap(),
-            b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
-                .unwrap(),
-        )
-    };
-    let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
-    a.import_remote(
-        peer,
-        MemKind::Dram,
-        &r.descriptor(),
-        &b.remote_key(rb).unwrap(),
-    )
-    .unwrap();
+    // SAFETY: the buffers outlive the registrations (backends dropped first).
+    let (la, _rb, peer) = unsafe { common::wire_pair(&a, &b, &l.descriptor(), &r.descriptor()) };
     let id = a
         .prepare(&req(Op::Write, peer, l.descriptor(), r.descriptor()))
         .unwrap();
@@ -435,26 +420,12 @@ fn a_lost_control_connection_recovers_for_a_live_peer() {
             buf(LEN, 22)
         };
         // SAFETY: the buffers outlive the registrations (backends dropped first).
-        let (_la, rb) = unsafe {
-            (
-                a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-                b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-            )
-        };
-        let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+        let (_la, _rb, peer) =
+            unsafe { common::wire_pair(&a, &b, &l.descriptor(), &r.descriptor()) };
         if !a.uses_cma(peer).unwrap() {
             eprintln!("skipping: no same-host path here (ptrace_scope?)");
             return;
         }
-        a.import_remote(
-            peer,
-            MemKind::Dram,
-            &r.descriptor(),
-            &b.remote_key(rb).unwrap(),
-        )
-        .unwrap();
         let w = req(Op::Write, peer, l.descriptor(), r.descriptor());
         let id = a.prepare(&w).unwrap();
         let opts = || PostOptions {

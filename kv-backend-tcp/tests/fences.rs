@@ -183,26 +183,12 @@ fn same_host_writes_stop_when_the_peer_deregisters() {
         let l = shared_or_heap(LEN, false, 1);
         let r = shared_or_heap(LEN, shared, 2);
         // SAFETY: the buffers outlive the registrations (backends dropped first).
-        let (_la, rb) = unsafe {
-            (
-                a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-                b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-            )
-        };
-        let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+        let (_la, rb, peer) =
+            unsafe { common::wire_pair(&a, &b, &l.descriptor(), &r.descriptor()) };
         if !a.uses_cma(peer).unwrap() {
             eprintln!("skipping: no same-host path here (ptrace_scope?)");
             return;
         }
-        a.import_remote(
-            peer,
-            MemKind::Dram,
-            &r.descriptor(),
-            &b.remote_key(rb).unwrap(),
-        )
-        .unwrap();
         let w = req(Op::Write, peer, l.descriptor(), r.descriptor());
         let id = a.prepare(&w).unwrap();
         let want = if shared {
@@ -299,23 +285,8 @@ fn idle_unauthenticated_connections_never_push_a_peer_out() {
     assert!(Raw::connect(&b, ChannelKind::Data, None, "intruder").is_err());
     let l = HostBuffer::alloc(1 << 20, 4096).unwrap();
     let r = HostBuffer::alloc(1 << 20, 4096).unwrap();
-    // SAFETY: both outlive their registrations (the backends are dropped first).
-    let (_la, rb) = unsafe {
-        (
-            a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
-                .unwrap(),
-            b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
-                .unwrap(),
-        )
-    };
-    let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
-    a.import_remote(
-        peer,
-        MemKind::Dram,
-        &r.descriptor(),
-        &b.remote_key(rb).unwrap(),
-    )
-    .unwrap();
+    // SAFETY: the buffers outlive the registrations (backends dropped first).
+    let (_la, _rb, peer) = unsafe { common::wire_pair(&a, &b, &l.descriptor(), &r.descriptor()) };
     let id = a
         .prepare(&req(Op::Write, peer, l.descriptor(), r.descriptor()))
         .unwrap();

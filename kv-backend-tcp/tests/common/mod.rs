@@ -18,7 +18,7 @@ use kv_core::auth::{
     message_len, ClientHandshake, ClientHello, ClusterSecret, ServerHandshake, ServerHello,
     ServerProof, SessionKey,
 };
-use kv_core::{Backend, BackendInit};
+use kv_core::{Access, Backend, BackendInit, Descriptor, EndpointId, MemKind, RegistrationId};
 
 /// The cluster secret every backend of this test binary shares.
 pub fn secret() -> &'static ClusterSecret {
@@ -34,6 +34,33 @@ pub fn init(name: &str) -> BackendInit {
 /// A backend of agent `name` with the shared secret and `opts`.
 pub fn backend(name: &str, opts: Options) -> TcpBackend {
     TcpBackend::new(&init(name), opts).expect("tcp backend")
+}
+
+/// Registers `l` on `a` and `r` on `b` (DRAM, read-write), connects `a` to `b` (as
+/// "b") and imports `r`: the two registrations and the peer, ready for `a` to prepare.
+///
+/// # Safety
+/// The memory `l` and `r` describe must stay valid until both registrations are gone
+/// (the tests drop the backends first).
+pub unsafe fn wire_pair(
+    a: &TcpBackend,
+    b: &TcpBackend,
+    l: &Descriptor,
+    r: &Descriptor,
+) -> (RegistrationId, RegistrationId, EndpointId) {
+    // SAFETY: the caller keeps both ranges valid while they are registered.
+    let (la, rb) = unsafe {
+        (
+            a.register(MemKind::Dram, l, Access::ReadWrite)
+                .expect("register l"),
+            b.register(MemKind::Dram, r, Access::ReadWrite)
+                .expect("register r"),
+        )
+    };
+    let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+    let key = b.remote_key(rb).unwrap();
+    a.import_remote(peer, MemKind::Dram, r, &key).unwrap();
+    (la, rb, peer)
 }
 
 fn read_auth(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
