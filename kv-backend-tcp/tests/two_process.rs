@@ -24,8 +24,8 @@ use bytes::Bytes;
 use kv_backend_tcp::{Options, Path, TcpBackend};
 use kv_core::conformance::{pattern, wait};
 use kv_core::{
-    Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions, Status,
-    TransferRequest,
+    Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions,
+    RegistrationId, Status, TransferRequest,
 };
 use kv_mem::HostBuffer;
 
@@ -379,12 +379,17 @@ fn two_process_shared_memory() {
     write_then_read(Path::SharedMemory);
 }
 
-fn kill_mid_transfer(path: Path) {
-    const LEN: usize = 128 << 20;
-    let mut child = ChildProc::spawn(LEN, path);
-    let a = parent(path != Path::Tcp);
-    let src = HostBuffer::alloc(LEN, 4096).unwrap();
-    // SAFETY: `src` outlives its registration (deregistered below).
+/// Registers `src` on `a` (read-write), connects `a` to the child and imports the
+/// child's memory: the registration and the peer.
+///
+/// # Safety
+/// `src` must stay allocated until the registration is deregistered.
+unsafe fn wire_to_child(
+    a: &TcpBackend,
+    src: &HostBuffer,
+    child: &ChildProc,
+) -> (RegistrationId, EndpointId) {
+    // SAFETY: the caller keeps `src` allocated while it is registered.
     let rs = unsafe {
         a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
             .unwrap()
@@ -392,6 +397,16 @@ fn kill_mid_transfer(path: Path) {
     let peer = a.connect("child", &child.info).unwrap();
     a.import_remote(peer, MemKind::Dram, &child.desc, &child.key)
         .unwrap();
+    (rs, peer)
+}
+
+fn kill_mid_transfer(path: Path) {
+    const LEN: usize = 128 << 20;
+    let mut child = ChildProc::spawn(LEN, path);
+    let a = parent(path != Path::Tcp);
+    let src = HostBuffer::alloc(LEN, 4096).unwrap();
+    // SAFETY: `src` outlives its registration (deregistered below).
+    let (rs, peer) = unsafe { wire_to_child(&a, &src, &child) };
     // Many small descriptors so the transfer takes a while.
     let local =
         DescriptorList::strided(src.descriptor().addr, 4096, (LEN / 4096) as u64, 4096, 0).unwrap();
@@ -483,13 +498,7 @@ fn stalled_peer_times_out_within_the_deadline_tcp() {
     let mut src = HostBuffer::alloc(LEN, 4096).unwrap();
     src.as_mut_slice().copy_from_slice(&pattern(3003, LEN));
     // SAFETY: `src` outlives its registration (deregistered below).
-    let rs = unsafe {
-        a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
-            .unwrap()
-    };
-    let peer = a.connect("child", &child.info).unwrap();
-    a.import_remote(peer, MemKind::Dram, &child.desc, &child.key)
-        .unwrap();
+    let (rs, peer) = unsafe { wire_to_child(&a, &src, &child) };
     let w = request(Op::Write, peer, src.descriptor(), child.desc);
     // One transfer first, so the lanes hold connections.
     let id = a.prepare(&w).unwrap();
@@ -590,13 +599,7 @@ fn idle_connections_neither_pile_up_nor_push_a_peer_out_tcp() {
     let mut src = HostBuffer::alloc(LEN, 4096).unwrap();
     src.as_mut_slice().copy_from_slice(&pattern(5005, LEN));
     // SAFETY: `src` outlives its registration (deregistered below).
-    let rs = unsafe {
-        a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
-            .unwrap()
-    };
-    let peer = a.connect("child", &child.info).unwrap();
-    a.import_remote(peer, MemKind::Dram, &child.desc, &child.key)
-        .unwrap();
+    let (rs, peer) = unsafe { wire_to_child(&a, &src, &child) };
     let id = a
         .prepare(&request(Op::Write, peer, src.descriptor(), child.desc))
         .unwrap();
