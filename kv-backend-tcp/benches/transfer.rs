@@ -96,9 +96,19 @@ impl Rig {
         {
             opts.inline_max = n;
         }
-        let a = TcpBackend::new(&kv_core::BackendInit::new("bench-a"), opts.clone())
-            .expect("backend a");
-        let b = TcpBackend::new(&kv_core::BackendInit::new("bench-b"), opts).expect("backend b");
+        // Authenticated, as deployed (KV_TCP_BENCH_INSECURE=1: without a secret).
+        let init = |name: &str| {
+            let i = kv_core::BackendInit::new(name);
+            if std::env::var("KV_TCP_BENCH_INSECURE").is_ok() {
+                i
+            } else {
+                i.with_secret(kv_core::auth::ClusterSecret::generate().expect("OS randomness"))
+            }
+        };
+        let (ia, mut ib) = (init("bench-a"), init("bench-b"));
+        ib.secret = ia.secret.clone();
+        let a = TcpBackend::new(&ia, opts.clone()).expect("backend a");
+        let b = TcpBackend::new(&ib, opts).expect("backend b");
         let peer = a.connect("bench-b", &b.connection_info().unwrap()).unwrap();
         assert_eq!(
             a.uses_cma(peer).unwrap(),

@@ -4,7 +4,6 @@
 //! post order. The control connection and handshake are in `control`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,11 +14,12 @@ use crossbeam::channel::{Receiver, Sender};
 use kv_core::{Error, Op, Result};
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::control::{ctl_main, read_message, PeerCore};
-use crate::options::Options;
+use crate::channel::Channel;
+use crate::control::{ctl_main, message, PeerCore, Reach};
+use crate::os::{self, CmaDir};
 use crate::request::{self, Completion, Path};
-use crate::sys::{self, CmaDir, Stream, Watch};
-use crate::wire::{self, ConnectionInfo, FrameOp, Header, HEADER_LEN};
+use crate::sys::{self, Watch};
+use crate::wire::{self, ChannelKind, FrameOp, Header};
 
 /// A prepared transfer of this backend: to a [`Peer`].
 pub(crate) type Transfer = request::Transfer<Peer>;
@@ -72,31 +72,13 @@ impl std::fmt::Debug for Peer {
 }
 
 impl Peer {
-    /// Connects the control connection, probes cross-memory attach when the peer is
-    /// on this host, and starts the lanes (their data connections open lazily).
-    pub(crate) fn connect(
-        name: &str,
-        info: ConnectionInfo,
-        local_name: &str,
-        opts: &Options,
-        completions: Arc<AtomicUsize>,
-    ) -> Result<Arc<Peer>> {
-        let addr: SocketAddr = info
-            .addr
-            .parse()
-            .map_err(|_| Error::invalid_metadata(format!("bad address {:?}", info.addr)))?;
-        let cma = opts.same_host && same_host(name, &info);
-        let core = Arc::new(PeerCore::new(
-            name,
-            info,
-            addr,
-            local_name,
-            opts,
-            cma,
-            completions,
-        ));
-        core.open_control()?;
-        let ctl_reader = if cma {
+    /// Connects the control connection (over the peer's Unix socket when it is on
+    /// this host and reachable without TCP) and starts the lanes (their data
+    /// connections open lazily) and, for a same-host peer, the control reader.
+    pub(crate) fn connect(r: Reach<'_>, completions: Arc<AtomicUsize>) -> Result<Arc<Peer>> {
+        let nlanes = r.opts.connections.max(1);
+        let core = Arc::new(PeerCore::connect(r, completions)?);
+        let ctl_reader = if core.cma {
             let c = core.clone();
             Some(
                 std::thread::Builder::new()
@@ -107,7 +89,6 @@ impl Peer {
         } else {
             None
         };
-        let nlanes = opts.connections.max(1);
         let mut lanes = Vec::with_capacity(nlanes);
         for i in 0..nlanes {
             let (tx, rx) = crossbeam::channel::unbounded();
@@ -259,32 +240,8 @@ impl Completion for Peer {
     }
 }
 
-/// Same host (same kernel boot and host name) and cross-memory attach reaches the
-/// peer's process: reads the probe word it published.
-fn same_host(name: &str, info: &ConnectionInfo) -> bool {
-    if info.host != sys::host_identity() {
-        return false;
-    }
-    match sys::cma_probe(info.pid, info.probe_addr) {
-        Ok(v) if v == info.instance => true,
-        Ok(_) => {
-            tracing::info!(
-                "peer {name} looks local but pid {} is another process (pid namespace?); using TCP",
-                info.pid
-            );
-            false
-        }
-        Err(e) => {
-            tracing::info!(
-                "peer {name} is on this host but cross-memory attach failed ({e}; see ptrace_scope); using TCP"
-            );
-            false
-        }
-    }
-}
-
 fn lane_main(core: Arc<PeerCore>, rx: Receiver<(Arc<Transfer>, usize)>) {
-    let mut conn: Option<Stream> = None;
+    let mut conn: Option<Channel> = None;
     let mut iov: Vec<libc::iovec> = Vec::new();
     let mut riov: Vec<libc::iovec> = Vec::new();
     while let Ok((t, lane)) = rx.recv() {
@@ -322,12 +279,18 @@ fn same_host_tick(core: &PeerCore, t: &Transfer, deadline: Option<Instant>) -> R
     if core.closed.load(Ordering::Acquire) {
         return Err(core.gone("disconnected"));
     }
-    if let Some(h) = t.plan.remotes.iter().find(|h| h.is_revoked()) {
+    if let Some(h) = t
+        .plan
+        .remotes
+        .iter()
+        .find(|h| h.is_revoked() || h.is_pending())
+    {
         if core.peer_gone() {
             return Err(core.gone("process exited (control connection closed)"));
         }
         return Err(Error::NotRegistered(format!(
-            "RemoteId#{}: the peer deregistered the registration during the transfer",
+            "RemoteId#{}: the peer deregistered the registration during the transfer (or \
+             its control connection was lost)",
             h.id
         )));
     }
@@ -357,8 +320,8 @@ fn run_shm(core: &PeerCore, t: &Transfer, lane: usize) -> Result<()> {
             // which gives torn data, never a fault: the copy uses raw pointers only.
             unsafe {
                 match t.plan.op {
-                    Op::Write => sys::copy(s.remote, s.local, s.len),
-                    Op::Read => sys::copy(s.local, s.remote, s.len),
+                    Op::Write => os::copy(s.remote, s.local, s.len),
+                    Op::Read => os::copy(s.local, s.remote, s.len),
                 }
             }
         }
@@ -390,10 +353,15 @@ fn run_cma(
             l.push(sys::iovec(s.local, s.len));
             r.push(sys::iovec(s.remote, s.len));
         }
+        let Some((_, pid)) = core.process() else {
+            return Err(core.gone("no verified same-host process"));
+        };
         // SAFETY: local ranges lie in registrations pinned by this post (the caller of
         // `post` keeps them valid); remote ranges were checked against what the peer
-        // exported at prepare. The kernel refuses remote ranges that are not mapped.
-        let n = unsafe { sys::cma(dir, core.info.pid, l, r) };
+        // exported at prepare and validated live with it (imports are revoked before
+        // its deregister returns). The kernel refuses remote ranges that are not
+        // mapped; `pid` is the peer's as the kernel named it for its Unix socket.
+        let n = unsafe { os::cma(dir, pid, l, r) };
         match n {
             Ok(n) if n as u64 == f.bytes => {}
             Ok(_) | Err(_) if core.peer_gone() => return Err(core.gone("process exited")),
@@ -432,7 +400,7 @@ impl From<Error> for LaneError {
 
 fn run_tcp(
     core: &PeerCore,
-    conn: &mut Option<Stream>,
+    conn: &mut Option<Channel>,
     t: &Transfer,
     lane: usize,
     iov: &mut Vec<libc::iovec>,
@@ -440,8 +408,19 @@ fn run_tcp(
     if core.closed.load(Ordering::Acquire) {
         return Err(core.gone("disconnected"));
     }
+    let deadline = t.state.lock().deadline;
+    if t.cancel.load(Ordering::Acquire) {
+        return Err(Error::Canceled);
+    }
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        // Queued behind a lane that blocked: fail at the deadline, not after a connect.
+        return Err(Error::TimedOut {
+            what: format!("tcp {} with {}", t.plan.op, core.name),
+            after: Duration::ZERO,
+        });
+    }
     if conn.is_none() {
-        *conn = Some(core.open(false)?);
+        *conn = Some(core.open(ChannelKind::Data, false, deadline)?);
     }
     let Some(s) = conn.as_ref() else {
         return Err(core.gone("no connection"));
@@ -472,17 +451,16 @@ fn watch<'a>(core: &'a PeerCore, t: &'a Transfer, cancel: bool) -> Watch<'a> {
     w
 }
 
-/// Reads one answer header; ERROR frames become a target-refused error that leaves the
-/// connection usable.
+/// Reads one answer frame (into `raw`); ERROR frames become a target-refused error
+/// that leaves the connection usable.
 fn answer(
-    s: &Stream,
+    s: &Channel,
     t: &Transfer,
     want: FrameOp,
+    raw: &mut Vec<u8>,
     w: &mut Watch<'_>,
 ) -> std::result::Result<Header, LaneError> {
-    let mut buf = [0u8; HEADER_LEN];
-    s.recv_exact(&mut buf, w)?;
-    let h = wire::decode_header(&buf)?;
+    let h = s.recv_frame(raw, w)?;
     if h.id != t.id {
         return Err(Error::invalid_metadata(format!(
             "answer for request {} while waiting for {}",
@@ -492,13 +470,10 @@ fn answer(
     }
     match h.op {
         op if op == want => Ok(h),
-        FrameOp::Error => {
-            let msg = read_message(s, &h, w)?;
-            Err(LaneError {
-                e: wire::ErrorCode::to_error(h.status, &msg),
-                broken: false,
-            })
-        }
+        FrameOp::Error => Err(LaneError {
+            e: wire::ErrorCode::to_error(h.status, &message(raw)),
+            broken: false,
+        }),
         op => Err(Error::invalid_metadata(format!("unexpected {op:?} frame")).into()),
     }
 }
@@ -520,12 +495,13 @@ fn note(
 
 fn tcp_write(
     core: &PeerCore,
-    s: &Stream,
+    s: &Channel,
     t: &Transfer,
     lane: usize,
     iov: &mut Vec<libc::iovec>,
 ) -> std::result::Result<(), LaneError> {
     let mut w = watch(core, t, true);
+    let mut raw = Vec::new();
     let mut outstanding = 0usize;
     let mut first: Option<LaneError> = None;
     for f in t.plan.lane_frames(lane) {
@@ -537,20 +513,18 @@ fn tcp_write(
             break;
         }
         iov.clear();
-        iov.push(sys::iovec(
-            f.head.as_ptr() as usize as u64,
-            f.head.len() as u64,
-        ));
+        // Header (with its table) and tag go first; `send_parts` fills them in.
+        iov.extend([sys::iovec(0, 0), sys::iovec(0, 0)]);
         for seg in &t.plan.segs[f.segs.clone()] {
             iov.push(sys::iovec(seg.local, seg.len));
         }
-        // SAFETY: the head is owned by the plan; the local ranges lie in registrations
-        // pinned by this post, which the caller of `post` keeps valid until it ends.
-        unsafe { s.send_all(iov, &mut w)? };
+        // SAFETY: the local ranges lie in registrations pinned by this post, which the
+        // caller of `post` keeps valid until it ends.
+        unsafe { s.send_parts(&f.head, iov, &mut w)? };
         outstanding += 1;
         if outstanding == WRITE_WINDOW {
             let mut aw = watch(core, t, false);
-            note(answer(s, t, FrameOp::Ack, &mut aw), &mut first)?;
+            note(answer(s, t, FrameOp::Ack, &mut raw, &mut aw), &mut first)?;
             outstanding -= 1;
         }
     }
@@ -558,7 +532,7 @@ fn tcp_write(
     // connection stays in step.
     let mut aw = watch(core, t, false);
     while outstanding > 0 {
-        note(answer(s, t, FrameOp::Ack, &mut aw), &mut first)?;
+        note(answer(s, t, FrameOp::Ack, &mut raw, &mut aw), &mut first)?;
         outstanding -= 1;
     }
     match first {
@@ -569,12 +543,13 @@ fn tcp_write(
 
 fn tcp_read(
     core: &PeerCore,
-    s: &Stream,
+    s: &Channel,
     t: &Transfer,
     lane: usize,
     iov: &mut Vec<libc::iovec>,
 ) -> std::result::Result<(), LaneError> {
     let mut w = watch(core, t, true);
+    let mut raw = Vec::new();
     for f in t.plan.lane_frames(lane) {
         if t.cancel.load(Ordering::Acquire) {
             return Err(LaneError {
@@ -582,8 +557,10 @@ fn tcp_read(
                 broken: false,
             });
         }
-        s.send_bytes(&[&f.head], &mut w)?;
-        let h = answer(s, t, FrameOp::Data, &mut w)?;
+        let mut head = [sys::iovec(0, 0), sys::iovec(0, 0)];
+        // SAFETY: no payload follows a READ request; only `f.head` and its tag are sent.
+        unsafe { s.send_parts(&f.head, &mut head, &mut w)? };
+        let h = answer(s, t, FrameOp::Data, &mut raw, &mut w)?;
         if h.len != f.bytes {
             return Err(Error::invalid_metadata(format!(
                 "DATA of {} bytes for a READ of {}",
@@ -597,7 +574,7 @@ fn tcp_read(
         }
         // SAFETY: the local ranges lie in registrations pinned by this post; the caller
         // of `post` promised they stay valid and untouched until it ends.
-        unsafe { s.recv_all(iov, &mut w)? };
+        unsafe { s.recv_payload(iov, &mut w)? };
     }
     Ok(())
 }

@@ -3,6 +3,12 @@
 //! with a [`SharedKey`] when a same-host peer may map it). Each is magic, version,
 //! fields and a CRC32C; decoders take untrusted bytes and fail with
 //! [`Error::InvalidMetadata`], never panic. Re-exported by [`crate::wire`].
+//!
+//! Nothing in them is secret or trusted: keys are 128 random bits (unguessable, but a
+//! peer that holds one still has to pass the cluster-secret handshake to use it), a
+//! claimed pid is never used (same-host peers are identified by the kernel,
+//! `SO_PEERCRED`), and a same-host importer maps a registration only as its owner
+//! describes it when asked live (the `IMPORT_ACK` carries a fresh [`RemoteKey`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kv_core::codec::Reader;
@@ -10,13 +16,15 @@ use kv_core::{Error, Result};
 
 /// Most bytes of an agent name in HELLO, and of each connection-info string.
 pub const MAX_NAME: u64 = 1024;
-/// Format version of [`ConnectionInfo`] blobs (and of version-1 [`RemoteKey`] blobs).
-const BLOB_VERSION: u8 = 1;
-/// Format version of [`RemoteKey`] blobs: 2 adds a flags byte and, with
-/// [`KEY_FLAG_SHARED`], a [`SharedKey`]. Version-1 keys still decode (not shareable).
-pub const KEY_VERSION: u8 = 2;
+/// Format version of [`ConnectionInfo`] blobs: 2 adds the same-host socket name.
+const INFO_VERSION: u8 = 2;
+/// Format version of [`RemoteKey`] blobs: 3 has 128-bit keys; older keys (64-bit,
+/// guessable) are refused.
+pub const KEY_VERSION: u8 = 3;
 /// Remote-key flag: the registration is backed by a memfd a same-host peer may map.
 pub const KEY_FLAG_SHARED: u8 = 1;
+/// Remote-key flag: the registration is read-only (peers may only READ it).
+pub const KEY_FLAG_READ_ONLY: u8 = 2;
 const INFO_MAGIC: u32 = 0x4b58_5443; // "CTXK"
 const KEY_MAGIC: u32 = 0x4b58_524b; // "KRXK"
 
@@ -29,7 +37,11 @@ pub struct ConnectionInfo {
     pub addr: String,
     /// Host identity: boot id and host name; equal on both sides means same host.
     pub host: String,
-    /// Process id, for cross-memory attach.
+    /// Name of the backend's abstract Unix socket (same-host control connections, whose
+    /// peer the kernel identifies); empty when it has none.
+    pub local: String,
+    /// Process id as the backend sees it; a same-host peer uses the pid the kernel
+    /// reports for the Unix socket (`SO_PEERCRED`) and requires the two to agree.
     pub pid: u32,
     /// Random id of this backend instance; a reconnect to a new process is refused.
     pub instance: u64,
@@ -41,10 +53,11 @@ pub struct ConnectionInfo {
 impl ConnectionInfo {
     /// Encodes the blob (magic, version, fields, CRC32C).
     pub fn encode(&self) -> Result<Bytes> {
-        let mut b = BytesMut::with_capacity(64 + self.agent.len() + self.host.len());
+        let mut b =
+            BytesMut::with_capacity(64 + self.agent.len() + self.host.len() + self.local.len());
         b.put_u32_le(INFO_MAGIC);
-        b.put_u8(BLOB_VERSION);
-        for s in [&self.agent, &self.addr, &self.host] {
+        b.put_u8(INFO_VERSION);
+        for s in [&self.agent, &self.addr, &self.host, &self.local] {
             let n = u16::try_from(s.len())
                 .ok()
                 .filter(|n| u64::from(*n) <= MAX_NAME)
@@ -62,7 +75,12 @@ impl ConnectionInfo {
 
     /// Decodes a blob made by [`ConnectionInfo::encode`].
     pub fn decode(buf: &[u8]) -> Result<ConnectionInfo> {
-        let body = checked_body(buf, INFO_MAGIC, "connection info")?;
+        let (v, body) = versioned_body(buf, INFO_MAGIC, "connection info")?;
+        if v != INFO_VERSION {
+            return Err(Error::invalid_metadata(format!(
+                "connection info version {v}, want {INFO_VERSION} (upgrade both peers)"
+            )));
+        }
         let mut r = Reader::new(body);
         let mut s = || -> Result<String> {
             let n = r.u16()? as usize;
@@ -72,11 +90,12 @@ impl ConnectionInfo {
             String::from_utf8(r.take(n)?.to_vec())
                 .map_err(|_| Error::invalid_metadata("connection info string is not UTF-8"))
         };
-        let (agent, addr, host) = (s()?, s()?, s()?);
+        let (agent, addr, host, local) = (s()?, s()?, s()?, s()?);
         let info = ConnectionInfo {
             agent,
             addr,
             host,
+            local,
             pid: r.u32()?,
             instance: r.u64()?,
             probe_addr: r.u64()?,
@@ -86,17 +105,6 @@ impl ConnectionInfo {
         }
         Ok(info)
     }
-}
-
-/// Checks magic, version and trailing CRC of a blob; returns the bytes between.
-fn checked_body<'a>(buf: &'a [u8], magic: u32, what: &str) -> Result<&'a [u8]> {
-    let (v, body) = versioned_body(buf, magic, what)?;
-    if v != BLOB_VERSION {
-        return Err(Error::invalid_metadata(format!(
-            "{what} version {v}, want {BLOB_VERSION}"
-        )));
-    }
-    Ok(body)
 }
 
 /// Checks magic and trailing CRC of a blob; returns its version and the bytes after it.
@@ -141,34 +149,41 @@ pub struct SharedKey {
 }
 
 /// The remote key of one registration: the key to name it in frames, the range it
-/// covers and, for memfd-backed memory, how a same-host peer maps it. `Copy`,
-/// `Send + Sync`.
+/// covers, whether peers may write it and, for memfd-backed memory, how a same-host
+/// peer maps it. `Copy`, `Send + Sync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteKey {
-    /// The registration's random key.
-    pub key: u64,
+    /// The registration's key: 128 random bits from the OS.
+    pub key: u128,
     /// Start address of the registration in the target process.
     pub addr: u64,
     /// Its length.
     pub len: u64,
+    /// Peers may only READ it (a hint for early refusal; the target enforces it).
+    pub read_only: bool,
     /// Set when the registration is backed by a memfd a same-host peer may map.
     pub shared: Option<SharedKey>,
 }
 
 impl RemoteKey {
-    /// Encodes the blob (magic, version 2, key, addr, len, flags, shared fields when
+    /// Encodes the blob (magic, version 3, key, addr, len, flags, shared fields when
     /// flagged, CRC32C).
     pub fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(80);
+        let mut b = BytesMut::with_capacity(96);
         b.put_u32_le(KEY_MAGIC);
         b.put_u8(KEY_VERSION);
-        b.put_u64_le(self.key);
+        b.put_u128_le(self.key);
         b.put_u64_le(self.addr);
         b.put_u64_le(self.len);
+        let ro = if self.read_only {
+            KEY_FLAG_READ_ONLY
+        } else {
+            0
+        };
         match &self.shared {
-            None => b.put_u8(0),
+            None => b.put_u8(ro),
             Some(s) => {
-                b.put_u8(KEY_FLAG_SHARED);
+                b.put_u8(KEY_FLAG_SHARED | ro);
                 b.put_u32_le(s.pid);
                 b.put_i32_le(s.fd);
                 b.put_u64_le(s.offset);
@@ -182,29 +197,35 @@ impl RemoteKey {
         b.freeze()
     }
 
-    /// Decodes a blob made by [`RemoteKey::encode`] (version 2) or by a version-1
-    /// encoder (no flags, never shared).
+    /// Decodes a blob made by [`RemoteKey::encode`]; keys of older versions (64-bit)
+    /// are refused.
     pub fn decode(buf: &[u8]) -> Result<RemoteKey> {
         let (version, body) = versioned_body(buf, KEY_MAGIC, "remote key")?;
-        if version != BLOB_VERSION && version != KEY_VERSION {
+        if version != KEY_VERSION {
             return Err(Error::invalid_metadata(format!(
-                "remote key version {version}, want {BLOB_VERSION} or {KEY_VERSION}"
+                "remote key version {version}, want {KEY_VERSION} (upgrade both peers)"
             )));
         }
         let mut r = Reader::new(body);
+        let key = r.take(16)?;
         let mut k = RemoteKey {
-            key: r.u64()?,
+            key: u128::from_le_bytes(
+                key.try_into()
+                    .map_err(|_| Error::invalid_metadata("remote key: truncated key"))?,
+            ),
             addr: r.u64()?,
             len: r.u64()?,
+            read_only: false,
             shared: None,
         };
-        if version == KEY_VERSION {
+        {
             let flags = r.u8()?;
-            if flags & !KEY_FLAG_SHARED != 0 {
+            if flags & !(KEY_FLAG_SHARED | KEY_FLAG_READ_ONLY) != 0 {
                 return Err(Error::invalid_metadata(format!(
                     "unknown remote key flags {flags:#x}"
                 )));
             }
+            k.read_only = flags & KEY_FLAG_READ_ONLY != 0;
             if flags & KEY_FLAG_SHARED != 0 {
                 let s = SharedKey {
                     pid: r.u32()?,
@@ -247,6 +268,7 @@ mod tests {
             agent: "prefill-0".into(),
             addr: "127.0.0.1:5000".into(),
             host: "boot/host".into(),
+            local: "kvx-tcp-1234".into(),
             pid: 77,
             instance: 0x1234,
             probe_addr: 0x5555_0000,
@@ -255,12 +277,18 @@ mod tests {
         assert_eq!(ConnectionInfo::decode(&b).unwrap(), i);
         assert!(ConnectionInfo::decode(&b[..b.len() - 1]).is_err());
         let k = RemoteKey {
-            key: 5,
+            key: u128::MAX - 5,
             addr: 4096,
             len: 8192,
+            read_only: false,
             shared: None,
         };
         assert_eq!(RemoteKey::decode(&k.encode()).unwrap(), k);
+        let ro = RemoteKey {
+            read_only: true,
+            ..k
+        };
+        assert_eq!(RemoteKey::decode(&ro.encode()).unwrap(), ro);
         let shared = SharedKey {
             pid: 42,
             fd: 7,
@@ -271,19 +299,23 @@ mod tests {
         };
         let ks = RemoteKey {
             shared: Some(shared),
-            ..k
+            ..ro
         };
         assert_eq!(RemoteKey::decode(&ks.encode()).unwrap(), ks);
-        // A version-1 key (no flags byte) still decodes, as not shareable.
-        let mut v1 = BytesMut::new();
-        v1.put_u32_le(KEY_MAGIC);
-        v1.put_u8(1);
+        // An old 64-bit key (version 2) is refused: it would be guessable.
+        let mut v2 = BytesMut::new();
+        v2.put_u32_le(KEY_MAGIC);
+        v2.put_u8(2);
         for x in [5u64, 4096, 8192] {
-            v1.put_u64_le(x);
+            v2.put_u64_le(x);
         }
-        let crc = crc32c::crc32c(&v1);
-        v1.put_u32_le(crc);
-        assert_eq!(RemoteKey::decode(&v1).unwrap(), k);
+        v2.put_u8(0);
+        let crc = crc32c::crc32c(&v2);
+        v2.put_u32_le(crc);
+        assert!(matches!(
+            RemoteKey::decode(&v2),
+            Err(Error::InvalidMetadata(_))
+        ));
         // Shared ranges outside the memfd, negative fds and unknown flags are refused.
         for bad_key in [
             RemoteKey {
@@ -316,7 +348,8 @@ mod tests {
         }
         let mut flagged = ks.encode().to_vec();
         flagged.truncate(flagged.len() - 4);
-        flagged[29] |= 0x80;
+        // magic 4 + version 1 + key 16 + addr 8 + len 8 = the flags byte at 37.
+        flagged[37] |= 0x80;
         let crc = crc32c::crc32c(&flagged);
         flagged.extend_from_slice(&crc.to_le_bytes());
         assert!(matches!(
@@ -329,8 +362,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn remote_keys_with_random_fields(key: u64, addr: u64, len: u64, shared: bool, pid: u32, fd: i32, offset: u64, memfd_len: u64, ino: u64, cut in 0usize..80, flip in 0usize..80) {
-            let k = RemoteKey { key, addr, len, shared: shared.then_some(SharedKey { pid, fd, offset, memfd_len, dev: 1, ino }) };
+        fn remote_keys_with_random_fields(key: u128, addr: u64, len: u64, ro: bool, shared: bool, pid: u32, fd: i32, offset: u64, memfd_len: u64, ino: u64, cut in 0usize..100, flip in 0usize..100) {
+            let k = RemoteKey { key, addr, len, read_only: ro, shared: shared.then_some(SharedKey { pid, fd, offset, memfd_len, dev: 1, ino }) };
             let b = k.encode();
             match RemoteKey::decode(&b) {
                 Ok(d) => {

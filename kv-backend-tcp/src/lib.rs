@@ -30,29 +30,42 @@
 //! # Ok::<(), kv_core::Error>(())
 //! ```
 //!
+//! # Trust
+//!
+//! With a cluster secret ([`BackendInit::secret`]) every connection is authenticated
+//! with the `kv_core::auth` handshake and every frame's header carries a tag with its
+//! sequence number; remote keys are 128 random bits; the target checks every TCP
+//! request against its live registrations, and refuses WRITEs into read-only ones.
+//! Without a secret the backend starts only with `insecure=true`, or on a loopback
+//! listener (logged). The crate README ("Trust") says what a network attacker can and
+//! cannot do.
+//!
 //! # Same-host peers
 //!
 //! When a peer's connection info carries this host's identity (kernel boot id and host
-//! name) and a probe read of its process succeeds, data does not cross TCP; only
-//! notifications use the control connection. A registration inside a shared
-//! (memfd-backed) `kv_mem::HostBuffer` is mapped into the importer at `import_remote`
-//! and transfers to it are plain memory copies ([`Path::SharedMemory`]); other memory
-//! moves with cross-memory attach ([`Path::CrossMemoryAttach`]). Then the bounds check
-//! happens on the initiator, against the ranges the target exported with its remote
-//! keys; the target's own check applies to TCP requests only. A target's `deregister`
-//! tells its same-host importers (a REVOKE frame on their control connection) and
-//! returns only once each acknowledged that it refuses new posts to the registration
-//! and no copy into it is in flight; a prepared transfer is also refused once an
-//! import it names was released. This fences cooperating peers; a malicious same-host
-//! peer with ptrace rights can still write anyway. Set `same_host = false` to force TCP.
+//! name), its control connection goes to its abstract Unix socket, and the kernel names
+//! its process (`SO_PEERCRED`) — only that pid is used. Then data does not cross TCP: a
+//! registration inside a shared (memfd-backed) `kv_mem::HostBuffer` is mapped into the
+//! importer at `import_remote` (read-only for a read-only registration) and transfers
+//! to it are plain memory copies ([`Path::SharedMemory`]); other memory moves with
+//! cross-memory attach ([`Path::CrossMemoryAttach`]). Every such import is validated
+//! live with the target (check-and-subscribe), and a target's `deregister` returns only
+//! once each subscribed importer acknowledged its REVOKE (no copy into the range runs,
+//! new posts are refused), reconnected holding nothing, or exited; an unreachable one
+//! makes it `Busy`. A lost control connection is re-established and the imports
+//! re-validated. This fences cooperating peers; a same-host peer with ptrace rights
+//! over this process can write its memory anyway. Set `same_host = false` to force TCP.
 #![warn(missing_docs)]
 
 // Rooms; each imports only rooms below it in the README's map.
+mod channel;
 mod control;
 mod endpoint;
+mod importers;
 mod keys;
 mod memory;
 mod options;
+mod os;
 mod remote;
 mod request;
 mod server;
@@ -75,6 +88,7 @@ use kv_core::{
 };
 use parking_lot::{Mutex, RwLock};
 
+use control::Reach;
 use endpoint::{Peer, Transfer};
 use remote::{Imports, Remote, RemoteHandle};
 use request::{Phase, PostCounts};
@@ -99,17 +113,21 @@ pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
 /// the I/O runs on its own threads. Dropping it stops its threads and closes its
 /// connections (peers then see `RemoteDisconnected`).
 pub struct TcpBackend {
-    /// The agent name, cluster secret and bind address it was created with (the secret
-    /// and bind address are not used yet).
+    /// The agent name, cluster secret and bind address it was created with.
     init: BackendInit,
     opts: Options,
     shared: Arc<Shared>,
     addr: SocketAddr,
     advertised: SocketAddr,
+    /// The abstract Unix socket same-host peers connect to (empty: none).
+    local: String,
     listener: Mutex<Option<JoinHandle<()>>>,
     /// Holds the instance id for same-host peers' probe reads (stable address).
     probe: Box<u64>,
     peers: RwLock<HashMap<u64, Arc<Peer>>>,
+    /// Endpoint ids are counted apart: an id below this that is not in `peers` was
+    /// disconnected (`RemoteDisconnected`), never issued otherwise.
+    next_peer: AtomicU64,
     remotes: Imports,
     transfers: RwLock<HashMap<u64, Arc<Transfer>>>,
     next_id: AtomicU64,
@@ -128,11 +146,18 @@ impl std::fmt::Debug for TcpBackend {
 }
 
 impl TcpBackend {
-    /// Starts the listener and returns the backend.
+    /// Starts the listeners and returns the backend. Without a cluster secret in
+    /// `init` it starts only as [`Options::insecure`] allows.
     pub fn new(init: &BackendInit, opts: Options) -> Result<TcpBackend> {
-        let instance = memory::random_u64() | 1;
-        let shared = Arc::new(Shared::new(instance, opts.clone()));
-        let (addr, listener) = server::start(shared.clone())?;
+        let instance = u64::try_from(kv_core::auth::random_u128()? >> 64).unwrap_or(1) | 1;
+        let listen = options::listen_addr(&opts, init);
+        let secret = if options::authenticates(&opts, init, listen)? {
+            init.secret.clone()
+        } else {
+            None
+        };
+        let shared = Arc::new(Shared::new(instance, opts.clone(), secret));
+        let (addr, local, listener) = server::start(shared.clone(), listen)?;
         let advertised = match options::advertise(&opts, addr) {
             Ok(a) => a,
             Err(e) => {
@@ -146,9 +171,11 @@ impl TcpBackend {
             shared,
             addr,
             advertised,
+            local,
             listener: Mutex::new(Some(listener)),
             probe: Box::new(instance),
             peers: RwLock::new(HashMap::new()),
+            next_peer: AtomicU64::new(1),
             remotes: Imports::default(),
             transfers: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -181,6 +208,12 @@ impl TcpBackend {
         self.posts.get()
     }
 
+    /// How many times the control connection to `peer` was re-established after it
+    /// broke (then, for a same-host peer, every import is re-validated with it).
+    pub fn control_reconnects(&self, peer: EndpointId) -> Result<u64> {
+        Ok(self.peer(peer)?.core.reconnects.load(Ordering::Relaxed))
+    }
+
     /// True when the imported remote registration `id` is mapped here, so transfers
     /// to it can use [`Path::SharedMemory`].
     pub fn remote_is_mapped(&self, id: RemoteId) -> Result<bool> {
@@ -192,11 +225,17 @@ impl TcpBackend {
     }
 
     fn peer(&self, id: EndpointId) -> Result<Arc<Peer>> {
-        self.peers
-            .read()
-            .get(&id.0)
-            .cloned()
-            .ok_or_else(|| Error::NotRegistered(format!("{id}")))
+        match self.peers.read().get(&id.0) {
+            Some(p) if p.core.closed.load(Ordering::Acquire) => Err(p.core.gone("disconnected")),
+            Some(p) => Ok(p.clone()),
+            None if id.0 > 0 && id.0 < self.next_peer.load(Ordering::Acquire) => {
+                Err(Error::RemoteDisconnected {
+                    peer: format!("{id}"),
+                    reason: "disconnected".into(),
+                })
+            }
+            None => Err(Error::NotRegistered(format!("{id}"))),
+        }
     }
 
     fn transfer(&self, id: TransferId) -> Result<Arc<Transfer>> {
@@ -222,7 +261,44 @@ impl TcpBackend {
     fn forget_remote(&self, r: &Remote) {
         r.handle.release();
         if let Some(p) = self.peers.read().get(&r.peer) {
-            p.core.imports.lock().retain(|h| !Arc::ptr_eq(h, &r.handle));
+            p.core.forget(&r.handle);
+        }
+    }
+
+    /// A same-host import: validated live with the target (check-and-subscribe) and
+    /// mapped, as the target describes it now, when it lies in a sealed memfd.
+    fn import_same_host(
+        &self,
+        p: &Peer,
+        peer: u64,
+        desc: &Descriptor,
+        k: &RemoteKey,
+    ) -> Result<u64> {
+        let id = self.id();
+        let handle = Arc::new(RemoteHandle::pending(id, k.key, *desc));
+        let live = p.core.validate(&handle)?;
+        let mapped = if (live.addr, live.len) != (k.addr, k.len) {
+            Err(Error::invalid_metadata(
+                "the remote key describes another range than its registration",
+            ))
+        } else if live.shared.is_some() {
+            match p.core.process() {
+                Some(proc) => self.remotes.map(peer, proc, &p.core.name, &live),
+                None => Ok(None),
+            }
+        } else {
+            Ok(None)
+        };
+        match mapped {
+            Ok(shm) => {
+                self.remotes.insert(id, peer, *desc, k.key, shm, handle);
+                Ok(id)
+            }
+            Err(e) => {
+                handle.release();
+                p.core.forget(&handle);
+                Err(e)
+            }
         }
     }
 }
@@ -255,7 +331,9 @@ impl Backend for TcpBackend {
         c.read = true;
         c.mem_kinds = MemKinds::of(&[MemKind::Dram]);
         // The listener and lanes serve peers on their own threads
-        // (needs_target_progress false); not authenticated and no read-only yet.
+        // (needs_target_progress false). Authenticated when it has a cluster secret.
+        c.authenticated = self.shared.secret.is_some();
+        c.read_only = true;
         c
     }
 
@@ -265,17 +343,12 @@ impl Backend for TcpBackend {
         desc: &Descriptor,
         access: Access,
     ) -> Result<RegistrationId> {
-        if access == Access::ReadOnly {
-            return Err(Error::Unsupported(
-                "tcp: read-only registrations not supported yet".into(),
-            ));
-        }
         if kind != MemKind::Dram {
             return Err(Error::Unsupported(format!(
                 "tcp registers dram, not {kind}"
             )));
         }
-        self.shared.regs.register(*desc)
+        self.shared.regs.register(*desc, access)
     }
 
     fn deregister(&self, id: RegistrationId) -> Result<()> {
@@ -283,21 +356,15 @@ impl Backend for TcpBackend {
     }
 
     fn remote_key(&self, id: RegistrationId) -> Result<Bytes> {
-        let r = self.shared.regs.get(id)?;
-        Ok(RemoteKey {
-            key: r.key,
-            addr: r.desc.addr,
-            len: r.desc.len,
-            shared: r.shared.as_ref().map(|e| e.key()),
-        }
-        .encode())
+        Ok(self.shared.regs.get(id)?.remote_key().encode())
     }
 
     fn connection_info(&self) -> Result<Bytes> {
         ConnectionInfo {
             agent: self.init.agent_name.clone(),
             addr: self.advertised.to_string(),
-            host: sys::host_identity(),
+            host: os::host_identity(),
+            local: self.local.clone(),
             pid: std::process::id(),
             instance: self.shared.instance,
             probe_addr: &*self.probe as *const u64 as usize as u64,
@@ -308,10 +375,13 @@ impl Backend for TcpBackend {
     fn connect(&self, peer_name: &str, info: &[u8]) -> Result<EndpointId> {
         let info = ConnectionInfo::decode(info)?;
         let peer = Peer::connect(
-            peer_name,
-            info,
-            &self.init.agent_name,
-            &self.opts,
+            Reach {
+                name: peer_name,
+                info,
+                local_name: &self.init.agent_name,
+                opts: &self.opts,
+                secret: self.shared.secret.as_ref(),
+            },
             self.completions.clone(),
         )?;
         tracing::debug!(
@@ -323,17 +393,17 @@ impl Backend for TcpBackend {
                 "tcp"
             }
         );
-        let id = self.id();
+        let id = self.next_peer.fetch_add(1, Ordering::AcqRel);
         self.peers.write().insert(id, peer);
         Ok(EndpointId(id))
     }
 
     fn disconnect(&self, peer: EndpointId) -> Result<()> {
-        let p = self
-            .peers
-            .write()
-            .remove(&peer.0)
-            .ok_or_else(|| Error::NotRegistered(format!("{peer}")))?;
+        let p = self.peers.write().remove(&peer.0);
+        let p = match p {
+            Some(p) => p,
+            None => return self.peer(peer).map(|_| ()),
+        };
         p.close();
         self.remotes.remove_peer(peer.0);
         Ok(())
@@ -360,15 +430,18 @@ impl Backend for TcpBackend {
                 desc.addr, desc.len, k.addr, k.len
             )));
         }
-        let shm = if p.core.cma && k.shared.is_some() {
-            self.remotes.map(peer.0, p.core.info.pid, &p.core.name, &k)
-        } else {
-            None
-        };
+        if p.core.cma {
+            return self.import_same_host(&p, peer.0, desc, &k).map(RemoteId);
+        }
+        // Over TCP the target checks every request against its live registrations.
         let id = self.id();
-        let handle = Arc::new(RemoteHandle::new(id, k.key));
-        p.core.imports.lock().push(handle.clone());
-        self.remotes.insert(id, peer.0, *desc, k.key, shm, handle);
+        let access = if k.read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
+        let handle = Arc::new(RemoteHandle::new(id, k.key, *desc, access));
+        self.remotes.insert(id, peer.0, *desc, k.key, None, handle);
         Ok(RemoteId(id))
     }
 
@@ -387,6 +460,12 @@ impl Backend for TcpBackend {
             return Err(Error::Unsupported("tcp moves dram only".into()));
         }
         let peer = self.peer(req.peer)?;
+        if peer.core.cma {
+            // Imports suspended by a lost control connection are re-validated first.
+            let pending = self.remotes.pending(req.peer.0);
+            peer.core
+                .recover(&pending, Instant::now() + self.opts.connect_timeout)?;
+        }
         let imports = self.remotes.live(
             req.peer.0,
             &req.remote,
@@ -419,18 +498,25 @@ impl Backend for TcpBackend {
             self.check_notification(n.len())?;
         }
         let peer = t.peer.clone();
-        let path = t.plan.path;
-        if path != Path::Tcp {
-            // Data does not cross the control connection, so check that the peer is
-            // still there before writing into its memory (checked again after the
-            // copies on the shared-memory path, which cannot fail by themselves).
-            peer.core.check_alive()?;
+        if peer.core.closed.load(Ordering::Acquire) {
+            return Err(peer.core.gone("disconnected"));
         }
         if opts.deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Error::TimedOut {
                 what: format!("tcp {} {id}", t.plan.op),
                 after: Duration::ZERO,
             });
+        }
+        let path = t.plan.path;
+        if path != Path::Tcp {
+            // Data does not cross the control connection, so check that the peer is
+            // still there before writing into its memory (checked again after the
+            // copies on the shared-memory path, which cannot fail by themselves), and
+            // re-validate imports a lost control connection suspended.
+            let limit = Instant::now() + self.opts.connect_timeout;
+            let until = opts.deadline.map_or(limit, |d| d.min(limit));
+            peer.core.ensure_control(Some(until))?;
+            peer.core.recover(&t.plan.remotes, until)?;
         }
         t.begin(&self.shared.regs, opts)?;
         // Taken outside the state lock: the sequencer locks transfer states while it

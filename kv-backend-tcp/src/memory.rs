@@ -1,44 +1,37 @@
 //! Local registrations: what this backend may read and write, for its own transfers
-//! and for requests that peers send it.
+//! and for requests that peers send it, and which same-host importers must hear when
+//! one goes (check-and-subscribe, serialised with revocation).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kv_core::{Descriptor, Error, RegistrationId, Result};
-use parking_lot::RwLock;
+use kv_core::{Access, Descriptor, Error, RegistrationId, Result};
+use parking_lot::{Mutex, RwLock};
+
+use crate::keys::RemoteKey;
 
 /// Registration ids are unique in the process, so an id from one backend never names
 /// another backend's registration.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A random 64-bit value (std's per-process random hasher keys, mixed with a counter).
-pub(crate) fn random_u64() -> u64 {
-    static CTR: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(CTR.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
 /// One registered range. Shared between the table, prepared transfers and serving
-/// threads; `Send + Sync` (atomics only).
+/// threads; `Send + Sync`.
 #[derive(Debug)]
 pub(crate) struct LocalReg {
     pub id: u64,
     pub desc: Descriptor,
-    /// The key peers name it by (random, never 0).
-    pub key: u64,
+    /// The key peers name it by: 128 random bits from the OS, never 0.
+    pub key: u128,
+    /// Whether peers (and READs landing here) may write it.
+    pub access: Access,
     /// The memfd behind it when it lies in a shared host buffer (same-host peers map it).
     pub shared: Option<crate::shm::Export>,
+    /// Same-host importers (their importer ids) that validated an import of it and must
+    /// acknowledge its REVOKE. Changed, like `live`, only under this lock: an import
+    /// either sees the revocation or is seen by it.
+    subscribers: Mutex<Vec<u64>>,
     /// False once `deregister` began: peers' requests and new posts are refused and
     /// requests being served stop at their next read or write. The registration stays
     /// in the table until nothing touches it any more (a `Busy` deregister leaves it
@@ -82,7 +75,7 @@ impl Serving {
 #[derive(Default)]
 struct Tables {
     by_id: HashMap<u64, Arc<LocalReg>>,
-    by_key: HashMap<u64, Arc<LocalReg>>,
+    by_key: HashMap<u128, Arc<LocalReg>>,
 }
 
 /// The registration table. `Send + Sync`; lookups take a read lock.
@@ -94,8 +87,26 @@ pub(crate) struct Registry {
     epoch: AtomicU64,
 }
 
+impl LocalReg {
+    /// The remote key peers address it with.
+    pub(crate) fn remote_key(&self) -> RemoteKey {
+        RemoteKey {
+            key: self.key,
+            addr: self.desc.addr,
+            len: self.desc.len,
+            read_only: !self.access.writable(),
+            shared: self.shared.as_ref().map(|e| e.key()),
+        }
+    }
+
+    /// True while peers may use it (until `deregister` began).
+    pub(crate) fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
 impl Registry {
-    pub(crate) fn register(&self, desc: Descriptor) -> Result<RegistrationId> {
+    pub(crate) fn register(&self, desc: Descriptor, access: Access) -> Result<RegistrationId> {
         if desc.len == 0 || desc.end().is_none() || desc.addr == 0 {
             return Err(Error::invalid_argument(format!(
                 "cannot register {:#x}+{}",
@@ -103,19 +114,19 @@ impl Registry {
             )));
         }
         let shared = crate::shm::Export::of(&desc);
+        let mut key = kv_core::auth::random_u128()?;
         let mut t = self.t.write();
-        let key = loop {
-            let k = random_u64();
-            if k != 0 && !t.by_key.contains_key(&k) {
-                break k;
-            }
-        };
+        while key == 0 || t.by_key.contains_key(&key) {
+            key = kv_core::auth::random_u128()?;
+        }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let reg = Arc::new(LocalReg {
             id,
             desc,
             key,
+            access,
             shared,
+            subscribers: Mutex::new(Vec::new()),
             live: AtomicBool::new(true),
             busy: AtomicU32::new(0),
             serving: AtomicU32::new(0),
@@ -126,10 +137,11 @@ impl Registry {
     }
 
     /// First step of `deregister`: refuses while a posted transfer names the
-    /// registration, else revokes it (peers' new requests are refused, requests being
-    /// served stop at their next read or write, new posts are refused). The
-    /// registration stays in the table until [`Registry::unlink`].
-    pub(crate) fn revoke(&self, id: RegistrationId) -> Result<Arc<LocalReg>> {
+    /// registration, else revokes it (peers' new requests and imports are refused,
+    /// requests being served stop at their next read or write, new posts are refused).
+    /// Returns it with the same-host importers that must acknowledge the revocation.
+    /// The registration stays in the table until [`Registry::unlink`].
+    pub(crate) fn revoke(&self, id: RegistrationId) -> Result<(Arc<LocalReg>, Vec<u64>)> {
         let t = self.t.write();
         let reg = t
             .by_id
@@ -141,9 +153,46 @@ impl Registry {
                 "{id} is named by {busy} posted transfer(s); wait or cancel them first"
             )));
         }
+        let subs = reg.subscribers.lock();
         reg.live.store(false, Ordering::Release);
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        Ok(reg.clone())
+        Ok((reg.clone(), subs.clone()))
+    }
+
+    /// Check-and-subscribe: `key` must name a live registration containing
+    /// `addr..addr+len`; then `importer` is told (REVOKE) when it goes. Serialised with
+    /// [`Registry::revoke`] by the registration's subscriber lock.
+    pub(crate) fn subscribe(
+        &self,
+        key: u128,
+        addr: u64,
+        len: u64,
+        importer: u64,
+    ) -> Result<Arc<LocalReg>> {
+        let reg = self
+            .t
+            .read()
+            .by_key
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| not_registered(key))?;
+        let mut subs = reg.subscribers.lock();
+        if !reg.is_live() {
+            return Err(not_registered(key));
+        }
+        check_within(&reg, addr, len)?;
+        if !subs.contains(&importer) {
+            subs.push(importer);
+        }
+        drop(subs);
+        Ok(reg)
+    }
+
+    /// Forgets `importer`'s subscriptions (it said it holds no import any more).
+    pub(crate) fn unsubscribe_all(&self, importer: u64) {
+        for reg in self.t.read().by_id.values() {
+            reg.subscribers.lock().retain(|i| *i != importer);
+        }
     }
 
     /// Waits until no peer request is being served from `reg` (they stop within a
@@ -169,7 +218,7 @@ impl Registry {
     /// deregistration when no same-host importer has to be told (unit tests).
     #[cfg(test)]
     pub(crate) fn deregister(&self, id: RegistrationId, wait: Duration) -> Result<()> {
-        let reg = self.revoke(id)?;
+        let (reg, _) = self.revoke(id)?;
         if !Self::wait_served(&reg, Instant::now() + wait) {
             return Err(Error::Busy(format!(
                 "{id}: a peer request is still being served; retry to wait again"
@@ -223,28 +272,46 @@ impl Registry {
     }
 
     /// Target-side check of a peer's request: the key must name a live registration
-    /// that contains the range. The guard keeps deregister waiting until it drops.
-    pub(crate) fn serve(&self, key: u64, addr: u64, len: u64) -> Result<Serving> {
+    /// that contains the range and, for a WRITE (`write`), is writable. The guard
+    /// keeps deregister waiting until it drops.
+    pub(crate) fn serve(&self, key: u128, addr: u64, len: u64, write: bool) -> Result<Serving> {
         let t = self.t.read();
         let reg = t
             .by_key
             .get(&key)
-            .filter(|r| r.live.load(Ordering::Acquire))
-            .ok_or_else(|| {
-                Error::NotRegistered(format!("remote key {key:#x} (deregistered on the target)"))
-            })?;
-        if !reg
-            .desc
-            .contains(&Descriptor::new(addr, len, reg.desc.device))
-        {
-            return Err(Error::OutOfBounds(format!(
-                "{addr:#x}+{len} outside the target registration {:#x}+{}",
+            .filter(|r| r.is_live())
+            .ok_or_else(|| not_registered(key))?;
+        check_within(reg, addr, len)?;
+        if write && !reg.access.writable() {
+            return Err(Error::AccessDenied(format!(
+                "WRITE into the read-only registration {:#x}+{}",
                 reg.desc.addr, reg.desc.len
             )));
         }
         reg.serving.fetch_add(1, Ordering::AcqRel);
         Ok(Serving(reg.clone()))
     }
+}
+
+fn not_registered(key: u128) -> Error {
+    // Only the first bits: enough to tell keys apart in logs, not to reuse one.
+    Error::NotRegistered(format!(
+        "remote key {:08x}… (not registered, or deregistered, on the target)",
+        (key >> 96) as u32
+    ))
+}
+
+fn check_within(reg: &LocalReg, addr: u64, len: u64) -> Result<()> {
+    if !reg
+        .desc
+        .contains(&Descriptor::new(addr, len, reg.desc.device))
+    {
+        return Err(Error::OutOfBounds(format!(
+            "{addr:#x}+{len} outside the target registration {:#x}+{}",
+            reg.desc.addr, reg.desc.len
+        )));
+    }
+    Ok(())
 }
 
 /// The registration in `sorted` (by address) that contains `d`, if any.
@@ -263,18 +330,23 @@ mod tests {
     #[test]
     fn serve_checks_key_and_range_and_deregister_waits() {
         let r = Registry::default();
-        let id = r.register(Descriptor::new(0x1000, 0x1000, 0)).unwrap();
+        let id = r
+            .register(Descriptor::new(0x1000, 0x1000, 0), Access::ReadWrite)
+            .unwrap();
         let key = r.get(id).unwrap().key;
         assert!(matches!(
-            r.serve(key ^ 1, 0x1000, 1),
+            r.serve(key ^ 1, 0x1000, 1, true),
             Err(Error::NotRegistered(_))
         ));
         assert!(matches!(
-            r.serve(key, 0x1fff, 2),
+            r.serve(key, 0x1fff, 2, true),
             Err(Error::OutOfBounds(_))
         ));
-        assert!(matches!(r.serve(key, 0xfff, 1), Err(Error::OutOfBounds(_))));
-        let g = r.serve(key, 0x1000, 0x1000).unwrap();
+        assert!(matches!(
+            r.serve(key, 0xfff, 1, false),
+            Err(Error::OutOfBounds(_))
+        ));
+        let g = r.serve(key, 0x1000, 0x1000, true).unwrap();
         assert_eq!(g.reg().id, id.0);
         assert!(!g.revoked());
         // Busy while served, and the registration stays (revoked) so a retry waits again.
@@ -284,7 +356,7 @@ mod tests {
         ));
         assert!(g.revoked());
         assert!(matches!(
-            r.serve(key, 0x1000, 1),
+            r.serve(key, 0x1000, 1, false),
             Err(Error::NotRegistered(_))
         ));
         drop(g);
@@ -293,7 +365,9 @@ mod tests {
             r.deregister(id, Duration::ZERO),
             Err(Error::NotRegistered(_))
         ));
-        let id = r.register(Descriptor::new(0x1000, 0x1000, 0)).unwrap();
+        let id = r
+            .register(Descriptor::new(0x1000, 0x1000, 0), Access::ReadWrite)
+            .unwrap();
         let reg = r.get(id).unwrap();
         r.pin(std::slice::from_ref(&reg)).unwrap();
         assert!(matches!(
@@ -306,10 +380,41 @@ mod tests {
     }
 
     #[test]
+    fn read_only_refuses_writes_and_subscriptions_race_with_revoke() {
+        let r = Registry::default();
+        let id = r
+            .register(Descriptor::new(0x1000, 0x1000, 0), Access::ReadOnly)
+            .unwrap();
+        let key = r.get(id).unwrap().key;
+        assert!(r.get(id).unwrap().remote_key().read_only);
+        assert!(matches!(
+            r.serve(key, 0x1000, 8, true),
+            Err(Error::AccessDenied(_))
+        ));
+        drop(r.serve(key, 0x1000, 8, false).unwrap());
+        // Subscribed importers are returned by the revoke; afterwards nobody subscribes.
+        r.subscribe(key, 0x1000, 0x1000, 7).unwrap();
+        r.subscribe(key, 0x1000, 0x10, 7).unwrap();
+        assert!(matches!(
+            r.subscribe(key, 0x1000, 0x1001, 8),
+            Err(Error::OutOfBounds(_))
+        ));
+        r.subscribe(key, 0x1800, 0x10, 9).unwrap();
+        r.unsubscribe_all(9);
+        let (_, subs) = r.revoke(id).unwrap();
+        assert_eq!(subs, vec![7]);
+        assert!(matches!(
+            r.subscribe(key, 0x1000, 1, 8),
+            Err(Error::NotRegistered(_))
+        ));
+    }
+
+    #[test]
     fn find_containing_picks_the_right_registration() {
         let r = Registry::default();
         for a in [0x1000u64, 0x3000, 0x8000] {
-            r.register(Descriptor::new(a, 0x1000, 0)).unwrap();
+            r.register(Descriptor::new(a, 0x1000, 0), Access::ReadWrite)
+                .unwrap();
         }
         let s = r.snapshot();
         assert_eq!(

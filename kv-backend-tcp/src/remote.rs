@@ -1,44 +1,67 @@
 //! Imports of peers' registrations (`RemoteId`s): the table of what was imported from
 //! which peer, the shared-memory mappings of same-host registrations, and the
-//! [`RemoteHandle`] through which prepared transfers see an import released or revoked.
+//! [`RemoteHandle`] through which prepared transfers see an import released, revoked
+//! or waiting to be re-validated.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use kv_core::{Descriptor, DescriptorList, Error, RemoteId, Result};
+use kv_core::{Access, Descriptor, DescriptorList, Error, RemoteId, Result};
 use parking_lot::RwLock;
 
 use crate::keys::RemoteKey;
 use crate::shm::Import;
 
+/// The import may be used.
+const LIVE: u8 = 0;
+/// Waiting for the target to confirm it live (a same-host import being validated, or
+/// re-validated after the control connection was lost).
+const PENDING: u8 = 1;
+/// The target deregistered it (or refused it): never usable again.
+const REVOKED: u8 = 2;
+
 /// One imported remote registration (a `RemoteId`), shared by the import table,
-/// the peer (which revokes it) and the prepared transfers that address it. A post
-/// checks it and counts itself in; `Send + Sync` (atomics only).
+/// the peer (which revokes and re-validates it) and the prepared transfers that
+/// address it. A post checks it and counts itself in; `Send + Sync` (atomics only).
 #[derive(Debug)]
 pub(crate) struct RemoteHandle {
     /// The `RemoteId`.
     pub id: u64,
     /// The peer's key of the registration.
-    pub key: u64,
+    pub key: u128,
+    /// The range imported (what a same-host import validates with the target).
+    pub desc: Descriptor,
     /// Set by `release_remote` and `disconnect`.
     released: AtomicBool,
-    /// Set when the peer deregistered the registration (REVOKE) or, for a same-host
-    /// peer, when its control connection was lost (a REVOKE may have been missed).
-    revoked: AtomicBool,
+    /// [`LIVE`], [`PENDING`] or [`REVOKED`].
+    state: AtomicU8,
+    /// The access the target reported ([`Access::as_u8`]).
+    access: AtomicU8,
     /// Posts that may touch the registration right now.
     inflight: AtomicUsize,
 }
 
 impl RemoteHandle {
-    pub(crate) fn new(id: u64, key: u64) -> RemoteHandle {
+    /// A live import (TCP peers: the target checks every request itself).
+    pub(crate) fn new(id: u64, key: u128, desc: Descriptor, access: Access) -> RemoteHandle {
         RemoteHandle {
             id,
             key,
+            desc,
             released: AtomicBool::new(false),
-            revoked: AtomicBool::new(false),
+            state: AtomicU8::new(LIVE),
+            access: AtomicU8::new(access.as_u8()),
             inflight: AtomicUsize::new(0),
         }
+    }
+
+    /// An import that is usable only once the target confirms it
+    /// ([`RemoteHandle::validated`]).
+    pub(crate) fn pending(id: u64, key: u128, desc: Descriptor) -> RemoteHandle {
+        let h = RemoteHandle::new(id, key, desc, Access::ReadOnly);
+        h.state.store(PENDING, Ordering::SeqCst);
+        h
     }
 
     /// Marks the import released: posts naming it are refused from now on.
@@ -46,10 +69,32 @@ impl RemoteHandle {
         self.released.store(true, Ordering::SeqCst);
     }
 
-    /// Marks the registration revoked by the peer (REVOKE, or a same-host peer's lost
-    /// control connection): posts naming it are refused from now on.
+    /// True once released.
+    pub(crate) fn is_released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
+    }
+
+    /// The peer deregistered the registration (REVOKE) or refused it: posts naming it
+    /// are refused from now on, for good.
     pub(crate) fn revoke(&self) {
-        self.revoked.store(true, Ordering::SeqCst);
+        self.state.store(REVOKED, Ordering::SeqCst);
+    }
+
+    /// The control connection was lost (a REVOKE may have been missed): posts are
+    /// refused until the target confirms the registration again.
+    pub(crate) fn suspend(&self) {
+        let _ = self
+            .state
+            .compare_exchange(LIVE, PENDING, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The target confirmed the registration live with `access`; never revives a
+    /// revoked import.
+    pub(crate) fn validated(&self, access: Access) {
+        self.access.store(access.as_u8(), Ordering::SeqCst);
+        let _ = self
+            .state
+            .compare_exchange(PENDING, LIVE, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Posts that may touch the registration right now.
@@ -59,36 +104,51 @@ impl RemoteHandle {
 
     /// True once the peer revoked the registration.
     pub(crate) fn is_revoked(&self) -> bool {
-        self.revoked.load(Ordering::SeqCst)
+        self.state.load(Ordering::SeqCst) == REVOKED
     }
 
-    /// True while new transfers may use the import (neither released nor revoked).
+    /// True while the target has not (re-)confirmed the import.
+    pub(crate) fn is_pending(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == PENDING
+    }
+
+    /// What peers may do with the registration, as the target says.
+    pub(crate) fn access(&self) -> Access {
+        Access::from_u8(self.access.load(Ordering::SeqCst)).unwrap_or(Access::ReadOnly)
+    }
+
+    /// True while new transfers may use the import (neither released, revoked nor
+    /// waiting for validation).
     pub(crate) fn usable(&self) -> bool {
         self.refusal().is_none()
     }
 
     fn refusal(&self) -> Option<Error> {
         if self.released.load(Ordering::SeqCst) {
-            Some(Error::NotRegistered(format!(
+            return Some(Error::NotRegistered(format!(
                 "RemoteId#{} was released after the transfer was prepared",
                 self.id
-            )))
-        } else if self.is_revoked() {
-            Some(Error::NotRegistered(format!(
-                "RemoteId#{}: the peer deregistered the registration (or its control \
-                 connection was lost); import it again",
+            )));
+        }
+        match self.state.load(Ordering::SeqCst) {
+            LIVE => None,
+            PENDING => Some(Error::NotRegistered(format!(
+                "RemoteId#{}: the peer has not confirmed the registration (its control \
+                 connection was lost and is being re-established)",
                 self.id
-            )))
-        } else {
-            None
+            ))),
+            _ => Some(Error::NotRegistered(format!(
+                "RemoteId#{}: the peer deregistered the registration; import it again",
+                self.id
+            ))),
         }
     }
 
-    /// Counts a post in on every handle; refuses (counting nothing) when one was
-    /// released or revoked. Paired with [`RemoteHandle::exit_all`] once the post no
-    /// longer touches the peer's memory. The count is raised before the flags are
-    /// read (and a revoke sets the flag before it reads the count), so a revoke
-    /// either sees this post or this post sees the revoke.
+    /// Counts a post in on every handle; refuses (counting nothing) when one is not
+    /// usable. Paired with [`RemoteHandle::exit_all`] once the post no longer touches
+    /// the peer's memory. The count is raised before the state is read (and a revoke or
+    /// suspension sets the state before it reads the count), so a revoke either sees
+    /// this post or this post sees the revoke.
     pub(crate) fn enter_all(hs: &[Arc<RemoteHandle>]) -> Result<()> {
         for (i, h) in hs.iter().enumerate() {
             h.inflight.fetch_add(1, Ordering::SeqCst);
@@ -113,7 +173,7 @@ pub(crate) struct Remote {
     /// The endpoint (`EndpointId`) of the peer it came from.
     pub peer: u64,
     desc: Descriptor,
-    key: u64,
+    key: u128,
     /// The peer's registration mapped here (shared-memory path), if it could be.
     shm: Option<Arc<Import>>,
     /// Released/revoked flags and in-flight count, shared with prepared transfers.
@@ -122,7 +182,7 @@ pub(crate) struct Remote {
 
 /// An import a transfer may address: its range, the peer's key, the mapping (if
 /// mapped) and its handle.
-pub(crate) type Imported = (Descriptor, u64, Option<Arc<Import>>, Arc<RemoteHandle>);
+pub(crate) type Imported = (Descriptor, u128, Option<Arc<Import>>, Arc<RemoteHandle>);
 
 /// Every import of one backend, by `RemoteId`. `Send + Sync`.
 #[derive(Default)]
@@ -137,7 +197,7 @@ impl Imports {
         id: u64,
         peer: u64,
         desc: Descriptor,
-        key: u64,
+        key: u128,
         shm: Option<Arc<Import>>,
         handle: Arc<RemoteHandle>,
     ) {
@@ -171,6 +231,16 @@ impl Imports {
         });
     }
 
+    /// The imports from `peer` waiting for the target to confirm them again.
+    pub(crate) fn pending(&self, peer: u64) -> Vec<Arc<RemoteHandle>> {
+        self.t
+            .read()
+            .values()
+            .filter(|r| r.peer == peer && r.handle.is_pending() && !r.handle.is_released())
+            .map(|r| r.handle.clone())
+            .collect()
+    }
+
     /// True when import `id` is mapped here.
     pub(crate) fn is_mapped(&self, id: RemoteId) -> Result<bool> {
         self.t
@@ -180,35 +250,48 @@ impl Imports {
             .ok_or_else(|| Error::NotRegistered(format!("{id}")))
     }
 
-    /// Maps the registration of `peer` (process `pid`, called `name`) that `k` names
-    /// (shared-memory path), reusing the mapping of an earlier import of the same
-    /// registration. Logs why when it cannot.
+    /// Maps the registration of `peer` (process `pid` / `pidfd`, called `name`) that
+    /// `k` — the target's live description — names (shared-memory path), reusing the
+    /// mapping of an earlier import of the same registration with the same access.
+    /// `Ok(None)`: not mappable (logged; cross-memory attach is used); `Err`: the key
+    /// is stale, refuse the import.
     pub(crate) fn map(
         &self,
         peer: u64,
-        pid: u32,
+        proc: (Option<std::os::fd::BorrowedFd<'_>>, u32),
         name: &str,
         k: &RemoteKey,
-    ) -> Option<Arc<Import>> {
+    ) -> Result<Option<Arc<Import>>> {
         let reg = Descriptor::new(k.addr, k.len, 0);
         if let Some(m) = self.t.read().values().find_map(|r| {
             r.shm
                 .as_ref()
-                .filter(|m| r.peer == peer && r.key == k.key && *m.reg() == reg)
+                .filter(|m| {
+                    r.peer == peer
+                        && r.key == k.key
+                        && *m.reg() == reg
+                        && m.read_only() == k.read_only
+                })
                 .cloned()
         }) {
-            return Some(m);
+            return Ok(Some(m));
         }
-        match Import::open(pid, k) {
-            Ok(m) => Some(Arc::new(m)),
-            Err(why) => {
-                tracing::info!(
-                    "peer {}: registration {:#x}+{} is memfd-backed but not mapped ({why}); using cross-memory attach",
-                    name,
-                    k.addr,
-                    k.len
-                );
-                None
+        match Import::open(proc.0, proc.1, k) {
+            Ok(m) => Ok(Some(Arc::new(m))),
+            Err((true, why)) => Err(Error::NotRegistered(format!(
+                "peer {name}: registration {:#x}+{} cannot be mapped ({why})",
+                k.addr, k.len
+            ))),
+            Err((false, why)) => {
+                if k.shared.is_some() {
+                    tracing::info!(
+                        "peer {}: registration {:#x}+{} is memfd-backed but not mapped ({why}); using cross-memory attach",
+                        name,
+                        k.addr,
+                        k.len
+                    );
+                }
+                Ok(None)
             }
         }
     }

@@ -88,7 +88,7 @@ impl PostCounts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PlanSeg {
     pub local: u64,
-    pub key: u64,
+    pub key: u128,
     /// The peer's address; on the shared-memory path, our address of it in the mapping.
     pub remote: u64,
     pub len: u64,
@@ -245,7 +245,9 @@ pub(crate) struct Route {
 
 /// Routes `req` through the local registrations `local` (sorted by address) and the
 /// live `imports` from its peer (sorted by address); `cma` when the peer is on this
-/// host and reachable by cross-memory attach. Every range must lie in one of each.
+/// host and reachable by cross-memory attach. Every range must lie in one of each; a
+/// READ never lands in a read-only local registration and a WRITE never goes to a
+/// read-only import (`AccessDenied`; the target refuses such a WRITE anyway).
 pub(crate) fn route(
     req: &TransferRequest,
     imports: &[Imported],
@@ -271,6 +273,12 @@ pub(crate) fn route(
                 s.local.addr, s.local.len
             ))
         })?;
+        if req.op == Op::Read && !reg.access.writable() {
+            return Err(Error::AccessDenied(format!(
+                "a READ into the read-only local registration {:#x}+{}",
+                reg.desc.addr, reg.desc.len
+            )));
+        }
         if !regs.iter().any(|r| Arc::ptr_eq(r, reg)) {
             regs.push(reg.clone());
         }
@@ -286,6 +294,12 @@ pub(crate) fn route(
                 ))
             })?;
         let key = *key;
+        if req.op == Op::Write && !handle.access().writable() {
+            return Err(Error::AccessDenied(format!(
+                "a WRITE into the peer's read-only registration (RemoteId#{})",
+                handle.id
+            )));
+        }
         if !handles.iter().any(|h| Arc::ptr_eq(h, handle)) {
             handles.push(handle.clone());
         }

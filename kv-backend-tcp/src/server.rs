@@ -1,24 +1,34 @@
-//! The target side: a listener thread and one serving thread per incoming connection.
-//! Every request is checked against this backend's own registrations before a byte
-//! is read into or sent from them.
+//! The target side: a listener thread (TCP, and an abstract Unix socket for same-host
+//! peers) and one serving thread per incoming connection. A connection is *pending*
+//! until it authenticated (preamble, handshake, HELLO within `handshake_timeout`);
+//! pending connections are counted apart (`max_pending`, oldest closed first) from
+//! authenticated ones (`max_connections`), so idle or unauthenticated connections
+//! never push a real peer out. Every request is checked against this backend's own
+//! registrations before a byte is read into or sent from them.
 
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use kv_core::auth::ClusterSecret;
 use kv_core::{Error, Notification, RegistrationId, Result};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
+use crate::channel::{self, Accepted, Channel};
+use crate::importers::Importers;
 use crate::memory::{Registry, Serving};
 use crate::options::Options;
-use crate::sys::{self, Stream, Watch, TICK};
-use crate::wire::{self, ErrorCode, FrameOp, Header, WireSegment, HEADER_LEN};
+use crate::sys::{self, ShutdownHandle, Stream, Watch, TICK};
+use crate::wire::{
+    self, ChannelKind, ErrorCode, FrameOp, Header, WireSegment, HEADER_LEN, HELLO_RESET,
+    HELLO_SAME_HOST_CONTROL,
+};
 
 /// Received notifications waiting for `drain_notifications`, bounded in count and
 /// bytes ([`Options::max_inbox`], [`Options::max_inbox_bytes`]).
@@ -38,50 +48,39 @@ impl Inbox {
     }
 }
 
-/// The control connection of a same-host importer (its HELLO carried
-/// [`wire::HELLO_SAME_HOST_CONTROL`]): `deregister` sends REVOKE on it and waits for
-/// the REVOKE_ACK. `Send + Sync`.
-struct Control {
-    s: Arc<Stream>,
-    /// Serialises writers: the serving thread and `deregister`.
-    wlock: Arc<Mutex<()>>,
-    peer: String,
-}
-
 /// State the serving threads share with the backend. `Send + Sync`.
 pub(crate) struct Shared {
     pub regs: Registry,
     pub inbox: Mutex<Inbox>,
     pub instance: u64,
     pub opts: Options,
+    /// The cluster secret every connection authenticates with (`None`: insecure).
+    pub secret: Option<ClusterSecret>,
     pub shutdown: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Connections being served now (at most `opts.max_connections`).
+    /// Authenticated connections being served now (at most `opts.max_connections`).
     conns: AtomicUsize,
+    /// Connections still authenticating, oldest first (at most `opts.max_pending`).
+    pending: Mutex<VecDeque<(u64, ShutdownHandle)>>,
     next_conn: AtomicU64,
-    /// Same-host importers' control connections, by connection id.
-    controls: Mutex<HashMap<u64, Arc<Control>>>,
-    /// Revocations waiting for acknowledgements: revoke id → connection ids.
-    revokes: Mutex<HashMap<u64, Vec<u64>>>,
-    revoked_cv: Condvar,
-    next_revoke: AtomicU64,
+    /// Same-host importers (their control connections and subscriptions).
+    importers: Importers,
 }
 
 impl Shared {
-    pub(crate) fn new(instance: u64, opts: Options) -> Shared {
+    pub(crate) fn new(instance: u64, opts: Options, secret: Option<ClusterSecret>) -> Shared {
         Shared {
             regs: Registry::default(),
             inbox: Mutex::new(Inbox::default()),
             instance,
             opts,
+            secret,
             shutdown: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             conns: AtomicUsize::new(0),
+            pending: Mutex::new(VecDeque::new()),
             next_conn: AtomicU64::new(1),
-            controls: Mutex::new(HashMap::new()),
-            revokes: Mutex::new(HashMap::new()),
-            revoked_cv: Condvar::new(),
-            next_revoke: AtomicU64::new(1),
+            importers: Importers::default(),
         }
     }
 
@@ -97,22 +96,23 @@ impl Shared {
         }
     }
 
-    /// Deregisters `id`. Revokes it first; waits (at most `io_timeout` + 100 ms) until
-    /// every same-host importer acknowledged and no peer request is served from it;
-    /// only then unlinks it. Else `Busy`, and it stays registered (revoked).
+    /// Deregisters `id`. Revokes it first (peers' requests and imports refused);
+    /// tells every same-host importer subscribed to it and waits (at most
+    /// `io_timeout` plus 100 ms) until each is done with it and no peer request is
+    /// served from it; only then unlinks it. Else `Busy`, and it stays registered (revoked).
     pub(crate) fn deregister(&self, id: RegistrationId) -> Result<()> {
-        // Revoke first (peers' requests refused, served ones stop at their next read,
-        // same-host importers told and acknowledging once their copies into it
-        // finished); unlink only when nothing touches the memory any more.
-        let reg = self.regs.revoke(id)?;
+        let (reg, subscribers) = self.regs.revoke(id)?;
         let until = Instant::now() + self.deregister_wait();
-        let acked = self.revoke_importers(reg.key, until);
+        let acked = subscribers.is_empty()
+            || self
+                .importers
+                .revoke(reg.key, &subscribers, until, &self.shutdown);
         let served = Registry::wait_served(&reg, until);
         if !(acked && served) {
             let who = if acked {
                 "a peer request is still being served from it"
             } else {
-                "a same-host peer did not acknowledge the revocation"
+                "a same-host importer did not acknowledge the revocation (or cannot be reached)"
             };
             tracing::error!(
                 "deregistering {id}: {who} after {:?}",
@@ -134,156 +134,127 @@ impl Shared {
         self.opts.io_timeout + Duration::from_millis(100)
     }
 
-    /// Tells every connected same-host importer that the registration with `key` is
-    /// gone (REVOKE) and waits until each acknowledged it — an importer acks once it
-    /// refuses new posts to it and its in-flight copies into it finished — or its
-    /// control connection closed. False when `until` passed first.
-    pub(crate) fn revoke_importers(&self, key: u64, until: Instant) -> bool {
-        let ctls: Vec<(u64, Arc<Control>)> = self
-            .controls
-            .lock()
-            .iter()
-            .map(|(id, c)| (*id, c.clone()))
-            .collect();
-        if ctls.is_empty() {
-            return true;
-        }
-        let rid = self.next_revoke.fetch_add(1, Ordering::Relaxed);
-        self.revokes
-            .lock()
-            .insert(rid, ctls.iter().map(|(id, _)| *id).collect());
-        let h = wire::encode_header(&Header {
-            id: rid,
-            key,
-            ..Header::new(FrameOp::Revoke)
-        });
-        for (id, c) in &ctls {
-            let sent = match c.wlock.try_lock_until(until) {
-                Some(_g) => {
-                    let mut w =
-                        Watch::new(&c.peer, until.saturating_duration_since(Instant::now()));
-                    w.shutdown = Some(&self.shutdown);
-                    w.limit = Some(until);
-                    c.s.send_bytes(&[&h], &mut w)
-                }
-                None => Err(Error::Busy("control connection busy".into())),
-            };
-            if let Err(e) = sent {
-                // It cannot be told: close it (its importer then treats every import
-                // of ours as revoked) and do not wait for it.
-                tracing::warn!("revoke to {}: {e}; closing its control connection", c.peer);
-                c.s.shutdown();
-                self.acked(rid, *id);
+    /// Counts a new connection as pending, closing the oldest pending one when full.
+    fn add_pending(&self, id: u64, h: ShutdownHandle) {
+        let mut p = self.pending.lock();
+        while p.len() >= self.opts.max_pending.max(1) {
+            if let Some((old, oh)) = p.pop_front() {
+                tracing::warn!(
+                    "closing connection {old}: still not authenticated while {} newer ones wait (max_pending = {})",
+                    p.len() + 1,
+                    self.opts.max_pending
+                );
+                oh.shutdown();
             }
         }
-        let mut r = self.revokes.lock();
-        loop {
-            if r.get(&rid).is_none_or(|v| v.is_empty()) {
-                r.remove(&rid);
-                return true;
-            }
-            if Instant::now() >= until {
-                r.remove(&rid);
-                return false;
-            }
-            self.revoked_cv.wait_until(&mut r, until);
-        }
+        p.push_back((id, h));
     }
 
-    /// Connection `conn` acknowledged revoke `rid` (or can no longer).
-    fn acked(&self, rid: u64, conn: u64) {
-        if let Some(v) = self.revokes.lock().get_mut(&rid) {
-            v.retain(|c| *c != conn);
-        }
-        self.revoked_cv.notify_all();
-    }
-
-    /// Connection `conn` ended: forget it and stop waiting for its acks.
-    fn control_closed(&self, conn: u64) {
-        if self.controls.lock().remove(&conn).is_none() {
-            return;
-        }
-        for v in self.revokes.lock().values_mut() {
-            v.retain(|c| *c != conn);
-        }
-        self.revoked_cv.notify_all();
+    fn end_pending(&self, id: u64) {
+        self.pending.lock().retain(|(i, _)| *i != id);
     }
 }
 
-/// Binds the listener and starts its thread.
-pub(crate) fn start(shared: Arc<Shared>) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let l = TcpListener::bind(shared.opts.listen)
-        .map_err(|e| Error::io(format!("binding {}", shared.opts.listen), e))?;
+/// Binds the listeners (TCP at `listen`, and a fresh abstract Unix socket for
+/// same-host peers unless `same_host` is off) and starts the listener thread. Returns
+/// the TCP address and the Unix socket's name (empty when there is none).
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+) -> Result<(SocketAddr, String, JoinHandle<()>)> {
+    let l = TcpListener::bind(listen).map_err(|e| Error::io(format!("binding {listen}"), e))?;
     l.set_nonblocking(true)
         .map_err(|e| Error::io("listener", e))?;
     let addr = l.local_addr().map_err(|e| Error::io("listener", e))?;
+    let (name, local) = if shared.opts.same_host {
+        let name = format!("kvx-tcp-{:032x}", kv_core::auth::random_u128()?);
+        match sys::listen_local(&name) {
+            Ok(fd) => (name, Some(fd)),
+            Err(e) => {
+                tracing::info!("no same-host socket ({e}); same-host peers use TCP");
+                (String::new(), None)
+            }
+        }
+    } else {
+        (String::new(), None)
+    };
     let t = std::thread::Builder::new()
         .name("kv-tcp-listen".into())
-        .spawn(move || listen(l, shared))
+        .spawn(move || listen_loop(l, local, shared))
         .map_err(|e| Error::io("spawning the tcp listener thread", e))?;
-    Ok((addr, t))
+    Ok((addr, name, t))
 }
 
-fn listen(l: TcpListener, shared: Arc<Shared>) {
+fn listen_loop(l: TcpListener, local: Option<OwnedFd>, shared: Arc<Shared>) {
     while !shared.shutdown.load(Ordering::Acquire) {
-        let mut p = libc::pollfd {
-            fd: l.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; bounded timeout so shutdown is noticed.
-        unsafe { libc::poll(&mut p, 1, TICK.as_millis() as libc::c_int) };
-        let (sock, from) = match l.accept() {
-            Ok(x) => x,
-            Err(_) => continue,
-        };
-        // Only this thread adds connections, so the check cannot race past the cap.
-        let live = shared.conns.load(Ordering::Acquire);
-        if live >= shared.opts.max_connections {
-            tracing::warn!(
-                "refusing connection from {from}: {live} connections already served (max_connections = {})",
-                shared.opts.max_connections
-            );
-            drop(sock);
-            continue;
-        }
-        let stream = match sock
-            .set_nonblocking(false)
-            .and_then(|_| Stream::from_std(sock))
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("dropping connection from {from}: {e}");
-                continue;
+        let mut fds = [
+            libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: local.as_ref().map_or(-1, |f| f.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds (a negative fd is ignored); bounded timeout so
+        // shutdown is noticed.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, TICK.as_millis() as libc::c_int) };
+        if let Ok((sock, from)) = l.accept() {
+            match Stream::from_std(sock) {
+                Ok(s) => spawn_serve(&shared, s, from.to_string()),
+                Err(e) => tracing::warn!("dropping connection from {from}: {e}"),
             }
-        };
-        shared.conns.fetch_add(1, Ordering::AcqRel);
-        let sh = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("kv-tcp-serve".into())
-            .spawn(move || serve(stream, from, sh));
-        let mut threads = shared.threads.lock();
-        threads.retain(|t| !t.is_finished());
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                shared.conns.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!("cannot serve {from}: {e}")
+        }
+        if let Some(f) = &local {
+            if let Ok(s) = sys::accept_local(f.as_fd()) {
+                let from = match s.peer_pid() {
+                    Some(p) => format!("local pid {p}"),
+                    None => "local".into(),
+                };
+                spawn_serve(&shared, s, from);
             }
         }
     }
 }
 
-/// Per-connection buffers, reused across requests (nothing allocated per request on
-/// the hot path once they have grown).
+fn spawn_serve(shared: &Arc<Shared>, s: Stream, from: String) {
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    match s.shutdown_handle() {
+        Ok(h) => shared.add_pending(id, h),
+        Err(e) => {
+            tracing::warn!("dropping connection from {from}: {e}");
+            return;
+        }
+    }
+    let sh = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("kv-tcp-serve".into())
+        .spawn(move || serve(id, s, from, sh));
+    let mut threads = shared.threads.lock();
+    threads.retain(|t| !t.is_finished());
+    match spawned {
+        Ok(t) => threads.push(t),
+        Err(e) => {
+            shared.end_pending(id);
+            tracing::warn!("cannot serve a connection: {e}")
+        }
+    }
+}
+
+/// Per-connection state and buffers, reused across requests (nothing allocated per
+/// request on the hot path once they have grown).
 struct Conn {
     id: u64,
-    s: Arc<Stream>,
-    /// Serialises our writes with `deregister`'s REVOKE frames on a control connection.
-    wlock: Arc<Mutex<()>>,
-    from: SocketAddr,
+    ch: Arc<Channel>,
+    from: String,
     peer: String,
-    table: Vec<u8>,
+    /// The importer id of a same-host control connection.
+    importer: Option<u64>,
+    /// The current frame's header and body.
+    raw: Vec<u8>,
     segs: Vec<WireSegment>,
     guards: Vec<Serving>,
     iov: Vec<libc::iovec>,
@@ -294,14 +265,28 @@ struct Conn {
     epoch: u64,
 }
 
-fn serve(s: Stream, from: SocketAddr, shared: Arc<Shared>) {
+fn serve(id: u64, s: Stream, from: String, shared: Arc<Shared>) {
+    let pidfd = s.peer_pidfd();
+    let local = s.is_local();
+    let mut w = Watch::new(&from, shared.opts.handshake_timeout);
+    w.limit = Some(Instant::now() + shared.opts.handshake_timeout);
+    w.shutdown = Some(&shared.shutdown);
+    let accepted = channel::accept(s, shared.secret.as_ref(), &mut w);
+    shared.end_pending(id);
+    let (ch, acc) = match accepted {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!("refusing connection from {from}: {e}");
+            return;
+        }
+    };
     let mut c = Conn {
-        id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
-        s: Arc::new(s),
-        wlock: Arc::new(Mutex::new(())),
+        id,
+        ch: Arc::new(ch),
+        peer: acc.name.clone(),
         from,
-        peer: from.to_string(),
-        table: Vec::new(),
+        importer: None,
+        raw: Vec::new(),
         segs: Vec::new(),
         guards: Vec::new(),
         iov: Vec::new(),
@@ -309,10 +294,25 @@ fn serve(s: Stream, from: SocketAddr, shared: Arc<Shared>) {
         limit: Instant::now(),
         epoch: 0,
     };
-    match c.run(&shared) {
+    // Only authenticated connections count against max_connections.
+    if shared.conns.fetch_add(1, Ordering::AcqRel) >= shared.opts.max_connections {
+        shared.conns.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(
+            "refusing {} ({}): max_connections = {} connections already served",
+            c.peer,
+            c.from,
+            shared.opts.max_connections
+        );
+        let e = Error::Busy("too many connections".into());
+        let _ = c.refuse(&shared, 0, &e);
+        c.ch.shutdown();
+        return;
+    }
+    match c.run(&shared, &acc, local, pidfd) {
         Ok(()) => {}
         Err(
             e @ (Error::InvalidMetadata(_)
+            | Error::Unauthenticated(_)
             | Error::Busy(_)
             | Error::TimedOut { .. }
             | Error::NotRegistered(_)),
@@ -321,8 +321,10 @@ fn serve(s: Stream, from: SocketAddr, shared: Arc<Shared>) {
     }
     // Nothing of a registration is touched after its guard drops.
     c.guards.clear();
-    c.s.shutdown();
-    shared.control_closed(c.id);
+    c.ch.shutdown();
+    if let Some(i) = c.importer {
+        shared.importers.detach(i, c.id);
+    }
     shared.conns.fetch_sub(1, Ordering::AcqRel);
 }
 
@@ -341,24 +343,9 @@ impl Conn {
         w
     }
 
-    /// Reads the next header; `Ok(None)` on a clean close between frames.
-    fn next_header(&self, shared: &Shared) -> Result<Option<Header>> {
-        let mut buf = [0u8; HEADER_LEN];
-        let mut w = watch(&self.peer, shared, true);
-        match self.s.recv_exact(&mut buf, &mut w) {
-            Ok(()) => wire::decode_header(&buf).map(Some),
-            Err(Error::RemoteDisconnected { .. }) if shared.shutdown.load(Ordering::Acquire) => {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn send(&self, shared: &Shared, h: &Header, payload: &[u8]) -> Result<()> {
-        let _g = self.wlock.lock();
+    fn send(&self, shared: &Shared, h: &Header, body: &[u8]) -> Result<()> {
         let mut w = watch(&self.peer, shared, false);
-        self.s
-            .send_bytes(&[&wire::encode_header(h), payload], &mut w)
+        self.ch.send(h, body, &mut w)
     }
 
     fn refuse(&self, shared: &Shared, id: u64, e: &Error) -> Result<()> {
@@ -376,64 +363,99 @@ impl Conn {
         self.send(shared, &h, msg.as_bytes())
     }
 
-    fn run(&mut self, shared: &Shared) -> Result<()> {
-        // The first frame names the peer and the instance it expects.
-        let Some(h) = self.next_header(shared)? else {
-            return Ok(());
-        };
-        if h.op != FrameOp::Hello {
-            return Err(Error::invalid_metadata(format!(
-                "first frame is {:?}, not Hello",
-                h.op
-            )));
-        }
-        let mut name = vec![0u8; h.len as usize];
-        let mut w = watch(&self.peer, shared, false);
-        self.s.recv_exact(&mut name, &mut w)?;
-        let name = String::from_utf8(name)
-            .map_err(|_| Error::invalid_metadata("peer name is not UTF-8"))?;
-        if h.key != shared.instance {
+    fn run(
+        &mut self,
+        shared: &Shared,
+        acc: &Accepted,
+        local: bool,
+        pidfd: Option<OwnedFd>,
+    ) -> Result<()> {
+        let h = acc.hello;
+        if h.key != u128::from(shared.instance) {
             let e = Error::RemoteDisconnected {
-                peer: name,
+                peer: self.peer.clone(),
                 reason: "this listener belongs to a newer instance".into(),
             };
-            self.refuse(shared, 0, &e)?;
-            return Ok(());
+            return self.refuse(shared, 0, &e);
         }
-        self.peer = name;
-        // Known before the importer hears HELLO_ACK (and can import anything), so no
-        // deregister misses it.
-        if h.status & wire::HELLO_SAME_HOST_CONTROL != 0 {
-            shared.controls.lock().insert(
-                self.id,
-                Arc::new(Control {
-                    s: self.s.clone(),
-                    wlock: self.wlock.clone(),
-                    peer: self.peer.clone(),
-                }),
+        if h.status & HELLO_SAME_HOST_CONTROL != 0 {
+            if !local || acc.kind != ChannelKind::Control {
+                let e = Error::invalid_argument(
+                    "a same-host control connection must come over the Unix socket",
+                );
+                self.refuse(shared, 0, &e)?;
+                return Err(e);
+            }
+            // Known before the importer hears HELLO_ACK (and can import anything).
+            self.importer = Some(h.addr);
+            shared.importers.attach(
+                h.addr,
+                (self.id, self.ch.clone()),
+                pidfd,
+                &self.peer,
+                h.status & HELLO_RESET != 0,
+                &shared.regs,
             );
         }
         self.send(
             shared,
             &Header {
-                key: shared.instance,
+                key: u128::from(shared.instance),
                 ..Header::new(FrameOp::HelloAck)
             },
             &[],
         )?;
-        while let Some(h) = self.next_header(shared)? {
-            match h.op {
-                FrameOp::Write | FrameOp::Read => self.request(shared, &h)?,
-                FrameOp::Notify => self.notification(shared, &h)?,
-                FrameOp::RevokeAck => shared.acked(h.id, self.id),
-                op => {
+        loop {
+            let mut w = watch(&self.peer, shared, true);
+            let h = match self.ch.recv_header(&mut self.raw, &mut w) {
+                Ok(h) => h,
+                Err(Error::RemoteDisconnected { .. })
+                    if shared.shutdown.load(Ordering::Acquire) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
+            match (h.op, self.importer) {
+                (FrameOp::Write | FrameOp::Read, _) => self.request(shared, &h)?,
+                (FrameOp::Notify, _) => self.notification(shared, &h)?,
+                (FrameOp::RevokeAck, Some(i)) => {
+                    self.rest(shared, &h)?;
+                    shared.importers.acked(i, h.id);
+                }
+                (FrameOp::Import, Some(i)) => {
+                    self.rest(shared, &h)?;
+                    match shared.regs.subscribe(h.key, h.addr, h.len, i) {
+                        Ok(reg) => {
+                            let k = reg.remote_key().encode();
+                            let ack = Header {
+                                id: h.id,
+                                len: k.len() as u64,
+                                ..Header::new(FrameOp::ImportAck)
+                            };
+                            self.send(shared, &ack, &k)?;
+                        }
+                        Err(e) => self.refuse(shared, h.id, &e)?,
+                    }
+                }
+                (FrameOp::Bye, Some(i)) => {
+                    self.rest(shared, &h)?;
+                    shared.importers.bye(i, &shared.regs);
+                    self.importer = None;
+                }
+                (op, _) => {
                     return Err(Error::invalid_metadata(format!(
                         "unexpected {op:?} frame from an initiator"
                     )))
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Reads the body and tag of a small frame (bounded by `io_timeout`).
+    fn rest(&mut self, shared: &Shared, h: &Header) -> Result<()> {
+        let mut w = watch(&self.peer, shared, false);
+        self.ch.recv_rest(h, &mut self.raw, &mut w)
     }
 
     /// One NOTIFY: into the bounded inbox, or the connection closes (never blocks).
@@ -459,16 +481,15 @@ impl Conn {
                 )));
             }
         }
-        let mut payload = vec![0u8; len];
-        let mut w = watch(&self.peer, shared, false);
-        self.s.recv_exact(&mut payload, &mut w)?;
+        self.rest(shared, h)?;
+        let payload = Bytes::copy_from_slice(&self.raw[HEADER_LEN..]);
         let mut ib = shared.inbox.lock();
         // Only serving threads add, each checked first; a racing sender may overshoot
         // by one notification per connection, still bounded.
         ib.bytes += len;
         ib.q.push_back(Notification {
             peer: self.peer.clone(),
-            payload: Bytes::from(payload),
+            payload,
         });
         Ok(())
     }
@@ -477,22 +498,21 @@ impl Conn {
     /// registrations, all within one absolute limit (`io_timeout`).
     fn request(&mut self, shared: &Shared, h: &Header) -> Result<()> {
         self.limit = Instant::now() + shared.opts.io_timeout;
-        let tl = h.table_len();
-        self.table.resize(tl, 0);
-        if tl > 0 {
-            let mut table = std::mem::take(&mut self.table);
+        {
+            let mut raw = std::mem::take(&mut self.raw);
             let mut w = self.request_watch(shared);
-            let r = self.s.recv_exact(&mut table, &mut w);
-            self.table = table;
+            let r = self.ch.recv_rest(h, &mut raw, &mut w);
+            self.raw = raw;
             r?;
         }
-        wire::decode_segments(h, &self.table, &mut self.segs)?;
+        wire::decode_segments(h, &self.raw[HEADER_LEN..], &mut self.segs)?;
         self.guards.clear();
         // Read before the checks: a revoke after them moves the epoch.
         self.epoch = shared.regs.epoch();
+        let write = h.op == FrameOp::Write;
         let mut refused = None;
         for s in &self.segs {
-            match shared.regs.serve(s.key, s.addr, s.len) {
+            match shared.regs.serve(s.key, s.addr, s.len, write) {
                 // One guard per run of segments in the same registration.
                 Ok(g) if self.guards.last().is_some_and(|l| l.same(&g)) => {}
                 Ok(g) => self.guards.push(g),
@@ -544,12 +564,12 @@ impl Conn {
         let mut w = watch(&self.peer, shared, false);
         w.limit = Some(self.limit);
         w.abort = Some(&abort);
-        // SAFETY: every segment lies in a registration that was live when checked by
-        // `serve` and is held by `self.guards` (deregister waits for them to drop);
-        // the call stops before its next read once the registration is revoked or the
-        // request's limit passed. The registrant promised the range is valid for
-        // writes while registered.
-        let r = unsafe { self.s.recv_all(&mut iov, &mut w) };
+        // SAFETY: every segment lies in a writable registration that was live when
+        // checked by `request` and is held by `self.guards` (deregister waits for them
+        // to drop); the call stops before its next read once the registration is
+        // revoked or the request's limit passed. The registrant promised the range is
+        // valid for writes while registered.
+        let r = unsafe { self.ch.recv_payload(&mut iov, &mut w) };
         self.iov = iov;
         r?;
         self.guards.clear();
@@ -570,22 +590,21 @@ impl Conn {
             ..Header::new(FrameOp::Data)
         });
         self.iov.clear();
-        self.iov
-            .push(sys::iovec(head.as_ptr() as usize as u64, HEADER_LEN as u64));
+        // Header and tag go first; `send_parts` fills them in.
+        self.iov.extend([sys::iovec(0, 0), sys::iovec(0, 0)]);
         self.iov
             .extend(self.segs.iter().map(|s| sys::iovec(s.addr, s.len)));
         let mut iov = std::mem::take(&mut self.iov);
         let seen = Cell::new(self.epoch);
         let guards = &self.guards;
         let abort = || Self::revoked(&shared.regs, &seen, guards);
-        let _g = self.wlock.lock();
         let mut w = watch(&self.peer, shared, false);
         w.limit = Some(self.limit);
         w.abort = Some(&abort);
-        // SAFETY: `head` lives on this frame; the segments lie in registrations held by
-        // `self.guards`, valid for reads while registered; the call stops before its
-        // next write once one is revoked or the request's limit passed.
-        let r = unsafe { self.s.send_all(&mut iov, &mut w) };
+        // SAFETY: the segments lie in registrations held by `self.guards`, valid for
+        // reads while registered; the call stops before its next write once one is
+        // revoked or the request's limit passed.
+        let r = unsafe { self.ch.send_parts(&head, &mut iov, &mut w) };
         self.iov = iov;
         r
     }
@@ -598,7 +617,7 @@ impl Conn {
         let mut r = Ok(());
         while len > 0 && r.is_ok() {
             let n = len.min(scratch.len() as u64) as usize;
-            r = self.s.recv_exact(&mut scratch[..n], &mut w);
+            r = self.ch.recv_exact(&mut scratch[..n], &mut w);
             len -= n as u64;
         }
         self.scratch = scratch;

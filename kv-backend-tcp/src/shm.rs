@@ -4,26 +4,31 @@
 //! [`kv_mem::shared_backing`]) keeps a `dup` of the memfd and announces it in its remote
 //! key ([`SharedKey`]: pid, fd number, offset, memfd length and identity).
 //!
-//! Importer: [`Import::open`] fetches the memfd from the exporter (`pidfd_getfd`, else
-//! `/proc/<pid>/fd/<fd>`), checks it is the same file (device and inode) and large
-//! enough, and maps the registration (page-aligned around it) `MAP_SHARED`. Transfers
-//! to it are then plain memory copies.
+//! Importer: [`Import::open`] fetches the memfd from the exporter — the process the
+//! kernel named for its Unix socket (pidfd from `SO_PEERPIDFD`), never a claimed pid —
+//! with `pidfd_getfd` (else `/proc/<pid>/fd/<fd>`), checks it is the same file (device
+//! and inode), sealed and large enough, and maps the registration (page-aligned around
+//! it) `MAP_SHARED`: read-write, or `PROT_READ` for a read-only registration. The
+//! description it maps comes from the exporter's live answer to IMPORT, not from the
+//! remote-key blob, so a stale key never maps (nor falls back to cross-memory attach).
+//! Transfers to it are then plain memory copies.
 //!
 //! Lifetime and trust: the mapping holds its own reference to the memfd's pages, so a
 //! copy can never touch unmapped memory, even if the exporter deregisters, frees its
-//! buffer or dies mid-transfer; such a late write lands in pages nobody reads any more
-//! (or, if the exporter keeps using the buffer after deregistering, in its memory —
-//! the same trust model as cross-memory attach). The exporter's own bounds checks do
-//! not run; the initiator checks every range against the exported registration. One
-//! more trust assumption: the exporter must not shrink the memfd (a `HostBuffer` never
-//! does); a shrunk memfd would make copies into the cut-off pages fault (`SIGBUS`).
+//! buffer or dies mid-transfer. Revocation (REVOKE, acknowledged once no copy runs)
+//! keeps a cooperating importer out after `deregister`; a malicious importer with
+//! ptrace rights over the exporter (which `pidfd_getfd` requires) could keep or remap
+//! the memfd writable anyway — see the crate README, "Trust". The exporter's own
+//! bounds checks do not run; the initiator checks every range against the exported
+//! registration. The exporter cannot shrink the memfd: only sealed memfds
+//! (`F_SEAL_SHRINK`) are mapped, so a copy never faults with `SIGBUS`.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use kv_core::Descriptor;
 
 use crate::keys::{RemoteKey, SharedKey};
-use crate::sys::{self, Mapping};
+use crate::os::{self, Mapping};
 
 /// The exporter's side: the memfd behind a registration, kept open while it lives.
 #[derive(Debug)]
@@ -40,7 +45,7 @@ impl Export {
     /// (or when the memfd cannot be duplicated, logged).
     pub(crate) fn of(desc: &Descriptor) -> Option<Export> {
         let b = kv_mem::shared_backing(desc)?;
-        let fd = match sys::dup_cloexec(b.fd) {
+        let fd = match os::dup_cloexec(b.fd) {
             Ok(fd) => fd,
             Err(e) => {
                 tracing::info!(
@@ -51,7 +56,7 @@ impl Export {
                 return None;
             }
         };
-        match sys::shm_identity(fd.as_fd()) {
+        match os::shm_identity(fd.as_fd()) {
             Ok((dev, ino, size, true)) if size >= b.offset.saturating_add(desc.len) => {
                 Some(Export {
                     fd,
@@ -94,61 +99,83 @@ pub(crate) struct Import {
     reg: Descriptor,
     /// Where the registration's first byte is in our mapping.
     reg_ptr: u64,
+    /// Mapped `PROT_READ` (a read-only registration).
+    read_only: bool,
 }
 
 impl Import {
-    /// Maps the registration `k` names from process `pid` (the peer's pid, verified at
-    /// connect). The error says why the shared path is not used.
-    pub(crate) fn open(pid: u32, k: &RemoteKey) -> std::result::Result<Import, String> {
+    /// Maps the registration `k` (the exporter's live description of it) from the
+    /// process `pidfd` names, pid `pid` (both from the kernel). The error says why the
+    /// shared path is not used, and whether the key is stale (`true`: refuse the
+    /// import) or the path merely unavailable (`false`: cross-memory attach is fine).
+    pub(crate) fn open(
+        pidfd: Option<BorrowedFd<'_>>,
+        pid: u32,
+        k: &RemoteKey,
+    ) -> std::result::Result<Import, (bool, String)> {
         let s = k
             .shared
             .as_ref()
-            .ok_or_else(|| "the registration is not memfd-backed".to_string())?;
+            .ok_or_else(|| (false, "the registration is not memfd-backed".to_string()))?;
         if s.pid != pid {
-            return Err(format!(
-                "the key names pid {} but the peer is pid {pid}",
-                s.pid
+            return Err((
+                true,
+                format!("the key names pid {} but the peer is pid {pid}", s.pid),
             ));
         }
-        let fd = sys::peer_fd(pid, s.fd).map_err(|e| format!("fetching the peer's memfd: {e}"))?;
-        let (dev, ino, size, sealed) =
-            sys::shm_identity(fd.as_fd()).map_err(|e| format!("fstat of the memfd: {e}"))?;
+        let fd = os::peer_fd(pidfd, pid, s.fd)
+            .map_err(|e| (false, format!("fetching the peer's memfd: {e}")))?;
+        let (dev, ino, size, sealed) = os::shm_identity(fd.as_fd())
+            .map_err(|e| (false, format!("fstat of the memfd: {e}")))?;
         if (dev, ino) != (s.dev, s.ino) {
-            return Err(format!(
-                "fd {} of pid {pid} is no longer the exported memfd (deregistered?)",
-                s.fd
+            return Err((
+                true,
+                format!(
+                    "fd {} of pid {pid} is not the exported memfd (deregistered?)",
+                    s.fd
+                ),
             ));
         }
         if !sealed {
             // Unsealed, the peer could shrink it and make our copies fault (SIGBUS).
-            return Err("the memfd is not sealed against shrinking (F_SEAL_SHRINK)".into());
+            return Err((
+                false,
+                "the memfd is not sealed against shrinking (F_SEAL_SHRINK)".into(),
+            ));
         }
         let end = s
             .offset
             .checked_add(k.len)
-            .ok_or_else(|| "range overflows".to_string())?;
+            .ok_or_else(|| (true, "range overflows".to_string()))?;
         if size < end {
-            return Err(format!(
-                "the memfd has {size} bytes, the registration needs {end}"
+            return Err((
+                true,
+                format!("the memfd has {size} bytes, the registration needs {end}"),
             ));
         }
-        let page = sys::page_size();
+        let page = os::page_size();
         let start = s.offset / page * page;
         let len = usize::try_from(end.div_ceil(page) * page - start)
-            .map_err(|_| "registration too large to map".to_string())?;
-        let map = Mapping::map_shared(fd.as_fd(), start, len)
-            .map_err(|e| format!("mmap of {len} bytes of the memfd: {e}"))?;
+            .map_err(|_| (false, "registration too large to map".to_string()))?;
+        let map = Mapping::map_shared(fd.as_fd(), start, len, !k.read_only)
+            .map_err(|e| (false, format!("mmap of {len} bytes of the memfd: {e}")))?;
         let reg_ptr = map.addr() + (s.offset - start);
         Ok(Import {
             map,
             reg: Descriptor::new(k.addr, k.len, 0),
             reg_ptr,
+            read_only: k.read_only,
         })
     }
 
     /// The exporter's registration this maps.
     pub(crate) fn reg(&self) -> &Descriptor {
         &self.reg
+    }
+
+    /// True when mapped read-only (only READs may use it).
+    pub(crate) fn read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Our address of the exporter's `addr..addr+len`, when it lies in the registration.
@@ -177,27 +204,52 @@ mod tests {
             key: 1,
             addr: d.addr,
             len: d.len,
+            read_only: false,
             shared: Some(e.key()),
         };
         assert_eq!(e.key().offset, 4096 + 10);
-        let i = Import::open(std::process::id(), &key).unwrap();
+        let me = std::process::id();
+        let i = Import::open(None, me, &key).unwrap();
         let p = i.translate(d.addr + 5, 4).unwrap();
         let v = [1u8, 2, 3, 4];
         // SAFETY: `p` is inside the mapping of the registration; `v` is readable.
-        unsafe { sys::copy(p, v.as_ptr() as u64, 4) };
+        unsafe { os::copy(p, v.as_ptr() as u64, 4) };
         assert_eq!(&buf.as_mut_slice()[4096 + 15..4096 + 19], &v);
         assert!(i.translate(d.addr - 1, 4).is_none());
         assert!(i.translate(d.addr + d.len - 3, 4).is_none());
-        // The wrong pid, a heap buffer or an unflagged key are refused.
-        assert!(Import::open(std::process::id() + 1, &key).is_err());
-        assert!(Import::open(
-            std::process::id(),
+        // A read-only registration maps read-only (reads work; a write would fault).
+        let ro = Import::open(
+            None,
+            me,
             &RemoteKey {
-                shared: None,
+                read_only: true,
                 ..key
-            }
+            },
         )
-        .is_err());
+        .unwrap();
+        let mut got = [0u8; 4];
+        // SAFETY: `got` is writable; the source lies in the read-only mapping.
+        unsafe {
+            os::copy(
+                got.as_mut_ptr() as u64,
+                ro.translate(d.addr + 5, 4).unwrap(),
+                4,
+            )
+        };
+        assert_eq!(got, v);
+        // The wrong pid is a stale key; a heap buffer or an unflagged key merely unshared.
+        assert!(matches!(Import::open(None, me + 1, &key), Err((true, _))));
+        assert!(matches!(
+            Import::open(
+                None,
+                me,
+                &RemoteKey {
+                    shared: None,
+                    ..key
+                }
+            ),
+            Err((false, _))
+        ));
         let heap = HostBuffer::alloc(4096, 4096).unwrap();
         assert!(Export::of(&heap.descriptor()).is_none());
         // Once the export's fd is closed, its number does not map another file.
@@ -206,7 +258,8 @@ mod tests {
         let other = std::fs::File::open("/proc/self/status").unwrap();
         let _ = other.as_raw_fd();
         assert!(Import::open(
-            std::process::id(),
+            None,
+            me,
             &RemoteKey {
                 shared: Some(k2),
                 ..key
@@ -215,7 +268,7 @@ mod tests {
         .is_err());
         // The first mapping still works after the export is gone.
         // SAFETY: as above.
-        unsafe { sys::copy(p, v.as_ptr() as u64 + 1, 2) };
+        unsafe { os::copy(p, v.as_ptr() as u64 + 1, 2) };
         drop(i);
     }
 }

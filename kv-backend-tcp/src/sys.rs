@@ -1,7 +1,7 @@
-//! The operating-system calls the backend needs beyond `std`: vectored socket I/O
-//! straight from and into registered memory, cross-memory attach, socket options, and
-//! the shared-memory calls (dup, `pidfd_getfd`, `mmap`/`munmap`, copies over mappings).
-//! Every `unsafe` block of the crate's I/O lives here.
+//! The socket calls the backend needs beyond `std`: vectored I/O straight from and
+//! into registered memory with deadlines ([`Watch`]), TCP and abstract Unix sockets,
+//! socket options and the kernel's word on who is at the other end of a Unix socket
+//! (`SO_PEERCRED`, `SO_PEERPIDFD`). Process and memory calls are in `os`.
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -24,14 +24,6 @@ pub(crate) fn iovec(addr: u64, len: u64) -> libc::iovec {
         iov_base: addr as usize as *mut libc::c_void,
         iov_len: len as usize,
     }
-}
-
-/// This host's identity: the kernel boot id and the host name. Two processes with the
-/// same identity share a kernel, which is what cross-memory attach needs.
-pub(crate) fn host_identity() -> String {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{}/{}", boot.trim(), host.trim())
 }
 
 /// What a blocked socket call watches while it waits: the transfer's deadline and
@@ -161,25 +153,159 @@ fn advance(iov: &mut [libc::iovec], first: &mut usize, mut n: usize) {
     }
 }
 
-/// A connected TCP stream with the options the backend uses (`TCP_NODELAY`,
-/// keepalive, [`TICK`] timeouts). `Send + Sync` like `TcpStream`.
+/// A connected stream socket with the options the backend uses ([`TICK`] timeouts;
+/// for TCP also `TCP_NODELAY` and keepalive): TCP to any peer, or an abstract Unix
+/// socket to a same-host peer, whose process the kernel names ([`Stream::peer_pid`]).
+/// `Send + Sync` like the std sockets.
 #[derive(Debug)]
 pub(crate) struct Stream {
-    pub sock: TcpStream,
+    sock: OwnedFd,
+    unix: bool,
+}
+
+/// A `sockaddr_un` for the abstract name `name` (no file), and its length.
+fn abstract_addr(name: &str) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid empty address.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() + 1 > a.sun_path.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // sun_path[0] stays 0: the abstract namespace.
+    for (d, s) in a.sun_path[1..].iter_mut().zip(b) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + b.len();
+    Ok((a, len as libc::socklen_t))
+}
+
+/// A new close-on-exec socket of `domain`/`ty`.
+fn socket(domain: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Listens on the abstract Unix socket `name` (non-blocking, for the accept loop).
+pub(crate) fn listen_local(name: &str) -> io::Result<OwnedFd> {
+    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK)?;
+    let (a, len) = abstract_addr(name)?;
+    // SAFETY: `a` is a valid sockaddr_un of `len` bytes; fd is open.
+    if unsafe { libc::bind(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen on our bound socket.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Accepts one connection from a non-blocking Unix listener (`WouldBlock` if none).
+pub(crate) fn accept_local(l: BorrowedFd<'_>) -> io::Result<Stream> {
+    // SAFETY: accept4 on our listener; the peer address is not wanted (null, null).
+    let fd = unsafe {
+        libc::accept4(
+            l.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Stream::from_unix(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A pidfd of process `pid` (`pidfd_open`, Linux ≥ 5.3).
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let p = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if p < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(p as RawFd) })
+}
+
+/// True once the process of `pidfd` exited (its pidfd polls readable); such a process
+/// can touch no memory any more.
+pub(crate) fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+fn set_timeouts(fd: RawFd) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: TICK.as_micros() as libc::suseconds_t,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: `tv` is a live timeval and its size is passed; fd is open.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl Stream {
-    /// Connects within `timeout`.
+    /// Connects over TCP within `timeout`.
     pub(crate) fn connect(addr: &SocketAddr, timeout: Duration) -> io::Result<Stream> {
         let sock = TcpStream::connect_timeout(addr, timeout)?;
         Stream::from_std(sock)
     }
 
-    /// Sets the options on an accepted or connected socket.
+    /// Connects to the abstract Unix socket `name` within `timeout` (a full backlog is
+    /// retried, never waited on without bound).
+    pub(crate) fn connect_local(name: &str, timeout: Duration) -> io::Result<Stream> {
+        let (a, len) = abstract_addr(name)?;
+        let end = Instant::now() + timeout;
+        loop {
+            let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK)?;
+            // SAFETY: `a` is a valid sockaddr_un of `len` bytes; fd is open.
+            let r = unsafe {
+                libc::connect(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len)
+            };
+            if r == 0 {
+                // SAFETY: clears O_NONBLOCK on our socket (timeouts bound every call).
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, 0) };
+                return Stream::from_unix(fd);
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EAGAIN) || Instant::now() >= end {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sets the options on an accepted or connected TCP socket.
     pub(crate) fn from_std(sock: TcpStream) -> io::Result<Stream> {
         sock.set_nodelay(true)?;
-        sock.set_read_timeout(Some(TICK))?;
-        sock.set_write_timeout(Some(TICK))?;
+        sock.set_nonblocking(false)?;
         let fd = sock.as_raw_fd();
         let one: libc::c_int = 1;
         let idle: libc::c_int = 10;
@@ -205,7 +331,71 @@ impl Stream {
                 return Err(io::Error::last_os_error());
             }
         }
-        Ok(Stream { sock })
+        set_timeouts(fd)?;
+        Ok(Stream {
+            sock: OwnedFd::from(sock),
+            unix: false,
+        })
+    }
+
+    /// Sets the options on an accepted or connected Unix socket.
+    pub(crate) fn from_unix(sock: OwnedFd) -> io::Result<Stream> {
+        set_timeouts(sock.as_raw_fd())?;
+        Ok(Stream { sock, unix: true })
+    }
+
+    /// True for a Unix-socket (same-host) connection.
+    pub(crate) fn is_local(&self) -> bool {
+        self.unix
+    }
+
+    /// The pid of the process at the other end of a Unix socket, from the kernel
+    /// (`SO_PEERCRED`: the peer's pid when it connected or listened), never claimed by
+    /// the peer. `None` for TCP.
+    pub(crate) fn peer_pid(&self) -> Option<u32> {
+        if !self.unix {
+            return None;
+        }
+        // SAFETY: ucred is plain data; zeroed is valid for getsockopt to overwrite.
+        let mut c: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `c` is a live ucred of `len` bytes; fd is open.
+        let r = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut c as *mut libc::ucred as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (r == 0 && c.pid > 0).then_some(c.pid as u32)
+    }
+
+    /// A pidfd of the process at the other end of a Unix socket: `SO_PEERPIDFD` (Linux
+    /// ≥ 6.5, immune to pid reuse), else `pidfd_open` of [`Stream::peer_pid`].
+    pub(crate) fn peer_pidfd(&self) -> Option<OwnedFd> {
+        const SO_PEERPIDFD: libc::c_int = 77;
+        if !self.unix {
+            return None;
+        }
+        let mut fd: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `fd` is a live c_int of `len` bytes; the socket is open.
+        let r = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERPIDFD,
+                &mut fd as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if r == 0 && fd >= 0 {
+            // SAFETY: the kernel handed us a fresh descriptor.
+            return Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        pidfd_open(self.peer_pid()?).ok()
     }
 
     /// Sends every byte the iovecs describe (at most [`IOV_MAX`] per call), resuming
@@ -307,239 +497,29 @@ impl Stream {
 
     /// Shuts both directions down, waking any thread blocked on the socket.
     pub(crate) fn shutdown(&self) {
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        shutdown_fd(self.sock.as_raw_fd());
+    }
+
+    /// A handle that shuts this socket down from another thread (a duplicate of its
+    /// descriptor: shutting it down acts on the socket itself).
+    pub(crate) fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
+        Ok(ShutdownHandle(self.sock.try_clone()?))
     }
 }
 
-/// Which way cross-memory attach moves data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CmaDir {
-    /// Local → remote process (`process_vm_writev`).
-    Write,
-    /// Remote process → local (`process_vm_readv`).
-    Read,
+fn shutdown_fd(fd: RawFd) {
+    // SAFETY: shutdown of an open socket; errors (already shut) are harmless.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
-/// Moves the bytes of `local` to/from `remote` in process `pid`, at most [`IOV_MAX`]
-/// iovecs a call. Returns the bytes moved, which is less than asked only on a fault.
-///
-/// # Safety
-///
-/// `local` must describe memory of this process valid for reads (`Write`) or writes
-/// (`Read`) that nothing else accesses meanwhile; `remote` must be ranges the other
-/// process exported for this purpose. Both lists have the same total length.
-pub(crate) unsafe fn cma(
-    dir: CmaDir,
-    pid: u32,
-    local: &[libc::iovec],
-    remote: &[libc::iovec],
-) -> io::Result<usize> {
-    let mut done = 0usize;
-    for (l, r) in local.chunks(IOV_MAX).zip(remote.chunks(IOV_MAX)) {
-        let want: usize = l.iter().map(|v| v.iov_len).sum();
-        // SAFETY: the caller promises the local ranges are valid; the kernel checks the
-        // remote ones against the target's address space and our ptrace access to it.
-        let n = unsafe {
-            match dir {
-                CmaDir::Write => libc::process_vm_writev(
-                    pid as libc::pid_t,
-                    l.as_ptr(),
-                    l.len() as libc::c_ulong,
-                    r.as_ptr(),
-                    r.len() as libc::c_ulong,
-                    0,
-                ),
-                CmaDir::Read => libc::process_vm_readv(
-                    pid as libc::pid_t,
-                    l.as_ptr(),
-                    l.len() as libc::c_ulong,
-                    r.as_ptr(),
-                    r.len() as libc::c_ulong,
-                    0,
-                ),
-            }
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        done += n as usize;
-        if (n as usize) < want {
-            return Ok(done);
-        }
-    }
-    Ok(done)
-}
-
-/// Reads 8 bytes at `addr` of process `pid` with cross-memory attach: the probe that
-/// tells whether a same-host peer can be reached that way.
-pub(crate) fn cma_probe(pid: u32, addr: u64) -> io::Result<u64> {
-    let mut v = 0u64;
-    let l = [iovec(&mut v as *mut u64 as usize as u64, 8)];
-    let r = [iovec(addr, 8)];
-    // SAFETY: `l` describes the local `v`; the kernel validates the remote range.
-    let n = unsafe { cma(CmaDir::Read, pid, &l, &r)? };
-    if n != 8 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "short probe read",
-        ));
-    }
-    Ok(v)
-}
-
-/// A duplicate of `fd` (close-on-exec) that stays open until the result drops.
-pub(crate) fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; a closed or invalid one gives EBADF.
-    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `r` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
-}
-
-/// Device, inode and size of an open file, and whether it is shared memory (a memfd or
-/// another shmem file: `F_GET_SEALS` works only on those).
-/// (device, inode, size, sealed): `sealed` is true for a memfd sealed against
-/// shrinking (`F_SEAL_SHRINK`), which a peer may map without risking `SIGBUS`.
-pub(crate) fn shm_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64, u64, bool)> {
-    // SAFETY: `stat` is plain data; zeroed is a valid value for fstat to overwrite.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open for the borrow; `st` is a live, writable stat.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: F_GET_SEALS only reads the descriptor's file.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
-    Ok((st.st_dev, st.st_ino, st.st_size.max(0) as u64, sealed))
-}
-
-/// A copy, in this process, of descriptor `fd` of process `pid`: `pidfd_getfd` (Linux
-/// ≥ 5.6), else opening `/proc/<pid>/fd/<fd>`. Both need the ptrace access that
-/// cross-memory attach needs.
-pub(crate) fn peer_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
-    let getfd = || -> io::Result<OwnedFd> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let p = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if p < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `p` is a fresh descriptor that nothing else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(p as RawFd) };
-        // SAFETY: pidfd_getfd reads the pidfd and a descriptor number of that process
-        // and returns a new close-on-exec descriptor of ours, or -1.
-        let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `r` is a fresh descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
-    };
-    match getfd() {
-        Ok(f) => Ok(f),
-        Err(first) => std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{pid}/fd/{fd}"))
-            .map(OwnedFd::from)
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("pidfd_getfd: {first}; /proc/{pid}/fd/{fd}: {e}"),
-                )
-            }),
-    }
-}
-
-/// The system page size.
-pub(crate) fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory inputs.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        4096
-    }
-}
-
-/// A `MAP_SHARED` read-write mapping of part of a file; unmapped on drop. The mapping
-/// holds its own reference to the file's pages, so it stays valid (never faults for a
-/// missing mapping) after the descriptor is closed and after the other process frees
-/// its buffer or exits. `Send + Sync`: it is a range of raw bytes that the backend only
-/// touches through raw-pointer copies.
+/// Shuts a [`Stream`] down from elsewhere (see [`Stream::shutdown_handle`]).
 #[derive(Debug)]
-pub(crate) struct Mapping {
-    base: *mut libc::c_void,
-    len: usize,
-}
+pub(crate) struct ShutdownHandle(OwnedFd);
 
-// SAFETY: the mapping is plain memory owned by this value; it is only accessed through
-// raw-pointer copies whose callers uphold the Backend contract.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; `&Mapping` exposes only the address.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// Maps `len` bytes of `fd` from `offset` (page-aligned) shared and read-write.
-    pub(crate) fn map_shared(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Mapping> {
-        if len == 0 || offset % page_size() != 0 {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: a fresh mapping at an address the kernel picks; it overlaps nothing
-        // of ours. The file's size was checked by the caller to cover the range.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping { base, len })
-    }
-
-    /// Start address of the mapping.
-    pub(crate) fn addr(&self) -> u64 {
-        self.base as usize as u64
-    }
-
-    /// Length of the mapping.
-    pub(crate) fn len(&self) -> u64 {
-        self.len as u64
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` are exactly the mapping made in `map_shared`, unmapped
-        // once; nothing uses it any more (transfers hold an `Arc` of its owner).
-        unsafe { libc::munmap(self.base, self.len) };
-    }
-}
-
-/// Copies `len` bytes from address `src` to address `dst` (memmove semantics, so
-/// ranges that alias the same pages through two mappings are harmless).
-///
-/// # Safety
-///
-/// `src` must be valid for reads and `dst` for writes of `len` bytes for the duration
-/// of the call, and no Rust reference may cover `dst` meanwhile.
-pub(crate) unsafe fn copy(dst: u64, src: u64, len: u64) {
-    // SAFETY: the caller's promise.
-    unsafe {
-        std::ptr::copy(
-            src as usize as *const u8,
-            dst as usize as *mut u8,
-            len as usize,
-        )
+impl ShutdownHandle {
+    /// Shuts the socket down: every call blocked on it returns.
+    pub(crate) fn shutdown(&self) {
+        shutdown_fd(self.0.as_raw_fd());
     }
 }
 
@@ -563,54 +543,5 @@ mod tests {
         assert_eq!(iov[2].iov_base as u64, b.as_ptr() as u64 + 2);
         advance(&mut iov, &mut first, 3);
         assert_eq!(first, 3);
-    }
-
-    #[test]
-    fn peer_fd_and_shared_mapping_of_own_memfd() {
-        // SAFETY: a valid NUL-terminated name; no other inputs.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"kv-tcp-test".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        assert!(fd >= 0);
-        // SAFETY: fresh descriptor, owned here.
-        let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        f.set_len(3 * page_size()).unwrap();
-        use std::os::fd::AsFd;
-        assert!(!shm_identity(f.as_fd()).unwrap().3, "not sealed yet");
-        // SAFETY: fcntl on our own fd with integer arguments.
-        assert_eq!(
-            unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
-            0
-        );
-        let dupe = peer_fd(std::process::id(), f.as_raw_fd()).unwrap();
-        let (dev, ino, size, shmem) = shm_identity(f.as_fd()).unwrap();
-        assert_eq!(shm_identity(dupe.as_fd()).unwrap(), (dev, ino, size, shmem));
-        assert!(shmem && size == 3 * page_size());
-        let m = Mapping::map_shared(dupe.as_fd(), page_size(), page_size() as usize).unwrap();
-        drop(dupe);
-        let v = [7u8; 16];
-        // SAFETY: the mapping covers one page; `v` is 16 readable bytes.
-        unsafe { copy(m.addr() + 8, v.as_ptr() as u64, 16) };
-        use std::os::unix::fs::FileExt;
-        let mut got = [0u8; 16];
-        f.read_exact_at(&mut got, page_size() + 8).unwrap();
-        assert_eq!(got, v);
-        assert!(Mapping::map_shared(f.as_fd(), 1, 4096).is_err());
-        assert!(peer_fd(std::process::id(), 1 << 30).is_err());
-        let d = dup_cloexec(f.as_raw_fd()).unwrap();
-        assert_eq!(shm_identity(d.as_fd()).unwrap().1, ino);
-        let file = std::fs::File::open("/proc/self/status").unwrap();
-        assert!(!shm_identity(file.as_fd()).unwrap().3);
-    }
-
-    #[test]
-    fn cma_reads_own_process() {
-        let v: u64 = 0x1122_3344_5566_7788;
-        let got = cma_probe(std::process::id(), &v as *const u64 as u64).unwrap();
-        assert_eq!(got, v);
-        assert!(host_identity().len() > 2);
     }
 }

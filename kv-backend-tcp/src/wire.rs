@@ -1,17 +1,27 @@
 //! The framed protocol between two TCP backends, and the blobs they exchange.
 //!
-//! Every frame starts with a fixed 48-byte little-endian [`Header`] whose last four
-//! bytes are the CRC32C of the first 44. A WRITE or READ request names its target
-//! either in the header itself (one segment: `key`, `addr`, `len`) or, for `count > 1`,
-//! in a segment table that follows the header (`count` × 24 bytes, then the table's
-//! CRC32C). A WRITE's payload follows the table; a READ is answered by a DATA frame
-//! whose payload is the requested bytes in order. Every WRITE is answered by ACK or
-//! ERROR. On the control connection of a same-host importer (HELLO flag
-//! [`HELLO_SAME_HOST_CONTROL`]) the target sends REVOKE when it deregisters a
-//! registration and the importer answers REVOKE_ACK once it no longer touches it;
-//! these two ops are protocol version 2, every other frame still says version 1.
-//! Decoders take untrusted bytes and fail with [`Error::InvalidMetadata`],
-//! never panic (see the proptest in this module and the `fuzz` crate).
+//! A connection starts with an 8-byte [`Preamble`] from the client (which channel it
+//! opens and whether it holds a cluster secret) answered by an 8-byte [`Answer`]; with a
+//! secret on both sides the `kv_core::auth` handshake follows (purpose
+//! [`PURPOSE_DATA`] or [`PURPOSE_CONTROL`]), then HELLO / HELLO_ACK. Every frame after
+//! that starts with a fixed 56-byte little-endian [`Header`] whose last four bytes are
+//! the CRC32C of the first 52, then its body ([`body_len`]: a WRITE/READ segment table,
+//! a name, message, notification or import answer), then — on authenticated
+//! connections — a [`TAG_LEN`]-byte tag (`SessionKey::tag` over header and body, with
+//! the frame's sequence number in that direction), then the bulk payload of a WRITE or
+//! DATA frame ([`payload_len`]), which the tag does not cover (see the crate README,
+//! "Trust").
+//!
+//! A WRITE or READ request names its target either in the header itself (one segment:
+//! `key`, `addr`, `len`) or, for `count > 1`, in a segment table (`count` × 32 bytes,
+//! then the table's CRC32C). Every WRITE is answered by ACK or ERROR, every READ by
+//! DATA or ERROR. On the control connection of a same-host importer (HELLO flag
+//! [`HELLO_SAME_HOST_CONTROL`], over the Unix socket) the importer validates each
+//! import live (IMPORT → IMPORT_ACK or ERROR, which also subscribes it to REVOKE), the
+//! target sends REVOKE when it deregisters a registration and the importer answers
+//! REVOKE_ACK once it no longer touches it; BYE says the importer holds nothing any
+//! more. Decoders take untrusted bytes and fail with [`Error::InvalidMetadata`], never
+//! panic (see the proptests in this module and the `fuzz` crate).
 //!
 //! ```
 //! use kv_backend_tcp::wire::{decode_header, encode_header, FrameOp, Header};
@@ -24,27 +34,33 @@ use kv_core::codec::Reader;
 use kv_core::{Error, Result};
 
 pub use crate::keys::{
-    ConnectionInfo, RemoteKey, SharedKey, KEY_FLAG_SHARED, KEY_VERSION, MAX_NAME,
+    ConnectionInfo, RemoteKey, SharedKey, KEY_FLAG_READ_ONLY, KEY_FLAG_SHARED, KEY_VERSION,
+    MAX_NAME,
 };
 
 /// Size of every frame header.
-pub const HEADER_LEN: usize = 48;
+pub const HEADER_LEN: usize = 56;
 /// Size of one segment table entry (key, addr, len).
-pub const SEGMENT_LEN: usize = 24;
+pub const SEGMENT_LEN: usize = 32;
 /// First two bytes of every frame ("KX").
 pub const MAGIC: u16 = 0x584b;
-/// Protocol version of frames whose op exists since version 1 (every op but REVOKE and
-/// REVOKE_ACK); a peer speaking another version is refused.
-pub const VERSION: u8 = 1;
-/// Protocol version 2 adds REVOKE and REVOKE_ACK on same-host control connections.
-/// Every frame carries the version that introduced its op ([`FrameOp::version`]), so
-/// a version-1 peer, which never announces [`HELLO_SAME_HOST_CONTROL`] and is never
-/// sent a REVOKE, still talks to this one unchanged.
-pub const VERSION_REVOKE: u8 = 2;
-/// HELLO `status` flag: this is the control connection of a same-host importer that
-/// speaks version 2 — send it REVOKE when a registration is deregistered, it answers
-/// REVOKE_ACK once it no longer touches the registration.
+/// Protocol version of every frame and preamble; a peer speaking another is refused.
+/// Version 3: 128-bit keys, preamble and authentication, IMPORT and BYE.
+pub const VERSION: u8 = 3;
+/// Size of the [`Preamble`] and of its [`Answer`].
+pub const PREAMBLE_LEN: usize = 8;
+/// Length of a frame tag on authenticated connections.
+pub const TAG_LEN: usize = kv_core::auth::TAG_LEN;
+/// Handshake purpose of data connections (lanes).
+pub const PURPOSE_DATA: &[u8] = b"kv-backend-tcp data v3";
+/// Handshake purpose of control connections (notifications, imports, revocations).
+pub const PURPOSE_CONTROL: &[u8] = b"kv-backend-tcp control v3";
+/// HELLO `status` flag: the control connection of a same-host importer — it validates
+/// imports with IMPORT and is sent REVOKE when a registration it imported goes.
 pub const HELLO_SAME_HOST_CONTROL: u32 = 1;
+/// HELLO `status` flag: the importer (HELLO `addr`) holds no import of this target any
+/// more; forget its subscriptions (it re-validates what it still wants).
+pub const HELLO_RESET: u32 = 2;
 /// Most segments one WRITE/READ frame may name.
 pub const MAX_SEGMENTS: u32 = 1 << 16;
 /// Most payload bytes one WRITE/READ/DATA frame may carry.
@@ -53,13 +69,116 @@ pub const MAX_FRAME_BYTES: u64 = 1 << 30;
 pub const MAX_ERROR_MESSAGE: u64 = 4096;
 /// Most bytes of a NOTIFY payload the decoder accepts (the backend's own limit is lower).
 pub const MAX_NOTIFY: u64 = 16 << 20;
+/// Most bytes of an IMPORT_ACK body (an encoded [`RemoteKey`]).
+pub const MAX_IMPORT_ACK: u64 = 256;
+
+const PREAMBLE_CLIENT: [u8; 4] = *b"KVXC";
+const PREAMBLE_SERVER: [u8; 4] = *b"KVXS";
+
+/// Which channel a connection is. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChannelKind {
+    /// A lane: WRITE/READ requests and their answers.
+    Data,
+    /// The control connection: notifications and, for same-host importers, imports
+    /// and revocations.
+    Control,
+}
+
+impl ChannelKind {
+    /// The handshake purpose string of the channel.
+    pub fn purpose(self) -> &'static [u8] {
+        match self {
+            ChannelKind::Data => PURPOSE_DATA,
+            ChannelKind::Control => PURPOSE_CONTROL,
+        }
+    }
+}
+
+/// Client → server, the first bytes of every connection. `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    /// The channel opened.
+    pub kind: ChannelKind,
+    /// The client holds a cluster secret and will authenticate.
+    pub auth: bool,
+}
+
+/// Server → client, the answer to a [`Preamble`]. `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// The server authenticates (it holds a cluster secret).
+    pub auth: bool,
+    /// The server goes on; false: the two disagree about authentication and the server
+    /// closes the connection.
+    pub ok: bool,
+}
+
+/// Encodes a preamble: "KVXC", version, channel, flags, 0.
+pub fn encode_preamble(p: &Preamble) -> [u8; PREAMBLE_LEN] {
+    let kind = match p.kind {
+        ChannelKind::Data => 1,
+        ChannelKind::Control => 2,
+    };
+    let [a, b, c, d] = PREAMBLE_CLIENT;
+    [a, b, c, d, VERSION, kind, u8::from(p.auth), 0]
+}
+
+/// Decodes a preamble; anything else (another protocol, another version) is refused.
+pub fn decode_preamble(b: &[u8]) -> Result<Preamble> {
+    let b = fixed(b, PREAMBLE_CLIENT, "preamble")?;
+    let kind = match b[5] {
+        1 => ChannelKind::Data,
+        2 => ChannelKind::Control,
+        k => return Err(bad(format!("preamble names channel {k}"))),
+    };
+    if b[6] > 1 || b[7] != 0 {
+        return Err(bad("preamble with unknown flags"));
+    }
+    Ok(Preamble {
+        kind,
+        auth: b[6] == 1,
+    })
+}
+
+/// Encodes an answer: "KVXS", version, flags, ok, 0.
+pub fn encode_answer(a: &Answer) -> [u8; PREAMBLE_LEN] {
+    let [w, x, y, z] = PREAMBLE_SERVER;
+    [w, x, y, z, VERSION, u8::from(a.auth), u8::from(a.ok), 0]
+}
+
+/// Decodes an answer.
+pub fn decode_answer(b: &[u8]) -> Result<Answer> {
+    let b = fixed(b, PREAMBLE_SERVER, "preamble answer")?;
+    if b[5] > 1 || b[6] > 1 || b[7] != 0 {
+        return Err(bad("preamble answer with unknown flags"));
+    }
+    Ok(Answer {
+        auth: b[5] == 1,
+        ok: b[6] == 1,
+    })
+}
+
+fn fixed<'a>(b: &'a [u8], magic: [u8; 4], what: &str) -> Result<&'a [u8]> {
+    if b.len() != PREAMBLE_LEN || b[..4] != magic {
+        return Err(bad(format!("not a kv-backend-tcp {what}")));
+    }
+    if b[4] != VERSION {
+        return Err(bad(format!(
+            "{what} of protocol version {}, this side speaks {VERSION}; upgrade both peers",
+            b[4]
+        )));
+    }
+    Ok(b)
+}
 
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameOp {
     /// First frame of a connection: `len` bytes of the sender's agent name follow;
-    /// `key` is the target instance the sender expects, `addr` the sender's pid.
+    /// `key` is the target instance the sender expects, `status` [`HELLO_SAME_HOST_CONTROL`]
+    /// and [`HELLO_RESET`] flags, `addr` the importer id (same-host control only).
     Hello = 1,
     /// Reply to HELLO: `key` is the target's instance id.
     HelloAck = 2,
@@ -76,12 +195,20 @@ pub enum FrameOp {
     Error = 7,
     /// `len` bytes of notification payload follow.
     Notify = 8,
-    /// Target → same-host importer (version 2): the registration with remote key
-    /// `key` is being deregistered; `id` names this revocation.
+    /// Target → same-host importer: the registration with remote key `key` is being
+    /// deregistered; `id` names this revocation.
     Revoke = 9,
-    /// Importer → target (version 2): revocation `id` is done (new posts to the
-    /// registration are refused and no copy into it is in flight).
+    /// Importer → target: revocation `id` is done (new posts to the registration are
+    /// refused and no copy into it is in flight).
     RevokeAck = 10,
+    /// Importer → target (same-host control): request `id` — is `key` a live
+    /// registration containing `addr..addr+len`? Subscribes the importer to its REVOKE.
+    Import = 11,
+    /// Target → importer: yes for request `id`; `len` bytes follow: the registration's
+    /// current [`RemoteKey`] (access, shared-memory export).
+    ImportAck = 12,
+    /// Importer → target: it holds no import of this target any more (it disconnects).
+    Bye = 13,
 }
 
 impl FrameOp {
@@ -97,17 +224,11 @@ impl FrameOp {
             8 => FrameOp::Notify,
             9 => FrameOp::Revoke,
             10 => FrameOp::RevokeAck,
+            11 => FrameOp::Import,
+            12 => FrameOp::ImportAck,
+            13 => FrameOp::Bye,
             _ => return None,
         })
-    }
-
-    /// The protocol version that introduced the op, written in (and required of) its
-    /// frames.
-    pub fn version(self) -> u8 {
-        match self {
-            FrameOp::Revoke | FrameOp::RevokeAck => VERSION_REVOKE,
-            _ => VERSION,
-        }
     }
 }
 
@@ -121,6 +242,10 @@ pub enum ErrorCode {
     NotRegistered = 2,
     /// The request was malformed or refused for another reason.
     Refused = 3,
+    /// A WRITE into a read-only registration.
+    AccessDenied = 4,
+    /// The peer failed authentication.
+    Unauthenticated = 5,
 }
 
 impl ErrorCode {
@@ -129,6 +254,8 @@ impl ErrorCode {
         match e {
             Error::OutOfBounds(_) => ErrorCode::OutOfBounds,
             Error::NotRegistered(_) => ErrorCode::NotRegistered,
+            Error::AccessDenied(_) => ErrorCode::AccessDenied,
+            Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
             _ => ErrorCode::Refused,
         }
     }
@@ -139,6 +266,8 @@ impl ErrorCode {
         match status {
             1 => Error::OutOfBounds(msg),
             2 => Error::NotRegistered(msg),
+            4 => Error::AccessDenied(msg),
+            5 => Error::Unauthenticated(msg),
             _ => Error::invalid_argument(msg),
         }
     }
@@ -149,15 +278,17 @@ impl ErrorCode {
 pub struct Header {
     /// What the frame is.
     pub op: FrameOp,
-    /// Status code (ERROR frames), 0 otherwise.
+    /// Status code (ERROR), flags (HELLO), access (IMPORT_ACK); 0 otherwise.
     pub status: u32,
-    /// The request (transfer) id an answer refers to.
+    /// The request (transfer, import, revocation) id an answer refers to.
     pub id: u64,
-    /// Remote key of the single segment (`count == 1`), else 0.
-    pub key: u64,
-    /// Target address of the single segment (`count == 1`), else 0.
+    /// Remote key of the single segment (`count == 1`), of an IMPORT or REVOKE, or the
+    /// instance (HELLO, HELLO_ACK); else 0.
+    pub key: u128,
+    /// Target address of the single segment (`count == 1`) or IMPORT, else 0.
     pub addr: u64,
-    /// Payload bytes (WRITE, DATA, NOTIFY, HELLO, ERROR) or bytes asked for (READ).
+    /// Payload bytes (WRITE, DATA, NOTIFY, HELLO, ERROR, IMPORT_ACK) or bytes asked for
+    /// (READ, IMPORT).
     pub len: u64,
     /// Number of segments of a WRITE/READ (≥ 1); 0 for other frames.
     pub count: u32,
@@ -187,25 +318,51 @@ impl Header {
     }
 }
 
+/// Bytes between the header and the tag (covered by the tag): the segment table of a
+/// WRITE/READ, the body of HELLO, ERROR, NOTIFY and IMPORT_ACK; 0 for the others.
+pub fn body_len(h: &Header) -> usize {
+    match h.op {
+        FrameOp::Write | FrameOp::Read => h.table_len(),
+        // Bounded by decode_header's per-op limits (≤ MAX_NOTIFY).
+        FrameOp::Hello | FrameOp::Error | FrameOp::Notify | FrameOp::ImportAck => h.len as usize,
+        _ => 0,
+    }
+}
+
+/// Bulk bytes after the tag (not covered by it): the payload of WRITE and DATA.
+pub fn payload_len(h: &Header) -> u64 {
+    match h.op {
+        FrameOp::Write | FrameOp::Data => h.len,
+        _ => 0,
+    }
+}
+
 /// Encodes `h` with its checksum.
 pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
     b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
-    b[2] = h.op.version();
+    b[2] = VERSION;
     b[3] = h.op as u8;
     b[4..8].copy_from_slice(&h.status.to_le_bytes());
     b[8..16].copy_from_slice(&h.id.to_le_bytes());
-    b[16..24].copy_from_slice(&h.key.to_le_bytes());
-    b[24..32].copy_from_slice(&h.addr.to_le_bytes());
-    b[32..40].copy_from_slice(&h.len.to_le_bytes());
-    b[40..44].copy_from_slice(&h.count.to_le_bytes());
-    let crc = crc32c::crc32c(&b[..44]);
-    b[44..48].copy_from_slice(&crc.to_le_bytes());
+    b[16..32].copy_from_slice(&h.key.to_le_bytes());
+    b[32..40].copy_from_slice(&h.addr.to_le_bytes());
+    b[40..48].copy_from_slice(&h.len.to_le_bytes());
+    b[48..52].copy_from_slice(&h.count.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..52]);
+    b[52..56].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
 fn bad(why: impl Into<String>) -> Error {
     Error::InvalidMetadata(why.into())
+}
+
+fn u128_at(r: &mut Reader<'_>) -> Result<u128> {
+    let b = r.take(16)?;
+    let mut a = [0u8; 16];
+    a.copy_from_slice(b);
+    Ok(u128::from_le_bytes(a))
 }
 
 /// Decodes and checks a frame header: magic, version, checksum, a known op, and
@@ -219,32 +376,26 @@ pub fn decode_header(buf: &[u8]) -> Result<Header> {
         return Err(bad(format!("frame magic {magic:#06x}, want {MAGIC:#06x}")));
     }
     let version = r.u8()?;
-    if version != VERSION && version != VERSION_REVOKE {
+    if version != VERSION {
         return Err(bad(format!(
-            "frame version {version}, this side speaks {VERSION} and {VERSION_REVOKE}"
+            "frame version {version}, this side speaks {VERSION}; upgrade both peers"
         )));
     }
     let op_byte = r.u8()?;
     let status = r.u32()?;
     let id = r.u64()?;
-    let key = r.u64()?;
+    let key = u128_at(&mut r)?;
     let addr = r.u64()?;
     let len = r.u64()?;
     let count = r.u32()?;
     let crc = r.u32()?;
-    let want = crc32c::crc32c(&head[..44]);
+    let want = crc32c::crc32c(&head[..52]);
     if crc != want {
         return Err(bad(format!(
             "frame header checksum {crc:#010x}, computed {want:#010x}"
         )));
     }
     let op = FrameOp::from_u8(op_byte).ok_or_else(|| bad(format!("unknown frame op {op_byte}")))?;
-    if version != op.version() {
-        return Err(bad(format!(
-            "{op:?} frame of version {version}, want {}",
-            op.version()
-        )));
-    }
     let h = Header {
         op,
         status,
@@ -266,11 +417,18 @@ pub fn decode_header(buf: &[u8]) -> Result<Header> {
             }
             MAX_FRAME_BYTES
         }
+        FrameOp::Import => {
+            if len == 0 {
+                return Err(bad("IMPORT of zero bytes"));
+            }
+            u64::MAX
+        }
         FrameOp::Data => MAX_FRAME_BYTES,
         FrameOp::Hello => MAX_NAME,
         FrameOp::Error => MAX_ERROR_MESSAGE,
         FrameOp::Notify => MAX_NOTIFY,
-        FrameOp::HelloAck | FrameOp::Ack | FrameOp::Revoke | FrameOp::RevokeAck => 0,
+        FrameOp::ImportAck => MAX_IMPORT_ACK,
+        FrameOp::HelloAck | FrameOp::Ack | FrameOp::Revoke | FrameOp::RevokeAck | FrameOp::Bye => 0,
     };
     if len > limit {
         return Err(bad(format!("{op:?} frame of {len} bytes exceeds {limit}")));
@@ -285,7 +443,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Header> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct WireSegment {
     /// Remote key of the registration the range lies in.
-    pub key: u64,
+    pub key: u128,
     /// Target virtual address.
     pub addr: u64,
     /// Length in bytes (> 0).
@@ -340,7 +498,7 @@ pub fn decode_segments(h: &Header, table: &[u8], out: &mut Vec<WireSegment>) -> 
     let mut total = 0u64;
     for _ in 0..h.count {
         let s = WireSegment {
-            key: r.u64()?,
+            key: u128_at(&mut r)?,
             addr: r.u64()?,
             len: r.u64()?,
         };
@@ -372,7 +530,7 @@ mod tests {
             op: FrameOp::Read,
             status: 0,
             id: 42,
-            key: 0xdead_beef,
+            key: 0xdead_beef_0000_0000_0000_0000_1234_5678,
             addr: 0x7f00_0000_1000,
             len: 1 << 20,
             count: 3,
@@ -387,7 +545,7 @@ mod tests {
                 "byte {i}"
             );
         }
-        assert!(decode_header(&b[..47]).is_err());
+        assert!(decode_header(&b[..HEADER_LEN - 1]).is_err());
         let big = Header {
             len: MAX_FRAME_BYTES + 1,
             ..h
@@ -398,43 +556,85 @@ mod tests {
             ..h
         };
         assert!(decode_header(&encode_header(&notify_with_count)).is_err());
+        // An older version (64-bit keys) is refused even with a valid checksum.
+        let mut old = b;
+        old[2] = 2;
+        let crc = crc32c::crc32c(&old[..52]);
+        old[52..56].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            decode_header(&old),
+            Err(Error::InvalidMetadata(_))
+        ));
     }
 
     #[test]
-    fn revoke_frames_are_version_2_only() {
-        for op in [FrameOp::Revoke, FrameOp::RevokeAck] {
+    fn control_frames_carry_no_payload_but_their_body() {
+        for op in [
+            FrameOp::Revoke,
+            FrameOp::RevokeAck,
+            FrameOp::Bye,
+            FrameOp::HelloAck,
+        ] {
             let h = Header {
                 id: 3,
                 key: 0xfeed,
                 ..Header::new(op)
             };
-            let b = encode_header(&h);
-            assert_eq!(b[2], VERSION_REVOKE);
-            assert_eq!(decode_header(&b).unwrap(), h);
-            // The same op claimed as version 1, or with a payload, is refused.
-            let mut v1 = b;
-            v1[2] = VERSION;
-            let crc = crc32c::crc32c(&v1[..44]);
-            v1[44..48].copy_from_slice(&crc.to_le_bytes());
-            assert!(matches!(decode_header(&v1), Err(Error::InvalidMetadata(_))));
+            assert_eq!(decode_header(&encode_header(&h)).unwrap(), h);
+            assert_eq!((body_len(&h), payload_len(&h)), (0, 0));
             let long = Header { len: 1, ..h };
             assert!(matches!(
                 decode_header(&encode_header(&long)),
                 Err(Error::InvalidMetadata(_))
             ));
         }
-        // Version-1 ops stay version 1 on the wire (a version-1 peer understands them).
-        let w = encode_header(&Header {
-            count: 1,
-            len: 1,
+        let ack = Header {
+            len: MAX_IMPORT_ACK,
+            ..Header::new(FrameOp::ImportAck)
+        };
+        assert_eq!(body_len(&decode_header(&encode_header(&ack)).unwrap()), 256);
+        let too_long = Header {
+            len: MAX_IMPORT_ACK + 1,
+            ..ack
+        };
+        assert!(decode_header(&encode_header(&too_long)).is_err());
+        let import = Header {
+            len: 1 << 40,
+            ..Header::new(FrameOp::Import)
+        };
+        assert_eq!(
+            body_len(&import),
+            0,
+            "an IMPORT's len is a range, not a body"
+        );
+        let w = Header {
+            len: 10,
+            count: 2,
             ..Header::new(FrameOp::Write)
+        };
+        assert_eq!((body_len(&w), payload_len(&w)), (2 * SEGMENT_LEN + 4, 10));
+    }
+
+    #[test]
+    fn preambles_round_trip_and_refuse_others() {
+        for kind in [ChannelKind::Data, ChannelKind::Control] {
+            for auth in [false, true] {
+                let p = Preamble { kind, auth };
+                assert_eq!(decode_preamble(&encode_preamble(&p)).unwrap(), p);
+                let a = Answer { auth, ok: !auth };
+                assert_eq!(decode_answer(&encode_answer(&a)).unwrap(), a);
+            }
+        }
+        let p = encode_preamble(&Preamble {
+            kind: ChannelKind::Data,
+            auth: true,
         });
-        assert_eq!(w[2], VERSION);
-        let mut v2 = w;
-        v2[2] = VERSION_REVOKE;
-        let crc = crc32c::crc32c(&v2[..44]);
-        v2[44..48].copy_from_slice(&crc.to_le_bytes());
-        assert!(matches!(decode_header(&v2), Err(Error::InvalidMetadata(_))));
+        assert!(decode_answer(&p).is_err(), "a preamble is not an answer");
+        let mut v2 = p;
+        v2[4] = 2;
+        assert!(decode_preamble(&v2).is_err());
+        assert!(decode_preamble(&encode_header(&Header::new(FrameOp::Hello))[..8]).is_err());
+        assert_ne!(PURPOSE_DATA, PURPOSE_CONTROL);
     }
 
     #[test]
@@ -446,7 +646,7 @@ mod tests {
                 len: 10,
             },
             WireSegment {
-                key: 2,
+                key: u128::MAX,
                 addr: 300,
                 len: 20,
             },
@@ -458,6 +658,7 @@ mod tests {
         };
         let mut t = Vec::new();
         encode_segments(&segs, &mut t);
+        assert_eq!(t.len(), h.table_len());
         let mut out = Vec::new();
         decode_segments(&h, &t, &mut out).unwrap();
         assert_eq!(out, segs);
@@ -471,6 +672,8 @@ mod tests {
         #[test]
         fn random_bytes_never_panic(v in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_header(&v);
+            let _ = decode_preamble(&v);
+            let _ = decode_answer(&v);
             let _ = ConnectionInfo::decode(&v);
             let _ = RemoteKey::decode(&v);
             if let Ok(h) = decode_header(&v) {
@@ -480,26 +683,25 @@ mod tests {
         }
 
         #[test]
-        fn valid_headers_with_random_fields(op in 0u8..=12, version in 0u8..=3, status: u32, id: u64, key: u64, addr: u64, len: u64, count: u32, flip in 0usize..HEADER_LEN) {
+        fn valid_headers_with_random_fields(op in 0u8..=15, version in 1u8..=4, status: u32, id: u64, key: u128, addr: u64, len: u64, count: u32, flip in 0usize..HEADER_LEN) {
             let mut b = [0u8; HEADER_LEN];
             b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
             b[2] = version;
             b[3] = op;
             b[4..8].copy_from_slice(&status.to_le_bytes());
             b[8..16].copy_from_slice(&id.to_le_bytes());
-            b[16..24].copy_from_slice(&key.to_le_bytes());
-            b[24..32].copy_from_slice(&addr.to_le_bytes());
-            b[32..40].copy_from_slice(&len.to_le_bytes());
-            b[40..44].copy_from_slice(&count.to_le_bytes());
-            let crc = crc32c::crc32c(&b[..44]);
-            b[44..48].copy_from_slice(&crc.to_le_bytes());
+            b[16..32].copy_from_slice(&key.to_le_bytes());
+            b[32..40].copy_from_slice(&addr.to_le_bytes());
+            b[40..48].copy_from_slice(&len.to_le_bytes());
+            b[48..52].copy_from_slice(&count.to_le_bytes());
+            let crc = crc32c::crc32c(&b[..52]);
+            b[52..56].copy_from_slice(&crc.to_le_bytes());
             match decode_header(&b) {
                 Err(e) => prop_assert!(matches!(e, Error::InvalidMetadata(_)), "{e:?}"),
                 Ok(h) => {
-                    // Each op has exactly one version; REVOKE/REVOKE_ACK only in 2.
-                    prop_assert_eq!(version, h.op.version());
-                    prop_assert!(matches!(h.op, FrameOp::Revoke | FrameOp::RevokeAck) == (version == VERSION_REVOKE));
-                    prop_assert!((1..=10).contains(&op));
+                    prop_assert_eq!(version, VERSION);
+                    prop_assert!((1..=13).contains(&op));
+                    prop_assert!(body_len(&h) as u64 <= MAX_NOTIFY.max(u64::from(MAX_SEGMENTS) * SEGMENT_LEN as u64 + 4));
                 }
             }
             if let Ok(h) = decode_header(&b) {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kv_backend_tcp::wire::{self, ConnectionInfo, FrameOp, Header, RemoteKey, HEADER_LEN};
+use kv_backend_tcp::wire::{ChannelKind, ConnectionInfo, FrameOp, Header, RemoteKey};
 use kv_backend_tcp::{Options, Path, TcpBackend};
 use kv_core::conformance::{pattern, wait};
 use kv_core::{
@@ -19,9 +19,8 @@ use kv_core::{
 };
 use kv_mem::HostBuffer;
 
-fn backend(name: &str, opts: Options) -> TcpBackend {
-    TcpBackend::new(&kv_core::BackendInit::new(name), opts).expect("tcp backend")
-}
+mod common;
+use common::{backend, secret, Raw};
 
 fn req(op: Op, peer: EndpointId, l: Descriptor, r: Descriptor) -> TransferRequest {
     TransferRequest {
@@ -34,27 +33,14 @@ fn req(op: Op, peer: EndpointId, l: Descriptor, r: Descriptor) -> TransferReques
     }
 }
 
-/// A raw protocol client: connects to `b` and does the HELLO handshake.
-fn raw_client(b: &TcpBackend) -> TcpStream {
-    let info = ConnectionInfo::decode(&b.connection_info().unwrap()).unwrap();
-    let mut s = TcpStream::connect(b.local_addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let name = b"raw";
-    let h = Header {
-        key: info.instance,
-        len: name.len() as u64,
-        ..Header::new(FrameOp::Hello)
-    };
-    s.write_all(&wire::encode_header(&h)).unwrap();
-    s.write_all(name).unwrap();
-    let mut ack = [0u8; HEADER_LEN];
-    s.read_exact(&mut ack).unwrap();
-    assert_eq!(wire::decode_header(&ack).unwrap().op, FrameOp::HelloAck);
-    s
+/// A raw protocol client with the cluster secret: connects to `b` and authenticates.
+fn raw_client(b: &TcpBackend) -> Raw {
+    Raw::connect(b, ChannelKind::Data, Some(secret()), "raw").expect("raw client")
 }
 
-/// Sends a WRITE header for `len` bytes at `addr` of the registration `key`.
-fn start_write(s: &mut TcpStream, key: u64, addr: u64, len: u64) {
+/// Sends a WRITE header (tagged) for `len` bytes at `addr` of the registration `key`;
+/// the payload is the caller's to send.
+fn start_write(r: &mut Raw, key: u128, addr: u64, len: u64) -> TcpStream {
     let h = Header {
         id: 1,
         key,
@@ -63,7 +49,8 @@ fn start_write(s: &mut TcpStream, key: u64, addr: u64, len: u64) {
         count: 1,
         ..Header::new(FrameOp::Write)
     };
-    s.write_all(&wire::encode_header(&h)).unwrap();
+    r.send_frame(&h, &[]).unwrap();
+    r.s.try_clone().unwrap()
 }
 
 /// Sends one payload byte every `every` until a write fails (the target closed the
@@ -102,8 +89,8 @@ fn deregister_stops_a_trickling_served_write() {
             .unwrap()
     };
     let key = RemoteKey::decode(&b.remote_key(rb).unwrap()).unwrap().key;
-    let mut s = raw_client(&b);
-    start_write(&mut s, key, r.descriptor().addr, 1 << 20);
+    let mut c = raw_client(&b);
+    let s = start_write(&mut c, key, r.descriptor().addr, 1 << 20);
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
     let t = std::thread::spawn(move || {
@@ -149,8 +136,8 @@ fn a_served_request_has_an_absolute_time_limit() {
             .unwrap()
     };
     let key = RemoteKey::decode(&b.remote_key(rb).unwrap()).unwrap().key;
-    let mut s = raw_client(&b);
-    start_write(&mut s, key, r.descriptor().addr, 1 << 20);
+    let mut c = raw_client(&b);
+    let s = start_write(&mut c, key, r.descriptor().addr, 1 << 20);
     let stop = AtomicBool::new(false);
     // One byte every 20 ms is progress (no stall) but finishes 1 MiB only in hours.
     let kept = trickle(s, Duration::from_millis(20), Duration::from_secs(5), &stop);
@@ -196,26 +183,12 @@ fn same_host_writes_stop_when_the_peer_deregisters() {
         let l = shared_or_heap(LEN, false, 1);
         let r = shared_or_heap(LEN, shared, 2);
         // SAFETY: the buffers outlive the registrations (backends dropped first).
-        let (_la, rb) = unsafe {
-            (
-                a.register(MemKind::Dram, &l.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-                b.register(MemKind::Dram, &r.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-            )
-        };
-        let peer = a.connect("b", &b.connection_info().unwrap()).unwrap();
+        let (_la, rb, peer) =
+            unsafe { common::wire_pair(&a, &b, &l.descriptor(), &r.descriptor()) };
         if !a.uses_cma(peer).unwrap() {
             eprintln!("skipping: no same-host path here (ptrace_scope?)");
             return;
         }
-        a.import_remote(
-            peer,
-            MemKind::Dram,
-            &r.descriptor(),
-            &b.remote_key(rb).unwrap(),
-        )
-        .unwrap();
         let w = req(Op::Write, peer, l.descriptor(), r.descriptor());
         let id = a.prepare(&w).unwrap();
         let want = if shared {
@@ -255,8 +228,9 @@ fn same_host_writes_stop_when_the_peer_deregisters() {
     }
 }
 
-/// Review defect 3: a thread per connection without a cap. Extra connections are
-/// closed at once.
+/// Review defect 3: a thread per connection without a cap. Authenticated connections
+/// beyond `max_connections` are refused after their handshake; once one closes, a new
+/// one is served again.
 #[test]
 fn connections_beyond_the_cap_are_closed() {
     let b = backend(
@@ -266,43 +240,77 @@ fn connections_beyond_the_cap_are_closed() {
             ..opts_with_io_timeout(2_000)
         },
     );
-    let _c1 = raw_client(&b);
+    let c1 = raw_client(&b);
     let _c2 = raw_client(&b);
-    let mut c3 = TcpStream::connect(b.local_addr()).unwrap();
-    c3.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut got = [0u8; 1];
     let start = Instant::now();
-    let r = c3.read(&mut got);
+    let third = Raw::connect(&b, ChannelKind::Data, Some(secret()), "raw");
     assert!(
-        matches!(r, Ok(0)) || r.is_err() && start.elapsed() < Duration::from_secs(2),
-        "third connection: {r:?} after {:?}",
-        start.elapsed()
+        third.is_err(),
+        "a third authenticated connection was served"
     );
     assert!(start.elapsed() < Duration::from_secs(2));
     // Once one closes, a new connection is served again.
-    drop(_c1);
+    drop(c1);
     let end = Instant::now() + Duration::from_secs(3);
-    loop {
-        std::thread::sleep(Duration::from_millis(30));
-        let info = ConnectionInfo::decode(&b.connection_info().unwrap()).unwrap();
-        let mut s = TcpStream::connect(b.local_addr()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let h = Header {
-            key: info.instance,
-            len: 1,
-            ..Header::new(FrameOp::Hello)
-        };
-        let ok = s.write_all(&wire::encode_header(&h)).is_ok()
-            && s.write_all(b"x").is_ok()
-            && s.read_exact(&mut [0u8; HEADER_LEN]).is_ok();
-        if ok {
-            break;
-        }
+    while Raw::connect(&b, ChannelKind::Data, Some(secret()), "raw").is_err() {
         assert!(
             Instant::now() < end,
             "no connection accepted after one closed"
         );
+        std::thread::sleep(Duration::from_millis(30));
     }
+}
+
+/// Issue 15 item 7 (in one process; `two_process.rs` has the two-process version):
+/// connections that never authenticate are closed after `handshake_timeout`, the
+/// oldest first when more than `max_pending` wait, and never take an authenticated
+/// peer's place — with every `max_connections` slot's worth of them open, a real peer
+/// still connects and moves data.
+#[test]
+fn idle_unauthenticated_connections_never_push_a_peer_out() {
+    let o = Options {
+        max_connections: 8,
+        max_pending: 4,
+        handshake_timeout: Duration::from_millis(500),
+        same_host: false,
+        ..Options::default()
+    };
+    let (a, b) = (backend("a", o.clone()), backend("b", o));
+    let idle: Vec<TcpStream> = (0..12)
+        .map(|_| TcpStream::connect(b.local_addr()).unwrap())
+        .collect();
+    // A peer without the secret is refused, and is just as pending meanwhile.
+    let other = kv_core::auth::ClusterSecret::generate().unwrap();
+    assert!(Raw::connect(&b, ChannelKind::Data, Some(&other), "intruder").is_err());
+    assert!(Raw::connect(&b, ChannelKind::Data, None, "intruder").is_err());
+    let l = HostBuffer::alloc(1 << 20, 4096).unwrap();
+    let r = HostBuffer::alloc(1 << 20, 4096).unwrap();
+    // SAFETY: the buffers outlive the registrations (backends dropped first).
+    let (_la, _rb, peer) = unsafe { common::wire_pair(&a, &b, &l.descriptor(), &r.descriptor()) };
+    let id = a
+        .prepare(&req(Op::Write, peer, l.descriptor(), r.descriptor()))
+        .unwrap();
+    // SAFETY: `l` stays registered until the transfer finished.
+    unsafe { a.post(id, &PostOptions::default()).unwrap() };
+    let st = wait(&a, None, id, Duration::from_secs(10));
+    assert!(matches!(st, Status::Done), "{st:?}");
+    // Every idle connection is closed within the handshake deadline (plus slack).
+    let end = Instant::now() + Duration::from_secs(3);
+    for mut s in idle {
+        s.set_read_timeout(Some(
+            end.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .unwrap();
+        let mut one = [0u8; 1];
+        let r = s.read(&mut one);
+        assert!(
+            matches!(r, Ok(0))
+                || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "an idle connection was kept: {r:?}"
+        );
+    }
+    drop((a, b));
 }
 
 /// Review defect 3: the notification inbox was unbounded. Beyond `max_inbox` the
@@ -344,29 +352,21 @@ fn the_notification_inbox_is_bounded() {
 /// and lane completion for that peer for up to `io_timeout`.
 #[test]
 fn a_stuck_control_connection_does_not_block_other_notifications() {
-    // A fake peer that answers HELLO and then never reads.
+    // A fake peer that authenticates, answers HELLO and then never reads.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let info = ConnectionInfo {
         agent: "fake".into(),
         addr: l.local_addr().unwrap().to_string(),
         host: "elsewhere".into(),
+        local: String::new(),
         pid: 1,
         instance: 77,
         probe_addr: 0,
     };
     let held = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        let mut h = [0u8; HEADER_LEN];
-        s.read_exact(&mut h).unwrap();
-        let hello = wire::decode_header(&h).unwrap();
-        s.read_exact(&mut vec![0u8; hello.len as usize]).unwrap();
-        let ack = Header {
-            key: 77,
-            ..Header::new(FrameOp::HelloAck)
-        };
-        s.write_all(&wire::encode_header(&ack)).unwrap();
+        let r = Raw::accept(&l, secret(), 77).unwrap();
         std::thread::sleep(Duration::from_secs(4));
-        s
+        r
     });
     let a = Arc::new(backend("a", opts_with_io_timeout(1_500)));
     let peer = a.connect("fake", &info.encode().unwrap()).unwrap();

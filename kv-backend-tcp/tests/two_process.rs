@@ -6,7 +6,14 @@
 //! and expect a bounded error.
 //!
 //! The child talks over stdin/stdout lines prefixed `KVCHILD`; it exits on stdin EOF
-//! (so it never outlives a dead parent) and after a hard limit of 120 s.
+//! (so it never outlives a dead parent) and after a hard limit of 120 s. Both sides use
+//! the test binary's cluster secret (handed to the child in its environment).
+//!
+//! Faults (issue 15): a child stopped with SIGSTOP for twice the deadline makes every
+//! transfer end `TimedOut` within the deadline plus a second, and after SIGCONT a new
+//! transfer is byte-exact; hundreds of idle connections to the child's port neither
+//! keep threads forever nor push a real peer out; a peer with another secret moves
+//! nothing.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -17,10 +24,12 @@ use bytes::Bytes;
 use kv_backend_tcp::{Options, Path, TcpBackend};
 use kv_core::conformance::{pattern, wait};
 use kv_core::{
-    Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions, Status,
-    TransferRequest,
+    Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions,
+    RegistrationId, Status, TransferRequest,
 };
 use kv_mem::HostBuffer;
+
+mod common;
 
 const CHILD_ENV: &str = "KV_TCP_TWO_PROCESS_CHILD";
 
@@ -70,8 +79,12 @@ fn child_role() {
             }
         }
     });
+    let secret = std::env::var("KV_TCP_CHILD_SECRET")
+        .ok()
+        .and_then(|h| kv_core::auth::ClusterSecret::from_hex(&h).ok())
+        .expect("the parent hands the child its cluster secret");
     let b = TcpBackend::new(
-        &kv_core::BackendInit::new("child"),
+        &kv_core::BackendInit::new("child").with_secret(secret),
         Options {
             same_host,
             ..Options::default()
@@ -123,6 +136,10 @@ fn child_role() {
                 mem.as_mut_slice().copy_from_slice(&pattern(seed, len));
                 say(format!("CRC {} true", crc32c::crc32c(mem.as_slice())));
             }
+            (Some("THREADS"), _) => {
+                let n = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+                say(format!("THREADS {n}"));
+            }
             (Some("EXIT"), _) => break,
             _ => say(format!("ERR unknown command {cmd:?}")),
         }
@@ -153,6 +170,7 @@ impl ChildProc {
                 "--test-threads=1",
             ])
             .env(CHILD_ENV, "1")
+            .env("KV_TCP_CHILD_SECRET", common::secret().to_hex())
             .env("KV_TCP_CHILD_LEN", len.to_string())
             .env("KV_TCP_CHILD_SAME_HOST", same_host.to_string())
             .env(
@@ -248,14 +266,13 @@ impl Drop for ChildProc {
 }
 
 fn parent(same_host: bool) -> TcpBackend {
-    TcpBackend::new(
-        &kv_core::BackendInit::new("parent"),
+    common::backend(
+        "parent",
         Options {
             same_host,
             ..Options::default()
         },
     )
-    .expect("parent backend")
 }
 
 fn request(op: Op, peer: EndpointId, l: Descriptor, r: Descriptor) -> TransferRequest {
@@ -362,12 +379,17 @@ fn two_process_shared_memory() {
     write_then_read(Path::SharedMemory);
 }
 
-fn kill_mid_transfer(path: Path) {
-    const LEN: usize = 128 << 20;
-    let mut child = ChildProc::spawn(LEN, path);
-    let a = parent(path != Path::Tcp);
-    let src = HostBuffer::alloc(LEN, 4096).unwrap();
-    // SAFETY: `src` outlives its registration (deregistered below).
+/// Registers `src` on `a` (read-write), connects `a` to the child and imports the
+/// child's memory: the registration and the peer.
+///
+/// # Safety
+/// `src` must stay allocated until the registration is deregistered.
+unsafe fn wire_to_child(
+    a: &TcpBackend,
+    src: &HostBuffer,
+    child: &ChildProc,
+) -> (RegistrationId, EndpointId) {
+    // SAFETY: the caller keeps `src` allocated while it is registered.
     let rs = unsafe {
         a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
             .unwrap()
@@ -375,6 +397,16 @@ fn kill_mid_transfer(path: Path) {
     let peer = a.connect("child", &child.info).unwrap();
     a.import_remote(peer, MemKind::Dram, &child.desc, &child.key)
         .unwrap();
+    (rs, peer)
+}
+
+fn kill_mid_transfer(path: Path) {
+    const LEN: usize = 128 << 20;
+    let mut child = ChildProc::spawn(LEN, path);
+    let a = parent(path != Path::Tcp);
+    let src = HostBuffer::alloc(LEN, 4096).unwrap();
+    // SAFETY: `src` outlives its registration (deregistered below).
+    let (rs, peer) = unsafe { wire_to_child(&a, &src, &child) };
     // Many small descriptors so the transfer takes a while.
     let local =
         DescriptorList::strided(src.descriptor().addr, 4096, (LEN / 4096) as u64, 4096, 0).unwrap();
@@ -445,4 +477,162 @@ fn killed_child_fails_the_transfer_same_host() {
 #[test]
 fn killed_child_fails_the_transfer_shared_memory() {
     kill_mid_transfer(Path::SharedMemory);
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill(2) with our own child's pid and a standard signal.
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill({sig})");
+}
+
+/// Issue 15 item 4: with `same_host=false` a 10 s deadline fired at 35–70 s while the
+/// peer was stopped — a lane thread sat in the HELLO of a new connection without the
+/// transfer's deadline, once per queued transfer. Now every transfer to a peer stopped
+/// for twice the deadline ends `TimedOut` within the deadline plus a second, neither
+/// side crashes, and after SIGCONT a new transfer lands byte-exact.
+#[test]
+fn stalled_peer_times_out_within_the_deadline_tcp() {
+    const LEN: usize = 8 << 20;
+    let mut child = ChildProc::spawn(LEN, Path::Tcp);
+    let a = parent(false);
+    let mut src = HostBuffer::alloc(LEN, 4096).unwrap();
+    src.as_mut_slice().copy_from_slice(&pattern(3003, LEN));
+    // SAFETY: `src` outlives its registration (deregistered below).
+    let (rs, peer) = unsafe { wire_to_child(&a, &src, &child) };
+    let w = request(Op::Write, peer, src.descriptor(), child.desc);
+    // One transfer first, so the lanes hold connections.
+    let id = a.prepare(&w).unwrap();
+    let opts = |d: Duration| PostOptions {
+        notification: None,
+        deadline: Some(Instant::now() + d),
+    };
+    // SAFETY (every post below): `src` stays registered until the transfer finished.
+    unsafe { a.post(id, &opts(Duration::from_secs(20))).unwrap() };
+    assert!(matches!(
+        wait(&a, None, id, Duration::from_secs(20)),
+        Status::Done
+    ));
+    let deadline = Duration::from_secs(2);
+    signal(&child.child, libc::SIGSTOP);
+    let stopped = Instant::now();
+    // Several transfers in flight at once: later ones queue behind earlier ones on the
+    // lanes and each needs a new connection once the first broke.
+    let ids: Vec<_> = (0..4).map(|_| a.prepare(&w).unwrap()).collect();
+    let posted = Instant::now();
+    for t in &ids {
+        unsafe { a.post(*t, &opts(deadline)).unwrap() };
+    }
+    for t in &ids {
+        let st = wait(&a, None, *t, deadline * 4);
+        let took = posted.elapsed();
+        assert!(
+            matches!(st, Status::Failed(Error::TimedOut { .. })),
+            "transfer to a stopped peer: {st:?} after {took:?}"
+        );
+        assert!(
+            took <= deadline + Duration::from_secs(1),
+            "TimedOut only after {took:?} (deadline {deadline:?})"
+        );
+    }
+    // Keep it stopped for twice the deadline, then let it go on.
+    std::thread::sleep((deadline * 2).saturating_sub(stopped.elapsed()));
+    signal(&child.child, libc::SIGCONT);
+    src.as_mut_slice().copy_from_slice(&pattern(3004, LEN));
+    unsafe { a.post(id, &opts(Duration::from_secs(20))).unwrap() };
+    let st = wait(&a, None, id, Duration::from_secs(20));
+    assert!(matches!(st, Status::Done), "after SIGCONT: {st:?}");
+    let (crc, exact) = child.crc("CHECK 3004");
+    assert!(exact, "the transfer after SIGCONT is not byte-exact");
+    assert_eq!(crc, crc32c::crc32c(src.as_slice()));
+    for t in ids.into_iter().chain([id]) {
+        a.release(t).unwrap();
+    }
+    a.deregister(rs).unwrap();
+    child.finish();
+}
+
+/// Issue 15 item 7: 256 idle zero-byte connections to the data port were held forever
+/// (a thread each) and made a legitimate peer's transfer fail. Now they are pending
+/// (not authenticated), capped apart and closed after the handshake deadline: with 300
+/// of them open, a real peer still moves data, the child's thread count stays bounded,
+/// and a peer with another cluster secret is refused and moves nothing.
+#[test]
+fn idle_connections_neither_pile_up_nor_push_a_peer_out_tcp() {
+    const LEN: usize = 1 << 20;
+    let mut child = ChildProc::spawn(LEN, Path::Tcp);
+    let info = kv_backend_tcp::wire::ConnectionInfo::decode(&child.info).unwrap();
+    let addr: std::net::SocketAddr = info.addr.parse().unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    assert!(
+        idle.len() >= 256,
+        "only {} idle connections opened",
+        idle.len()
+    );
+    // Let the listener take them all.
+    std::thread::sleep(Duration::from_millis(300));
+    child.send("THREADS");
+    let threads: usize = child.expect("THREADS ").parse().unwrap();
+    assert!(
+        threads < 120,
+        "{threads} threads in the child for {} idle connections",
+        idle.len()
+    );
+    // A peer with another secret cannot connect, let alone write.
+    let intruder = TcpBackend::new(
+        &kv_core::BackendInit::new("intruder")
+            .with_secret(kv_core::auth::ClusterSecret::generate().unwrap()),
+        Options {
+            same_host: false,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let refused = intruder.connect("child", &child.info);
+    assert!(
+        matches!(refused, Err(Error::Unauthenticated(_))),
+        "{refused:?}"
+    );
+    // The real peer moves data while the idle connections are open.
+    let a = parent(false);
+    let mut src = HostBuffer::alloc(LEN, 4096).unwrap();
+    src.as_mut_slice().copy_from_slice(&pattern(5005, LEN));
+    // SAFETY: `src` outlives its registration (deregistered below).
+    let (rs, peer) = unsafe { wire_to_child(&a, &src, &child) };
+    let id = a
+        .prepare(&request(Op::Write, peer, src.descriptor(), child.desc))
+        .unwrap();
+    let opts = PostOptions {
+        notification: None,
+        deadline: Some(Instant::now() + Duration::from_secs(10)),
+    };
+    // SAFETY: `src` stays registered until the transfer finished.
+    unsafe { a.post(id, &opts).unwrap() };
+    let st = wait(&a, None, id, Duration::from_secs(10));
+    assert!(
+        matches!(st, Status::Done),
+        "with idle connections open: {st:?}"
+    );
+    let (_, exact) = child.crc("CHECK 5005");
+    assert!(exact);
+    // The idle connections are closed by the handshake deadline (3 s) plus slack.
+    let end = Instant::now() + Duration::from_secs(6);
+    let mut open = 0;
+    for mut s in idle {
+        use std::io::Read;
+        let left = end.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        if matches!(s.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            open += 1;
+        }
+    }
+    assert_eq!(
+        open, 0,
+        "idle connections still open after the handshake deadline"
+    );
+    a.release(id).unwrap();
+    a.deregister(rs).unwrap();
+    child.finish();
 }
