@@ -568,14 +568,33 @@ pub fn interface_of(ip: IpAddr) -> Option<String> {
     found
 }
 
-/// Shuts down (`shutdown(2)`, both directions) this process's sockets whose inode is in
-/// `inodes`, without closing any fd: each fd is `dup`ed and checked (`fstat`) to still be
-/// that socket first, so an fd number reused meanwhile is left alone. Returns how many.
-pub fn shutdown_sockets(inodes: &std::collections::HashSet<u64>) -> usize {
+/// One of this process's sockets, held by a duplicate fd of our own (so the fd number
+/// the owner uses is never touched and cannot be reused under us).
+pub struct HeldSocket {
+    fd: std::os::fd::OwnedFd,
+    /// Its inode (as in `/proc/net/tcp`).
+    pub inode: u64,
+    /// Bytes the kernel received on it so far (`TCP_INFO`).
+    pub bytes_received: u64,
+}
+
+impl HeldSocket {
+    /// `shutdown(2)` both directions: the owner's fd stays valid and sees the end.
+    pub fn shutdown(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown of a socket fd we own; it releases no fd.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) == 0 }
+    }
+}
+
+/// This process's TCP sockets whose inode is in `inodes`, each `dup`ed and checked
+/// (`fstat`) to still be that socket, with what `TCP_INFO` says it received.
+pub fn hold_sockets(inodes: &std::collections::HashSet<u64>) -> Vec<HeldSocket> {
+    use std::os::fd::{AsRawFd, FromRawFd};
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return 0;
+        return Vec::new();
     };
-    let mut n = 0;
+    let mut out = Vec::new();
     for e in dir.flatten() {
         let Ok(target) = std::fs::read_link(e.path()) else {
             continue;
@@ -588,33 +607,43 @@ pub fn shutdown_sockets(inodes: &std::collections::HashSet<u64>) -> usize {
         else {
             continue;
         };
-        if !inodes.contains(&ino) {
+        if !inodes.contains(&ino) || out.iter().any(|h: &HeldSocket| h.inode == ino) {
             continue;
         }
         let Some(fd) = e.file_name().to_str().and_then(|f| f.parse::<c_int>().ok()) else {
             continue;
         };
-        // SAFETY: dup of an fd number; the copy is ours and closed below.
+        // SAFETY: dup of an fd number; the copy is ours.
         let d = unsafe { libc::dup(fd) };
         if d < 0 {
             continue;
         }
-        // SAFETY: `st` is a plain struct fstat fills; `d` is our open fd.
-        let same = unsafe {
+        // SAFETY: `d` is a fresh fd nobody else owns; OwnedFd closes it once.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(d) };
+        // SAFETY: plain structs the kernel fills; `fd` is open.
+        let (same, bytes_received) = unsafe {
             let mut st: libc::stat = std::mem::zeroed();
-            libc::fstat(d, &mut st) == 0 && st.st_ino == ino
+            let same = libc::fstat(fd.as_raw_fd(), &mut st) == 0 && st.st_ino == ino;
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let ok = libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                &mut info as *mut libc::tcp_info as *mut c_void,
+                &mut len,
+            ) == 0;
+            (same, if ok { info.tcpi_bytes_received } else { 0 })
         };
         if same {
-            // SAFETY: `d` refers to the socket we meant (checked above); shutdown does
-            // not release any fd, so the owner's fd stays valid.
-            if unsafe { libc::shutdown(d, libc::SHUT_RDWR) } == 0 {
-                n += 1;
-            }
+            out.push(HeldSocket {
+                fd,
+                inode: ino,
+                bytes_received,
+            });
         }
-        // SAFETY: closing our own duplicate once.
-        unsafe { libc::close(d) };
     }
-    n
+    out
 }
 
 /// Runs `f` with a `FILE *` that writes into memory and returns what it wrote

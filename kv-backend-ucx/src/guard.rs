@@ -7,8 +7,9 @@
 //! watches from outside: it learns UCX's listening ports when the worker is created
 //! (new listening sockets whose port is in the worker address), and when more than
 //! `max_connections` accepted connections to them exist it shuts down (`shutdown(2)`,
-//! never `close`: the fd stays UCX's) the newest ones beyond the cap; UCX then sees the
-//! connection end and closes it itself. Established peers (older connections) stay.
+//! never `close`: the fd stays UCX's) the ones beyond the cap that received the fewest
+//! bytes (`TCP_INFO`; idle ones first); UCX then sees the connection end and closes it
+//! itself. Established peers, which have talked, stay.
 //!
 //! Linux only (`/proc/net/tcp{,6}`, `/proc/self/fd`); elsewhere it does nothing.
 
@@ -16,7 +17,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// How often [`Guard::check`] looks.
-const EVERY: Duration = Duration::from_millis(250);
+const EVERY: Duration = Duration::from_millis(500);
 
 /// TCP states in `/proc/net/tcp`.
 const ESTABLISHED: u8 = 0x01;
@@ -115,15 +116,21 @@ impl Guard {
         }
     }
 
-    /// At most every 250 ms: when more than `cap` accepted connections to UCX's ports
-    /// exist, shuts down the newest ones beyond it. Returns how many it shut down.
+    /// At most every 500 ms: when more than `cap` accepted connections to UCX's ports
+    /// exist, shuts down the quietest ones beyond it. Returns how many it shut down.
     pub fn check(&mut self) -> usize {
         let now = Instant::now();
         if self.ports.is_empty() || now < self.next {
             return 0;
         }
         self.next = now + EVERY;
-        let mut conns: Vec<u64> = sockets()
+        // Every accepted connection is an fd of this process: few fds, nothing to do
+        // (and no walk of the host's whole socket table).
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+        if fds <= self.cap {
+            return 0;
+        }
+        let conns: Vec<u64> = sockets()
             .into_iter()
             .filter(|s| s.state == ESTABLISHED && self.ports.iter().any(|p| p.0 == s.local_port))
             .map(|s| s.inode)
@@ -131,14 +138,17 @@ impl Guard {
         if conns.len() <= self.cap {
             return 0;
         }
-        // Inode numbers grow with creation: the newest connections go first.
-        conns.sort_unstable();
-        let victims: HashSet<u64> = conns[self.cap..].iter().copied().collect();
-        let n = crate::ffi::shutdown_sockets(&victims);
+        let wanted: HashSet<u64> = conns.iter().copied().collect();
+        let mut held = crate::ffi::hold_sockets(&wanted);
+        // Peers that never sent a byte go first, then those that sent least: an
+        // established peer has sent far more than a connection that only opened.
+        held.sort_by_key(|h| h.bytes_received);
+        let excess = held.len().saturating_sub(self.cap);
+        let n = held[..excess].iter().filter(|h| h.shutdown()).count();
         self.shut += n as u64;
         tracing::warn!(
             "ucx: {} connections to UCX's TCP port(s) {:?} (cap {}, param max_connections); \
-             shut down the {n} newest",
+             shut down the {n} quietest",
             conns.len(),
             self.ports.iter().map(|p| p.0).collect::<Vec<_>>(),
             self.cap

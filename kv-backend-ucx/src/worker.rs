@@ -610,7 +610,7 @@ impl Core {
         }
     }
 
-    /// `Backend::progress` (and, at most every 250 ms, the connection cap).
+    /// `Backend::progress` (and, at most every 500 ms, the connection cap).
     pub fn progress(&self) -> Result<usize> {
         self.guard.lock().check();
         let mut st = self.state.lock();
