@@ -14,7 +14,7 @@ use kv_core::Result;
 
 use crate::ffi::{self, ucs_status_t};
 use crate::send::{send, Payload};
-use crate::serve::{self, shared_of, Msg, AM_ANSWER_ID, AM_OP_ID};
+use crate::serve::{self, am_callback, shared_of, Msg, AM_ANSWER_ID, AM_OP_ID};
 use crate::session::{random_id, Client, Keyed, PURPOSE};
 use crate::shared::{ffi_guard, Shared};
 use crate::wire::{AuthKind, AuthMsg, NoteHeader};
@@ -73,32 +73,16 @@ unsafe extern "C" fn on_ep_error(arg: *mut c_void, ep: ffi::ucp_ep_h, status: uc
     })
 }
 
-/// `ucp_am_recv_callback_t` for [`AM_NOTE_ID`]: a notification arrived. It is
-/// delivered (in order per sender) only when it is eager, within
-/// `max_notification`, and — with a cluster secret — tagged under a session this
-/// backend created; its sender is the name that session proved.
-unsafe extern "C" fn on_note(
-    arg: *mut c_void,
-    header: *const c_void,
-    header_length: usize,
-    data: *mut c_void,
-    length: usize,
-    param: *const ffi::ucp_am_recv_param_t,
-) -> ucs_status_t {
-    ffi_guard(ffi::UCS_OK, || {
-        // SAFETY: the handler's contract.
-        let Some(shared) = (unsafe { shared_of(arg) }) else {
-            return ffi::UCS_OK;
-        };
-        // SAFETY: UCX's arguments, used only during this callback.
-        let m = unsafe { Msg::new(header, header_length, data, length, param) };
+am_callback! {
+    /// `ucp_am_recv_callback_t` for [`AM_NOTE_ID`]: a notification arrived. It is
+    /// delivered (in order per sender) only when it is eager, within
+    /// `max_notification`, and — with a cluster secret — tagged under a session this
+    /// backend created; its sender is the name that session proved.
+    fn on_note(|shared, m| {
         if let Err(why) = take_note(shared, &m) {
-            let mut s = shared.lock();
-            s.n.dropped_notes += 1;
-            drop(s);
+            shared.lock().n.dropped_notes += 1;
             tracing::warn!("ucx: dropped a notification: {why}");
         }
-        ffi::UCS_OK
     })
 }
 
@@ -175,27 +159,13 @@ fn send_auth(shared: &Shared, ep: ffi::ucp_ep_h, m: AuthMsg) -> bool {
     )
 }
 
-/// `ucp_am_recv_callback_t` for [`AM_AUTH_ID`]: a step of the handshake.
-unsafe extern "C" fn on_auth(
-    arg: *mut c_void,
-    header: *const c_void,
-    header_length: usize,
-    data: *mut c_void,
-    length: usize,
-    param: *const ffi::ucp_am_recv_param_t,
-) -> ucs_status_t {
-    ffi_guard(ffi::UCS_OK, || {
-        // SAFETY: the handler's contract.
-        let Some(shared) = (unsafe { shared_of(arg) }) else {
-            return ffi::UCS_OK;
-        };
-        // SAFETY: UCX's arguments, used only during this callback.
-        let m = unsafe { Msg::new(header, header_length, data, length, param) };
+am_callback! {
+    /// `ucp_am_recv_callback_t` for [`AM_AUTH_ID`]: a step of the handshake.
+    fn on_auth(|shared, m| {
         match AuthMsg::decode(m.header) {
             Ok(a) => step(shared, m.reply_ep, a),
             Err(_) => shared.lock().n.malformed += 1,
         }
-        ffi::UCS_OK
     })
 }
 

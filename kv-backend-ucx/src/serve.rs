@@ -117,6 +117,40 @@ pub unsafe fn shared_of<'a>(arg: *mut c_void) -> Option<&'a Shared> {
     (!arg.is_null()).then(|| unsafe { &*(arg as *const Shared) })
 }
 
+/// Defines a `ucp_am_recv_callback_t` that runs `$body` with the `Shared` of its `arg`
+/// (`$shared`) and the message (`$m`: a [`Msg`]), under `ffi_guard`.
+macro_rules! am_callback {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident(|$shared:ident, $m:ident| $body:block)) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// Called by UCX with the handler's `arg` (the `Shared` it was installed with,
+        /// which outlives the worker) and a message valid for the duration of the call.
+        $vis unsafe extern "C" fn $name(
+            arg: *mut std::ffi::c_void,
+            header: *const std::ffi::c_void,
+            header_length: usize,
+            data: *mut std::ffi::c_void,
+            length: usize,
+            param: *const $crate::ffi::ucp_am_recv_param_t,
+        ) -> $crate::ffi::ucs_status_t {
+            $crate::shared::ffi_guard($crate::ffi::UCS_OK, || {
+                // SAFETY: the handler's contract.
+                let Some($shared) = (unsafe { $crate::serve::shared_of(arg) }) else {
+                    return $crate::ffi::UCS_OK;
+                };
+                // SAFETY: UCX's arguments, used only during this callback.
+                let $m = unsafe {
+                    $crate::serve::Msg::new(header, header_length, data, length, param)
+                };
+                $body
+                $crate::ffi::UCS_OK
+            })
+        }
+    };
+}
+pub(crate) use am_callback;
+
 /// Why an operation is not served.
 enum Refusal {
     /// Drop silently (forged or replayed: answering would help nobody legitimate).
@@ -235,6 +269,39 @@ fn answer(shared: &Shared, reply_ep: ffi::ucp_ep_h, h: &OpHeader, code: AckCode)
     );
 }
 
+/// Starts receiving rendezvous descriptor `data` into `[addr, addr + len)`; `cb` gets
+/// `ctx` when it ends. UCX's status pointer.
+///
+/// # Safety
+/// `data` must be the rendezvous descriptor of the running callback, the range valid
+/// for writes until `cb` runs, and `ctx` what `cb` expects.
+unsafe fn recv_into(
+    shared: &Shared,
+    data: *mut c_void,
+    addr: u64,
+    len: u64,
+    cb: ffi::ucp_am_recv_data_nbx_callback_t,
+    ctx: *mut c_void,
+) -> ffi::ucs_status_ptr_t {
+    let mut p = ffi::ucp_request_param_t::empty();
+    p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_CALLBACK
+        | ffi::UCP_OP_ATTR_FIELD_USER_DATA
+        | ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+    p.cb = ffi::ucp_request_cb_t { recv_am: Some(cb) };
+    p.user_data = ctx;
+    p.memory_type = ffi::UCS_MEMORY_TYPE_HOST;
+    // SAFETY: the function's contract.
+    unsafe {
+        (shared.lib.am_recv_data_nbx)(
+            shared.worker,
+            data,
+            addr as usize as *mut c_void,
+            len as usize,
+            &p,
+        )
+    }
+}
+
 /// What a rendezvous WRITE receive needs when it ends.
 struct RecvCtx {
     shared: *const Shared,
@@ -278,28 +345,10 @@ fn end_write(shared: &Shared, ctx: &RecvCtx, status: ucs_status_t) {
     answer(shared, ctx.reply_ep, &ctx.header, code);
 }
 
-/// `ucp_am_recv_callback_t` for [`AM_OP_ID`]: an operation from a peer.
-///
-/// # Safety
-/// Called by UCX with the handler's `arg` (the `Shared`) and a message valid for the
-/// duration of the call.
-pub unsafe extern "C" fn on_op(
-    arg: *mut c_void,
-    header: *const c_void,
-    header_length: usize,
-    data: *mut c_void,
-    length: usize,
-    param: *const ffi::ucp_am_recv_param_t,
-) -> ucs_status_t {
-    ffi_guard(ffi::UCS_OK, || {
-        // SAFETY: the handler's contract.
-        let Some(shared) = (unsafe { shared_of(arg) }) else {
-            return ffi::UCS_OK;
-        };
-        // SAFETY: UCX's arguments, used only during this callback.
-        let m = unsafe { Msg::new(header, header_length, data, length, param) };
+am_callback! {
+    /// `ucp_am_recv_callback_t` for [`AM_OP_ID`]: an operation from a peer.
+    pub fn on_op(|shared, m| {
         serve_op(shared, &m);
-        ffi::UCS_OK
     })
 }
 
@@ -372,25 +421,17 @@ fn receive_write(shared: &Shared, m: &Msg<'_>, h: OpHeader, dst: Dst) {
         reply_ep: m.reply_ep,
         header: h,
     }));
-    let mut p = ffi::ucp_request_param_t::empty();
-    p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_CALLBACK
-        | ffi::UCP_OP_ATTR_FIELD_USER_DATA
-        | ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-    p.cb = ffi::ucp_request_cb_t {
-        recv_am: Some(on_write_landed),
-    };
-    p.user_data = ctx as *mut c_void;
-    p.memory_type = ffi::UCS_MEMORY_TYPE_HOST;
     // SAFETY: `m.data` is the rendezvous descriptor UCX passed to this callback; the
     // destination was checked as for the eager copy and the registration stays held
     // (`inflight`, so deregister waits or says Busy) until `on_write_landed` runs.
     let r = unsafe {
-        (shared.lib.am_recv_data_nbx)(
-            shared.worker,
+        recv_into(
+            shared,
             m.data,
-            addr as usize as *mut c_void,
-            len as usize,
-            &p,
+            addr,
+            len,
+            on_write_landed,
+            ctx as *mut c_void,
         )
     };
     if !ffi::ptr_is_request(r) {
@@ -482,30 +523,13 @@ unsafe extern "C" fn on_read_landed(
     })
 }
 
-/// `ucp_am_recv_callback_t` for [`AM_ANSWER_ID`]: a target answered one of ours.
-///
-/// # Safety
-/// As [`on_op`].
-pub unsafe extern "C" fn on_answer(
-    arg: *mut c_void,
-    header: *const c_void,
-    header_length: usize,
-    data: *mut c_void,
-    length: usize,
-    param: *const ffi::ucp_am_recv_param_t,
-) -> ucs_status_t {
-    ffi_guard(ffi::UCS_OK, || {
-        // SAFETY: the handler's contract.
-        let Some(shared) = (unsafe { shared_of(arg) }) else {
-            return ffi::UCS_OK;
-        };
-        // SAFETY: UCX's arguments, used only during this callback.
-        let m = unsafe { Msg::new(header, header_length, data, length, param) };
+am_callback! {
+    /// `ucp_am_recv_callback_t` for [`AM_ANSWER_ID`]: a target answered one of ours.
+    pub fn on_answer(|shared, m| {
         if !take_answer(shared, &m) {
             shared.lock().n.malformed += 1;
             tracing::warn!("ucx: dropped an answer that is not for an operation of ours");
         }
-        ffi::UCS_OK
     })
 }
 
@@ -599,26 +623,18 @@ fn take_answer(shared: &Shared, m: &Msg<'_>) -> bool {
 /// Receives a rendezvous READ answer straight into the local piece `addr`.
 fn receive_read(shared: &Shared, m: &Msg<'_>, op: u64, addr: u64, len: u64) {
     let ctx = Box::into_raw(Box::new(ReadCtx { shared, op }));
-    let mut p = ffi::ucp_request_param_t::empty();
-    p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_CALLBACK
-        | ffi::UCP_OP_ATTR_FIELD_USER_DATA
-        | ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-    p.cb = ffi::ucp_request_cb_t {
-        recv_am: Some(on_read_landed),
-    };
-    p.user_data = ctx as *mut c_void;
-    p.memory_type = ffi::UCS_MEMORY_TYPE_HOST;
     // SAFETY: `m.data` is the rendezvous descriptor of this callback; the destination
     // is the local range of our READ (see `take_answer`), which stays registered and
     // busy while the operation is recorded as receiving (a cancelled or timed-out
     // transfer is quarantined until `on_read_landed` ran).
     let r = unsafe {
-        (shared.lib.am_recv_data_nbx)(
-            shared.worker,
+        recv_into(
+            shared,
             m.data,
-            addr as usize as *mut c_void,
-            len as usize,
-            &p,
+            addr,
+            len,
+            on_read_landed,
+            ctx as *mut c_void,
         )
     };
     if !ffi::ptr_is_request(r) {
