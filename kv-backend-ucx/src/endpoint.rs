@@ -271,10 +271,10 @@ impl Endpoint {
                     Gate::Posts(posts) => posts
                         .iter()
                         .all(|(t, p)| {
-                            !transfers
+                            transfers
                                 .get(t)
                                 .and_then(|t| t.flight.as_ref())
-                                .is_some_and(|f| f.post == *p)
+                                .is_none_or(|f| f.post != *p)
                         })
                         .then_some(true),
                     Gate::Transfer { transfer, post } => match transfers.get(transfer) {

@@ -439,7 +439,7 @@ impl Memory {
             .filter(|(_, r)| r.endpoint == endpoint)
             .map(|(i, r)| (*i, r.desc))
             .collect();
-        mine.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        mine.sort_unstable_by_key(|m| std::cmp::Reverse(m.0));
         let (rids, rdescs): (Vec<u64>, Vec<Descriptor>) = mine.into_iter().unzip();
         let remote_ids = covering(remote, &rdescs)
             .ok_or_else(|| {

@@ -483,10 +483,10 @@ impl Issue<'_> {
                 }
                 continue;
             }
-            if batch.entries.len() == self.max_entries || batch.bytes + seg.len > batch_max {
-                if !self.flush(&mut batch, &mut out, next_op) {
-                    return out;
-                }
+            if (batch.entries.len() == self.max_entries || batch.bytes + seg.len > batch_max)
+                && !self.flush(&mut batch, &mut out, next_op)
+            {
+                return out;
             }
             batch.entries.push(entry);
             batch.pieces.push((seg.local, seg.len));
