@@ -56,6 +56,7 @@ enum Mem {
 }
 
 /// One bench case.
+#[derive(Clone, Copy)]
 struct Case {
     name: &'static str,
     tls: &'static str,
@@ -228,18 +229,20 @@ fn bench(c: &mut Criterion) {
         ..c
     };
     let (heap, ucx) = (Mem::Heap, Mem::Ucx);
+    let shm_batched = case(
+        "shm_put_batched/16KiB",
+        SHM,
+        64,
+        16 << 10,
+        heap,
+        false,
+        false,
+        true,
+    );
+    let tcp_1m = case("tcp_put/1MiB", "tcp", 1, 1 << 20, heap, false, false, true);
     let cases = [
         case("shm_put/1MiB", SHM, 1, 1 << 20, heap, false, false, true),
-        case(
-            "shm_put_batched/16KiB",
-            SHM,
-            64,
-            16 << 10,
-            heap,
-            false,
-            false,
-            true,
-        ),
+        shm_batched,
         case(
             "shm_put_ucxmem/1MiB",
             SHM,
@@ -280,7 +283,7 @@ fn bench(c: &mut Criterion) {
             false,
             true,
         ),
-        case("tcp_put/1MiB", "tcp", 1, 1 << 20, heap, false, false, true),
+        tcp_1m,
         case(
             "tcp_put_eager/1MiB",
             "tcp",
@@ -371,23 +374,8 @@ fn bench(c: &mut Criterion) {
             false,
             false,
         ),
-        auth(
-            case("tcp_put/1MiB", "tcp", 1, 1 << 20, heap, false, false, true),
-            "tcp_put_auth/1MiB",
-        ),
-        auth(
-            case(
-                "shm_put_batched/16KiB",
-                SHM,
-                64,
-                16 << 10,
-                heap,
-                false,
-                false,
-                true,
-            ),
-            "shm_put_batched_auth/16KiB",
-        ),
+        auth(tcp_1m, "tcp_put_auth/1MiB"),
+        auth(shm_batched, "shm_put_batched_auth/16KiB"),
         case(
             "tcp_put_target_thread/1MiB",
             "tcp",
