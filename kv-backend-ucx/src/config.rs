@@ -47,6 +47,12 @@ pub struct Options {
     /// per context). Over TCP this backend's defaults differ from UCX's: see README,
     /// "TCP segments"; peers must agree (checked at `connect`).
     pub config: Vec<(String, String)>,
+    /// Run without a cluster secret (param `insecure`): `Some(true)` serves peers
+    /// unauthenticated (with a warning); `Some(false)` refuses to start without a
+    /// secret; `None` (default) refuses unless nothing beyond this host can connect
+    /// (`bind_ip` loopback, or transports without TCP), then warns. With a secret,
+    /// `Some(true)` is refused. See [`authenticates`].
+    pub insecure: Option<bool>,
 }
 
 impl Default for Options {
@@ -62,6 +68,7 @@ impl Default for Options {
             max_inbox_bytes: 64 << 20,
             max_connections: 512,
             config: Vec::new(),
+            insecure: None,
         }
     }
 }
@@ -81,6 +88,7 @@ impl Options {
                 "max_inbox" => o.max_inbox = v.parse::<usize>().map_err(|_| bad(k, v))?.max(1),
                 "max_inbox_bytes" => o.max_inbox_bytes = v.parse().map_err(|_| bad(k, v))?,
                 "max_connections" => o.max_connections = v.parse().map_err(|_| bad(k, v))?,
+                "insecure" => o.insecure = Some(v.parse().map_err(|_| bad(k, v))?),
                 "cancel_grace_ms" => {
                     o.cancel_grace = Duration::from_millis(v.parse().map_err(|_| bad(k, v))?)
                 }
@@ -90,7 +98,7 @@ impl Options {
                         return Err(Error::invalid_argument(format!(
                             "unknown ucx param {k:?} (known: tls, lib, progress_thread, \
                              max_notification, cancel_grace_ms, rndv_min, max_inbox, max_inbox_bytes, \
-                             max_connections, \
+                             max_connections, insecure, \
                              ucx.<NAME>)"
                         )))
                     }
@@ -236,6 +244,50 @@ pub fn with_bind_ip(config: &[(String, String)], bind_ip: IpAddr) -> Result<Vec<
     Ok(out)
 }
 
+/// Whether the backend authenticates its peers: with `secret`, yes; without one it
+/// starts only as [`Options::insecure`] allows (`Err(Unauthenticated)` otherwise), and
+/// then warns that peers are not authenticated.
+pub fn authenticates(
+    opts: &Options,
+    agent: &str,
+    has_secret: bool,
+    bind_ip: IpAddr,
+) -> Result<bool> {
+    if has_secret {
+        if opts.insecure == Some(true) {
+            return Err(Error::invalid_argument(
+                "ucx: insecure=true together with a cluster secret; drop one of them",
+            ));
+        }
+        return Ok(true);
+    }
+    let env_tls = std::env::var("UCX_TLS").ok();
+    let local_only =
+        bind_ip.is_loopback() || !tls_has_tcp(opts.tls.as_deref().or(env_tls.as_deref()));
+    match opts.insecure {
+        Some(true) => {
+            tracing::warn!(
+                "ucx backend of {agent}: no cluster secret and insecure=true: peers are not \
+                 authenticated"
+            );
+            Ok(false)
+        }
+        None if local_only => {
+            tracing::warn!(
+                "ucx backend of {agent}: no cluster secret; serving unauthenticated on this \
+                 host only (bind_ip {bind_ip}; any local user can reach it; set a secret, or \
+                 insecure=true to say so)"
+            );
+            Ok(false)
+        }
+        _ => Err(Error::Unauthenticated(format!(
+            "ucx backend of {agent}: no cluster secret configured and UCX's TCP transport \
+             would serve on {bind_ip}, beyond this host; set AgentOptions.secret (KVX_SECRET) \
+             on every agent, or pass insecure=true to run without authentication"
+        ))),
+    }
+}
+
 /// Whether the `tls` option names shared-memory transports only: UCX 1.13's refuse
 /// peer error handling (UCS_ERR_UNREACHABLE), so `connect` does not try it.
 pub fn shm_only(tls: Option<&str>) -> bool {
@@ -280,6 +332,42 @@ mod tests {
             Options::from_params(&p),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn no_secret_is_refused_unless_local_or_insecure() {
+        let o = |tls: &str, insecure| Options {
+            tls: Some(tls.into()),
+            insecure,
+            ..Options::default()
+        };
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        let any = IpAddr::from([0, 0, 0, 0]);
+        let auth = |o: &Options, secret, ip| authenticates(o, "t", secret, ip);
+        assert!(auth(&o("tcp", None), true, any).unwrap());
+        assert!(matches!(
+            auth(&o("tcp", Some(true)), true, lo),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(!auth(&o("tcp", None), false, lo).unwrap());
+        assert!(!auth(&o("posix,cma,self", None), false, any).unwrap());
+        assert!(!auth(&o("tcp", Some(true)), false, any).unwrap());
+        for (tls, ip, insecure) in [
+            ("tcp", any, None),
+            ("tcp", lo, Some(false)),
+            ("posix,cma,self", lo, Some(false)),
+        ] {
+            assert!(
+                matches!(
+                    auth(&o(tls, insecure), false, ip),
+                    Err(Error::Unauthenticated(_))
+                ),
+                "{tls} {ip} {insecure:?}"
+            );
+        }
+        let mut p = Params::new();
+        p.insert("insecure".into(), "true".into());
+        assert_eq!(Options::from_params(&p).unwrap().insecure, Some(true));
     }
 
     #[test]

@@ -39,7 +39,8 @@
 //! refused and nothing moves. Large pieces go by rendezvous straight into or out of
 //! place; small ones are batched. With a cluster secret (`BackendInit::secret`) every
 //! endpoint first runs a challenge–response handshake and every operation, answer and
-//! notification is tagged under its session key. The target must progress
+//! notification is tagged under its session key; without one the backend starts only
+//! as [`Options::insecure`] allows. The target must progress
 //! (`Capabilities::needs_target_progress`, or the progress thread). See the README,
 //! "Trust".
 //!
@@ -297,6 +298,28 @@ mod tests {
             }
             Err(e) => panic!("wrong error {e}"),
             Ok(_) => panic!("created a backend from a nonexistent library"),
+        }
+    }
+
+    /// Without a secret, UCX's TCP transport on every interface needs `insecure=true`;
+    /// the refusal comes before UCX is loaded.
+    #[test]
+    fn no_secret_beyond_this_host_needs_insecure() {
+        let opts = Options {
+            tls: Some("tcp".into()),
+            ..Default::default()
+        };
+        let init = BackendInit::new("a").with_bind_ip([0, 0, 0, 0].into());
+        assert!(matches!(
+            UcxBackend::new(&init, opts.clone()),
+            Err(Error::Unauthenticated(_))
+        ));
+        let opts = Options {
+            insecure: Some(true),
+            ..opts
+        };
+        if let Some(b) = kv_core::require_or_skip("ucx", UcxBackend::new(&init, opts)) {
+            assert!(!b.capabilities().authenticated);
         }
     }
 }

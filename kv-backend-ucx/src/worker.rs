@@ -83,6 +83,7 @@ impl Core {
         bind_ip: std::net::IpAddr,
         opts: Options,
     ) -> Result<Core> {
+        config::authenticates(&opts, agent, secret.is_some(), bind_ip)?;
         let lib = Lib::shared(opts.lib_path.as_deref())?;
         let instance = new_instance_id();
         let settings = config::with_bind_ip(&opts.config, bind_ip)?;
