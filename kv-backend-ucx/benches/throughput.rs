@@ -14,6 +14,8 @@
 //! * `tcp_put/{16KiB,64KiB,256KiB,512KiB,1MiB}`: WRITEs over TCP with the backend's
 //!   defaults (rendezvous from `rndv_min` = 512 KiB up, eager below);
 //!   `tcp_put_eager/...`: the same with every piece eager (`rndv_min` = `u64::MAX`).
+//! * `shm_put/4KiB`, `tcp_put/4KiB`: one 4 KiB descriptor per post (eager; the cost
+//!   of one operation and its answer).
 //! * `*_auth/...`: the same with a cluster secret on both sides (every operation and
 //!   answer tagged under the session key).
 //! * `tcp_put_target_thread/1MiB`: as `tcp_put/1MiB` with the target driven by its own
@@ -376,6 +378,8 @@ fn bench(c: &mut Criterion) {
         ),
         auth(tcp_1m, "tcp_put_auth/1MiB"),
         auth(shm_batched, "shm_put_batched_auth/16KiB"),
+        case("shm_put/4KiB", SHM, 1, 4 << 10, heap, false, false, true),
+        case("tcp_put/4KiB", "tcp", 1, 4 << 10, heap, false, false, true),
         case(
             "tcp_put_target_thread/1MiB",
             "tcp",
