@@ -269,29 +269,35 @@ fn answer(shared: &Shared, reply_ep: ffi::ucp_ep_h, h: &OpHeader, code: AckCode)
     );
 }
 
-/// Starts receiving rendezvous descriptor `data` into `[addr, addr + len)`; `cb` gets
-/// `ctx` when it ends. UCX's status pointer.
+/// What a rendezvous receive does when it ends (with its status).
+type OnEnd = Box<dyn FnOnce(&Shared, ucs_status_t)>;
+
+/// A rendezvous receive in progress: its `Shared` and what to do when it ends.
+struct Landing {
+    shared: *const Shared,
+    end: OnEnd,
+}
+
+/// Starts receiving rendezvous descriptor `data` into `[addr, addr + len)`; `end` runs
+/// once with the outcome: here when UCX finishes (or fails) at once, else from
+/// [`on_landed`].
 ///
 /// # Safety
-/// `data` must be the rendezvous descriptor of the running callback, the range valid
-/// for writes until `cb` runs, and `ctx` what `cb` expects.
-unsafe fn recv_into(
-    shared: &Shared,
-    data: *mut c_void,
-    addr: u64,
-    len: u64,
-    cb: ffi::ucp_am_recv_data_nbx_callback_t,
-    ctx: *mut c_void,
-) -> ffi::ucs_status_ptr_t {
+/// `data` must be the rendezvous descriptor of the running callback, and the range
+/// valid for writes until `end` runs.
+unsafe fn recv_into(shared: &Shared, data: *mut c_void, addr: u64, len: u64, end: OnEnd) {
+    let ctx = Box::into_raw(Box::new(Landing { shared, end }));
     let mut p = ffi::ucp_request_param_t::empty();
     p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_CALLBACK
         | ffi::UCP_OP_ATTR_FIELD_USER_DATA
         | ffi::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-    p.cb = ffi::ucp_request_cb_t { recv_am: Some(cb) };
-    p.user_data = ctx;
+    p.cb = ffi::ucp_request_cb_t {
+        recv_am: Some(on_landed),
+    };
+    p.user_data = ctx as *mut c_void;
     p.memory_type = ffi::UCS_MEMORY_TYPE_HOST;
-    // SAFETY: the function's contract.
-    unsafe {
+    // SAFETY: the function's contract; `ctx` is the `Landing` `on_landed` expects.
+    let r = unsafe {
         (shared.lib.am_recv_data_nbx)(
             shared.worker,
             data,
@@ -299,19 +305,17 @@ unsafe fn recv_into(
             len as usize,
             &p,
         )
+    };
+    if !ffi::ptr_is_request(r) {
+        // Finished (or failed) at once: no callback will run.
+        // SAFETY: the box leaked above; UCX did not keep it.
+        let ctx = unsafe { Box::from_raw(ctx) };
+        (ctx.end)(shared, ffi::ptr_status(r));
     }
 }
 
-/// What a rendezvous WRITE receive needs when it ends.
-struct RecvCtx {
-    shared: *const Shared,
-    key_id: u128,
-    reply_ep: ffi::ucp_ep_h,
-    header: OpHeader,
-}
-
-/// `ucp_am_recv_data_nbx_callback_t`: a rendezvous WRITE landed (or failed).
-unsafe extern "C" fn on_write_landed(
+/// `ucp_am_recv_data_nbx_callback_t` of [`recv_into`]: a rendezvous receive ended.
+unsafe extern "C" fn on_landed(
     req: *mut c_void,
     status: ucs_status_t,
     _length: usize,
@@ -321,18 +325,25 @@ unsafe extern "C" fn on_write_landed(
         if user_data.is_null() {
             return;
         }
-        // SAFETY: `user_data` is the `RecvCtx` box `serve_op` leaked for this receive
+        // SAFETY: `user_data` is the `Landing` box `recv_into` leaked for this receive
         // only; UCX calls this once.
-        let ctx = unsafe { Box::from_raw(user_data as *mut RecvCtx) };
+        let ctx = unsafe { Box::from_raw(user_data as *mut Landing) };
         // SAFETY: the `Shared` outlives the worker.
         let shared = unsafe { &*ctx.shared };
-        end_write(shared, &ctx, status);
+        (ctx.end)(shared, status);
         if !req.is_null() {
-            // SAFETY: the request `serve_op` got from ucp_am_recv_data_nbx and kept no
-            // copy of; freed once, here.
+            // SAFETY: the request `recv_into` got from ucp_am_recv_data_nbx and kept
+            // no copy of; freed once, here.
             unsafe { (shared.lib.request_free)(req) };
         }
     })
+}
+
+/// What a rendezvous WRITE receive needs when it ends.
+struct RecvCtx {
+    key_id: u128,
+    reply_ep: ffi::ucp_ep_h,
+    header: OpHeader,
 }
 
 fn end_write(shared: &Shared, ctx: &RecvCtx, status: ucs_status_t) {
@@ -415,31 +426,23 @@ fn serve_op(shared: &Shared, m: &Msg<'_>) {
 /// Receives a rendezvous WRITE straight into `dst` (held by `check`).
 fn receive_write(shared: &Shared, m: &Msg<'_>, h: OpHeader, dst: Dst) {
     let (addr, len, key_id) = dst;
-    let ctx = Box::into_raw(Box::new(RecvCtx {
-        shared,
+    let ctx = RecvCtx {
         key_id,
         reply_ep: m.reply_ep,
         header: h,
-    }));
+    };
     // SAFETY: `m.data` is the rendezvous descriptor UCX passed to this callback; the
     // destination was checked as for the eager copy and the registration stays held
-    // (`inflight`, so deregister waits or says Busy) until `on_write_landed` runs.
-    let r = unsafe {
+    // (`inflight`, so deregister waits or says Busy) until `end_write` runs.
+    unsafe {
         recv_into(
             shared,
             m.data,
             addr,
             len,
-            on_write_landed,
-            ctx as *mut c_void,
+            Box::new(move |shared, status| end_write(shared, &ctx, status)),
         )
     };
-    if !ffi::ptr_is_request(r) {
-        // Finished (or failed) at once: no callback will run.
-        // SAFETY: the box leaked above; UCX did not keep it.
-        let ctx = unsafe { Box::from_raw(ctx) };
-        end_write(shared, &ctx, ffi::ptr_status(r));
-    }
 }
 
 /// Answers a READ with the data of `dsts`.
@@ -481,12 +484,6 @@ fn serve_read(shared: &Shared, m: &Msg<'_>, h: &OpHeader, dsts: &[Dst]) {
     );
 }
 
-/// What a rendezvous READ receive needs when it ends.
-struct ReadCtx {
-    shared: *const Shared,
-    op: u64,
-}
-
 /// A READ's data landed (or failed): the operation is answered.
 fn end_read(shared: &Shared, op: u64, status: ucs_status_t) {
     let mut s = shared.lock();
@@ -497,30 +494,6 @@ fn end_read(shared: &Shared, op: u64, status: ucs_status_t) {
         AckCode::Failed
     };
     s.answers.push((op, code));
-}
-
-/// `ucp_am_recv_data_nbx_callback_t`: a rendezvous READ's data landed (or failed).
-unsafe extern "C" fn on_read_landed(
-    req: *mut c_void,
-    status: ucs_status_t,
-    _length: usize,
-    user_data: *mut c_void,
-) {
-    ffi_guard((), || {
-        if user_data.is_null() {
-            return;
-        }
-        // SAFETY: `user_data` is the `ReadCtx` box `take_answer` leaked for this
-        // receive only; UCX calls this once.
-        let ctx = unsafe { Box::from_raw(user_data as *mut ReadCtx) };
-        // SAFETY: the `Shared` outlives the worker.
-        let shared = unsafe { &*ctx.shared };
-        end_read(shared, ctx.op, status);
-        if !req.is_null() {
-            // SAFETY: the request `take_answer` got and kept no copy of; freed once.
-            unsafe { (shared.lib.request_free)(req) };
-        }
-    })
 }
 
 am_callback! {
@@ -622,24 +595,17 @@ fn take_answer(shared: &Shared, m: &Msg<'_>) -> bool {
 
 /// Receives a rendezvous READ answer straight into the local piece `addr`.
 fn receive_read(shared: &Shared, m: &Msg<'_>, op: u64, addr: u64, len: u64) {
-    let ctx = Box::into_raw(Box::new(ReadCtx { shared, op }));
     // SAFETY: `m.data` is the rendezvous descriptor of this callback; the destination
     // is the local range of our READ (see `take_answer`), which stays registered and
     // busy while the operation is recorded as receiving (a cancelled or timed-out
-    // transfer is quarantined until `on_read_landed` ran).
-    let r = unsafe {
+    // transfer is quarantined until `end_read` ran).
+    unsafe {
         recv_into(
             shared,
             m.data,
             addr,
             len,
-            on_read_landed,
-            ctx as *mut c_void,
+            Box::new(move |shared, status| end_read(shared, op, status)),
         )
     };
-    if !ffi::ptr_is_request(r) {
-        // SAFETY: the box leaked above; UCX did not keep it.
-        drop(unsafe { Box::from_raw(ctx) });
-        end_read(shared, op, ffi::ptr_status(r));
-    }
 }
