@@ -7,13 +7,17 @@
 //! * `tcp_put/1MiB`: one 1 MiB descriptor, `tls = tcp`.
 //!
 //! * `shm_put_ucxmem/1MiB`, `shm_put_ucxmem_batched/16KiB`, `shm_put_ucxmem/16KiB`:
-//!   the same with `UcxBackend::alloc_host` memory on both sides (direct copies).
+//!   the same with `UcxBackend::alloc_host` memory on both sides.
 //! * `shm_put_ucxmem_same/16KiB`: 64 descriptors that all name the same 16 KiB on both
 //!   sides (the shape of `ucx_perftest -t ucp_put_bw -s 16384`, which puts the same
 //!   buffer again and again).
-//! * `tcp_put/{64KiB,256KiB,512KiB,1MiB}`: WRITEs over TCP with the backend's defaults
-//!   (active messages with rendezvous from `am_write_min` = 512 KiB up);
-//!   `tcp_put_rma/...`: the same with `am_write_min = off` (always `ucp_put_nbx`).
+//! * `tcp_put/{16KiB,64KiB,256KiB,512KiB,1MiB}`: WRITEs over TCP with the backend's
+//!   defaults (rendezvous from `rndv_min` = 512 KiB up, eager below);
+//!   `tcp_put_eager/...`: the same with every piece eager (`rndv_min` = `u64::MAX`).
+//! * `shm_put/4KiB`, `tcp_put/4KiB`: one 4 KiB descriptor per post (eager; the cost
+//!   of one operation and its answer).
+//! * `*_auth/...`: the same with a cluster secret on both sides (every operation and
+//!   answer tagged under the session key).
 //! * `tcp_put_target_thread/1MiB`: as `tcp_put/1MiB` with the target driven by its own
 //!   progress thread instead of the posting thread.
 //!
@@ -21,8 +25,7 @@
 //!
 //! Batched cases post `count` pieces that are adjacent locally and in reverse order
 //! remotely (same footprint as one big put, nothing merges). One thread drives both
-//! backends' `progress()` (UCX 1.13 emulates RMA on heap memory over these transports,
-//! so the target's worker must progress). `KV_BENCH_WARMUP_MS` / `KV_BENCH_MEASURE_MS`
+//! backends' `progress()` (the target's worker serves every operation). `KV_BENCH_WARMUP_MS` / `KV_BENCH_MEASURE_MS`
 //! set criterion's times (default 500 / 3000). Skips with a message when libucp is
 //! missing.
 
@@ -55,6 +58,7 @@ enum Mem {
 }
 
 /// One bench case.
+#[derive(Clone, Copy)]
 struct Case {
     name: &'static str,
     tls: &'static str,
@@ -68,9 +72,11 @@ struct Case {
     /// Every descriptor names the same `len` bytes on both sides (as `ucx_perftest`
     /// puts the same buffer again and again) instead of `count` different pieces.
     same: bool,
-    /// WRITEs over TCP as active messages (`Options::am_write_min` default); `false`
-    /// keeps them `ucp_put_nbx` (UCX's AM emulation of put).
-    am: bool,
+    /// Pieces of `rndv_min` bytes and more go by rendezvous (the default); `false`
+    /// sends every piece eager.
+    rndv: bool,
+    /// Both sides share a cluster secret (authenticated operations).
+    auth: bool,
 }
 
 fn pair(c: &Case) -> Option<Pair> {
@@ -83,27 +89,31 @@ fn pair(c: &Case) -> Option<Pair> {
         same,
         ..
     } = *c;
+    let secret = c
+        .auth
+        .then(|| kv_core::auth::ClusterSecret::generate().ok())
+        .flatten();
     let opts = Options {
         tls: Some(tls.into()),
-        am_write_min: if c.am {
-            Options::default().am_write_min
-        } else {
-            u64::MAX
-        },
+        rndv_min: if c.rndv { None } else { Some(u64::MAX) },
         ..Default::default()
     };
     let b_opts = Options {
         progress_thread: b_thread,
         ..opts.clone()
     };
-    let a = match UcxBackend::new(&kv_core::BackendInit::new("a"), opts.clone()) {
+    let init = |name: &str| match &secret {
+        Some(s) => kv_core::BackendInit::new(name).with_secret(s.clone()),
+        None => kv_core::BackendInit::new(name),
+    };
+    let a = match UcxBackend::new(&init("a"), opts.clone()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("skipping ucx bench: {e}");
             return None;
         }
     };
-    let b = UcxBackend::new(&kv_core::BackendInit::new("b"), b_opts).ok()?;
+    let b = UcxBackend::new(&init("b"), b_opts).ok()?;
     // The local pieces are adjacent, the remote ones in reverse order: `count` puts
     // of `len` bytes over the same footprint as one `count * len` put (nothing merges).
     let size = if same { len } else { len * count } as usize;
@@ -204,7 +214,7 @@ impl Drop for Pair {
 
 fn bench(c: &mut Criterion) {
     const SHM: &str = "posix,cma,self";
-    let case = |name, tls, count, len, mem, b_thread, same, am| Case {
+    let case = |name, tls, count, len, mem, b_thread, same, rndv| Case {
         name,
         tls,
         count,
@@ -212,21 +222,29 @@ fn bench(c: &mut Criterion) {
         mem,
         b_thread,
         same,
-        am,
+        rndv,
+        auth: false,
+    };
+    let auth = |c: Case, name| Case {
+        name,
+        auth: true,
+        ..c
     };
     let (heap, ucx) = (Mem::Heap, Mem::Ucx);
+    let shm_batched = case(
+        "shm_put_batched/16KiB",
+        SHM,
+        64,
+        16 << 10,
+        heap,
+        false,
+        false,
+        true,
+    );
+    let tcp_1m = case("tcp_put/1MiB", "tcp", 1, 1 << 20, heap, false, false, true);
     let cases = [
         case("shm_put/1MiB", SHM, 1, 1 << 20, heap, false, false, true),
-        case(
-            "shm_put_batched/16KiB",
-            SHM,
-            64,
-            16 << 10,
-            heap,
-            false,
-            false,
-            true,
-        ),
+        shm_batched,
         case(
             "shm_put_ucxmem/1MiB",
             SHM,
@@ -267,9 +285,9 @@ fn bench(c: &mut Criterion) {
             false,
             true,
         ),
-        case("tcp_put/1MiB", "tcp", 1, 1 << 20, heap, false, false, true),
+        tcp_1m,
         case(
-            "tcp_put_rma/1MiB",
+            "tcp_put_eager/1MiB",
             "tcp",
             1,
             1 << 20,
@@ -289,7 +307,7 @@ fn bench(c: &mut Criterion) {
             true,
         ),
         case(
-            "tcp_put_rma/512KiB",
+            "tcp_put_eager/512KiB",
             "tcp",
             1,
             512 << 10,
@@ -309,7 +327,7 @@ fn bench(c: &mut Criterion) {
             true,
         ),
         case(
-            "tcp_put_rma/256KiB",
+            "tcp_put_eager/256KiB",
             "tcp",
             1,
             256 << 10,
@@ -329,7 +347,7 @@ fn bench(c: &mut Criterion) {
             true,
         ),
         case(
-            "tcp_put_rma/64KiB",
+            "tcp_put_eager/64KiB",
             "tcp",
             1,
             64 << 10,
@@ -349,7 +367,7 @@ fn bench(c: &mut Criterion) {
             true,
         ),
         case(
-            "tcp_put_rma/16KiB",
+            "tcp_put_eager/16KiB",
             "tcp",
             1,
             16 << 10,
@@ -358,6 +376,10 @@ fn bench(c: &mut Criterion) {
             false,
             false,
         ),
+        auth(tcp_1m, "tcp_put_auth/1MiB"),
+        auth(shm_batched, "shm_put_batched_auth/16KiB"),
+        case("shm_put/4KiB", SHM, 1, 4 << 10, heap, false, false, true),
+        case("tcp_put/4KiB", "tcp", 1, 4 << 10, heap, false, false, true),
         case(
             "tcp_put_target_thread/1MiB",
             "tcp",

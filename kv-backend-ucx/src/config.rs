@@ -3,15 +3,11 @@
 //! backend's TCP segment defaults), the TCP segment sizes a context ends up with
 //! (published in `ConnInfo`), and what a `UCX_TLS` value allows. No UCX call here.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use kv_core::{Error, Params, Result};
-
-/// Default of [`Options::am_write_min`]: over TCP, WRITE segments of at least this many
-/// bytes go as active messages with rendezvous (received straight into the target's
-/// registered memory); smaller ones stay `ucp_put_nbx`. See README, "TCP WRITEs".
-pub const AM_WRITE_MIN: u64 = 512 << 10;
 
 /// Settings of a [`crate::UcxBackend`]. `Clone`, `Send + Sync`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,18 +27,32 @@ pub struct Options {
     /// How long `cancel` waits for UCX to cancel requests before force-closing the
     /// endpoint. Param `cancel_grace_ms`.
     pub cancel_grace: Duration,
-    /// Over endpoints whose lanes are all TCP, WRITE segments of at least this many
-    /// bytes are sent as active messages with rendezvous that the target receives
-    /// straight into its registered memory (UCX 1.13 emulates put over TCP with
-    /// messages the target copies); smaller segments stay `ucp_put_nbx`. `u64::MAX`
-    /// turns it off. Param `am_write_min` (bytes, or `off`). See README, "TCP WRITEs".
-    pub am_write_min: u64,
+    /// Pieces of a transfer of at least this many bytes go alone, by rendezvous (the
+    /// target receives a WRITE straight into place, the initiator a READ's data); smaller
+    /// ones are batched into eager messages. `None`: 512 KiB over endpoints whose lanes
+    /// are all TCP, 64 KiB otherwise. Param `rndv_min` (bytes). See README, "Operations".
+    pub rndv_min: Option<u64>,
+    /// Most notifications waiting to be drained (param `max_inbox`, default 65 536);
+    /// more are dropped (counted in `describe()`).
+    pub max_inbox: usize,
+    /// Most payload bytes waiting to be drained (param `max_inbox_bytes`, default
+    /// 64 MiB); more are dropped likewise.
+    pub max_inbox_bytes: usize,
+    /// Most connections UCX's TCP transport keeps accepted (param `max_connections`,
+    /// default 512); the newest beyond it are shut down (see README, "Trust").
+    pub max_connections: usize,
     /// Further UCX settings (`ucp_config_modify` names without the `UCX_` prefix, e.g.
     /// `("RNDV_THRESH", "8k")`, `("TCP_TX_SEG_SIZE", "1M")`). Params `ucx.<NAME>`.
     /// `TCP_*` names are passed without `TCP_` (how UCX 1.13 applies transport settings
     /// per context). Over TCP this backend's defaults differ from UCX's: see README,
     /// "TCP segments"; peers must agree (checked at `connect`).
     pub config: Vec<(String, String)>,
+    /// Run without a cluster secret (param `insecure`): `Some(true)` serves peers
+    /// unauthenticated (with a warning); `Some(false)` refuses to start without a
+    /// secret; `None` (default) refuses unless nothing beyond this host can connect
+    /// (`bind_ip` loopback, or transports without TCP), then warns. With a secret,
+    /// `Some(true)` is refused. See [`authenticates`].
+    pub insecure: Option<bool>,
 }
 
 impl Default for Options {
@@ -53,8 +63,12 @@ impl Default for Options {
             progress_thread: false,
             max_notification: 1 << 20,
             cancel_grace: Duration::from_millis(100),
-            am_write_min: AM_WRITE_MIN,
+            rndv_min: None,
+            max_inbox: 65_536,
+            max_inbox_bytes: 64 << 20,
+            max_connections: 512,
             config: Vec::new(),
+            insecure: None,
         }
     }
 }
@@ -70,12 +84,11 @@ impl Options {
                 "lib" => o.lib_path = Some(PathBuf::from(v)),
                 "progress_thread" => o.progress_thread = v.parse().map_err(|_| bad(k, v))?,
                 "max_notification" => o.max_notification = v.parse().map_err(|_| bad(k, v))?,
-                "am_write_min" => {
-                    o.am_write_min = match v.as_str() {
-                        "off" => u64::MAX,
-                        n => n.parse().map_err(|_| bad(k, v))?,
-                    }
-                }
+                "rndv_min" => o.rndv_min = Some(v.parse().map_err(|_| bad(k, v))?),
+                "max_inbox" => o.max_inbox = v.parse::<usize>().map_err(|_| bad(k, v))?.max(1),
+                "max_inbox_bytes" => o.max_inbox_bytes = v.parse().map_err(|_| bad(k, v))?,
+                "max_connections" => o.max_connections = v.parse().map_err(|_| bad(k, v))?,
+                "insecure" => o.insecure = Some(v.parse().map_err(|_| bad(k, v))?),
                 "cancel_grace_ms" => {
                     o.cancel_grace = Duration::from_millis(v.parse().map_err(|_| bad(k, v))?)
                 }
@@ -84,7 +97,9 @@ impl Options {
                     _ => {
                         return Err(Error::invalid_argument(format!(
                             "unknown ucx param {k:?} (known: tls, lib, progress_thread, \
-                             max_notification, cancel_grace_ms, am_write_min, ucx.<NAME>)"
+                             max_notification, cancel_grace_ms, rndv_min, max_inbox, max_inbox_bytes, \
+                             max_connections, insecure, \
+                             ucx.<NAME>)"
                         )))
                     }
                 },
@@ -208,6 +223,71 @@ pub fn settings(config: &[(String, String)], tls: Option<&str>) -> Vec<(String, 
     settings
 }
 
+/// `config` with `NET_DEVICES` set to the interface that owns `bind_ip` (UCX's TCP
+/// transport then listens and connects there only), unless the caller set
+/// `NET_DEVICES` (or `UCX_NET_DEVICES`) or `bind_ip` is unspecified (every interface).
+pub fn with_bind_ip(config: &[(String, String)], bind_ip: IpAddr) -> Result<Vec<(String, String)>> {
+    let mut out = config.to_vec();
+    let set = config
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("NET_DEVICES"))
+        || std::env::var_os("UCX_NET_DEVICES").is_some();
+    if set || bind_ip.is_unspecified() {
+        return Ok(out);
+    }
+    let dev = crate::ffi::interface_of(bind_ip).ok_or_else(|| {
+        Error::invalid_argument(format!(
+            "ucx: bind_ip {bind_ip} is not an address of any interface of this host"
+        ))
+    })?;
+    out.push(("NET_DEVICES".into(), dev));
+    Ok(out)
+}
+
+/// Whether the backend authenticates its peers: with `secret`, yes; without one it
+/// starts only as [`Options::insecure`] allows (`Err(Unauthenticated)` otherwise), and
+/// then warns that peers are not authenticated.
+pub fn authenticates(
+    opts: &Options,
+    agent: &str,
+    has_secret: bool,
+    bind_ip: IpAddr,
+) -> Result<bool> {
+    if has_secret {
+        if opts.insecure == Some(true) {
+            return Err(Error::invalid_argument(
+                "ucx: insecure=true together with a cluster secret; drop one of them",
+            ));
+        }
+        return Ok(true);
+    }
+    let env_tls = std::env::var("UCX_TLS").ok();
+    let local_only =
+        bind_ip.is_loopback() || !tls_has_tcp(opts.tls.as_deref().or(env_tls.as_deref()));
+    match opts.insecure {
+        Some(true) => {
+            tracing::warn!(
+                "ucx backend of {agent}: no cluster secret and insecure=true: peers are not \
+                 authenticated"
+            );
+            Ok(false)
+        }
+        None if local_only => {
+            tracing::warn!(
+                "ucx backend of {agent}: no cluster secret; serving unauthenticated on this \
+                 host only (bind_ip {bind_ip}; any local user can reach it; set a secret, or \
+                 insecure=true to say so)"
+            );
+            Ok(false)
+        }
+        _ => Err(Error::Unauthenticated(format!(
+            "ucx backend of {agent}: no cluster secret configured and UCX's TCP transport \
+             would serve on {bind_ip}, beyond this host; set AgentOptions.secret (KVX_SECRET) \
+             on every agent, or pass insecure=true to run without authentication"
+        ))),
+    }
+}
+
 /// Whether the `tls` option names shared-memory transports only: UCX 1.13's refuse
 /// peer error handling (UCS_ERR_UNREACHABLE), so `connect` does not try it.
 pub fn shm_only(tls: Option<&str>) -> bool {
@@ -232,9 +312,11 @@ mod tests {
         p.insert("progress_thread".into(), "true".into());
         p.insert("cancel_grace_ms".into(), "5".into());
         p.insert("ucx.RNDV_THRESH".into(), "8k".into());
-        p.insert("am_write_min".into(), "off".into());
+        p.insert("rndv_min".into(), "65536".into());
+        p.insert("max_inbox".into(), "0".into());
         let o = Options::from_params(&p).unwrap();
-        assert_eq!(o.am_write_min, u64::MAX);
+        assert_eq!(o.rndv_min, Some(65536));
+        assert_eq!(o.max_inbox, 1);
         assert_eq!(o.tls.as_deref(), Some("tcp"));
         assert!(o.progress_thread);
         assert_eq!(o.cancel_grace, Duration::from_millis(5));
@@ -248,6 +330,60 @@ mod tests {
         p.insert("progress_thread".into(), "maybe".into());
         assert!(matches!(
             Options::from_params(&p),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn no_secret_is_refused_unless_local_or_insecure() {
+        let o = |tls: &str, insecure| Options {
+            tls: Some(tls.into()),
+            insecure,
+            ..Options::default()
+        };
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        let any = IpAddr::from([0, 0, 0, 0]);
+        let auth = |o: &Options, secret, ip| authenticates(o, "t", secret, ip);
+        assert!(auth(&o("tcp", None), true, any).unwrap());
+        assert!(matches!(
+            auth(&o("tcp", Some(true)), true, lo),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(!auth(&o("tcp", None), false, lo).unwrap());
+        assert!(!auth(&o("posix,cma,self", None), false, any).unwrap());
+        assert!(!auth(&o("tcp", Some(true)), false, any).unwrap());
+        for (tls, ip, insecure) in [
+            ("tcp", any, None),
+            ("tcp", lo, Some(false)),
+            ("posix,cma,self", lo, Some(false)),
+        ] {
+            assert!(
+                matches!(
+                    auth(&o(tls, insecure), false, ip),
+                    Err(Error::Unauthenticated(_))
+                ),
+                "{tls} {ip} {insecure:?}"
+            );
+        }
+        let mut p = Params::new();
+        p.insert("insecure".into(), "true".into());
+        assert_eq!(Options::from_params(&p).unwrap().insecure, Some(true));
+    }
+
+    #[test]
+    fn bind_ip_picks_its_interface() {
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        if std::env::var_os("UCX_NET_DEVICES").is_none() {
+            let s = with_bind_ip(&[], lo).unwrap();
+            assert_eq!(s, vec![("NET_DEVICES".to_string(), "lo".to_string())]);
+        }
+        let mine = vec![("NET_DEVICES".to_string(), "eth9".to_string())];
+        assert_eq!(with_bind_ip(&mine, lo).unwrap(), mine);
+        assert!(with_bind_ip(&[], IpAddr::from([0, 0, 0, 0]))
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            with_bind_ip(&[], IpAddr::from([192, 0, 2, 77])),
             Err(Error::InvalidArgument(_))
         ));
     }

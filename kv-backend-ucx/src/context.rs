@@ -1,5 +1,5 @@
 //! The UCP context and its one worker: UCX's configuration read and given our settings
-//! ([`crate::config`]), the context (RMA + AM) created, the worker created
+//! ([`crate::config`]), the context (active messages only) created, the worker created
 //! `UCS_THREAD_MODE_SERIALIZED`, and what the worker tells about itself (its address,
 //! its largest active-message header). Creation only: the core (`worker.rs`) owns the
 //! handles and destroys them.
@@ -37,7 +37,7 @@ fn cstring(s: &str, what: &str) -> Result<CString> {
 }
 
 /// Reads UCX's configuration, applies our settings ([`config::settings`] of `config`
-/// and `tls`) and creates the context (RMA + AM) named `name`; returns it with the TCP
+/// and `tls`) and creates the context (active messages only) named `name`; returns it with the TCP
 /// segment sizes it uses.
 fn open_context(
     lib: &Lib,
@@ -70,7 +70,11 @@ fn open_context(
         field_mask: ffi::UCP_PARAM_FIELD_FEATURES
             | ffi::UCP_PARAM_FIELD_MT_WORKERS_SHARED
             | ffi::UCP_PARAM_FIELD_NAME,
-        features: ffi::UCP_FEATURE_RMA | ffi::UCP_FEATURE_AM,
+        // Active messages only: without UCP_FEATURE_RMA the worker installs no handler
+        // that reads or writes memory at a peer's request (UCX 1.13's software RMA
+        // writes and reads any address a peer names), so our checked operations are
+        // the only way in.
+        features: ffi::UCP_FEATURE_AM,
         request_size: 0,
         request_init: None,
         request_cleanup: None,

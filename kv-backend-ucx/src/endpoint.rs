@@ -1,22 +1,24 @@
 //! Connected peers: the UCP endpoint (created with peer error handling where the
-//! transports allow it, force-closed to stop transfers), its rkey cache, whether the
-//! peer is still there, and the ordered queue of notifications waiting to go out after
-//! their data.
+//! transports allow it, force-closed to stop transfers), whether the peer is still
+//! there, and the ordered queue of notifications waiting to go out after their data.
+//! A disconnected endpoint stays as a tombstone, so later uses of its id say
+//! `RemoteDisconnected`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kv_core::{Error, Result};
 
-use crate::am::{Shared, AM_ID};
+use crate::am::{err_handler, AM_NOTE_ID};
 use crate::config::TCP_DEFAULTS;
-use crate::ffi::{self, ucp_ep_h, ucp_rkey_h, ucs_status_t, Lib};
+use crate::ffi::{self, ucp_ep_h, ucs_status_t, Lib};
 use crate::ids::{is_live, own_pid, IdMap};
 use crate::request::{Group, NoteState, Transfer};
-use crate::wire::ConnInfo;
+use crate::session::Readiness;
+use crate::shared::Shared;
+use crate::wire::{ConnInfo, NoteHeader};
 
 /// What must finish before a queued notification may be sent.
 pub enum Gate {
@@ -27,19 +29,19 @@ pub enum Gate {
         /// Which post of it (a released-and-reposted transfer does not open the gate).
         post: u64,
     },
-    /// An endpoint flush (a notification alone waits for every earlier operation).
-    Flush(Group),
+    /// Every post that was in flight on the endpoint when `notify` was called.
+    Posts(Vec<(u64, u64)>),
 }
 
 /// A notification on its way to the peer.
 pub struct Note {
     /// What it waits for.
     pub gate: Gate,
-    /// Encoded active-message header (kept alive until the send completes).
-    pub header: Vec<u8>,
-    /// Payload (kept alive until the send completes).
+    /// Its number on this endpoint (the receiver reorders by it).
+    pub number: u64,
+    /// Payload.
     pub payload: Bytes,
-    /// The active-message send, once issued.
+    /// The active-message send (it keeps header and payload alive), once issued.
     pub sent: Option<Group>,
 }
 
@@ -54,56 +56,43 @@ pub struct Endpoint {
     /// Created with `UCP_ERR_HANDLING_MODE_PEER` (else `NONE`: the transports cannot
     /// detect a dead peer and only deadlines bound a transfer).
     pub peer_errors: bool,
-    /// WRITEs of at least this many bytes go as active messages with rendezvous
-    /// (`u64::MAX`: never; set at connect for endpoints whose lanes are all TCP).
-    pub am_write_min: u64,
+    /// Every lane UCX chose is TCP.
+    pub tcp_only: bool,
+    /// Segments of at least this many bytes go alone, by rendezvous.
+    pub rndv_min: u64,
     /// Why the endpoint can no longer be used, once it cannot.
     pub dead: Option<String>,
-    /// Sequence number of the next notification.
-    pub next_seq: u64,
+    /// `disconnect` was called: the id stays only to say so.
+    pub gone: bool,
+    /// Number of the next notification.
+    pub next_note: u64,
     /// Notifications in send order.
     pub notes: VecDeque<Note>,
-    /// Unpacked rkeys by packed bytes, with reference counts.
-    pub rkeys: HashMap<Vec<u8>, (ucp_rkey_h, usize)>,
+    /// A close in flush mode still running (freed once complete).
+    pub closing: Option<*mut c_void>,
 }
 
 impl Endpoint {
-    /// A live endpoint.
-    pub fn new(ep: ucp_ep_h, peer_name: String, info: ConnInfo) -> Endpoint {
-        Endpoint {
-            ep,
-            peer_name,
-            info,
-            peer_errors: true,
-            am_write_min: u64::MAX,
-            dead: None,
-            next_seq: 0,
-            notes: VecDeque::new(),
-            rkeys: HashMap::new(),
-        }
-    }
-
     /// `RemoteDisconnected` for this peer with `reason`.
-    pub fn disconnected(&self, reason: impl Into<String>) -> kv_core::Error {
-        kv_core::Error::RemoteDisconnected {
+    pub fn disconnected(&self, reason: impl Into<String>) -> Error {
+        Error::RemoteDisconnected {
             peer: self.peer_name.clone(),
             reason: reason.into(),
         }
     }
 
-    /// An endpoint of `worker` to the peer that published `info`, with peer error
-    /// handling (reported through `shared`) unless `shm_only` transports refuse it.
-    /// WRITEs of at least `am_write_min` bytes go as active messages when every lane
-    /// UCX chose is TCP. Called under the state lock.
+    /// An endpoint of `shared`'s worker to the peer that published `info`, with peer
+    /// error handling unless `shm_only` transports refuse it. Segments of at least
+    /// `rndv_min` bytes (`None`: 512 KiB over TCP-only lanes, else 64 KiB) go alone, by
+    /// rendezvous. Called under the state lock.
     pub fn open(
-        lib: &Lib,
-        worker: ffi::ucp_worker_h,
         shared: &Shared,
         peer_name: &str,
         info: ConnInfo,
         shm_only: bool,
-        am_write_min: u64,
+        rndv_min: Option<u64>,
     ) -> Result<Endpoint> {
+        let (lib, worker) = (&shared.lib, shared.worker);
         let create = |mode: std::ffi::c_uint| {
             let params = ffi::ucp_ep_params_t {
                 field_mask: ffi::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
@@ -111,7 +100,7 @@ impl Endpoint {
                     | ffi::UCP_EP_PARAM_FIELD_ERR_HANDLER,
                 address: info.worker_address.as_ptr() as *const c_void,
                 err_mode: mode,
-                err_handler: shared.err_handler(),
+                err_handler: err_handler(shared),
                 user_data: std::ptr::null_mut(),
                 flags: 0,
                 sockaddr: ffi::ucs_sock_addr_t {
@@ -155,16 +144,23 @@ impl Endpoint {
                 lib.error("ucp_ep_create", s)
             });
         }
-        let mut e = Endpoint::new(ep, peer_name.to_owned(), info);
-        e.peer_errors = peer_errors;
-        if am_write_min != u64::MAX {
-            // SAFETY: the endpoint created above and an open FILE stream, under the lock.
-            let lanes = ffi::capture_file(|f| unsafe { (lib.ep_print_info)(ep, f) });
-            if lanes.as_deref().is_some_and(all_lanes_tcp) {
-                e.am_write_min = am_write_min.max(1);
-            }
-        }
-        Ok(e)
+        // SAFETY: the endpoint created above and an open FILE stream, under the lock.
+        let lanes = ffi::capture_file(|f| unsafe { (lib.ep_print_info)(ep, f) });
+        let tcp_only = lanes.as_deref().is_some_and(all_lanes_tcp);
+        let default_min = if tcp_only { 512 << 10 } else { 64 << 10 };
+        Ok(Endpoint {
+            ep,
+            peer_name: peer_name.to_owned(),
+            info,
+            peer_errors,
+            tcp_only,
+            rndv_min: rndv_min.unwrap_or(default_min).max(1),
+            dead: None,
+            gone: false,
+            next_note: 0,
+            notes: VecDeque::new(),
+            closing: None,
+        })
     }
 
     /// Refuses to use the endpoint once it is dead.
@@ -188,59 +184,12 @@ impl Endpoint {
         self.usable()
     }
 
-    /// The unpacked rkey for the packed bytes `packed`: unpacked once per endpoint and
-    /// cached, with a reference per import.
-    pub fn rkey(&mut self, lib: &Lib, packed: &[u8]) -> Result<ucp_rkey_h> {
-        Ok(match self.rkeys.get_mut(packed) {
-            Some((rkey, refs)) => {
-                *refs += 1;
-                *rkey
-            }
-            None => {
-                let mut rkey: ffi::ucp_rkey_h = std::ptr::null_mut();
-                // SAFETY: a live endpoint; the packed bytes passed the envelope checks
-                // and live through the call; out-pointer valid.
-                lib.check("ucp_ep_rkey_unpack", unsafe {
-                    (lib.ep_rkey_unpack)(self.ep, packed.as_ptr() as *const c_void, &mut rkey)
-                })
-                .map_err(|e| Error::invalid_metadata(format!("remote key refused by UCX: {e}")))?;
-                self.rkeys.insert(packed.to_vec(), (rkey, 1));
-                rkey
-            }
-        })
-    }
-
-    /// Drops one reference to the cached rkey of `packed`, destroying it with the last.
-    /// Only once no posted transfer uses an import that shares it.
-    pub fn release_rkey(&mut self, lib: &Lib, packed: &[u8]) {
-        if let Some((rkey, refs)) = self.rkeys.get_mut(packed) {
-            *refs -= 1;
-            if *refs == 0 {
-                let rkey = *rkey;
-                self.rkeys.remove(packed);
-                // SAFETY: no transfer uses it (busy was 0 for every import sharing
-                // it, and this was the last); destroyed once.
-                unsafe { (lib.rkey_destroy)(rkey) };
-            }
-        }
-    }
-
-    /// Destroys every cached rkey (the endpoint is going away and every transfer that
-    /// used them finished).
-    pub fn destroy_rkeys(&mut self, lib: &Lib) {
-        for (_, (rkey, _)) in self.rkeys.drain() {
-            // SAFETY: every transfer that used the rkey finished (aborted or done) and
-            // the rkey is destroyed once.
-            unsafe { (lib.rkey_destroy)(rkey) };
-        }
-    }
-
-    /// Force-closes the endpoint: UCX completes its outstanding requests with
-    /// `UCS_ERR_CANCELED`. Unsent notifications are dropped.
-    /// An endpoint without peer error handling is closed in flush mode instead (UCX
-    /// requires peer error handling on both sides for a forced close); its requests
-    /// then complete only if the peer progresses. Called under the state lock.
-    pub fn close(&mut self, lib: &Lib, worker: ffi::ucp_worker_h, reason: &str) {
+    /// Closes the endpoint: forced (UCX completes its outstanding requests with
+    /// `UCS_ERR_CANCELED`) with peer error handling, else in flush mode (UCX requires
+    /// peer error handling on both sides for a forced close; the requests then complete
+    /// only if the peer progresses, and the close request is kept in `closing`).
+    /// Unsent notifications are dropped. Called under the state lock.
+    pub fn close(&mut self, lib: &Lib, reason: &str) {
         if self.dead.is_none() {
             self.dead = Some(reason.to_owned());
         }
@@ -248,8 +197,6 @@ impl Endpoint {
             return;
         }
         let mut p = ffi::ucp_request_param_t::empty();
-        // A forced close needs peer error handling on both sides; without it, close
-        // in flush mode (bounded below).
         if self.peer_errors {
             p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_FLAGS;
             p.flags = ffi::UCP_EP_CLOSE_FLAG_FORCE;
@@ -259,30 +206,35 @@ impl Endpoint {
         self.ep = std::ptr::null_mut();
         self.notes.retain(|n| n.sent.is_some());
         if ffi::ptr_is_request(r) {
-            let end = Instant::now() + Duration::from_secs(2);
-            // SAFETY: `r` is a live request of this worker until freed below.
-            while unsafe { (lib.request_check_status)(r) } == ffi::UCS_INPROGRESS
-                && Instant::now() < end
-            {
-                // SAFETY: valid worker, under the state lock.
-                unsafe { (lib.worker_progress)(worker) };
-            }
-            // SAFETY: freeing the close request once (complete or not).
-            unsafe { (lib.request_free)(r) };
+            self.closing = Some(r);
         }
     }
 
-    /// Queues a notification (encoded `header`, `payload`) behind `gate`, taking the
-    /// next sequence number.
+    /// Frees the close request once UCX completed it; true when none is left.
+    pub fn reap_close(&mut self, lib: &Lib) -> bool {
+        let Some(r) = self.closing else {
+            return true;
+        };
+        // SAFETY: `r` is a live request of this worker until freed below.
+        if unsafe { (lib.request_check_status)(r) } == ffi::UCS_INPROGRESS {
+            return false;
+        }
+        // SAFETY: freeing the completed close request once.
+        unsafe { (lib.request_free)(r) };
+        self.closing = None;
+        true
+    }
+
+    /// Queues a notification with `payload` behind `gate`, taking the next number.
     #[inline]
-    pub fn queue_note(&mut self, gate: Gate, header: Vec<u8>, payload: Bytes) {
+    pub fn queue_note(&mut self, gate: Gate, payload: Bytes) {
         self.notes.push_back(Note {
             gate,
-            header,
+            number: self.next_note,
             payload,
             sent: None,
         });
-        self.next_seq += 1;
+        self.next_note += 1;
     }
 
     /// Drops the unsent notification of post `post` of transfer `tid` (it was aborted).
@@ -294,14 +246,21 @@ impl Endpoint {
     }
 
     /// Sends, in order, each queued notification whose data is complete (dropping
-    /// those whose data failed, or all when the endpoint is dead), and lets completed
-    /// sends leave the queue, recording the outcome in their transfer's flight. Returns
-    /// how many state changes happened.
-    #[inline]
-    pub fn advance_notes(&mut self, lib: &Arc<Lib>, transfers: &mut IdMap<Transfer>) -> usize {
+    /// those whose data failed, or all when the endpoint is dead or failed to
+    /// authenticate), and lets completed sends leave the queue, recording the outcome in
+    /// their transfer's flight. Returns how many state changes happened.
+    pub fn advance_notes(
+        &mut self,
+        id: u64,
+        shared: &Shared,
+        lib: &Arc<Lib>,
+        transfers: &mut IdMap<Transfer>,
+    ) -> usize {
         let mut events = 0;
         let mut blocked = false;
-        let dead = self.dead.is_some() || self.ep.is_null();
+        let readiness = shared.readiness(id);
+        let dead =
+            self.dead.is_some() || self.ep.is_null() || matches!(readiness, Readiness::Failed(_));
         let uep = self.ep;
         let mut i = 0;
         while i < self.notes.len() {
@@ -309,13 +268,25 @@ impl Endpoint {
             if n.sent.is_none() && !blocked {
                 // None: wait; Some(true): send; Some(false): drop.
                 let ready = match &n.gate {
-                    Gate::Flush(g) => g.done().then_some(g.error().is_none()),
+                    Gate::Posts(posts) => posts
+                        .iter()
+                        .all(|(t, p)| {
+                            transfers
+                                .get(t)
+                                .and_then(|t| t.flight.as_ref())
+                                .is_none_or(|f| f.post != *p)
+                        })
+                        .then_some(true),
                     Gate::Transfer { transfer, post } => match transfers.get(transfer) {
                         Some(Transfer {
                             flight: Some(f), ..
                         }) if f.post == *post => f.complete().then_some(f.failure().is_none()),
                         _ => Some(false),
                     },
+                };
+                let ready = match ready {
+                    Some(true) if !dead && readiness == Readiness::Pending => None,
+                    r => r,
                 };
                 match ready {
                     None => blocked = true,
@@ -336,24 +307,19 @@ impl Endpoint {
                         continue;
                     }
                     Some(true) => {
-                        let mut g = Group::new(lib);
-                        let (h, p) = (&n.header, &n.payload);
-                        // SAFETY: live endpoint; header and payload stay alive in the
-                        // note until the send group completes.
-                        let _ = g.issue(ffi::UCP_AM_SEND_FLAG_EAGER, |prm| unsafe {
-                            (lib.am_send_nbx)(
-                                uep,
-                                AM_ID,
-                                h.as_ptr() as *const c_void,
-                                h.len(),
-                                p.as_ptr() as *const c_void,
-                                p.len(),
-                                prm,
-                            )
-                        });
-                        set_note(transfers, &n.gate, NoteState::Issued);
-                        n.sent = Some(g);
+                        let state = match send_note(shared, lib, uep, id, n) {
+                            Ok(g) => {
+                                n.sent = Some(g);
+                                NoteState::Issued
+                            }
+                            Err(s) => NoteState::Failed(s),
+                        };
+                        set_note(transfers, &n.gate, state);
                         events += 1;
+                        if n.sent.is_none() {
+                            self.notes.remove(i);
+                            continue;
+                        }
                     }
                 }
             }
@@ -403,19 +369,64 @@ impl Endpoint {
             return;
         }
         s.push('\n');
-        if self.am_write_min != u64::MAX {
-            s.push_str(&format!(
-                "WRITE segments of >= {} bytes go as active messages (rendezvous, \
-                 received into the target's registration)\n",
-                self.am_write_min
-            ));
-        }
+        s.push_str(&format!(
+            "pieces of >= {} bytes go alone by rendezvous, smaller ones batched{}\n",
+            self.rndv_min,
+            if self.tcp_only {
+                " (all lanes TCP)"
+            } else {
+                ""
+            }
+        ));
         let uep = self.ep;
         // SAFETY: live endpoint and an open FILE stream, under the state lock.
         if let Some(text) = ffi::capture_file(|f| unsafe { (lib.ep_print_info)(uep, f) }) {
             s.push_str(&text);
         }
     }
+}
+
+/// Sends notification `n` on endpoint `uep` (our id `id`): eager, its header sealed by
+/// the endpoint's session together with the payload.
+fn send_note(
+    shared: &Shared,
+    lib: &Arc<Lib>,
+    uep: ucp_ep_h,
+    id: u64,
+    n: &Note,
+) -> std::result::Result<Group, ucs_status_t> {
+    let header = shared
+        .seal_for(id, &n.payload, |session, seq| {
+            NoteHeader {
+                instance: shared.instance,
+                endpoint: id,
+                number: n.number,
+                session,
+                seq,
+                name: shared.name.clone(),
+            }
+            .encode()
+        })
+        .map_err(|_| ffi::UCS_ERR_NOT_CONNECTED)?;
+    let mut g = Group::new(lib);
+    let hl = header.len();
+    let hp = g.keep(header);
+    let pl = n.payload.len();
+    let pp = g.keep_bytes(n.payload.clone());
+    // SAFETY: live endpoint (not dead, checked by the caller under the lock); header
+    // and payload stay alive in the group until its request completes.
+    g.issue(ffi::UCP_AM_SEND_FLAG_EAGER, |prm| unsafe {
+        (lib.am_send_nbx)(
+            uep,
+            AM_NOTE_ID,
+            hp as *const c_void,
+            hl,
+            pp as *const c_void,
+            pl,
+            prm,
+        )
+    })?;
+    Ok(g)
 }
 
 /// Sets the notification state of the flight a `Gate::Transfer` names.
@@ -439,7 +450,10 @@ pub fn mark_failed(
     for (ptr, status) in errors {
         for ep in eps.values_mut() {
             if !ep.ep.is_null() && ep.ep as usize == ptr && ep.dead.is_none() {
-                ep.dead = Some(format!("UCX reported {}", lib.status_text(status)));
+                ep.dead = Some(format!(
+                    "the peer is gone or unreachable (UCX: {})",
+                    lib.status_text(status)
+                ));
                 events += 1;
             }
         }
@@ -465,8 +479,7 @@ pub fn check_segments(ours: (u32, u32), peer_name: &str, peer: &ConnInfo) -> Res
     )))
 }
 
-/// Whether `ucp_ep_print_info`'s report shows lanes and every one of them is TCP (then
-/// UCX 1.13 emulates put with active messages that the target copies).
+/// Whether `ucp_ep_print_info`'s report shows lanes and every one of them is TCP.
 fn all_lanes_tcp(report: &str) -> bool {
     let mut lanes = report.lines().filter(|l| l.contains("lane["));
     let mut any = false;

@@ -12,6 +12,7 @@
 #![allow(non_camel_case_types)]
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use libloading::Library;
@@ -28,8 +29,6 @@ pub type ucp_worker_h = *mut c_void;
 pub type ucp_ep_h = *mut c_void;
 /// `ucp_mem_h`.
 pub type ucp_mem_h = *mut c_void;
-/// `ucp_rkey_h`.
-pub type ucp_rkey_h = *mut c_void;
 /// `ucp_config_t *`.
 pub type ucp_config_p = *mut c_void;
 /// `ucp_address_t *`.
@@ -56,7 +55,6 @@ pub const UCS_MEMORY_TYPE_HOST: c_uint = 0;
 pub const UCP_PARAM_FIELD_FEATURES: u64 = 1 << 0;
 pub const UCP_PARAM_FIELD_MT_WORKERS_SHARED: u64 = 1 << 5;
 pub const UCP_PARAM_FIELD_NAME: u64 = 1 << 8;
-pub const UCP_FEATURE_RMA: u64 = 1 << 1;
 pub const UCP_FEATURE_AM: u64 = 1 << 6;
 
 pub const UCP_WORKER_PARAM_FIELD_THREAD_MODE: u64 = 1 << 0;
@@ -339,8 +337,6 @@ pub struct Lib {
         unsafe extern "C" fn(ucp_worker_h, *const ucp_ep_params_t, *mut ucp_ep_h) -> ucs_status_t,
     pub ep_close_nbx:
         unsafe extern "C" fn(ucp_ep_h, *const ucp_request_param_t) -> ucs_status_ptr_t,
-    pub ep_flush_nbx:
-        unsafe extern "C" fn(ucp_ep_h, *const ucp_request_param_t) -> ucs_status_ptr_t,
     pub ep_print_info: unsafe extern "C" fn(ucp_ep_h, *mut libc::FILE),
     pub mem_map: unsafe extern "C" fn(
         ucp_context_h,
@@ -349,32 +345,6 @@ pub struct Lib {
     ) -> ucs_status_t,
     pub mem_unmap: unsafe extern "C" fn(ucp_context_h, ucp_mem_h) -> ucs_status_t,
     pub mem_query: unsafe extern "C" fn(ucp_mem_h, *mut ucp_mem_attr_t) -> ucs_status_t,
-    pub rkey_pack: unsafe extern "C" fn(
-        ucp_context_h,
-        ucp_mem_h,
-        *mut *mut c_void,
-        *mut usize,
-    ) -> ucs_status_t,
-    pub rkey_buffer_release: unsafe extern "C" fn(*mut c_void),
-    pub ep_rkey_unpack:
-        unsafe extern "C" fn(ucp_ep_h, *const c_void, *mut ucp_rkey_h) -> ucs_status_t,
-    pub rkey_destroy: unsafe extern "C" fn(ucp_rkey_h),
-    pub put_nbx: unsafe extern "C" fn(
-        ucp_ep_h,
-        *const c_void,
-        usize,
-        u64,
-        ucp_rkey_h,
-        *const ucp_request_param_t,
-    ) -> ucs_status_ptr_t,
-    pub get_nbx: unsafe extern "C" fn(
-        ucp_ep_h,
-        *mut c_void,
-        usize,
-        u64,
-        ucp_rkey_h,
-        *const ucp_request_param_t,
-    ) -> ucs_status_ptr_t,
     pub am_send_nbx: unsafe extern "C" fn(
         ucp_ep_h,
         c_uint,
@@ -392,7 +362,6 @@ pub struct Lib {
         *const ucp_request_param_t,
     ) -> ucs_status_ptr_t,
     pub request_check_status: unsafe extern "C" fn(*mut c_void) -> ucs_status_t,
-    pub request_cancel: unsafe extern "C" fn(ucp_worker_h, *mut c_void),
     pub request_free: unsafe extern "C" fn(*mut c_void),
     pub status_string: unsafe extern "C" fn(ucs_status_t) -> *const c_char,
     /// The runtime's version (major, minor, release).
@@ -511,21 +480,13 @@ impl Lib {
             worker_set_am_recv_handler: sym!(ucp, "ucp_worker_set_am_recv_handler"),
             ep_create: sym!(ucp, "ucp_ep_create"),
             ep_close_nbx: sym!(ucp, "ucp_ep_close_nbx"),
-            ep_flush_nbx: sym!(ucp, "ucp_ep_flush_nbx"),
             ep_print_info: sym!(ucp, "ucp_ep_print_info"),
             mem_map: sym!(ucp, "ucp_mem_map"),
             mem_unmap: sym!(ucp, "ucp_mem_unmap"),
             mem_query: sym!(ucp, "ucp_mem_query"),
-            rkey_pack: sym!(ucp, "ucp_rkey_pack"),
-            rkey_buffer_release: sym!(ucp, "ucp_rkey_buffer_release"),
-            ep_rkey_unpack: sym!(ucp, "ucp_ep_rkey_unpack"),
-            rkey_destroy: sym!(ucp, "ucp_rkey_destroy"),
-            put_nbx: sym!(ucp, "ucp_put_nbx"),
-            get_nbx: sym!(ucp, "ucp_get_nbx"),
             am_send_nbx: sym!(ucp, "ucp_am_send_nbx"),
             am_recv_data_nbx: sym!(ucp, "ucp_am_recv_data_nbx"),
             request_check_status: sym!(ucp, "ucp_request_check_status"),
-            request_cancel: sym!(ucp, "ucp_request_cancel"),
             request_free: sym!(ucp, "ucp_request_free"),
             status_string: sym!(ucs, "ucs_status_string"),
             version: (major, minor, release),
@@ -563,6 +524,126 @@ impl Lib {
             Err(self.error(what, s))
         }
     }
+}
+
+/// The name of the interface that has address `ip` (`getifaddrs`).
+pub fn interface_of(ip: IpAddr) -> Option<String> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned (not freed yet).
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null sockaddr of the family it names.
+        let addr = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    Some(IpAddr::from(a.sin_addr.s_addr.to_ne_bytes()))
+                }
+                libc::AF_INET6 => {
+                    let a = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    Some(IpAddr::from(a.sin6_addr.s6_addr))
+                }
+                _ => None,
+            }
+        };
+        if addr == Some(ip) {
+            // SAFETY: a NUL-terminated interface name owned by the list.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+            found = Some(name.to_string_lossy().into_owned());
+            break;
+        }
+    }
+    // SAFETY: freeing the list getifaddrs returned, once.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
+/// One of this process's sockets, held by a duplicate fd of our own (so the fd number
+/// the owner uses is never touched and cannot be reused under us).
+pub struct HeldSocket {
+    fd: std::os::fd::OwnedFd,
+    /// Its inode (as in `/proc/net/tcp`).
+    pub inode: u64,
+    /// Bytes the kernel received on it so far (`TCP_INFO`).
+    pub bytes_received: u64,
+}
+
+impl HeldSocket {
+    /// `shutdown(2)` both directions: the owner's fd stays valid and sees the end.
+    pub fn shutdown(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown of a socket fd we own; it releases no fd.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) == 0 }
+    }
+}
+
+/// This process's TCP sockets whose inode is in `inodes`, each `dup`ed and checked
+/// (`fstat`) to still be that socket, with what `TCP_INFO` says it received.
+pub fn hold_sockets(inodes: &std::collections::HashSet<u64>) -> Vec<HeldSocket> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let t = target.to_string_lossy();
+        let Some(ino) = t
+            .strip_prefix("socket:[")
+            .and_then(|r| r.strip_suffix(']'))
+            .and_then(|r| r.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if !inodes.contains(&ino) || out.iter().any(|h: &HeldSocket| h.inode == ino) {
+            continue;
+        }
+        let Some(fd) = e.file_name().to_str().and_then(|f| f.parse::<c_int>().ok()) else {
+            continue;
+        };
+        // SAFETY: dup of an fd number; the copy is ours.
+        let d = unsafe { libc::dup(fd) };
+        if d < 0 {
+            continue;
+        }
+        // SAFETY: `d` is a fresh fd nobody else owns; OwnedFd closes it once.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(d) };
+        // SAFETY: plain structs the kernel fills; `fd` is open.
+        let (same, bytes_received) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            let same = libc::fstat(fd.as_raw_fd(), &mut st) == 0 && st.st_ino == ino;
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let ok = libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                &mut info as *mut libc::tcp_info as *mut c_void,
+                &mut len,
+            ) == 0;
+            (same, if ok { info.tcpi_bytes_received } else { 0 })
+        };
+        if same {
+            out.push(HeldSocket {
+                fd,
+                inode: ino,
+                bytes_received,
+            });
+        }
+    }
+    out
 }
 
 /// Runs `f` with a `FILE *` that writes into memory and returns what it wrote

@@ -28,21 +28,21 @@
 //! `UCS_THREAD_MODE_SERIALIZED` and every UCX call happens under one
 //! `parking_lot::Mutex`, so any thread may call any method; they run one at a time.
 //!
-//! # Memory
+//! # Operations, and what a peer can do
 //!
-//! Any host memory can be registered, but over shared memory UCX 1.13 emulates RMA on
-//! heap memory through the target's worker (which must then progress). Memory from
-//! [`UcxBackend::alloc_host`] is UCX's own shared mapping: peers' puts and gets are a
-//! plain copy into it, about three times faster for 1 MiB on the reference machine.
-//!
-//! # WRITEs over TCP
-//!
-//! UCX 1.13 has no RMA lane on TCP and emulates put with active messages that the
-//! target copies. Over endpoints whose lanes are all TCP, WRITE segments of at least
-//! [`Options::am_write_min`] bytes are sent as active messages with rendezvous instead:
-//! the target checks the header against its registrations, receives the data straight
-//! into the registered range and answers; the post completes on that answer. The target
-//! must progress (as for emulated put). See the README, "TCP WRITEs".
+//! The UCP context has active messages only (no `UCP_FEATURE_RMA`): UCX 1.13 emulates
+//! RMA over TCP and over shared memory for heap memory with handlers that write and
+//! read *any* address a peer names, and nothing a target does revokes a peer's access
+//! to memory it mapped. So every WRITE and READ is an operation message that the
+//! target's worker checks against its live registrations (key id of 128 random bits,
+//! range, access) before it moves a byte: a deregistered, read-only or foreign range is
+//! refused and nothing moves. Large pieces go by rendezvous straight into or out of
+//! place; small ones are batched. With a cluster secret (`BackendInit::secret`) every
+//! endpoint first runs a challenge–response handshake and every operation, answer and
+//! notification is tagged under its session key; without one the backend starts only
+//! as [`Options::insecure`] allows. The target must progress
+//! (`Capabilities::needs_target_progress`, or the progress thread). See the README,
+//! "Trust".
 //!
 //! # Peer failure
 //!
@@ -50,9 +50,8 @@
 //! transport notices a dead peer (TCP) its transfers fail with `RemoteDisconnected`.
 //! Shared-memory transports may not notice; a transfer's `PostOptions::deadline` is the
 //! fallback (`TimedOut`), and a peer backend in the same process is known dead as soon
-//! as it is dropped. Cancelling and deadlines cancel UCX's requests and, when UCX cannot
-//! cancel them, force-close the endpoint, so that memory is never released while UCX
-//! may still touch it.
+//! as it is dropped. A deadline never closes the endpoint: what UCX still holds stays
+//! in quarantine (its memory busy) until UCX gives it back.
 #![warn(missing_docs)]
 
 mod am;
@@ -60,9 +59,14 @@ mod config;
 mod context;
 mod endpoint;
 mod ffi;
+mod guard;
 mod ids;
 mod memory;
 mod request;
+mod send;
+mod serve;
+mod session;
+mod shared;
 mod wire;
 mod worker;
 
@@ -93,8 +97,7 @@ pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
 
 /// The UCX backend. `Send + Sync` (see the crate docs, "Threads").
 pub struct UcxBackend {
-    /// The agent name, cluster secret and bind address it was created with (the secret
-    /// and bind address are not used yet).
+    /// The agent name, cluster secret and bind address it was created with.
     init: BackendInit,
     core: Arc<Core>,
     stop: Arc<AtomicBool>,
@@ -102,10 +105,17 @@ pub struct UcxBackend {
 }
 
 impl UcxBackend {
-    /// Loads UCX and creates a context and worker for the agent `init` names.
+    /// Loads UCX and creates a context and worker for the agent `init` names (its
+    /// cluster secret authenticates every operation; UCX's TCP transport uses the
+    /// interface of its `bind_ip` only, see [`Options`]).
     pub fn new(init: &BackendInit, opts: Options) -> Result<UcxBackend> {
         let progress_thread = opts.progress_thread;
-        let core = Arc::new(Core::new(&init.agent_name, opts)?);
+        let core = Arc::new(Core::new(
+            &init.agent_name,
+            init.secret.clone(),
+            init.bind_ip,
+            opts,
+        )?);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = progress_thread.then(|| {
             let (weak, stop) = (Arc::downgrade(&core), stop.clone());
@@ -137,11 +147,9 @@ impl UcxBackend {
         self.core.describe()
     }
 
-    /// `len` bytes of host memory allocated by UCX for this backend (zeroed). Register
-    /// it with this backend like any memory: with shared-memory transports, peers then
-    /// write and read it with a direct copy into UCX's shared mapping rather than
-    /// software-emulated RMA, and without this backend having to progress. Over TCP it
-    /// is ordinary memory.
+    /// `len` bytes of host memory allocated by UCX for this backend (zeroed,
+    /// `UCP_MEM_MAP_ALLOCATE`). Register it with this backend like any memory; peers
+    /// reach it through the same checked operations as any registration.
     pub fn alloc_host(&self, len: usize) -> Result<UcxHostMemory> {
         UcxHostMemory::new(self.core.clone(), len)
     }
@@ -174,11 +182,16 @@ impl Backend for UcxBackend {
         c.write = true;
         c.read = true;
         c.mem_kinds = MemKinds::of(&[MemKind::Dram]);
-        // Notifications (active messages), AM WRITEs over TCP and emulated RMA on heap
-        // memory over shared memory are served only while the target's worker
-        // progresses: by the caller, unless the progress thread does it.
+        // Every operation and notification is served by the target's worker: only
+        // while it progresses (by the caller, unless the progress thread does it).
         c.needs_target_progress = !self.core.opts.progress_thread;
-        // Not authenticated and no read-only registrations yet (the defaults).
+        // The target checks every operation against its live registrations, including
+        // their access (no UCX RMA a peer could use instead).
+        c.read_only = true;
+        // With a cluster secret, every operation and notification this backend serves
+        // comes from an endpoint that proved the secret (handshake + tag per message).
+        // UCX's own connection and wire protocol stay unauthenticated: README, "Trust".
+        c.authenticated = self.core.authenticated();
         c
     }
 
@@ -188,12 +201,7 @@ impl Backend for UcxBackend {
         desc: &Descriptor,
         access: Access,
     ) -> Result<RegistrationId> {
-        if access == Access::ReadOnly {
-            return Err(kv_core::Error::Unsupported(
-                "ucx: read-only registrations not supported yet".into(),
-            ));
-        }
-        self.core.register(kind, desc).map(RegistrationId)
+        self.core.register(kind, desc, access).map(RegistrationId)
     }
 
     fn deregister(&self, id: RegistrationId) -> Result<()> {
@@ -290,6 +298,28 @@ mod tests {
             }
             Err(e) => panic!("wrong error {e}"),
             Ok(_) => panic!("created a backend from a nonexistent library"),
+        }
+    }
+
+    /// Without a secret, UCX's TCP transport on every interface needs `insecure=true`;
+    /// the refusal comes before UCX is loaded.
+    #[test]
+    fn no_secret_beyond_this_host_needs_insecure() {
+        let opts = Options {
+            tls: Some("tcp".into()),
+            ..Default::default()
+        };
+        let init = BackendInit::new("a").with_bind_ip([0, 0, 0, 0].into());
+        assert!(matches!(
+            UcxBackend::new(&init, opts.clone()),
+            Err(Error::Unauthenticated(_))
+        ));
+        let opts = Options {
+            insecure: Some(true),
+            ..opts
+        };
+        if let Some(b) = kv_core::require_or_skip("ucx", UcxBackend::new(&init, opts)) {
+            assert!(!b.capabilities().authenticated);
         }
     }
 }

@@ -1,15 +1,16 @@
-//! Local registrations (`ucp_mem_map` of the caller's memory, or of memory UCX
-//! allocated: [`UcxHostMemory`]) and imported remote registrations (unpacked rkeys),
-//! the [`Memory`] tables that hold them, and the range checks that guard both.
+//! Local registrations (the caller's memory, or memory UCX allocated:
+//! [`UcxHostMemory`]), each with its access and random key id, imported remote
+//! registrations, the [`Memory`] tables that hold them, and the range checks that guard
+//! both. Peers never get a UCX handle to our memory: their operations name a key id
+//! that the target side (`crate::serve`) checks.
 
-use std::ffi::c_void;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kv_core::{Descriptor, DescriptorList, Entry, Error, MemKind, Result};
+use kv_core::{Access, Descriptor, DescriptorList, Entry, Error, MemKind, Result};
 
-use crate::ffi::{self, ucp_mem_h, ucp_rkey_h, Lib};
-use crate::ids::{new_instance_id, IdMap};
+use crate::ffi::{self, ucp_mem_h, Lib};
+use crate::ids::IdMap;
 use crate::wire::RemoteKey;
 
 /// What a [`UcxHostMemory`] needs from the backend that allocated it (the backend's
@@ -23,14 +24,16 @@ pub trait HostAllocator: Send + Sync {
 }
 
 /// Host memory allocated by UCX for one backend ([`crate::UcxBackend::alloc_host`]):
-/// `ucp_mem_map` with `UCP_MEM_MAP_ALLOCATE`, so with shared-memory transports it is a
-/// posix (or sysv) shared mapping that a peer's puts and gets reach with a plain copy,
-/// instead of UCX 1.13's software-emulated RMA through the target's worker.
+/// `ucp_mem_map` with `UCP_MEM_MAP_ALLOCATE` (posix or sysv shared memory with
+/// shared-memory transports). Peers reach it like any registered memory: through
+/// operations this backend's target side checks.
 ///
-/// Register it (or any part of it) with the backend that allocated it: the registration
-/// reuses the allocation's UCX handle. Freed with `ucp_mem_unmap` on drop (or, if still
-/// registered, at the last `deregister`). Zeroed when allocated. Keeps the backend's UCX
-/// context alive while it lives. `Send + Sync`.
+/// Register it (or any part of it) with the backend that allocated it. Freed with
+/// `ucp_mem_unmap` on drop (or, if still registered, at the last `deregister`). Zeroed
+/// when allocated. Keeps the backend's UCX context alive while it lives. `Send + Sync`.
+///
+/// While it is registered read-write, a peer may WRITE into it at any time, so the
+/// slice views are `unsafe`; [`UcxHostMemory::to_vec`] copies.
 pub struct UcxHostMemory {
     core: Arc<dyn HostAllocator>,
     id: u64,
@@ -75,16 +78,35 @@ impl UcxHostMemory {
         self.len == 0
     }
 
-    /// The bytes (peers may write them while a transfer runs, as with any registered
-    /// memory).
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `len` initialised (zeroed at allocation) bytes owned by `self`.
+    /// A copy of the bytes (peers may be writing them meanwhile: the copy is a
+    /// snapshot).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len];
+        // SAFETY: `len` initialised (zeroed at allocation) bytes owned by `self`; a
+        // byte copy through raw pointers creates no reference that a concurrent peer
+        // write could invalidate.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, v.as_mut_ptr(), self.len) };
+        v
+    }
+
+    /// The bytes.
+    ///
+    /// # Safety
+    /// No peer may WRITE into the memory, and no READ may land in it, while the slice
+    /// lives (register it read-only, or have no transfer naming it).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` initialised (zeroed at allocation) bytes owned by `self`; the
+        // caller rules out concurrent writers.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
     /// The bytes, writable.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` is exclusive.
+    ///
+    /// # Safety
+    /// As [`UcxHostMemory::as_slice`]: nothing else writes or reads the memory through
+    /// a transfer while the slice lives.
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` is exclusive in this process.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
@@ -119,20 +141,19 @@ impl Drop for UcxHostMemory {
     }
 }
 
-/// A local registration: the UCX memory handle over the caller's range and the remote
-/// key peers need to address it.
+/// A local registration: its range, access and the remote key peers need to name it.
 pub struct Registration {
-    /// `ucp_mem_map` handle: mapped over the caller's memory, or (when `alloc` is set)
-    /// the handle of a [`HostAlloc`] that the registration borrows.
-    pub memh: ucp_mem_h,
-    /// The [`HostAlloc`] whose handle this registration reuses (not unmapped with it).
+    /// The [`HostAlloc`] it lies in, if any (that allocation is freed only after its
+    /// last registration is gone).
     pub alloc: Option<u64>,
     /// The registered range.
     pub desc: Descriptor,
+    /// Whether peers may WRITE it (and READs may land in it).
+    pub access: Access,
     /// The encoded remote key ([`crate::wire::RemoteKey`]).
     pub key: Bytes,
-    /// The random id in that key, which WRITEs sent as active messages name.
-    pub key_id: u64,
+    /// The 128 random bits in that key, which peers' operations name.
+    pub key_id: u128,
     /// Posted transfers that name this registration; deregistering waits for zero.
     pub busy: usize,
 }
@@ -144,7 +165,7 @@ pub struct HostAlloc {
     pub memh: ucp_mem_h,
     /// Where UCX put it.
     pub desc: Descriptor,
-    /// Registrations that reuse `memh`.
+    /// Registrations that lie in it.
     pub users: usize,
     /// The owner was dropped; unmap when `users` reaches zero.
     pub dropped: bool,
@@ -154,23 +175,28 @@ pub struct HostAlloc {
 pub struct Remote {
     /// The endpoint it was imported on.
     pub endpoint: u64,
-    /// The range the peer registered (what transfers are checked against).
+    /// The range imported (inside what the peer registered).
     pub desc: Descriptor,
-    /// The packed rkey bytes (key into the endpoint's rkey cache).
-    pub packed: Vec<u8>,
-    /// The unpacked rkey (shared through the cache).
-    pub rkey: ucp_rkey_h,
-    /// The peer registration's key id (named by WRITEs sent as active messages).
-    pub key_id: u64,
-    /// Start of the peer's whole registration (offsets in those WRITEs count from it).
+    /// The peer registration's key id (named by every operation).
+    pub key_id: u128,
+    /// Start of the peer's whole registration (operations' offsets count from it).
     pub key_base: u64,
-    /// Posted transfers that use this rkey; releasing waits for zero.
+    /// What the peer allows (a WRITE into a read-only import is refused at prepare).
+    pub access: Access,
+    /// Posted transfers that use it; releasing waits for zero.
     pub busy: usize,
 }
 
-/// What a post needs of one import: its range, the unpacked rkey, the peer
-/// registration's key id and base (for WRITEs sent as active messages).
-pub type RemoteRef = (Descriptor, ucp_rkey_h, u64, u64);
+/// What a post needs of one import.
+#[derive(Debug, Clone, Copy)]
+pub struct Import {
+    /// The imported range.
+    pub desc: Descriptor,
+    /// The peer registration's key id.
+    pub key_id: u128,
+    /// Start of the peer's registration.
+    pub key_base: u64,
+}
 
 /// The backend's registrations, UCX allocations and imports. Only touched under the
 /// core's state lock.
@@ -185,71 +211,30 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// Registers `desc` (host memory) under `id` in context `ctx`; returns the key id
-    /// peers' WRITEs sent as active messages will name.
-    pub fn register(
-        &mut self,
-        lib: &Lib,
-        ctx: ffi::ucp_context_h,
-        desc: &Descriptor,
-        id: u64,
-    ) -> Result<u64> {
-        // Memory from `alloc_host` keeps its own handle: packing that one gives peers a
-        // key to UCX's shared-memory mapping (a direct copy instead of emulated RMA).
+    /// Registers `desc` (host memory) with `access` under `id`; returns the new
+    /// registration's key id (128 random bits from the OS).
+    pub fn register(&mut self, desc: &Descriptor, access: Access, id: u64) -> Result<u128> {
+        let key_id = kv_core::auth::random_u128()?.max(1);
         let owner = self
             .allocs
-            .iter()
+            .iter_mut()
             .find(|(_, a)| !a.dropped && a.desc.contains(desc))
-            .map(|(id, a)| (*id, a.memh));
-        let key_id = new_instance_id();
-        if let Some((aid, memh)) = owner {
-            let key = pack(lib, ctx, memh, desc, key_id)?;
-            if let Some(a) = self.allocs.get_mut(&aid) {
+            .map(|(id, a)| {
                 a.users += 1;
-            }
-            self.regs.insert(
-                id,
-                Registration {
-                    memh,
-                    alloc: Some(aid),
-                    desc: *desc,
-                    key,
-                    key_id,
-                    busy: 0,
-                },
-            );
-            return Ok(key_id);
-        }
-        let mp = ffi::ucp_mem_map_params_t {
-            field_mask: ffi::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
-                | ffi::UCP_MEM_MAP_PARAM_FIELD_LENGTH
-                | ffi::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE,
-            address: desc.addr as usize as *mut c_void,
-            length: desc.len as usize,
-            // No UCP_MEM_MAP_ALLOCATE: map the caller's existing memory.
-            flags: 0,
-            prot: 0,
-            memory_type: ffi::UCS_MEMORY_TYPE_HOST,
-        };
-        let mut memh: ffi::ucp_mem_h = std::ptr::null_mut();
-        // SAFETY: the caller of `Backend::register` promised the range is valid memory
-        // until deregister; params and out-pointer are valid.
-        lib.check("ucp_mem_map", unsafe { (lib.mem_map)(ctx, &mp, &mut memh) })?;
-        let key = match pack(lib, ctx, memh, desc, key_id) {
-            Ok(k) => k,
-            Err(e) => {
-                // SAFETY: unmapping the handle mapped above; nothing uses it yet.
-                unsafe { (lib.mem_unmap)(ctx, memh) };
-                return Err(e);
-            }
+                *id
+            });
+        let key = RemoteKey {
+            range: *desc,
+            key_id,
+            access,
         };
         self.regs.insert(
             id,
             Registration {
-                memh,
-                alloc: None,
+                alloc: owner,
                 desc: *desc,
-                key,
+                access,
+                key: Bytes::from(key.encode()),
                 key_id,
                 busy: 0,
             },
@@ -323,7 +308,7 @@ impl Memory {
     }
 
     /// The owner of allocation `id` is gone: unmap it now, or when the last
-    /// registration that reuses it is deregistered.
+    /// registration in it is deregistered.
     pub fn free_host(&mut self, lib: &Lib, ctx: ffi::ucp_context_h, id: u64) {
         let Some(a) = self.allocs.get_mut(&id) else {
             return;
@@ -332,7 +317,7 @@ impl Memory {
         if a.users == 0 {
             let memh = a.memh;
             self.allocs.remove(&id);
-            // SAFETY: no registration uses the handle, so no transfer can touch the
+            // SAFETY: no registration lies in it, so no transfer or peer can touch the
             // memory; the allocation is unmapped (freed) once.
             unsafe { (lib.mem_unmap)(ctx, memh) };
         } else {
@@ -342,15 +327,8 @@ impl Memory {
         }
     }
 
-    /// Deregisters `id` unless a posted transfer names it; `release_target` (given the
-    /// key id) must first stop peers' WRITEs from landing in it, or refuse.
-    pub fn deregister(
-        &mut self,
-        lib: &Lib,
-        ctx: ffi::ucp_context_h,
-        id: u64,
-        release_target: impl FnOnce(u64) -> Result<()>,
-    ) -> Result<()> {
+    /// The key id of registration `id`, unless a posted transfer names it.
+    pub fn key_of_idle(&self, id: u64) -> Result<u128> {
         let r = self
             .regs
             .get(&id)
@@ -361,24 +339,29 @@ impl Memory {
                 r.busy
             )));
         }
-        let (memh, alloc, key_id) = (r.memh, r.alloc, r.key_id);
-        release_target(key_id)?;
-        self.regs.remove(&id);
-        if let Some(aid) = alloc {
-            // The handle belongs to the allocation; free it only if its owner is gone
-            // and this was the last registration on it.
-            let Some(a) = self.allocs.get_mut(&aid) else {
-                return Ok(());
-            };
-            a.users = a.users.saturating_sub(1);
-            if !(a.dropped && a.users == 0) {
-                return Ok(());
-            }
-            self.allocs.remove(&aid);
+        Ok(r.key_id)
+    }
+
+    /// Forgets registration `id` (peers can no longer name it: the caller removed its
+    /// target first); unmaps its allocation if that was the last use of a dropped one.
+    pub fn remove_reg(&mut self, lib: &Lib, ctx: ffi::ucp_context_h, id: u64) -> Result<()> {
+        let Some(r) = self.regs.remove(&id) else {
+            return Ok(());
+        };
+        let Some(aid) = r.alloc else {
+            return Ok(());
+        };
+        let Some(a) = self.allocs.get_mut(&aid) else {
+            return Ok(());
+        };
+        a.users = a.users.saturating_sub(1);
+        if !(a.dropped && a.users == 0) {
+            return Ok(());
         }
-        // SAFETY: no posted transfer names the registration (busy == 0), so UCX has no
-        // operation on it in flight; the handle is unmapped once (a shared allocation
-        // handle only after its owner and every other registration let go).
+        let memh = a.memh;
+        self.allocs.remove(&aid);
+        // SAFETY: the owner is gone and no registration lies in the allocation any more
+        // (no transfer or peer operation can touch it); unmapped once.
         lib.check("ucp_mem_unmap", unsafe { (lib.mem_unmap)(ctx, memh) })
     }
 
@@ -390,9 +373,8 @@ impl Memory {
             .ok_or_else(|| Error::NotRegistered(format!("RegistrationId#{id}")))
     }
 
-    /// Removes import `id` unless a posted transfer uses it; returns it (its rkey is
-    /// the endpoint's to release).
-    pub fn remove_import(&mut self, id: u64) -> Result<Option<Remote>> {
+    /// Removes import `id` unless a posted transfer uses it.
+    pub fn remove_import(&mut self, id: u64) -> Result<()> {
         let r = self
             .remotes
             .get(&id)
@@ -403,28 +385,22 @@ impl Memory {
                 r.busy
             )));
         }
-        Ok(self.remotes.remove(&id))
+        self.remotes.remove(&id);
+        Ok(())
     }
 
     /// Forgets every import made on endpoint `endpoint` (it is being disconnected).
     pub fn forget_imports(&mut self, endpoint: u64) {
-        let rids: Vec<u64> = self
-            .remotes
-            .iter()
-            .filter(|(_, r)| r.endpoint == endpoint)
-            .map(|(k, _)| *k)
-            .collect();
-        for r in rids {
-            self.remotes.remove(&r);
-        }
+        self.remotes
+            .retain(|_, r| r.endpoint != endpoint || r.busy > 0);
     }
 
     /// The registrations that hold every descriptor of `local` (checked once, at
-    /// prepare).
-    pub fn local_cover(&self, local: &DescriptorList) -> Result<Vec<u64>> {
+    /// prepare); `AccessDenied` when `write` (a READ lands there) and one is read-only.
+    pub fn local_cover(&self, local: &DescriptorList, write: bool) -> Result<Vec<u64>> {
         let (lids, ldescs): (Vec<u64>, Vec<Descriptor>) =
             self.regs.iter().map(|(i, r)| (*i, r.desc)).unzip();
-        Ok(covering(local, &ldescs)
+        let ids: Vec<u64> = covering(local, &ldescs)
             .ok_or_else(|| {
                 Error::NotRegistered(
                     "a local descriptor lies outside every local registration".into(),
@@ -432,23 +408,39 @@ impl Memory {
             })?
             .into_iter()
             .map(|i| lids[i])
-            .collect())
+            .collect();
+        if write {
+            if let Some(id) = ids
+                .iter()
+                .find(|i| self.regs.get(i).is_some_and(|r| !r.access.writable()))
+            {
+                return Err(Error::AccessDenied(format!(
+                    "RegistrationId#{id} is read-only: it cannot be a READ's destination"
+                )));
+            }
+        }
+        Ok(ids)
     }
 
     /// The imports on `endpoint` (peer `peer_name`) that hold every descriptor of
-    /// `remote`, and their ranges.
+    /// `remote`, and their ranges; `AccessDenied` when `write` and one is read-only.
     pub fn remote_cover(
         &self,
         endpoint: u64,
         peer_name: &str,
         remote: &DescriptorList,
+        write: bool,
     ) -> Result<(Vec<u64>, Vec<Descriptor>)> {
-        let (rids, rdescs): (Vec<u64>, Vec<Descriptor>) = self
+        // Newest import first: when the peer re-registered memory at the same address
+        // (and the old import was never released), the newest key is the live one.
+        let mut mine: Vec<(u64, Descriptor)> = self
             .remotes
             .iter()
             .filter(|(_, r)| r.endpoint == endpoint)
             .map(|(i, r)| (*i, r.desc))
-            .unzip();
+            .collect();
+        mine.sort_unstable_by_key(|m| std::cmp::Reverse(m.0));
+        let (rids, rdescs): (Vec<u64>, Vec<Descriptor>) = mine.into_iter().unzip();
         let remote_ids = covering(remote, &rdescs)
             .ok_or_else(|| {
                 Error::OutOfBounds(format!(
@@ -458,6 +450,15 @@ impl Memory {
             .into_iter()
             .map(|i| rids[i])
             .collect::<Vec<u64>>();
+        if write
+            && remote_ids
+                .iter()
+                .any(|r| self.remotes.get(r).is_some_and(|r| !r.access.writable()))
+        {
+            return Err(Error::AccessDenied(format!(
+                "{peer_name} registered that memory read-only: it cannot be written"
+            )));
+        }
         let ranges: Vec<Descriptor> = remote_ids
             .iter()
             .filter_map(|r| self.remotes.get(r).map(|r| r.desc))
@@ -481,17 +482,21 @@ impl Memory {
     /// What a post of transfer `tid` needs of its imports `ids` (in order); refuses
     /// when one was released.
     #[inline]
-    pub fn rkeys(&self, ids: &[u64], tid: u64) -> Result<Vec<RemoteRef>> {
-        let mut rkeys: Vec<RemoteRef> = Vec::with_capacity(ids.len());
-        for r in ids {
-            let rem = self.remotes.get(r).ok_or_else(|| {
-                Error::NotRegistered(format!(
-                    "RemoteId#{r} named by TransferId#{tid} was released"
-                ))
-            })?;
-            rkeys.push((rem.desc, rem.rkey, rem.key_id, rem.key_base));
-        }
-        Ok(rkeys)
+    pub fn imports(&self, ids: &[u64], tid: u64) -> Result<Vec<Import>> {
+        ids.iter()
+            .map(|r| {
+                let rem = self.remotes.get(r).ok_or_else(|| {
+                    Error::NotRegistered(format!(
+                        "RemoteId#{r} named by TransferId#{tid} was released"
+                    ))
+                })?;
+                Ok(Import {
+                    desc: rem.desc,
+                    key_id: rem.key_id,
+                    key_base: rem.key_base,
+                })
+            })
+            .collect()
     }
 
     /// Marks registrations and imports busy for one more posted transfer.
@@ -523,34 +528,6 @@ impl Memory {
             }
         }
     }
-}
-
-/// Packs `memh`'s rkey into our envelope for the range `desc`.
-fn pack(
-    lib: &Lib,
-    ctx: ffi::ucp_context_h,
-    memh: ffi::ucp_mem_h,
-    desc: &Descriptor,
-    key_id: u64,
-) -> Result<Bytes> {
-    let mut buf: *mut c_void = std::ptr::null_mut();
-    let mut len = 0usize;
-    // SAFETY: valid context and memory handle; out-pointers valid.
-    lib.check("ucp_rkey_pack", unsafe {
-        (lib.rkey_pack)(ctx, memh, &mut buf, &mut len)
-    })?;
-    // SAFETY: UCX returned `len` readable bytes at `buf`.
-    let rkey = unsafe { std::slice::from_raw_parts(buf as *const u8, len) }.to_vec();
-    // SAFETY: releasing the packed buffer obtained above, once.
-    unsafe { (lib.rkey_buffer_release)(buf) };
-    Ok(Bytes::from(
-        RemoteKey {
-            range: *desc,
-            key_id,
-            rkey,
-        }
-        .encode()?,
-    ))
 }
 
 /// For every descriptor of `list`, finds a range of `ranges` that holds it; returns the

@@ -1,9 +1,11 @@
 //! Transfers: the prepared [`Transfer`] with its plan (the segments, computed once at
 //! `prepare`), the state of one post ([`Flight`]), the issuing of a post's operations
-//! ([`Issue`]), and the tracking of UCX requests: a [`Group`] is every request one post
-//! (or one notification) issued, completed through a shared counter that UCX's send
-//! callback decrements. [`Transfers`] is the table of them with the bookkeeping that
-//! finishes, quarantines and answers them.
+//! ([`Issue`]: segments grouped into operation messages), and the tracking of UCX
+//! requests: a [`Group`] is every request one post (or one notification) issued,
+//! completed through a shared counter that UCX's send callback decrements, and it keeps
+//! every buffer those requests read alive until they complete. [`Transfers`] is the
+//! table of transfers with the bookkeeping of their operations and of what aborted
+//! ones left behind (quarantine).
 
 use std::borrow::Cow;
 use std::ffi::c_void;
@@ -11,13 +13,18 @@ use std::sync::atomic::{AtomicI8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use kv_core::{segments, Descriptor, DescriptorList, Error, Op, Result, Status, TransferRequest};
 
-use crate::am::AM_WRITE_ID;
 use crate::ffi::{self, ucs_status_ptr_t, ucs_status_t, Lib, UCS_OK};
 use crate::ids::IdMap;
-use crate::memory::{Memory, RemoteRef};
-use crate::wire::{self, AckCode, WriteHeader};
+use crate::memory::Import;
+use crate::serve::AM_OP_ID;
+use crate::shared::{ffi_guard, OpEntry, ReadDest, Shared};
+use crate::wire::{AckCode, OpEntry as WireEntry, OpHeader, OpKind};
+
+/// Most bytes one batched (eager) operation message carries.
+pub const BATCH_MAX: u64 = 256 << 10;
 
 /// Outstanding-request count and first error of a group. Lives in a `Box` so its address
 /// stays fixed while UCX holds it as a callback's `user_data`.
@@ -31,29 +38,34 @@ struct Counter {
 /// Runs inside `ucp_worker_progress` (or a UCX call that completes requests, such as a
 /// forced endpoint close), always with the backend's worker lock held.
 unsafe extern "C" fn on_complete(_req: *mut c_void, status: ucs_status_t, user_data: *mut c_void) {
-    if user_data.is_null() {
-        return;
-    }
-    // SAFETY: `user_data` is the `Counter` of a live `Group`: a group is never dropped
-    // while requests that name it are outstanding (see `Group::drop`).
-    let c = unsafe { &*(user_data as *const Counter) };
-    if status != UCS_OK {
-        let _ = c
-            .error
-            .compare_exchange(0, status, Ordering::AcqRel, Ordering::Acquire);
-    }
-    c.pending.fetch_sub(1, Ordering::AcqRel);
+    ffi_guard((), || {
+        if user_data.is_null() {
+            return;
+        }
+        // SAFETY: `user_data` is the `Counter` of a live `Group`: a group is never
+        // dropped while requests that name it are outstanding (see `Group::drop`).
+        let c = unsafe { &*(user_data as *const Counter) };
+        if status != UCS_OK {
+            let _ = c
+                .error
+                .compare_exchange(0, status, Ordering::AcqRel, Ordering::Acquire);
+        }
+        c.pending.fetch_sub(1, Ordering::AcqRel);
+    })
 }
 
-/// The requests of one post or notification, and their completion state.
+/// The requests of one post or notification, their completion state, and the buffers
+/// they read (kept until they complete; leaked if the group drops before).
 ///
 /// Not `Send` by itself (raw request pointers); it lives inside the backend's worker
 /// state, which is only touched under the worker lock.
 pub struct Group {
     counter: Box<Counter>,
     reqs: Vec<*mut c_void>,
-    /// Buffers UCX reads until the group's requests complete (active-message headers).
-    keep: Vec<Box<[u8]>>,
+    /// Buffers UCX reads until the group's requests complete (headers, gathered data).
+    keep: Vec<Vec<u8>>,
+    /// Payloads UCX reads until the group's requests complete (notifications).
+    keep_bytes: Vec<Bytes>,
     lib: Arc<Lib>,
 }
 
@@ -64,6 +76,7 @@ impl Group {
             counter: new_counter(),
             reqs: Vec::new(),
             keep: Vec::new(),
+            keep_bytes: Vec::new(),
             lib: lib.clone(),
         }
     }
@@ -87,33 +100,16 @@ impl Group {
     /// Issues one operation through `issue` (which gets this group's parameters) and
     /// tracks what UCX returned. Returns the status of an operation that finished at
     /// once with an error; `Ok` when it completed or is in flight.
+    ///
+    /// UCX runs the callback only from a later progress call (never inside the call
+    /// that returned the request), and both happen under the worker lock.
     pub fn issue(
         &mut self,
         flags: u32,
         issue: impl FnOnce(&ffi::ucp_request_param_t) -> ucs_status_ptr_t,
     ) -> Result<(), ucs_status_t> {
         let p = self.param(flags);
-        self.issue_with(&p, issue)
-    }
-
-    /// As [`Group::issue`] with parameters from [`Group::param`] of this group, built
-    /// once for many operations (a post's puts).
-    ///
-    /// Operations that complete at once (a put over shared memory) cost no atomic
-    /// operation: the count goes up only for a request UCX returned. UCX runs the
-    /// callback only from a later progress call (never inside the call that returned
-    /// the request), and both happen under the worker lock; the counter's arithmetic
-    /// wraps, so even the other order would leave it right once both happened.
-    pub fn issue_with(
-        &mut self,
-        p: &ffi::ucp_request_param_t,
-        issue: impl FnOnce(&ffi::ucp_request_param_t) -> ucs_status_ptr_t,
-    ) -> Result<(), ucs_status_t> {
-        debug_assert!(std::ptr::eq(
-            p.user_data as *const Counter,
-            &*self.counter as *const Counter
-        ));
-        let r = issue(p);
+        let r = issue(&p);
         if ffi::ptr_is_request(r) {
             self.counter.pending.fetch_add(1, Ordering::AcqRel);
             self.reqs.push(r);
@@ -128,11 +124,19 @@ impl Group {
         }
     }
 
-    /// Keeps `buf` alive (at a fixed address) for as long as the group's requests may
-    /// read it; returns its address.
-    pub fn keep(&mut self, buf: Box<[u8]>) -> *const u8 {
+    /// Keeps `buf` alive (its heap data at a fixed address) for as long as the group's
+    /// requests may read it; returns its address.
+    pub fn keep(&mut self, buf: Vec<u8>) -> *const u8 {
         let p = buf.as_ptr();
         self.keep.push(buf);
+        p
+    }
+
+    /// Keeps `b` alive for as long as the group's requests may read it; returns its
+    /// address.
+    pub fn keep_bytes(&mut self, b: Bytes) -> *const u8 {
+        let p = b.as_ptr();
+        self.keep_bytes.push(b);
         p
     }
 
@@ -156,20 +160,6 @@ impl Group {
             s => Some(s),
         }
     }
-
-    /// Asks UCX to cancel every request still in flight (`ucp_request_cancel`).
-    pub fn cancel_all(&self, worker: ffi::ucp_worker_h) {
-        let lib = &self.lib;
-        for &r in &self.reqs {
-            // SAFETY: `r` is a request of this worker not yet freed (requests are freed
-            // only once complete, or when the group drops).
-            unsafe {
-                if (lib.request_check_status)(r) == ffi::UCS_INPROGRESS {
-                    (lib.request_cancel)(worker, r);
-                }
-            }
-        }
-    }
 }
 
 fn new_counter() -> Box<Counter> {
@@ -187,13 +177,14 @@ impl Drop for Group {
             unsafe { (self.lib.request_free)(r) };
         }
         if !self.done() {
-            // UCX was still driving an operation of this group. Its callback will not
-            // run any more (the request was freed), but leak the counter anyway rather
-            // than free memory a racing completion could still name.
+            // UCX was still driving an operation of this group: it may still read the
+            // buffers. Leak them (and the counter) rather than free memory UCX may use.
             Box::leak(std::mem::replace(&mut self.counter, new_counter()));
-            // The same for buffers UCX may still read.
             for b in self.keep.drain(..) {
-                Box::leak(b);
+                std::mem::forget(b);
+            }
+            for b in self.keep_bytes.drain(..) {
+                std::mem::forget(b);
             }
         }
     }
@@ -201,7 +192,7 @@ impl Drop for Group {
 
 /// The in-flight part of a posted transfer.
 pub struct Flight {
-    /// The post's requests.
+    /// The post's send requests.
     pub data: Group,
     /// Which post of the transfer this is.
     pub post: u64,
@@ -211,37 +202,65 @@ pub struct Flight {
     pub deadline: Option<Instant>,
     /// Where its notification is.
     pub note: NoteState,
-    /// Sequence numbers of this post's WRITEs sent as active messages.
-    pub am_seqs: Vec<u64>,
+    /// The operations it sent (awaiting or having had their answers).
+    pub ops: Vec<u64>,
     /// How many of them the target has not answered yet.
-    pub acks: usize,
+    pub unanswered: usize,
     /// The first error a target answered with.
-    pub ack_error: Option<AckCode>,
+    pub answer_error: Option<AckCode>,
+    /// The operations were issued (false while the endpoint authenticates).
+    pub issued: bool,
+    /// `cancel` could not stop it at once: it ends `Canceled` when it completes.
+    pub canceled: bool,
+    /// A failure outside UCX and the target (authentication, a refused send,
+    /// the endpoint gone).
+    pub error: Option<Error>,
 }
 
 /// Why a transfer's data failed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Fail {
     /// A UCX request failed.
     Ucs(ucs_status_t),
-    /// The target refused a WRITE sent as an active message.
+    /// The target refused an operation.
     Ack(AckCode),
+    /// Something else (see [`Flight::error`]).
+    Other(Error),
 }
 
 impl Flight {
-    /// Every request completed and every active-message WRITE answered.
-    #[inline]
-    pub fn complete(&self) -> bool {
-        self.data.done() && self.acks == 0
+    /// A post not issued yet.
+    pub fn new(lib: &Arc<Lib>, post: u64, deadline: Option<Instant>, note: NoteState) -> Flight {
+        Flight {
+            data: Group::new(lib),
+            post,
+            posted: Instant::now(),
+            deadline,
+            note,
+            ops: Vec::new(),
+            unanswered: 0,
+            answer_error: None,
+            issued: false,
+            canceled: false,
+            error: None,
+        }
     }
 
-    /// The first failure (UCX's before the target's).
+    /// UCX gave back every request and every operation was answered (or the post
+    /// failed and UCX gave back its requests).
+    #[inline]
+    pub fn complete(&self) -> bool {
+        self.issued && self.data.done() && (self.unanswered == 0 || self.error.is_some())
+    }
+
+    /// The first failure (ours, then UCX's, then the target's).
     #[inline]
     pub fn failure(&self) -> Option<Fail> {
-        self.data
-            .error()
-            .map(Fail::Ucs)
-            .or(self.ack_error.map(Fail::Ack))
+        self.error
+            .clone()
+            .map(Fail::Other)
+            .or(self.data.error().map(Fail::Ucs))
+            .or(self.answer_error.map(Fail::Ack))
     }
 }
 
@@ -288,7 +307,7 @@ pub struct Transfer {
 /// Most segments a prepared transfer keeps precomputed (32 bytes each).
 const PLAN_MAX: usize = 1 << 16;
 
-/// One put/get of a post: addresses, length and the index of its import in the
+/// One piece of a post: addresses, length and the index of its import in the
 /// transfer's `remote_ids`.
 #[derive(Debug, Clone, Copy)]
 pub struct Seg {
@@ -364,14 +383,14 @@ impl Transfer {
     }
 
     /// The segments of a post: the plan made at prepare, or (over [`PLAN_MAX`]
-    /// segments) one made for this post only against `rkeys`' ranges.
+    /// segments) one made for this post only against `imports`' ranges.
     #[inline]
-    pub fn segments(&self, rkeys: &[RemoteRef]) -> Result<Cow<'_, [Seg]>> {
+    pub fn segments(&self, imports: &[Import]) -> Result<Cow<'_, [Seg]>> {
         match &self.plan {
             Some(p) => Ok(Cow::Borrowed(p)),
             None => {
                 segments(&self.local, &self.remote)?; // the lists' sizes must agree
-                let ranges: Vec<Descriptor> = rkeys.iter().map(|r| r.0).collect();
+                let ranges: Vec<Descriptor> = imports.iter().map(|r| r.desc).collect();
                 let made =
                     plan(&self.local, &self.remote, &ranges, usize::MAX).ok_or_else(|| {
                         Error::OutOfBounds("a remote descriptor lies outside every import".into())
@@ -386,149 +405,205 @@ impl Transfer {
 pub struct Issue<'a> {
     /// The library.
     pub lib: &'a Arc<Lib>,
+    /// The callbacks' state (operations are recorded and sealed there).
+    pub shared: &'a Shared,
     /// WRITE or READ.
     pub op: Op,
     /// The live UCP endpoint.
     pub uep: ffi::ucp_ep_h,
-    /// WRITE segments this large go as active messages (TCP endpoints only).
-    pub am_min: u64,
+    /// Its id (its session seals the headers).
+    pub ep_id: u64,
+    /// Segments of at least this many bytes go alone, by rendezvous.
+    pub rndv_min: u64,
+    /// Most entries per message (what UCX's header limit allows).
+    pub max_entries: usize,
     /// The transfer's imports, indexed as the segments' `range`.
-    pub rkeys: &'a [RemoteRef],
-    /// Our backend instance (named in WRITE headers, so answers find us).
+    pub imports: &'a [Import],
+    /// Our backend instance (named in headers, so answers find us).
     pub instance: u64,
 }
 
 /// What [`Issue::run`] started.
 pub struct Issued {
-    /// Every request of the post.
+    /// Every send request of the post.
     pub data: Group,
-    /// Sequence numbers of its WRITEs sent as active messages.
-    pub am_seqs: Vec<u64>,
+    /// The operations sent.
+    pub ops: Vec<u64>,
+    /// Why issuing stopped early, if it did.
+    pub error: Option<Error>,
+}
+
+/// One operation message being built: its entries and local pieces.
+#[derive(Default)]
+struct Batch {
+    entries: Vec<WireEntry>,
+    pieces: Vec<(u64, u64)>,
+    bytes: u64,
 }
 
 impl Issue<'_> {
-    /// Issues one `put_nbx`/`get_nbx` per segment (WRITE segments of at least
-    /// `am_min` bytes as active messages instead), then, for puts of a WRITE, an
-    /// endpoint flush so completion means the data landed. Stops at the first
-    /// operation UCX refused (the group then carries its error).
+    /// Sends the segments as operation messages: a segment of at least `rndv_min` bytes
+    /// alone (rendezvous, straight from/into place), smaller ones batched (eager, up to
+    /// [`BATCH_MAX`] bytes or `max_entries`). Stops at the first message UCX refused.
     ///
-    /// Only for `Core::post`, under the state lock: the segments' local ranges are
-    /// those the caller of `Backend::post` keeps valid and registered, and `uep` and
-    /// the rkeys were checked live.
-    #[inline(always)]
-    pub fn run(&self, segs: &[Seg], am: &mut AmWrites) -> Issued {
-        let (lib, uep) = (self.lib, self.uep);
-        let mut data = Group::new(lib);
-        let am_min = self.am_min;
-        let mut am_seqs = Vec::new();
-        let mut puts = 0usize;
-        // One parameter block for every put/get of the post (same group, no flags).
-        let rma = data.param(0);
+    /// Only for `Core`, under the state lock: the segments' local ranges are those the
+    /// caller of `Backend::post` keeps valid and registered, and `uep` was checked live.
+    pub fn run(&self, segs: &[Seg], next_op: &mut u64) -> Issued {
+        let mut out = Issued {
+            data: Group::new(self.lib),
+            ops: Vec::new(),
+            error: None,
+        };
+        let batch_max = self.rndv_min.min(BATCH_MAX);
+        let mut batch = Batch::default();
         for seg in segs {
-            let Some(&(_, rkey, key_id, key_base)) = self.rkeys.get(seg.range) else {
-                // Cannot happen: the plan indexes `remote_ids`, as `rkeys` does.
-                data.fail(ffi::UCS_ERR_IO_ERROR);
-                break;
+            let Some(imp) = self.imports.get(seg.range) else {
+                out.error = Some(Error::OutOfBounds("segment outside every import".into()));
+                return out;
             };
-            if seg.len >= am_min {
-                let Some(offset) = seg.remote.checked_sub(key_base) else {
-                    // Cannot happen: imports lie inside the key's range (import_remote).
-                    data.fail(ffi::UCS_ERR_IO_ERROR);
-                    break;
+            let Some(offset) = seg.remote.checked_sub(imp.key_base) else {
+                out.error = Some(Error::OutOfBounds("segment before its import".into()));
+                return out;
+            };
+            let entry = WireEntry {
+                key_id: imp.key_id,
+                offset,
+                len: seg.len,
+            };
+            if seg.len >= self.rndv_min {
+                let single = Batch {
+                    entries: vec![entry],
+                    pieces: vec![(seg.local, seg.len)],
+                    bytes: seg.len,
                 };
-                let seq = am.next_seq;
-                let h = WriteHeader {
-                    instance: self.instance,
-                    seq,
-                    key_id,
-                    offset,
-                    len: seg.len,
+                if !self.flush(&mut batch, &mut out, next_op)
+                    || !self.send(single, true, &mut out, next_op)
+                {
+                    return out;
                 }
-                .encode();
-                let hp = data.keep(Box::new(h));
-                // SAFETY: as for the put below; the header stays alive in the group
-                // until its requests complete.
-                let r = data.issue(
-                    ffi::UCP_AM_SEND_FLAG_RNDV | ffi::UCP_AM_SEND_FLAG_REPLY,
-                    |p| unsafe {
-                        (lib.am_send_nbx)(
-                            uep,
-                            AM_WRITE_ID,
-                            hp as *const c_void,
-                            wire::WRITE_HEADER_LEN,
-                            seg.local as usize as *const c_void,
-                            seg.len as usize,
-                            p,
-                        )
-                    },
-                );
-                if r.is_err() {
-                    break;
-                }
-                am.next_seq += 1;
-                am.sent += 1;
-                am_seqs.push(seq);
                 continue;
             }
-            puts += 1;
-            let r = match self.op {
-                // SAFETY: the caller of `Backend::post` keeps the local range valid and
-                // registered until the transfer finishes or `cancel` returns; the remote
-                // range was checked against the peer's registration at prepare; `uep`
-                // and `rkey` are live (checked by `Core::post`, under the lock).
-                Op::Write => data.issue_with(&rma, |p| unsafe {
-                    (lib.put_nbx)(
-                        uep,
-                        seg.local as usize as *const c_void,
-                        seg.len as usize,
-                        seg.remote,
-                        rkey,
-                        p,
-                    )
-                }),
-                // SAFETY: as for the write.
-                Op::Read => data.issue_with(&rma, |p| unsafe {
-                    (lib.get_nbx)(
-                        uep,
-                        seg.local as usize as *mut c_void,
-                        seg.len as usize,
-                        seg.remote,
-                        rkey,
-                        p,
-                    )
-                }),
-            };
-            if r.is_err() {
-                break;
+            if (batch.entries.len() == self.max_entries || batch.bytes + seg.len > batch_max)
+                && !self.flush(&mut batch, &mut out, next_op)
+            {
+                return out;
             }
+            batch.entries.push(entry);
+            batch.pieces.push((seg.local, seg.len));
+            batch.bytes += seg.len;
         }
-        if self.op == Op::Write && puts > 0 && data.error().is_none() {
-            // A put completes locally when its buffer may be reused; the flush completes
-            // when every earlier operation on the endpoint is complete at the peer.
-            // SAFETY: live endpoint; parameters valid for the call.
-            let _ = data.issue(0, |p| unsafe { (lib.ep_flush_nbx)(uep, p) });
+        self.flush(&mut batch, &mut out, next_op);
+        out
+    }
+
+    /// Sends the batch being built (if any); false when UCX refused it.
+    fn flush(&self, batch: &mut Batch, out: &mut Issued, next_op: &mut u64) -> bool {
+        if batch.entries.is_empty() {
+            return true;
         }
-        Issued { data, am_seqs }
+        self.send(std::mem::take(batch), false, out, next_op)
+    }
+
+    /// Sends one operation message; false when it could not be sent.
+    fn send(&self, b: Batch, rndv: bool, out: &mut Issued, next_op: &mut u64) -> bool {
+        let (lib, uep) = (self.lib, self.uep);
+        let op = *next_op;
+        *next_op = next_op.wrapping_add(1);
+        let kind = match self.op {
+            Op::Write => OpKind::Write,
+            Op::Read => OpKind::Read,
+        };
+        let header = self.shared.seal_for(self.ep_id, &[], |session, seq| {
+            Ok(OpHeader {
+                kind,
+                rndv_reply: rndv && kind == OpKind::Read,
+                instance: self.instance,
+                op,
+                session,
+                seq,
+                entries: b.entries,
+            }
+            .encode())
+        });
+        let header = match header {
+            Ok(h) => h,
+            Err(e) => {
+                out.error = Some(e);
+                return false;
+            }
+        };
+        let read = (kind == OpKind::Read).then(|| ReadDest {
+            pieces: b.pieces.clone(),
+            total: b.bytes,
+        });
+        self.shared.register_op(
+            op,
+            OpEntry {
+                endpoint: self.ep_id,
+                read,
+                receiving: false,
+            },
+        );
+        let (data, len) = match (kind, &b.pieces[..]) {
+            (OpKind::Read, _) => (std::ptr::null(), 0usize),
+            (OpKind::Write, [(addr, len)]) => (*addr as usize as *const u8, *len as usize),
+            (OpKind::Write, pieces) => {
+                let mut v = Vec::with_capacity(b.bytes as usize);
+                for &(addr, len) in pieces {
+                    // SAFETY: the local pieces of a post: registered, and kept valid by
+                    // the caller of `post` until the transfer finishes.
+                    v.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(addr as usize as *const u8, len as usize)
+                    });
+                }
+                let n = v.len();
+                (out.data.keep(v), n)
+            }
+        };
+        let hlen = header.len();
+        let hp = out.data.keep(header);
+        let flags = ffi::UCP_AM_SEND_FLAG_REPLY
+            | if rndv && kind == OpKind::Write {
+                ffi::UCP_AM_SEND_FLAG_RNDV
+            } else {
+                ffi::UCP_AM_SEND_FLAG_EAGER
+            };
+        // SAFETY: live endpoint (checked by the core under the lock); the header and
+        // any gathered data stay alive in the group until its requests complete; a
+        // single local piece is registered memory the caller of `post` keeps valid
+        // until the transfer finishes (which waits for the group).
+        let r = out.data.issue(flags, |p| unsafe {
+            (lib.am_send_nbx)(
+                uep,
+                AM_OP_ID,
+                hp as *const c_void,
+                hlen,
+                data as *const c_void,
+                len,
+                p,
+            )
+        });
+        if let Err(s) = r {
+            self.shared.forget_ops(&[op]);
+            out.error = Some(lib.error("ucp_am_send_nbx", s));
+            return false;
+        }
+        out.ops.push(op);
+        true
     }
 }
 
-/// Requests of an aborted transfer that UCX did not give back; they keep the transfer's
-/// registrations busy until they complete.
+/// Requests and operations of an aborted transfer that UCX (or a peer's answer) did not
+/// give back; they keep the transfer's registrations busy until they end.
 pub struct Quarantined {
-    data: Group,
-    local_regs: Vec<u64>,
-    remote_ids: Vec<u64>,
-}
-
-/// Our WRITEs sent as active messages: their numbering and those awaiting an answer.
-#[derive(Default)]
-pub struct AmWrites {
-    /// Awaiting an answer: seq -> (transfer, post).
-    pub pending: IdMap<(u64, u64)>,
-    /// Sequence number of the next one.
-    pub next_seq: u64,
-    /// WRITE segments sent as active messages so far.
-    pub sent: u64,
+    /// The post's send requests.
+    pub data: Group,
+    /// Operations still receiving into local memory.
+    pub receiving: Vec<u64>,
+    /// The transfer's local registrations.
+    pub local_regs: Vec<u64>,
+    /// The transfer's imports.
+    pub remote_ids: Vec<u64>,
 }
 
 /// Every prepared transfer, the posted ones, and what aborted ones left behind.
@@ -538,48 +613,34 @@ pub struct Transfers {
     pub by_id: IdMap<Transfer>,
     /// Ids of the transfers in flight.
     pub active: Vec<u64>,
-    /// Requests of aborted transfers that UCX still holds.
+    /// What aborted transfers left with UCX.
     pub quarantine: Vec<Quarantined>,
-    /// WRITEs sent as active messages.
-    pub am: AmWrites,
+    /// Operations awaiting answers: op -> (transfer, post).
+    pub ops: IdMap<(u64, u64)>,
+    /// Number of the next operation.
+    pub next_op: u64,
+    /// Operation messages sent so far.
+    pub sent: u64,
 }
 
 impl Transfers {
-    /// Counts the targets' answers `acks` (sequence number, outcome) against the posts
-    /// that sent those WRITEs; returns how many matched a post still in flight.
+    /// Counts the targets' answers `answers` (operation, outcome) against the posts
+    /// that sent those operations; returns how many matched a post still in flight.
     #[inline]
-    pub fn apply_acks(&mut self, acks: Vec<(u64, AckCode)>) -> usize {
+    pub fn apply_answers(&mut self, answers: Vec<(u64, AckCode)>) -> usize {
         let mut events = 0;
-        for (seq, code) in acks {
-            let Some((tid, post)) = self.am.pending.remove(&seq) else {
+        for (op, code) in answers {
+            let Some((tid, post)) = self.ops.remove(&op) else {
                 continue; // the transfer was aborted or released meanwhile
             };
             if let Some(f) = self.by_id.get_mut(&tid).and_then(|t| t.flight.as_mut()) {
                 if f.post == post {
-                    f.acks = f.acks.saturating_sub(1);
-                    if code != AckCode::Ok && f.ack_error.is_none() {
-                        f.ack_error = Some(code);
+                    f.unanswered = f.unanswered.saturating_sub(1);
+                    if code != AckCode::Ok && f.answer_error.is_none() {
+                        f.answer_error = Some(code);
                     }
                     events += 1;
                 }
-            }
-        }
-        events
-    }
-
-    /// Quarantined requests that UCX finally completed release their memory; returns
-    /// how many.
-    #[inline]
-    pub fn release_quarantined(&mut self, mem: &mut Memory) -> usize {
-        let mut events = 0;
-        let mut i = 0;
-        while i < self.quarantine.len() {
-            if self.quarantine[i].data.done() {
-                let q = self.quarantine.swap_remove(i);
-                mem.release(&q.local_regs, &q.remote_ids);
-                events += 1;
-            } else {
-                i += 1;
             }
         }
         events
@@ -593,10 +654,7 @@ impl Transfers {
         let mut late = Vec::new();
         let mut finished = Vec::new();
         for &tid in &self.active {
-            let Some(t) = self.by_id.get(&tid) else {
-                continue;
-            };
-            let Some(f) = &t.flight else {
+            let Some(f) = self.by_id.get(&tid).and_then(|t| t.flight.as_ref()) else {
                 continue;
             };
             if f.complete() {
@@ -614,48 +672,5 @@ impl Transfers {
             }
         }
         (finished, late)
-    }
-
-    /// Ends a transfer whose requests all completed: frees them, releases the busy
-    /// marks, records the status.
-    #[inline]
-    pub fn finish(&mut self, mem: &mut Memory, tid: u64, status: Status) {
-        let Some(t) = self.by_id.get_mut(&tid) else {
-            return;
-        };
-        let Some(flight) = t.flight.take() else {
-            return;
-        };
-        debug_assert!(flight.data.done());
-        for s in &flight.am_seqs {
-            self.am.pending.remove(s);
-        }
-        drop(flight);
-        t.status = status;
-        mem.release(&t.local_regs, &t.remote_ids);
-        self.active.retain(|x| *x != tid);
-    }
-
-    /// Fails transfer `tid` with `err` while UCX still owns requests of its post: the
-    /// requests go to quarantine and keep its registrations busy. False when it has no
-    /// post in flight.
-    pub fn quarantine(&mut self, tid: u64, err: Error) -> bool {
-        let Some(t) = self.by_id.get_mut(&tid) else {
-            return false;
-        };
-        let Some(flight) = t.flight.take() else {
-            return false;
-        };
-        t.status = Status::Failed(err);
-        for s in &flight.am_seqs {
-            self.am.pending.remove(s);
-        }
-        self.quarantine.push(Quarantined {
-            data: flight.data,
-            local_regs: t.local_regs.clone(),
-            remote_ids: t.remote_ids.clone(),
-        });
-        self.active.retain(|x| *x != tid);
-        true
     }
 }

@@ -1,29 +1,43 @@
-//! The blobs this backend puts on the wire: connection info, remote keys and the header
-//! of a notification's active message.
+//! The blobs and message headers this backend puts on the wire: connection info, remote
+//! keys, and the headers of its active messages (operations, answers, notifications,
+//! authentication).
 //!
-//! UCX parses worker addresses and packed rkeys without validating them, so each blob is
-//! wrapped in a small envelope (magic, version, lengths, CRC32C) that is checked before
-//! any byte reaches UCX; a malformed blob is `Error::InvalidMetadata`, never a crash.
-//! All integers are little-endian.
+//! UCX parses worker addresses without validating them, so connection info is wrapped
+//! in a small envelope (magic, version, lengths, CRC32C) that is checked before any byte
+//! reaches UCX; remote keys carry the same envelope. A malformed blob or header is
+//! `Error::InvalidMetadata`, never a crash. Message headers that a session
+//! authenticates end with a 16-byte tag ([`TAG_LEN`]) over everything before it (see
+//! `crate::session`). All integers are little-endian.
 
+use kv_core::auth::TAG_LEN;
 use kv_core::codec::Reader;
-use kv_core::{Descriptor, Error, Result};
+use kv_core::{Access, Descriptor, Error, Result};
 
 const INFO_MAGIC: &[u8; 4] = b"KVUI";
 const KEY_MAGIC: &[u8; 4] = b"KVUK";
-const AM_MAGIC: &[u8; 4] = b"KVUN";
-const WRITE_MAGIC: &[u8; 4] = b"KVUW";
-const ACK_MAGIC: &[u8; 4] = b"KVUA";
-const VERSION: u8 = 1;
-/// Version of [`RemoteKey`]: 2 added the registration's key id (named by WRITEs sent as
-/// active messages; a version-1 key is refused as `InvalidMetadata`).
-const KEY_VERSION: u8 = 2;
-/// Version of [`ConnInfo`]: 2 added the TCP segment sizes (a version-1 peer's info is
-/// refused as `InvalidMetadata` rather than risking the connection reset that mismatched
-/// segment sizes cause).
-const INFO_VERSION: u8 = 2;
+const NOTE_MAGIC: &[u8; 4] = b"KVUN";
+const OP_MAGIC: &[u8; 4] = b"KVUO";
+const ANSWER_MAGIC: &[u8; 4] = b"KVUR";
+const AUTH_MAGIC: &[u8; 4] = b"KVUH";
+/// Version of the active-message headers: 2 is the authenticated operation protocol
+/// (every WRITE and READ an active message the target checks).
+const MSG_VERSION: u8 = 2;
+/// Version of [`RemoteKey`]: 3 dropped UCX's packed rkey (peers never address our
+/// memory through UCX's RMA) and made the key id 128 random bits with the access.
+const KEY_VERSION: u8 = 3;
+/// Version of [`ConnInfo`]: 3 is the authenticated operation protocol (a version-2 peer
+/// speaks UCX RMA and is refused as `InvalidMetadata`).
+const INFO_VERSION: u8 = 3;
 /// Longest agent name carried in connection info and notification headers.
 pub const MAX_NAME: usize = 255;
+/// Most descriptors one operation message carries.
+pub const MAX_ENTRIES: usize = 128;
+/// Bytes of the fixed part of an [`OpHeader`] (before its entries).
+const OP_FIXED: usize = 48;
+/// Bytes of one [`OpEntry`].
+const ENTRY_LEN: usize = 32;
+/// Encoded size of an [`Answer`].
+pub const ANSWER_LEN: usize = 48 + TAG_LEN;
 
 /// What a peer needs to reach this backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,29 +57,17 @@ pub struct ConnInfo {
     pub worker_address: Vec<u8>,
 }
 
-/// A registration's remote key: the packed rkey plus the range it covers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A registration's remote key: the range it covers, its random id and its access.
+/// Nothing in it lets a peer address the memory without the owner's checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteKey {
     /// The registered range on the peer.
     pub range: Descriptor,
-    /// Random id of the registration on the peer: WRITEs sent as active messages
-    /// ([`WriteHeader`]) name it, and the peer checks them against it.
-    pub key_id: u64,
-    /// `ucp_rkey_pack` output.
-    pub rkey: Vec<u8>,
-}
-
-/// The header of a notification active message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AmHeader {
-    /// Sender's backend instance.
-    pub instance: u64,
-    /// Sender's endpoint id (sequence numbers count per endpoint).
-    pub endpoint: u64,
-    /// Sequence number on that endpoint, from 0.
-    pub seq: u64,
-    /// Sender's agent name.
-    pub name: String,
+    /// 128 random bits naming the registration; every operation names it and the
+    /// owner checks it against its live registrations.
+    pub key_id: u128,
+    /// Whether peers may WRITE it (the owner enforces it; the importer refuses early).
+    pub access: Access,
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -101,6 +103,23 @@ fn unseal<'a>(buf: &'a [u8], what: &'static str) -> Result<&'a [u8]> {
         )));
     }
     Ok(body)
+}
+
+fn u128_of(r: &mut Reader<'_>) -> Result<u128> {
+    let lo = r.u64()?;
+    let hi = r.u64()?;
+    Ok(u128::from(lo) | (u128::from(hi) << 64))
+}
+
+fn put_u128(v: &mut Vec<u8>, x: u128) {
+    v.extend_from_slice(&(x as u64).to_le_bytes());
+    v.extend_from_slice(&((x >> 64) as u64).to_le_bytes());
+}
+
+/// The tag at the end of `buf` and everything before it, or `None` when `buf` is
+/// shorter than a tag.
+pub fn split_tag(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    buf.len().checked_sub(TAG_LEN).map(|n| buf.split_at(n))
 }
 
 impl ConnInfo {
@@ -155,19 +174,16 @@ impl ConnInfo {
 
 impl RemoteKey {
     /// Serialises the key.
-    pub fn encode(&self) -> Result<Vec<u8>> {
-        let len = u32::try_from(self.rkey.len())
-            .map_err(|_| Error::invalid_argument("packed rkey over 4 GiB"))?;
-        let mut v = Vec::with_capacity(32 + self.rkey.len());
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(48);
         v.extend_from_slice(KEY_MAGIC);
         v.push(KEY_VERSION);
-        v.extend_from_slice(&self.key_id.to_le_bytes());
+        put_u128(&mut v, self.key_id);
         v.extend_from_slice(&self.range.addr.to_le_bytes());
         v.extend_from_slice(&self.range.len.to_le_bytes());
         v.extend_from_slice(&self.range.device.to_le_bytes());
-        v.extend_from_slice(&len.to_le_bytes());
-        v.extend_from_slice(&self.rkey);
-        Ok(seal(v))
+        v.push(self.access.as_u8());
+        seal(v)
     }
 
     /// Parses and checks a key produced by [`RemoteKey::encode`].
@@ -175,88 +191,155 @@ impl RemoteKey {
         let body = unseal(buf, "remote key")?;
         let mut r = Reader::named(body, "ucx remote key");
         r.expect_header(KEY_MAGIC, KEY_VERSION)?;
-        let key_id = r.u64()?;
+        let key_id = u128_of(&mut r)?;
         let range = Descriptor::new(r.u64()?, r.u64()?, r.u32()?);
-        let len = r.u32()? as usize;
-        let rkey = r.take(len)?.to_vec();
+        let access = Access::from_u8(r.u8()?)
+            .ok_or_else(|| Error::invalid_metadata("ucx remote key: unknown access"))?;
         r.finish()?;
-        if rkey.is_empty() || range.end().is_none() {
+        if range.len == 0 || range.end().is_none() || key_id == 0 {
             return Err(Error::invalid_metadata(
-                "ucx remote key: empty rkey or range overflows",
+                "ucx remote key: empty or overflowing range, or no key id",
             ));
         }
         Ok(RemoteKey {
             range,
             key_id,
-            rkey,
+            access,
         })
     }
 }
 
-/// The header of a WRITE sent as an active message (TCP): which registration of the
-/// target, where in it, how long, and the initiator's sequence number for the ack.
+/// What an operation asks of the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WriteHeader {
-    /// Initiator's backend instance (echoed in the ack).
-    pub instance: u64,
-    /// Initiator's sequence number of this WRITE (echoed in the ack).
-    pub seq: u64,
-    /// The target registration's [`RemoteKey::key_id`].
-    pub key_id: u64,
-    /// Offset of the data in that registration.
+#[repr(u8)]
+pub enum OpKind {
+    /// Land the message's data in the entries' ranges.
+    Write = 1,
+    /// Send the entries' ranges back in an [`Answer`].
+    Read = 2,
+}
+
+/// One range of a target registration that an operation names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpEntry {
+    /// The registration ([`RemoteKey::key_id`]).
+    pub key_id: u128,
+    /// Offset in it.
     pub offset: u64,
-    /// Length of the data (must equal the message's data length).
+    /// Length (never 0).
     pub len: u64,
 }
 
-/// Encoded size of a [`WriteHeader`].
-pub const WRITE_HEADER_LEN: usize = 5 + 5 * 8;
+/// The header of an operation (a WRITE with its data, or a READ request): who asks
+/// (instance, operation number), under which session and sequence number, which
+/// ranges; the tag authenticates all of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpHeader {
+    /// WRITE or READ.
+    pub kind: OpKind,
+    /// READ only: answer with rendezvous (one entry, received straight into place).
+    pub rndv_reply: bool,
+    /// The initiator's backend instance (echoed in the answer).
+    pub instance: u64,
+    /// The initiator's operation number (echoed in the answer).
+    pub op: u64,
+    /// The target's session id (0: unauthenticated).
+    pub session: u64,
+    /// The initiator's sequence number in that session.
+    pub seq: u64,
+    /// The ranges, in data order.
+    pub entries: Vec<OpEntry>,
+}
 
-impl WriteHeader {
-    /// Serialises the header (fixed size, [`WRITE_HEADER_LEN`]).
-    pub fn encode(&self) -> [u8; WRITE_HEADER_LEN] {
-        let mut v = [0u8; WRITE_HEADER_LEN];
-        v[..4].copy_from_slice(WRITE_MAGIC);
-        v[4] = VERSION;
-        for (i, x) in [self.instance, self.seq, self.key_id, self.offset, self.len]
-            .into_iter()
-            .enumerate()
-        {
-            v[5 + 8 * i..13 + 8 * i].copy_from_slice(&x.to_le_bytes());
+impl OpHeader {
+    /// Encoded size with `n` entries (tag included).
+    pub fn encoded_len(n: usize) -> usize {
+        OP_FIXED + n * ENTRY_LEN + TAG_LEN
+    }
+
+    /// Serialises the header with a zero tag (the session fills it).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::encoded_len(self.entries.len()));
+        v.extend_from_slice(OP_MAGIC);
+        v.push(MSG_VERSION);
+        v.push(self.kind as u8);
+        v.push(u8::from(self.rndv_reply));
+        v.push(0);
+        for x in [self.instance, self.op, self.session, self.seq] {
+            v.extend_from_slice(&x.to_le_bytes());
         }
+        // At most MAX_ENTRIES (checked by the sender and by decode).
+        v.extend_from_slice(&(self.entries.len() as u16).to_le_bytes());
+        v.extend_from_slice(&[0u8; 6]);
+        for e in &self.entries {
+            put_u128(&mut v, e.key_id);
+            v.extend_from_slice(&e.offset.to_le_bytes());
+            v.extend_from_slice(&e.len.to_le_bytes());
+        }
+        v.extend_from_slice(&[0u8; TAG_LEN]);
         v
     }
 
-    /// Parses a header produced by [`WriteHeader::encode`].
-    pub fn decode(buf: &[u8]) -> Result<WriteHeader> {
-        let mut r = Reader::named(buf, "ucx write header");
-        r.expect_header(WRITE_MAGIC, VERSION)?;
-        let h = WriteHeader {
-            instance: r.u64()?,
-            seq: r.u64()?,
-            key_id: r.u64()?,
-            offset: r.u64()?,
-            len: r.u64()?,
+    /// Parses a header produced by [`OpHeader::encode`] (tag not checked here).
+    pub fn decode(buf: &[u8]) -> Result<OpHeader> {
+        let mut r = Reader::named(buf, "ucx operation header");
+        r.expect_header(OP_MAGIC, MSG_VERSION)?;
+        let kind = match r.u8()? {
+            1 => OpKind::Write,
+            2 => OpKind::Read,
+            _ => return Err(Error::invalid_metadata("ucx operation: unknown kind")),
         };
+        let rndv_reply = r.u8()? != 0;
+        r.u8()?;
+        let (instance, op, session, seq) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+        let n = r.u16()? as usize;
+        r.take(6)?;
+        if n == 0 || n > MAX_ENTRIES || r.buf.len() != n * ENTRY_LEN + TAG_LEN {
+            return Err(Error::invalid_metadata(format!(
+                "ucx operation: {n} entries in {} bytes",
+                buf.len()
+            )));
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push(OpEntry {
+                key_id: u128_of(&mut r)?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            });
+        }
+        r.take(TAG_LEN)?;
         r.finish()?;
-        Ok(h)
+        Ok(OpHeader {
+            kind,
+            rndv_reply,
+            instance,
+            op,
+            session,
+            seq,
+            entries,
+        })
     }
 }
 
-/// Outcome of a WRITE sent as an active message, as the target reports it.
+/// Outcome of an operation, as the target reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum AckCode {
-    /// The data is in the target's registered memory.
+    /// WRITE: the data is in place; READ: the data follows.
     Ok = 0,
-    /// No registration with that key id (never was, or deregistered).
+    /// No live registration with that key id (never was, or deregistered).
     NotRegistered = 1,
-    /// The range is not inside the registration.
+    /// A range is not inside its registration.
     OutOfBounds = 2,
-    /// The header's length did not match the data, or the target could not parse it.
+    /// The header disagrees with itself or with the data.
     InvalidMetadata = 3,
-    /// The target's UCX failed to receive the data.
+    /// The target's UCX failed to move the data.
     Failed = 4,
+    /// A WRITE into a read-only registration.
+    AccessDenied = 5,
+    /// The operation was not authenticated by a session the target knows.
+    Unauthenticated = 6,
 }
 
 impl AckCode {
@@ -267,235 +350,206 @@ impl AckCode {
             2 => AckCode::OutOfBounds,
             3 => AckCode::InvalidMetadata,
             4 => AckCode::Failed,
+            5 => AckCode::AccessDenied,
+            6 => AckCode::Unauthenticated,
             _ => return None,
         })
     }
 }
 
-/// The target's answer to a [`WriteHeader`].
+/// The target's answer to an [`OpHeader`] (for a READ answered `Ok`, the data follows
+/// as the message's data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ack {
-    /// The initiator's instance, from the header.
-    pub instance: u64,
-    /// The initiator's sequence number, from the header.
-    pub seq: u64,
+pub struct Answer {
     /// What happened.
     pub code: AckCode,
+    /// The initiator's instance, from the header.
+    pub instance: u64,
+    /// The initiator's operation number, from the header.
+    pub op: u64,
+    /// The session (0: unauthenticated or refused before a session was found).
+    pub session: u64,
+    /// The target's sequence number in that session.
+    pub seq: u64,
+    /// Bytes of data that follow (READ).
+    pub len: u64,
 }
 
-/// Encoded size of an [`Ack`].
-pub const ACK_LEN: usize = 5 + 8 + 8 + 1;
-
-impl Ack {
-    /// Serialises the ack (fixed size, [`ACK_LEN`]).
-    pub fn encode(&self) -> [u8; ACK_LEN] {
-        let mut v = [0u8; ACK_LEN];
-        v[..4].copy_from_slice(ACK_MAGIC);
-        v[4] = VERSION;
-        v[5..13].copy_from_slice(&self.instance.to_le_bytes());
-        v[13..21].copy_from_slice(&self.seq.to_le_bytes());
-        v[21] = self.code as u8;
+impl Answer {
+    /// Serialises the answer with a zero tag (the session fills it).
+    pub fn encode(&self) -> [u8; ANSWER_LEN] {
+        let mut v = [0u8; ANSWER_LEN];
+        v[..4].copy_from_slice(ANSWER_MAGIC);
+        v[4] = MSG_VERSION;
+        v[5] = self.code as u8;
+        for (i, x) in [self.instance, self.op, self.session, self.seq, self.len]
+            .into_iter()
+            .enumerate()
+        {
+            v[8 + 8 * i..16 + 8 * i].copy_from_slice(&x.to_le_bytes());
+        }
         v
     }
 
-    /// Parses an ack produced by [`Ack::encode`].
-    pub fn decode(buf: &[u8]) -> Result<Ack> {
-        let mut r = Reader::named(buf, "ucx write ack");
-        r.expect_header(ACK_MAGIC, VERSION)?;
-        let instance = r.u64()?;
-        let seq = r.u64()?;
+    /// Parses an answer produced by [`Answer::encode`] (tag not checked here).
+    pub fn decode(buf: &[u8]) -> Result<Answer> {
+        let mut r = Reader::named(buf, "ucx answer");
+        r.expect_header(ANSWER_MAGIC, MSG_VERSION)?;
         let code = AckCode::from_u8(r.u8()?)
-            .ok_or_else(|| Error::invalid_metadata("ucx ack: unknown code"))?;
-        r.finish()?;
-        Ok(Ack {
-            instance,
-            seq,
+            .ok_or_else(|| Error::invalid_metadata("ucx answer: unknown code"))?;
+        r.take(2)?;
+        let a = Answer {
             code,
-        })
+            instance: r.u64()?,
+            op: r.u64()?,
+            session: r.u64()?,
+            seq: r.u64()?,
+            len: r.u64()?,
+        };
+        r.take(TAG_LEN)?;
+        r.finish()?;
+        Ok(a)
     }
 }
 
-impl AmHeader {
-    /// Serialises the header (no checksum: UCX's transports deliver it intact).
+/// The header of a notification active message; the tag covers it and the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoteHeader {
+    /// Sender's backend instance.
+    pub instance: u64,
+    /// Sender's endpoint id (notification numbers count per endpoint).
+    pub endpoint: u64,
+    /// Notification number on that endpoint, from 0 (the receiver reorders by it).
+    pub number: u64,
+    /// The receiver's session id (0: unauthenticated).
+    pub session: u64,
+    /// The sender's sequence number in that session.
+    pub seq: u64,
+    /// Sender's agent name.
+    pub name: String,
+}
+
+impl NoteHeader {
+    /// Serialises the header with a zero tag.
     pub fn encode(&self) -> Result<Vec<u8>> {
         check_name(&self.name)?;
-        let mut v = Vec::with_capacity(32 + self.name.len());
-        v.extend_from_slice(AM_MAGIC);
-        v.push(VERSION);
+        let mut v = Vec::with_capacity(48 + self.name.len() + TAG_LEN);
+        v.extend_from_slice(NOTE_MAGIC);
+        v.push(MSG_VERSION);
         v.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
-        v.extend_from_slice(&self.instance.to_le_bytes());
-        v.extend_from_slice(&self.endpoint.to_le_bytes());
-        v.extend_from_slice(&self.seq.to_le_bytes());
+        for x in [
+            self.instance,
+            self.endpoint,
+            self.number,
+            self.session,
+            self.seq,
+        ] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
         v.extend_from_slice(self.name.as_bytes());
+        v.extend_from_slice(&[0u8; TAG_LEN]);
         Ok(v)
     }
 
-    /// Parses a header produced by [`AmHeader::encode`].
-    pub fn decode(buf: &[u8]) -> Result<AmHeader> {
+    /// Parses a header produced by [`NoteHeader::encode`] (tag not checked here).
+    pub fn decode(buf: &[u8]) -> Result<NoteHeader> {
         let mut r = Reader::named(buf, "ucx notification header");
-        r.expect_header(AM_MAGIC, VERSION)?;
+        r.expect_header(NOTE_MAGIC, MSG_VERSION)?;
         let name_len = r.u16()? as usize;
         if name_len > MAX_NAME {
             return Err(Error::invalid_metadata("ucx notification: name too long"));
         }
-        let instance = r.u64()?;
-        let endpoint = r.u64()?;
-        let seq = r.u64()?;
-        let name = r.utf8(name_len)?;
+        let h = NoteHeader {
+            instance: r.u64()?,
+            endpoint: r.u64()?,
+            number: r.u64()?,
+            session: r.u64()?,
+            seq: r.u64()?,
+            name: r.utf8(name_len)?,
+        };
+        r.take(TAG_LEN)?;
         r.finish()?;
-        Ok(AmHeader {
+        Ok(h)
+    }
+}
+
+/// The steps of the authentication handshake (see `crate::session`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AuthKind {
+    /// Client → server: please challenge me (no body).
+    Hello = 1,
+    /// Server → client: `kv_core::auth::ServerHello`.
+    Challenge = 2,
+    /// Client → server: `kv_core::auth::ClientHello`.
+    Response = 3,
+    /// Server → client: `kv_core::auth::ServerProof` and the session id.
+    Proof = 4,
+    /// Server → client: refused (no secret, wrong secret, too many sessions).
+    Refuse = 5,
+}
+
+/// An authentication message: which client endpoint it concerns, the server's
+/// handshake and session ids, and the handshake message itself (`body`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthMsg {
+    /// The step.
+    pub kind: AuthKind,
+    /// The client's backend instance.
+    pub instance: u64,
+    /// The client's endpoint id.
+    pub endpoint: u64,
+    /// The server's handshake id (0 in `Hello`).
+    pub handshake: u64,
+    /// The session id (`Proof` only).
+    pub session: u64,
+    /// The encoded `kv_core::auth` message (empty for `Hello` and `Refuse`).
+    pub body: Vec<u8>,
+}
+
+impl AuthMsg {
+    /// Serialises the message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(40 + self.body.len());
+        v.extend_from_slice(AUTH_MAGIC);
+        v.push(MSG_VERSION);
+        v.push(self.kind as u8);
+        v.extend_from_slice(&[0u8; 2]);
+        for x in [self.instance, self.endpoint, self.handshake, self.session] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.extend_from_slice(&self.body);
+        v
+    }
+
+    /// Parses a message produced by [`AuthMsg::encode`]; bodies over
+    /// `kv_core::auth::MAX_HANDSHAKE_MESSAGE` are refused.
+    pub fn decode(buf: &[u8]) -> Result<AuthMsg> {
+        let mut r = Reader::named(buf, "ucx authentication message");
+        r.expect_header(AUTH_MAGIC, MSG_VERSION)?;
+        let kind = match r.u8()? {
+            1 => AuthKind::Hello,
+            2 => AuthKind::Challenge,
+            3 => AuthKind::Response,
+            4 => AuthKind::Proof,
+            5 => AuthKind::Refuse,
+            _ => return Err(Error::invalid_metadata("ucx authentication: unknown step")),
+        };
+        r.take(2)?;
+        let (instance, endpoint, handshake, session) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+        if r.buf.len() > kv_core::auth::MAX_HANDSHAKE_MESSAGE {
+            return Err(Error::invalid_metadata("ucx authentication: body too long"));
+        }
+        Ok(AuthMsg {
+            kind,
             instance,
             endpoint,
-            seq,
-            name,
+            handshake,
+            session,
+            body: r.buf.to_vec(),
         })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn round_trips() {
-        let i = ConnInfo {
-            name: "prefill-0".into(),
-            instance: 7,
-            pid: 42,
-            tcp_tx_seg: 256 << 10,
-            tcp_rx_seg: 64 << 10,
-            worker_address: vec![1, 2, 3, 4, 5],
-        };
-        assert_eq!(ConnInfo::decode(&i.encode().unwrap()).unwrap(), i);
-        let k = RemoteKey {
-            range: Descriptor::new(0x1000, 4096, 0),
-            key_id: 0xdead_beef,
-            rkey: vec![9; 40],
-        };
-        assert_eq!(RemoteKey::decode(&k.encode().unwrap()).unwrap(), k);
-        let w = WriteHeader {
-            instance: 1,
-            seq: 2,
-            key_id: 3,
-            offset: 4,
-            len: 5,
-        };
-        assert_eq!(WriteHeader::decode(&w.encode()).unwrap(), w);
-        for code in [
-            AckCode::Ok,
-            AckCode::NotRegistered,
-            AckCode::OutOfBounds,
-            AckCode::InvalidMetadata,
-            AckCode::Failed,
-        ] {
-            let a = Ack {
-                instance: 9,
-                seq: 8,
-                code,
-            };
-            assert_eq!(Ack::decode(&a.encode()).unwrap(), a);
-        }
-        let h = AmHeader {
-            instance: 1,
-            endpoint: 2,
-            seq: 3,
-            name: "decode-1".into(),
-        };
-        assert_eq!(AmHeader::decode(&h.encode().unwrap()).unwrap(), h);
-    }
-
-    #[test]
-    fn corruption_is_invalid_metadata() {
-        let i = ConnInfo {
-            name: "a".into(),
-            instance: 7,
-            pid: 42,
-            tcp_tx_seg: 0,
-            tcp_rx_seg: 0,
-            worker_address: vec![1, 2, 3],
-        };
-        let mut b = i.encode().unwrap();
-        b[10] ^= 1;
-        assert!(matches!(
-            ConnInfo::decode(&b),
-            Err(Error::InvalidMetadata(_))
-        ));
-        assert!(matches!(
-            ConnInfo::decode(&[0xff; 3]),
-            Err(Error::InvalidMetadata(_))
-        ));
-        assert!(matches!(
-            RemoteKey::decode(&[]),
-            Err(Error::InvalidMetadata(_))
-        ));
-        // A version-1 info (before the TCP segment sizes) is refused, not misread.
-        let mut old = i.encode().unwrap();
-        old[4] = 1;
-        let n = old.len() - 4;
-        old.truncate(n);
-        let old = seal(old);
-        assert!(matches!(
-            ConnInfo::decode(&old),
-            Err(Error::InvalidMetadata(m)) if m.contains("version 1")
-        ));
-        let mut w = WriteHeader {
-            instance: 1,
-            seq: 2,
-            key_id: 3,
-            offset: 4,
-            len: 5,
-        }
-        .encode()
-        .to_vec();
-        w.push(0);
-        assert!(matches!(
-            WriteHeader::decode(&w),
-            Err(Error::InvalidMetadata(_))
-        ));
-        let mut a = Ack {
-            instance: 1,
-            seq: 2,
-            code: AckCode::Ok,
-        }
-        .encode();
-        a[ACK_LEN - 1] = 99;
-        assert!(matches!(Ack::decode(&a), Err(Error::InvalidMetadata(_))));
-        // A version-1 key (before the key id) is refused, not misread.
-        let k = RemoteKey {
-            range: Descriptor::new(0x1000, 4096, 0),
-            key_id: 1,
-            rkey: vec![1; 8],
-        };
-        let mut old = k.encode().unwrap();
-        old[4] = 1;
-        let n = old.len() - 4;
-        old.truncate(n);
-        let old = seal(old);
-        assert!(matches!(
-            RemoteKey::decode(&old),
-            Err(Error::InvalidMetadata(m)) if m.contains("version 1")
-        ));
-        let long = "x".repeat(MAX_NAME + 1);
-        assert!(ConnInfo { name: long, ..i }.encode().is_err());
-    }
-
-    proptest! {
-        #[test]
-        fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = ConnInfo::decode(&b);
-            let _ = RemoteKey::decode(&b);
-            let _ = AmHeader::decode(&b);
-            let _ = WriteHeader::decode(&b);
-            let _ = Ack::decode(&b);
-        }
-
-        #[test]
-        fn sealed_garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..100)) {
-            // A correct checksum over garbage reaches the structure checks, which must not panic.
-            let sealed = seal(b);
-            let _ = ConnInfo::decode(&sealed);
-            let _ = RemoteKey::decode(&sealed);
-        }
-    }
-}
+mod tests;

@@ -1,39 +1,44 @@
 //! The worker core: the UCP context and worker, every table the backend keeps behind
-//! one lock, creation and teardown, and the progress engine that moves transfers and
-//! notifications along (`progress`, `poll`, `advance`, `abort`). Each `Backend`
+//! one lock, creation and teardown, `progress` and `poll` (the engine they drive,
+//! `advance`, `end_flight` and the rest, is in `worker/engine.rs`). Each `Backend`
 //! operation is a short method here that takes the lock and calls the room that owns
-//! the work: [`crate::memory`], [`crate::endpoint`], [`crate::request`], [`crate::am`].
+//! the work: [`crate::memory`], [`crate::endpoint`], [`crate::request`], and the
+//! callbacks' state [`Shared`].
 //!
 //! Thread mode: the worker is created `UCS_THREAD_MODE_SERIALIZED` and every UCX call
 //! on it (posting, progress, callbacks, teardown) happens with [`Core::state`]'s
 //! `parking_lot::Mutex` held, so UCX sees one thread at a time, as that mode requires.
-//! UCX's callbacks (request completion, endpoint error, active-message receive) run
-//! inside those calls and therefore must not take the state lock: they touch only
-//! [`Shared`] (its own short lock) or a request group's atomic counter.
+//! UCX's callbacks run inside those calls and therefore must not take the state lock:
+//! they touch only [`Shared`] (its own short lock) or a request group's atomic counter.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use kv_core::auth::ClusterSecret;
 use kv_core::{
-    check_request_shape, Descriptor, Error, MemKind, Notification, Op, PostOptions, Result, Status,
-    TransferRequest,
+    check_request_shape, Access, Descriptor, Error, MemKind, Notification, Op, PostOptions, Result,
+    Status, TransferRequest,
 };
 use parking_lot::Mutex;
 
-use crate::am::{ack_error, Shared};
-use crate::config;
-use crate::config::Options;
+use crate::am;
+use crate::config::{self, Options};
 use crate::context;
-use crate::endpoint::{self, check_segments, peer_gone, Endpoint, Gate};
-use crate::ffi::{self, ucs_status_t, Lib};
+use crate::endpoint::{check_segments, peer_gone, Endpoint, Gate};
+use crate::ffi::{self, Lib};
+use crate::guard::{self, Guard};
 use crate::ids::{self, new_instance_id, own_pid, IdMap};
 use crate::memory::{HostAllocator, Memory, Remote};
-use crate::request::{Fail, Flight, Group, Issue, Issued, NoteState, Transfers};
-use crate::wire::{AmHeader, ConnInfo, RemoteKey};
+use crate::request::{Flight, Group, NoteState, Transfer, Transfers};
+use crate::session::Client;
+use crate::shared::{Limits, Shared};
+use crate::wire::{ConnInfo, OpHeader, RemoteKey, MAX_ENTRIES};
 
 /// Worker progress calls per `progress()` when there is work.
 const PROGRESS_BURST: usize = 32;
+/// How long `notify` drives the worker to get a ready notification out.
+const NOTIFY_PUSH: Duration = Duration::from_millis(20);
 
 /// Everything behind the lock. UCX handles are raw pointers; they are only used under
 /// the lock, which is what makes moving the state between threads sound.
@@ -43,6 +48,8 @@ pub struct State {
     mem: Memory,
     eps: IdMap<Endpoint>,
     transfers: Transfers,
+    /// Notification sends of disconnected endpoints still running.
+    graveyard: Vec<Group>,
     next_id: u64,
 }
 
@@ -53,77 +60,97 @@ unsafe impl Send for State {}
 /// The backend's engine: library, context, worker, tables.
 pub struct Core {
     pub lib: Arc<Lib>,
-    pub agent: String,
     pub instance: u64,
     pub opts: Options,
     pub info: Bytes,
     /// The TCP segment sizes (send, receive) published in `info` (0: no TCP).
     tcp_segs: (u32, u32),
-    max_am_header: usize,
+    /// Most entries per operation message (UCX's header limit allows).
+    max_entries: usize,
     shared: Box<Shared>,
+    /// The cap on connections UCX's TCP transport accepts.
+    guard: Mutex<Guard>,
     state: Mutex<State>,
 }
 
 impl Core {
-    /// Loads UCX, creates the context (RMA + AM) and the worker, registers the
-    /// notification handler and publishes the worker address.
-    pub fn new(agent: &str, opts: Options) -> Result<Core> {
+    /// Loads UCX, creates the context (active messages only: peers reach our memory
+    /// only through operations we check) and the worker, installs the handlers and
+    /// publishes the worker address.
+    pub fn new(
+        agent: &str,
+        secret: Option<ClusterSecret>,
+        bind_ip: std::net::IpAddr,
+        opts: Options,
+    ) -> Result<Core> {
+        config::authenticates(&opts, agent, secret.is_some(), bind_ip)?;
         let lib = Lib::shared(opts.lib_path.as_deref())?;
         let instance = new_instance_id();
-        let (ctx, worker, tcp_segs) =
-            context::open(&lib, agent, &opts.config, opts.tls.as_deref())?;
+        let settings = config::with_bind_ip(&opts.config, bind_ip)?;
+        let before = guard::listening();
+        let (ctx, worker, tcp_segs) = context::open(&lib, agent, &settings, opts.tls.as_deref())?;
         let state = State {
             ctx,
             worker,
             mem: Memory::default(),
             eps: IdMap::default(),
             transfers: Transfers::default(),
+            graveyard: Vec::new(),
             next_id: 1,
         };
-        let shared = Box::new(Shared::new(lib.clone(), worker, instance));
+        let limits = Limits {
+            max_notification: opts.max_notification,
+            max_inbox: opts.max_inbox,
+            max_inbox_bytes: opts.max_inbox_bytes,
+        };
+        let shared = Box::new(Shared::new(
+            lib.clone(),
+            worker,
+            instance,
+            agent,
+            secret,
+            limits,
+        ));
         // From here on `Core::drop` tears everything down on any error.
         let mut core = Core {
             lib: lib.clone(),
-            agent: agent.to_owned(),
             instance,
             opts,
             info: Bytes::new(),
             tcp_segs,
-            max_am_header: 0,
+            max_entries: 1,
             shared,
+            guard: Mutex::new(Guard::new(&before, &[], 0)),
             state: Mutex::new(state),
         };
-        core.shared.set_handlers()?;
-        core.max_am_header = context::max_am_header(&lib, worker)?;
+        am::install(&core.shared)?;
+        let max_header = context::max_am_header(&lib, worker)?;
+        core.max_entries = (1..=MAX_ENTRIES)
+            .rev()
+            .find(|&n| OpHeader::encoded_len(n) <= max_header)
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "UCX allows active-message headers of {max_header} bytes only"
+                ))
+            })?;
+        let worker_address = context::worker_address(&lib, worker)?;
+        *core.guard.lock() = Guard::new(&before, &worker_address, core.opts.max_connections);
         let info = ConnInfo {
             name: agent.to_owned(),
             instance,
             pid: own_pid(),
             tcp_tx_seg: tcp_segs.0,
             tcp_rx_seg: tcp_segs.1,
-            worker_address: context::worker_address(&lib, worker)?,
+            worker_address,
         };
         core.info = Bytes::from(info.encode()?);
         ids::mark_live(instance);
         Ok(core)
     }
 
-    fn header_for(&self, ep_id: u64, seq: u64) -> Result<Vec<u8>> {
-        let h = AmHeader {
-            instance: self.instance,
-            endpoint: ep_id,
-            seq,
-            name: self.agent.clone(),
-        }
-        .encode()?;
-        if h.len() > self.max_am_header {
-            return Err(Error::invalid_argument(format!(
-                "notification header of {} bytes exceeds UCX's limit of {}; use a shorter agent name",
-                h.len(),
-                self.max_am_header
-            )));
-        }
-        Ok(h)
+    /// Whether operations and notifications are authenticated (a cluster secret).
+    pub fn authenticated(&self) -> bool {
+        self.shared.secret.is_some()
     }
 
     fn check_payload(&self, p: &Bytes) -> Result<()> {
@@ -138,7 +165,7 @@ impl Core {
     }
 
     /// `Backend::register`.
-    pub fn register(&self, kind: MemKind, desc: &Descriptor) -> Result<u64> {
+    pub fn register(&self, kind: MemKind, desc: &Descriptor, access: Access) -> Result<u64> {
         if kind != MemKind::Dram {
             return Err(Error::Unsupported(format!(
                 "ucx registers dram (this UCX build has no CUDA support), not {kind}"
@@ -149,28 +176,37 @@ impl Core {
                 "cannot register {desc:?}: empty, overflowing or not host memory"
             )));
         }
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
+        let mut st = self.state.lock();
         let id = st.next_id;
-        let key_id = st.mem.register(&self.lib, st.ctx, desc, id)?;
+        let key_id = st.mem.register(desc, access, id)?;
         st.next_id += 1;
-        self.shared.add_target(key_id, desc);
+        self.shared.add_target(key_id, *desc, access);
         Ok(id)
     }
 
-    /// `Backend::deregister`.
+    /// `Backend::deregister`: no posted transfer of ours may name it; peers' new
+    /// operations are refused at once, and running rendezvous transfers of peers into or
+    /// out of it are waited for (`cancel_grace` at most, then `Busy`).
     pub fn deregister(&self, id: u64) -> Result<()> {
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        st.mem.deregister(&self.lib, st.ctx, id, |key_id| {
-            // Under the state lock no WRITE handler runs; a rendezvous WRITE still
-            // receiving into the range keeps it.
-            self.shared.remove_target(key_id).map_err(|n| {
-                Error::Busy(format!(
-                    "RegistrationId#{id} is receiving {n} WRITE(s) from a peer; progress and retry"
-                ))
-            })
-        })
+        let key_id = st.mem.key_of_idle(id)?;
+        if self.shared.revoke_target(key_id) > 0 {
+            let end = Instant::now() + self.opts.cancel_grace;
+            while self.shared.target_inflight(key_id) > 0 && Instant::now() < end {
+                // SAFETY: valid worker, under the state lock.
+                unsafe { (self.lib.worker_progress)(st.worker) };
+            }
+            let n = self.shared.target_inflight(key_id);
+            if n > 0 {
+                return Err(Error::Busy(format!(
+                    "RegistrationId#{id} is in {n} transfer(s) with a peer that does not progress; \
+                     peers can no longer start new ones; retry"
+                )));
+            }
+        }
+        self.shared.remove_target(key_id);
+        st.mem.remove_reg(&self.lib, st.ctx, id)
     }
 
     /// `Backend::remote_key`.
@@ -179,7 +215,8 @@ impl Core {
     }
 
     /// `Backend::connect`: an endpoint to the peer's worker address, with peer error
-    /// handling so a dead peer fails its requests.
+    /// handling so a dead peer fails its requests, and (with a cluster secret) the
+    /// authentication handshake started.
     pub fn connect(&self, peer_name: &str, info: &[u8]) -> Result<u64> {
         let info = ConnInfo::decode(info)?;
         check_segments(self.tcp_segs, peer_name, &info)?;
@@ -189,60 +226,68 @@ impl Core {
                 reason: why,
             });
         }
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
+        let mut st = self.state.lock();
         let shm_only = config::shm_only(self.opts.tls.as_deref());
-        let e = Endpoint::open(
-            &self.lib,
-            st.worker,
-            &self.shared,
-            peer_name,
-            info,
-            shm_only,
-            self.opts.am_write_min,
-        )?;
+        let e = Endpoint::open(&self.shared, peer_name, info, shm_only, self.opts.rndv_min)?;
         let id = st.next_id;
         st.next_id += 1;
+        let uep = e.ep;
         st.eps.insert(id, e);
+        if self.authenticated() {
+            am::start_client(&self.shared, uep, id);
+        } else {
+            self.shared.set_client(id, Client::Open);
+        }
         Ok(id)
     }
 
-    /// `Backend::disconnect`.
+    /// `Backend::disconnect`: in-flight transfers end `RemoteDisconnected` (or `Done`
+    /// if they won), the endpoint closes, and its id stays to say so.
     pub fn disconnect(&self, id: u64) -> Result<()> {
         let mut guard = self.state.lock();
         let st = &mut *guard;
         let ep = st
             .eps
-            .get(&id)
+            .get_mut(&id)
             .ok_or_else(|| Error::NotRegistered(format!("EndpointId#{id}")))?;
+        if ep.gone {
+            return Ok(());
+        }
+        ep.gone = true;
         let err = ep.disconnected("disconnected locally");
-        let tids: Vec<u64> = st
-            .transfers
-            .active
-            .iter()
-            .copied()
-            .filter(|t| st.transfers.by_id.get(t).is_some_and(|t| t.endpoint == id))
-            .collect();
+        if ep.dead.is_none() {
+            ep.dead = Some("disconnected locally".into());
+        }
+        let peer_errors = ep.peer_errors;
+        let tids = self.transfers_on(st, id);
+        if peer_errors {
+            // A forced close completes every request on the endpoint (CANCELED).
+            self.close_endpoint(st, id, "disconnected locally");
+        }
+        // Let the posts end by themselves (answered, or cut off by the close).
+        let limit = if peer_errors {
+            Duration::from_secs(2)
+        } else {
+            self.opts.cancel_grace
+        };
+        self.drive_until(st, limit, |st| {
+            tids.iter().all(|t| !Self::in_flight(st, *t))
+        });
         for t in tids {
-            self.abort(st, t, err.clone())?;
+            self.stop(st, t, err.clone());
+        }
+        self.close_endpoint(st, id, "disconnected locally");
+        if let Some(ep) = st.eps.get_mut(&id) {
+            let notes: Vec<Group> = ep.notes.drain(..).filter_map(|n| n.sent).collect();
+            st.graveyard.extend(notes);
         }
         st.mem.forget_imports(id);
-        self.close_endpoint(st, id, "disconnected locally");
-        if let Some(mut ep) = st.eps.remove(&id) {
-            ep.destroy_rkeys(&self.lib);
-        }
+        self.shared.remove_client(id);
         Ok(())
     }
 
-    /// Force-closes endpoint `id` (see [`Endpoint::close`]).
-    fn close_endpoint(&self, st: &mut State, id: u64, reason: &str) {
-        let worker = st.worker;
-        if let Some(ep) = st.eps.get_mut(&id) {
-            ep.close(&self.lib, worker, reason);
-        }
-    }
-
-    /// `Backend::import_remote`: unpacks the rkey once per endpoint and caches it.
+    /// `Backend::import_remote`: checks the key's envelope and that `desc` lies in the
+    /// range it covers; nothing reaches UCX (the peer checks every operation).
     pub fn import_remote(
         &self,
         ep_id: u64,
@@ -256,20 +301,17 @@ impl Core {
             )));
         }
         let key = RemoteKey::decode(key)?;
-        if !key.range.contains(desc) {
+        if desc.len == 0 || !key.range.contains(desc) {
             return Err(Error::OutOfBounds(format!(
                 "imported range {desc:?} is not inside the registration {:?} its key covers",
                 key.range
             )));
         }
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
-        let ep = st
-            .eps
-            .get_mut(&ep_id)
-            .ok_or_else(|| Error::NotRegistered(format!("EndpointId#{ep_id}")))?;
-        ep.usable()?;
-        let rkey = ep.rkey(&self.lib, &key.rkey)?;
+        let mut st = self.state.lock();
+        st.eps
+            .get(&ep_id)
+            .ok_or_else(|| Error::NotRegistered(format!("EndpointId#{ep_id}")))?
+            .usable()?;
         let id = st.next_id;
         st.next_id += 1;
         st.mem.remotes.insert(
@@ -277,10 +319,9 @@ impl Core {
             Remote {
                 endpoint: ep_id,
                 desc: *desc,
-                packed: key.rkey,
-                rkey,
                 key_id: key.key_id,
                 key_base: key.range.addr,
+                access: key.access,
                 busy: 0,
             },
         );
@@ -289,18 +330,10 @@ impl Core {
 
     /// `Backend::release_remote`.
     pub fn release_remote(&self, id: u64) -> Result<()> {
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
-        let Some(r) = st.mem.remove_import(id)? else {
-            return Ok(());
-        };
-        if let Some(ep) = st.eps.get_mut(&r.endpoint) {
-            ep.release_rkey(&self.lib, &r.packed);
-        }
-        Ok(())
+        self.state.lock().mem.remove_import(id)
     }
 
-    /// `Backend::prepare`: bounds are checked here, once.
+    /// `Backend::prepare`: bounds and access are checked here, once.
     pub fn prepare(&self, req: &TransferRequest) -> Result<u64> {
         check_request_shape(req)?;
         if req.local_kind != MemKind::Dram || req.remote_kind != MemKind::Dram {
@@ -316,27 +349,26 @@ impl Core {
             .get(&req.peer.0)
             .ok_or_else(|| Error::NotRegistered(format!("{}", req.peer)))?;
         ep.usable()?;
-        let local_regs = st.mem.local_cover(&req.local)?;
-        let (remote_ids, ranges) = st
-            .mem
-            .remote_cover(req.peer.0, &ep.peer_name, &req.remote)?;
-        let t = crate::request::Transfer::new(req, local_regs, remote_ids, &ranges);
+        let local_regs = st.mem.local_cover(&req.local, req.op == Op::Read)?;
+        let (remote_ids, ranges) =
+            st.mem
+                .remote_cover(req.peer.0, &ep.peer_name, &req.remote, req.op == Op::Write)?;
+        let t = Transfer::new(req, local_regs, remote_ids, &ranges);
         let id = st.next_id;
         st.next_id += 1;
         st.transfers.by_id.insert(id, t);
         Ok(id)
     }
 
-    /// `Backend::post`: one `put_nbx`/`get_nbx` per segment, then (for writes) an
-    /// endpoint flush so completion means the data landed; the notification, if any,
-    /// is queued behind it.
+    /// `Backend::post`: refuses what it must before anything moves (an expired deadline,
+    /// a dead endpoint, a deregistered or released range), records the post and issues
+    /// its operations (or holds them until the endpoint has authenticated).
     pub fn post(&self, id: u64, opts: &PostOptions) -> Result<()> {
         if let Some(p) = &opts.notification {
             self.check_payload(p)?;
         }
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        // Everything that can refuse the post, before anything is issued.
         let t = st
             .transfers
             .by_id
@@ -352,55 +384,31 @@ impl Core {
             .get_mut(&t.endpoint)
             .ok_or_else(|| Error::NotRegistered(format!("EndpointId#{}", t.endpoint)))?;
         ep.usable_now()?;
+        if let Some(d) = opts.deadline {
+            let now = Instant::now();
+            if d <= now {
+                return Err(Error::TimedOut {
+                    what: format!("ucx TransferId#{id} (its deadline passed before the post)"),
+                    after: Duration::ZERO,
+                });
+            }
+        }
         st.mem.check_local(&t.local_regs, id)?;
-        let rkeys = st.mem.rkeys(&t.remote_ids, id)?;
-        let header = match &opts.notification {
-            Some(_) => Some(self.header_for(t.endpoint, ep.next_seq)?),
-            None => None,
-        };
-        let segs = t.segments(&rkeys)?;
-        // Issue the operations.
-        let issue = Issue {
-            lib: &self.lib,
-            op: t.op,
-            uep: ep.ep,
-            am_min: match t.op {
-                Op::Write => ep.am_write_min,
-                Op::Read => u64::MAX,
-            },
-            rkeys: &rkeys,
-            instance: self.instance,
-        };
-        let Issued { data, am_seqs } = issue.run(&segs, &mut st.transfers.am);
-        drop(segs);
-        // Record the post: its notification, its WRITEs awaiting answers, its flight,
-        // the busy marks on its memory.
+        st.mem.imports(&t.remote_ids, id)?;
         t.posts += 1;
         let post = t.posts;
-        let note = match (&opts.notification, header) {
-            (Some(payload), Some(header)) => {
-                let gate = Gate::Transfer { transfer: id, post };
-                ep.queue_note(gate, header, payload.clone());
+        let note = match &opts.notification {
+            Some(payload) => {
+                ep.queue_note(Gate::Transfer { transfer: id, post }, payload.clone());
                 NoteState::Queued
             }
-            _ => NoteState::None,
+            None => NoteState::None,
         };
-        for &seq in &am_seqs {
-            st.transfers.am.pending.insert(seq, (id, post));
-        }
-        t.flight = Some(Flight {
-            data,
-            post,
-            posted: Instant::now(),
-            deadline: opts.deadline,
-            note,
-            acks: am_seqs.len(),
-            am_seqs,
-            ack_error: None,
-        });
+        t.flight = Some(Flight::new(&self.lib, post, opts.deadline, note));
         t.status = Status::InProgress;
         st.mem.hold(&t.local_regs, &t.remote_ids);
         st.transfers.active.push(id);
+        self.try_issue(st, id);
         self.advance(st);
         Ok(())
     }
@@ -426,19 +434,51 @@ impl Core {
         }
     }
 
-    /// `Backend::cancel`.
+    /// `Backend::cancel`: waits up to `cancel_grace` for every operation to end (the
+    /// target answers once its data landed); a READ's unanswered operations are then
+    /// forgotten (their data will not land); a WRITE's are cut off by force-closing the
+    /// endpoint where UCX allows it. `Busy` when something may still move: the
+    /// transfer then ends `Canceled` by itself once it does.
     pub fn cancel(&self, id: u64) -> Result<()> {
-        let mut st = self.state.lock();
-        if !st.transfers.by_id.contains_key(&id) {
-            return Err(Error::NotRegistered(format!("TransferId#{id}")));
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let t = st
+            .transfers
+            .by_id
+            .get(&id)
+            .ok_or_else(|| Error::NotRegistered(format!("TransferId#{id}")))?;
+        let (op, ep_id) = (t.op, t.endpoint);
+        if let Some(f) = st
+            .transfers
+            .by_id
+            .get_mut(&id)
+            .and_then(|t| t.flight.as_mut())
+        {
+            f.canceled = true;
         }
-        if self.abort(&mut st, id, Error::Canceled)? {
-            return Err(Error::Busy(format!(
-                "TransferId#{id} failed as cancelled, but UCX still holds its requests (the peer does not \
-                 progress); its registrations stay busy until UCX completes them: keep the memory alive"
-            )));
+        self.drive_until(st, self.opts.cancel_grace, |st| !Self::in_flight(st, id));
+        if !Self::in_flight(st, id) {
+            return Ok(());
         }
-        Ok(())
+        let peer_errors = st.eps.get(&ep_id).is_some_and(|e| e.peer_errors);
+        if op == Op::Write && peer_errors {
+            tracing::warn!("ucx: TransferId#{id} did not cancel; force-closing its endpoint");
+            self.close_endpoint(
+                st,
+                ep_id,
+                "endpoint force-closed to stop a transfer that would not cancel",
+            );
+            // UCX completes the endpoint's requests (CANCELED); the post then ends.
+            self.drive_until(st, Duration::from_secs(2), |st| !Self::in_flight(st, id));
+        }
+        if (op == Op::Read || peer_errors) && !self.stop(st, id, Error::Canceled) {
+            return Ok(());
+        }
+        Err(Error::Busy(format!(
+            "TransferId#{id} is being cancelled, but the peer has not answered yet (it does not \
+             progress) and UCX cannot cut it off on these transports; it ends Canceled by \
+             itself; keep its memory registered until then"
+        )))
     }
 
     /// `Backend::release`.
@@ -456,8 +496,9 @@ impl Core {
         }
     }
 
-    /// `Backend::progress`.
+    /// `Backend::progress` (and, at most every 500 ms, the connection cap).
     pub fn progress(&self) -> Result<usize> {
+        self.guard.lock().check();
         let mut st = self.state.lock();
         let mut n = 0usize;
         for _ in 0..PROGRESS_BURST {
@@ -471,23 +512,38 @@ impl Core {
         Ok(n + self.advance(&mut st))
     }
 
-    /// `Backend::notify`: queued behind a flush, so it arrives after earlier posts' data.
+    /// `Backend::notify`: queued behind every post in flight on the endpoint (so it
+    /// arrives after their data); sent at once when nothing is in flight, and pushed
+    /// out for a moment even if nobody progresses afterwards.
     pub fn notify(&self, ep_id: u64, payload: Bytes) -> Result<()> {
         self.check_payload(&payload)?;
-        let lib = &self.lib;
-        let mut st = self.state.lock();
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let posts: Vec<(u64, u64)> = self
+            .transfers_on(st, ep_id)
+            .into_iter()
+            .filter_map(|t| {
+                let f = st.transfers.by_id.get(&t)?.flight.as_ref()?;
+                Some((t, f.post))
+            })
+            .collect();
         let ep = st
             .eps
             .get_mut(&ep_id)
             .ok_or_else(|| Error::NotRegistered(format!("EndpointId#{ep_id}")))?;
         ep.usable_now()?;
-        let header = self.header_for(ep_id, ep.next_seq)?;
-        let mut flush = Group::new(lib);
-        let uep = ep.ep;
-        // SAFETY: live endpoint; parameters valid for the call.
-        let _ = flush.issue(0, |p| unsafe { (lib.ep_flush_nbx)(uep, p) });
-        ep.queue_note(Gate::Flush(flush), header, payload);
-        self.advance(&mut st);
+        let number = ep.next_note;
+        ep.queue_note(Gate::Posts(posts), payload);
+        self.advance(st);
+        let out = |st: &State| {
+            st.eps.get(&ep_id).is_none_or(|e| {
+                e.notes
+                    .iter()
+                    .find(|n| n.number == number)
+                    .is_none_or(|n| n.sent.as_ref().is_some_and(Group::done))
+            })
+        };
+        self.drive_until(st, NOTIFY_PUSH, out);
         Ok(())
     }
 
@@ -496,162 +552,49 @@ impl Core {
         Ok(self.shared.drain_inbox(out))
     }
 
-    /// Moves every in-flight transfer and queued notification as far as it can go
-    /// without waiting; returns how many state changes happened.
-    fn advance(&self, st: &mut State) -> usize {
-        let lib = &self.lib;
-        // Endpoint failures reported by UCX, answers to our active-message WRITEs.
-        let taken = self.shared.take_events();
-        let mut events = st.transfers.apply_acks(taken.acks);
-        events += endpoint::mark_failed(&mut st.eps, taken.ep_errors, lib);
-        // Notifications: send, in order, each whose data is complete.
-        for ep in st.eps.values_mut() {
-            events += ep.advance_notes(lib, &mut st.transfers.by_id);
-        }
-        // Quarantined requests that UCX finally completed release their memory.
-        events += st.transfers.release_quarantined(&mut st.mem);
-        // Transfers: finish the complete ones, abort the late ones.
-        let (finished, late) = st.transfers.due();
-        for (tid, err) in finished {
-            let status = match err {
-                None => Status::Done,
-                Some(Fail::Ucs(s)) => Status::Failed(self.map_status(st, tid, s)),
-                Some(Fail::Ack(c)) => Status::Failed(ack_error(c)),
-            };
-            st.transfers.finish(&mut st.mem, tid, status);
-            events += 1;
-        }
-        for tid in late {
-            let after = st
-                .transfers
-                .by_id
-                .get(&tid)
-                .and_then(|t| t.flight.as_ref())
-                .and_then(|f| f.deadline.map(|d| d.saturating_duration_since(f.posted)))
-                .unwrap_or_default();
-            let what = format!("ucx transfer TransferId#{tid}");
-            let _ = self.abort(st, tid, Error::TimedOut { what, after });
-            events += 1;
-        }
-        events
-    }
-
-    /// The error for a transfer whose requests failed with `s`.
-    fn map_status(&self, st: &State, tid: u64, s: ucs_status_t) -> Error {
-        let ep = st
-            .transfers
-            .by_id
-            .get(&tid)
-            .and_then(|t| st.eps.get(&t.endpoint));
-        match ep {
-            Some(ep) if ep.dead.is_some() || ffi::is_disconnect_status(s) => {
-                ep.disconnected(ep.dead.clone().unwrap_or_else(|| self.lib.status_text(s)))
-            }
-            _ if s == ffi::UCS_ERR_CANCELED => Error::Canceled,
-            _ => self.lib.error("transfer", s),
-        }
-    }
-
-    /// Stops a transfer: cancels its requests, drives progress until UCX completed them
-    /// (force-closing the endpoint when they will not cancel within the grace period),
-    /// then finishes it with `err` (or `Done` if it won the race).
-    ///
-    /// Returns `true` when UCX kept requests that may still touch the memory: the
-    /// transfer then reports `Failed(err)` but its registrations stay busy
-    /// (quarantined) until UCX completes them.
-    fn abort(&self, st: &mut State, tid: u64, err: Error) -> Result<bool> {
-        let lib = &self.lib;
-        let worker = st.worker;
-        let Some(t) = st.transfers.by_id.get(&tid) else {
-            return Ok(false);
-        };
-        let Some(f) = &t.flight else {
-            return Ok(false);
-        };
-        let ep_id = t.endpoint;
-        f.data.cancel_all(worker);
-        let spin = |st: &State, until: Instant| {
-            let done =
-                |st: &State| match st.transfers.by_id.get(&tid).and_then(|t| t.flight.as_ref()) {
-                    Some(f) => f.data.done(),
-                    None => true,
-                };
-            while !done(st) && Instant::now() < until {
-                // SAFETY: valid worker, under the state lock.
-                unsafe { (lib.worker_progress)(worker) };
-            }
-            done(st)
-        };
-        let mut done = spin(st, Instant::now() + self.opts.cancel_grace);
-        let peer_errors = st.eps.get(&ep_id).is_some_and(|e| e.peer_errors);
-        if !done && peer_errors {
-            // UCX cannot cancel RMA requests that already left; a forced close completes
-            // them all (UCS_ERR_CANCELED).
-            tracing::warn!("ucx: TransferId#{tid} did not cancel; force-closing its endpoint");
-            self.close_endpoint(
-                st,
-                ep_id,
-                "endpoint force-closed to stop a transfer that would not cancel",
-            );
-            done = spin(st, Instant::now() + Duration::from_secs(2));
-        }
-        let Some(f) = st.transfers.by_id.get(&tid).and_then(|t| t.flight.as_ref()) else {
-            return Ok(false);
-        };
-        let post = f.post;
-        // Unsent notifications of this post are dropped.
-        if let Some(ep) = st.eps.get_mut(&ep_id) {
-            ep.drop_unsent(tid, post);
-        }
-        if !done {
-            // UCX still owns requests that may read or write the memory (on shared memory
-            // UCX 1.13 emulates RMA in software and only the peer's progress completes
-            // them). The transfer fails now; its registrations stay busy (deregister
-            // says Busy) until UCX gives the requests back.
-            if !st.transfers.quarantine(tid, err) {
-                return Ok(false);
-            }
-            tracing::warn!(
-                "ucx: TransferId#{tid} abandoned with requests in flight; its memory stays busy"
-            );
-            return Ok(true);
-        }
-        let Some(f) = st.transfers.by_id.get(&tid).and_then(|t| t.flight.as_ref()) else {
-            return Ok(false);
-        };
-        let won = f.failure().is_none()
-            && f.acks == 0
-            && matches!(
-                f.note,
-                NoteState::None | NoteState::Issued | NoteState::Delivered
-            );
-        let status = if won {
-            Status::Done
-        } else {
-            Status::Failed(err)
-        };
-        st.transfers.finish(&mut st.mem, tid, status);
-        Ok(false)
-    }
-
     /// Transports and lanes each endpoint uses (`ucp_ep_print_info`), with the settings.
     pub fn describe(&self) -> String {
         let st = self.state.lock();
         let (a, b, c) = self.lib.version;
         let mut s = format!(
-            "ucx {a}.{b}.{c} from {}; tls={}; worker thread mode SERIALIZED (one lock)\n",
+            "ucx {a}.{b}.{c} from {}; tls={}; worker thread mode SERIALIZED (one lock); {}\n",
             self.lib.path.display(),
             self.opts
                 .tls
                 .clone()
                 .or_else(|| std::env::var("UCX_TLS").ok())
-                .unwrap_or_else(|| "(UCX default)".into())
+                .unwrap_or_else(|| "(UCX default)".into()),
+            if self.authenticated() {
+                "operations authenticated (cluster secret)"
+            } else {
+                "operations NOT authenticated (no cluster secret)"
+            }
         );
+        let g = self.guard.lock();
+        let ports: Vec<String> = g
+            .ports
+            .iter()
+            .map(|(p, a)| match a {
+                Some(a) => format!("{}.{}.{}.{}:{p}", a[0], a[1], a[2], a[3]),
+                None => format!("[v6]:{p}"),
+            })
+            .collect();
+        s.push_str(&format!(
+            "UCX TCP listeners: {}; accepted connections capped at {} ({} shut down)\n",
+            if ports.is_empty() {
+                "none".to_string()
+            } else {
+                ports.join(", ")
+            },
+            g.cap,
+            g.shut
+        ));
+        drop(g);
         let n = self.shared.counters();
         s.push_str(&format!(
-            "active-message WRITEs: sent {}, received {}, refused {}, unanswered {}; \
-             malformed messages dropped {}\n",
-            st.transfers.am.sent, n.accepted, n.refused, n.unanswered, n.malformed
+            "operations: sent {}; from peers served {}, refused {}, unanswered {}; \
+             malformed or unverifiable messages dropped {}; notifications dropped {}\n",
+            st.transfers.sent, n.accepted, n.refused, n.unanswered, n.malformed, n.dropped_notes
         ));
         let mut ids: Vec<&u64> = st.eps.keys().collect();
         ids.sort();
@@ -689,44 +632,48 @@ impl Drop for Core {
         ids::mark_dropped(self.instance);
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        for tid in st.transfers.active.clone() {
-            if let Err(e) = self.abort(st, tid, Error::Canceled) {
-                tracing::error!("ucx: dropping backend with a transfer UCX would not release: {e}");
+        let ep_ids: Vec<u64> = st.eps.keys().copied().collect();
+        for id in &ep_ids {
+            if st.eps.get(id).is_some_and(|e| e.peer_errors) {
+                self.close_endpoint(st, *id, "backend dropped");
             }
         }
-        let ep_ids: Vec<u64> = st.eps.keys().copied().collect();
+        for tid in st.transfers.active.clone() {
+            self.stop(st, tid, Error::Canceled);
+        }
         for id in ep_ids {
             self.close_endpoint(st, id, "backend dropped");
         }
-        let lib = &self.lib;
         for (_, mut ep) in st.eps.drain() {
-            ep.destroy_rkeys(lib);
+            ep.reap_close(&self.lib);
+            if let Some(r) = ep.closing.take() {
+                // SAFETY: a close request of this worker, freed once before the worker
+                // is destroyed (UCX then ends it).
+                unsafe { (self.lib.request_free)(r) };
+            }
             // Dropping the notes frees their requests (before the worker goes).
             drop(ep);
         }
-        st.mem.remotes.clear();
+        st.graveyard.clear();
         st.transfers.by_id.clear();
-        // Destroying the worker below ends any request UCX still held.
+        // Destroying the worker below ends any request UCX still held; the groups
+        // leak the buffers such requests may have read.
         st.transfers.quarantine.clear();
-        for (_, r) in st.mem.regs.drain() {
-            if r.alloc.is_none() {
-                // SAFETY: every transfer was aborted, so UCX no longer uses the handle.
-                unsafe { (lib.mem_unmap)(st.ctx, r.memh) };
-            }
-        }
         for (_, a) in st.mem.allocs.drain() {
-            // SAFETY: as above; allocation handles are unmapped once, here (their owners
-            // hold the core alive, so every owner was dropped already).
-            unsafe { (lib.mem_unmap)(st.ctx, a.memh) };
+            // SAFETY: every transfer was stopped and every endpoint closed; allocation
+            // handles are unmapped once, here (their owners hold the core alive, so every
+            // owner was dropped already).
+            unsafe { (self.lib.mem_unmap)(st.ctx, a.memh) };
         }
         // SAFETY: every endpoint, request and memory handle of the worker and context
         // was released above; each is destroyed once.
         unsafe {
-            (lib.worker_destroy)(st.worker);
-            (lib.cleanup)(st.ctx);
+            (self.lib.worker_destroy)(st.worker);
+            (self.lib.cleanup)(st.ctx);
         }
     }
 }
 
+mod engine;
 #[cfg(test)]
 mod tests;

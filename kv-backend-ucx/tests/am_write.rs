@@ -1,6 +1,6 @@
-//! WRITEs over TCP as active messages: a post mixing large segments (active messages
-//! with rendezvous, received into the target's registration at an offset) and a small
-//! one (put), into a sub-range the initiator imported; the notification arrives only
+//! One WRITE over TCP mixing large pieces (one operation each, rendezvous, received
+//! straight into the target's registration at an offset) and a small one (an eager
+//! operation), into a sub-range the initiator imported; the notification arrives only
 //! once all of the data is in place, and nothing outside the written pieces changes.
 
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ fn mixed_write_lands_before_its_notification() {
     let imp = a
         .import_remote(ep, MemKind::Dram, &window, &b.remote_key(rd).unwrap())
         .unwrap();
-    // Two 768 KiB pieces (active messages) and one 64 KiB piece (put), reordered.
+    // Two 768 KiB pieces (rendezvous) and one 64 KiB piece (eager), reordered.
     let pieces: [(u64, u64, u64); 3] = [
         (0, (MIB + 1024 * 1024) as u64, 768 << 10),
         (768 << 10, (MIB + 4096) as u64, 768 << 10),
@@ -120,9 +120,9 @@ fn mixed_write_lands_before_its_notification() {
         "target memory"
     );
     let d = a.describe();
-    assert!(d.contains("active-message WRITEs: sent 2,"), "{d}");
+    assert!(d.contains("operations: sent 3;"), "{d}");
     assert!(
-        b.describe().contains("received 2, refused 0"),
+        b.describe().contains("served 3, refused 0"),
         "{}",
         b.describe()
     );
