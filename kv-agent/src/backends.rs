@@ -53,7 +53,8 @@ const BUILT_IN: &[(&str, BackendFactory)] = &[
 /// What an in-tree backend is told when the agent runs without a cluster secret
 /// ([`crate::AgentOptions::allow_unauthenticated`]): the parameter that makes it accept
 /// unauthenticated peers instead of refusing to start.
-const UNAUTHENTICATED_OPT_OUT: &[(&str, &str, &str)] = &[("tcp", "insecure", "true")];
+const UNAUTHENTICATED_OPT_OUT: &[(&str, &str, &str)] =
+    &[("tcp", "insecure", "true"), ("ucx", "insecure", "true")];
 
 /// Makes [`crate::Agent::add_backend`]`(name, params)` create backends with `factory`,
 /// as it does the in-tree ones, in every agent of this process. Fails with
