@@ -170,6 +170,9 @@ fn built_in_params(name: &str) -> Vec<ParamDoc> {
             p("max_connections", "256", "most incoming connections served at once"),
             p("max_inbox", "65536", "most received notifications waiting to be drained"),
             p("max_inbox_bytes", "67108864", "most notification bytes waiting to be drained"),
+            p("handshake_timeout_ms", "3000", "how long a new connection has to authenticate"),
+            p("max_pending", "64", "most connections still in their handshake (the oldest is closed first)"),
+            p("insecure", "unset: unauthenticated only on loopback", "true: run without a cluster secret (closed test networks); false: always require one"),
         ],
         "ucx" => vec![
             p("tls", "UCX_TLS or UCX's default", "transports UCX may use (UCX_TLS syntax: tcp, posix,cma,self)"),
@@ -177,7 +180,11 @@ fn built_in_params(name: &str) -> Vec<ParamDoc> {
             p("progress_thread", "false", "run a thread that drives UCX progress"),
             p("max_notification", "1048576", "largest notification payload accepted in bytes"),
             p("cancel_grace_ms", "100", "how long cancel waits for UCX before force-closing the endpoint"),
-            p("am_write_min", "524288", "over TCP, WRITE segments of at least this size go as active messages (bytes, or off)"),
+            p("rndv_min", "524288 over TCP lanes, else 65536", "pieces of at least this many bytes go alone by rendezvous; smaller ones are batched into eager messages"),
+            p("max_inbox", "65536", "most received notifications waiting to be drained"),
+            p("max_inbox_bytes", "67108864", "most notification bytes waiting to be drained"),
+            p("max_connections", "512", "most TCP connections UCX keeps accepted (the quietest beyond it are shut down)"),
+            p("insecure", "unset: unauthenticated only on loopback", "true: run without a cluster secret (closed test networks); false: always require one"),
             p("ucx.<NAME>", "UCX's (TCP segments 1M)", "any UCX setting without the UCX_ prefix, e.g. ucx.RNDV_THRESH=8k"),
         ],
         "libfabric" => vec![
