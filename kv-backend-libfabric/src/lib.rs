@@ -26,8 +26,10 @@ mod endpoint;
 mod fabric;
 mod ffi;
 mod memory;
+mod messages;
 mod progress;
 mod request;
+mod session;
 mod wire;
 
 use std::sync::Arc;
@@ -41,14 +43,20 @@ use kv_core::{
 };
 use parking_lot::Mutex;
 
-use endpoint::Peer;
-use fabric::Fabric;
+use fabric::{Fabric, MrUse};
 use memory::{Registration, Remote};
+use messages::InboxLimits;
 use progress::State;
 use request::{Addressing, Transfer};
 use wire::{ConnectionInfo, RemoteKey};
 
 pub use fabric::DEFAULT_PROVIDERS;
+pub use progress::leaked_endpoints;
+
+/// How long `cancel` keeps waiting while the provider hands back nothing.
+const CANCEL_STALL: Duration = Duration::from_secs(1);
+/// The longest `cancel` waits in all.
+const CANCEL_MAX: Duration = Duration::from_secs(10);
 
 /// Options of the libfabric backend. `Clone`, `Send + Sync`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +65,9 @@ pub struct Options {
     /// `None`: `FI_PROVIDER`, else [`DEFAULT_PROVIDERS`] in order.
     pub provider: Option<String>,
     /// Local address to bind (`127.0.0.1`), passed to `fi_getinfo` with `FI_SOURCE`;
-    /// param `node`.
+    /// param `node`. `None`: the `bind_ip` of the [`BackendInit`] (loopback unless the
+    /// agent says otherwise; `0.0.0.0`/`::` leaves the choice to the provider). Not used
+    /// by `shm` and `efa`, whose endpoints do not listen on an IP address.
     pub node: Option<String>,
     /// Deadline for posts that carry none, for notifications and for `cancel`;
     /// param `timeout_ms`.
@@ -65,6 +75,12 @@ pub struct Options {
     /// Path of `libfabric.so.1` (else `KV_FABRIC_LIB`, else the loader's search);
     /// param `library`.
     pub library: Option<String>,
+    /// Most received notifications waiting to be drained (param `max_inbox`), default
+    /// 65 536; beyond it receive buffers are held back, so senders wait.
+    pub max_inbox: usize,
+    /// Most payload bytes of received notifications waiting to be drained (param
+    /// `max_inbox_bytes`), default 64 MiB; beyond it as for `max_inbox`.
+    pub max_inbox_bytes: usize,
 }
 
 impl Default for Options {
@@ -74,28 +90,35 @@ impl Default for Options {
             node: None,
             timeout: Duration::from_secs(30),
             library: None,
+            max_inbox: 65_536,
+            max_inbox_bytes: 64 << 20,
         }
     }
 }
 
 impl Options {
-    /// Reads `provider`, `node`, `timeout_ms` and `library`; unknown keys are refused.
+    /// Reads `provider`, `node`, `timeout_ms`, `library`, `max_inbox` and
+    /// `max_inbox_bytes`; unknown keys are refused.
     pub fn from_params(params: &Params) -> Result<Options> {
         let mut o = Options::default();
+        let num = |k: &str, v: &str| -> Result<u64> {
+            v.parse()
+                .map_err(|_| Error::invalid_argument(format!("{k}={v:?} is not a number")))
+        };
         for (k, v) in params {
             match k.as_str() {
                 "provider" => o.provider = Some(v.clone()).filter(|s| !s.is_empty()),
                 "node" => o.node = Some(v.clone()).filter(|s| !s.is_empty()),
                 "library" => o.library = Some(v.clone()).filter(|s| !s.is_empty()),
-                "timeout_ms" => {
-                    let ms: u64 = v.parse().map_err(|_| {
-                        Error::invalid_argument(format!("timeout_ms={v:?} is not a number"))
-                    })?;
-                    o.timeout = Duration::from_millis(ms.max(1));
+                "timeout_ms" => o.timeout = Duration::from_millis(num(k, v)?.max(1)),
+                "max_inbox" => o.max_inbox = num(k, v)?.clamp(1, 1 << 24) as usize,
+                "max_inbox_bytes" => {
+                    o.max_inbox_bytes = num(k, v)?.min(u64::from(u32::MAX)) as usize
                 }
                 _ => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown libfabric parameter {k:?} (known: provider, node, timeout_ms, library)"
+                        "unknown libfabric parameter {k:?} (known: provider, node, timeout_ms, \
+                         library, max_inbox, max_inbox_bytes)"
                     )))
                 }
             }
@@ -115,18 +138,38 @@ pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
 /// The libfabric backend. `Send + Sync`: all state sits behind one mutex, which also
 /// serialises every libfabric call (the domain is opened `FI_THREAD_DOMAIN`).
 pub struct FabricBackend {
-    /// The agent name, cluster secret and bind address it was created with (the secret
-    /// and bind address are not used yet).
+    /// The agent name, cluster secret and bind address it was created with.
     init: BackendInit,
     timeout: Duration,
     state: Mutex<State>,
+}
+
+/// What a backend holds right now, for monitoring and tests. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct FabricStats {
+    /// Operations the provider holds for transfers that already ended (timed out,
+    /// cancelled, disconnected): their memory stays registered until they return.
+    pub abandoned_operations: usize,
+    /// Received notifications waiting to be drained.
+    pub inbox: usize,
+    /// Their payload bytes.
+    pub inbox_bytes: usize,
+    /// Receive buffers held back because the inbox is at its caps.
+    pub held_receives: usize,
+    /// Received frames dropped (malformed, unauthenticated, replayed, unknown session).
+    pub dropped_frames: u64,
+    /// Memory regions open (user registrations and our own buffers).
+    pub open_regions: usize,
+    /// Address-vector entries in use (peers we connected to, peers with a session).
+    pub address_vector_entries: usize,
 }
 
 impl std::fmt::Debug for FabricBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FabricBackend")
             .field("agent", &self.init.agent_name)
-            .field("provider", &self.state.lock().fabric.provider)
+            .field("provider", &self.state.lock().fabric_ref().provider)
             .finish_non_exhaustive()
     }
 }
@@ -139,22 +182,54 @@ impl FabricBackend {
             return Err(Error::invalid_argument("agent name longer than 1024 bytes"));
         }
         let lib = ffi::Lib::open(opts.library.as_deref())?;
-        let fabric = Fabric::open(lib, opts.provider.as_deref(), opts.node.as_deref())?;
+        // Listen only where the agent says (loopback by default).
+        let bind = match (&opts.node, init.bind_ip) {
+            (Some(n), _) => Some(n.clone()),
+            (None, ip) if ip.is_unspecified() => None,
+            (None, ip) => Some(ip.to_string()),
+        };
+        let fabric = Fabric::open(lib, opts.provider.as_deref(), bind.as_deref())?;
+        let limits = InboxLimits {
+            messages: opts.max_inbox,
+            bytes: opts.max_inbox_bytes,
+        };
+        let state = State::open(
+            agent_name,
+            init.secret.clone(),
+            fabric,
+            limits,
+            opts.timeout,
+        )?;
         Ok(FabricBackend {
             init: init.clone(),
             timeout: opts.timeout,
-            state: Mutex::new(State::open(agent_name, fabric)?),
+            state: Mutex::new(state),
         })
+    }
+
+    /// What the backend holds right now.
+    pub fn stats(&self) -> FabricStats {
+        let s = self.state.lock();
+        let (inbox, inbox_bytes, held_receives) = s.msgs.inbox_len();
+        FabricStats {
+            abandoned_operations: s.abandoned(),
+            inbox,
+            inbox_bytes,
+            held_receives,
+            dropped_frames: s.msgs.dropped,
+            open_regions: s.fabric_ref().open_mrs,
+            address_vector_entries: s.fabric_ref().av_entries(),
+        }
     }
 
     /// The provider in use (`tcp;ofi_rxm`, `shm`, …).
     pub fn provider(&self) -> String {
-        self.state.lock().fabric.provider.clone()
+        self.state.lock().fabric_ref().provider.clone()
     }
 
     /// The `FI_MR_*` mode bits the provider asked for.
     pub fn mr_mode(&self) -> i32 {
-        self.state.lock().fabric.mr_mode
+        self.state.lock().fabric_ref().mr_mode
     }
 }
 
@@ -175,7 +250,13 @@ impl Backend for FabricBackend {
         // No thread of its own: the target's completion queue (notifications, and the
         // software RMA of providers like ofi_rxm) is read only inside `progress()`.
         c.needs_target_progress = true;
-        // Not authenticated and no read-only registrations yet (the defaults).
+        // Read-only registrations are regions without FI_REMOTE_WRITE: the provider on
+        // the target side refuses a peer's write into one (tcp and shm check the access
+        // of every operation; see the README).
+        c.read_only = true;
+        // Not `authenticated`: notifications travel in sessions authenticated with the
+        // cluster secret, but the provider accepts RMA from anyone who can reach the
+        // endpoint and presents a valid key; that is not under our control (README).
         c
     }
 
@@ -185,11 +266,6 @@ impl Backend for FabricBackend {
         desc: &Descriptor,
         access: Access,
     ) -> Result<RegistrationId> {
-        if access == Access::ReadOnly {
-            return Err(Error::Unsupported(
-                "libfabric: read-only registrations not supported yet".into(),
-            ));
-        }
         if kind != MemKind::Dram {
             return Err(Error::Unsupported(format!(
                 "libfabric registers dram, not {kind}"
@@ -198,12 +274,17 @@ impl Backend for FabricBackend {
         if desc.len == 0 || desc.end().is_none() || desc.len > usize::MAX as u64 {
             return Err(Error::invalid_argument(format!("cannot register {desc:?}")));
         }
+        let usage = match access {
+            Access::ReadWrite => MrUse::ReadWrite,
+            Access::ReadOnly => MrUse::ReadOnly,
+        };
         let mut s = self.state.lock();
         let id = s.id();
-        // SAFETY: the caller promises the range stays valid until deregister, which
-        // closes the region first.
-        let mr = unsafe { s.fabric.register(desc.addr, desc.len as usize, id)? };
-        let key = if s.fabric.prov_key() { mr.key() } else { id };
+        // SAFETY: the caller promises the range stays valid (for reads, and for writes
+        // unless read-only) until deregister, which closes the region first.
+        let mr = unsafe { s.fabric().register(desc.addr, desc.len as usize, usage)? };
+        // The key the region carries: the provider's, or the random one we requested.
+        let key = mr.key();
         s.regs.insert(
             id,
             Registration {
@@ -211,29 +292,14 @@ impl Backend for FabricBackend {
                 key,
                 mr: Some(mr),
                 busy: 0,
+                access,
             },
         );
         Ok(RegistrationId(id))
     }
 
     fn deregister(&self, id: RegistrationId) -> Result<()> {
-        let mut s = self.state.lock();
-        let r = s
-            .regs
-            .get(id.0)
-            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
-        if r.busy > 0 {
-            return Err(Error::Busy(format!(
-                "{id} is named by {} transfer(s) in progress; wait or cancel them first",
-                r.busy
-            )));
-        }
-        if let Some(mut r) = s.regs.remove(id.0) {
-            if let Some(mr) = r.mr.take() {
-                s.fabric.close_mr(mr);
-            }
-        }
-        Ok(())
+        self.state.lock().deregister(id.0)
     }
 
     fn remote_key(&self, id: RegistrationId) -> Result<Bytes> {
@@ -249,8 +315,8 @@ impl Backend for FabricBackend {
         let s = self.state.lock();
         ConnectionInfo {
             agent: self.init.agent_name.clone(),
-            provider: s.fabric.provider.clone(),
-            address: s.fabric.address.clone(),
+            provider: s.fabric_ref().provider.clone(),
+            address: s.fabric_ref().address.clone(),
         }
         .encode()
     }
@@ -258,21 +324,20 @@ impl Backend for FabricBackend {
     fn connect(&self, peer_name: &str, info: &[u8]) -> Result<EndpointId> {
         let info = ConnectionInfo::decode(info)?;
         let mut s = self.state.lock();
-        if info.provider != s.fabric.provider {
+        let ours = s.fabric_ref().provider.clone();
+        if info.provider != ours {
             return Err(Error::Unsupported(format!(
-                "peer {peer_name} uses provider {:?}, this backend {:?}; choose the same provider on both",
-                info.provider, s.fabric.provider
+                "peer {peer_name} uses provider {:?}, this backend {ours:?}; choose the same \
+                 provider on both",
+                info.provider
             )));
         }
-        let addr = s.fabric.insert(&info.address)?;
-        let id = s.id();
         let name = if peer_name.is_empty() {
             info.agent.clone()
         } else {
             peer_name.to_string()
         };
-        s.peers.insert(id, Peer::new(name, addr, info.address));
-        Ok(EndpointId(id))
+        s.connect(name, info.address).map(EndpointId)
     }
 
     fn disconnect(&self, peer: EndpointId) -> Result<()> {
@@ -298,20 +363,7 @@ impl Backend for FabricBackend {
                 key.base, key.len, desc.addr, desc.len
             )));
         }
-        let mut s = self.state.lock();
-        if !s.peers.contains_key(&peer.0) {
-            return Err(Error::NotRegistered(format!("{peer}")));
-        }
-        let id = s.id();
-        s.remotes.insert(
-            id,
-            Remote {
-                peer: peer.0,
-                desc: *desc,
-                key,
-            },
-        );
-        Ok(RemoteId(id))
+        self.state.lock().import(peer.0, *desc, key).map(RemoteId)
     }
 
     fn release_remote(&self, id: RemoteId) -> Result<()> {
@@ -329,18 +381,18 @@ impl Backend for FabricBackend {
             return Err(Error::Unsupported("libfabric moves dram only".into()));
         }
         let mut s = self.state.lock();
-        if !s.peers.contains_key(&req.peer.0) {
-            return Err(Error::NotRegistered(format!("{}", req.peer)));
-        }
-        let remotes: Vec<&Remote> = s
+        s.live_peer(req.peer.0)?;
+        let remotes: Vec<(u64, &Remote)> = s
             .remotes
-            .values()
-            .filter(|r| r.peer == req.peer.0)
+            .iter()
+            .filter(|(_, r)| r.peer == req.peer.0)
+            .map(|(id, r)| (*id, r))
             .collect();
+        let f = s.fabric_ref();
         let how = Addressing {
-            virt: s.fabric.virt_addr(),
-            local_mr: s.fabric.local_mr(),
-            max: s.fabric.max_msg_size as u64,
+            virt: f.virt_addr(),
+            local_mr: f.local_mr(),
+            max: f.max_msg_size as u64,
         };
         let plan = request::plan(req, &s.regs, &remotes, how)?;
         let flush_desc = if how.local_mr {
@@ -359,50 +411,45 @@ impl Backend for FabricBackend {
         if let Some(p) = &opts.notification {
             wire::check_payload(p.len())?;
         }
-        self.state.lock().post(id, opts, self.timeout)
+        self.state.lock().post(id, opts)
     }
 
     fn poll(&self, id: TransferId) -> Status {
-        match self.state.lock().transfers.get(&id.0) {
-            Some(t) => t.status.clone(),
-            None => Status::Failed(Error::invalid_argument(format!(
-                "{id} is released or unknown"
-            ))),
-        }
+        self.state.lock().status(id)
     }
 
     fn cancel(&self, id: TransferId) -> Result<()> {
-        let end = Instant::now() + self.timeout;
-        if !self.state.lock().start_cancel(id)? {
-            return Ok(());
-        }
-        // Drain until the provider gave back every posted operation.
+        self.state.lock().start_cancel(id)?;
+        // Wait while the provider hands operations back; give up (Busy, the memory
+        // stays registered) once it stalls: a stopped peer may never return them.
+        let start = Instant::now();
+        let mut last = (start, usize::MAX);
         loop {
-            if !self.state.lock().still_running(id.0) {
+            let (holding, left) = {
+                let mut s = self.state.lock();
+                let _ = s.progress();
+                s.holds_memory(id.0)
+            };
+            if !holding {
                 return Ok(());
             }
-            if Instant::now() > end {
-                return Err(Error::TimedOut {
-                    what: format!("cancel of {id} (the provider still holds its buffers)"),
-                    after: self.timeout,
-                });
+            let now = Instant::now();
+            if left != last.1 {
+                last = (now, left);
             }
-            std::thread::yield_now();
+            if now - last.0 > CANCEL_STALL || now - start > CANCEL_MAX {
+                return Err(Error::Busy(format!(
+                    "{id} is cancelled but the provider still holds {left} of its operations \
+                     (is the peer stopped?); its memory stays registered until they return: \
+                     keep (leak) it, or call cancel again later"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 
     fn release(&self, id: TransferId) -> Result<()> {
-        let mut s = self.state.lock();
-        match s.transfers.get(&id.0) {
-            None => Err(Error::NotRegistered(format!("{id}"))),
-            Some(t) if matches!(t.status, Status::InProgress) => {
-                Err(Error::Busy(format!("{id} is in progress; cancel it first")))
-            }
-            Some(_) => {
-                s.transfers.remove(&id.0);
-                Ok(())
-            }
-        }
+        self.state.lock().release(id)
     }
 
     fn progress(&self) -> Result<usize> {
