@@ -20,6 +20,10 @@
 //! # let _ = (info, Options::default());
 //! # Ok::<(), kv_core::Error>(())
 //! ```
+//!
+//! With a cluster secret ([`BackendInit::secret`]) sessions with peers are
+//! authenticated (`kv_core::auth` over `FI_MSG`); without one the backend starts only
+//! on `shm` or a loopback address, or with `insecure=true` ([`Options::insecure`]).
 #![warn(missing_docs)]
 
 mod endpoint;
@@ -69,7 +73,8 @@ pub struct Options {
     /// agent says otherwise; `0.0.0.0`/`::` leaves the choice to the provider). Not used
     /// by `shm` and `efa`, whose endpoints do not listen on an IP address.
     pub node: Option<String>,
-    /// Deadline for posts that carry none, for notifications and for `cancel`;
+    /// Deadline for posts that carry none and for notifications (`cancel` is bounded
+    /// apart: it gives up after 1 s without progress, 10 s in all);
     /// param `timeout_ms`.
     pub timeout: Duration,
     /// Path of `libfabric.so.1` (else `KV_FABRIC_LIB`, else the loader's search);
@@ -81,6 +86,11 @@ pub struct Options {
     /// Most payload bytes of received notifications waiting to be drained (param
     /// `max_inbox_bytes`), default 64 MiB; beyond it as for `max_inbox`.
     pub max_inbox_bytes: usize,
+    /// Run without a cluster secret (param `insecure`, `true`/`false`): `Some(true)`
+    /// opens sessions with peers without authentication; `Some(false)` refuses to start
+    /// without a secret; `None` (default) starts without one only where just this host
+    /// can reach the endpoint (`shm`, or bound to a loopback address), with a warning.
+    pub insecure: Option<bool>,
 }
 
 impl Default for Options {
@@ -92,13 +102,14 @@ impl Default for Options {
             library: None,
             max_inbox: 65_536,
             max_inbox_bytes: 64 << 20,
+            insecure: None,
         }
     }
 }
 
 impl Options {
-    /// Reads `provider`, `node`, `timeout_ms`, `library`, `max_inbox` and
-    /// `max_inbox_bytes`; unknown keys are refused.
+    /// Reads `provider`, `node`, `timeout_ms`, `library`, `max_inbox`,
+    /// `max_inbox_bytes` and `insecure`; unknown keys are refused.
     pub fn from_params(params: &Params) -> Result<Options> {
         let mut o = Options::default();
         let num = |k: &str, v: &str| -> Result<u64> {
@@ -115,15 +126,78 @@ impl Options {
                 "max_inbox_bytes" => {
                     o.max_inbox_bytes = num(k, v)?.min(u64::from(u32::MAX)) as usize
                 }
+                "insecure" => {
+                    o.insecure = Some(match v.as_str() {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => {
+                            return Err(Error::invalid_argument(format!(
+                                "insecure={v:?} is not true or false"
+                            )))
+                        }
+                    })
+                }
                 _ => {
                     return Err(Error::invalid_argument(format!(
                         "unknown libfabric parameter {k:?} (known: provider, node, timeout_ms, \
-                         library, max_inbox, max_inbox_bytes)"
+                         library, max_inbox, max_inbox_bytes, insecure)"
                     )))
                 }
             }
         }
         Ok(o)
+    }
+}
+
+/// Whether the backend authenticates its sessions: with a cluster secret, yes; without
+/// one it starts only as [`Options::insecure`] allows. `bind` is the address it binds
+/// (`None`: the provider's choice), `provider` the provider it opened.
+fn authenticates(
+    opts: &Options,
+    init: &BackendInit,
+    bind: Option<&str>,
+    provider: &str,
+) -> Result<bool> {
+    if init.secret.is_some() {
+        if opts.insecure == Some(true) {
+            return Err(Error::invalid_argument(
+                "libfabric: insecure=true together with a cluster secret; drop one of them",
+            ));
+        }
+        return Ok(true);
+    }
+    let local = provider == "shm"
+        || bind.is_some_and(|b| {
+            b == "localhost"
+                || b.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+    match opts.insecure {
+        Some(true) => {
+            tracing::warn!(
+                "libfabric backend of {}: no cluster secret and insecure=true: peers are not \
+                 authenticated",
+                init.agent_name
+            );
+            Ok(false)
+        }
+        None if local => {
+            tracing::warn!(
+                "libfabric backend of {}: no cluster secret; serving unauthenticated on {} \
+                 (any local user can reach it; set a secret, or insecure=true to say so)",
+                init.agent_name,
+                if provider == "shm" { "shm" } else { "loopback" }
+            );
+            Ok(false)
+        }
+        _ => Err(Error::Unauthenticated(format!(
+            "libfabric backend of {}: no cluster secret configured and the {provider} \
+             endpoint is reachable from other hosts ({}); set AgentOptions.secret \
+             (KVX_SECRET) on every agent, or pass insecure=true to run without \
+             authentication",
+            init.agent_name,
+            bind.unwrap_or("address of the provider's choice")
+        ))),
     }
 }
 
@@ -141,6 +215,8 @@ pub struct FabricBackend {
     /// The agent name, cluster secret and bind address it was created with.
     init: BackendInit,
     timeout: Duration,
+    /// Sessions are authenticated with the cluster secret (see [`authenticates`]).
+    authenticated: bool,
     state: Mutex<State>,
 }
 
@@ -189,6 +265,7 @@ impl FabricBackend {
             (None, ip) => Some(ip.to_string()),
         };
         let fabric = Fabric::open(lib, opts.provider.as_deref(), bind.as_deref())?;
+        let authenticated = authenticates(&opts, init, bind.as_deref(), &fabric.provider)?;
         let limits = InboxLimits {
             messages: opts.max_inbox,
             bytes: opts.max_inbox_bytes,
@@ -203,6 +280,7 @@ impl FabricBackend {
         Ok(FabricBackend {
             init: init.clone(),
             timeout: opts.timeout,
+            authenticated,
             state: Mutex::new(state),
         })
     }
@@ -254,9 +332,14 @@ impl Backend for FabricBackend {
         // the target side refuses a peer's write into one (tcp and shm check the access
         // of every operation; see the README).
         c.read_only = true;
-        // Not `authenticated`: notifications travel in sessions authenticated with the
-        // cluster secret, but the provider accepts RMA from anyone who can reach the
-        // endpoint and presents a valid key; that is not under our control (README).
+        // With a cluster secret, every session (notifications, the live check of an
+        // import before its first transfer, revocations) is opened by the kv_core::auth
+        // handshake and every frame is tagged: a peer with another secret or none opens
+        // no session, so it cannot import, post or notify through a backend. The RMA
+        // itself is the provider's: it needs the endpoint address and the region's key,
+        // 64 random bits that travel only over the agent's authenticated metadata
+        // (tcp and shm keys are 8 bytes; the contract's 128 bits is not possible here).
+        c.authenticated = self.authenticated;
         c
     }
 
@@ -493,6 +576,46 @@ mod tests {
         let mut q = Params::new();
         q.insert("colour".into(), "blue".into());
         assert!(Options::from_params(&q).is_err());
+        q.clear();
+        q.insert("insecure".into(), "maybe".into());
+        assert!(Options::from_params(&q).is_err());
+        q.insert("insecure".into(), "true".into());
+        assert_eq!(Options::from_params(&q).unwrap().insecure, Some(true));
+    }
+
+    #[test]
+    fn no_secret_is_refused_unless_local_or_insecure() {
+        let o = |insecure| Options {
+            insecure,
+            ..Options::default()
+        };
+        let plain = BackendInit::new("a");
+        let secret = kv_core::auth::ClusterSecret::generate().unwrap();
+        let with_secret = BackendInit::new("a").with_secret(secret);
+        let tcp = "tcp;ofi_rxm";
+        // With a secret: authenticated, whatever the address; insecure=true is refused.
+        assert!(authenticates(&o(None), &with_secret, None, tcp).unwrap());
+        assert!(authenticates(&o(Some(false)), &with_secret, Some("10.0.0.1"), tcp).unwrap());
+        assert!(authenticates(&o(Some(true)), &with_secret, None, tcp).is_err());
+        // Without: only local endpoints by default, anything with insecure=true.
+        for (bind, provider) in [(Some("127.0.0.1"), tcp), (Some("::1"), tcp), (None, "shm")] {
+            assert!(!authenticates(&o(None), &plain, bind, provider).unwrap());
+            assert!(matches!(
+                authenticates(&o(Some(false)), &plain, bind, provider),
+                Err(Error::Unauthenticated(_))
+            ));
+        }
+        for bind in [None, Some("10.0.0.1"), Some("0.0.0.0")] {
+            assert!(matches!(
+                authenticates(&o(None), &plain, bind, tcp),
+                Err(Error::Unauthenticated(_))
+            ));
+            assert!(!authenticates(&o(Some(true)), &plain, bind, tcp).unwrap());
+        }
+        assert!(matches!(
+            authenticates(&o(None), &plain, None, "verbs;ofi_rxm"),
+            Err(Error::Unauthenticated(_))
+        ));
     }
 
     #[test]
