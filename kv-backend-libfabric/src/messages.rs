@@ -142,17 +142,8 @@ impl Messages {
             send,
             recv,
             free_send: (0..SEND_BUFS).rev().collect(),
-            ops: HashMap::new(),
-            out: VecDeque::new(),
-            clients: HashMap::new(),
-            by_hs: HashMap::new(),
-            servers: Servers::default(),
-            names: HashMap::new(),
-            inbox: VecDeque::new(),
-            inbox_bytes: 0,
             limits,
-            parked: VecDeque::new(),
-            dropped: 0,
+            ..Messages::empty()
         };
         for slot in 0..RECV_BUFS {
             if let Err(e) = m.post_recv(fabric, slot) {

@@ -16,12 +16,7 @@ impl State {
     /// Begins cancelling transfer `id`: fails it with `Canceled`, stops posting and asks
     /// the provider to cancel what is posted.
     pub fn start_cancel(&mut self, id: TransferId) -> Result<()> {
-        let t = self
-            .transfers
-            .get(&id.0)
-            .filter(|t| !t.released)
-            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
-        if matches!(t.status, Status::InProgress) {
+        if matches!(self.live(id)?.status, Status::InProgress) {
             self.cancel_ops(id.0);
             self.finish(id.0, Some(Error::Canceled));
         }

@@ -174,11 +174,7 @@ impl State {
         // Learn of revocations and dead connections before deciding.
         self.poll_cq();
         let now = Instant::now();
-        let t = self
-            .transfers
-            .get(&id.0)
-            .filter(|t| !t.released)
-            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
+        let t = self.live(id)?;
         if matches!(t.status, Status::InProgress) {
             return Err(Error::Busy(format!("{id} is already in progress")));
         }
@@ -272,14 +268,18 @@ impl State {
             .map_or(Status::Idle, |t| t.status.clone())
     }
 
+    /// Transfer `id`, unless it is unknown or released (`NotRegistered`).
+    pub(super) fn live(&mut self, id: TransferId) -> Result<&mut Transfer> {
+        self.transfers
+            .get_mut(&id.0)
+            .filter(|t| !t.released)
+            .ok_or_else(|| Error::NotRegistered(format!("{id}")))
+    }
+
     /// Forgets transfer `id` (the body of `Backend::release`); one whose operations the
     /// provider still holds is kept, hidden, until they return.
     pub fn release(&mut self, id: TransferId) -> Result<()> {
-        let t = self
-            .transfers
-            .get_mut(&id.0)
-            .filter(|t| !t.released)
-            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
+        let t = self.live(id)?;
         if matches!(t.status, Status::InProgress) {
             return Err(Error::Busy(format!("{id} is in progress; cancel it first")));
         }
