@@ -3,6 +3,7 @@
 //! chosen at run time, with safe wrappers for registering memory, posting operations
 //! and reading completions; and how libfabric's error codes map to `kv_core::Error`.
 
+use std::collections::HashMap;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::sync::Arc;
 
@@ -20,12 +21,48 @@ const CAPS: u64 = ffi::FI_MSG
     | ffi::FI_SEND
     | ffi::FI_RECV;
 
+/// What a memory region may be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MrUse {
+    /// User memory peers may read and write (and local transfers use either way).
+    ReadWrite,
+    /// User memory peers may only read; locally only the source of a WRITE.
+    ReadOnly,
+    /// Our notification send buffers.
+    Send,
+    /// Our posted receive buffers.
+    Recv,
+    /// The byte flush reads land in.
+    FlushTarget,
+}
+
+impl MrUse {
+    /// The `fi_mr_reg` access flags: nothing beyond what the use needs, so that no
+    /// peer can write into memory it should only read (a provider adds what its own
+    /// protocol needs, e.g. ofi_rxm's rendezvous reads of send buffers).
+    fn access(self) -> u64 {
+        match self {
+            MrUse::ReadWrite => {
+                ffi::FI_READ | ffi::FI_WRITE | ffi::FI_REMOTE_READ | ffi::FI_REMOTE_WRITE
+            }
+            MrUse::ReadOnly => ffi::FI_WRITE | ffi::FI_REMOTE_READ,
+            MrUse::Send => ffi::FI_SEND,
+            MrUse::Recv => ffi::FI_RECV,
+            MrUse::FlushTarget => ffi::FI_READ,
+        }
+    }
+}
+
 /// The memory-registration modes this crate knows how to honour.
 const MR_MODES: c_int = ffi::FI_MR_LOCAL
     | ffi::FI_MR_VIRT_ADDR
     | ffi::FI_MR_ALLOCATED
     | ffi::FI_MR_PROV_KEY
     | ffi::FI_MR_ENDPOINT;
+
+/// The ordering bits whose presence turns off the shm provider's fast RMA path
+/// (`SMR_RMA_ORDER` in libfabric's `prov/shm/src/smr.h`).
+const SHM_RMA_ORDER: u64 = 0x1ff & !ffi::FI_ORDER_SAS;
 
 /// Providers tried in order when neither the options nor `FI_PROVIDER` name one.
 /// `sockets` is never chosen by default: it hangs on libfabric 1.17.
@@ -49,6 +86,21 @@ pub struct Fabric {
     pub max_msg_size: usize,
     /// `fi_getname`: what a peer inserts into its address vector.
     pub address: Vec<u8>,
+    /// `domain_attr->mr_key_size`: how many bytes of a key we choose are significant.
+    pub key_bytes: usize,
+    /// Address-vector entries by endpoint name, with how many users each has.
+    av_refs: HashMap<Vec<u8>, (fi_addr_t, usize)>,
+    /// Memory regions open now (registered and not yet closed).
+    pub open_mrs: usize,
+    /// Test hook: the registration with this (0-based) number fails like a provider
+    /// error would.
+    #[cfg(test)]
+    pub fail_registration: Option<usize>,
+    #[cfg(test)]
+    registrations: usize,
+    /// Test hook: the next completion-queue read fails as a broken queue would.
+    #[cfg(test)]
+    pub fail_cq: bool,
 }
 
 // SAFETY: the pointers are only used through `&mut self`/`&self` by the one owner, which
@@ -84,7 +136,8 @@ impl Fabric {
     ///
     /// `provider` forces one (`tcp;ofi_rxm`, `shm`, …); without it `FI_PROVIDER` is
     /// honoured, else [`DEFAULT_PROVIDERS`] are tried in order. `node` binds the local
-    /// address (e.g. `127.0.0.1`).
+    /// address (e.g. `127.0.0.1`) of providers that listen on an IP address (not `shm`,
+    /// whose names are not addresses, nor `efa`).
     pub fn open(lib: Arc<Lib>, provider: Option<&str>, node: Option<&str>) -> Result<Fabric> {
         let env = std::env::var("FI_PROVIDER").ok().filter(|s| !s.is_empty());
         let attempts: Vec<Option<&str>> = match (provider, env.as_deref()) {
@@ -96,6 +149,9 @@ impl Fabric {
             || env.as_deref().is_some_and(|p| p.contains("sockets"));
         let mut errors = Vec::new();
         for p in attempts {
+            let name = p.or(env.as_deref()).unwrap_or_default();
+            let ip_based = !name.split(';').any(|x| x == "shm" || x == "efa");
+            let node = node.filter(|_| ip_based);
             match Self::open_one(lib.clone(), p, node, allow_sockets) {
                 Ok(ep) => return Ok(ep),
                 Err(e) => errors.push(format!("{}: {e}", p.unwrap_or("FI_PROVIDER"))),
@@ -130,6 +186,15 @@ impl Fabric {
             provider: String::new(),
             max_msg_size: 0,
             address: Vec::new(),
+            key_bytes: 8,
+            av_refs: HashMap::new(),
+            open_mrs: 0,
+            #[cfg(test)]
+            fail_registration: None,
+            #[cfg(test)]
+            registrations: 0,
+            #[cfg(test)]
+            fail_cq: false,
         };
         let node_c = node
             .map(CString::new)
@@ -139,6 +204,8 @@ impl Fabric {
             .map(CString::new)
             .transpose()
             .map_err(|_| Error::invalid_argument("provider contains a NUL byte"))?;
+        let env = std::env::var("FI_PROVIDER").unwrap_or_default();
+        let shm_requested = provider.unwrap_or(&env).split(';').any(|p| p == "shm");
         // SAFETY: fi_dupinfo(NULL) is fi_allocinfo: a zeroed info with every attr allocated.
         let hints = unsafe { (lib.dupinfo)(std::ptr::null()) };
         if hints.is_null() {
@@ -157,7 +224,16 @@ impl Fabric {
             let d = &mut *(*hints).domain_attr;
             d.mr_mode = MR_MODES;
             d.threading = 3; // FI_THREAD_DOMAIN: our mutex serialises every call
-            (*(*hints).tx_attr).msg_order = ffi::FI_ORDER_SAS;
+                             // Sends in order; for shm also "send after write", which is what turns off
+                             // its fast RMA path: that path writes into the peer with process_vm_writev
+                             // from this side and never checks the peer's key (a WRITE after the peer
+                             // deregistered landed). With it off the target checks key, bounds and
+                             // access of every operation.
+            (*(*hints).tx_attr).msg_order = if shm_requested {
+                ffi::FI_ORDER_SAS | ffi::FI_ORDER_SAW
+            } else {
+                ffi::FI_ORDER_SAS
+            };
             if let Some(p) = &prov_c {
                 (*(*hints).fabric_attr).prov_name = libc::strdup(p.as_ptr());
             }
@@ -201,6 +277,21 @@ impl Fabric {
                 e.mr_mode = ffi::FI_MR_VIRT_ADDR | ffi::FI_MR_ALLOCATED | ffi::FI_MR_PROV_KEY;
             }
             e.max_msg_size = (*(*info).ep_attr).max_msg_size.max(4096);
+            e.key_bytes = match (*(*info).domain_attr).mr_key_size {
+                0 => 8,
+                n => n.min(8),
+            };
+            if e.provider == "shm"
+                && e.mr_mode & ffi::FI_MR_VIRT_ADDR != 0
+                && (*(*info).tx_attr).msg_order & SHM_RMA_ORDER == 0
+            {
+                return Err(Error::BackendUnavailable {
+                    name: "libfabric".into(),
+                    reason: "the shm provider offered only its unchecked fast RMA path \
+                             (no FI_ORDER_SAW); refusing it"
+                        .into(),
+                });
+            }
             check(
                 &lib,
                 "fi_fabric",
@@ -270,19 +361,37 @@ impl Fabric {
         Ok(e)
     }
 
-    /// Inserts a peer's address (from its connection info) into the address vector.
+    /// Inserts a peer's address (from its connection info or a HELLO) into the address
+    /// vector; the same address inserted twice shares one entry (counted).
     pub fn insert(&mut self, address: &[u8]) -> Result<fi_addr_t> {
-        if address.len() < self.address.len() {
+        // The provider reads a peer address as it reads its own: a NUL-terminated
+        // string (shm's `fi_shm://PID:…`, of any length) or a fixed-size socket address.
+        let fits = if self.address.last() == Some(&0) {
+            address.contains(&0)
+        } else {
+            address.len() >= self.address.len()
+        };
+        if !fits {
             return Err(Error::invalid_metadata(format!(
-                "peer address is {} bytes; {} addresses are {} bytes",
+                "peer address of {} bytes is not a {} address (like {} bytes{})",
                 address.len(),
                 self.provider,
-                self.address.len()
+                self.address.len(),
+                if self.address.last() == Some(&0) {
+                    ", NUL-terminated"
+                } else {
+                    ""
+                }
             )));
         }
+        if let Some((a, refs)) = self.av_refs.get_mut(address) {
+            *refs += 1;
+            return Ok(*a);
+        }
         let mut out: fi_addr_t = ffi::FI_ADDR_UNSPEC;
-        // SAFETY: the AV is open; the address is at least as long as this provider's
-        // addresses (checked above), so the provider reads only inside the slice.
+        // SAFETY: the AV is open; the address is as long as this provider's addresses or
+        // NUL-terminated like them (checked above), so the provider reads only inside
+        // the slice.
         let rc = unsafe { ffi::fi_av_insert(self.av, address.as_ptr().cast(), &mut out) };
         if rc != 1 {
             return Err(if rc < 0 {
@@ -291,11 +400,33 @@ impl Fabric {
                 Error::invalid_metadata(format!("{} refused the peer address", self.provider))
             });
         }
+        self.av_refs.insert(address.to_vec(), (out, 1));
         Ok(out)
     }
 
-    /// Removes a peer's address from the address vector.
-    pub fn remove(&mut self, mut addr: fi_addr_t) {
+    /// Drops one user of an address-vector entry; the entry is removed with its last
+    /// user. The caller makes sure no operation to it is outstanding.
+    pub fn remove(&mut self, addr: fi_addr_t) {
+        let Some(key) = self
+            .av_refs
+            .iter()
+            .find(|(_, (a, _))| *a == addr)
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        let last = match self.av_refs.get_mut(&key) {
+            Some((_, refs)) => {
+                *refs -= 1;
+                *refs == 0
+            }
+            None => false,
+        };
+        if !last {
+            return;
+        }
+        self.av_refs.remove(&key);
+        let mut addr = addr;
         // SAFETY: the AV is open; `addr` came from `insert`.
         let rc = unsafe { ffi::fi_av_remove(self.av, &mut addr) };
         if rc < 0 {
@@ -303,43 +434,86 @@ impl Fabric {
         }
     }
 
-    /// Registers `addr..addr+len` for local and remote access.
+    /// Number of address-vector entries in use.
+    pub fn av_entries(&self) -> usize {
+        self.av_refs.len()
+    }
+
+    /// Registers `addr..addr+len` for `usage`. Where the provider lets us choose the
+    /// key (no `FI_MR_PROV_KEY`), it is random: as many bits from the OS as the
+    /// provider's key size holds (64 for tcp and shm), so a peer cannot guess the key
+    /// of a registration it was not given.
     ///
     /// # Safety
     /// The range stays valid until the returned region is closed.
-    pub unsafe fn register(&mut self, addr: u64, len: usize, requested_key: u64) -> Result<Mr> {
-        let access = ffi::FI_READ
-            | ffi::FI_WRITE
-            | ffi::FI_REMOTE_READ
-            | ffi::FI_REMOTE_WRITE
-            | ffi::FI_SEND
-            | ffi::FI_RECV;
+    pub unsafe fn register(&mut self, addr: u64, len: usize, usage: MrUse) -> Result<Mr> {
+        #[cfg(test)]
+        {
+            self.registrations += 1;
+            if self.fail_registration == Some(self.registrations - 1) {
+                return Err(self
+                    .lib
+                    .error("fi_mr_reg (injected)", -(libc::ENOMEM as i64)));
+            }
+        }
         let mut mr: *mut ffi::fid_mr = std::ptr::null_mut();
-        // SAFETY: the domain is open; the caller keeps the range valid.
-        let rc = unsafe {
-            ffi::fi_mr_reg(
-                self.domain,
-                addr as *const c_void,
-                len.max(1),
-                access,
-                requested_key,
-                &mut mr,
-            )
-        };
+        let mut rc = 0;
+        // A random key may collide with one in use (-FI_ENOKEY): draw again.
+        for _ in 0..4 {
+            let key = if self.prov_key() {
+                0
+            } else {
+                self.random_key()?
+            };
+            // SAFETY: the domain is open; the caller keeps the range valid.
+            rc = unsafe {
+                ffi::fi_mr_reg(
+                    self.domain,
+                    addr as *const c_void,
+                    len.max(1),
+                    usage.access(),
+                    key,
+                    &mut mr,
+                )
+            };
+            if rc != -ffi::FI_ENOKEY {
+                break;
+            }
+        }
         check(&self.lib, "fi_mr_reg", rc)?;
+        self.open_mrs += 1;
         let mr = Mr { mr };
         if self.mr_mode & ffi::FI_MR_ENDPOINT != 0 {
-            // SAFETY: both objects are open and belong to this domain.
-            unsafe {
-                check(
-                    &self.lib,
-                    "fi_mr_bind",
-                    ffi::fi_bind(&mut (*mr.mr).fid, &mut (*self.ep).fid, 0),
-                )?;
-                check(&self.lib, "fi_mr_enable", ffi::fi_enable(&mut (*mr.mr).fid))?;
+            if let Err(e) = self.bind_mr(&mr) {
+                // Never leave an open (and possibly remotely writable) region behind
+                // memory the caller is told is not registered.
+                self.close_mr(mr);
+                return Err(e);
             }
         }
         Ok(mr)
+    }
+
+    fn bind_mr(&mut self, mr: &Mr) -> Result<()> {
+        // SAFETY: both objects are open and belong to this domain.
+        unsafe {
+            check(
+                &self.lib,
+                "fi_mr_bind",
+                ffi::fi_bind(&mut (*mr.mr).fid, &mut (*self.ep).fid, 0),
+            )?;
+            check(&self.lib, "fi_mr_enable", ffi::fi_enable(&mut (*mr.mr).fid))
+        }
+    }
+
+    /// A key of `key_bytes` random bytes from the OS.
+    fn random_key(&self) -> Result<u64> {
+        let r = kv_core::auth::random_u128()? as u64;
+        Ok(if self.key_bytes >= 8 {
+            r
+        } else {
+            r & ((1u64 << (8 * self.key_bytes)) - 1)
+        })
     }
 
     /// Closes a memory region; the provider no longer touches its range afterwards.
@@ -348,6 +522,8 @@ impl Fabric {
         let rc = unsafe { ffi::fi_close(&mut (*mr.mr).fid) };
         if rc < 0 {
             tracing::warn!("fi_close(mr): {}", self.lib.strerror(rc));
+        } else {
+            self.open_mrs -= 1;
         }
     }
 
@@ -449,6 +625,14 @@ impl Fabric {
         &mut self,
         buf: &mut [ffi::fi_cq_data_entry],
     ) -> std::result::Result<usize, CqError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_cq) {
+            return Err(CqError {
+                context: std::ptr::null_mut(),
+                code: -(libc::EIO as i64),
+                message: "fi_cq_read: injected failure".into(),
+            });
+        }
         // SAFETY: the CQ is open with FI_CQ_FORMAT_DATA and `buf` holds buf.len() entries.
         let n = unsafe { ffi::fi_cq_read(self.cq, buf.as_mut_ptr(), buf.len()) };
         if n >= 0 {
@@ -489,6 +673,16 @@ impl Fabric {
             unsafe { ffi::fi_close(&mut (*self.ep).fid) };
             self.ep = std::ptr::null_mut();
         }
+    }
+}
+
+impl Fabric {
+    /// Gives up the endpoint without closing anything: for when the provider may still
+    /// hold operations (closing then crashed libfabric 1.17's ofi_rxm, and a closed
+    /// endpoint would not make the provider drop its references to our buffers). With
+    /// manual progress nobody drives the provider afterwards. Counted by the caller.
+    pub fn leak(self) {
+        std::mem::forget(self);
     }
 }
 

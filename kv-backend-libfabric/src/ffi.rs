@@ -56,6 +56,7 @@ pub const FI_ECANCELED: c_int = libc::ECANCELED;
 pub const FI_EAVAIL: isize = 259;
 pub const FI_ETRUNC: c_int = 265;
 pub const FI_ETOOSMALL: c_int = 257;
+pub const FI_ENOKEY: c_int = 266;
 
 pub type fi_addr_t = u64;
 pub const FI_ADDR_UNSPEC: fi_addr_t = u64::MAX;

@@ -20,14 +20,20 @@
 //! # let _ = (info, Options::default());
 //! # Ok::<(), kv_core::Error>(())
 //! ```
+//!
+//! With a cluster secret ([`BackendInit::secret`]) sessions with peers are
+//! authenticated (`kv_core::auth` over `FI_MSG`); without one the backend starts only
+//! on `shm` or a loopback address, or with `insecure=true` ([`Options::insecure`]).
 #![warn(missing_docs)]
 
 mod endpoint;
 mod fabric;
 mod ffi;
 mod memory;
+mod messages;
 mod progress;
 mod request;
+mod session;
 mod wire;
 
 use std::sync::Arc;
@@ -41,14 +47,20 @@ use kv_core::{
 };
 use parking_lot::Mutex;
 
-use endpoint::Peer;
-use fabric::Fabric;
+use fabric::{Fabric, MrUse};
 use memory::{Registration, Remote};
+use messages::InboxLimits;
 use progress::State;
 use request::{Addressing, Transfer};
 use wire::{ConnectionInfo, RemoteKey};
 
 pub use fabric::DEFAULT_PROVIDERS;
+pub use progress::leaked_endpoints;
+
+/// How long `cancel` keeps waiting while the provider hands back nothing.
+const CANCEL_STALL: Duration = Duration::from_secs(1);
+/// The longest `cancel` waits in all.
+const CANCEL_MAX: Duration = Duration::from_secs(10);
 
 /// Options of the libfabric backend. `Clone`, `Send + Sync`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,14 +69,28 @@ pub struct Options {
     /// `None`: `FI_PROVIDER`, else [`DEFAULT_PROVIDERS`] in order.
     pub provider: Option<String>,
     /// Local address to bind (`127.0.0.1`), passed to `fi_getinfo` with `FI_SOURCE`;
-    /// param `node`.
+    /// param `node`. `None`: the `bind_ip` of the [`BackendInit`] (loopback unless the
+    /// agent says otherwise; `0.0.0.0`/`::` leaves the choice to the provider). Not used
+    /// by `shm` and `efa`, whose endpoints do not listen on an IP address.
     pub node: Option<String>,
-    /// Deadline for posts that carry none, for notifications and for `cancel`;
+    /// Deadline for posts that carry none and for notifications (`cancel` is bounded
+    /// apart: it gives up after 1 s without progress, 10 s in all);
     /// param `timeout_ms`.
     pub timeout: Duration,
     /// Path of `libfabric.so.1` (else `KV_FABRIC_LIB`, else the loader's search);
     /// param `library`.
     pub library: Option<String>,
+    /// Most received notifications waiting to be drained (param `max_inbox`), default
+    /// 65 536; beyond it receive buffers are held back, so senders wait.
+    pub max_inbox: usize,
+    /// Most payload bytes of received notifications waiting to be drained (param
+    /// `max_inbox_bytes`), default 64 MiB; beyond it as for `max_inbox`.
+    pub max_inbox_bytes: usize,
+    /// Run without a cluster secret (param `insecure`, `true`/`false`): `Some(true)`
+    /// opens sessions with peers without authentication; `Some(false)` refuses to start
+    /// without a secret; `None` (default) starts without one only where just this host
+    /// can reach the endpoint (`shm`, or bound to a loopback address), with a warning.
+    pub insecure: Option<bool>,
 }
 
 impl Default for Options {
@@ -74,33 +100,104 @@ impl Default for Options {
             node: None,
             timeout: Duration::from_secs(30),
             library: None,
+            max_inbox: 65_536,
+            max_inbox_bytes: 64 << 20,
+            insecure: None,
         }
     }
 }
 
 impl Options {
-    /// Reads `provider`, `node`, `timeout_ms` and `library`; unknown keys are refused.
+    /// Reads `provider`, `node`, `timeout_ms`, `library`, `max_inbox`,
+    /// `max_inbox_bytes` and `insecure`; unknown keys are refused.
     pub fn from_params(params: &Params) -> Result<Options> {
         let mut o = Options::default();
+        let num = |k: &str, v: &str| -> Result<u64> {
+            v.parse()
+                .map_err(|_| Error::invalid_argument(format!("{k}={v:?} is not a number")))
+        };
         for (k, v) in params {
             match k.as_str() {
                 "provider" => o.provider = Some(v.clone()).filter(|s| !s.is_empty()),
                 "node" => o.node = Some(v.clone()).filter(|s| !s.is_empty()),
                 "library" => o.library = Some(v.clone()).filter(|s| !s.is_empty()),
-                "timeout_ms" => {
-                    let ms: u64 = v.parse().map_err(|_| {
-                        Error::invalid_argument(format!("timeout_ms={v:?} is not a number"))
-                    })?;
-                    o.timeout = Duration::from_millis(ms.max(1));
+                "timeout_ms" => o.timeout = Duration::from_millis(num(k, v)?.max(1)),
+                "max_inbox" => o.max_inbox = num(k, v)?.clamp(1, 1 << 24) as usize,
+                "max_inbox_bytes" => {
+                    o.max_inbox_bytes = num(k, v)?.min(u64::from(u32::MAX)) as usize
+                }
+                "insecure" => {
+                    o.insecure = Some(match v.as_str() {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => {
+                            return Err(Error::invalid_argument(format!(
+                                "insecure={v:?} is not true or false"
+                            )))
+                        }
+                    })
                 }
                 _ => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown libfabric parameter {k:?} (known: provider, node, timeout_ms, library)"
+                        "unknown libfabric parameter {k:?} (known: provider, node, timeout_ms, \
+                         library, max_inbox, max_inbox_bytes, insecure)"
                     )))
                 }
             }
         }
         Ok(o)
+    }
+}
+
+/// Whether the backend authenticates its sessions: with a cluster secret, yes; without
+/// one it starts only as [`Options::insecure`] allows. `bind` is the address it binds
+/// (`None`: the provider's choice), `provider` the provider it opened.
+fn authenticates(
+    opts: &Options,
+    init: &BackendInit,
+    bind: Option<&str>,
+    provider: &str,
+) -> Result<bool> {
+    if init.secret.is_some() {
+        if opts.insecure == Some(true) {
+            return Err(Error::invalid_argument(
+                "libfabric: insecure=true together with a cluster secret; drop one of them",
+            ));
+        }
+        return Ok(true);
+    }
+    let local = provider == "shm"
+        || bind.is_some_and(|b| {
+            b == "localhost"
+                || b.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+    match opts.insecure {
+        Some(true) => {
+            tracing::warn!(
+                "libfabric backend of {}: no cluster secret and insecure=true: peers are not \
+                 authenticated",
+                init.agent_name
+            );
+            Ok(false)
+        }
+        None if local => {
+            tracing::warn!(
+                "libfabric backend of {}: no cluster secret; serving unauthenticated on {} \
+                 (any local user can reach it; set a secret, or insecure=true to say so)",
+                init.agent_name,
+                if provider == "shm" { "shm" } else { "loopback" }
+            );
+            Ok(false)
+        }
+        _ => Err(Error::Unauthenticated(format!(
+            "libfabric backend of {}: no cluster secret configured and the {provider} \
+             endpoint is reachable from other hosts ({}); set AgentOptions.secret \
+             (KVX_SECRET) on every agent, or pass insecure=true to run without \
+             authentication",
+            init.agent_name,
+            bind.unwrap_or("address of the provider's choice")
+        ))),
     }
 }
 
@@ -115,18 +212,40 @@ pub fn create(init: &BackendInit, params: &Params) -> Result<Arc<dyn Backend>> {
 /// The libfabric backend. `Send + Sync`: all state sits behind one mutex, which also
 /// serialises every libfabric call (the domain is opened `FI_THREAD_DOMAIN`).
 pub struct FabricBackend {
-    /// The agent name, cluster secret and bind address it was created with (the secret
-    /// and bind address are not used yet).
+    /// The agent name, cluster secret and bind address it was created with.
     init: BackendInit,
     timeout: Duration,
+    /// Sessions are authenticated with the cluster secret (see [`authenticates`]).
+    authenticated: bool,
     state: Mutex<State>,
+}
+
+/// What a backend holds right now, for monitoring and tests. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct FabricStats {
+    /// Operations the provider holds for transfers that already ended (timed out,
+    /// cancelled, disconnected): their memory stays registered until they return.
+    pub abandoned_operations: usize,
+    /// Received notifications waiting to be drained.
+    pub inbox: usize,
+    /// Their payload bytes.
+    pub inbox_bytes: usize,
+    /// Receive buffers held back because the inbox is at its caps.
+    pub held_receives: usize,
+    /// Received frames dropped (malformed, unauthenticated, replayed, unknown session).
+    pub dropped_frames: u64,
+    /// Memory regions open (user registrations and our own buffers).
+    pub open_regions: usize,
+    /// Address-vector entries in use (peers we connected to, peers with a session).
+    pub address_vector_entries: usize,
 }
 
 impl std::fmt::Debug for FabricBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FabricBackend")
             .field("agent", &self.init.agent_name)
-            .field("provider", &self.state.lock().fabric.provider)
+            .field("provider", &self.state.lock().fabric_ref().provider)
             .finish_non_exhaustive()
     }
 }
@@ -139,22 +258,56 @@ impl FabricBackend {
             return Err(Error::invalid_argument("agent name longer than 1024 bytes"));
         }
         let lib = ffi::Lib::open(opts.library.as_deref())?;
-        let fabric = Fabric::open(lib, opts.provider.as_deref(), opts.node.as_deref())?;
+        // Listen only where the agent says (loopback by default).
+        let bind = match (&opts.node, init.bind_ip) {
+            (Some(n), _) => Some(n.clone()),
+            (None, ip) if ip.is_unspecified() => None,
+            (None, ip) => Some(ip.to_string()),
+        };
+        let fabric = Fabric::open(lib, opts.provider.as_deref(), bind.as_deref())?;
+        let authenticated = authenticates(&opts, init, bind.as_deref(), &fabric.provider)?;
+        let limits = InboxLimits {
+            messages: opts.max_inbox,
+            bytes: opts.max_inbox_bytes,
+        };
+        let state = State::open(
+            agent_name,
+            init.secret.clone(),
+            fabric,
+            limits,
+            opts.timeout,
+        )?;
         Ok(FabricBackend {
             init: init.clone(),
             timeout: opts.timeout,
-            state: Mutex::new(State::open(agent_name, fabric)?),
+            authenticated,
+            state: Mutex::new(state),
         })
+    }
+
+    /// What the backend holds right now.
+    pub fn stats(&self) -> FabricStats {
+        let s = self.state.lock();
+        let (inbox, inbox_bytes, held_receives) = s.msgs.inbox_len();
+        FabricStats {
+            abandoned_operations: s.abandoned(),
+            inbox,
+            inbox_bytes,
+            held_receives,
+            dropped_frames: s.msgs.dropped,
+            open_regions: s.fabric_ref().open_mrs,
+            address_vector_entries: s.fabric_ref().av_entries(),
+        }
     }
 
     /// The provider in use (`tcp;ofi_rxm`, `shm`, …).
     pub fn provider(&self) -> String {
-        self.state.lock().fabric.provider.clone()
+        self.state.lock().fabric_ref().provider.clone()
     }
 
     /// The `FI_MR_*` mode bits the provider asked for.
     pub fn mr_mode(&self) -> i32 {
-        self.state.lock().fabric.mr_mode
+        self.state.lock().fabric_ref().mr_mode
     }
 }
 
@@ -175,7 +328,18 @@ impl Backend for FabricBackend {
         // No thread of its own: the target's completion queue (notifications, and the
         // software RMA of providers like ofi_rxm) is read only inside `progress()`.
         c.needs_target_progress = true;
-        // Not authenticated and no read-only registrations yet (the defaults).
+        // Read-only registrations are regions without FI_REMOTE_WRITE: the provider on
+        // the target side refuses a peer's write into one (tcp and shm check the access
+        // of every operation; see the README).
+        c.read_only = true;
+        // With a cluster secret, every session (notifications, the live check of an
+        // import before its first transfer, revocations) is opened by the kv_core::auth
+        // handshake and every frame is tagged: a peer with another secret or none opens
+        // no session, so it cannot import, post or notify through a backend. The RMA
+        // itself is the provider's: it needs the endpoint address and the region's key,
+        // 64 random bits that travel only over the agent's authenticated metadata
+        // (tcp and shm keys are 8 bytes; the contract's 128 bits is not possible here).
+        c.authenticated = self.authenticated;
         c
     }
 
@@ -185,11 +349,6 @@ impl Backend for FabricBackend {
         desc: &Descriptor,
         access: Access,
     ) -> Result<RegistrationId> {
-        if access == Access::ReadOnly {
-            return Err(Error::Unsupported(
-                "libfabric: read-only registrations not supported yet".into(),
-            ));
-        }
         if kind != MemKind::Dram {
             return Err(Error::Unsupported(format!(
                 "libfabric registers dram, not {kind}"
@@ -198,12 +357,17 @@ impl Backend for FabricBackend {
         if desc.len == 0 || desc.end().is_none() || desc.len > usize::MAX as u64 {
             return Err(Error::invalid_argument(format!("cannot register {desc:?}")));
         }
+        let usage = match access {
+            Access::ReadWrite => MrUse::ReadWrite,
+            Access::ReadOnly => MrUse::ReadOnly,
+        };
         let mut s = self.state.lock();
         let id = s.id();
-        // SAFETY: the caller promises the range stays valid until deregister, which
-        // closes the region first.
-        let mr = unsafe { s.fabric.register(desc.addr, desc.len as usize, id)? };
-        let key = if s.fabric.prov_key() { mr.key() } else { id };
+        // SAFETY: the caller promises the range stays valid (for reads, and for writes
+        // unless read-only) until deregister, which closes the region first.
+        let mr = unsafe { s.fabric().register(desc.addr, desc.len as usize, usage)? };
+        // The key the region carries: the provider's, or the random one we requested.
+        let key = mr.key();
         s.regs.insert(
             id,
             Registration {
@@ -211,29 +375,14 @@ impl Backend for FabricBackend {
                 key,
                 mr: Some(mr),
                 busy: 0,
+                access,
             },
         );
         Ok(RegistrationId(id))
     }
 
     fn deregister(&self, id: RegistrationId) -> Result<()> {
-        let mut s = self.state.lock();
-        let r = s
-            .regs
-            .get(id.0)
-            .ok_or_else(|| Error::NotRegistered(format!("{id}")))?;
-        if r.busy > 0 {
-            return Err(Error::Busy(format!(
-                "{id} is named by {} transfer(s) in progress; wait or cancel them first",
-                r.busy
-            )));
-        }
-        if let Some(mut r) = s.regs.remove(id.0) {
-            if let Some(mr) = r.mr.take() {
-                s.fabric.close_mr(mr);
-            }
-        }
-        Ok(())
+        self.state.lock().deregister(id.0)
     }
 
     fn remote_key(&self, id: RegistrationId) -> Result<Bytes> {
@@ -249,8 +398,8 @@ impl Backend for FabricBackend {
         let s = self.state.lock();
         ConnectionInfo {
             agent: self.init.agent_name.clone(),
-            provider: s.fabric.provider.clone(),
-            address: s.fabric.address.clone(),
+            provider: s.fabric_ref().provider.clone(),
+            address: s.fabric_ref().address.clone(),
         }
         .encode()
     }
@@ -258,21 +407,20 @@ impl Backend for FabricBackend {
     fn connect(&self, peer_name: &str, info: &[u8]) -> Result<EndpointId> {
         let info = ConnectionInfo::decode(info)?;
         let mut s = self.state.lock();
-        if info.provider != s.fabric.provider {
+        let ours = s.fabric_ref().provider.clone();
+        if info.provider != ours {
             return Err(Error::Unsupported(format!(
-                "peer {peer_name} uses provider {:?}, this backend {:?}; choose the same provider on both",
-                info.provider, s.fabric.provider
+                "peer {peer_name} uses provider {:?}, this backend {ours:?}; choose the same \
+                 provider on both",
+                info.provider
             )));
         }
-        let addr = s.fabric.insert(&info.address)?;
-        let id = s.id();
         let name = if peer_name.is_empty() {
             info.agent.clone()
         } else {
             peer_name.to_string()
         };
-        s.peers.insert(id, Peer::new(name, addr, info.address));
-        Ok(EndpointId(id))
+        s.connect(name, info.address).map(EndpointId)
     }
 
     fn disconnect(&self, peer: EndpointId) -> Result<()> {
@@ -298,20 +446,7 @@ impl Backend for FabricBackend {
                 key.base, key.len, desc.addr, desc.len
             )));
         }
-        let mut s = self.state.lock();
-        if !s.peers.contains_key(&peer.0) {
-            return Err(Error::NotRegistered(format!("{peer}")));
-        }
-        let id = s.id();
-        s.remotes.insert(
-            id,
-            Remote {
-                peer: peer.0,
-                desc: *desc,
-                key,
-            },
-        );
-        Ok(RemoteId(id))
+        self.state.lock().import(peer.0, *desc, key).map(RemoteId)
     }
 
     fn release_remote(&self, id: RemoteId) -> Result<()> {
@@ -329,18 +464,18 @@ impl Backend for FabricBackend {
             return Err(Error::Unsupported("libfabric moves dram only".into()));
         }
         let mut s = self.state.lock();
-        if !s.peers.contains_key(&req.peer.0) {
-            return Err(Error::NotRegistered(format!("{}", req.peer)));
-        }
-        let remotes: Vec<&Remote> = s
+        s.live_peer(req.peer.0)?;
+        let remotes: Vec<(u64, &Remote)> = s
             .remotes
-            .values()
-            .filter(|r| r.peer == req.peer.0)
+            .iter()
+            .filter(|(_, r)| r.peer == req.peer.0)
+            .map(|(id, r)| (*id, r))
             .collect();
+        let f = s.fabric_ref();
         let how = Addressing {
-            virt: s.fabric.virt_addr(),
-            local_mr: s.fabric.local_mr(),
-            max: s.fabric.max_msg_size as u64,
+            virt: f.virt_addr(),
+            local_mr: f.local_mr(),
+            max: f.max_msg_size as u64,
         };
         let plan = request::plan(req, &s.regs, &remotes, how)?;
         let flush_desc = if how.local_mr {
@@ -359,50 +494,45 @@ impl Backend for FabricBackend {
         if let Some(p) = &opts.notification {
             wire::check_payload(p.len())?;
         }
-        self.state.lock().post(id, opts, self.timeout)
+        self.state.lock().post(id, opts)
     }
 
     fn poll(&self, id: TransferId) -> Status {
-        match self.state.lock().transfers.get(&id.0) {
-            Some(t) => t.status.clone(),
-            None => Status::Failed(Error::invalid_argument(format!(
-                "{id} is released or unknown"
-            ))),
-        }
+        self.state.lock().status(id)
     }
 
     fn cancel(&self, id: TransferId) -> Result<()> {
-        let end = Instant::now() + self.timeout;
-        if !self.state.lock().start_cancel(id)? {
-            return Ok(());
-        }
-        // Drain until the provider gave back every posted operation.
+        self.state.lock().start_cancel(id)?;
+        // Wait while the provider hands operations back; give up (Busy, the memory
+        // stays registered) once it stalls: a stopped peer may never return them.
+        let start = Instant::now();
+        let mut last = (start, usize::MAX);
         loop {
-            if !self.state.lock().still_running(id.0) {
+            let (holding, left) = {
+                let mut s = self.state.lock();
+                let _ = s.progress();
+                s.holds_memory(id.0)
+            };
+            if !holding {
                 return Ok(());
             }
-            if Instant::now() > end {
-                return Err(Error::TimedOut {
-                    what: format!("cancel of {id} (the provider still holds its buffers)"),
-                    after: self.timeout,
-                });
+            let now = Instant::now();
+            if left != last.1 {
+                last = (now, left);
             }
-            std::thread::yield_now();
+            if now - last.0 > CANCEL_STALL || now - start > CANCEL_MAX {
+                return Err(Error::Busy(format!(
+                    "{id} is cancelled but the provider still holds {left} of its operations \
+                     (is the peer stopped?); its memory stays registered until they return: \
+                     keep (leak) it, or call cancel again later"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 
     fn release(&self, id: TransferId) -> Result<()> {
-        let mut s = self.state.lock();
-        match s.transfers.get(&id.0) {
-            None => Err(Error::NotRegistered(format!("{id}"))),
-            Some(t) if matches!(t.status, Status::InProgress) => {
-                Err(Error::Busy(format!("{id} is in progress; cancel it first")))
-            }
-            Some(_) => {
-                s.transfers.remove(&id.0);
-                Ok(())
-            }
-        }
+        self.state.lock().release(id)
     }
 
     fn progress(&self) -> Result<usize> {
@@ -446,6 +576,46 @@ mod tests {
         let mut q = Params::new();
         q.insert("colour".into(), "blue".into());
         assert!(Options::from_params(&q).is_err());
+        q.clear();
+        q.insert("insecure".into(), "maybe".into());
+        assert!(Options::from_params(&q).is_err());
+        q.insert("insecure".into(), "true".into());
+        assert_eq!(Options::from_params(&q).unwrap().insecure, Some(true));
+    }
+
+    #[test]
+    fn no_secret_is_refused_unless_local_or_insecure() {
+        let o = |insecure| Options {
+            insecure,
+            ..Options::default()
+        };
+        let plain = BackendInit::new("a");
+        let secret = kv_core::auth::ClusterSecret::generate().unwrap();
+        let with_secret = BackendInit::new("a").with_secret(secret);
+        let tcp = "tcp;ofi_rxm";
+        // With a secret: authenticated, whatever the address; insecure=true is refused.
+        assert!(authenticates(&o(None), &with_secret, None, tcp).unwrap());
+        assert!(authenticates(&o(Some(false)), &with_secret, Some("10.0.0.1"), tcp).unwrap());
+        assert!(authenticates(&o(Some(true)), &with_secret, None, tcp).is_err());
+        // Without: only local endpoints by default, anything with insecure=true.
+        for (bind, provider) in [(Some("127.0.0.1"), tcp), (Some("::1"), tcp), (None, "shm")] {
+            assert!(!authenticates(&o(None), &plain, bind, provider).unwrap());
+            assert!(matches!(
+                authenticates(&o(Some(false)), &plain, bind, provider),
+                Err(Error::Unauthenticated(_))
+            ));
+        }
+        for bind in [None, Some("10.0.0.1"), Some("0.0.0.0")] {
+            assert!(matches!(
+                authenticates(&o(None), &plain, bind, tcp),
+                Err(Error::Unauthenticated(_))
+            ));
+            assert!(!authenticates(&o(Some(true)), &plain, bind, tcp).unwrap());
+        }
+        assert!(matches!(
+            authenticates(&o(None), &plain, None, "verbs;ofi_rxm"),
+            Err(Error::Unauthenticated(_))
+        ));
     }
 
     #[test]

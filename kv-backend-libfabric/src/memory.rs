@@ -4,9 +4,9 @@
 use std::alloc::Layout;
 use std::collections::{BTreeMap, HashMap};
 
-use kv_core::{Descriptor, Error, Result};
+use kv_core::{Access, Descriptor, Error, Result};
 
-use crate::fabric::{Fabric, Mr};
+use crate::fabric::{Fabric, Mr, MrUse};
 use crate::wire::{RemoteKey, MSG_BUF};
 
 /// A local registration.
@@ -17,8 +17,11 @@ pub struct Registration {
     pub key: u64,
     /// Its memory region; `None` only while it is being closed.
     pub mr: Option<Mr>,
-    /// Transfers in progress whose local side names it.
+    /// Transfers whose local side names it and whose operations the provider may still
+    /// hold (in progress, or failed with operations abandoned to the provider).
     pub busy: u32,
+    /// What peers (and READs landing here) may do.
+    pub access: Access,
 }
 
 impl Registration {
@@ -28,6 +31,7 @@ impl Registration {
             key: self.key,
             base: self.desc.addr,
             len: self.desc.len,
+            access: self.access,
         }
     }
 
@@ -43,20 +47,29 @@ pub struct Registry {
     regs: HashMap<u64, Registration>,
     /// Registrations by (start address, id).
     by_addr: BTreeMap<(u64, u64), ()>,
+    /// Registration ids by key.
+    by_key: HashMap<u64, u64>,
 }
 
 impl Registry {
     /// Adds registration `id`.
     pub fn insert(&mut self, id: u64, r: Registration) {
         let addr = r.desc.addr;
+        self.by_key.insert(r.key, id);
         self.regs.insert(id, r);
         self.by_addr.insert((addr, id), ());
+    }
+
+    /// True when a registration with `key` exists.
+    pub fn has_key(&self, key: u64) -> bool {
+        self.by_key.contains_key(&key)
     }
 
     /// Removes registration `id` and returns it (its region still open).
     pub fn remove(&mut self, id: u64) -> Option<Registration> {
         let r = self.regs.remove(&id)?;
         self.by_addr.remove(&(r.desc.addr, id));
+        self.by_key.remove(&r.key);
         Some(r)
     }
 
@@ -102,6 +115,23 @@ impl Registry {
     pub fn take_mrs(&mut self) -> impl Iterator<Item = Mr> + '_ {
         self.regs.values_mut().filter_map(|r| r.mr.take())
     }
+
+    /// Forgets every region without closing it (the endpoint is being leaked): an `Mr`
+    /// dropped unclosed leaves the region open.
+    pub fn forget_mrs(&mut self) {
+        self.take_mrs().for_each(drop);
+    }
+}
+
+/// What the owner of an imported registration said about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Asked, no answer yet: transfers naming it wait (until their deadline).
+    Unknown,
+    /// Live when asked (and not revoked since).
+    Live,
+    /// Gone: transfers naming it are refused.
+    Gone,
 }
 
 /// A peer's registration, imported with its remote key.
@@ -110,11 +140,17 @@ pub struct Remote {
     pub peer: u64,
     /// What the peer registered.
     pub desc: Descriptor,
-    /// Its key and base address.
+    /// Its key, base address and access.
     pub key: RemoteKey,
+    /// Whether the owner says it is still registered.
+    pub live: Liveness,
 }
 
 /// `count` page-aligned bounce buffers of [`MSG_BUF`] bytes in one registration.
+///
+/// Its owner closes the registration (`mr`) before dropping it; a slab dropped with
+/// its registration still open leaks its memory (and region) instead of freeing memory
+/// the provider may still touch.
 pub struct Slab {
     ptr: *mut u8,
     layout: Layout,
@@ -128,8 +164,8 @@ pub struct Slab {
 unsafe impl Send for Slab {}
 
 impl Slab {
-    /// Allocates and registers `count` buffers on `fabric`.
-    pub fn new(fabric: &mut Fabric, count: usize) -> Result<Slab> {
+    /// Allocates and registers `count` buffers on `fabric` for `usage`.
+    pub fn new(fabric: &mut Fabric, count: usize, usage: MrUse) -> Result<Slab> {
         let layout = Layout::from_size_align(count * MSG_BUF, 4096)
             .map_err(|e| Error::invalid_argument(format!("slab layout: {e}")))?;
         // SAFETY: the layout has a non-zero size (count >= 1 and MSG_BUF > 0).
@@ -147,10 +183,8 @@ impl Slab {
             count,
         };
         // SAFETY: the allocation lives until `self` drops, and the owner closes the
-        // region before that.
-        slab.mr = Some(unsafe {
-            fabric.register(ptr as u64, layout.size(), 0x5eed_0000 + count as u64)?
-        });
+        // region before that (or the slab leaks the allocation).
+        slab.mr = Some(unsafe { fabric.register(ptr as u64, layout.size(), usage)? });
         Ok(slab)
     }
 
@@ -159,6 +193,16 @@ impl Slab {
         debug_assert!(i < self.count);
         // SAFETY: i < count, so the offset stays inside the allocation.
         unsafe { self.ptr.add(i * MSG_BUF) }
+    }
+
+    /// A slab of no buffers (what a leaked slab leaves behind).
+    pub fn empty() -> Slab {
+        Slab {
+            ptr: std::ptr::null_mut(),
+            layout: Layout::new::<u8>(),
+            mr: None,
+            count: 0,
+        }
     }
 
     /// Buffer `i` as a slice (only while the provider does not own it).
@@ -179,10 +223,26 @@ impl Slab {
     pub fn desc(&self) -> *mut std::ffi::c_void {
         self.mr.as_ref().map_or(std::ptr::null_mut(), Mr::desc)
     }
+
+    /// Closes the slab's registration on `fabric`; the slab may then be dropped.
+    pub fn close(&mut self, fabric: &mut Fabric) {
+        if let Some(mr) = self.mr.take() {
+            fabric.close_mr(mr);
+        }
+    }
 }
 
 impl Drop for Slab {
     fn drop(&mut self) {
+        if self.ptr.is_null() {
+            return;
+        }
+        if self.mr.is_some() {
+            tracing::error!(
+                "libfabric: a notification buffer was dropped while registered; leaking it"
+            );
+            return;
+        }
         // SAFETY: allocated in `new` with this layout; the region was closed first.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) };
     }

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use kv_core::{Error, Op, Result, Status, TransferRequest};
+use kv_core::{Access, Error, Op, Result, Status, TransferRequest};
 
-use crate::memory::{Registration, Registry, Remote};
+use crate::memory::{Liveness, Registration, Registry, Remote};
 
 /// One RMA operation of a transfer, resolved at prepare.
 #[derive(Debug, Clone, Copy)]
@@ -30,20 +30,32 @@ pub struct Transfer {
     pub peer: u64,
     /// The operations, in order.
     pub segs: Vec<Seg>,
-    /// Local registrations named by the transfer (busy while it runs).
+    /// Local registrations named by the transfer (busy while it runs, and while the
+    /// provider holds any of its operations on them).
     pub local_regs: Vec<u64>,
+    /// The peer's imported registrations it names (checked at every post).
+    pub remotes: Vec<u64>,
     /// What `poll` reports.
     pub status: Status,
     /// Incremented per post, so completions of an earlier post are recognised.
     pub epoch: u64,
     /// Next segment to post.
     pub next: usize,
-    /// Posted and not yet completed operations.
+    /// Posted and not yet completed operations (of any post).
     pub outstanding: usize,
+    /// Those of them that touch the caller's memory (all but the flush read).
+    pub user_outstanding: usize,
+    /// `local_regs` are marked busy on this transfer's behalf.
+    pub holding: bool,
+    /// The caller released the transfer while the provider still held operations: it
+    /// is forgotten once they come back.
+    pub released: bool,
     /// First error seen; the transfer fails with it once nothing is outstanding.
     pub error: Option<Error>,
     /// When the current post must have finished.
     pub deadline: Instant,
+    /// When the provider last returned one of its operations (or it was posted).
+    pub last_activity: Instant,
     /// How long it was given.
     pub timeout: Duration,
     /// A notification waits to be sent (or its send to complete) after the data.
@@ -66,12 +78,17 @@ impl Transfer {
             peer,
             segs: plan.segs,
             local_regs: plan.local_regs,
+            remotes: plan.remotes,
             status: Status::Idle,
             epoch: 0,
             next: 0,
             outstanding: 0,
+            user_outstanding: 0,
+            holding: false,
+            released: false,
             error: None,
             deadline: Instant::now(),
+            last_activity: Instant::now(),
             timeout,
             notify_pending: false,
         }
@@ -86,6 +103,7 @@ impl Transfer {
         self.flushed = false;
         self.error = None;
         self.deadline = deadline;
+        self.last_activity = now;
         self.timeout = deadline.saturating_duration_since(now);
         self.notify_pending = notify;
     }
@@ -117,8 +135,18 @@ impl Transfer {
             self.flushed = true;
         } else {
             self.next += 1;
+            self.user_outstanding += 1;
         }
         self.outstanding += 1;
+    }
+
+    /// Records that the provider returned one operation.
+    pub fn returned(&mut self, user: bool) {
+        self.last_activity = Instant::now();
+        self.outstanding = self.outstanding.saturating_sub(1);
+        if user {
+            self.user_outstanding = self.user_outstanding.saturating_sub(1);
+        }
     }
 
     /// Every write completed and the flush read is due.
@@ -141,19 +169,25 @@ impl Transfer {
 /// What a posted operation was for.
 #[derive(Debug, Clone, Copy)]
 pub enum OpKind {
-    /// A segment of a transfer.
+    /// A segment (or the flush read) of a transfer.
     Rma {
         /// Transfer id.
         transfer: u64,
-        /// Its epoch at post.
-        epoch: u64,
+        /// It touches the caller's memory (false for the flush read).
+        user: bool,
+        /// The peer's address-vector entry.
+        addr: u64,
     },
-    /// A notification message from send buffer `slot`.
+    /// A control frame (notification, handshake, revocation) from send buffer `slot`.
     Send {
         /// Send buffer.
         slot: usize,
         /// The transfer (and epoch) whose notification it is, if any.
         transfer: Option<(u64, u64)>,
+        /// The destination's address-vector entry.
+        addr: u64,
+        /// Release that entry once this frame is sent (a refused peer).
+        close: bool,
     },
     /// A posted receive buffer.
     Recv {
@@ -194,24 +228,29 @@ pub struct Addressing {
     pub max: u64,
 }
 
-/// What `prepare` resolved: the operations in order and the local registrations named.
+/// What `prepare` resolved: the operations in order and the registrations named.
 pub struct Plan {
     /// The operations.
     pub segs: Vec<Seg>,
     /// Local registrations the operations lie in, each once.
     pub local_regs: Vec<u64>,
+    /// The peer's imported registrations they address, each once.
+    pub remotes: Vec<u64>,
 }
 
 /// Resolves every piece of `req` against the local registrations and the peer's
-/// imported ones (`remotes`), split at the provider's largest operation.
+/// imported ones (`remotes`, with their ids), split at the provider's largest
+/// operation. A READ into read-only local memory, a WRITE into a registration the peer
+/// exported read-only and anything naming a revoked import are refused here.
 pub fn plan(
     req: &TransferRequest,
     regs: &Registry,
-    remotes: &[&Remote],
+    remotes: &[(u64, &Remote)],
     how: Addressing,
 ) -> Result<Plan> {
     let mut segs = Vec::new();
     let mut local_regs = Vec::new();
+    let mut remote_ids: Vec<u64> = Vec::new();
     for seg in kv_core::segments(&req.local, &req.remote)? {
         let (l, r) = (seg.local, seg.remote);
         let reg = regs.find(&l).ok_or_else(|| {
@@ -220,17 +259,41 @@ pub fn plan(
                 l.addr, l.len
             ))
         })?;
-        let rem = remotes
+        // Of several imports holding the range (a peer re-registered reused memory),
+        // the newest one not known to be gone.
+        let (rid, rem) = remotes
             .iter()
-            .find(|x| x.desc.contains(&r))
+            .filter(|(_, x)| x.desc.contains(&r))
+            .max_by_key(|(id, x)| (x.live != Liveness::Gone, *id))
             .ok_or_else(|| {
                 Error::OutOfBounds(format!(
                     "remote range {:#x}+{} lies outside what the peer registered",
                     r.addr, r.len
                 ))
             })?;
+        if rem.live == Liveness::Gone {
+            return Err(Error::NotRegistered(format!(
+                "remote range {:#x}+{}: the peer deregistered it",
+                r.addr, r.len
+            )));
+        }
+        if req.op == Op::Write && rem.key.access == Access::ReadOnly {
+            return Err(Error::AccessDenied(format!(
+                "remote range {:#x}+{} is registered read-only by the peer",
+                r.addr, r.len
+            )));
+        }
+        if req.op == Op::Read && regs.get(reg).is_some_and(|x| x.access == Access::ReadOnly) {
+            return Err(Error::AccessDenied(format!(
+                "local range {:#x}+{} is registered read-only; a READ cannot land in it",
+                l.addr, l.len
+            )));
+        }
         if local_regs.last() != Some(&reg) && !local_regs.contains(&reg) {
             local_regs.push(reg);
+        }
+        if !remote_ids.contains(rid) {
+            remote_ids.push(*rid);
         }
         let desc = if how.local_mr {
             regs.get(reg).map_or(0, Registration::mr_desc)
@@ -255,7 +318,11 @@ pub fn plan(
             off += n;
         }
     }
-    Ok(Plan { segs, local_regs })
+    Ok(Plan {
+        segs,
+        local_regs,
+        remotes: remote_ids,
+    })
 }
 
 /// For a write: the one-byte read of the last target byte that proves the data landed

@@ -83,3 +83,25 @@ fn missing_library_is_backend_unavailable() {
         Ok(_) => panic!("a nonexistent library loaded"),
     }
 }
+
+/// The trust cases run for real: with the cluster secret the harness gives both sides,
+/// each reports `authenticated` and `read_only` (else `read_only` and
+/// `unauthenticated_peer_refused` would pass without checking anything); without a
+/// secret, on loopback, a backend starts but says it is not authenticated.
+#[test]
+fn trust_cases_are_armed() {
+    for provider in ["tcp;ofi_rxm", "shm"] {
+        let Some(h) = available(provider) else {
+            continue;
+        };
+        let (a, b) = h.pair().expect("pair");
+        for side in [&a, &b] {
+            let c = side.backend.capabilities();
+            assert!(c.authenticated && c.read_only, "{provider}: {c:?}");
+        }
+        let plain = h
+            .side(&BackendInit::new("plain"))
+            .expect("no secret, loopback");
+        assert!(!plain.backend.capabilities().authenticated, "{provider}");
+    }
+}
