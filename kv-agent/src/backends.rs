@@ -53,8 +53,11 @@ const BUILT_IN: &[(&str, BackendFactory)] = &[
 /// What an in-tree backend is told when the agent runs without a cluster secret
 /// ([`crate::AgentOptions::allow_unauthenticated`]): the parameter that makes it accept
 /// unauthenticated peers instead of refusing to start.
-const UNAUTHENTICATED_OPT_OUT: &[(&str, &str, &str)] =
-    &[("tcp", "insecure", "true"), ("ucx", "insecure", "true")];
+const UNAUTHENTICATED_OPT_OUT: &[(&str, &str, &str)] = &[
+    ("tcp", "insecure", "true"),
+    ("ucx", "insecure", "true"),
+    ("libfabric", "insecure", "true"),
+];
 
 /// Makes [`crate::Agent::add_backend`]`(name, params)` create backends with `factory`,
 /// as it does the in-tree ones, in every agent of this process. Fails with
@@ -192,6 +195,9 @@ fn built_in_params(name: &str) -> Vec<ParamDoc> {
             p("node", "any", "local address to bind, passed to fi_getinfo with FI_SOURCE"),
             p("timeout_ms", "30000", "deadline of posts that carry none, of notifications and of cancel"),
             p("library", "KV_FABRIC_LIB, else the loader's path", "path of libfabric.so.1"),
+            p("max_inbox", "65536", "most received notifications waiting to be drained (then senders wait)"),
+            p("max_inbox_bytes", "67108864", "most notification bytes waiting to be drained"),
+            p("insecure", "unset: unauthenticated only on shm or loopback", "true: run without a cluster secret (closed test networks); false: always require one"),
         ],
         "gds" => vec![
             p("engine", "auto", "auto, uring or threads"),
