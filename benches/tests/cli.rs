@@ -374,11 +374,26 @@ fn passive_notices_a_dead_active_within_the_deadline() {
 /// nobody progressed). Skips when UCX is missing unless `KV_REQUIRE_BACKENDS` names it.
 #[test]
 fn transfer_over_ucx_is_verified() {
+    transfer_over_is_verified("ucx", "");
+}
+
+/// Issue 15, "done when": the main job over `--backend libfabric` (tcp;ofi_rxm, the
+/// provider two hosts would use) completes and verifies, both ways.
+#[test]
+fn transfer_over_libfabric_is_verified() {
+    transfer_over_is_verified("libfabric", "provider=tcp;ofi_rxm");
+}
+
+/// `kv-bench transfer --backend BACKEND --params PARAMS` as WRITE and READ: exit 0,
+/// the backend named in the report, every byte verified.
+fn transfer_over_is_verified(backend: &str, params: &str) {
     for op in ["write", "read"] {
         let (rc, out, err) = kv_bench(&[
             "transfer",
             "--backend",
-            "ucx",
+            backend,
+            "--params",
+            params,
             "--tokens",
             "512",
             "--iters",
@@ -388,16 +403,16 @@ fn transfer_over_ucx_is_verified() {
             "--deadline",
             "20",
         ]);
-        if rc != 0 && err.contains("unavailable") && !kv_core::backend_required("ucx") {
+        if rc != 0 && err.contains("unavailable") && !kv_core::backend_required(backend) {
             eprintln!("skipping: {err}");
             return;
         }
-        assert_eq!(rc, 0, "{op}: {out}\n{err}");
+        assert_eq!(rc, 0, "{backend} {op}: {out}\n{err}");
         assert!(
             out.lines()
-                .any(|l| l.split_whitespace().eq(["backend", "ucx"])),
+                .any(|l| l.split_whitespace().eq(["backend", backend])),
             "{out}"
         );
-        assert!(out.contains("verified"), "{op}: {out}");
+        assert!(out.contains("verified"), "{backend} {op}: {out}");
     }
 }

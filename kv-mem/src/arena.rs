@@ -240,6 +240,7 @@ mod tests {
     use crate::shared_backing;
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri supports neither memfd_create nor MAP_SHARED")]
     fn allocations_are_aligned_disjoint_and_memfd_backed() {
         let a = SharedArena::new(1 << 20).unwrap();
         let mut x = a.alloc(1000, 64).unwrap();
@@ -264,6 +265,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri supports neither memfd_create nor MAP_SHARED")]
     fn freed_ranges_coalesce_and_exhaustion_is_an_error() {
         let a = SharedArena::new(64 << 10).unwrap();
         let all = a.available();

@@ -156,6 +156,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri supports neither memfd_create nor MAP_SHARED")]
     fn memfd_backing_is_found_for_engine_ranges_inside_shared_buffers() {
         let b = HostBuffer::shared(1 << 20).unwrap();
         let d = b.descriptor();
