@@ -249,7 +249,7 @@ impl Worker {
     }
 
     /// Copies this rank's heads of `blocks`, one layer or all, into the shard cache.
-    fn to_shard(&mut self, blocks: &[u32], layer: Option<usize>) -> Result<()> {
+    fn cut_shard(&mut self, blocks: &[u32], layer: Option<usize>) -> Result<()> {
         let Some(shard) = &mut self.shard else {
             return Ok(());
         };
@@ -300,7 +300,7 @@ impl Worker {
                 // layer, each posted as soon as it is cut.
                 let first = self.engine.prefill(&req.tokens, &blocks, cached)?;
                 for l in 0..self.engine.layout().layers {
-                    self.to_shard(&blocks, Some(l))?;
+                    self.cut_shard(&blocks, Some(l))?;
                     lw.layer_ready(l)?;
                 }
                 first
@@ -342,7 +342,7 @@ impl Worker {
         let blocks = seq.blocks().to_vec();
         let run = (|| {
             let first = self.engine.prefill(&req.tokens, &blocks, cached)?;
-            self.to_shard(&blocks, None)?;
+            self.cut_shard(&blocks, None)?;
             self.tier_store(&seq, keys, stats.hit_blocks as usize)?;
             let readers = agent_tp::readers_of(
                 self.kv_heads as u32,

@@ -77,7 +77,10 @@ fn push_and_pull_give_single_process_tokens() {
 
 #[test]
 fn prefill_tp2_into_decode_tp1_gives_single_process_tokens() {
-    for extra in ["--prefill 1 --prefill-tp 2", "--prefill 1 --prefill-tp 2 --pull"] {
+    for extra in [
+        "--prefill 1 --prefill-tp 2",
+        "--prefill 1 --prefill-tp 2 --pull",
+    ] {
         let out = assert_identical(extra);
         assert_eq!(int(&out, "recomputed_prefills"), 0, "{extra}: {out}");
         assert!(int(&out, "bytes_moved") > 0, "{extra}: {out}");
@@ -87,7 +90,10 @@ fn prefill_tp2_into_decode_tp1_gives_single_process_tokens() {
 #[test]
 fn prefix_hits_through_kv_tier_give_single_process_tokens() {
     assert!(int(reference(), "reusable_prefix_tokens") > 0);
-    for extra in ["--prefill 2 --tier-mb 16", "--prefill 1 --tier-mb 16 --pull"] {
+    for extra in [
+        "--prefill 2 --tier-mb 16",
+        "--prefill 1 --tier-mb 16 --pull",
+    ] {
         let out = assert_identical(extra);
         assert!(int(&out, "tier_hit_blocks") > 0, "{extra}: {out}");
         let ratio: f64 = field(&out, "tier_hit_ratio").parse().unwrap();
