@@ -67,6 +67,7 @@ struct Running {
     ready: Instant,
     split: (Duration, Duration, Duration),
     stepped: bool,
+    remote: bool,
 }
 
 /// The run's outputs, in prompt order, and its measurements.
@@ -256,6 +257,7 @@ impl Decode<'_> {
             seq,
             admitted,
             (Duration::ZERO, t.elapsed(), Duration::ZERO),
+            false,
         );
         Ok(())
     }
@@ -306,7 +308,8 @@ impl Decode<'_> {
                     match started {
                         Some(Ok((bytes, ts))) => {
                             self.metrics.bytes += bytes;
-                            r.load_started.get_or_insert_with(Instant::now);
+                            // From the last rank's ready: the READs themselves.
+                            r.load_started = Some(Instant::now());
                             r.loads[rank] = Some(BlockLoad::start(
                                 self.agent,
                                 ts,
@@ -397,6 +400,7 @@ impl Decode<'_> {
                     r.seq,
                     r.admitted,
                     (waited, t.elapsed(), Duration::ZERO),
+                    false,
                 );
             }
         }
@@ -426,7 +430,7 @@ impl Decode<'_> {
         if let Some(t) = r.load_started {
             self.metrics.add_pull(now - t);
         }
-        self.start_decoding(r.idx, r.seq, r.admitted, (queue, prefill, transfer));
+        self.start_decoding(r.idx, r.seq, r.admitted, (queue, prefill, transfer), true);
         Ok(())
     }
 
@@ -436,6 +440,7 @@ impl Decode<'_> {
         seq: Sequence,
         admitted: Instant,
         split: (Duration, Duration, Duration),
+        remote: bool,
     ) {
         self.running.push(Running {
             idx,
@@ -444,6 +449,7 @@ impl Decode<'_> {
             ready: Instant::now(),
             split,
             stepped: false,
+            remote,
         });
     }
 
@@ -463,7 +469,7 @@ impl Decode<'_> {
                 r.stepped = true;
                 let now = Instant::now();
                 self.metrics
-                    .add_ttft(now - r.admitted, r.split, now - r.ready);
+                    .add_ttft(now - r.admitted, r.split, now - r.ready, r.remote);
             }
             if r.seq.generated().len() >= self.opts.max_new {
                 let r = self.running.swap_remove(i);

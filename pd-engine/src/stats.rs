@@ -11,6 +11,8 @@ use crate::report::{quantile, Value};
 pub struct Metrics {
     /// Per request: admission to the first decode step's token.
     pub ttft: Vec<Duration>,
+    /// TTFT of the requests prefilled remotely (and not recomputed).
+    pub ttft_remote: Vec<Duration>,
     /// Per request: admission (or worker arrival) to prefill start.
     pub queue: Vec<Duration>,
     /// Per request: prefill compute (remote: the slowest rank).
@@ -44,13 +46,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Adds one request's TTFT and its split `(queue, prefill, transfer)`.
+    /// Adds one request's TTFT, its split `(queue, prefill, transfer)` and whether its
+    /// prefill ran remotely.
     pub fn add_ttft(
         &mut self,
         ttft: Duration,
         split: (Duration, Duration, Duration),
         first_decode: Duration,
+        remote: bool,
     ) {
+        if remote {
+            self.ttft_remote.push(ttft);
+        }
         self.ttft.push(ttft);
         self.queue.push(split.0);
         self.prefill.push(split.1);
