@@ -189,7 +189,11 @@ impl Decode<'_> {
                 }
                 pending.pop_front();
                 self.committed.push((idx, need));
-                self.admit(idx, &prompts[idx])?;
+                if !self.admit(idx, &prompts[idx])? {
+                    // One local prefill per iteration, then a decode step for the
+                    // running batch (the stall a local prefill costs is one prefill).
+                    break;
+                }
             }
             let mut busy = self.receive()?;
             busy |= self.advance_remote()?;
@@ -201,7 +205,8 @@ impl Decode<'_> {
         Ok(())
     }
 
-    fn admit(&mut self, idx: usize, prompt: &[u32]) -> Result<()> {
+    /// Admits one request: queued on a prefill worker (true) or prefilled here (false).
+    fn admit(&mut self, idx: usize, prompt: &[u32]) -> Result<bool> {
         let admitted = Instant::now();
         let mut seq = self.engine.start(prompt.to_vec())?;
         let alive: Vec<usize> = (0..self.groups.len())
@@ -246,7 +251,7 @@ impl Decode<'_> {
                 if self.opts.kill_after == Some(self.sent) {
                     self.groups[g].kill();
                 }
-                return Ok(());
+                return Ok(true);
             }
         }
         let t = Instant::now();
@@ -259,7 +264,7 @@ impl Decode<'_> {
             (Duration::ZERO, t.elapsed(), Duration::ZERO),
             false,
         );
-        Ok(())
+        Ok(false)
     }
 
     /// Takes the notifications that arrived; starts pull loads.

@@ -104,6 +104,11 @@ impl Metrics {
                 "first_decode_p99_s",
                 &mut self.first_decode,
             ),
+            (
+                "remote_ttft_p50_s",
+                "remote_ttft_p99_s",
+                &mut self.ttft_remote,
+            ),
         ] {
             rows.push((p50, Value::Float(quantile(xs, 0.5))));
             rows.push((p99, Value::Float(quantile(xs, 0.99))));
