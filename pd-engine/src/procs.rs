@@ -121,10 +121,16 @@ impl Group {
                             break a.trim().to_string();
                         }
                     }
-                    Err(_) => {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
                         return Err(Error::role(
                             format!("prefill worker {}", s.index),
                             format!("not ready within {:?}", s.ready_timeout),
+                        ))
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(Error::role(
+                            format!("prefill worker {}", s.index),
+                            "exited before it was ready (its error is above)",
                         ))
                     }
                 }

@@ -115,3 +115,19 @@ fn a_killed_or_late_prefill_worker_costs_a_local_recompute() {
         assert!(int(&out, "recomputed_prefills") >= 1, "{extra}: {out}");
     }
 }
+
+/// A prefill worker that cannot start (TP 3 does not divide 2 KV heads) fails the run
+/// at once with both sides' reasons, instead of waiting.
+#[test]
+fn a_prefill_worker_that_cannot_start_fails_the_run_promptly() {
+    let args: Vec<&str> = std::iter::once("serve")
+        .chain(WORKLOAD.split_whitespace())
+        .chain(["--prefill", "1", "--prefill-tp", "3"])
+        .collect();
+    let t = Instant::now();
+    let (ok, _, err) = run(&args);
+    assert!(!ok);
+    assert!(err.contains("exited before it was ready"), "{err}");
+    assert!(err.contains("TP size 3"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+}
