@@ -40,6 +40,20 @@ pub struct WorkerArgs {
     pub name: String,
 }
 
+/// One request on its way through a prefill rank.
+struct Job<'a> {
+    req: PrefillRequest,
+    /// Its blocks here.
+    seq: Sequence,
+    /// Prompt tokens whose KV came from the prefix store.
+    cached: usize,
+    /// Prefix keys of its full blocks.
+    keys: &'a [BlockKey],
+    /// When its prefill started.
+    t0: Instant,
+    stats: WorkerStats,
+}
+
 /// The rank's state. Field order is drop order: registrations before the memory.
 struct Worker {
     agent: Agent,
@@ -237,10 +251,18 @@ impl Worker {
         stats.lookup_blocks = lookups;
         stats.hit_blocks = hits;
         let cached = hits as usize * self.engine.layout().block_tokens;
+        let job = Job {
+            req,
+            seq,
+            cached,
+            keys: &keys,
+            t0,
+            stats,
+        };
         let out = if self.args.pull {
-            self.prefill_pull(req, seq, cached, &keys, t0, stats)
+            self.prefill_pull(job)
         } else {
-            self.prefill_write(req, seq, cached, &keys, t0, stats)
+            self.prefill_write(job)
         };
         let note = out?;
         self.agent
@@ -263,15 +285,15 @@ impl Worker {
         }
     }
 
-    fn prefill_write(
-        &mut self,
-        req: PrefillRequest,
-        seq: Sequence,
-        cached: usize,
-        keys: &[BlockKey],
-        t0: Instant,
-        mut stats: WorkerStats,
-    ) -> Result<Note> {
+    fn prefill_write(&mut self, job: Job<'_>) -> Result<Note> {
+        let Job {
+            req,
+            seq,
+            cached,
+            keys,
+            t0,
+            mut stats,
+        } = job;
         // Out of `self` while the closure borrows it; put back below.
         let lists = self
             .lists
@@ -330,15 +352,15 @@ impl Worker {
         })
     }
 
-    fn prefill_pull(
-        &mut self,
-        req: PrefillRequest,
-        seq: Sequence,
-        cached: usize,
-        keys: &[BlockKey],
-        t0: Instant,
-        mut stats: WorkerStats,
-    ) -> Result<Note> {
+    fn prefill_pull(&mut self, job: Job<'_>) -> Result<Note> {
+        let Job {
+            req,
+            seq,
+            cached,
+            keys,
+            t0,
+            mut stats,
+        } = job;
         let blocks = seq.blocks().to_vec();
         let run = (|| {
             let first = self.engine.prefill(&req.tokens, &blocks, cached)?;
