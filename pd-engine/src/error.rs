@@ -28,11 +28,27 @@ pub enum Error {
     /// Allocating the KV memory failed.
     #[error("KV memory: {0}")]
     Memory(#[from] kv_core::Error),
+    /// A disaggregated role failed: a transfer, a peer, a child process, a message.
+    #[error("{context}: {cause}")]
+    Role {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        cause: String,
+    },
 }
 
 impl Error {
     /// An [`Error::InvalidArgument`] with `msg`.
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
+    }
+
+    /// An [`Error::Role`]: `context` failed because of `cause`.
+    pub fn role(context: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        Error::Role {
+            context: context.into(),
+            cause: cause.to_string(),
+        }
     }
 }

@@ -24,6 +24,8 @@
 pub mod engine;
 mod error;
 pub mod kv_cache;
+#[allow(unsafe_code)] // register_cache: engine-owned memory handed to kv-agent
+pub mod kvnet;
 pub mod model;
 pub mod prefix;
 pub mod rng;

@@ -4,6 +4,12 @@
 #![warn(missing_docs)]
 
 mod cli;
+mod decode;
+mod procs;
+mod proto;
+mod report;
+mod stats;
+mod worker;
 
 fn main() -> std::process::ExitCode {
     use clap::Parser;

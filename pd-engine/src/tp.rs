@@ -190,11 +190,28 @@ pub fn copy_heads(
         )));
     }
     for layer in 0..sl.layers {
-        for plane in Plane::ALL {
-            for &(s, d) in pairs {
-                let shard = extract_shard(&sl, src_held, src.block(layer, plane, s)?, heads)?;
-                place_shard(&dl, dst_held, dst.block_mut(layer, plane, d)?, heads, shard)?;
-            }
+        copy_layer_heads(src, src_held, dst, dst_held, heads, layer, pairs)?;
+    }
+    Ok(())
+}
+
+/// [`copy_heads`] for one layer (both planes): what a TP rank does as each layer of a
+/// prefill lands, before posting that layer. Layouts are checked by [`copy_heads`]'s
+/// callers; a mismatch here fails on the shard bounds.
+pub fn copy_layer_heads(
+    src: &KvCache,
+    src_held: &Range<usize>,
+    dst: &mut KvCache,
+    dst_held: &Range<usize>,
+    heads: &Range<usize>,
+    layer: usize,
+    pairs: &[(BlockId, BlockId)],
+) -> Result<()> {
+    let (sl, dl) = (*src.layout(), *dst.layout());
+    for plane in Plane::ALL {
+        for &(s, d) in pairs {
+            let shard = extract_shard(&sl, src_held, src.block(layer, plane, s)?, heads)?;
+            place_shard(&dl, dst_held, dst.block_mut(layer, plane, d)?, heads, shard)?;
         }
     }
     Ok(())

@@ -1,34 +1,12 @@
 //! The binary: both commands run, JSON is one object, separate processes agree on the
 //! generated tokens, bad input fails with a message.
 
-use std::process::Command;
+mod common;
+
+use common::{field, run};
 
 const SMALL: &str =
     "--layers 1 --hidden 32 --q-heads 2 --kv-heads 1 --head-dim 16 --intermediate 64 --vocab 64";
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pd-engine"))
-        .args(args)
-        .output()
-        .expect("the binary runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The value of `"key": value` in our one-line JSON.
-fn field<'a>(json: &'a str, key: &str) -> &'a str {
-    let pat = format!("\"{key}\": ");
-    let at = json
-        .find(&pat)
-        .unwrap_or_else(|| panic!("{key} missing in {json}"))
-        + pat.len();
-    let rest = &json[at..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end].trim_matches('"')
-}
 
 #[test]
 fn serve_reports_json_and_two_processes_agree() {

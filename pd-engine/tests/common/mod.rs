@@ -130,3 +130,28 @@ pub fn prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut r = pd_engine::rng::Rng::new(seed);
     (0..n).map(|_| r.below(vocab as u64) as u32).collect()
 }
+
+/// Runs the `pd-engine` binary: (success, stdout, stderr).
+pub fn run(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pd-engine"))
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The value of `"key": value` in our one-line JSON.
+pub fn field<'a>(json: &'a str, key: &str) -> &'a str {
+    let pat = format!("\"{key}\": ");
+    let at = json
+        .find(&pat)
+        .unwrap_or_else(|| panic!("{key} missing in {json}"))
+        + pat.len();
+    let rest = &json[at..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim_matches('"')
+}
