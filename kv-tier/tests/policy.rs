@@ -1,8 +1,35 @@
 //! The default policy against LRU and S3-FIFO on the generator's traces, replayed
 //! through the real `Store` API: it must not lose at any capacity.
 
-use kv_tier::trace::{generate, replay, GenParams, Replay};
+use kv_tier::trace::{generate, replay, GenParams, Replay, Trace};
 use kv_tier::PolicyKind;
+
+/// Replays `t` at `cap` blocks under LRU, S3-FIFO and the default; panics unless the
+/// default's hit ratio is at least both others'.
+fn assert_default_wins(t: &Trace, cap: u64) {
+    let ratio = |policy| {
+        replay(
+            t,
+            &Replay {
+                capacity_blocks: cap,
+                block_bytes: 64,
+                policy,
+            },
+        )
+        .unwrap()
+        .hit_ratio()
+    };
+    let (lru, s3, ours) = (
+        ratio(PolicyKind::Lru),
+        ratio(PolicyKind::S3Fifo),
+        ratio(PolicyKind::Prefix),
+    );
+    assert!(
+        ours >= lru && ours >= s3,
+        "{} at {cap} blocks: prefix {ours:.4}, lru {lru:.4}, s3fifo {s3:.4}",
+        t.name
+    );
+}
 
 #[test]
 fn default_policy_never_loses_to_lru_or_s3fifo() {
@@ -16,28 +43,7 @@ fn default_policy_never_loses_to_lru_or_s3fifo() {
         // leave the trace's structure (and so every hit ratio) as it is.
         t.block_tokens = 16;
         for cap in [384, 768, 1536, 3072] {
-            let ratio = |policy| {
-                replay(
-                    &t,
-                    &Replay {
-                        capacity_blocks: cap,
-                        block_bytes: 64,
-                        policy,
-                    },
-                )
-                .unwrap()
-                .hit_ratio()
-            };
-            let (lru, s3, ours) = (
-                ratio(PolicyKind::Lru),
-                ratio(PolicyKind::S3Fifo),
-                ratio(PolicyKind::Prefix),
-            );
-            assert!(
-                ours >= lru && ours >= s3,
-                "{} at {cap} blocks: prefix {ours:.4}, lru {lru:.4}, s3fifo {s3:.4}",
-                t.name
-            );
+            assert_default_wins(&t, cap);
         }
     }
 }
@@ -55,26 +61,6 @@ fn default_policy_keeps_shared_prompts_at_tiny_capacities() {
     let unique = t.unique_blocks() as u64;
     t.block_tokens = 16;
     for cap in [unique / 64, unique / 32] {
-        let ratio = |policy| {
-            replay(
-                &t,
-                &Replay {
-                    capacity_blocks: cap,
-                    block_bytes: 64,
-                    policy,
-                },
-            )
-            .unwrap()
-            .hit_ratio()
-        };
-        let (lru, s3, ours) = (
-            ratio(PolicyKind::Lru),
-            ratio(PolicyKind::S3Fifo),
-            ratio(PolicyKind::Prefix),
-        );
-        assert!(
-            ours >= lru && ours >= s3,
-            "chat at {cap} blocks: prefix {ours:.4}, lru {lru:.4}, s3fifo {s3:.4}"
-        );
+        assert_default_wins(&t, cap);
     }
 }
