@@ -3,14 +3,15 @@
 //! replayed through the real `Store` API (DRAM-only).
 //!
 //! `cargo run --release -p kv-tier --example tier_trace [requests]`; with `throughput
-//! [requests]` first, the DRAM-only replay speed instead (median of five runs).
+//! [requests] [policy]` first, the DRAM-only replay speed instead (median of five runs,
+//! LRU unless a policy is named).
 
 use kv_tier::trace::{generate, replay, GenParams, Replay};
 use kv_tier::PolicyKind;
 
-/// `throughput`: DRAM-only replay speed of the mixed trace (LRU, 2048 blocks), five
-/// runs, median.
-fn throughput(requests: usize) -> Result<(), kv_core::Error> {
+/// `throughput`: DRAM-only replay speed of the mixed trace (2048 blocks) under
+/// `policy`, five runs, median.
+fn throughput(requests: usize, policy: PolicyKind) -> Result<(), kv_core::Error> {
     let t = generate(&GenParams {
         requests,
         ..GenParams::mixed()
@@ -21,7 +22,7 @@ fn throughput(requests: usize) -> Result<(), kv_core::Error> {
             &t,
             &Replay {
                 capacity_blocks: 2048,
-                policy: PolicyKind::Lru,
+                policy,
                 ..Default::default()
             },
         )?;
@@ -35,10 +36,11 @@ fn throughput(requests: usize) -> Result<(), kv_core::Error> {
     }
     v.sort_by(f64::total_cmp);
     println!(
-        "median {:.0} blocks/s ({} requests, {} blocks)",
+        "median {:.0} blocks/s ({} requests, {} blocks, {})",
         v[2],
         t.requests.len(),
-        t.blocks()
+        t.blocks(),
+        policy.as_str()
     );
     Ok(())
 }
@@ -47,7 +49,12 @@ fn main() -> Result<(), kv_core::Error> {
     let mut args = std::env::args().skip(1);
     let first = args.next();
     if first.as_deref() == Some("throughput") {
-        return throughput(args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000));
+        let requests = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+        let policy = match args.next() {
+            Some(p) => p.parse()?,
+            None => PolicyKind::Lru,
+        };
+        return throughput(requests, policy);
     }
     let requests = first.and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let policies = [PolicyKind::Lru, PolicyKind::S3Fifo, PolicyKind::Prefix];
