@@ -30,7 +30,7 @@ export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp${LSAN_OPTIONS:+:$LSAN_O
 # globals still point to (provider tables, strdup'ed names) looks leaked to LSan, from
 # "<unknown module>" frames no suppression can name. Preloading keeps it mapped, so LSan
 # sees those roots; a leak in our own code still shows.
-lf=$(ldconfig -p 2>/dev/null | awk '/libfabric\.so\.1 /{print $NF; exit}')
+lf=$(ldconfig -p 2>/dev/null | awk '/libfabric\.so\.1 /{p=$NF} END{print p}')
 if [ -n "$lf" ]; then
     export LD_PRELOAD="$lf${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
