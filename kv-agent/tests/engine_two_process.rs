@@ -140,7 +140,7 @@ impl Planes {
 fn child_main() {
     let agent = agent("decode");
     let mut l = layout(1, 0, 32);
-    let (_regs, mut planes) = Planes::new(&agent, &mut l, true, |_, _, len| vec![0xee; len]);
+    let (regs, mut planes) = Planes::new(&agent, &mut l, true, |_, _, len| vec![0xee; len]);
     let addr = agent.listen("127.0.0.1:0").unwrap();
     println!("READY {addr}");
     let cmds = common::commands();
@@ -200,6 +200,10 @@ fn child_main() {
             other => panic!("unknown command {other}"),
         }
     }
+    // The registrations go before the memory they name (a tuple binding would drop
+    // `planes` first).
+    drop(regs);
+    drop(planes);
 }
 
 #[test]

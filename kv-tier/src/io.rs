@@ -56,13 +56,19 @@ impl Drop for FileReg {
 pub(crate) struct Bounce {
     io: Arc<GdsIo>,
     reg: RegistrationId,
-    pub buf: HostBuffer,
+    /// Freed only once the backend let go of it (see `Drop`).
+    pub buf: std::mem::ManuallyDrop<HostBuffer>,
 }
 
 impl Drop for Bounce {
+    #[allow(unsafe_code)]
     fn drop(&mut self) {
-        if let Err(e) = self.io.backend.deregister(self.reg) {
-            tracing::warn!("kv-tier: deregistering a bounce buffer: {e}");
+        match self.io.backend.deregister(self.reg) {
+            // SAFETY: `buf` is dropped exactly once, here, and never used after.
+            Ok(()) => unsafe { std::mem::ManuallyDrop::drop(&mut self.buf) },
+            // A transfer the kernel has not given back still names it (a cancel that
+            // returned Busy): leak the buffer rather than unmap memory it may write.
+            Err(e) => tracing::error!("kv-tier: a bounce buffer stays mapped (leaked): {e}"),
         }
     }
 }
@@ -147,7 +153,7 @@ impl GdsIo {
         Ok(Bounce {
             io: self.clone(),
             reg,
-            buf,
+            buf: std::mem::ManuallyDrop::new(buf),
         })
     }
 
@@ -186,11 +192,18 @@ impl GdsIo {
                 Status::Done => Ok(()),
                 Status::Failed(e) => Err(e),
                 _ => {
-                    let _ = self.backend.cancel(t);
-                    Err(Error::TimedOut {
+                    let timed_out = Error::TimedOut {
                         what: format!("kv-tier {op} of {} block(s)", pairs.len()),
                         after: self.timeout,
-                    })
+                    };
+                    if let Err(e) = self.backend.cancel(t) {
+                        // The kernel still holds the transfer: it is neither released
+                        // nor its registrations freed (their deregistration fails Busy,
+                        // so a bounce buffer or the arena is leaked, never unmapped).
+                        tracing::error!("kv-tier: {timed_out}; cancel failed ({e}), the transfer stays registered");
+                        return Err(timed_out);
+                    }
+                    Err(timed_out)
                 }
             },
         };
@@ -202,7 +215,9 @@ impl GdsIo {
 impl Drop for GdsIo {
     fn drop(&mut self) {
         if let Err(e) = self.backend.deregister(self.arena_reg) {
-            tracing::warn!("kv-tier: deregistering the arena: {e}");
+            // The backend may still write into it: keep the arena mapped for good.
+            tracing::error!("kv-tier: the arena stays mapped (leaked): {e}");
+            std::mem::forget(self.arena.clone());
         }
     }
 }

@@ -110,12 +110,30 @@ pub(super) struct Conn {
     pub deadline: Duration,
 }
 
-/// Registered test memory.
+/// Registered test memory. Dropping it deregisters it from the backend that registered
+/// it and frees it only when that backend no longer has it (`Ok` or `NotRegistered`);
+/// otherwise (`Busy`: a transfer still names it) the memory is leaked, never freed under
+/// a backend — so a case that fails half-way cannot cause a use-after-free.
 pub(super) struct Mem {
-    pub mem: Box<dyn TestMemory>,
+    pub mem: std::mem::ManuallyDrop<Box<dyn TestMemory>>,
     pub reg: RegistrationId,
     /// The side that registered it (`a` or `b`): ids are only unique per backend.
     pub on_b: bool,
+    /// The backend that registered it (kept alive until the memory is given back).
+    owner: Arc<dyn Backend>,
+}
+
+impl Drop for Mem {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        match self.owner.deregister(self.reg) {
+            Ok(()) | Err(Error::NotRegistered(_)) => {
+                // SAFETY: dropped once, here; the backend no longer has the range.
+                unsafe { std::mem::ManuallyDrop::drop(&mut self.mem) }
+            }
+            Err(_) => {} // still in use by the backend: leaked on purpose
+        }
+    }
 }
 
 impl Mem {
@@ -155,9 +173,10 @@ impl Conn {
                 .register(MemKind::Dram, &desc(mem.desc()), access)?
         };
         Ok(Mem {
-            mem,
+            mem: std::mem::ManuallyDrop::new(mem),
             reg,
             on_b: false,
+            owner: side.backend.clone(),
         })
     }
 
