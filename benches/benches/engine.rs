@@ -19,8 +19,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use kv_agent::{Agent, AgentOptions, PeerId, Registration, TransferOptions, TransferSpec};
 use kv_core::{
-    Backend, Capabilities, Descriptor, DescriptorList, EndpointId, MemKind, MemKinds, Notification,
-    Op, PostOptions, RegistrationId, RemoteId, Status, TransferId, TransferRequest,
+    Backend, Capabilities, Descriptor, DescriptorList, EndpointId, ListId, ListSide, MemKind,
+    MemKinds, Notification, Op, PostOptions, RegistrationId, RemoteId, SelectRequest, Status,
+    TransferId, TransferRequest,
 };
 use kv_mem::HostBuffer;
 
@@ -28,8 +29,8 @@ const BLOCKS: u64 = 100_000;
 const BLOCK: u64 = 512;
 const PICK: usize = 1000;
 
-/// A backend that moves nothing and checks nothing: its prepare costs a counter, so
-/// timing through it shows the agent's own per-request cost.
+/// A backend that moves nothing and checks nothing: its prepare (and prepared lists)
+/// cost a counter, so timing through it shows the agent's own per-request cost.
 struct NullBackend(AtomicU64);
 
 impl Backend for NullBackend {
@@ -80,6 +81,15 @@ impl Backend for NullBackend {
     fn prepare(&self, _: &TransferRequest) -> kv_core::Result<TransferId> {
         Ok(TransferId(self.0.fetch_add(1, Ordering::Relaxed)))
     }
+    fn prepare_list(&self, _: ListSide, _: MemKind, _: &DescriptorList) -> kv_core::Result<ListId> {
+        Ok(ListId(self.0.fetch_add(1, Ordering::Relaxed)))
+    }
+    fn prepare_selected(&self, _: &SelectRequest<'_>) -> kv_core::Result<TransferId> {
+        Ok(TransferId(self.0.fetch_add(1, Ordering::Relaxed)))
+    }
+    fn release_list(&self, _: ListId) -> kv_core::Result<()> {
+        Ok(())
+    }
     unsafe fn post(&self, _: TransferId, _: &PostOptions) -> kv_core::Result<()> {
         Err(kv_core::Error::Unsupported(
             "the null backend moves nothing".into(),
@@ -107,11 +117,14 @@ impl Backend for NullBackend {
 
 /// Two agents with `backend` (`tcp` or `null`).
 fn pair_on(backend: &str, progress: bool) -> (Agent, Agent, PeerId) {
+    // Both agents share a cluster secret (networked backends need one).
+    let secret = kv_core::auth::ClusterSecret::generate().expect("secret");
     let mk = |name: &str, progress_thread| {
         let a = Agent::new(
             name,
             AgentOptions {
                 progress_thread,
+                secret: Some(secret.clone()),
                 ..Default::default()
             },
         )

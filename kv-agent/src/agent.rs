@@ -312,7 +312,10 @@ impl Agent {
     /// A transfer of items `local_items` of `local` to (WRITE) or from (READ) items
     /// `remote_items` of `remote` (NIXL's `make_prepped_xfer`): item `k` of one side
     /// carries the bytes of item `k` of the other. Only the selection and the backend's
-    /// own prepare run; post it like any [`Transfer`].
+    /// own prepare run; post it like any [`Transfer`]. On a backend that prepared both
+    /// lists itself (tcp), the backend makes the transfer from the indices alone and a
+    /// post pins every region of the local list (deregistering one of them waits for
+    /// the post, as for regions the transfer names).
     pub fn make_transfer(
         &self,
         op: Op,

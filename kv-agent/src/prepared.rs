@@ -7,7 +7,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kv_core::{DescriptorList, EndpointId, Entry, Error, MemKind, Op, Result, TransferRequest};
+use kv_core::{
+    DescriptorList, EndpointId, Entry, Error, ListId, ListSide, MemKind, Op, Result, SelectRequest,
+    TransferRequest,
+};
 
 use crate::cover::{self, Ranges};
 use crate::layout::ItemGrid;
@@ -64,6 +67,50 @@ impl Items {
             Items::Grid { grid, plane_region } => {
                 let e = grid.item(i)?;
                 Some((e, plane_region[grid.plane_of(i)]))
+            }
+        }
+    }
+
+    /// The items as a list whose descriptor `i` is item `i`, for a backend's
+    /// `prepare_list` (compact: a run of blocks stays one entry); `None` when items are
+    /// several descriptors each or too many (the agent then builds lists per request).
+    fn to_list(&self) -> Option<DescriptorList> {
+        if self.len() > MAX_BACKEND_ITEMS {
+            return None;
+        }
+        let mut out = DescriptorList::new();
+        match self {
+            Items::List { parts, .. } => {
+                for (run, _) in parts {
+                    out.push_entry(*run).ok()?;
+                }
+            }
+            Items::Grid { grid, .. } => {
+                for i in 0..grid.len() {
+                    let e = grid.item(i)?;
+                    if e.count() != 1 {
+                        return None;
+                    }
+                    out.push(e.get(0)?).ok()?;
+                }
+            }
+        }
+        (out.len() == self.len()).then_some(out)
+    }
+
+    /// (bytes, descriptors) of every item when all items are alike.
+    fn uniform(&self) -> Option<(u64, u64)> {
+        match self {
+            Items::List { parts, .. } => {
+                let len = parts.first()?.0.bytes() / parts.first()?.0.count().max(1);
+                parts
+                    .iter()
+                    .all(|(run, _)| run.bytes() == len * run.count())
+                    .then_some((len, 1))
+            }
+            Items::Grid { grid, .. } => {
+                let first = grid.item(0)?;
+                Some((grid.item_bytes(), first.count()))
             }
         }
     }
@@ -131,11 +178,16 @@ impl Items {
     }
 }
 
+/// More items than this are not handed to a backend's `prepare_list` (each costs the
+/// backend a table entry); such lists are built per request.
+const MAX_BACKEND_ITEMS: u64 = 1 << 22;
+
 enum Side {
     Local {
         regions: Vec<Arc<RegionEntry>>,
-        /// Backends every region is registered on.
-        backends: Vec<String>,
+        /// Backends every region is registered on, with the list each prepared (`None`:
+        /// the backend has no prepared lists).
+        backends: Vec<(Arc<LoadedBackend>, Option<ListId>)>,
     },
     Remote {
         peer: Arc<PeerEntry>,
@@ -143,9 +195,28 @@ enum Side {
         regions: Vec<u64>,
         /// The peer's epoch before importing (a later withdrawal makes posts re-check).
         epoch: u64,
-        /// Backends connected to the peer with every region imported, by preference.
-        backends: Vec<(Arc<LoadedBackend>, EndpointId)>,
+        /// Backends connected to the peer with every region imported, by preference,
+        /// with the list each prepared.
+        backends: Vec<(Arc<LoadedBackend>, EndpointId, Option<ListId>)>,
     },
+}
+
+/// Has `backend` prepare `items` as one of its lists, when it can (`None` otherwise,
+/// and transfers from this list are built per request on it).
+fn backend_list(
+    backend: &LoadedBackend,
+    side: ListSide,
+    kind: MemKind,
+    items: Option<&DescriptorList>,
+) -> Option<ListId> {
+    match backend.backend.prepare_list(side, kind, items?) {
+        Ok(id) => Some(id),
+        Err(Error::Unsupported(_)) => None,
+        Err(e) => {
+            tracing::debug!(backend = %backend.name, error = %e, "backend did not prepare the list; requests build lists instead");
+            None
+        }
+    }
 }
 
 /// A list of items prepared once for many transfers: local (in this agent's
@@ -157,7 +228,32 @@ pub struct PreparedList {
     shared: Arc<Shared>,
     kind: MemKind,
     items: Items,
+    /// (bytes, descriptors) of each item when all are alike.
+    uniform: Option<(u64, u64)>,
+    /// Every region of the list may be written (so no request needs to find which it
+    /// names before a WRITE into them or a READ into them).
+    writable: bool,
     side: Side,
+}
+
+impl Drop for PreparedList {
+    fn drop(&mut self) {
+        let lists: Vec<(&LoadedBackend, ListId)> = match &self.side {
+            Side::Local { backends, .. } => backends
+                .iter()
+                .filter_map(|(b, l)| Some((&**b, (*l)?)))
+                .collect(),
+            Side::Remote { backends, .. } => backends
+                .iter()
+                .filter_map(|(b, _, l)| Some((&**b, (*l)?)))
+                .collect(),
+        };
+        for (b, id) in lists {
+            if let Err(e) = b.backend.release_list(id) {
+                tracing::debug!(backend = %b.name, error = %e, "release_list failed");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for PreparedList {
@@ -197,15 +293,23 @@ impl PreparedList {
             Source::Grid(g) => Items::of_grid(g, &ranges, err)?,
         };
         let regions: Vec<Arc<RegionEntry>> = used.iter().map(|k| live[*k].clone()).collect();
+        let entries = items.to_list();
         let backends = shared
             .registry
-            .names()
-            .into_iter()
-            .filter(|n| regions.iter().all(|r| r.registered_on(n)))
+            .backends
+            .read()
+            .iter()
+            .filter(|b| regions.iter().all(|r| r.registered_on(&b.name)))
+            .map(|b| {
+                let list = backend_list(b, ListSide::Local, kind, entries.as_ref());
+                (b.clone(), list)
+            })
             .collect();
         Ok(PreparedList {
             shared: shared.clone(),
             kind,
+            uniform: items.uniform(),
+            writable: check_local_writable(&regions).is_ok(),
             items,
             side: Side::Local { regions, backends },
         })
@@ -235,6 +339,7 @@ impl PreparedList {
         let pref = &shared.opts.backend_preference;
         loaded.sort_by_key(|b| pref.iter().position(|x| *x == b.name).unwrap_or(usize::MAX));
         let (mut backends, mut why) = (Vec::new(), Vec::new());
+        let entries = items.to_list();
         for b in loaded {
             if !keyed.contains(&b.name) || !b.backend.capabilities().mem_kinds.contains(kind) {
                 continue;
@@ -246,7 +351,10 @@ impl PreparedList {
                     .map(|()| ep)
             });
             match ready {
-                Ok(ep) => backends.push((b, ep)),
+                Ok(ep) => {
+                    let list = backend_list(&b, ListSide::Remote(ep), kind, entries.as_ref());
+                    backends.push((b, ep, list))
+                }
                 Err(e) => {
                     tracing::info!(backend = %b.name, peer = %peer.name, error = %e, "backend left out of a prepared list");
                     why.push(format!("{}: {e}", b.name));
@@ -262,6 +370,8 @@ impl PreparedList {
         Ok(PreparedList {
             shared: shared.clone(),
             kind,
+            uniform: items.uniform(),
+            writable: peer.check_writable(&regions).is_ok(),
             items,
             side: Side::Remote {
                 peer,
@@ -296,8 +406,10 @@ impl PreparedList {
     /// connected with every region imported).
     pub fn backends(&self) -> Vec<String> {
         match &self.side {
-            Side::Local { backends, .. } => backends.clone(),
-            Side::Remote { backends, .. } => backends.iter().map(|(b, _)| b.name.clone()).collect(),
+            Side::Local { backends, .. } => backends.iter().map(|(b, _)| b.name.clone()).collect(),
+            Side::Remote { backends, .. } => {
+                backends.iter().map(|(b, _, _)| b.name.clone()).collect()
+            }
         }
     }
 
@@ -326,8 +438,10 @@ impl PreparedList {
 }
 
 /// A transfer of `local_ids` of `local` to or from `remote_ids` of `remote`: item `k`
-/// of one side carries the bytes of item `k` of the other. Only the selection and the
-/// backend's own prepare run here.
+/// of one side carries the bytes of item `k` of the other. When the chosen backend
+/// prepared both lists, it makes the transfer from the indices alone (the agent pins
+/// every region of the local list and checks every region of the remote one at post);
+/// otherwise the items' descriptors are gathered and the backend prepares them.
 pub(crate) fn make_transfer(
     shared: &Arc<Shared>,
     op: Op,
@@ -358,6 +472,62 @@ pub(crate) fn make_transfer(
     if !Arc::ptr_eq(&local.shared, shared) || !Arc::ptr_eq(&remote.shared, shared) {
         return Err(Error::invalid_argument("a prepared list of another agent"));
     }
+    let ((backend, llist), (ep, rlist)) = rbackends
+        .iter()
+        .find_map(|(b, ep, rlist)| {
+            let c = b.backend.capabilities();
+            let usable = opts.backend.as_ref().is_none_or(|want| *want == b.name)
+                && c.mem_kinds.contains(local.kind)
+                && match op {
+                    Op::Write => c.write,
+                    Op::Read => c.read,
+                };
+            let (_, llist) = lbackends
+                .iter()
+                .find(|(lb, _)| usable && lb.name == b.name)?;
+            Some(((b, *llist), (*ep, *rlist)))
+        })
+        .ok_or_else(|| Error::NoCommonBackend {
+            local: local.backends(),
+            remote: remote.backends(),
+        })?;
+    peer.check_current()?;
+    let writable = match op {
+        Op::Write => remote.writable,
+        Op::Read => local.writable,
+    };
+    let resolved = |local: Vec<Arc<RegionEntry>>, remote_ids: Vec<u64>| Resolved {
+        choice: format!(
+            "{}: first backend both prepared lists were registered with",
+            backend.name
+        ),
+        backend: backend.clone(),
+        peer: peer.clone(),
+        local,
+        remote_ids,
+        epoch: *epoch,
+        deadline: opts.deadline,
+    };
+    if let (Some(llist), Some(rlist), true, Some((bytes, descs))) =
+        (llist, rlist, writable, local.uniform)
+    {
+        let id = backend.backend.prepare_selected(&SelectRequest {
+            op,
+            local: llist,
+            local_items: local_ids,
+            remote: rlist,
+            remote_items: remote_ids,
+        })?;
+        let n = local_ids.len() as u64;
+        let r = resolved(lregions.clone(), rregions.clone());
+        return Ok(Transfer::from_backend(
+            shared,
+            r,
+            id,
+            (n * bytes, n * descs),
+            start,
+        ));
+    }
     let mut lused = vec![false; local.regions()];
     let mut rused = vec![false; remote.regions()];
     let l = local.select(local_ids, &mut lused)?;
@@ -369,28 +539,11 @@ pub(crate) fn make_transfer(
             r.total_bytes()
         )));
     }
-    let (backend, ep) = rbackends
-        .iter()
-        .find(|(b, _)| {
-            let c = b.backend.capabilities();
-            lbackends.contains(&b.name)
-                && opts.backend.as_ref().is_none_or(|want| *want == b.name)
-                && c.mem_kinds.contains(local.kind)
-                && match op {
-                    Op::Write => c.write,
-                    Op::Read => c.read,
-                }
-        })
-        .ok_or_else(|| Error::NoCommonBackend {
-            local: lbackends.clone(),
-            remote: remote.backends(),
-        })?;
-    peer.check_current()?;
     let req = TransferRequest {
         op,
         local_kind: local.kind,
         local: l,
-        peer: *ep,
+        peer: ep,
         remote_kind: remote.kind,
         remote: r,
     };
@@ -409,17 +562,5 @@ pub(crate) fn make_transfer(
         Op::Write => peer.check_writable(&remote_used)?,
         Op::Read => check_local_writable(&local_used)?,
     }
-    let resolved = Resolved {
-        choice: format!(
-            "{}: first backend both prepared lists were registered with",
-            backend.name
-        ),
-        backend: backend.clone(),
-        peer: peer.clone(),
-        local: local_used,
-        remote_ids: remote_used,
-        epoch: *epoch,
-        deadline: opts.deadline,
-    };
-    Transfer::from_resolved(shared, resolved, &req, start)
+    Transfer::from_resolved(shared, resolved(local_used, remote_used), &req, start)
 }

@@ -240,10 +240,23 @@ impl Transfer {
         start: Instant,
     ) -> Result<Transfer> {
         let id = r.backend.backend.prepare(req)?;
-        Ok(Transfer {
+        let size = (req.local.total_bytes(), req.local.len());
+        Ok(Self::from_backend(shared, r, id, size, start))
+    }
+
+    /// Wraps transfer `id` the backend prepared as `r` resolved it; `size` is its
+    /// (bytes, local descriptors) per post.
+    pub(crate) fn from_backend(
+        shared: &Arc<Shared>,
+        r: Resolved,
+        id: TransferId,
+        (bytes, descriptors): (u64, u64),
+        start: Instant,
+    ) -> Transfer {
+        Transfer {
             shared: shared.clone(),
-            bytes: req.local.total_bytes(),
-            descriptors: req.local.len(),
+            bytes,
+            descriptors,
             deadline: r.deadline.unwrap_or(shared.opts.default_deadline),
             prepare_time: start.elapsed(),
             choice: r.choice,
@@ -262,7 +275,7 @@ impl Transfer {
                 posts: 0,
                 cancelling: None,
             }),
-        })
+        }
     }
 
     /// The backend the agent chose for this transfer.

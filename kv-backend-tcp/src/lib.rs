@@ -63,6 +63,7 @@ mod control;
 mod endpoint;
 mod importers;
 mod keys;
+mod lists;
 mod memory;
 mod options;
 mod os;
@@ -81,17 +82,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use kv_core::lists::ListTable;
 use kv_core::{
-    check_request_shape, Access, Backend, BackendInit, Capabilities, Descriptor, EndpointId, Error,
-    MemKind, MemKinds, Notification, Params, PostOptions, RegistrationId, RemoteId, Result, Status,
-    TransferId, TransferRequest,
+    check_request_shape, Access, Backend, BackendInit, Capabilities, Descriptor, DescriptorList,
+    EndpointId, Error, ListId, ListSide, MemKind, MemKinds, Notification, Op, Params, PostOptions,
+    RegistrationId, RemoteId, Result, SelectRequest, Status, TransferId, TransferRequest,
 };
 use parking_lot::{Mutex, RwLock};
 
 use control::Reach;
 use endpoint::{Peer, Transfer};
+use lists::TcpList;
 use remote::{Imports, Remote, RemoteHandle};
-use request::{Phase, PostCounts};
+use request::{Phase, PostCounts, Route};
 use server::Shared;
 use wire::{ConnectionInfo, RemoteKey};
 
@@ -130,6 +133,8 @@ pub struct TcpBackend {
     next_peer: AtomicU64,
     remotes: Imports,
     transfers: RwLock<HashMap<u64, Arc<Transfer>>>,
+    /// Prepared lists, items resolved to their registrations or imports.
+    lists: RwLock<HashMap<u64, Arc<TcpList>>>,
     next_id: AtomicU64,
     completions: Arc<AtomicUsize>,
     /// Posts by path.
@@ -178,6 +183,7 @@ impl TcpBackend {
             next_peer: AtomicU64::new(1),
             remotes: Imports::default(),
             transfers: RwLock::new(HashMap::new()),
+            lists: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             completions: Arc::new(AtomicUsize::new(0)),
             posts: Default::default(),
@@ -222,6 +228,47 @@ impl TcpBackend {
 
     fn id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Re-validates imports from a same-host peer that a lost control connection
+    /// suspended (before a transfer to it is prepared).
+    fn recover_imports(&self, ep: EndpointId, peer: &Peer) -> Result<()> {
+        if peer.core.cma {
+            let pending = self.remotes.pending(ep.0);
+            peer.core
+                .recover(&pending, Instant::now() + self.opts.connect_timeout)?;
+        }
+        Ok(())
+    }
+
+    /// A prepared list by id.
+    fn list(&self, id: ListId) -> Result<Arc<TcpList>> {
+        self.lists
+            .read()
+            .get(&id.0)
+            .cloned()
+            .ok_or_else(|| Error::NotRegistered(format!("{id} is released or unknown")))
+    }
+
+    /// Plans `route` and keeps it as a prepared transfer to `peer`.
+    fn keep(&self, op: Op, route: Route, peer: Arc<Peer>) -> TransferId {
+        let id = self.id();
+        let plan = request::Plan::build(
+            id,
+            op,
+            route.segs,
+            route.regs,
+            peer.nlanes,
+            self.opts.max_frame as u64,
+            route.path,
+            route.maps,
+            route.remotes,
+            route.keys,
+        );
+        self.transfers
+            .write()
+            .insert(id, Arc::new(Transfer::new(id, plan, peer)));
+        TransferId(id)
     }
 
     fn peer(&self, id: EndpointId) -> Result<Arc<Peer>> {
@@ -460,12 +507,7 @@ impl Backend for TcpBackend {
             return Err(Error::Unsupported("tcp moves dram only".into()));
         }
         let peer = self.peer(req.peer)?;
-        if peer.core.cma {
-            // Imports suspended by a lost control connection are re-validated first.
-            let pending = self.remotes.pending(req.peer.0);
-            peer.core
-                .recover(&pending, Instant::now() + self.opts.connect_timeout)?;
-        }
+        self.recover_imports(req.peer, &peer)?;
         let imports = self.remotes.live(
             req.peer.0,
             &req.remote,
@@ -474,22 +516,64 @@ impl Backend for TcpBackend {
         )?;
         let local = self.shared.regs.snapshot();
         let route = request::route(req, &imports, &local, peer.core.cma)?;
+        Ok(self.keep(req.op, route, peer))
+    }
+
+    fn prepare_list(
+        &self,
+        side: ListSide,
+        kind: MemKind,
+        items: &DescriptorList,
+    ) -> Result<ListId> {
+        ListTable::check_items(items)?;
+        if kind != MemKind::Dram {
+            return Err(Error::Unsupported("tcp moves dram only".into()));
+        }
+        let list = match side {
+            ListSide::Local => TcpList::local(items, self.shared.regs.snapshot())?,
+            ListSide::Remote(ep) => {
+                let peer = self.peer(ep)?;
+                self.recover_imports(ep, &peer)?;
+                let imports =
+                    self.remotes
+                        .live(ep.0, items, || peer.core.peer_gone(), &peer.core.name)?;
+                TcpList::remote(items, ep.0, imports)?
+            }
+        };
         let id = self.id();
-        let plan = request::Plan::build(
-            id,
+        self.lists.write().insert(id, Arc::new(list));
+        Ok(ListId(id))
+    }
+
+    fn prepare_selected(&self, req: &SelectRequest<'_>) -> Result<TransferId> {
+        let (local, remote) = (self.list(req.local)?, self.list(req.remote)?);
+        let ep = match remote.owners {
+            lists::Owners::Remote { peer, .. } => EndpointId(peer),
+            lists::Owners::Local(_) => {
+                return Err(Error::invalid_argument(format!(
+                    "{} names local memory; a transfer's remote side needs a remote list",
+                    req.remote
+                )))
+            }
+        };
+        let peer = self.peer(ep)?;
+        self.recover_imports(ep, &peer)?;
+        let route = lists::route(
             req.op,
-            route.segs,
-            route.regs,
-            peer.nlanes,
-            self.opts.max_frame as u64,
-            route.path,
-            route.maps,
-            route.remotes,
-        );
-        self.transfers
+            (&local, req.local_items),
+            (&remote, req.remote_items),
+            ep.0,
+            peer.core.cma,
+        )?;
+        Ok(self.keep(req.op, route, peer))
+    }
+
+    fn release_list(&self, id: ListId) -> Result<()> {
+        self.lists
             .write()
-            .insert(id, Arc::new(Transfer::new(id, plan, peer)));
-        Ok(TransferId(id))
+            .remove(&id.0)
+            .map(|_| ())
+            .ok_or_else(|| Error::NotRegistered(format!("{id} is released or unknown")))
     }
 
     unsafe fn post(&self, id: TransferId, opts: &PostOptions) -> Result<()> {

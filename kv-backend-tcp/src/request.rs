@@ -88,10 +88,12 @@ impl PostCounts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PlanSeg {
     pub local: u64,
-    pub key: u128,
     /// The peer's address; on the shared-memory path, our address of it in the mapping.
     pub remote: u64,
     pub len: u64,
+    /// The peer's key of the registration, as an index into the plan's `keys` (a
+    /// segment of 32 bytes, not 48: plans of thousands of blocks are built per request).
+    pub key: u32,
 }
 
 /// A run of segments sent as one frame (or moved by one CMA call batch).
@@ -139,6 +141,7 @@ impl Plan {
         path: Path,
         maps: Vec<Arc<Import>>,
         remotes: Vec<Arc<RemoteHandle>>,
+        keys: Vec<u128>,
     ) -> Plan {
         let encode = path == Path::Tcp;
         let total: u64 = segs.iter().map(|s| s.len).sum();
@@ -146,37 +149,12 @@ impl Plan {
         let frame_bytes = total
             .div_ceil(lanes as u64)
             .clamp(64 << 10, max_frame.max(4096));
-        let mut out_segs = Vec::with_capacity(segs.len());
-        let mut frames = Vec::new();
-        let mut start = 0usize;
-        let mut bytes = 0u64;
-        for mut s in segs {
-            while s.len > 0 {
-                let take = s.len.min(frame_bytes - bytes);
-                out_segs.push(PlanSeg { len: take, ..s });
-                s.local += take;
-                s.remote += take;
-                s.len -= take;
-                bytes += take;
-                let n = out_segs.len() - start;
-                if bytes == frame_bytes || n == wire::MAX_SEGMENTS as usize {
-                    frames.push(Frame {
-                        segs: start..out_segs.len(),
-                        bytes,
-                        head: Vec::new(),
-                    });
-                    start = out_segs.len();
-                    bytes = 0;
-                }
-            }
-        }
-        if start < out_segs.len() {
-            frames.push(Frame {
-                segs: start..out_segs.len(),
-                bytes,
-                head: Vec::new(),
-            });
-        }
+        let (out_segs, mut frames) = match frames_in_place(&segs, frame_bytes) {
+            // No frame boundary falls inside a segment (blocks that divide the frame
+            // size): the segments are kept as they are, not copied.
+            Some(frames) => (segs, frames),
+            None => split_into_frames(segs, frame_bytes),
+        };
         if encode {
             let mut table = Vec::new();
             for f in &mut frames {
@@ -190,7 +168,7 @@ impl Plan {
                     },
                     status: 0,
                     id,
-                    key: if single { first.key } else { 0 },
+                    key: if single { keys[first.key as usize] } else { 0 },
                     addr: if single { first.remote } else { 0 },
                     len: f.bytes,
                     count: segs.len() as u32,
@@ -199,7 +177,7 @@ impl Plan {
                 if !single {
                     table.clear();
                     table.extend(segs.iter().map(|s| WireSegment {
-                        key: s.key,
+                        key: keys[s.key as usize],
                         addr: s.remote,
                         len: s.len,
                     }));
@@ -232,6 +210,73 @@ impl Plan {
     }
 }
 
+/// The frames of `segs` when no frame boundary falls inside a segment (and none is
+/// empty) — the frames [`split_into_frames`] makes of them then — or `None`.
+fn frames_in_place(segs: &[PlanSeg], frame_bytes: u64) -> Option<Vec<Frame>> {
+    let mut frames = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, s) in segs.iter().enumerate() {
+        bytes += s.len;
+        if bytes > frame_bytes || s.len == 0 {
+            return None;
+        }
+        if bytes == frame_bytes || i + 1 - start == wire::MAX_SEGMENTS as usize {
+            frames.push(Frame {
+                segs: start..i + 1,
+                bytes,
+                head: Vec::new(),
+            });
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < segs.len() {
+        frames.push(Frame {
+            segs: start..segs.len(),
+            bytes,
+            head: Vec::new(),
+        });
+    }
+    Some(frames)
+}
+
+/// Splits `segs` into frames of `frame_bytes` (the last one shorter) and at most
+/// [`wire::MAX_SEGMENTS`] segments, cutting segments at frame boundaries.
+fn split_into_frames(segs: Vec<PlanSeg>, frame_bytes: u64) -> (Vec<PlanSeg>, Vec<Frame>) {
+    let mut out_segs = Vec::with_capacity(segs.len());
+    let mut frames = Vec::new();
+    let mut start = 0usize;
+    let mut bytes = 0u64;
+    for mut s in segs {
+        while s.len > 0 {
+            let take = s.len.min(frame_bytes - bytes);
+            out_segs.push(PlanSeg { len: take, ..s });
+            s.local += take;
+            s.remote += take;
+            s.len -= take;
+            bytes += take;
+            let n = out_segs.len() - start;
+            if bytes == frame_bytes || n == wire::MAX_SEGMENTS as usize {
+                frames.push(Frame {
+                    segs: start..out_segs.len(),
+                    bytes,
+                    head: Vec::new(),
+                });
+                start = out_segs.len();
+                bytes = 0;
+            }
+        }
+    }
+    if start < out_segs.len() {
+        frames.push(Frame {
+            segs: start..out_segs.len(),
+            bytes,
+            head: Vec::new(),
+        });
+    }
+    (out_segs, frames)
+}
+
 /// Where a transfer's ranges lie: its segments (merged where contiguous), the local
 /// registrations and the imports they lie in, and the path the data takes.
 pub(crate) struct Route {
@@ -241,6 +286,8 @@ pub(crate) struct Route {
     /// The mappings the segments address (shared-memory path only).
     pub maps: Vec<Arc<Import>>,
     pub remotes: Vec<Arc<RemoteHandle>>,
+    /// The peer's keys the segments name (`PlanSeg::key` indexes it).
+    pub keys: Vec<u128>,
 }
 
 /// Routes `req` through the local registrations `local` (sorted by address) and the
@@ -266,6 +313,7 @@ pub(crate) fn route(
     }
     let mut segs: Vec<PlanSeg> = Vec::new();
     let mut regs: Vec<Arc<LocalReg>> = Vec::new();
+    let mut keys: Vec<u128> = Vec::new();
     for s in segments(&req.local, &req.remote)? {
         let reg = find_containing(local, &s.local).ok_or_else(|| {
             Error::NotRegistered(format!(
@@ -293,7 +341,13 @@ pub(crate) fn route(
                     s.remote.addr, s.remote.len
                 ))
             })?;
-        let key = *key;
+        let key = match keys.iter().position(|k| k == key) {
+            Some(i) => i as u32,
+            None => {
+                keys.push(*key);
+                (keys.len() - 1) as u32
+            }
+        };
         if req.op == Op::Write && !handle.access().writable() {
             return Err(Error::AccessDenied(format!(
                 "a WRITE into the peer's read-only registration (RemoteId#{})",
@@ -355,6 +409,7 @@ pub(crate) fn route(
         path,
         maps,
         remotes: handles,
+        keys,
     })
 }
 
@@ -577,9 +632,48 @@ mod tests {
     fn seg(local: u64, remote: u64, len: u64) -> PlanSeg {
         PlanSeg {
             local,
-            key: 1,
+            key: 0,
             remote,
             len,
+        }
+    }
+
+    /// Segments kept in place give exactly the frames the splitting path makes.
+    #[test]
+    fn frames_in_place_match_the_splitting_path() {
+        let frame = 64 << 10;
+        let cases: Vec<Vec<u64>> = vec![
+            vec![512; 1000],
+            vec![frame; 3],
+            vec![4096; 2 * wire::MAX_SEGMENTS as usize + 7],
+            vec![1 << 14, 1 << 15, 1 << 14, 100, 28, 1 << 14],
+            vec![frame / 2, frame, frame / 2], // a boundary inside: split
+            vec![100, 0, 100],                 // an empty segment: split path
+        ];
+        for lens in cases {
+            let segs: Vec<PlanSeg> = lens
+                .iter()
+                .scan(0u64, |at, n| {
+                    *at += n + 8;
+                    Some(seg(*at, *at << 1, *n))
+                })
+                .collect();
+            let (want_segs, want) = split_into_frames(segs.clone(), frame);
+            let shape = |f: &[Frame]| {
+                f.iter()
+                    .map(|f| (f.segs.clone(), f.bytes))
+                    .collect::<Vec<_>>()
+            };
+            match frames_in_place(&segs, frame) {
+                Some(got) => {
+                    assert_eq!(segs, want_segs, "{lens:?}");
+                    assert_eq!(shape(&got), shape(&want), "{lens:?}");
+                }
+                None => assert!(
+                    want_segs.len() != segs.len() || lens.contains(&0),
+                    "in place refused a list needing no split: {lens:?}"
+                ),
+            }
         }
     }
 
@@ -595,6 +689,7 @@ mod tests {
             Path::Tcp,
             vec![],
             vec![],
+            vec![1],
         );
         assert_eq!(p.frames.len(), 4);
         assert_eq!(p.lanes, 4);
@@ -626,6 +721,7 @@ mod tests {
             Path::Tcp,
             vec![],
             vec![],
+            vec![1],
         );
         assert_eq!(p.frames.len(), 2);
         assert_eq!(p.total, 1000 * 4096);
@@ -655,6 +751,7 @@ mod tests {
             Path::SharedMemory,
             vec![],
             vec![],
+            vec![1],
         );
         assert_eq!((small.frames.len(), small.lanes), (1, 1));
         assert!(small.frames[0].head.is_empty());

@@ -41,6 +41,11 @@ id_type!(
     /// A prepared transfer, handed out by [`Backend::prepare`]. `Copy`, `Send + Sync`.
     TransferId
 );
+id_type!(
+    /// A list of items prepared once, handed out by [`Backend::prepare_list`]. `Copy`,
+    /// `Send + Sync`.
+    ListId
+);
 
 /// The direction of a one-sided transfer. `Copy`, `Send + Sync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -201,6 +206,34 @@ pub struct TransferRequest {
     pub remote: DescriptorList,
 }
 
+/// Whose memory a prepared list names ([`Backend::prepare_list`]). `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListSide {
+    /// This backend's registrations.
+    Local,
+    /// Registrations imported from this peer.
+    Remote(EndpointId),
+}
+
+/// A transfer made from two prepared lists by item index ([`Backend::prepare_selected`]):
+/// the bytes of `local` items `local_items[0], local_items[1], …`, in that order, move
+/// to or from the bytes of `remote` items `remote_items[0], …` — exactly the transfer
+/// [`Backend::prepare`] makes of the [`TransferRequest`] whose lists hold those items'
+/// descriptors in that order. `Copy`, `Send + Sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelectRequest<'a> {
+    /// Direction.
+    pub op: Op,
+    /// A list prepared with [`ListSide::Local`].
+    pub local: ListId,
+    /// Indices into `local`, in transfer order.
+    pub local_items: &'a [u32],
+    /// A list prepared with [`ListSide::Remote`]; the transfer goes to that peer.
+    pub remote: ListId,
+    /// Indices into `remote`, in transfer order.
+    pub remote_items: &'a [u32],
+}
+
 /// Per-post options. `Clone`, `Send + Sync`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PostOptions {
@@ -304,6 +337,18 @@ pub struct Notification {
 /// * **Authentication.** If `capabilities().authenticated`, a peer without the cluster
 ///   secret cannot connect, import or move a byte, and is refused within the deadline
 ///   (case `unauthenticated_peer_refused`).
+/// * **Prepared lists** (optional; NIXL's `prepXferDlist` / `makeXferReq` by index). A
+///   backend that implements [`Backend::prepare_list`] checks every item once there (as
+///   `prepare` would: `NotRegistered` / `OutOfBounds` / `Unsupported`), and
+///   [`Backend::prepare_selected`] then makes the same transfer `prepare` would make of
+///   the selected items' descriptors — same bytes, same refusals at post (a local
+///   registration or an import withdrawn since is refused, read-only access enforced) —
+///   without checking the items again. An index past the end is [`Error::OutOfBounds`];
+///   index arrays of different lengths, unequal or zero totals are
+///   [`Error::InvalidArgument`]; a released list is [`Error::NotRegistered`]. A list
+///   pins nothing: it never makes `deregister` `Busy`, and transfers made from it stay
+///   valid after `release_list` (case `prepared_lists`). Backends without the methods
+///   return `Unsupported` and the agent builds lists per request instead.
 /// * **Bounded peer input.** Frame sizes, inbox messages and bytes, reorder state and
 ///   connections are bounded; peer input never panics or unwinds across FFI.
 ///
@@ -422,6 +467,45 @@ pub trait Backend: Send + Sync {
 
     /// Appends received notifications to `out`, oldest first; returns how many.
     fn drain_notifications(&self, out: &mut Vec<Notification>) -> Result<usize>;
+
+    /// Prepares a list of items once for many [`Backend::prepare_selected`] calls: item
+    /// `i` is descriptor `i` of `items` (kept compact: a strided run of blocks is one
+    /// entry however many items it holds), in this backend's registrations
+    /// ([`ListSide::Local`]) or in registrations imported from a peer. Every item is
+    /// checked here, as `prepare` checks a request's ranges. The default is
+    /// [`Error::Unsupported`] (the agent then builds lists per request).
+    fn prepare_list(
+        &self,
+        side: ListSide,
+        kind: MemKind,
+        items: &DescriptorList,
+    ) -> Result<ListId> {
+        let _ = (side, kind, items);
+        Err(Error::Unsupported(format!(
+            "{} does not prepare lists",
+            self.name()
+        )))
+    }
+
+    /// Prepares the transfer of `req`'s selected items (see [`SelectRequest`]) without
+    /// checking the items again; post it like any prepared transfer. The default is
+    /// [`Error::Unsupported`].
+    fn prepare_selected(&self, req: &SelectRequest<'_>) -> Result<TransferId> {
+        let _ = req;
+        Err(Error::Unsupported(format!(
+            "{} does not prepare lists",
+            self.name()
+        )))
+    }
+
+    /// Forgets a prepared list; transfers already made from it are not affected. The
+    /// default is [`Error::Unsupported`].
+    fn release_list(&self, id: ListId) -> Result<()> {
+        Err(Error::Unsupported(format!(
+            "{} does not prepare lists ({id})",
+            self.name()
+        )))
+    }
 
     /// An estimate of how long `req` would take, used to choose among backends.
     fn estimate_cost(&self, _req: &TransferRequest) -> Option<Duration> {

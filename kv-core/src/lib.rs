@@ -6,9 +6,11 @@
 //! docs are the contract, clause by clause — exports a [`BackendFactory`] the agent
 //! calls with a [`BackendInit`] (agent name, cluster secret, bind address), and proves
 //! itself with the `conformance` feature's suite, which `tests/mutants.rs` shows failing
-//! on a dozen deliberately broken backends. The in-process [`loopback`] backend is the
-//! reference implementation to read. `kv-core` does no I/O besides reading OS randomness
-//! ([`auth`]) and no unsafe operation (`#![deny(unsafe_code)]`, lifted only where the
+//! on fourteen deliberately broken backends. The in-process [`loopback`] backend is the
+//! reference implementation to read; [`lists`] keeps prepared lists the simple way for a
+//! backend that implements the optional prepared-list methods without a plan of its
+//! own. `kv-core` does no I/O besides reading OS randomness ([`auth`]) and no unsafe
+//! operation (`#![deny(unsafe_code)]`, lifted only where the
 //! trait declares its two `unsafe` methods and where the loopback backend and the
 //! conformance suite implement or call them); it compiles in seconds.
 //!
@@ -46,12 +48,13 @@ pub mod codec;
 pub mod conformance;
 mod desc;
 mod error;
+pub mod lists;
 pub mod loopback;
 
 pub use backend::{
     backend_required, check_request_shape, require_or_skip, Access, Backend, BackendFactory,
-    BackendInit, Capabilities, EndpointId, Notification, Op, Params, PostOptions, RegistrationId,
-    RemoteId, Status, TransferId, TransferRequest,
+    BackendInit, Capabilities, EndpointId, ListId, ListSide, Notification, Op, Params, PostOptions,
+    RegistrationId, RemoteId, SelectRequest, Status, TransferId, TransferRequest,
 };
 /// Shareable byte blobs (connection info, remote keys, notification payloads), re-exported
 /// so a backend needs no direct `bytes` dependency.

@@ -67,6 +67,16 @@ const EXPECTED: &[(Mutation, &str, &str)] = &[
         "unauthenticated_peer_refused",
         "another cluster secret moved data",
     ),
+    (
+        Mutation::SelectionIgnored,
+        "prepared_lists",
+        "WRITE of selected items: remote memory",
+    ),
+    (
+        Mutation::ListNotChecked,
+        "prepared_lists",
+        "naming memory outside the registrations was accepted",
+    ),
 ];
 
 /// The case named in a `run_all` error, and the rest of its message.

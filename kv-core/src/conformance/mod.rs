@@ -36,6 +36,7 @@
 
 mod faults;
 mod harness;
+mod lists;
 mod loopback;
 mod memory;
 mod notify;
@@ -51,6 +52,7 @@ pub use faults::{
     unauthenticated_peer_refused,
 };
 pub use harness::{pattern, wait, Harness, MemoryFactory, Side, TestMemory};
+pub use lists::prepared_lists;
 pub use loopback::LoopbackHarness;
 #[doc(hidden)]
 pub use loopback::MutantHarness;
@@ -90,6 +92,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("post_after_peer_deregister", post_after_peer_deregister),
     ("read_only", read_only),
     ("unauthenticated_peer_refused", unauthenticated_peer_refused),
+    ("prepared_lists", prepared_lists),
 ];
 
 /// Runs every case; the first failure is returned as `Corrupt("conformance case NAME:
@@ -115,7 +118,8 @@ macro_rules! conformance_tests {
             notifications, notification_after_data, read_notification, bounds_refused,
             bounds_forged, repost, cancel, cancel_stops_copies, deregister_busy, dropped_peer,
             disconnect_inflight, expired_deadline, poll_after_release, post_after_deregister,
-            post_after_peer_deregister, read_only, unauthenticated_peer_refused);
+            post_after_peer_deregister, read_only, unauthenticated_peer_refused,
+            prepared_lists);
     };
     (@case $harness:expr; $($name:ident),*) => {
         $(

@@ -58,8 +58,9 @@ use parking_lot::Mutex;
 
 use crate::auth::random_u128;
 use crate::backend::*;
-use crate::desc::{Descriptor, MemKind, MemKinds};
+use crate::desc::{Descriptor, DescriptorList, MemKind, MemKinds};
 use crate::error::{Error, Result};
+use crate::lists::ListTable;
 #[doc(hidden)]
 pub use node::Mutation;
 use node::{
@@ -124,6 +125,7 @@ impl LoopbackFabric {
         LoopbackBackend {
             node,
             fabric: self.inner.clone(),
+            lists: ListTable::new(),
         }
     }
 }
@@ -132,6 +134,8 @@ impl LoopbackFabric {
 pub struct LoopbackBackend {
     node: Arc<Node>,
     fabric: Arc<FabricInner>,
+    /// Prepared lists, kept as items and expanded per request (the simple way).
+    lists: ListTable,
 }
 
 impl std::fmt::Debug for LoopbackBackend {
@@ -524,6 +528,63 @@ impl Backend for LoopbackBackend {
         // Its queued job, when it comes up, finds it finished and moves nothing.
         s.finish(id.0, Status::Failed(Error::Canceled));
         Ok(())
+    }
+
+    fn prepare_list(
+        &self,
+        side: ListSide,
+        kind: MemKind,
+        items: &DescriptorList,
+    ) -> Result<ListId> {
+        ListTable::check_items(items)?;
+        if kind != MemKind::Dram {
+            return Err(Error::Unsupported("loopback moves dram only".into()));
+        }
+        let all = items;
+        let s = self.node.state.lock();
+        let (within, what) = match side {
+            ListSide::Local => {
+                let regs: Vec<Descriptor> = s.regs.values().map(|r| r.desc).collect();
+                (all.within(&regs), "every local registration")
+            }
+            ListSide::Remote(peer) => {
+                s.link(peer.0)?;
+                let imported: Vec<Descriptor> = s
+                    .remotes
+                    .values()
+                    .filter(|r| r.peer == peer.0)
+                    .map(|r| r.desc)
+                    .collect();
+                (all.within(&imported), "what the peer registered")
+            }
+        };
+        drop(s);
+        if !within && !self.node.mutant(Mutation::ListNotChecked) {
+            return Err(Error::NotRegistered(format!(
+                "an item of the list lies outside {what}"
+            )));
+        }
+        self.lists.insert(side, kind, items)
+    }
+
+    fn prepare_selected(&self, req: &SelectRequest<'_>) -> Result<TransferId> {
+        let identity: Vec<u32> = (0..req.local_items.len() as u32).collect();
+        let req = if self.node.mutant(Mutation::SelectionIgnored) {
+            SelectRequest {
+                local_items: &identity,
+                remote_items: &identity,
+                ..*req
+            }
+        } else {
+            *req
+        };
+        // The reference does it the simple way: the selected items' request, prepared
+        // (and so checked) like any other.
+        self.prepare(&self.lists.request(&req)?)
+    }
+
+    fn release_list(&self, id: ListId) -> Result<()> {
+        self.lists.remove(id)
     }
 
     fn release(&self, id: TransferId) -> Result<()> {

@@ -61,11 +61,15 @@ pub enum Mutation {
     ReadOnlyNotEnforced,
     /// A peer with the wrong cluster secret is accepted.
     UnauthenticatedAccepted,
+    /// `prepare_selected` moves the lists' first items, whatever indices it is given.
+    SelectionIgnored,
+    /// `prepare_list` accepts items outside every registration.
+    ListNotChecked,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 12] = [
+    pub const ALL: [Mutation; 14] = [
         Mutation::ReadWrongDirection,
         Mutation::NotifyBeforeData,
         Mutation::DeregisterNeverBusy,
@@ -78,6 +82,8 @@ impl Mutation {
         Mutation::NoLivenessCheck,
         Mutation::ReadOnlyNotEnforced,
         Mutation::UnauthenticatedAccepted,
+        Mutation::SelectionIgnored,
+        Mutation::ListNotChecked,
     ];
 }
 
