@@ -123,43 +123,45 @@ impl Rig {
             same_host,
             "same-host path not taken"
         );
-        let mut bufs = Vec::new();
+        // One registration per side (as an agent registers its KV cache once); the
+        // transfers lie side by side in it.
+        let n = span(piece, count);
+        let mut src = alloc(n * WINDOW * sets);
+        src.as_mut_slice().fill(0x5a);
+        let mut dst = alloc(n * WINDOW * sets);
+        // Fault the target pages in before the first round.
+        dst.as_mut_slice().fill(0);
+        // SAFETY: the buffers live in the rig, which drops the backends first.
+        let rb = unsafe {
+            a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap();
+            b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap()
+        };
+        a.import_remote(
+            peer,
+            MemKind::Dram,
+            &dst.descriptor(),
+            &b.remote_key(rb).unwrap(),
+        )
+        .unwrap();
         let mut ids = Vec::new();
-        for _ in 0..WINDOW * sets {
-            let n = span(piece, count);
-            let mut src = alloc(n);
-            src.as_mut_slice().fill(0x5a);
-            let mut dst = alloc(n);
-            dst.as_mut_slice().fill(0); // fault the pages in before the first round
-                                        // SAFETY: the buffers live in the rig, which drops the backends first.
-            let rb = unsafe {
-                a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap();
-                b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap()
-            };
-            a.import_remote(
-                peer,
-                MemKind::Dram,
-                &dst.descriptor(),
-                &b.remote_key(rb).unwrap(),
-            )
-            .unwrap();
+        for k in 0..WINDOW * sets {
+            let off = (k * n) as u64;
             let id = a
                 .prepare(&TransferRequest {
                     op: Op::Write,
                     local_kind: MemKind::Dram,
-                    local: pieces(src.descriptor().addr, piece, count),
+                    local: pieces(src.descriptor().addr + off, piece, count),
                     peer,
                     remote_kind: MemKind::Dram,
-                    remote: pieces(dst.descriptor().addr, piece, count),
+                    remote: pieces(dst.descriptor().addr + off, piece, count),
                 })
                 .unwrap();
             assert_eq!(a.transfer_path(id).unwrap(), path, "{mode}: path not taken");
             ids.push(id);
-            bufs.push(src);
-            bufs.push(dst);
         }
+        let bufs = vec![src, dst];
         Rig {
             a,
             _b: b,
