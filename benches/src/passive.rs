@@ -214,6 +214,11 @@ pub(crate) struct Passive {
 }
 
 impl Passive {
+    /// The process id of a spawned passive side (`None` for one on another host).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// A passive side already running at `addr` (two hosts).
     pub(crate) fn at(addr: &str) -> Passive {
         Passive {

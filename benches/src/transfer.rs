@@ -118,7 +118,13 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     let mut complete_times = Vec::new();
     let mut first_layer = Vec::new();
     let mut iter_times = Vec::new();
+    // CPU time of both processes over the timed iterations (1..=iters).
+    let procs = [Some(std::process::id()), passive.pid()];
+    let mut cpu_start = Duration::ZERO;
     for iter in 0..=args.iters {
+        if iter == 1 {
+            cpu_start = cpu_of(&procs);
+        }
         let t_iter = Instant::now();
         let mut posted_at = Vec::with_capacity(transfers.len());
         for (l, t) in transfers.iter().enumerate() {
@@ -144,6 +150,7 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
             iter_times.push(t_iter.elapsed());
         }
     }
+    let cpu = cpu_of(&procs).saturating_sub(cpu_start);
     bar.finish_and_clear();
 
     agent.notify(peer, Bytes::from_static(b"DONE"))?;
@@ -178,6 +185,10 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
         ("iterations", Value::Int(args.iters as u64)),
         ("bandwidth_gbps", Value::Num(bw)),
         (
+            "cpu_ms_per_gib",
+            Value::Num(cpu.as_secs_f64() * 1e3 / (moved as f64 / (1u64 << 30) as f64).max(1e-12)),
+        ),
+        (
             "transfers_per_s",
             Value::Num(complete_times.len() as f64 / timed.as_secs_f64().max(1e-9)),
         ),
@@ -203,6 +214,27 @@ pub fn run_active(args: &TransferArgs) -> Result<Report> {
     drop(transfers);
     drop(reg);
     Ok(Report { rows, verified })
+}
+
+/// CPU time used so far by every thread of the processes `pids` (this side and a
+/// spawned passive side), from `/proc/<pid>/task/*/schedstat`: what moving the bytes
+/// costs, little disturbed by other load on a shared machine, unlike the bandwidth.
+/// Threads that already exited and kernel threads (`ksoftirqd`) are not counted; 0
+/// where `/proc` is unavailable.
+fn cpu_of(pids: &[Option<u32>]) -> Duration {
+    let mut ns = 0u64;
+    for pid in pids.iter().flatten() {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+        for t in tasks.into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(ns)
 }
 
 /// Measures a reference in this process: single-thread memcpy of the same bytes.

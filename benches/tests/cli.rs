@@ -58,6 +58,14 @@ fn transfer_read_json_over_tcp_only() {
         "{out}"
     );
     assert!(out.contains("\"op\": \"READ\""), "{out}");
+    // Both processes' CPU time per GiB over the timed iterations: measured, positive.
+    let cpu: f64 = out
+        .split("\"cpu_ms_per_gib\": ")
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(cpu > 0.0, "{out}");
 }
 
 #[test]

@@ -6,8 +6,11 @@
 //!
 //! Cases: `4KiBx256` (256 scattered 4 KiB descriptors, one post), `64KiB`, `1MiB`,
 //! `16MiB` (one descriptor each). Each iteration posts `WINDOW` transfers of the case
-//! (distinct buffers) and waits for all of them, as `ucx_perftest`'s bandwidth tests
-//! keep several operations in flight.
+//! (distinct ranges) and waits for all of them, as `ucx_perftest`'s bandwidth tests
+//! keep several operations in flight. These cases reuse the same few MiB, which stay
+//! in the CPU caches; `1MiB@256MiB` moves the same 1 MiB transfers but each round
+//! takes the next window of a 256 MiB span, so source, target and the memcpy
+//! reference stream from DRAM as `kv-bench transfer` (a 1 GiB KV cache) does.
 //!
 //! `KV_TCP_BENCH_ONLY=tcp:1MiB` (comma-separated `mode:case`, `*` for any) limits the
 //! cases. After criterion's runs a summary prints one line per case:
@@ -23,11 +26,14 @@ use kv_core::{
 use kv_mem::HostBuffer;
 
 const WINDOW: usize = 4;
-const CASES: [(&str, usize, usize); 4] = [
-    ("4KiBx256", 4096, 256),
-    ("64KiB", 64 << 10, 1),
-    ("1MiB", 1 << 20, 1),
-    ("16MiB", 16 << 20, 1),
+/// Name, piece size, pieces per transfer, and how many windows of transfers the rounds
+/// cycle through (the span: `sets * WINDOW` transfers).
+const CASES: [(&str, usize, usize, usize); 5] = [
+    ("4KiBx256", 4096, 256, 1),
+    ("64KiB", 64 << 10, 1, 1),
+    ("1MiB", 1 << 20, 1, 1),
+    ("16MiB", 16 << 20, 1, 1),
+    ("1MiB@256MiB", 1 << 20, 1, 64),
 ];
 const MODES: [&str; 3] = ["tcp", "same_host", "shm"];
 
@@ -57,16 +63,18 @@ fn span(piece: usize, count: usize) -> usize {
     }
 }
 
-/// Two backends, `WINDOW` prepared transfers, and the buffers they name.
+/// Two backends, `sets * WINDOW` prepared transfers, and the buffers they name.
 struct Rig {
     a: TcpBackend,
     _b: TcpBackend,
     ids: Vec<TransferId>,
+    /// The window the next round posts.
+    next: std::cell::Cell<usize>,
     _bufs: Vec<HostBuffer>,
 }
 
 impl Rig {
-    fn new(mode: &str, piece: usize, count: usize) -> Rig {
+    fn new(mode: &str, piece: usize, count: usize, sets: usize) -> Rig {
         let same_host = mode != "tcp";
         let path = match mode {
             "tcp" => Path::Tcp,
@@ -115,61 +123,68 @@ impl Rig {
             same_host,
             "same-host path not taken"
         );
-        let mut bufs = Vec::new();
+        // One registration per side (as an agent registers its KV cache once); the
+        // transfers lie side by side in it.
+        let n = span(piece, count);
+        let mut src = alloc(n * WINDOW * sets);
+        src.as_mut_slice().fill(0x5a);
+        let mut dst = alloc(n * WINDOW * sets);
+        // Fault the target pages in before the first round.
+        dst.as_mut_slice().fill(0);
+        // SAFETY: the buffers live in the rig, which drops the backends first.
+        let rb = unsafe {
+            a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap();
+            b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap()
+        };
+        a.import_remote(
+            peer,
+            MemKind::Dram,
+            &dst.descriptor(),
+            &b.remote_key(rb).unwrap(),
+        )
+        .unwrap();
         let mut ids = Vec::new();
-        for _ in 0..WINDOW {
-            let n = span(piece, count);
-            let mut src = alloc(n);
-            src.as_mut_slice().fill(0x5a);
-            let dst = alloc(n);
-            // SAFETY: the buffers live in the rig, which drops the backends first.
-            let rb = unsafe {
-                a.register(MemKind::Dram, &src.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap();
-                b.register(MemKind::Dram, &dst.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap()
-            };
-            a.import_remote(
-                peer,
-                MemKind::Dram,
-                &dst.descriptor(),
-                &b.remote_key(rb).unwrap(),
-            )
-            .unwrap();
+        for k in 0..WINDOW * sets {
+            let off = (k * n) as u64;
             let id = a
                 .prepare(&TransferRequest {
                     op: Op::Write,
                     local_kind: MemKind::Dram,
-                    local: pieces(src.descriptor().addr, piece, count),
+                    local: pieces(src.descriptor().addr + off, piece, count),
                     peer,
                     remote_kind: MemKind::Dram,
-                    remote: pieces(dst.descriptor().addr, piece, count),
+                    remote: pieces(dst.descriptor().addr + off, piece, count),
                 })
                 .unwrap();
             assert_eq!(a.transfer_path(id).unwrap(), path, "{mode}: path not taken");
             ids.push(id);
-            bufs.push(src);
-            bufs.push(dst);
         }
+        let bufs = vec![src, dst];
         Rig {
             a,
             _b: b,
             ids,
+            next: std::cell::Cell::new(0),
             _bufs: bufs,
         }
     }
 
-    /// Posts every transfer of the window and waits for all.
+    /// Posts every transfer of the next window and waits for all.
     fn round(&self) {
         let opts = PostOptions {
             notification: None,
             deadline: Some(Instant::now() + Duration::from_secs(30)),
         };
-        for id in &self.ids {
+        let w = self.next.get();
+        self.next.set((w + 1) % (self.ids.len() / WINDOW));
+        let ids = &self.ids[w * WINDOW..(w + 1) * WINDOW];
+        for id in ids {
             // SAFETY: the rig keeps the buffers registered; each round waits for the end.
             unsafe { self.a.post(*id, &opts).expect("post") };
         }
-        for id in &self.ids {
+        for id in ids {
             loop {
                 match self.a.poll(*id) {
                     Status::Done => break,
@@ -198,28 +213,37 @@ struct Memcpy {
     dst: HostBuffer,
     piece: usize,
     count: usize,
+    sets: usize,
+    next: usize,
 }
 
 impl Memcpy {
-    fn new(piece: usize, count: usize) -> Memcpy {
-        let n = span(piece, count) * WINDOW;
+    fn new(piece: usize, count: usize, sets: usize) -> Memcpy {
+        let n = span(piece, count) * WINDOW * sets;
         let mut src = HostBuffer::alloc(n, 4096).expect("memcpy source");
         src.as_mut_slice().fill(0x5a);
+        let mut dst = HostBuffer::alloc(n, 4096).expect("memcpy target");
+        dst.as_mut_slice().fill(0); // fault the pages in, as the rig's targets are
         Memcpy {
             src,
-            dst: HostBuffer::alloc(n, 4096).expect("memcpy target"),
+            dst,
             piece,
             count,
+            sets,
+            next: 0,
         }
     }
 
+    /// Copies the pieces of the next window, as [`Rig::round`] moves them.
     fn round(&mut self) {
         let stride = if self.count > 1 {
             self.piece + 4096
         } else {
             self.piece
         };
-        for w in 0..WINDOW {
+        let set = self.next;
+        self.next = (self.next + 1) % self.sets;
+        for w in set * WINDOW..(set + 1) * WINDOW {
             let base = w * span(self.piece, self.count);
             for i in 0..self.count {
                 let o = base + i * stride;
@@ -234,10 +258,46 @@ impl Memcpy {
 /// Alternating bursts per side in `rates`.
 const BURSTS: u32 = 6;
 
+/// CPU time the backends' worker threads (`kv-tcp-*`: lanes and serving threads) of
+/// this process have used so far, from `/proc/self/task/*/schedstat`: the cost of
+/// moving the bytes, without the bench thread's polling, and little disturbed by other
+/// load on a shared machine (unlike wall-clock rates).
+fn worker_cpu() -> Duration {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = t.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if !comm.starts_with("kv-tcp-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(p.join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(ns)
+}
+
+/// What [`rates`] measured.
+struct Rates {
+    /// Best burst of ours, MiB/s.
+    ours: f64,
+    /// Best burst of the reference, MiB/s.
+    reference: f64,
+    /// Worker CPU time per GiB moved over all of our bursts, milliseconds.
+    cpu_ms_per_gib: f64,
+}
+
 /// MiB/s of `f` and of `g` over about `budget` each: bursts of the two alternate and
 /// the best burst of each counts, so a load spike on this shared machine does not hit
-/// only one side of the ratio.
-fn rates(bytes: usize, budget: Duration, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
+/// only one side of the ratio. Also the worker CPU time `f` takes per GiB.
+fn rates(bytes: usize, budget: Duration, mut f: impl FnMut(), mut g: impl FnMut()) -> Rates {
     f();
     g();
     let burst = |h: &mut dyn FnMut()| {
@@ -247,36 +307,49 @@ fn rates(bytes: usize, budget: Duration, mut f: impl FnMut(), mut g: impl FnMut(
             h();
             n += 1;
         }
-        (bytes as f64 * n as f64) / start.elapsed().as_secs_f64() / (1 << 20) as f64
+        (
+            n,
+            (bytes as f64 * n as f64) / start.elapsed().as_secs_f64() / (1 << 20) as f64,
+        )
     };
     let (mut bf, mut bg) = (0f64, 0f64);
+    let (mut cpu, mut rounds) = (Duration::ZERO, 0u64);
     for _ in 0..BURSTS {
-        bf = bf.max(burst(&mut f));
-        bg = bg.max(burst(&mut g));
+        let c0 = worker_cpu();
+        let (n, r) = burst(&mut f);
+        cpu += worker_cpu().saturating_sub(c0);
+        rounds += n;
+        bf = bf.max(r);
+        bg = bg.max(burst(&mut g).1);
     }
-    (bf, bg)
+    let gib = (bytes as f64 * rounds as f64) / (1u64 << 30) as f64;
+    Rates {
+        ours: bf,
+        reference: bg,
+        cpu_ms_per_gib: cpu.as_secs_f64() * 1e3 / gib.max(1e-12),
+    }
 }
 
 fn benches(c: &mut Criterion) {
     let mut summary = Vec::new();
     for mode in MODES {
-        for (case, piece, count) in CASES {
+        for (case, piece, count, sets) in CASES {
             if !selected(mode, case) {
                 continue;
             }
             let bytes = piece * count * WINDOW;
-            let rig = Rig::new(mode, piece, count);
-            let mut copy = Memcpy::new(piece, count);
+            let rig = Rig::new(mode, piece, count, sets);
+            let mut copy = Memcpy::new(piece, count, sets);
             let mut g = c.benchmark_group(format!("{mode}/{case}"));
             g.throughput(Throughput::Bytes(bytes as u64));
             g.bench_function("ours", |b| b.iter(|| rig.round()));
             g.bench_function("memcpy", |b| b.iter(|| copy.round()));
             g.finish();
             let budget = Duration::from_millis(900);
-            let (ours, reference) = rates(bytes, budget, || rig.round(), || copy.round());
+            let r = rates(bytes, budget, || rig.round(), || copy.round());
             summary.push(format!(
-                "RESULT mode={mode} case={case} window={WINDOW} ours_MiBps={ours:.0} memcpy_MiBps={reference:.0} ratio={:.3}",
-                ours / reference
+                "RESULT mode={mode} case={case} window={WINDOW} ours_MiBps={:.0} memcpy_MiBps={:.0} ratio={:.3} worker_cpu_ms_per_GiB={:.0}",
+                r.ours, r.reference, r.ours / r.reference, r.cpu_ms_per_gib
             ));
         }
     }

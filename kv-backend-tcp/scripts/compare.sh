@@ -42,7 +42,7 @@ else
     echo "ucx_perftest not installed (apt install ucx-utils); reporting ours only" >&2
 fi
 
-results=$(KV_TCP_BENCH_ONLY=tcp:1MiB,same_host:1MiB,same_host:4KiBx256,shm:1MiB,shm:4KiBx256 \
+results=$(KV_TCP_BENCH_ONLY=tcp:1MiB,tcp:1MiB@256MiB,same_host:1MiB,same_host:4KiBx256,shm:1MiB,shm:4KiBx256,shm:1MiB@256MiB \
     cargo bench -j2 -p kv-backend-tcp --bench transfer 2>/dev/null | grep '^RESULT')
 printf '%s\n' "$results"
 
@@ -56,7 +56,9 @@ if [ -n "$theirs" ]; then
 else
     echo "tcp 1 MiB WRITE:       ours ${ours} MiB/s (no ucx_perftest figure)"
 fi
+echo "tcp 1 MiB, 256 MiB span: ours $(field tcp 1MiB@256MiB ours_MiBps) MiB/s; worker CPU $(field tcp 1MiB@256MiB worker_cpu_ms_per_GiB) ms/GiB against $(field tcp 1MiB worker_cpu_ms_per_GiB) in cache (data from DRAM, as the main job's)"
 echo "shm 1 MiB:             ratio to memcpy $(field shm 1MiB ratio) (goal >= 0.8)"
+echo "shm 1 MiB, 256 MiB span: ratio to memcpy $(field shm 1MiB@256MiB ratio) (both from DRAM)"
 echo "shm 4 KiB x256:        ratio to memcpy $(field shm 4KiBx256 ratio) (goal >= 0.5)"
 echo "cma 1 MiB:             ratio to memcpy $(field same_host 1MiB ratio) (fallback for non-shared memory)"
 echo "cma 4 KiB x256:        ratio to memcpy $(field same_host 4KiBx256 ratio)"

@@ -309,6 +309,12 @@ fn same_host_tick(core: &PeerCore, t: &Transfer, deadline: Option<Instant>) -> R
 /// a transfer to a peer that died ends with `RemoteDisconnected`, as over CMA or TCP.
 fn run_shm(core: &PeerCore, t: &Transfer, lane: usize) -> Result<()> {
     let deadline = t.state.lock().deadline;
+    // A large post streams past the caches (see `os::copy_streaming`).
+    let copy = if t.plan.total >= os::STREAMING_MIN {
+        os::copy_streaming
+    } else {
+        os::copy
+    };
     for f in t.plan.lane_frames(lane) {
         same_host_tick(core, t, deadline)?;
         for s in &t.plan.segs[f.segs.clone()] {
@@ -320,8 +326,8 @@ fn run_shm(core: &PeerCore, t: &Transfer, lane: usize) -> Result<()> {
             // which gives torn data, never a fault: the copy uses raw pointers only.
             unsafe {
                 match t.plan.op {
-                    Op::Write => os::copy(s.remote, s.local, s.len),
-                    Op::Read => os::copy(s.local, s.remote, s.len),
+                    Op::Write => copy(s.remote, s.local, s.len),
+                    Op::Read => copy(s.local, s.remote, s.len),
                 }
             }
         }

@@ -258,9 +258,121 @@ pub(crate) unsafe fn copy(dst: u64, src: u64, len: u64) {
     }
 }
 
+/// Posts on the shared-memory path of at least this many bytes copy with
+/// [`copy_streaming`]: their source and target do not stay in the CPU caches anyway
+/// (a KV cache layer is tens of MiB), and a smaller post is likely still cached.
+pub(crate) const STREAMING_MIN: u64 = 8 << 20;
+
+/// Below this length a copy is not worth the alignment head and tail.
+const STREAMING_PIECE_MIN: u64 = 4096;
+
+/// Copies like [`copy`], but the 64-byte-aligned bulk of the target with non-temporal
+/// stores that bypass the caches (x86-64 `movntdq`): the target's cache lines are not
+/// read before they are overwritten, which saves a third of the memory traffic of a
+/// copy between ranges that are not cached (1 GiB in 256 KiB pieces on the development
+/// VM: 19.5 GB/s against 11 GB/s with `memcpy`). Ends with a store fence, so the bytes
+/// are visible to other threads and processes before anything the caller does next.
+/// Overlapping ranges, short ones and other architectures take [`copy`].
+///
+/// # Safety
+///
+/// As [`copy`].
+pub(crate) unsafe fn copy_streaming(dst: u64, src: u64, len: u64) {
+    let overlap = dst < src.saturating_add(len) && src < dst.saturating_add(len);
+    #[cfg(target_arch = "x86_64")]
+    if !overlap && len >= STREAMING_PIECE_MIN {
+        // SAFETY: the caller's promise; the ranges do not overlap.
+        unsafe { stream_x86_64(dst, src, len) };
+        return;
+    }
+    let _ = overlap;
+    // SAFETY: the caller's promise.
+    unsafe { copy(dst, src, len) }
+}
+
+/// [`copy_streaming`] on x86-64: head up to the first 64-byte boundary of `dst` and the
+/// tail with [`copy`], the rest four 16-byte non-temporal stores at a time (SSE2, which
+/// every x86-64 CPU has), then `sfence`.
+///
+/// # Safety
+///
+/// As [`copy`], and the ranges must not overlap.
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_x86_64(dst: u64, src: u64, len: u64) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    let head = ((64 - dst % 64) % 64).min(len);
+    let body = (len - head) & !63;
+    let tail = len - head - body;
+    // SAFETY: every access lies in `dst..dst+len` or `src..src+len` (the caller's
+    // promise); `d` is 64-byte aligned, so each 16-byte streaming store is aligned as
+    // `_mm_stream_si128` requires; loads are unaligned. The fence orders the weakly
+    // ordered streaming stores before every later store of this thread.
+    unsafe {
+        copy(dst, src, head);
+        let mut d = (dst + head) as usize as *mut __m128i;
+        let mut s = (src + head) as usize as *const __m128i;
+        for _ in 0..body / 64 {
+            let a = _mm_loadu_si128(s);
+            let b = _mm_loadu_si128(s.add(1));
+            let c = _mm_loadu_si128(s.add(2));
+            let e = _mm_loadu_si128(s.add(3));
+            _mm_stream_si128(d, a);
+            _mm_stream_si128(d.add(1), b);
+            _mm_stream_si128(d.add(2), c);
+            _mm_stream_si128(d.add(3), e);
+            d = d.add(4);
+            s = s.add(4);
+        }
+        _mm_sfence();
+        copy(dst + head + body, src + head + body, tail);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streaming_copy_is_byte_exact_at_every_alignment() {
+        let src: Vec<u8> = (0..70_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for len in [0usize, 1, 63, 64, 4095, 4096, 4097, 4096 + 63, 65_536 + 5] {
+            for (so, doff) in [(0, 0), (1, 0), (0, 1), (17, 63), (63, 33), (5, 48)] {
+                let mut dst = vec![0xeeu8; len + 128];
+                // SAFETY: `src[so..so+len]` and `dst[doff..doff+len]` are in bounds of
+                // two distinct live vectors.
+                unsafe {
+                    copy_streaming(
+                        dst.as_mut_ptr() as u64 + doff as u64,
+                        src.as_ptr() as u64 + so as u64,
+                        len as u64,
+                    )
+                };
+                assert_eq!(
+                    &dst[doff..doff + len],
+                    &src[so..so + len],
+                    "{len} {so} {doff}"
+                );
+                assert!(dst[..doff].iter().all(|&b| b == 0xee), "{len} {so} {doff}");
+                assert!(
+                    dst[doff + len..].iter().all(|&b| b == 0xee),
+                    "{len} {so} {doff}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_copy_of_overlapping_ranges_moves_like_memmove() {
+        let orig: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+        for (from, to) in [(0usize, 100usize), (100, 0), (0, 1), (1, 0)] {
+            let mut v = orig.clone();
+            let len = 10_000;
+            let base = v.as_mut_ptr() as u64;
+            // SAFETY: both ranges lie inside `v`, which no reference covers meanwhile.
+            unsafe { copy_streaming(base + to as u64, base + from as u64, len as u64) };
+            assert_eq!(&v[to..to + len], &orig[from..from + len], "{from}->{to}");
+        }
+    }
 
     #[test]
     fn peer_fd_and_shared_mapping_of_own_memfd() {
