@@ -311,7 +311,16 @@ impl State {
         if let Some(mut r) = self.regs.remove(id) {
             let key = r.key;
             if let Some(mr) = r.mr.take() {
-                self.fabric().close_mr(mr);
+                if let Err((mr, e)) = self.fabric().close_mr(mr) {
+                    // The provider kept the region open: the registration stays (a
+                    // retry may close it); `Ok` would let the caller free its memory.
+                    r.mr = Some(mr);
+                    self.regs.insert(id, r);
+                    return Err(Error::Busy(format!(
+                        "RegistrationId#{id}: the provider did not close its region ({e}); \
+                         it stays registered: retry, or keep (leak) the memory"
+                    )));
+                }
             }
             self.msgs.revoke(key);
             self.pump_messages();
@@ -706,7 +715,9 @@ impl Drop for State {
         fabric.close_ep();
         let mrs: Vec<_> = self.regs.take_mrs().collect();
         for mr in mrs {
-            fabric.close_mr(mr);
+            // A region the provider keeps open is leaked with its memory: the caller's
+            // deregister never returned `Ok` for it.
+            let _ = fabric.close_mr(mr);
         }
         self.msgs.close(&mut fabric);
         self.flush.close(&mut fabric);
