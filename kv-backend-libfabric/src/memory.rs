@@ -116,10 +116,11 @@ impl Registry {
         self.regs.values_mut().filter_map(|r| r.mr.take())
     }
 
-    /// Forgets every region without closing it (the endpoint is being leaked): an `Mr`
-    /// dropped unclosed leaves the region open.
+    /// Leaks every region without closing it (the endpoint is being leaked), keeping
+    /// the handles reachable ([`keep_forever`]).
     pub fn forget_mrs(&mut self) {
-        self.take_mrs().for_each(drop);
+        let mrs: Vec<Mr> = self.take_mrs().collect();
+        keep_forever(mrs);
     }
 }
 
@@ -144,6 +145,21 @@ pub struct Remote {
     pub key: RemoteKey,
     /// Whether the owner says it is still registered.
     pub live: Liveness,
+}
+
+/// Addresses of what this process leaked on purpose (memory or handles the provider may
+/// still touch): kept in a static so they stay reachable for the life of the process.
+/// LeakSanitizer then sees them as kept, not lost, and reports every *other* leak.
+static KEPT: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+/// Never drops `x`: moves it to the heap and keeps its address in [`KEPT`].
+pub fn keep_forever<T>(x: T) {
+    keep_address(Box::into_raw(Box::new(x)) as usize);
+}
+
+/// Keeps `addr` (of an allocation leaked on purpose) in [`KEPT`].
+pub fn keep_address(addr: usize) {
+    KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(addr);
 }
 
 /// `count` page-aligned bounce buffers of [`MSG_BUF`] bytes in one registration.
@@ -259,6 +275,10 @@ impl Drop for Slab {
             tracing::error!(
                 "libfabric: a notification buffer was dropped while registered; leaking it"
             );
+            keep_address(self.ptr as usize);
+            if let Some(mr) = self.mr.take() {
+                keep_forever(mr);
+            }
             return;
         }
         // SAFETY: allocated in `new` with this layout; the region was closed first.

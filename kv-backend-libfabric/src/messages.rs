@@ -195,9 +195,9 @@ impl Messages {
         self.recv.close(fabric);
     }
 
-    /// Leaks the buffers (the provider may still hold them).
+    /// Leaks the buffers (the provider may still hold them), kept reachable.
     pub fn leak(self) {
-        std::mem::forget(self);
+        crate::memory::keep_forever(self);
     }
 
     /// True when a posted send to `addr` has not completed.

@@ -19,7 +19,7 @@ use kv_core::{Error, PostOptions, Result, Status, TransferId};
 use crate::endpoint::{self, OutMsg, Peer};
 use crate::fabric::{self, CqError, Fabric, MrUse};
 use crate::ffi;
-use crate::memory::{Liveness, Registry, Remote, Slab};
+use crate::memory::{keep_forever, Liveness, Registry, Remote, Slab};
 use crate::messages::{InboxLimits, Messages};
 use crate::request::{OpCtx, OpKind, Transfer};
 
@@ -703,8 +703,8 @@ impl Drop for State {
                  the endpoint and its buffers",
                 self.ops.len() + self.msgs.sends_outstanding()
             );
-            std::mem::forget(std::mem::take(&mut self.ops));
-            std::mem::forget(std::mem::replace(&mut self.flush, Slab::empty()));
+            keep_forever(std::mem::take(&mut self.ops));
+            keep_forever(std::mem::replace(&mut self.flush, Slab::empty()));
             let msgs = std::mem::replace(&mut self.msgs, Messages::empty());
             msgs.leak();
             self.regs.forget_mrs();
@@ -717,7 +717,9 @@ impl Drop for State {
         for mr in mrs {
             // A region the provider keeps open is leaked with its memory: the caller's
             // deregister never returned `Ok` for it.
-            let _ = fabric.close_mr(mr);
+            if let Err((mr, _)) = fabric.close_mr(mr) {
+                keep_forever(mr);
+            }
         }
         self.msgs.close(&mut fabric);
         self.flush.close(&mut fabric);
