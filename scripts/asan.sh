@@ -34,7 +34,10 @@ lf=$(ldconfig -p 2>/dev/null | awk '/libfabric\.so\.1 /{p=$NF} END{print p}')
 if [ -n "$lf" ]; then
     export LD_PRELOAD="$lf${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
-export ASAN_OPTIONS="detect_stack_use_after_return=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+# fast_unwind_on_malloc=0: libfabric has no frame pointers, so the fast unwinder stops
+# inside it; the slow one reaches our frames, which the libfabric suppression in
+# scripts/lsan.supp names (so it can be narrower than "anything in libfabric.so").
+export ASAN_OPTIONS="detect_stack_use_after_return=1:fast_unwind_on_malloc=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 
 lock=()
 if [ -e /tmp/kvx-cargo.lock ] && command -v flock >/dev/null; then

@@ -109,7 +109,10 @@ pub(crate) struct Shared {
     pub(crate) generation: u64,
     /// The options, with `secret` resolved (see [`resolve_secret`]).
     pub(crate) opts: AgentOptions,
-    pub(crate) registry: Registry,
+    /// Shared with helper jobs, which hold it (never the whole agent) while they run:
+    /// a job can then never drop the agent's last reference, so the agent's drop always
+    /// runs on a thread that can join every helper.
+    pub(crate) registry: Arc<Registry>,
     pub(crate) peers: Peers,
     pub(crate) channel: ChannelState,
     /// The attributes this agent publishes (starts as `opts.attributes`).
@@ -126,7 +129,10 @@ impl Drop for Shared {
                 let _ = t.join();
             }
         }
-        // `jobs` and `channel` join their threads as they drop.
+        // Helper jobs first, while everything they might touch is still whole (they hold
+        // only the registry, so this drop never runs on one of them); `channel` joins its
+        // threads as it drops.
+        self.jobs.join_all();
     }
 }
 
@@ -138,7 +144,7 @@ impl Shared {
             generation,
             attributes: RwLock::new(opts.attributes.clone()),
             opts,
-            registry: Registry::default(),
+            registry: Arc::default(),
             peers: Peers::default(),
             channel: Default::default(),
             driver: Mutex::new(None),
@@ -246,19 +252,19 @@ impl Shared {
         Ok(())
     }
 
-    fn retire_later(self: &Arc<Self>, r: Retired) -> Deferred<()> {
-        let me = self.clone();
-        self.jobs.run(move || r.run(&me.registry))
+    fn retire_later(&self, r: Retired) -> Deferred<()> {
+        self.defer(move |registry| r.run(registry))
     }
 
     /// Runs `f` on a helper thread (slow backend calls that must not block a caller
-    /// that was promised a prompt answer).
+    /// that was promised a prompt answer). The job gets the registry, not the agent: it
+    /// must not keep the agent alive (see [`Shared::registry`]).
     pub(crate) fn defer<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&Shared) -> T + Send + 'static,
+        &self,
+        f: impl FnOnce(&Registry) -> T + Send + 'static,
     ) -> Deferred<T> {
-        let me = self.clone();
-        self.jobs.run(move || f(&me))
+        let registry = self.registry.clone();
+        self.jobs.run(move || f(&registry))
     }
 
     /// Ends one pin of `r` like `Registry::unpin`, but runs a deregistration that is
@@ -266,7 +272,7 @@ impl Shared {
     pub(crate) fn unpin_later(self: &Arc<Self>, r: &Arc<RegionEntry>) {
         if self.registry.release_pin(r) {
             let r = r.clone();
-            self.defer(move |s| s.registry.deregister_now(&r));
+            self.defer(move |registry| registry.deregister_now(&r));
         }
     }
 

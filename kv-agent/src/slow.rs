@@ -103,14 +103,28 @@ impl Jobs {
     }
 }
 
-impl Drop for Jobs {
-    fn drop(&mut self) {
+impl Jobs {
+    /// Waits for every helper thread started so far (and any a finishing job started).
+    pub(crate) fn join_all(&self) {
         let me = std::thread::current().id();
-        for t in self.threads.get_mut().drain(..) {
-            // The last job may be the one dropping the agent: it is finishing anyway.
-            if t.thread().id() != me {
-                let _ = t.join();
+        loop {
+            let batch: Vec<_> = self.threads.lock().drain(..).collect();
+            if batch.is_empty() {
+                return;
+            }
+            for t in batch {
+                // Never true: jobs do not hold the agent, so they cannot be the ones
+                // dropping it (kept so a mistake detaches instead of deadlocking).
+                if t.thread().id() != me {
+                    let _ = t.join();
+                }
             }
         }
+    }
+}
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        self.join_all();
     }
 }

@@ -101,6 +101,10 @@ pub struct Fabric {
     /// Test hook: the next completion-queue read fails as a broken queue would.
     #[cfg(test)]
     pub fail_cq: bool,
+    /// Test hook: this many next `close_mr` calls fail as `fi_close` refusing would
+    /// (`-FI_EBUSY`), leaving the region open.
+    #[cfg(test)]
+    pub fail_close_mr: usize,
 }
 
 // SAFETY: the pointers are only used through `&mut self`/`&self` by the one owner, which
@@ -195,6 +199,8 @@ impl Fabric {
             registrations: 0,
             #[cfg(test)]
             fail_cq: false,
+            #[cfg(test)]
+            fail_close_mr: 0,
         };
         let node_c = node
             .map(CString::new)
@@ -487,7 +493,12 @@ impl Fabric {
             if let Err(e) = self.bind_mr(&mr) {
                 // Never leave an open (and possibly remotely writable) region behind
                 // memory the caller is told is not registered.
-                self.close_mr(mr);
+                if let Err((still_open, close)) = self.close_mr(mr) {
+                    // It stays open (leaked, kept reachable), but its key was never
+                    // handed out, so no peer can address it.
+                    tracing::error!("leaking a half-made region: {close}");
+                    crate::memory::keep_forever(still_open);
+                }
                 return Err(e);
             }
         }
@@ -516,15 +527,27 @@ impl Fabric {
         })
     }
 
-    /// Closes a memory region; the provider no longer touches its range afterwards.
-    pub fn close_mr(&mut self, mr: Mr) {
-        // SAFETY: `mr` is open (it is consumed here).
+    /// Closes a memory region; once it returned `Ok` the provider no longer touches its
+    /// range. If `fi_close` fails the region stays open and comes back with the error:
+    /// the caller must keep it (and the memory under it), retry, or leak both.
+    pub fn close_mr(&mut self, mr: Mr) -> std::result::Result<(), (Mr, Error)> {
+        #[cfg(test)]
+        if self.fail_close_mr > 0 {
+            self.fail_close_mr -= 1;
+            let e = self
+                .lib
+                .error("fi_close(mr) (injected)", -(libc::EBUSY as i64));
+            return Err((mr, e));
+        }
+        // SAFETY: `mr` is open (it is consumed here, or handed back still open).
         let rc = unsafe { ffi::fi_close(&mut (*mr.mr).fid) };
         if rc < 0 {
-            tracing::warn!("fi_close(mr): {}", self.lib.strerror(rc));
-        } else {
-            self.open_mrs -= 1;
+            let e = self.lib.error("fi_close(mr)", rc as i64);
+            tracing::warn!("{e}; the region stays open");
+            return Err((mr, e));
         }
+        self.open_mrs -= 1;
+        Ok(())
     }
 
     /// True when remote addresses are virtual addresses, not offsets into the region.
@@ -682,7 +705,9 @@ impl Fabric {
     /// endpoint would not make the provider drop its references to our buffers). With
     /// manual progress nobody drives the provider afterwards. Counted by the caller.
     pub fn leak(self) {
-        std::mem::forget(self);
+        // Reachable for the life of the process (so are the provider's objects behind
+        // its pointers): a leak checker reports the leaks nobody chose.
+        crate::memory::keep_forever(self);
     }
 }
 

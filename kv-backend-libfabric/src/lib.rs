@@ -560,6 +560,42 @@ mod tests {
         check::<Options>();
     }
 
+    /// UNSAFE.md finding: a failed `fi_close` of a region used to be only logged, and
+    /// `deregister` returned `Ok`, so the caller freed memory the provider kept
+    /// registered. Now the registration stays and `deregister` is `Busy` until a close
+    /// succeeds.
+    #[test]
+    fn a_region_the_provider_keeps_open_is_never_deregistered() {
+        let o = Options {
+            provider: Some("shm".into()),
+            ..Options::default()
+        };
+        let b = match FabricBackend::new(&BackendInit::new("a"), o) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("skipping: no libfabric shm provider here ({e})");
+                return;
+            }
+        };
+        let mem = vec![7u8; 4096];
+        let d = Descriptor::new(mem.as_ptr() as u64, mem.len() as u64, 0);
+        // SAFETY: `mem` outlives the registration (deregistered below, leaked if not).
+        let id = unsafe { b.register(MemKind::Dram, &d, Access::ReadWrite) }.unwrap();
+        let open = b.state.lock().fabric_ref().open_mrs;
+        b.state.lock().fabric().fail_close_mr = 1;
+        let r = b.deregister(id);
+        assert!(matches!(r, Err(Error::Busy(_))), "{r:?}");
+        // Still registered: its key is still handed out, the region still counted.
+        assert!(b.remote_key(id).is_ok());
+        assert_eq!(b.state.lock().fabric_ref().open_mrs, open);
+        // The next close succeeds: now it is gone.
+        b.deregister(id).unwrap();
+        assert!(matches!(b.remote_key(id), Err(Error::NotRegistered(_))));
+        assert_eq!(b.state.lock().fabric_ref().open_mrs, open - 1);
+        drop(b);
+        drop(mem);
+    }
+
     #[test]
     fn options_from_params() {
         let mut p = Params::new();

@@ -116,10 +116,11 @@ impl Registry {
         self.regs.values_mut().filter_map(|r| r.mr.take())
     }
 
-    /// Forgets every region without closing it (the endpoint is being leaked): an `Mr`
-    /// dropped unclosed leaves the region open.
+    /// Leaks every region without closing it (the endpoint is being leaked), keeping
+    /// the handles reachable ([`keep_forever`]).
     pub fn forget_mrs(&mut self) {
-        self.take_mrs().for_each(drop);
+        let mrs: Vec<Mr> = self.take_mrs().collect();
+        keep_forever(mrs);
     }
 }
 
@@ -144,6 +145,21 @@ pub struct Remote {
     pub key: RemoteKey,
     /// Whether the owner says it is still registered.
     pub live: Liveness,
+}
+
+/// Addresses of what this process leaked on purpose (memory or handles the provider may
+/// still touch): kept in a static so they stay reachable for the life of the process.
+/// LeakSanitizer then sees them as kept, not lost, and reports every *other* leak.
+static KEPT: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+/// Never drops `x`: moves it to the heap and keeps its address in [`KEPT`].
+pub fn keep_forever<T>(x: T) {
+    keep_address(Box::into_raw(Box::new(x)) as usize);
+}
+
+/// Keeps `addr` (of an allocation leaked on purpose) in [`KEPT`].
+pub fn keep_address(addr: usize) {
+    KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(addr);
 }
 
 /// `count` page-aligned bounce buffers of [`MSG_BUF`] bytes in one registration.
@@ -188,10 +204,11 @@ impl Slab {
         Ok(slab)
     }
 
-    /// Start of buffer `i`.
+    /// Start of buffer `i` (`i == count` is the end of the slab).
     pub fn buf(&self, i: usize) -> *mut u8 {
-        debug_assert!(i < self.count);
-        // SAFETY: i < count, so the offset stays inside the allocation.
+        assert!(i <= self.count, "slab buffer {i} of {}", self.count);
+        // SAFETY: i <= count, so the offset stays inside the allocation or one past its
+        // end (and is 0 for an empty slab's null pointer).
         unsafe { self.ptr.add(i * MSG_BUF) }
     }
 
@@ -205,17 +222,30 @@ impl Slab {
         }
     }
 
-    /// Buffer `i` as a slice (only while the provider does not own it).
-    pub fn slice(&self, i: usize, len: usize) -> &[u8] {
-        // SAFETY: inside the allocation; the caller only reads buffers whose operation
-        // completed (the provider is done writing) or that were never posted.
+    /// The first `len` bytes (at most [`MSG_BUF`]) of buffer `i` (`i < count`, checked).
+    ///
+    /// # Safety
+    /// The provider does not own buffer `i` while the slice lives: its operation
+    /// completed (the provider is done writing) or it was never posted, and it is not
+    /// posted again before the slice is dropped.
+    pub unsafe fn slice(&self, i: usize, len: usize) -> &[u8] {
+        assert!(i < self.count, "slab buffer {i} of {}", self.count);
+        // SAFETY: inside the allocation (i < count); nothing writes it meanwhile: the
+        // provider does not own it (the caller's promise) and a `&mut` to it would need
+        // `&mut self`.
         unsafe { std::slice::from_raw_parts(self.buf(i), len.min(MSG_BUF)) }
     }
 
-    /// Buffer `i` as a mutable slice (only while the provider does not own it).
-    #[allow(clippy::mut_from_ref)]
-    pub fn slice_mut(&self, i: usize) -> &mut [u8] {
-        // SAFETY: as for `slice`; the owner's mutex gives exclusive access.
+    /// Buffer `i` as a mutable slice (`i < count`, checked). `&mut self`: at most one
+    /// such slice, and no shared one, exists at a time.
+    ///
+    /// # Safety
+    /// As for [`Slab::slice`]: the provider does not own buffer `i` while the slice
+    /// lives.
+    pub unsafe fn slice_mut(&mut self, i: usize) -> &mut [u8] {
+        assert!(i < self.count, "slab buffer {i} of {}", self.count);
+        // SAFETY: inside the allocation; exclusive: the caller's promise keeps the
+        // provider off it, and `&mut self` every other slice.
         unsafe { std::slice::from_raw_parts_mut(self.buf(i), MSG_BUF) }
     }
 
@@ -224,10 +254,14 @@ impl Slab {
         self.mr.as_ref().map_or(std::ptr::null_mut(), Mr::desc)
     }
 
-    /// Closes the slab's registration on `fabric`; the slab may then be dropped.
+    /// Closes the slab's registration on `fabric`; the slab may then be dropped. If the
+    /// provider keeps the region open the slab keeps it too, and leaks its memory on
+    /// drop.
     pub fn close(&mut self, fabric: &mut Fabric) {
         if let Some(mr) = self.mr.take() {
-            fabric.close_mr(mr);
+            if let Err((mr, _)) = fabric.close_mr(mr) {
+                self.mr = Some(mr);
+            }
         }
     }
 }
@@ -241,9 +275,58 @@ impl Drop for Slab {
             tracing::error!(
                 "libfabric: a notification buffer was dropped while registered; leaking it"
             );
+            keep_address(self.ptr as usize);
+            if let Some(mr) = self.mr.take() {
+                keep_forever(mr);
+            }
             return;
         }
         // SAFETY: allocated in `new` with this layout; the region was closed first.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slab of `count` buffers that is not registered (no fabric needed).
+    fn unregistered(count: usize) -> Slab {
+        let layout = Layout::from_size_align(count * MSG_BUF, 4096).unwrap();
+        // SAFETY: non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        Slab {
+            ptr,
+            layout,
+            mr: None,
+            count,
+        }
+    }
+
+    /// UNSAFE.md finding: `slice_mut(&self)` could hand out two `&mut` to one buffer;
+    /// it takes `&mut self` now (two live mutable slices no longer compile), and an
+    /// index past the slab panics instead of pointing outside the allocation (it was a
+    /// `debug_assert`, gone in release builds).
+    #[test]
+    fn slab_buffers_are_exclusive_disjoint_and_bounds_checked() {
+        let mut s = unregistered(2);
+        // SAFETY (all below): never posted, so the provider owns none of them.
+        unsafe {
+            s.slice_mut(0).fill(1);
+            s.slice_mut(1).fill(2);
+            assert!(s.slice(0, MSG_BUF).iter().all(|&b| b == 1));
+            assert!(s.slice(1, usize::MAX).iter().all(|&b| b == 2));
+            assert_eq!(s.slice(1, 5).len(), 5);
+        }
+        assert_eq!(s.buf(2), s.buf(0).wrapping_add(2 * MSG_BUF));
+        let past = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: as above (the call panics before touching memory).
+            unsafe { s.slice(2, 1).len() }
+        }));
+        assert!(past.is_err());
+        let past = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.buf(3)));
+        assert!(past.is_err());
+        assert!(Slab::empty().buf(0).is_null());
     }
 }

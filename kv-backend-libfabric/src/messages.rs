@@ -195,9 +195,9 @@ impl Messages {
         self.recv.close(fabric);
     }
 
-    /// Leaks the buffers (the provider may still hold them).
+    /// Leaks the buffers (the provider may still hold them), kept reachable.
     pub fn leak(self) {
-        std::mem::forget(self);
+        crate::memory::keep_forever(self);
     }
 
     /// True when a posted send to `addr` has not completed.
@@ -450,7 +450,10 @@ impl Messages {
                 tag: f.tag,
                 body: &f.body,
             };
-            let len = match wire::encode_frame(self.send.slice_mut(slot), &frame) {
+            // SAFETY: `slot` came off `free_send`: its last send completed (or it was
+            // never posted), and it is posted again only below, after the slice ended.
+            let buf = unsafe { self.send.slice_mut(slot) };
+            let len = match wire::encode_frame(buf, &frame) {
                 Ok(l) => l,
                 Err(e) => {
                     // Bodies are checked when queued; only a bug gets here.
@@ -579,7 +582,9 @@ impl Messages {
         len: usize,
         events: &mut Vec<Event>,
     ) -> bool {
-        let buf = self.recv.slice(slot, len);
+        // SAFETY: the provider completed this receive (`slot` came off its completion)
+        // and it is re-posted only after the frame was handled.
+        let buf = unsafe { self.recv.slice(slot, len) };
         let Ok(f) = wire::decode_frame(buf) else {
             self.dropped += 1;
             return false;

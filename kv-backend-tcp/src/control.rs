@@ -372,6 +372,13 @@ impl PeerCore {
     /// registration must exist, be live and contain `h.desc`. Returns the target's
     /// current description of it (access, shared-memory export).
     pub(crate) fn validate(&self, h: &Arc<RemoteHandle>) -> Result<RemoteKey> {
+        if h.desc.len == 0 {
+            // The target's frame decoder refuses an IMPORT of zero bytes and closes the
+            // connection: asking would only reconnect and ask again until the timeout.
+            return Err(Error::invalid_argument(
+                "a same-host import of zero bytes (nothing to validate or address)",
+            ));
+        }
         {
             let mut set = self.imports.lock();
             if set.revoked.contains(&h.key) {

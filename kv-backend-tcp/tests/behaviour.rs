@@ -523,6 +523,39 @@ fn a_lost_control_connection_recovers_for_a_live_peer() {
     }
 }
 
+/// A zero-length import inside a genuine key, on the same-host path: the target's frame
+/// decoder refuses an IMPORT of zero bytes and closes the control connection, so asking
+/// it made the importer reconnect and ask again until `connect_timeout.max(io_timeout)`
+/// (10 s) ran out, re-validating every other import each time (found by the
+/// `backend_keys` fuzz target running at ~1 exec/s). It is refused at once, locally.
+#[test]
+fn a_zero_length_same_host_import_is_refused_at_once() {
+    let (a, b) = (backend("a", true), backend("b", true));
+    let (l, r) = (buf(4096, 31), buf(4096, 32));
+    // SAFETY: the buffers outlive the registrations (backends dropped first).
+    let (_la, rb, peer) = unsafe { common::wire_pair(&a, &b, &l.descriptor(), &r.descriptor()) };
+    if !a.uses_cma(peer).unwrap() {
+        eprintln!("skipping: no same-host path here (ptrace_scope?)");
+        return;
+    }
+    let key = b.remote_key(rb).unwrap();
+    let empty = Descriptor::new(r.descriptor().addr + 64, 0, 0);
+    let t = Instant::now();
+    let got = a.import_remote(peer, MemKind::Dram, &empty, &key);
+    let took = t.elapsed();
+    assert!(
+        matches!(got, Err(Error::InvalidArgument(_))),
+        "{got:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(a.control_reconnects(peer).unwrap(), 0);
+    // The control connection and the genuine import are untouched.
+    let w = req(Op::Write, peer, l.descriptor(), r.descriptor());
+    assert!(matches!(run(&a, &w), Status::Done));
+    assert_eq!(r.as_slice(), l.as_slice());
+    drop((a, b));
+}
+
 /// Issue 14 item 12: the listener binds where the agent says (`BackendInit::bind_ip`),
 /// and a backend without a cluster secret refuses to start on a non-loopback address
 /// unless `insecure=true` says so (`insecure=false` refuses even on loopback).

@@ -64,6 +64,11 @@ pub fn err_handler(shared: &Shared) -> ffi::ucp_err_handler_t {
 }
 
 /// `ucp_err_handler_cb_t`: an endpoint failed (peer died, connection reset, timeout).
+///
+/// # Safety
+/// Called only by UCX, as the error handler [`err_handler`] installed: `arg` is the
+/// `Shared` of the core that owns the worker (it outlives the worker, so every endpoint
+/// and every call of this handler) or null; `ep` is only compared, never dereferenced.
 unsafe extern "C" fn on_ep_error(arg: *mut c_void, ep: ffi::ucp_ep_h, status: ucs_status_t) {
     ffi_guard((), || {
         // SAFETY: `arg` is the `Shared` of the core that owns the worker.

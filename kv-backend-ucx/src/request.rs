@@ -37,6 +37,11 @@ struct Counter {
 ///
 /// Runs inside `ucp_worker_progress` (or a UCX call that completes requests, such as a
 /// forced endpoint close), always with the backend's worker lock held.
+///
+/// # Safety
+/// Called only by UCX, once per request of a group: `user_data` is the boxed `Counter`
+/// of that group (null is ignored), which stays allocated while any of its requests is
+/// outstanding (`Group::drop` frees them first, or leaks the counter).
 unsafe extern "C" fn on_complete(_req: *mut c_void, status: ucs_status_t, user_data: *mut c_void) {
     ffi_guard((), || {
         if user_data.is_null() {

@@ -53,6 +53,11 @@ impl SendCtx {
 }
 
 /// Completion of a send made by [`send`]: frees its context and the request.
+///
+/// # Safety
+/// Called only by UCX, once per send that [`send`] started and UCX did not finish at
+/// once: `user_data` is the `SendCtx` box leaked for that send (null is ignored) and
+/// `req` is its request, freed here and nowhere else.
 unsafe extern "C" fn on_sent(req: *mut c_void, status: ucs_status_t, user_data: *mut c_void) {
     ffi_guard((), || {
         if user_data.is_null() {

@@ -315,6 +315,11 @@ unsafe fn recv_into(shared: &Shared, data: *mut c_void, addr: u64, len: u64, end
 }
 
 /// `ucp_am_recv_data_nbx_callback_t` of [`recv_into`]: a rendezvous receive ended.
+///
+/// # Safety
+/// Called only by UCX, once per receive that [`recv_into`] started and UCX did not
+/// finish at once: `user_data` is the `Landing` box leaked for that receive (null is
+/// ignored) and `req` is its request, freed here and nowhere else.
 unsafe extern "C" fn on_landed(
     req: *mut c_void,
     status: ucs_status_t,

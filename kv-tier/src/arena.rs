@@ -23,6 +23,11 @@ struct Alloc {
     /// Per page: (slot size it serves, slots in use); `None` when free.
     pages: Vec<Option<(u64, u32)>>,
     used: u64,
+    /// Arena ranges `[start, end)` that a transfer whose cancel failed may still write:
+    /// a slot overlapping one is never handed out again (see [`Arena::quarantine`]).
+    quarantine: Vec<(u64, u64)>,
+    /// Bytes of slots kept out of the allocator by `quarantine` (still in `used`).
+    quarantined: u64,
 }
 
 /// The arena. `Send + Sync`: the allocator sits behind a mutex, the memory in a
@@ -167,8 +172,31 @@ impl Arena {
         }))
     }
 
+    /// Never hands out `offset..offset+len` again: a transfer the backend could not
+    /// cancel (the kernel may still write there) names it. Call while holding the slots
+    /// that cover it; when they are freed they stay allocated (counted in `used` and
+    /// [`Arena::quarantined`]), and their page never returns to the free pages.
+    pub fn quarantine(&self, offset: u64, len: u64) {
+        if len > 0 {
+            let end = offset.saturating_add(len);
+            self.alloc.lock().quarantine.push((offset, end));
+        }
+    }
+
+    /// Bytes of freed slots kept out of the allocator by [`Arena::quarantine`].
+    pub fn quarantined(&self) -> u64 {
+        self.alloc.lock().quarantined
+    }
+
     fn free(&self, offset: u64, size: u64) {
         let mut a = self.alloc.lock();
+        let end = offset.saturating_add(size);
+        if a.quarantine.iter().any(|&(s, e)| s < end && offset < e) {
+            // Leaked on purpose: its page keeps a slot in use, so no size class gets it.
+            a.quarantined += size;
+            tracing::warn!("kv-tier: arena slot {offset}+{size} quarantined (a transfer that could not be cancelled names it)");
+            return;
+        }
         a.used = a.used.saturating_sub(size);
         let page = (offset / self.page_bytes) as usize;
         let empty = match a.pages.get_mut(page).and_then(|p| p.as_mut()) {
@@ -208,15 +236,34 @@ impl Arena {
     ///
     /// Other threads write other slots of the arena at the same time (through
     /// [`Arena::write`]); a slot's bytes are written only while one owner holds it
-    /// unpublished, so the range read here does not change while it is borrowed.
+    /// unpublished, so kv-tier itself never changes the range while it is borrowed.
+    ///
+    /// # Safety
+    /// Nothing outside kv-tier writes the range while the slice lives: no registration
+    /// of the arena ([`crate::Store::arena`]) lets a transfer or a peer write into it
+    /// (`BlockHandle::as_slice` passes this promise on to its caller). kv-tier's own
+    /// reads use [`Arena::read`] and [`Arena::digest`] (copies), never this.
     #[allow(unsafe_code)]
-    pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
-        // SAFETY: callers read a slot they own unpublished or a published slot under a
-        // pin; kv-tier writes a slot only while it is unpublished and unpinned, and NVMe
-        // reads land only in freshly allocated slots. An agent that registers the arena
-        // (`Store::arena`) must only transfer *from* it (documented there).
+    pub unsafe fn bytes(&self, offset: u64, len: u64) -> Result<&[u8]> {
+        // SAFETY: the range is checked against the allocation (`Region::bytes`); no
+        // in-process writer is kv-tier's slot discipline, no outside writer the caller's
+        // promise.
         unsafe { self.region.bytes(offset, len) }
-            .expect("arena ranges come from its own slab allocator")
+    }
+
+    /// Feeds `offset..offset+len` to `f` in chunks copied out of the arena (never a
+    /// reference into it: a peer writing through a registration of the arena meanwhile
+    /// only changes what `f` sees, which the checksums it computes then catch).
+    pub fn digest(&self, offset: u64, len: u64, mut f: impl FnMut(&[u8])) -> Result<()> {
+        let mut buf = [0u8; 16 << 10];
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            self.read(offset + at, &mut buf[..n])?;
+            f(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Copies `data` into the arena at `offset` (a slot this thread owns).
@@ -228,11 +275,15 @@ impl Arena {
         unsafe { self.region.write_at(offset, data) }
     }
 
-    /// Copies bytes out of the arena at `offset` (a published, pinned slot).
+    /// Copies bytes out of the arena at `offset` (a published, pinned slot, or one the
+    /// caller owns unpublished).
     #[allow(unsafe_code)]
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<()> {
-        // SAFETY: callers read a published slot under a pin; published slots are never
-        // written until unpinned and freed, so no writer runs concurrently.
+        // SAFETY: callers read a published slot under a pin or a slot they own
+        // unpublished; kv-tier writes a slot only while one owner holds it unpublished
+        // and unpinned, so no thread of kv-tier writes it concurrently. (A peer writing
+        // through a registration of the arena makes the copy unspecified, not unsound:
+        // `Region::write_at`'s contract; the checksums catch it.)
         unsafe { self.region.read_at(offset, out) }
     }
 }
@@ -260,6 +311,64 @@ mod tests {
         drop(held);
         drop(small);
         assert_eq!(a.used(), 0);
+    }
+
+    /// A slot named by a transfer whose cancel failed (the kernel may still write it)
+    /// never comes back from the allocator, nor does its page (UNSAFE.md finding: it
+    /// returned to the free lists and was reused).
+    #[test]
+    fn quarantined_slots_are_never_reused() {
+        let a = Arena::new(1 << 20, 256 << 10, HostOptions::default()).unwrap();
+        let stuck = a.alloc(8192).unwrap().unwrap();
+        let neighbour = a.alloc(8192).unwrap().unwrap();
+        let (off, size) = (stuck.offset, stuck.size);
+        // Part of the slot is enough to quarantine all of it.
+        a.quarantine(off + 4096, 100);
+        drop(stuck);
+        drop(neighbour);
+        assert_eq!(a.quarantined(), size);
+        assert_eq!(a.used(), size);
+        let mut held = Vec::new();
+        for bytes in [8192, 4096, 256 << 10, 8192] {
+            while let Some(s) = a.alloc(bytes).unwrap() {
+                assert!(
+                    s.offset + s.size <= off || s.offset >= off + size,
+                    "{s:?} overlaps the quarantined {off}+{size}"
+                );
+                held.push(s);
+            }
+        }
+        // Everything but the quarantined slot's page was handed out.
+        assert!(held.iter().map(|s| s.size).sum::<u64>() >= (1 << 20) - (256 << 10));
+        drop(held);
+        assert_eq!(a.used(), size);
+    }
+
+    /// `digest` hands out exactly the range, in copies, across its chunk size.
+    #[test]
+    fn digest_copies_exactly_the_range() {
+        let a = Arena::new(1 << 20, 256 << 10, HostOptions::default()).unwrap();
+        let s = a.alloc(100_000).unwrap().unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        a.write(s.offset, &data).unwrap();
+        for (off, len) in [
+            (0, 100_000),
+            (5, 16 << 10),
+            (3, (16 << 10) + 1),
+            (99_999, 1),
+            (7, 0),
+        ] {
+            let mut got = Vec::new();
+            let mut calls = 0;
+            a.digest(s.offset + off, len, |c| {
+                got.extend_from_slice(c);
+                calls += 1;
+            })
+            .unwrap();
+            assert_eq!(got, data[off as usize..(off + len) as usize]);
+            assert_eq!(calls, len.div_ceil(16 << 10));
+        }
+        assert!(a.digest(a.capacity() - 10, 11, |_| {}).is_err());
     }
 
     /// 500 MiB in 64 MiB pages used to become 448 MiB; the capacity is now exact (the

@@ -14,15 +14,18 @@ use kv_core::{
     Backend, Descriptor, DescriptorList, EndpointId, Error, MemKind, Op, PostOptions,
     RegistrationId, RemoteId, Result, Status, TransferRequest,
 };
-use kv_mem::{HostBuffer, Region};
+use kv_mem::HostBuffer;
+
+use crate::arena::Arena;
 
 /// The gds backend with a self-endpoint and the DRAM arena registered. `Send + Sync`.
 pub(crate) struct GdsIo {
     backend: GdsBackend,
     me: EndpointId,
     arena_reg: RegistrationId,
-    /// Keeps the arena's memory alive for as long as it is registered.
-    arena: Region<HostBuffer>,
+    /// Keeps the arena's memory alive for as long as it is registered, and quarantines
+    /// the slots a transfer that could not be cancelled names.
+    arena: Arc<Arena>,
     timeout: Duration,
 }
 
@@ -77,17 +80,17 @@ impl GdsIo {
     #[allow(unsafe_code)]
     pub fn new(
         opts: kv_backend_gds::Options,
-        arena: Region<HostBuffer>,
+        arena: Arc<Arena>,
         timeout: Duration,
     ) -> Result<GdsIo> {
         let backend = GdsBackend::new("kv-tier", opts)?;
         let me = backend.connect("kv-tier", &backend.connection_info()?)?;
-        // SAFETY: `arena` (a clone of the Region, so the memory cannot be freed) is held
-        // by this struct, and `Drop` deregisters before the field is released.
+        // SAFETY: `arena` (an `Arc`, so the memory cannot be freed) is held by this
+        // struct, and `Drop` deregisters before the field is released.
         let arena_reg = unsafe {
             backend.register(
                 MemKind::Dram,
-                &arena.descriptor(),
+                &arena.region().descriptor(),
                 kv_core::Access::ReadWrite,
             )?
         };
@@ -107,7 +110,7 @@ impl GdsIo {
 
     /// Arena offset → DRAM descriptor.
     pub fn arena_range(&self, offset: u64, len: u64) -> Descriptor {
-        Descriptor::new(self.arena.descriptor().addr + offset, len, 0)
+        Descriptor::new(self.arena.region().descriptor().addr + offset, len, 0)
     }
 
     /// Registers `len` bytes of `file` (from offset 0) and imports it for transfers.
@@ -199,8 +202,10 @@ impl GdsIo {
                     if let Err(e) = self.backend.cancel(t) {
                         // The kernel still holds the transfer: it is neither released
                         // nor its registrations freed (their deregistration fails Busy,
-                        // so a bounce buffer or the arena is leaked, never unmapped).
+                        // so a bounce buffer or the arena is leaked, never unmapped),
+                        // and the arena slots it names are never handed out again.
                         tracing::error!("kv-tier: {timed_out}; cancel failed ({e}), the transfer stays registered");
+                        self.quarantine(pairs);
                         return Err(timed_out);
                     }
                     Err(timed_out)
@@ -209,6 +214,21 @@ impl GdsIo {
         };
         let _ = self.backend.release(t);
         result
+    }
+
+    /// Quarantines the arena ranges among `pairs`' memory sides (a bounce buffer's are
+    /// kept by its failing deregistration instead).
+    fn quarantine(&self, pairs: &[(Descriptor, Descriptor)]) {
+        let base = self.arena.region().descriptor().addr;
+        for (l, _) in pairs {
+            if let Some(off) = l
+                .addr
+                .checked_sub(base)
+                .filter(|o| *o < self.arena.capacity())
+            {
+                self.arena.quarantine(off, l.len);
+            }
+        }
     }
 }
 

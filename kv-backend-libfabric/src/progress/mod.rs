@@ -19,7 +19,7 @@ use kv_core::{Error, PostOptions, Result, Status, TransferId};
 use crate::endpoint::{self, OutMsg, Peer};
 use crate::fabric::{self, CqError, Fabric, MrUse};
 use crate::ffi;
-use crate::memory::{Liveness, Registry, Remote, Slab};
+use crate::memory::{keep_forever, Liveness, Registry, Remote, Slab};
 use crate::messages::{InboxLimits, Messages};
 use crate::request::{OpCtx, OpKind, Transfer};
 
@@ -311,7 +311,16 @@ impl State {
         if let Some(mut r) = self.regs.remove(id) {
             let key = r.key;
             if let Some(mr) = r.mr.take() {
-                self.fabric().close_mr(mr);
+                if let Err((mr, e)) = self.fabric().close_mr(mr) {
+                    // The provider kept the region open: the registration stays (a
+                    // retry may close it); `Ok` would let the caller free its memory.
+                    r.mr = Some(mr);
+                    self.regs.insert(id, r);
+                    return Err(Error::Busy(format!(
+                        "RegistrationId#{id}: the provider did not close its region ({e}); \
+                         it stays registered: retry, or keep (leak) the memory"
+                    )));
+                }
             }
             self.msgs.revoke(key);
             self.pump_messages();
@@ -694,8 +703,8 @@ impl Drop for State {
                  the endpoint and its buffers",
                 self.ops.len() + self.msgs.sends_outstanding()
             );
-            std::mem::forget(std::mem::take(&mut self.ops));
-            std::mem::forget(std::mem::replace(&mut self.flush, Slab::empty()));
+            keep_forever(std::mem::take(&mut self.ops));
+            keep_forever(std::mem::replace(&mut self.flush, Slab::empty()));
             let msgs = std::mem::replace(&mut self.msgs, Messages::empty());
             msgs.leak();
             self.regs.forget_mrs();
@@ -706,7 +715,11 @@ impl Drop for State {
         fabric.close_ep();
         let mrs: Vec<_> = self.regs.take_mrs().collect();
         for mr in mrs {
-            fabric.close_mr(mr);
+            // A region the provider keeps open is leaked with its memory: the caller's
+            // deregister never returned `Ok` for it.
+            if let Err((mr, _)) = fabric.close_mr(mr) {
+                keep_forever(mr);
+            }
         }
         self.msgs.close(&mut fabric);
         self.flush.close(&mut fabric);

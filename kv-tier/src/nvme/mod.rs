@@ -16,10 +16,9 @@ use std::sync::Arc;
 
 use crossbeam::channel::Sender;
 use kv_core::{Error, Result};
-use kv_mem::{HostBuffer, Region};
 use parking_lot::Mutex;
 
-use crate::arena::Slot;
+use crate::arena::{Arena, Slot};
 use crate::io::{FileReg, GdsIo};
 use crate::key::BlockKey;
 use crate::options::NvmeOptions;
@@ -123,7 +122,7 @@ fn parse_seg_name(name: &str) -> Option<u32> {
 impl Nvme {
     pub(crate) fn open(
         opts: NvmeOptions,
-        arena: Region<HostBuffer>,
+        arena: Arc<Arena>,
         wb_tx: Sender<Job>,
         pf_tx: Sender<PfJob>,
     ) -> Result<Nvme> {

@@ -71,8 +71,10 @@ impl Inner {
             nv.io.transfer(Op::Read, &pairs)?;
             self.c.nvme_read_ns.since(start);
             for (k, len, version, loc, parent, slot, _reg) in plan {
-                let bytes = self.arena.bytes(slot.offset, loc.rec);
-                let ok = decode_record(bytes).is_ok_and(|(h, _)| {
+                // A copy, not a reference into the arena (see `Arena::digest`).
+                let mut bytes = vec![0u8; loc.rec as usize];
+                self.arena.read(slot.offset, &mut bytes)?;
+                let ok = decode_record(&bytes).is_ok_and(|(h, _)| {
                     h.key == k
                         && h.len == len
                         && h.seq == loc.seq

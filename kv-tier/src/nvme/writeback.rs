@@ -216,14 +216,25 @@ impl Inner {
                     continue;
                 }
             };
-            let payload = self.arena.bytes(it.slot.offset + self.payload_off, it.len);
+            let mut payload_crc = 0;
+            let summed = self
+                .arena
+                .digest(it.slot.offset + self.payload_off, it.len, |c| {
+                    payload_crc = crc32c::crc32c_append(payload_crc, c)
+                });
+            if let Err(e) = summed {
+                nv.mark_dead(loc);
+                results[i] = Err(e);
+                self.fail_item(it);
+                continue;
+            }
             let h = RecordHeader {
                 key: it.key,
                 len: it.len,
                 seq: loc.seq,
                 segment: loc.seg,
                 offset: loc.offset,
-                payload_crc: crc32c::crc32c(payload),
+                payload_crc,
                 flags: 0,
                 guard: 0,
             };

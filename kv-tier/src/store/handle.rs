@@ -59,7 +59,10 @@ impl BlockHandle {
     /// while a handle to it exists.
     #[allow(unsafe_code)]
     pub unsafe fn as_slice(&self) -> &[u8] {
-        self.slot.arena().bytes(self.offset(), self.len)
+        // SAFETY: the caller's promise is `Arena::bytes`'s; the store does not write a
+        // slot a handle pins.
+        unsafe { self.slot.arena().bytes(self.offset(), self.len) }
+            .expect("a handle's range lies in its slot, inside the arena")
     }
 
     /// Copies the payload into `out` (which must be exactly `len()` bytes).

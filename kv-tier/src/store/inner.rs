@@ -129,7 +129,7 @@ impl Inner {
             };
             (h, e.sum)
         };
-        if sum == Some(checksum(h.slot.arena().bytes(h.offset, h.len))) {
+        if sum.is_some() && sum == checksum_at(h.slot.arena(), h.offset, h.len).ok() {
             return Some(h);
         }
         self.drop_corrupt_dram(key, &h.slot);
@@ -361,6 +361,14 @@ impl Inner {
 /// The checksum of a DRAM copy.
 pub(crate) fn checksum(payload: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(payload)
+}
+
+/// [`checksum`] of `offset..offset+len` of the arena, computed over copies
+/// ([`Arena::digest`]), never over a reference into memory a peer might write.
+pub(crate) fn checksum_at(arena: &Arena, offset: u64, len: u64) -> Result<u64> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    arena.digest(offset, len, |c| h.update(c))?;
+    Ok(h.digest())
 }
 
 /// The payload offset of a store with (`true`) or without an NVMe tier.

@@ -69,7 +69,7 @@ impl Store {
         let (wb_tx, wb_rx) = unbounded();
         let (pf_tx, pf_rx) = unbounded();
         let nvme = match &opts.nvme {
-            Some(n) => Some(Nvme::open(n.clone(), arena.region().clone(), wb_tx, pf_tx)?),
+            Some(n) => Some(Nvme::open(n.clone(), arena.clone(), wb_tx, pf_tx)?),
             None => None,
         };
         let inner = Arc::new(Inner {
@@ -403,6 +403,7 @@ impl Store {
             dram_blocks,
             dram_bytes: i.arena.used(),
             dram_capacity: i.arena.capacity(),
+            dram_quarantined: i.arena.quarantined(),
             nvme_blocks,
             nvme_bytes,
             nvme_file_bytes,

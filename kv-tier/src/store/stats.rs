@@ -121,6 +121,9 @@ pub struct Stats {
     pub dram_bytes: u64,
     /// Arena size (exactly `Options::dram_capacity`).
     pub dram_capacity: u64,
+    /// Arena bytes never handed out again because a transfer the storage backend could
+    /// not cancel names them (included in `dram_bytes`; should stay 0).
+    pub dram_quarantined: u64,
     /// Blocks with an NVMe copy.
     pub nvme_blocks: u64,
     /// Bytes of live records on NVMe (tombstones included).
