@@ -556,13 +556,13 @@ impl Backend for TcpBackend {
                 )))
             }
         };
+        kv_core::lists::check_selection(req)?;
         let peer = self.peer(ep)?;
         self.recover_imports(ep, &peer)?;
         let route = lists::route(
             req.op,
             (&local, req.local_items),
             (&remote, req.remote_items),
-            ep.0,
             peer.core.cma,
         )?;
         Ok(self.keep(req.op, route, peer))

@@ -234,14 +234,13 @@ impl<'a> Cursor<'a> {
 }
 
 /// The route of a transfer of items `lids` of `local` to or from items `rids` of
-/// `remote` (to peer `peer`, reachable by cross-memory attach when `cma`): the same
-/// segments, registrations, imports, access checks and path [`crate::request::route`]
-/// finds for the equivalent request.
+/// `remote` (whose peer is reachable by cross-memory attach when `cma`), the index
+/// arrays already checked to pair up: the same segments, registrations, imports,
+/// access checks and path [`crate::request::route`] finds for the equivalent request.
 pub(crate) fn route(
     op: Op,
     (local, lids): (&TcpList, &[u32]),
     (remote, rids): (&TcpList, &[u32]),
-    peer: u64,
     cma: bool,
 ) -> Result<Route> {
     let Owners::Local(regs) = &local.owners else {
@@ -250,9 +249,7 @@ pub(crate) fn route(
         ));
     };
     let Owners::Remote {
-        peer: list_peer,
-        imports,
-        shifts,
+        imports, shifts, ..
     } = &remote.owners
     else {
         return Err(Error::invalid_argument(
@@ -260,18 +257,6 @@ pub(crate) fn route(
         ));
     };
     let shifts = shifts.as_deref().filter(|_| cma);
-    if *list_peer != peer {
-        return Err(Error::invalid_argument(
-            "the remote list was prepared for another peer",
-        ));
-    }
-    if lids.len() != rids.len() || lids.is_empty() {
-        return Err(Error::invalid_argument(format!(
-            "{} local and {} remote items selected; they must pair up, at least one",
-            lids.len(),
-            rids.len()
-        )));
-    }
     local.check_ids(lids)?;
     remote.check_ids(rids)?;
     let mut own = Owned {
