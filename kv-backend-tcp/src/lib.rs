@@ -134,7 +134,7 @@ pub struct TcpBackend {
     remotes: Imports,
     transfers: RwLock<HashMap<u64, Arc<Transfer>>>,
     /// Prepared lists, items resolved to their registrations or imports.
-    lists: RwLock<HashMap<u64, Arc<TcpList>>>,
+    lists: ListTable<TcpList>,
     next_id: AtomicU64,
     completions: Arc<AtomicUsize>,
     /// Posts by path.
@@ -183,7 +183,7 @@ impl TcpBackend {
             next_peer: AtomicU64::new(1),
             remotes: Imports::default(),
             transfers: RwLock::new(HashMap::new()),
-            lists: RwLock::new(HashMap::new()),
+            lists: ListTable::new(),
             next_id: AtomicU64::new(1),
             completions: Arc::new(AtomicUsize::new(0)),
             posts: Default::default(),
@@ -239,15 +239,6 @@ impl TcpBackend {
                 .recover(&pending, Instant::now() + self.opts.connect_timeout)?;
         }
         Ok(())
-    }
-
-    /// A prepared list by id.
-    fn list(&self, id: ListId) -> Result<Arc<TcpList>> {
-        self.lists
-            .read()
-            .get(&id.0)
-            .cloned()
-            .ok_or_else(|| Error::NotRegistered(format!("{id} is released or unknown")))
     }
 
     /// Plans `route` and keeps it as a prepared transfer to `peer`.
@@ -525,7 +516,7 @@ impl Backend for TcpBackend {
         kind: MemKind,
         items: &DescriptorList,
     ) -> Result<ListId> {
-        ListTable::check_items(items)?;
+        kv_core::lists::check_items(items)?;
         if kind != MemKind::Dram {
             return Err(Error::Unsupported("tcp moves dram only".into()));
         }
@@ -540,13 +531,11 @@ impl Backend for TcpBackend {
                 TcpList::remote(items, ep.0, imports)?
             }
         };
-        let id = self.id();
-        self.lists.write().insert(id, Arc::new(list));
-        Ok(ListId(id))
+        Ok(self.lists.insert_list(list))
     }
 
     fn prepare_selected(&self, req: &SelectRequest<'_>) -> Result<TransferId> {
-        let (local, remote) = (self.list(req.local)?, self.list(req.remote)?);
+        let (local, remote) = (self.lists.get(req.local)?, self.lists.get(req.remote)?);
         let ep = match remote.owners {
             lists::Owners::Remote { peer, .. } => EndpointId(peer),
             lists::Owners::Local(_) => {
@@ -569,11 +558,7 @@ impl Backend for TcpBackend {
     }
 
     fn release_list(&self, id: ListId) -> Result<()> {
-        self.lists
-            .write()
-            .remove(&id.0)
-            .map(|_| ())
-            .ok_or_else(|| Error::NotRegistered(format!("{id} is released or unknown")))
+        self.lists.remove(id)
     }
 
     unsafe fn post(&self, id: TransferId, opts: &PostOptions) -> Result<()> {

@@ -80,46 +80,39 @@ impl ItemIndex {
     }
 }
 
-/// Prepared lists by id. `Send + Sync`; cheap to look up from many threads.
-#[derive(Debug, Default)]
-pub struct ListTable {
+/// Prepared lists by id: the items as kv-core keeps them ([`StoredList`], the default)
+/// or a backend's own resolved form `T`. `Send + Sync`; cheap to look up from many
+/// threads.
+#[derive(Debug)]
+pub struct ListTable<T = StoredList> {
     next: AtomicU64,
-    lists: RwLock<HashMap<u64, Arc<StoredList>>>,
+    lists: RwLock<HashMap<u64, Arc<T>>>,
 }
 
-impl ListTable {
+impl<T> Default for ListTable<T> {
+    fn default() -> Self {
+        ListTable {
+            next: AtomicU64::new(0),
+            lists: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T> ListTable<T> {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Checks the shape of a list: 1 to 2^32 - 1 items (indices are `u32`), not where
-    /// they lie (that is the backend's check).
-    pub fn check_items(items: &DescriptorList) -> Result<()> {
-        if items.is_empty() || items.len() > u32::MAX as u64 {
-            return Err(Error::invalid_argument(format!(
-                "a prepared list holds 1..=2^32-1 items, not {}",
-                items.len()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Stores a list (its shape checked with [`ListTable::check_items`]).
-    pub fn insert(&self, side: ListSide, kind: MemKind, items: &DescriptorList) -> Result<ListId> {
-        Self::check_items(items)?;
+    /// Stores `list` under a new id.
+    pub fn insert_list(&self, list: T) -> ListId {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let list = StoredList {
-            side,
-            kind,
-            items: ItemIndex::new(items),
-        };
         self.lists.write().insert(id, Arc::new(list));
-        Ok(ListId(id))
+        ListId(id)
     }
 
     /// The list `id` (`NotRegistered` once released or never prepared).
-    pub fn get(&self, id: ListId) -> Result<Arc<StoredList>> {
+    pub fn get(&self, id: ListId) -> Result<Arc<T>> {
         self.lists
             .read()
             .get(&id.0)
@@ -134,6 +127,18 @@ impl ListTable {
             .remove(&id.0)
             .map(|_| ())
             .ok_or_else(|| Error::NotRegistered(format!("{id} is released or unknown")))
+    }
+}
+
+impl ListTable<StoredList> {
+    /// Stores a list of items (its shape checked with [`check_items`]).
+    pub fn insert(&self, side: ListSide, kind: MemKind, items: &DescriptorList) -> Result<ListId> {
+        check_items(items)?;
+        Ok(self.insert_list(StoredList {
+            side,
+            kind,
+            items: ItemIndex::new(items),
+        }))
     }
 
     /// The request `req` selects: the chosen items' descriptors, each side in the order
@@ -164,6 +169,18 @@ impl ListTable {
             remote: select(&remote.items, req.remote_items)?,
         })
     }
+}
+
+/// Checks the shape of a list: 1 to 2^32 - 1 items (indices are `u32`), not where they
+/// lie (that is the backend's check).
+pub fn check_items(items: &DescriptorList) -> Result<()> {
+    if items.is_empty() || items.len() > u32::MAX as u64 {
+        return Err(Error::invalid_argument(format!(
+            "a prepared list holds 1..=2^32-1 items, not {}",
+            items.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses index arrays of different lengths or with no index.

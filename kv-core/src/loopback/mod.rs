@@ -536,7 +536,7 @@ impl Backend for LoopbackBackend {
         kind: MemKind,
         items: &DescriptorList,
     ) -> Result<ListId> {
-        ListTable::check_items(items)?;
+        crate::lists::check_items(items)?;
         if kind != MemKind::Dram {
             return Err(Error::Unsupported("loopback moves dram only".into()));
         }
