@@ -7,7 +7,11 @@
 //! * `tcp_put/1MiB`: one 1 MiB descriptor, `tls = tcp`.
 //!
 //! * `shm_put_ucxmem/1MiB`, `shm_put_ucxmem_batched/16KiB`, `shm_put_ucxmem/16KiB`:
-//!   the same with `UcxBackend::alloc_host` memory on both sides.
+//!   the same with `UcxBackend::alloc_host` memory on both sides: mapped operations (the
+//!   target copies once through its mapping of the initiator's memory; README, "Mapped
+//!   operations").
+//! * `shm_put_ucxmem_messages/1MiB`, `shm_put_ucxmem_messages_batched/16KiB`: the same
+//!   with `mapped = false` (data in messages), to show what mapping gains.
 //! * `shm_put_ucxmem_same/16KiB`: 64 descriptors that all name the same 16 KiB on both
 //!   sides (the shape of `ucx_perftest -t ucp_put_bw -s 16384`, which puts the same
 //!   buffer again and again).
@@ -77,6 +81,8 @@ struct Case {
     rndv: bool,
     /// Both sides share a cluster secret (authenticated operations).
     auth: bool,
+    /// Mapped operations where possible (`Options::mapped`, the default).
+    mapped: bool,
 }
 
 fn pair(c: &Case) -> Option<Pair> {
@@ -96,6 +102,7 @@ fn pair(c: &Case) -> Option<Pair> {
     let opts = Options {
         tls: Some(tls.into()),
         rndv_min: if c.rndv { None } else { Some(u64::MAX) },
+        mapped: c.mapped,
         ..Default::default()
     };
     let b_opts = Options {
@@ -224,10 +231,16 @@ fn bench(c: &mut Criterion) {
         same,
         rndv,
         auth: false,
+        mapped: true,
     };
     let auth = |c: Case, name| Case {
         name,
         auth: true,
+        ..c
+    };
+    let messages = |c: Case, name| Case {
+        name,
+        mapped: false,
         ..c
     };
     let (heap, ucx) = (Mem::Heap, Mem::Ucx);
@@ -264,6 +277,14 @@ fn bench(c: &mut Criterion) {
             false,
             false,
             true,
+        ),
+        messages(
+            case("", SHM, 1, 1 << 20, ucx, false, false, true),
+            "shm_put_ucxmem_messages/1MiB",
+        ),
+        messages(
+            case("", SHM, 64, 16 << 10, ucx, false, false, true),
+            "shm_put_ucxmem_messages_batched/16KiB",
         ),
         case(
             "shm_put_ucxmem_same/16KiB",

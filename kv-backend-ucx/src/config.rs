@@ -53,6 +53,11 @@ pub struct Options {
     /// (`bind_ip` loopback, or transports without TCP), then warns. With a secret,
     /// `Some(true)` is refused. See [`authenticates`].
     pub insecure: Option<bool>,
+    /// Send *mapped* operations where possible (param `mapped`, default true): when
+    /// every local piece of a post lies in one `alloc_host` allocation and the peer is
+    /// reached over shared memory only, the target maps that allocation and copies
+    /// itself (one copy, no data in messages). See the README, "Mapped operations".
+    pub mapped: bool,
 }
 
 impl Default for Options {
@@ -69,6 +74,7 @@ impl Default for Options {
             max_connections: 512,
             config: Vec::new(),
             insecure: None,
+            mapped: true,
         }
     }
 }
@@ -89,6 +95,7 @@ impl Options {
                 "max_inbox_bytes" => o.max_inbox_bytes = v.parse().map_err(|_| bad(k, v))?,
                 "max_connections" => o.max_connections = v.parse().map_err(|_| bad(k, v))?,
                 "insecure" => o.insecure = Some(v.parse().map_err(|_| bad(k, v))?),
+                "mapped" => o.mapped = v.parse().map_err(|_| bad(k, v))?,
                 "cancel_grace_ms" => {
                     o.cancel_grace = Duration::from_millis(v.parse().map_err(|_| bad(k, v))?)
                 }
@@ -314,7 +321,9 @@ mod tests {
         p.insert("ucx.RNDV_THRESH".into(), "8k".into());
         p.insert("rndv_min".into(), "65536".into());
         p.insert("max_inbox".into(), "0".into());
+        p.insert("mapped".into(), "false".into());
         let o = Options::from_params(&p).unwrap();
+        assert!(!o.mapped);
         assert_eq!(o.rndv_min, Some(65536));
         assert_eq!(o.max_inbox, 1);
         assert_eq!(o.tls.as_deref(), Some("tcp"));

@@ -15,6 +15,7 @@ use crate::am::{err_handler, AM_NOTE_ID};
 use crate::config::TCP_DEFAULTS;
 use crate::ffi::{self, ucp_ep_h, ucs_status_t, Lib};
 use crate::ids::{is_live, own_pid, IdMap};
+use crate::mapping::lanes_on_host;
 use crate::request::{Group, NoteState, Transfer};
 use crate::session::Readiness;
 use crate::shared::Shared;
@@ -58,6 +59,9 @@ pub struct Endpoint {
     pub peer_errors: bool,
     /// Every lane UCX chose is TCP.
     pub tcp_only: bool,
+    /// Every lane is a same-host transport (shared memory): posts from `alloc_host`
+    /// memory go as mapped operations.
+    pub on_host: bool,
     /// Segments of at least this many bytes go alone, by rendezvous.
     pub rndv_min: u64,
     /// Why the endpoint can no longer be used, once it cannot.
@@ -147,6 +151,7 @@ impl Endpoint {
         // SAFETY: the endpoint created above and an open FILE stream, under the lock.
         let lanes = ffi::capture_file(|f| unsafe { (lib.ep_print_info)(ep, f) });
         let tcp_only = lanes.as_deref().is_some_and(all_lanes_tcp);
+        let on_host = lanes.as_deref().is_some_and(lanes_on_host);
         let default_min = if tcp_only { 512 << 10 } else { 64 << 10 };
         Ok(Endpoint {
             ep,
@@ -154,6 +159,7 @@ impl Endpoint {
             info,
             peer_errors,
             tcp_only,
+            on_host,
             rndv_min: rndv_min.unwrap_or(default_min).max(1),
             dead: None,
             gone: false,

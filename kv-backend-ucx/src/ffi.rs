@@ -29,6 +29,8 @@ pub type ucp_worker_h = *mut c_void;
 pub type ucp_ep_h = *mut c_void;
 /// `ucp_mem_h`.
 pub type ucp_mem_h = *mut c_void;
+/// `ucp_rkey_h` (an unpacked remote key).
+pub type ucp_rkey_h = *mut c_void;
 /// `ucp_config_t *`.
 pub type ucp_config_p = *mut c_void;
 /// `ucp_address_t *`.
@@ -345,6 +347,17 @@ pub struct Lib {
     ) -> ucs_status_t,
     pub mem_unmap: unsafe extern "C" fn(ucp_context_h, ucp_mem_h) -> ucs_status_t,
     pub mem_query: unsafe extern "C" fn(ucp_mem_h, *mut ucp_mem_attr_t) -> ucs_status_t,
+    pub rkey_pack: unsafe extern "C" fn(
+        ucp_context_h,
+        ucp_mem_h,
+        *mut *mut c_void,
+        *mut usize,
+    ) -> ucs_status_t,
+    pub rkey_buffer_release: unsafe extern "C" fn(*mut c_void),
+    pub ep_rkey_unpack:
+        unsafe extern "C" fn(ucp_ep_h, *const c_void, *mut ucp_rkey_h) -> ucs_status_t,
+    pub rkey_ptr: unsafe extern "C" fn(ucp_rkey_h, u64, *mut *mut c_void) -> ucs_status_t,
+    pub rkey_destroy: unsafe extern "C" fn(ucp_rkey_h),
     pub am_send_nbx: unsafe extern "C" fn(
         ucp_ep_h,
         c_uint,
@@ -484,6 +497,11 @@ impl Lib {
             mem_map: sym!(ucp, "ucp_mem_map"),
             mem_unmap: sym!(ucp, "ucp_mem_unmap"),
             mem_query: sym!(ucp, "ucp_mem_query"),
+            rkey_pack: sym!(ucp, "ucp_rkey_pack"),
+            rkey_buffer_release: sym!(ucp, "ucp_rkey_buffer_release"),
+            ep_rkey_unpack: sym!(ucp, "ucp_ep_rkey_unpack"),
+            rkey_ptr: sym!(ucp, "ucp_rkey_ptr"),
+            rkey_destroy: sym!(ucp, "ucp_rkey_destroy"),
             am_send_nbx: sym!(ucp, "ucp_am_send_nbx"),
             am_recv_data_nbx: sym!(ucp, "ucp_am_recv_data_nbx"),
             request_check_status: sym!(ucp, "ucp_request_check_status"),

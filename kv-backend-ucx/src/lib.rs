@@ -61,6 +61,7 @@ mod endpoint;
 mod ffi;
 mod guard;
 mod ids;
+mod mapping;
 mod memory;
 mod request;
 mod send;

@@ -11,7 +11,7 @@ use kv_core::{Access, Descriptor, DescriptorList, Entry, Error, MemKind, Result}
 
 use crate::ffi::{self, ucp_mem_h, Lib};
 use crate::ids::IdMap;
-use crate::wire::RemoteKey;
+use crate::wire::{MapSrc, RemoteKey, MAX_PACKED_RKEY};
 
 /// What a [`UcxHostMemory`] needs from the backend that allocated it (the backend's
 /// core): the allocation, and its release when the memory drops.
@@ -169,6 +169,9 @@ pub struct HostAlloc {
     pub users: usize,
     /// The owner was dropped; unmap when `users` reaches zero.
     pub dropped: bool,
+    /// What a target on this host needs to map it (mapped operations), when UCX could
+    /// pack a key for it.
+    pub map: Option<MapSrc>,
 }
 
 /// A peer's registration imported on one endpoint.
@@ -251,6 +254,9 @@ impl Memory {
         len: usize,
         id: u64,
     ) -> Result<Descriptor> {
+        // Names the allocation in mapped operations (never reused: a target's cached
+        // mapping of an earlier allocation is never taken for this one).
+        let map_id = kv_core::auth::random_u128()? as u64;
         let mp = ffi::ucp_mem_map_params_t {
             field_mask: ffi::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
                 | ffi::UCP_MEM_MAP_PARAM_FIELD_LENGTH
@@ -295,6 +301,12 @@ impl Memory {
         // them makes every byte initialised whatever allocator UCX picked.
         unsafe { std::ptr::write_bytes(attr.address as *mut u8, 0, len) };
         let desc = Descriptor::new(attr.address as usize as u64, len as u64, 0);
+        let map = pack_key(lib, ctx, memh).map(|rkey| MapSrc {
+            id: map_id,
+            base: desc.addr,
+            len: desc.len,
+            rkey,
+        });
         self.allocs.insert(
             id,
             HostAlloc {
@@ -302,9 +314,25 @@ impl Memory {
                 desc,
                 users: 0,
                 dropped: false,
+                map,
             },
         );
         Ok(desc)
+    }
+
+    /// The allocation every one of registrations `regs` lies in, as a mapped
+    /// operation names it; `None` when they are not all in one allocation UCX packed a
+    /// key for.
+    pub fn map_src(&self, regs: &[u64]) -> Option<&MapSrc> {
+        let mut alloc = None;
+        for id in regs {
+            let a = self.regs.get(id)?.alloc?;
+            if alloc.is_some_and(|x| x != a) {
+                return None;
+            }
+            alloc = Some(a);
+        }
+        self.allocs.get(&alloc?)?.map.as_ref()
     }
 
     /// The owner of allocation `id` is gone: unmap it now, or when the last
@@ -528,6 +556,27 @@ impl Memory {
             }
         }
     }
+}
+
+/// `ucp_rkey_pack` of `memh`, copied; `None` (mapped operations off for it) when UCX
+/// cannot pack one or it is longer than a header may carry.
+fn pack_key(lib: &Lib, ctx: ffi::ucp_context_h, memh: ucp_mem_h) -> Option<Bytes> {
+    let mut buf: *mut std::ffi::c_void = std::ptr::null_mut();
+    let mut len = 0usize;
+    // SAFETY: a live context and a handle it mapped; valid out-pointers.
+    let s = unsafe { (lib.rkey_pack)(ctx, memh, &mut buf, &mut len) };
+    if s != ffi::UCS_OK || buf.is_null() {
+        tracing::debug!("ucx: ucp_rkey_pack: {}", lib.status_text(s));
+        return None;
+    }
+    // SAFETY: UCX wrote `len` bytes at `buf`, ours until released below.
+    let key = unsafe { std::slice::from_raw_parts(buf as *const u8, len) };
+    let out = (1..=MAX_PACKED_RKEY)
+        .contains(&len)
+        .then(|| Bytes::copy_from_slice(key));
+    // SAFETY: the buffer ucp_rkey_pack returned, released once.
+    unsafe { (lib.rkey_buffer_release)(buf) };
+    out
 }
 
 /// For every descriptor of `list`, finds a range of `ranges` that holds it; returns the

@@ -21,10 +21,14 @@ use crate::ids::IdMap;
 use crate::memory::Import;
 use crate::serve::AM_OP_ID;
 use crate::shared::{ffi_guard, OpEntry, ReadDest, Shared};
-use crate::wire::{AckCode, OpEntry as WireEntry, OpHeader, OpKind};
+use crate::wire::{AckCode, MapSrc, OpEntry as WireEntry, OpHeader, OpKind, MAX_ENTRIES};
 
 /// Most bytes one batched (eager) operation message carries.
 pub const BATCH_MAX: u64 = 256 << 10;
+/// Most bytes one mapped operation moves (the target copies them inside one callback).
+pub const MAPPED_BATCH_MAX: u64 = 4 << 20;
+/// Longest piece of a mapped operation (longer segments are split).
+pub const MAPPED_PIECE: u64 = 4 << 20;
 
 /// Outstanding-request count and first error of a group. Lives in a `Box` so its address
 /// stays fixed while UCX holds it as a callback's `user_data`.
@@ -201,8 +205,9 @@ pub struct Flight {
     pub data: Group,
     /// Which post of the transfer this is.
     pub post: u64,
-    /// When it was posted.
-    pub posted: Instant,
+    /// When it was posted (read only for a post with a deadline, which reads the clock
+    /// anyway; it only says how long a timed-out post had).
+    pub posted: Option<Instant>,
     /// When it times out.
     pub deadline: Option<Instant>,
     /// Where its notification is.
@@ -235,11 +240,17 @@ pub enum Fail {
 
 impl Flight {
     /// A post not issued yet.
-    pub fn new(lib: &Arc<Lib>, post: u64, deadline: Option<Instant>, note: NoteState) -> Flight {
+    pub fn new(
+        lib: &Arc<Lib>,
+        post: u64,
+        posted: Option<Instant>,
+        deadline: Option<Instant>,
+        note: NoteState,
+    ) -> Flight {
         Flight {
             data: Group::new(lib),
             post,
-            posted: Instant::now(),
+            posted,
             deadline,
             note,
             ops: Vec::new(),
@@ -426,6 +437,11 @@ pub struct Issue<'a> {
     pub imports: &'a [Import],
     /// Our backend instance (named in headers, so answers find us).
     pub instance: u64,
+    /// Send mapped operations naming this allocation (every local piece lies in it, and
+    /// the target reaches it over shared memory); `None`: the data travels in messages.
+    pub src: Option<&'a MapSrc>,
+    /// Largest header UCX takes (bounds a mapped operation's entries).
+    pub max_header: usize,
 }
 
 /// What [`Issue::run`] started.
@@ -459,6 +475,10 @@ impl Issue<'_> {
             ops: Vec::new(),
             error: None,
         };
+        if let Some(src) = self.src {
+            self.run_mapped(src, segs, &mut out, next_op);
+            return out;
+        }
         let batch_max = self.rndv_min.min(BATCH_MAX);
         let mut batch = Batch::default();
         for seg in segs {
@@ -474,6 +494,7 @@ impl Issue<'_> {
                 key_id: imp.key_id,
                 offset,
                 len: seg.len,
+                local: 0,
             };
             if seg.len >= self.rndv_min {
                 let single = Batch {
@@ -482,7 +503,7 @@ impl Issue<'_> {
                     bytes: seg.len,
                 };
                 if !self.flush(&mut batch, &mut out, next_op)
-                    || !self.send(single, true, &mut out, next_op)
+                    || !self.send_op(single, None, true, &mut out, next_op)
                 {
                     return out;
                 }
@@ -501,16 +522,78 @@ impl Issue<'_> {
         out
     }
 
+    /// Sends the segments as mapped operations: no data, only ranges (pieces over
+    /// [`MAPPED_PIECE`] split), up to [`MAPPED_BATCH_MAX`] bytes and as many entries as
+    /// a header holds per message; the target copies through its mapping of `src`.
+    fn run_mapped(&self, src: &MapSrc, segs: &[Seg], out: &mut Issued, next_op: &mut u64) {
+        let fit = self
+            .max_header
+            .saturating_sub(OpHeader::encoded_len_mapped(0, src.rkey.len()))
+            / OpHeader::encoded_len_mapped(1, 0).saturating_sub(OpHeader::encoded_len_mapped(0, 0));
+        let max_entries = fit.clamp(1, MAX_ENTRIES);
+        let mut batch = Batch::default();
+        for seg in segs {
+            let Some(imp) = self.imports.get(seg.range) else {
+                out.error = Some(Error::OutOfBounds("segment outside every import".into()));
+                return;
+            };
+            let Some(offset) = seg.remote.checked_sub(imp.key_base) else {
+                out.error = Some(Error::OutOfBounds("segment before its import".into()));
+                return;
+            };
+            let mut done = 0;
+            while done < seg.len {
+                let len = (seg.len - done).min(MAPPED_PIECE);
+                if (batch.entries.len() == max_entries || batch.bytes + len > MAPPED_BATCH_MAX)
+                    && !self.flush_mapped(src, &mut batch, out, next_op)
+                {
+                    return;
+                }
+                batch.entries.push(WireEntry {
+                    key_id: imp.key_id,
+                    offset: offset + done,
+                    len,
+                    local: seg.local + done,
+                });
+                batch.bytes += len;
+                done += len;
+            }
+        }
+        self.flush_mapped(src, &mut batch, out, next_op);
+    }
+
+    /// Sends the mapped batch being built (if any); false when UCX refused it.
+    fn flush_mapped(
+        &self,
+        src: &MapSrc,
+        batch: &mut Batch,
+        out: &mut Issued,
+        next_op: &mut u64,
+    ) -> bool {
+        if batch.entries.is_empty() {
+            return true;
+        }
+        self.send_op(std::mem::take(batch), Some(src), false, out, next_op)
+    }
+
     /// Sends the batch being built (if any); false when UCX refused it.
     fn flush(&self, batch: &mut Batch, out: &mut Issued, next_op: &mut u64) -> bool {
         if batch.entries.is_empty() {
             return true;
         }
-        self.send(std::mem::take(batch), false, out, next_op)
+        self.send_op(std::mem::take(batch), None, false, out, next_op)
     }
 
-    /// Sends one operation message; false when it could not be sent.
-    fn send(&self, b: Batch, rndv: bool, out: &mut Issued, next_op: &mut u64) -> bool {
+    /// Sends one operation message (mapped when `src` is given: no data travels, and a
+    /// READ's answer carries none); false when it could not be sent.
+    fn send_op(
+        &self,
+        b: Batch,
+        src: Option<&MapSrc>,
+        rndv: bool,
+        out: &mut Issued,
+        next_op: &mut u64,
+    ) -> bool {
         let (lib, uep) = (self.lib, self.uep);
         let op = *next_op;
         *next_op = next_op.wrapping_add(1);
@@ -527,6 +610,7 @@ impl Issue<'_> {
                 session,
                 seq,
                 entries: b.entries,
+                src: src.cloned(),
             }
             .encode())
         });
@@ -537,7 +621,7 @@ impl Issue<'_> {
                 return false;
             }
         };
-        let read = (kind == OpKind::Read).then(|| ReadDest {
+        let read = (kind == OpKind::Read && src.is_none()).then(|| ReadDest {
             pieces: b.pieces.clone(),
             total: b.bytes,
         });
@@ -550,6 +634,7 @@ impl Issue<'_> {
             },
         );
         let (data, len) = match (kind, &b.pieces[..]) {
+            _ if src.is_some() => (std::ptr::null(), 0usize),
             (OpKind::Read, _) => (std::ptr::null(), 0usize),
             (OpKind::Write, [(addr, len)]) => (*addr as usize as *const u8, *len as usize),
             (OpKind::Write, pieces) => {

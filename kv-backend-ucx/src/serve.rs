@@ -23,7 +23,7 @@ use crate::ffi::{self, ucs_status_t};
 use crate::send::{send, Payload};
 use crate::session::Client;
 use crate::shared::{ffi_guard, Inner, ReadDest, Shared};
-use crate::wire::{AckCode, Answer, OpHeader, OpKind};
+use crate::wire::{AckCode, Answer, MapSrc, OpHeader, OpKind};
 
 /// Active-message id of operations (initiator → target).
 pub const AM_OP_ID: u32 = 0x4b57;
@@ -212,6 +212,11 @@ fn check(s: &mut Inner, h: &OpHeader, m: &Msg<'_>) -> Result<Vec<Dst>, AckCode> 
     }
     let single = dsts.len() == 1;
     let hold = match h.kind {
+        // Mapped: no data travels; the target copies through the mapping at once.
+        _ if h.src.is_some() && (m.length != 0 || m.rndv || h.rndv_reply) => {
+            return Err(AckCode::InvalidMetadata)
+        }
+        _ if h.src.is_some() => false,
         OpKind::Write if total != m.length as u64 || (m.rndv && !single) => {
             return Err(AckCode::InvalidMetadata)
         }
@@ -402,6 +407,20 @@ fn serve_op(shared: &Shared, m: &Msg<'_>) {
             return;
         }
     };
+    if let Some(src) = &h.src {
+        let code = match copy_mapped(shared, m, &h, src, &dsts) {
+            Ok(()) => {
+                shared.lock().n.mapped += 1;
+                AckCode::Ok
+            }
+            Err(code) => {
+                tracing::warn!("ucx: refused a mapped operation ({code:?})");
+                code
+            }
+        };
+        answer(shared, m.reply_ep, &h, code);
+        return;
+    }
     match h.kind {
         OpKind::Write if m.rndv => receive_write(shared, m, h, dsts[0]),
         OpKind::Write => {
@@ -426,6 +445,42 @@ fn serve_op(shared: &Shared, m: &Msg<'_>) {
         }
         OpKind::Read => serve_read(shared, m, &h, &dsts),
     }
+}
+
+/// Serves a mapped operation whose ranges `check` proved (`dsts`): maps the initiator's
+/// memory named by `src` (see `crate::mapping`) and copies each piece from it (WRITE) or
+/// into it (READ). All-or-nothing for the checks: every piece must lie inside `src`.
+fn copy_mapped(
+    shared: &Shared,
+    m: &Msg<'_>,
+    h: &OpHeader,
+    src: &MapSrc,
+    dsts: &[Dst],
+) -> Result<(), AckCode> {
+    let end = src.base.checked_add(src.len).ok_or(AckCode::OutOfBounds)?;
+    for e in &h.entries {
+        let e_end = e.local.checked_add(e.len).ok_or(AckCode::OutOfBounds)?;
+        if e.local < src.base || e_end > end {
+            return Err(AckCode::OutOfBounds);
+        }
+    }
+    let mut maps = shared.maps.lock();
+    let base = maps.resolve(&shared.lib, m.reply_ep, h.instance, src)?;
+    for (e, &(ours, len, _)) in h.entries.iter().zip(dsts) {
+        // `resolve` proved [base, base + src.len) mapped here, readable and writable,
+        // and every piece was checked inside `src` above.
+        let theirs = base + (e.local - src.base) as usize;
+        let (from, to) = match h.kind {
+            OpKind::Write => (theirs, ours as usize),
+            OpKind::Read => (ours as usize, theirs),
+        };
+        // SAFETY: `ours` lies inside a live registration (`check`; its owner promised
+        // valid memory until deregister, which cannot run concurrently: the core's
+        // state lock is held around this callback), `theirs` inside the peer's memory
+        // mapped here (see above); `copy` tolerates the two overlapping.
+        unsafe { std::ptr::copy(from as *const u8, to as *mut u8, len as usize) };
+    }
+    Ok(())
 }
 
 /// Receives a rendezvous WRITE straight into `dst` (held by `check`).
@@ -544,6 +599,9 @@ fn take_answer(shared: &Shared, m: &Msg<'_>) -> bool {
     };
     if !verified {
         return false;
+    }
+    if a.code == AckCode::Unmapped {
+        s.unmapped.insert(endpoint);
     }
     let op = a.op;
     let dest = match (&read, a.code) {

@@ -19,6 +19,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use crate::ffi::{self, ucs_status_t, Lib};
 use crate::ids::IdMap;
+use crate::mapping::Mappings;
 use crate::session::{Client, Readiness, Server};
 use crate::wire::AckCode;
 
@@ -96,6 +97,9 @@ pub struct Counters {
     pub unanswered: u64,
     /// Malformed or unverifiable messages dropped.
     pub malformed: u64,
+    /// Of the operations served, those copied through a mapping of the initiator's
+    /// memory (mapped operations).
+    pub mapped: u64,
     /// Notifications dropped (too large, inbox full, unauthenticated).
     pub dropped_notes: u64,
 }
@@ -125,6 +129,9 @@ pub struct Inner {
     pub clients: IdMap<Client>,
     /// Server-side sessions and handshakes.
     pub server: Server,
+    /// Endpoints whose target could not map our memory: their posts copy through
+    /// messages from then on.
+    pub unmapped: std::collections::HashSet<u64>,
     /// Counters.
     pub n: Counters,
 }
@@ -141,6 +148,10 @@ pub struct Events {
 /// address is the callbacks' `arg`; it outlives the worker.
 pub struct Shared {
     inner: Mutex<Inner>,
+    /// Peers' memory mapped here for their mapped operations. Its own lock, which (unlike
+    /// `inner`'s) is held across the UCX calls that map and unmap; taken only inside
+    /// callbacks and at teardown, under the core's state lock, so never contended.
+    pub maps: Mutex<Mappings>,
     /// The library.
     pub lib: Arc<Lib>,
     /// The worker (used only inside callbacks, under the core's state lock).
@@ -174,6 +185,7 @@ impl Shared {
     ) -> Shared {
         Shared {
             inner: Mutex::new(Inner::default()),
+            maps: Mutex::new(Mappings::default()),
             lib,
             worker,
             instance,
@@ -438,6 +450,15 @@ pub fn ack_error(c: AckCode) -> Error {
             "{what}: it does not know our session; both sides must use the same cluster \
              secret (KVX_SECRET)"
         )),
+        AckCode::Unmapped => Error::Backend {
+            name: "ucx".into(),
+            code: 0,
+            message: format!(
+                "{what}: it could not map our UCX-allocated memory (it does not reach us \
+                 over shared memory only, or its UCX failed); later posts on this endpoint \
+                 send their data in messages"
+            ),
+        },
         AckCode::Ok | AckCode::Failed => Error::Backend {
             name: "ucx".into(),
             code: 0,

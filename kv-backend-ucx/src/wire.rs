@@ -26,8 +26,9 @@ const MSG_VERSION: u8 = 2;
 /// memory through UCX's RMA) and made the key id 128 random bits with the access.
 const KEY_VERSION: u8 = 3;
 /// Version of [`ConnInfo`]: 3 is the authenticated operation protocol (a version-2 peer
-/// speaks UCX RMA and is refused as `InvalidMetadata`).
-const INFO_VERSION: u8 = 3;
+/// speaks UCX RMA and is refused as `InvalidMetadata`); 4 added mapped operations
+/// ([`MapSrc`]), which a version-3 target would drop.
+const INFO_VERSION: u8 = 4;
 /// Longest agent name carried in connection info and notification headers.
 pub const MAX_NAME: usize = 255;
 /// Most descriptors one operation message carries.
@@ -36,6 +37,12 @@ pub const MAX_ENTRIES: usize = 128;
 const OP_FIXED: usize = 48;
 /// Bytes of one [`OpEntry`].
 const ENTRY_LEN: usize = 32;
+/// Bytes of one [`OpEntry`] of a mapped operation (its local address added).
+const MAPPED_ENTRY_LEN: usize = 40;
+/// Bytes of a [`MapSrc`] before its packed key.
+const SRC_FIXED: usize = 32;
+/// Longest packed UCX remote key a [`MapSrc`] carries.
+pub const MAX_PACKED_RKEY: usize = 1024;
 /// Encoded size of an [`Answer`].
 pub const ANSWER_LEN: usize = 48 + TAG_LEN;
 
@@ -228,6 +235,26 @@ pub struct OpEntry {
     pub offset: u64,
     /// Length (never 0).
     pub len: u64,
+    /// Mapped operations only: where the initiator's piece starts in its own memory
+    /// (inside the operation's [`MapSrc`]); 0 otherwise.
+    pub local: u64,
+}
+
+/// The initiator's memory a *mapped* operation names: memory UCX allocated for it
+/// (`alloc_host`), which a target on the same host maps from the packed remote key and
+/// copies to or from itself — one copy, no data in the message. Only the target writes
+/// its own memory; see the README, "Mapped operations".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapSrc {
+    /// Random id of that allocation (with the initiator's instance, the target's cache
+    /// key: a new allocation never reuses a stale mapping).
+    pub id: u64,
+    /// Where the allocation starts in the initiator.
+    pub base: u64,
+    /// Its length.
+    pub len: u64,
+    /// `ucp_rkey_pack` of its memory handle.
+    pub rkey: bytes::Bytes,
 }
 
 /// The header of an operation (a WRITE with its data, or a READ request): who asks
@@ -249,6 +276,9 @@ pub struct OpHeader {
     pub seq: u64,
     /// The ranges, in data order.
     pub entries: Vec<OpEntry>,
+    /// A mapped operation: the initiator's memory its entries' `local` lie in (no data
+    /// travels: the target copies through the mapping).
+    pub src: Option<MapSrc>,
 }
 
 impl OpHeader {
@@ -257,24 +287,45 @@ impl OpHeader {
         OP_FIXED + n * ENTRY_LEN + TAG_LEN
     }
 
+    /// Encoded size of a mapped operation with `n` entries and a packed key of
+    /// `rkey_len` bytes (tag included).
+    pub fn encoded_len_mapped(n: usize, rkey_len: usize) -> usize {
+        OP_FIXED + SRC_FIXED + rkey_len + n * MAPPED_ENTRY_LEN + TAG_LEN
+    }
+
     /// Serialises the header with a zero tag (the session fills it).
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(Self::encoded_len(self.entries.len()));
+        let n = self.entries.len();
+        let mut v = Vec::with_capacity(match &self.src {
+            Some(src) => Self::encoded_len_mapped(n, src.rkey.len()),
+            None => Self::encoded_len(n),
+        });
         v.extend_from_slice(OP_MAGIC);
         v.push(MSG_VERSION);
         v.push(self.kind as u8);
         v.push(u8::from(self.rndv_reply));
-        v.push(0);
+        v.push(u8::from(self.src.is_some()));
         for x in [self.instance, self.op, self.session, self.seq] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         // At most MAX_ENTRIES (checked by the sender and by decode).
-        v.extend_from_slice(&(self.entries.len() as u16).to_le_bytes());
+        v.extend_from_slice(&(n as u16).to_le_bytes());
         v.extend_from_slice(&[0u8; 6]);
+        if let Some(src) = &self.src {
+            for x in [src.id, src.base, src.len] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            // At most MAX_PACKED_RKEY (checked by the sender and by decode).
+            v.extend_from_slice(&(src.rkey.len() as u64).to_le_bytes());
+            v.extend_from_slice(&src.rkey);
+        }
         for e in &self.entries {
             put_u128(&mut v, e.key_id);
             v.extend_from_slice(&e.offset.to_le_bytes());
             v.extend_from_slice(&e.len.to_le_bytes());
+            if self.src.is_some() {
+                v.extend_from_slice(&e.local.to_le_bytes());
+            }
         }
         v.extend_from_slice(&[0u8; TAG_LEN]);
         v
@@ -290,11 +341,33 @@ impl OpHeader {
             _ => return Err(Error::invalid_metadata("ucx operation: unknown kind")),
         };
         let rndv_reply = r.u8()? != 0;
-        r.u8()?;
+        let mapped = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(Error::invalid_metadata("ucx operation: unknown flags")),
+        };
         let (instance, op, session, seq) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
         let n = r.u16()? as usize;
         r.take(6)?;
-        if n == 0 || n > MAX_ENTRIES || r.buf.len() != n * ENTRY_LEN + TAG_LEN {
+        let src = if mapped {
+            let (id, base, len, klen) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+            if klen == 0 || klen > MAX_PACKED_RKEY as u64 {
+                return Err(Error::invalid_metadata(format!(
+                    "ucx operation: packed key of {klen} bytes"
+                )));
+            }
+            let rkey = bytes::Bytes::copy_from_slice(r.take(klen as usize)?);
+            Some(MapSrc {
+                id,
+                base,
+                len,
+                rkey,
+            })
+        } else {
+            None
+        };
+        let entry_len = if mapped { MAPPED_ENTRY_LEN } else { ENTRY_LEN };
+        if n == 0 || n > MAX_ENTRIES || r.buf.len() != n * entry_len + TAG_LEN {
             return Err(Error::invalid_metadata(format!(
                 "ucx operation: {n} entries in {} bytes",
                 buf.len()
@@ -306,6 +379,7 @@ impl OpHeader {
                 key_id: u128_of(&mut r)?,
                 offset: r.u64()?,
                 len: r.u64()?,
+                local: if mapped { r.u64()? } else { 0 },
             });
         }
         r.take(TAG_LEN)?;
@@ -318,6 +392,7 @@ impl OpHeader {
             session,
             seq,
             entries,
+            src,
         })
     }
 }
@@ -340,6 +415,9 @@ pub enum AckCode {
     AccessDenied = 5,
     /// The operation was not authenticated by a session the target knows.
     Unauthenticated = 6,
+    /// A mapped operation whose memory the target could not (or may not) map; the
+    /// initiator copies through messages from then on.
+    Unmapped = 7,
 }
 
 impl AckCode {
@@ -352,6 +430,7 @@ impl AckCode {
             4 => AckCode::Failed,
             5 => AckCode::AccessDenied,
             6 => AckCode::Unauthenticated,
+            7 => AckCode::Unmapped,
             _ => return None,
         })
     }

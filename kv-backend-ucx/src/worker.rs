@@ -67,6 +67,8 @@ pub struct Core {
     tcp_segs: (u32, u32),
     /// Most entries per operation message (UCX's header limit allows).
     max_entries: usize,
+    /// UCX's active-message header limit.
+    max_header: usize,
     shared: Box<Shared>,
     /// The cap on connections UCX's TCP transport accepts.
     guard: Mutex<Guard>,
@@ -119,12 +121,14 @@ impl Core {
             info: Bytes::new(),
             tcp_segs,
             max_entries: 1,
+            max_header: 0,
             shared,
             guard: Mutex::new(Guard::new(&before, &[], 0)),
             state: Mutex::new(state),
         };
         am::install(&core.shared)?;
         let max_header = context::max_am_header(&lib, worker)?;
+        core.max_header = max_header;
         core.max_entries = (1..=MAX_ENTRIES)
             .rev()
             .find(|&n| OpHeader::encoded_len(n) <= max_header)
@@ -384,14 +388,13 @@ impl Core {
             .get_mut(&t.endpoint)
             .ok_or_else(|| Error::NotRegistered(format!("EndpointId#{}", t.endpoint)))?;
         ep.usable_now()?;
-        if let Some(d) = opts.deadline {
-            let now = Instant::now();
-            if d <= now {
-                return Err(Error::TimedOut {
-                    what: format!("ucx TransferId#{id} (its deadline passed before the post)"),
-                    after: Duration::ZERO,
-                });
-            }
+        // The clock is read only for a post with a deadline.
+        let posted = opts.deadline.map(|_| Instant::now());
+        if opts.deadline.zip(posted).is_some_and(|(d, now)| d <= now) {
+            return Err(Error::TimedOut {
+                what: format!("ucx TransferId#{id} (its deadline passed before the post)"),
+                after: Duration::ZERO,
+            });
         }
         st.mem.check_local(&t.local_regs, id)?;
         st.mem.imports(&t.remote_ids, id)?;
@@ -404,7 +407,7 @@ impl Core {
             }
             None => NoteState::None,
         };
-        t.flight = Some(Flight::new(&self.lib, post, opts.deadline, note));
+        t.flight = Some(Flight::new(&self.lib, post, posted, opts.deadline, note));
         t.status = Status::InProgress;
         st.mem.hold(&t.local_regs, &t.remote_ids);
         st.transfers.active.push(id);
@@ -592,9 +595,20 @@ impl Core {
         drop(g);
         let n = self.shared.counters();
         s.push_str(&format!(
-            "operations: sent {}; from peers served {}, refused {}, unanswered {}; \
+            "operations: sent {}; from peers served {} (mapped {}), refused {}, unanswered {}; \
              malformed or unverifiable messages dropped {}; notifications dropped {}\n",
-            st.transfers.sent, n.accepted, n.refused, n.unanswered, n.malformed, n.dropped_notes
+            st.transfers.sent,
+            n.accepted,
+            n.mapped,
+            n.refused,
+            n.unanswered,
+            n.malformed,
+            n.dropped_notes
+        ));
+        s.push_str(&format!(
+            "peers' allocations mapped here: {} (at most {})\n",
+            self.shared.maps.lock().len(),
+            crate::mapping::MAX_MAPPINGS
         ));
         let mut ids: Vec<&u64> = st.eps.keys().collect();
         ids.sort();
@@ -665,8 +679,10 @@ impl Drop for Core {
             // owner was dropped already).
             unsafe { (self.lib.mem_unmap)(st.ctx, a.memh) };
         }
-        // SAFETY: every endpoint, request and memory handle of the worker and context
-        // was released above; each is destroyed once.
+        // Peers' memory mapped for their operations: unmapped before the worker goes.
+        self.shared.maps.lock().clear(&self.lib);
+        // SAFETY: every endpoint, request, key and memory handle of the worker and
+        // context was released above; each is destroyed once.
         unsafe {
             (self.lib.worker_destroy)(st.worker);
             (self.lib.cleanup)(st.ctx);

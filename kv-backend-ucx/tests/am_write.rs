@@ -122,7 +122,7 @@ fn mixed_write_lands_before_its_notification() {
     let d = a.describe();
     assert!(d.contains("operations: sent 3;"), "{d}");
     assert!(
-        b.describe().contains("served 3, refused 0"),
+        b.describe().contains("served 3 (mapped 0), refused 0"),
         "{}",
         b.describe()
     );

@@ -98,6 +98,14 @@ fn write_and_read(tls: &str) {
     let got = lb.to_vec();
     assert_eq!(got[..LEN / 2], pattern(4, LEN)[LEN / 2..], "WRITE data");
     assert_eq!(got[LEN / 2..], pattern(3, LEN)[LEN / 2..], "untouched half");
+    // Over shared memory both went as mapped operations (b copied through its mapping
+    // of a's memory); over TCP as messages.
+    let mapped = if tls == "tcp" { 0 } else { 2 };
+    assert!(
+        b.describe().contains(&format!("(mapped {mapped})")),
+        "{}",
+        b.describe()
+    );
     a.deregister(ra).unwrap();
     b.deregister(rb).unwrap();
 }
@@ -140,4 +148,85 @@ fn registrations_of_parts_and_late_drops_are_safe() {
     a.deregister(part).unwrap();
     a.deregister(whole).unwrap();
     assert!(matches!(a.deregister(whole), Err(Error::NotRegistered(_))));
+}
+
+/// 64 pieces of 16 KiB, spread over 1 MiB in reverse order on the target, as one
+/// mapped operation each way: byte-exact; with `mapped=false` the same through
+/// messages.
+#[test]
+fn spread_pieces_between_ucx_memory() {
+    for mapped in [true, false] {
+        let opts = Options {
+            tls: Some("posix,cma,self".into()),
+            mapped,
+            ..Default::default()
+        };
+        let Some(a) = kv_core::require_or_skip(
+            "ucx",
+            UcxBackend::new(&kv_core::BackendInit::new("a"), opts.clone()),
+        ) else {
+            return;
+        };
+        let b = UcxBackend::new(&kv_core::BackendInit::new("b"), opts).unwrap();
+        let mut la = a.alloc_host(LEN).unwrap();
+        let lb = b.alloc_host(LEN).unwrap();
+        // SAFETY: not registered yet: nothing else touches it.
+        unsafe { la.as_mut_slice() }.copy_from_slice(&pattern(9, LEN));
+        // SAFETY: the memory outlives the registrations (deregistered below).
+        let (ra, rb) = unsafe {
+            (
+                a.register(MemKind::Dram, &la.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap(),
+                b.register(MemKind::Dram, &lb.descriptor(), kv_core::Access::ReadWrite)
+                    .unwrap(),
+            )
+        };
+        let ep = a.connect("b", &b.connection_info().unwrap()).unwrap();
+        a.import_remote(
+            ep,
+            MemKind::Dram,
+            &lb.descriptor(),
+            &b.remote_key(rb).unwrap(),
+        )
+        .unwrap();
+        const PIECE: u64 = 16 << 10;
+        let n = LEN as u64 / PIECE;
+        let (ld, rd) = (la.descriptor(), lb.descriptor());
+        let local: Vec<Descriptor> = (0..n)
+            .map(|i| Descriptor::new(ld.addr + i * PIECE, PIECE, 0))
+            .collect();
+        let remote: Vec<Descriptor> = (0..n)
+            .map(|i| Descriptor::new(rd.addr + (n - 1 - i) * PIECE, PIECE, 0))
+            .collect();
+        let spread = |op| TransferRequest {
+            op,
+            local_kind: MemKind::Dram,
+            local: DescriptorList::try_from_iter(local.clone()).unwrap(),
+            peer: ep,
+            remote_kind: MemKind::Dram,
+            remote: DescriptorList::try_from_iter(remote.clone()).unwrap(),
+        };
+        let st = run(&a, &b, &spread(Op::Write));
+        assert!(matches!(st, Status::Done), "WRITE: {st:?}");
+        let want = pattern(9, LEN);
+        let got = lb.to_vec();
+        for i in 0..n as usize {
+            let (p, l) = (PIECE as usize, (n as usize - 1 - i) * PIECE as usize);
+            assert_eq!(got[l..l + p], want[i * p..(i + 1) * p], "piece {i}");
+        }
+        // Back again into zeroed memory: the READ restores the pattern.
+        // SAFETY: no transfer names it now; this thread drives both sides.
+        unsafe { la.as_mut_slice() }.fill(0);
+        let st = run(&a, &b, &spread(Op::Read));
+        assert!(matches!(st, Status::Done), "READ: {st:?}");
+        assert_eq!(la.to_vec(), want, "READ data");
+        let m = if mapped { 2 } else { 0 };
+        assert!(
+            b.describe().contains(&format!("(mapped {m})")),
+            "{}",
+            b.describe()
+        );
+        a.deregister(ra).unwrap();
+        b.deregister(rb).unwrap();
+    }
 }

@@ -27,13 +27,16 @@ fn op() -> OpHeader {
                 key_id: u128::MAX - 5,
                 offset: 6,
                 len: 7,
+                local: 0,
             },
             OpEntry {
                 key_id: 8,
                 offset: 9,
                 len: 10,
+                local: 0,
             },
         ],
+        src: None,
     }
 }
 
@@ -210,5 +213,51 @@ proptest! {
         let sealed = seal(b);
         let _ = ConnInfo::decode(&sealed);
         let _ = RemoteKey::decode(&sealed);
+    }
+}
+
+fn mapped_op() -> OpHeader {
+    let mut h = op();
+    for (i, e) in h.entries.iter_mut().enumerate() {
+        e.local = 0x1000 + i as u64 * 64;
+    }
+    h.src = Some(MapSrc {
+        id: 11,
+        base: 0x1000,
+        len: 4096,
+        rkey: bytes::Bytes::from_static(&[1, 2, 3, 4, 5]),
+    });
+    h
+}
+
+#[test]
+fn mapped_operations_round_trip_and_refuse_damage() {
+    let h = mapped_op();
+    let b = h.encode();
+    assert_eq!(b.len(), OpHeader::encoded_len_mapped(2, 5));
+    assert_eq!(OpHeader::decode(&b).unwrap(), h);
+    // An unmapped header's entries decode with local 0 and no source.
+    let plain = OpHeader::decode(&op().encode()).unwrap();
+    assert!(plain.src.is_none() && plain.entries.iter().all(|e| e.local == 0));
+    // Unknown flags.
+    let mut bad = b.clone();
+    bad[7] = 2;
+    assert!(OpHeader::decode(&bad).is_err());
+    // The mapped flag on a header without a source, and cleared on one with a source.
+    let mut bad = op().encode();
+    bad[7] = 1;
+    assert!(OpHeader::decode(&bad).is_err());
+    let mut bad = b.clone();
+    bad[7] = 0;
+    assert!(OpHeader::decode(&bad).is_err());
+    // Key lengths of 0, over the limit, and past the end.
+    for klen in [0u64, MAX_PACKED_RKEY as u64 + 1, u64::MAX] {
+        let mut bad = b.clone();
+        bad[72..80].copy_from_slice(&klen.to_le_bytes());
+        assert!(OpHeader::decode(&bad).is_err(), "{klen}");
+    }
+    // Truncated anywhere.
+    for n in 0..b.len() {
+        assert!(OpHeader::decode(&b[..n]).is_err(), "{n}");
     }
 }

@@ -123,6 +123,10 @@ impl Core {
         }
         let imports = mem.imports(&t.remote_ids, tid)?;
         let segs = t.segments(&imports)?;
+        let src =
+            (self.opts.mapped && ep.on_host && !self.shared.lock().unmapped.contains(&t.endpoint))
+                .then(|| mem.map_src(&t.local_regs))
+                .flatten();
         let issue = Issue {
             lib: &self.lib,
             shared: &self.shared,
@@ -133,6 +137,8 @@ impl Core {
             max_entries: self.max_entries,
             imports: &imports,
             instance: self.instance,
+            src,
+            max_header: self.max_header,
         };
         Ok(Some(issue.run(&segs, next_op)))
     }
@@ -192,7 +198,11 @@ impl Core {
                 .by_id
                 .get(&tid)
                 .and_then(|t| t.flight.as_ref())
-                .and_then(|f| f.deadline.map(|d| d.saturating_duration_since(f.posted)))
+                .and_then(|f| {
+                    f.deadline
+                        .zip(f.posted)
+                        .map(|(d, p)| d.saturating_duration_since(p))
+                })
                 .unwrap_or_default();
             let what = format!("ucx transfer TransferId#{tid}");
             self.stop(st, tid, Error::TimedOut { what, after });

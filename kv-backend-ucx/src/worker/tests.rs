@@ -198,7 +198,9 @@ impl Pair {
                 key_id,
                 offset,
                 len,
+                local: 0,
             }],
+            src: None,
         }
         .encode()
     }
@@ -404,4 +406,112 @@ impl Pair {
         // driven only by this thread, which is here).
         unsafe { std::ptr::write_bytes(d.addr as usize as *mut u8, b, d.len as usize) };
     }
+}
+
+impl Core {
+    /// Test hook: allocates `len` bytes with `alloc_host`, fills them with `fill`, and
+    /// returns the allocation's id and what a mapped operation names of it.
+    fn mappable(&self, len: usize, fill: u8) -> (u64, crate::wire::MapSrc) {
+        let (id, d) = crate::memory::HostAllocator::alloc_host(self, len).unwrap();
+        // SAFETY: just allocated, not registered: nothing else touches it.
+        unsafe { std::ptr::write_bytes(d.addr as usize as *mut u8, fill, len) };
+        let st = self.state.lock();
+        let src = st.mem.allocs.get(&id).and_then(|a| a.map.clone());
+        (id, src.expect("UCX packs a key for alloc_host memory"))
+    }
+}
+
+/// A mapped WRITE of one entry `local..local + len` of `src` into offset 0 of `key_id`.
+fn mapped_write(
+    p: &Pair,
+    key_id: u128,
+    src: &crate::wire::MapSrc,
+    local: u64,
+    len: u64,
+) -> Vec<u8> {
+    OpHeader {
+        kind: OpKind::Write,
+        rndv_reply: false,
+        instance: p.a.instance,
+        op: 1 << 41,
+        session: 0,
+        seq: 0,
+        entries: vec![OpEntry {
+            key_id,
+            offset: 0,
+            len,
+            local,
+        }],
+        src: Some(src.clone()),
+    }
+    .encode()
+}
+
+/// Mapped operations over shared memory: a piece outside the memory the peer names, or
+/// memory the peer claims larger than it is, moves nothing; a good one is one copy.
+#[test]
+fn mapped_operations_are_checked_against_the_mapping() {
+    let opts = Options {
+        tls: Some("posix,cma,self".into()),
+        ..Default::default()
+    };
+    let Some(p) = pair(None, opts) else {
+        return;
+    };
+    let (key_id, _) = p.a.remote_key_of(p.rid).unwrap();
+    let (_, src) = p.a.mappable(64 << 10, 0x5a);
+    let mut sends = Vec::new();
+    // Ends 10 bytes past the allocation.
+    let h = mapped_write(&p, key_id, &src, src.base + src.len - 54, 64);
+    sends.push(p.a.send_raw(p.ep, AM_OP_ID, &h, &[], false));
+    // Claims 1 TiB where 64 KiB are mapped.
+    let huge = crate::wire::MapSrc {
+        len: 1 << 40,
+        ..src.clone()
+    };
+    let h = mapped_write(&p, key_id, &huge, src.base, 64);
+    sends.push(p.a.send_raw(p.ep, AM_OP_ID, &h, &[], false));
+    let c = p.settle(&sends, |n| n.accepted == 2);
+    assert_eq!((c.accepted, c.mapped), (2, 0), "{c:?}");
+    p.untouched("mapped operations outside the peer's memory");
+    // The same allocation, truthfully: 64 bytes land.
+    let h = mapped_write(&p, key_id, &src, src.base + 100, 64);
+    let sends = vec![p.a.send_raw(p.ep, AM_OP_ID, &h, &[], false)];
+    let c = p.settle(&sends, |n| n.mapped == 1);
+    assert_eq!(c.mapped, 1, "{c:?}");
+    let got = p.dst.as_slice();
+    assert!(got[..64].iter().all(|&x| x == 0x5a) && got[64..].iter().all(|&x| x == 0x11));
+    // A WRITE from heap memory still sends its data in messages.
+    p.dst_fill(0x11);
+    let t = p.write();
+    assert!(matches!(p.run(t), Status::Done));
+    assert_eq!(p.b.counters().mapped, 1);
+    assert_eq!(p.dst.as_slice(), &p.src[..]);
+    p.finish(t);
+}
+
+/// A peer that reaches us over TCP cannot make us map memory: its mapped operation is
+/// answered `Unmapped` and moves nothing (UCX never sees its key).
+#[test]
+fn mapped_operations_over_tcp_are_refused() {
+    let opts = Options {
+        tls: Some("tcp".into()),
+        ..Default::default()
+    };
+    let Some(p) = pair(None, opts) else {
+        return;
+    };
+    let (key_id, _) = p.a.remote_key_of(p.rid).unwrap();
+    let src = crate::wire::MapSrc {
+        id: 1,
+        base: p.src.as_ptr() as usize as u64,
+        len: LEN as u64,
+        rkey: bytes::Bytes::from_static(&[0xff; 64]),
+    };
+    let h = mapped_write(&p, key_id, &src, src.base, 64);
+    let sends = vec![p.a.send_raw(p.ep, AM_OP_ID, &h, &[], false)];
+    let c = p.settle(&sends, |n| n.accepted == 1);
+    assert_eq!((c.accepted, c.mapped), (1, 0), "{c:?}");
+    p.untouched("a mapped operation over TCP");
+    assert_eq!(p.b.shared.maps.lock().len(), 0);
 }
