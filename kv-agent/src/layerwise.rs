@@ -14,6 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kv_core::{Error, Notification, Result, Status};
 
 use crate::agent::Agent;
+use crate::pace::Pace;
 use crate::transfer::Transfer;
 
 const MAGIC: &[u8; 4] = b"kvxL";
@@ -347,7 +348,7 @@ impl LayerwiseReceiver {
         what: impl Fn() -> String,
     ) -> Result<()> {
         let end = Instant::now() + timeout;
-        let mut spins = 0u32;
+        let mut pace = Pace::default();
         loop {
             if ready(self) {
                 return Ok(());
@@ -360,10 +361,9 @@ impl LayerwiseReceiver {
             }
             agent.progress()?;
             if self.pump(agent)? == 0 {
-                spins += 1;
-                if spins > 100 {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
+                pace.idle();
+            } else {
+                pace.reset();
             }
         }
     }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use kv_core::{Error, Notification, Result, Status};
 
 use crate::agent::Agent;
+use crate::pace::Pace;
 use crate::peers::PeerId;
 use crate::transfer::Transfer;
 
@@ -300,16 +301,13 @@ impl BlockLoad {
 
     /// Drives progress until the load ended (each transfer is deadline-bounded).
     pub fn wait(&mut self) -> Result<LoadOutcome> {
-        let mut spins = 0u32;
+        let mut pace = Pace::default();
         loop {
             self.agent.progress()?;
             if let Some(o) = self.poll()? {
                 return Ok(o);
             }
-            spins += 1;
-            if spins > 200 {
-                std::thread::sleep(Duration::from_micros(20));
-            }
+            pace.idle();
         }
     }
 }

@@ -45,6 +45,7 @@ mod layerwise;
 pub mod layout;
 mod lease;
 mod offload;
+mod pace;
 mod peers;
 mod prepared;
 mod registry;

@@ -10,6 +10,7 @@ use kv_core::{
 use parking_lot::Mutex;
 
 use crate::choice::{self, Need};
+use crate::pace::Pace;
 use crate::peers::{PeerEntry, PeerId};
 use crate::registry::{check_local_writable, LoadedBackend, RegionEntry};
 use crate::shared::Shared;
@@ -440,7 +441,7 @@ impl Transfer {
 
     /// Drives progress until the last post finishes (or its deadline passes).
     pub fn wait(&self) -> Result<()> {
-        let mut spins = 0u32;
+        let mut pace = Pace::default();
         loop {
             self.shared.progress_for_wait(&self.backend)?;
             match self.poll_with(true) {
@@ -451,13 +452,7 @@ impl Transfer {
                         "wait on a transfer that was never posted",
                     ))
                 }
-                Status::InProgress => {}
-            }
-            spins += 1;
-            if spins > 200 {
-                std::thread::sleep(Duration::from_micros(20));
-            } else {
-                std::hint::spin_loop();
+                Status::InProgress => pace.idle(),
             }
         }
     }

@@ -152,7 +152,9 @@ impl Core {
         let mut events = st.transfers.apply_answers(taken.answers);
         events += endpoint::mark_failed(&mut st.eps, taken.ep_errors, lib);
         // Posts waiting for their endpoint to authenticate; posts on dead endpoints.
-        for tid in st.transfers.active.clone() {
+        // (By index: nothing here adds to or removes from `active`; no copy per call.)
+        for i in 0..st.transfers.active.len() {
+            let tid = st.transfers.active[i];
             self.try_issue(st, tid);
             let Some(t) = st.transfers.by_id.get_mut(&tid) else {
                 continue;
