@@ -52,7 +52,10 @@ mod tests {
     fn naps_grow_with_the_wait_and_stay_bounded() {
         assert_eq!(nap(Duration::ZERO), MIN_NAP);
         assert_eq!(nap(Duration::from_millis(1)), MIN_NAP);
-        assert_eq!(nap(Duration::from_millis(6400) / 1000), Duration::from_micros(100));
+        assert_eq!(
+            nap(Duration::from_millis(6400) / 1000),
+            Duration::from_micros(100)
+        );
         assert_eq!(nap(Duration::from_secs(60)), MAX_NAP);
         // Wake-ups over a 1 s wait: a few hundred, not the ~50 000 of a fixed 20 µs.
         let (mut t, mut wakes) = (Duration::ZERO, 0);

@@ -186,25 +186,33 @@ type Dst = (u64, u64, u128);
 fn check(s: &mut Inner, h: &OpHeader, m: &Msg<'_>) -> Result<Vec<Dst>, AckCode> {
     let mut total: u64 = 0;
     let mut dsts = Vec::with_capacity(h.entries.len());
+    // The registration of the entry before (entries mostly name one): looked up once.
+    let mut last: Option<(u128, Descriptor, bool)> = None;
     for e in &h.entries {
-        let t = s
-            .targets
-            .get(&e.key_id)
-            .filter(|t| !t.revoked)
-            .ok_or(AckCode::NotRegistered)?;
+        let (desc, writable) = match last {
+            Some((key, desc, writable)) if key == e.key_id => (desc, writable),
+            _ => {
+                let t = s
+                    .targets
+                    .get(&e.key_id)
+                    .filter(|t| !t.revoked)
+                    .ok_or(AckCode::NotRegistered)?;
+                last = Some((e.key_id, t.desc, t.access.writable()));
+                (t.desc, t.access.writable())
+            }
+        };
         if e.len == 0 {
             return Err(AckCode::InvalidMetadata);
         }
-        let start = t
-            .desc
+        let start = desc
             .addr
             .checked_add(e.offset)
             .ok_or(AckCode::OutOfBounds)?;
-        let want = Descriptor::new(start, e.len, t.desc.device);
-        if want.end().is_none() || !t.desc.contains(&want) {
+        let want = Descriptor::new(start, e.len, desc.device);
+        if want.end().is_none() || !desc.contains(&want) {
             return Err(AckCode::OutOfBounds);
         }
-        if h.kind == OpKind::Write && !t.access.writable() {
+        if h.kind == OpKind::Write && !writable {
             return Err(AckCode::AccessDenied);
         }
         total = total.checked_add(e.len).ok_or(AckCode::InvalidMetadata)?;
