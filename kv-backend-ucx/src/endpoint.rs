@@ -15,7 +15,7 @@ use crate::am::{err_handler, AM_NOTE_ID};
 use crate::config::TCP_DEFAULTS;
 use crate::ffi::{self, ucp_ep_h, ucs_status_t, Lib};
 use crate::ids::{is_live, own_pid, IdMap};
-use crate::mapping::lanes_on_host;
+use crate::mapping::{every_lane, lanes_on_host};
 use crate::request::{Group, NoteState, Transfer};
 use crate::session::Readiness;
 use crate::shared::Shared;
@@ -487,12 +487,7 @@ pub fn check_segments(ours: (u32, u32), peer_name: &str, peer: &ConnInfo) -> Res
 
 /// Whether `ucp_ep_print_info`'s report shows lanes and every one of them is TCP.
 fn all_lanes_tcp(report: &str) -> bool {
-    let mut lanes = report.lines().filter(|l| l.contains("lane["));
-    let mut any = false;
-    lanes.all(|l| {
-        any = true;
-        l.contains("tcp/")
-    }) && any
+    every_lane(report, |l| l.contains("tcp/"))
 }
 
 /// `Some(reason)` when the peer is a backend of this process that was dropped.

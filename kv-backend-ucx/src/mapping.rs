@@ -148,11 +148,16 @@ fn destroy(lib: &Lib, m: Mapping) {
 /// same-host transport (shared memory, cross-memory attach, loopback to itself).
 pub fn lanes_on_host(report: &str) -> bool {
     const LOCAL: [&str; 6] = ["posix/", "sysv/", "cma/", "knem/", "xpmem/", "self/"];
+    every_lane(report, |l| LOCAL.iter().any(|t| l.contains(t)))
+}
+
+/// Whether `ucp_ep_print_info`'s report shows lanes and `f` holds for every one.
+pub fn every_lane(report: &str, f: impl Fn(&str) -> bool) -> bool {
     let mut lanes = report.lines().filter(|l| l.contains("lane["));
     let mut any = false;
     lanes.all(|l| {
         any = true;
-        LOCAL.iter().any(|t| l.contains(t))
+        f(l)
     }) && any
 }
 

@@ -14,16 +14,50 @@ use kv_core::{
 const LEN: usize = 1 << 20;
 
 fn pair(tls: &str) -> Option<(UcxBackend, UcxBackend)> {
-    let opts = Options {
+    pair_with(Options {
         tls: Some(tls.into()),
         ..Default::default()
-    };
+    })
+}
+
+fn pair_with(opts: Options) -> Option<(UcxBackend, UcxBackend)> {
     let a = kv_core::require_or_skip(
         "ucx",
         UcxBackend::new(&kv_core::BackendInit::new("a"), opts.clone()),
     )?;
     let b = UcxBackend::new(&kv_core::BackendInit::new("b"), opts).expect("second backend");
     Some((a, b))
+}
+
+/// Registers `la` on `a` and `lb` on `b`, connects `a` to `b` and imports `lb` there.
+fn link(
+    a: &UcxBackend,
+    b: &UcxBackend,
+    la: &UcxHostMemory,
+    lb: &UcxHostMemory,
+) -> (
+    kv_core::RegistrationId,
+    kv_core::RegistrationId,
+    kv_core::EndpointId,
+) {
+    // SAFETY: the callers keep the memory alive until they deregister it.
+    let (ra, rb) = unsafe {
+        (
+            a.register(MemKind::Dram, &la.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+            b.register(MemKind::Dram, &lb.descriptor(), kv_core::Access::ReadWrite)
+                .unwrap(),
+        )
+    };
+    let ep = a.connect("b", &b.connection_info().unwrap()).unwrap();
+    a.import_remote(
+        ep,
+        MemKind::Dram,
+        &lb.descriptor(),
+        &b.remote_key(rb).unwrap(),
+    )
+    .unwrap();
+    (ra, rb, ep)
 }
 
 /// Runs one transfer from `a`, driving both. Gives up at 5 s.
@@ -66,23 +100,8 @@ fn write_and_read(tls: &str) {
     assert!(la.to_vec().iter().all(|&x| x == 0), "alloc_host zeroes");
     // SAFETY: not registered yet: nothing else touches it.
     unsafe { lb.as_mut_slice() }.copy_from_slice(&pattern(3, LEN));
-    // SAFETY: the memory outlives the registrations (deregistered below).
-    let (ra, rb) = unsafe {
-        (
-            a.register(MemKind::Dram, &la.descriptor(), kv_core::Access::ReadWrite)
-                .unwrap(),
-            b.register(MemKind::Dram, &lb.descriptor(), kv_core::Access::ReadWrite)
-                .unwrap(),
-        )
-    };
-    let ep = a.connect("b", &b.connection_info().unwrap()).unwrap();
-    a.import_remote(
-        ep,
-        MemKind::Dram,
-        &lb.descriptor(),
-        &b.remote_key(rb).unwrap(),
-    )
-    .unwrap();
+    // The memory outlives the registrations (deregistered below).
+    let (ra, rb, ep) = link(&a, &b, &la, &lb);
     let st = run(&a, &b, &req(Op::Read, la.descriptor(), ep, lb.descriptor()));
     assert!(matches!(st, Status::Done), "READ over {tls}: {st:?}");
     assert_eq!(la.to_vec(), pattern(3, LEN), "READ data over {tls}");
@@ -161,34 +180,15 @@ fn spread_pieces_between_ucx_memory() {
             mapped,
             ..Default::default()
         };
-        let Some(a) = kv_core::require_or_skip(
-            "ucx",
-            UcxBackend::new(&kv_core::BackendInit::new("a"), opts.clone()),
-        ) else {
+        let Some((a, b)) = pair_with(opts) else {
             return;
         };
-        let b = UcxBackend::new(&kv_core::BackendInit::new("b"), opts).unwrap();
         let mut la = a.alloc_host(LEN).unwrap();
         let lb = b.alloc_host(LEN).unwrap();
         // SAFETY: not registered yet: nothing else touches it.
         unsafe { la.as_mut_slice() }.copy_from_slice(&pattern(9, LEN));
-        // SAFETY: the memory outlives the registrations (deregistered below).
-        let (ra, rb) = unsafe {
-            (
-                a.register(MemKind::Dram, &la.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-                b.register(MemKind::Dram, &lb.descriptor(), kv_core::Access::ReadWrite)
-                    .unwrap(),
-            )
-        };
-        let ep = a.connect("b", &b.connection_info().unwrap()).unwrap();
-        a.import_remote(
-            ep,
-            MemKind::Dram,
-            &lb.descriptor(),
-            &b.remote_key(rb).unwrap(),
-        )
-        .unwrap();
+        // The memory outlives the registrations (deregistered below).
+        let (ra, rb, ep) = link(&a, &b, &la, &lb);
         const PIECE: u64 = 16 << 10;
         let n = LEN as u64 / PIECE;
         let (ld, rd) = (la.descriptor(), lb.descriptor());

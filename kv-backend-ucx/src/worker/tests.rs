@@ -472,12 +472,14 @@ fn mapped_operations_are_checked_against_the_mapping() {
     let h = mapped_write(&p, key_id, &huge, src.base, 64);
     sends.push(p.a.send_raw(p.ep, AM_OP_ID, &h, &[], false));
     let c = p.settle(&sends, |n| n.accepted == 2);
+    drop(sends); // their requests go before the worker does
     assert_eq!((c.accepted, c.mapped), (2, 0), "{c:?}");
     p.untouched("mapped operations outside the peer's memory");
     // The same allocation, truthfully: 64 bytes land.
     let h = mapped_write(&p, key_id, &src, src.base + 100, 64);
     let sends = vec![p.a.send_raw(p.ep, AM_OP_ID, &h, &[], false)];
     let c = p.settle(&sends, |n| n.mapped == 1);
+    drop(sends);
     assert_eq!(c.mapped, 1, "{c:?}");
     let got = p.dst.as_slice();
     assert!(got[..64].iter().all(|&x| x == 0x5a) && got[64..].iter().all(|&x| x == 0x11));
@@ -511,6 +513,7 @@ fn mapped_operations_over_tcp_are_refused() {
     let h = mapped_write(&p, key_id, &src, src.base, 64);
     let sends = vec![p.a.send_raw(p.ep, AM_OP_ID, &h, &[], false)];
     let c = p.settle(&sends, |n| n.accepted == 1);
+    drop(sends);
     assert_eq!((c.accepted, c.mapped), (1, 0), "{c:?}");
     p.untouched("a mapped operation over TCP");
     assert_eq!(p.b.shared.maps.lock().len(), 0);
