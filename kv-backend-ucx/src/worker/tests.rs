@@ -518,3 +518,57 @@ fn mapped_operations_over_tcp_are_refused() {
     p.untouched("a mapped operation over TCP");
     assert_eq!(p.b.shared.maps.lock().len(), 0);
 }
+
+impl Core {
+    /// Test hook: makes the core treat endpoint `ep` as reached over shared memory.
+    fn force_on_host(&self, ep: u64) {
+        if let Some(e) = self.state.lock().eps.get_mut(&ep) {
+            e.on_host = true;
+        }
+    }
+}
+
+/// The initiator's fallback: a target that will not map our memory (here: it receives
+/// the operation over TCP) answers `Unmapped`; that post fails saying so and moves
+/// nothing, and the endpoint's later posts send their data in messages.
+#[test]
+fn an_unmapped_answer_turns_mapped_operations_off_for_the_endpoint() {
+    let opts = Options {
+        tls: Some("tcp".into()),
+        ..Default::default()
+    };
+    let Some(p) = pair(None, opts) else {
+        return;
+    };
+    p.a.force_on_host(p.ep);
+    let (_, src) = p.a.mappable(LEN, 0x77);
+    let local = Descriptor::new(src.base, LEN as u64, 0);
+    let rl =
+        p.a.register(MemKind::Dram, &local, Access::ReadWrite)
+            .unwrap();
+    let t =
+        p.a.prepare(&TransferRequest {
+            op: Op::Write,
+            local_kind: MemKind::Dram,
+            local: DescriptorList::single(local).unwrap(),
+            peer: kv_core::EndpointId(p.ep),
+            remote_kind: MemKind::Dram,
+            remote: DescriptorList::single(p.dst.descriptor()).unwrap(),
+        })
+        .unwrap();
+    match p.run(t) {
+        Status::Failed(Error::Backend { message, .. }) => {
+            assert!(message.contains("could not map"), "{message}")
+        }
+        other => panic!("a mapped WRITE over TCP: {other:?}"),
+    }
+    p.untouched("a mapped operation the target would not map");
+    // The same transfer again: its data now travels in messages.
+    assert!(matches!(p.run(t), Status::Done));
+    assert!(p.dst.as_slice().iter().all(|&x| x == 0x77));
+    assert_eq!(p.b.counters().mapped, 0);
+    p.a.release(t).unwrap();
+    p.a.deregister(rl).unwrap();
+    let w = p.write();
+    p.finish(w);
+}
