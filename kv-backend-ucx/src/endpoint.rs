@@ -262,6 +262,9 @@ impl Endpoint {
         lib: &Arc<Lib>,
         transfers: &mut IdMap<Transfer>,
     ) -> usize {
+        if self.notes.is_empty() {
+            return 0; // the common case: nothing queued, no lock taken
+        }
         let mut events = 0;
         let mut blocked = false;
         let readiness = shared.readiness(id);
@@ -488,6 +491,16 @@ pub fn check_segments(ours: (u32, u32), peer_name: &str, peer: &ConnInfo) -> Res
 /// Whether `ucp_ep_print_info`'s report shows lanes and every one of them is TCP.
 fn all_lanes_tcp(report: &str) -> bool {
     every_lane(report, |l| l.contains("tcp/"))
+}
+
+/// Whether the backend `instance` of process `pid` is gone: dropped (a backend of this
+/// process) or its process exited (`/proc/<pid>` gone; a reused pid only delays this).
+pub fn process_gone(pid: u32, instance: u64) -> bool {
+    if pid == own_pid() {
+        !is_live(instance)
+    } else {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }
 }
 
 /// `Some(reason)` when the peer is a backend of this process that was dropped.

@@ -631,6 +631,7 @@ impl Issue<'_> {
                 endpoint: self.ep_id,
                 read,
                 receiving: false,
+                mapped: src.is_some(),
             },
         );
         let (data, len) = match (kind, &b.pieces[..]) {
@@ -690,6 +691,11 @@ pub struct Quarantined {
     pub data: Group,
     /// Operations still receiving into local memory.
     pub receiving: Vec<u64>,
+    /// Mapped operations not answered: the target may still copy to or from local
+    /// memory, until it answers or is gone.
+    pub mapped: Vec<u64>,
+    /// The peer (pid, backend instance) those mapped operations went to.
+    pub peer: Option<(u32, u64)>,
     /// The transfer's local registrations.
     pub local_regs: Vec<u64>,
     /// The transfer's imports.

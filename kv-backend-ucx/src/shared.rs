@@ -73,6 +73,9 @@ pub struct OpEntry {
     pub read: Option<ReadDest>,
     /// The data is being received (rendezvous) into the local pieces right now.
     pub receiving: bool,
+    /// A mapped operation: until it is answered the target may still copy to or from
+    /// our memory through its mapping, so forgetting it does not free that memory.
+    pub mapped: bool,
 }
 
 /// Per-sender reordering of notifications by number.
@@ -249,21 +252,31 @@ impl Shared {
         self.lock().ops.insert(op, entry);
     }
 
-    /// Forgets operations `ops` (their answers will be ignored); returns those whose
-    /// data is being received right now (kept until the receive ends).
-    pub fn forget_ops(&self, ops: &[u64]) -> Vec<u64> {
+    /// Forgets operations `ops` (their answers will be ignored); returns those that may
+    /// still touch local memory, kept until they end: (data being received right now,
+    /// mapped operations not answered yet).
+    pub fn forget_ops(&self, ops: &[u64]) -> (Vec<u64>, Vec<u64>) {
         let mut s = self.lock();
-        let mut receiving = Vec::new();
+        let (mut receiving, mut mapped) = (Vec::new(), Vec::new());
         for op in ops {
             match s.ops.get(op) {
                 Some(e) if e.receiving => receiving.push(*op),
+                Some(e) if e.mapped => mapped.push(*op),
                 Some(_) => {
                     s.ops.remove(op);
                 }
                 None => {}
             }
         }
-        receiving
+        (receiving, mapped)
+    }
+
+    /// Drops operations `ops` outright (mapped operations of a peer that is gone).
+    pub fn drop_ops(&self, ops: &[u64]) {
+        let mut s = self.lock();
+        for op in ops {
+            s.ops.remove(op);
+        }
     }
 
     /// Whether any of `ops` is still recorded (a receive into local memory running).

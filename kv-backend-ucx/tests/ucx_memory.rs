@@ -63,22 +63,27 @@ fn link(
 /// Runs one transfer from `a`, driving both. Gives up at 5 s.
 fn run(a: &UcxBackend, b: &UcxBackend, req: &TransferRequest) -> Status {
     let t = a.prepare(req).unwrap();
+    let st = run_prepared(a, b, t);
+    a.release(t).unwrap();
+    st
+}
+
+/// Posts prepared transfer `t` from `a` and drives both until it finished (5 s).
+fn run_prepared(a: &UcxBackend, b: &UcxBackend, t: kv_core::TransferId) -> Status {
     let opts = PostOptions {
         notification: None,
         deadline: Some(Instant::now() + Duration::from_secs(5)),
     };
     // SAFETY: both sides' memory stays registered until the transfer finished.
     unsafe { a.post(t, &opts).unwrap() };
-    let st = loop {
+    loop {
         a.progress().unwrap();
         b.progress().unwrap();
         let st = a.poll(t);
         if st.is_finished() {
             break st;
         }
-    };
-    a.release(t).unwrap();
-    st
+    }
 }
 
 fn req(op: Op, local: Descriptor, ep: kv_core::EndpointId, remote: Descriptor) -> TransferRequest {
@@ -228,5 +233,79 @@ fn spread_pieces_between_ucx_memory() {
         );
         a.deregister(ra).unwrap();
         b.deregister(rb).unwrap();
+    }
+}
+
+/// Posts `t` with a deadline of 200 ms while only `a` progresses (the target is stuck):
+/// the post fails `TimedOut`.
+fn time_out(a: &UcxBackend, t: kv_core::TransferId) {
+    let start = Instant::now();
+    let opts = PostOptions {
+        notification: None,
+        deadline: Some(start + Duration::from_millis(200)),
+    };
+    // SAFETY: the caller keeps both sides' memory registered until the end of its test.
+    unsafe { a.post(t, &opts).unwrap() };
+    let st = loop {
+        a.progress().unwrap();
+        let st = a.poll(t);
+        if st.is_finished() || start.elapsed() > Duration::from_secs(5) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(
+        matches!(st, Status::Failed(Error::TimedOut { .. })),
+        "{st:?}"
+    );
+}
+
+/// A mapped READ whose target does not progress fails at its deadline, but the target
+/// can still copy into our memory whenever it resumes — so that memory stays busy
+/// (`deregister` says `Busy`) until the target answered; then the late data is there
+/// and the memory is free. When the target backend is gone instead, the memory is
+/// freed without an answer.
+#[test]
+fn a_timed_out_mapped_read_keeps_its_memory_until_the_target_answers() {
+    for target_resumes in [true, false] {
+        let Some((a, b)) = pair("posix,cma,self") else {
+            return;
+        };
+        let mut la = a.alloc_host(LEN).unwrap();
+        let mut lb = b.alloc_host(LEN).unwrap();
+        // SAFETY: not registered yet: nothing else touches it.
+        unsafe { lb.as_mut_slice() }.copy_from_slice(&pattern(5, LEN));
+        let (ra, rb, ep) = link(&a, &b, &la, &lb);
+        let t = a
+            .prepare(&req(Op::Read, la.descriptor(), ep, lb.descriptor()))
+            .unwrap();
+        // Once with both progressing (UCX's endpoint is wired up: later sends complete
+        // at once), then our copy of the data is wiped.
+        assert!(matches!(run_prepared(&a, &b, t), Status::Done));
+        // SAFETY: no transfer names it now; this thread drives both sides.
+        unsafe { la.as_mut_slice() }.fill(0);
+        time_out(&a, t);
+        assert!(matches!(a.deregister(ra), Err(Error::Busy(_))));
+        if target_resumes {
+            // The target serves the stale READ: its copy lands, then the memory is free.
+            let end = Instant::now() + Duration::from_secs(10);
+            loop {
+                b.progress().unwrap();
+                a.progress().unwrap();
+                match a.deregister(ra) {
+                    Ok(()) => break,
+                    Err(Error::Busy(_)) if Instant::now() < end => continue,
+                    Err(e) => panic!("memory still busy after the target answered: {e}"),
+                }
+            }
+            assert_eq!(la.to_vec(), pattern(5, LEN), "the late copy landed");
+            b.deregister(rb).unwrap();
+        } else {
+            b.deregister(rb).unwrap();
+            drop((lb, b)); // the target backend is gone (its memory with it)
+            a.progress().unwrap();
+            a.deregister(ra).unwrap();
+        }
+        a.release(t).unwrap();
     }
 }

@@ -220,8 +220,14 @@ impl Core {
         let mut i = 0;
         while i < st.transfers.quarantine.len() {
             let q = &st.transfers.quarantine[i];
-            if q.data.done() && !self.shared.ops_pending(&q.receiving) {
+            // Mapped operations end with their answer, or when the target is gone (its
+            // mapping of our memory went with it).
+            let mapped_done = !self.shared.ops_pending(&q.mapped)
+                || q.peer
+                    .is_some_and(|(pid, instance)| endpoint::process_gone(pid, instance));
+            if q.data.done() && !self.shared.ops_pending(&q.receiving) && mapped_done {
                 let q = st.transfers.quarantine.swap_remove(i);
+                self.shared.drop_ops(&q.mapped);
                 st.mem.release(&q.local_regs, &q.remote_ids);
                 events += 1;
             } else {
@@ -270,18 +276,25 @@ impl Core {
         for op in &flight.ops {
             st.transfers.ops.remove(op);
         }
-        let receiving = self.shared.forget_ops(&flight.ops);
+        let (receiving, mapped) = self.shared.forget_ops(&flight.ops);
         st.transfers.active.retain(|x| *x != tid);
-        if flight.data.done() && receiving.is_empty() {
+        if flight.data.done() && receiving.is_empty() && mapped.is_empty() {
             st.mem.release(&t.local_regs, &t.remote_ids);
             return false;
         }
         tracing::warn!(
-            "ucx: TransferId#{tid} ended with requests UCX still holds; its memory stays busy"
+            "ucx: TransferId#{tid} ended with requests UCX still holds or mapped operations \
+             the target has not answered; its memory stays busy"
         );
+        let peer = st
+            .eps
+            .get(&t.endpoint)
+            .map(|e| (e.info.pid, e.info.instance));
         st.transfers.quarantine.push(Quarantined {
             data: flight.data,
             receiving,
+            mapped,
+            peer,
             local_regs: t.local_regs.clone(),
             remote_ids: t.remote_ids.clone(),
         });
