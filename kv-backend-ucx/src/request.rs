@@ -696,6 +696,9 @@ pub struct Quarantined {
     pub mapped: Vec<u64>,
     /// The peer (pid, backend instance) those mapped operations went to.
     pub peer: Option<(u32, u64)>,
+    /// The endpoint they went through (its session stays known until they end, so
+    /// their answers still verify after a `disconnect`).
+    pub endpoint: u64,
     /// The transfer's local registrations.
     pub local_regs: Vec<u64>,
     /// The transfer's imports.

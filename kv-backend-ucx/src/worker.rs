@@ -194,6 +194,18 @@ impl Core {
     pub fn deregister(&self, id: u64) -> Result<()> {
         let mut guard = self.state.lock();
         let st = &mut *guard;
+        // A post that already ended may still hold the memory in quarantine (requests
+        // UCX has not given back, mapped operations the target has not answered): give
+        // them up to `cancel_grace` to end, as for peers' transfers below.
+        let quarantined = |st: &State| {
+            st.transfers
+                .quarantine
+                .iter()
+                .any(|q| q.local_regs.contains(&id))
+        };
+        if st.mem.key_of_idle(id).is_err() && quarantined(st) && !self.posted_with(st, id) {
+            self.drive_until(st, self.opts.cancel_grace, |st| !quarantined(st));
+        }
         let key_id = st.mem.key_of_idle(id)?;
         if self.shared.revoke_target(key_id) > 0 {
             let end = Instant::now() + self.opts.cancel_grace;
@@ -211,6 +223,16 @@ impl Core {
         }
         self.shared.remove_target(key_id);
         st.mem.remove_reg(&self.lib, st.ctx, id)
+    }
+
+    /// Whether a transfer in flight names local registration `id`.
+    fn posted_with(&self, st: &State, id: u64) -> bool {
+        st.transfers.active.iter().any(|t| {
+            st.transfers
+                .by_id
+                .get(t)
+                .is_some_and(|t| t.local_regs.contains(&id))
+        })
     }
 
     /// `Backend::remote_key`.
@@ -286,7 +308,12 @@ impl Core {
             st.graveyard.extend(notes);
         }
         st.mem.forget_imports(id);
-        self.shared.remove_client(id);
+        // The session goes now, unless mapped operations of a post cut off here still
+        // await answers (the target may still copy; its answers must verify to free
+        // our memory): then when the last of them ends.
+        if !Self::awaits_mapped(st, id) {
+            self.shared.remove_client(id);
+        }
         Ok(())
     }
 

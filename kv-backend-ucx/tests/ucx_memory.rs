@@ -309,3 +309,57 @@ fn a_timed_out_mapped_read_keeps_its_memory_until_the_target_answers() {
         a.release(t).unwrap();
     }
 }
+
+/// `disconnect` while a mapped WRITE waits for a target that does not progress: the
+/// post ends `RemoteDisconnected` and its memory stays busy; when the target resumes,
+/// its answer still verifies (the session is kept for it) and frees the memory.
+#[test]
+fn a_disconnected_mapped_post_frees_its_memory_once_the_target_answers() {
+    let Some((a, b)) = pair_with(Options {
+        tls: Some("posix,cma,self".into()),
+        cancel_grace: Duration::from_millis(20),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let mut la = a.alloc_host(LEN).unwrap();
+    let lb = b.alloc_host(LEN).unwrap();
+    let (ra, rb, ep) = link(&a, &b, &la, &lb);
+    let t = a
+        .prepare(&req(Op::Write, la.descriptor(), ep, lb.descriptor()))
+        .unwrap();
+    assert!(matches!(run_prepared(&a, &b, t), Status::Done)); // wires the endpoint up
+                                                              // SAFETY: no transfer names it now; this thread drives both sides.
+    unsafe { la.as_mut_slice() }.copy_from_slice(&pattern(6, LEN));
+    let opts = PostOptions {
+        notification: None,
+        deadline: Some(Instant::now() + Duration::from_secs(5)),
+    };
+    // SAFETY: both sides' memory stays registered until the end of the test.
+    unsafe { a.post(t, &opts).unwrap() };
+    a.progress().unwrap();
+    a.disconnect(ep).unwrap();
+    let st = a.poll(t);
+    assert!(
+        matches!(st, Status::Failed(Error::RemoteDisconnected { .. })),
+        "{st:?}"
+    );
+    assert!(matches!(a.deregister(ra), Err(Error::Busy(_))));
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        b.progress().unwrap();
+        a.progress().unwrap();
+        match a.deregister(ra) {
+            Ok(()) => break,
+            Err(Error::Busy(_)) if Instant::now() < end => continue,
+            Err(e) => panic!("memory still busy after the target answered: {e}"),
+        }
+    }
+    assert_eq!(
+        lb.to_vec(),
+        pattern(6, LEN),
+        "the target served the cut-off WRITE"
+    );
+    a.release(t).unwrap();
+    b.deregister(rb).unwrap();
+}

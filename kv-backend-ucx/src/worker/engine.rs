@@ -229,12 +229,27 @@ impl Core {
                 let q = st.transfers.quarantine.swap_remove(i);
                 self.shared.drop_ops(&q.mapped);
                 st.mem.release(&q.local_regs, &q.remote_ids);
+                // A disconnected endpoint's session was kept for these answers only.
+                if st.eps.get(&q.endpoint).is_some_and(|e| e.gone)
+                    && !Self::awaits_mapped(st, q.endpoint)
+                {
+                    self.shared.remove_client(q.endpoint);
+                }
                 events += 1;
             } else {
                 i += 1;
             }
         }
         events
+    }
+
+    /// Whether quarantined mapped operations sent through endpoint `ep` still await
+    /// their answers.
+    pub(super) fn awaits_mapped(st: &State, ep: u64) -> bool {
+        st.transfers
+            .quarantine
+            .iter()
+            .any(|q| q.endpoint == ep && !q.mapped.is_empty())
     }
 
     /// Ends transfer `tid`'s post with `err` now, whatever UCX still holds: its
@@ -295,6 +310,7 @@ impl Core {
             receiving,
             mapped,
             peer,
+            endpoint: t.endpoint,
             local_regs: t.local_regs.clone(),
             remote_ids: t.remote_ids.clone(),
         });
