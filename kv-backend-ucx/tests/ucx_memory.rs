@@ -236,6 +236,21 @@ fn spread_pieces_between_ucx_memory() {
     }
 }
 
+/// Drives both until `a` can deregister `ra` (the target answered what it still owed);
+/// fails after 10 s.
+fn deregister_once_b_answers(a: &UcxBackend, b: &UcxBackend, ra: kv_core::RegistrationId) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        b.progress().unwrap();
+        a.progress().unwrap();
+        match a.deregister(ra) {
+            Ok(()) => return,
+            Err(Error::Busy(_)) if Instant::now() < end => continue,
+            Err(e) => panic!("memory still busy after the target answered: {e}"),
+        }
+    }
+}
+
 /// Posts `t` with a deadline of 200 ms while only `a` progresses (the target is stuck):
 /// the post fails `TimedOut`.
 fn time_out(a: &UcxBackend, t: kv_core::TransferId) {
@@ -288,16 +303,7 @@ fn a_timed_out_mapped_read_keeps_its_memory_until_the_target_answers() {
         assert!(matches!(a.deregister(ra), Err(Error::Busy(_))));
         if target_resumes {
             // The target serves the stale READ: its copy lands, then the memory is free.
-            let end = Instant::now() + Duration::from_secs(10);
-            loop {
-                b.progress().unwrap();
-                a.progress().unwrap();
-                match a.deregister(ra) {
-                    Ok(()) => break,
-                    Err(Error::Busy(_)) if Instant::now() < end => continue,
-                    Err(e) => panic!("memory still busy after the target answered: {e}"),
-                }
-            }
+            deregister_once_b_answers(&a, &b, ra);
             assert_eq!(la.to_vec(), pattern(5, LEN), "the late copy landed");
             b.deregister(rb).unwrap();
         } else {
@@ -345,16 +351,7 @@ fn a_disconnected_mapped_post_frees_its_memory_once_the_target_answers() {
         "{st:?}"
     );
     assert!(matches!(a.deregister(ra), Err(Error::Busy(_))));
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        b.progress().unwrap();
-        a.progress().unwrap();
-        match a.deregister(ra) {
-            Ok(()) => break,
-            Err(Error::Busy(_)) if Instant::now() < end => continue,
-            Err(e) => panic!("memory still busy after the target answered: {e}"),
-        }
-    }
+    deregister_once_b_answers(&a, &b, ra);
     assert_eq!(
         lb.to_vec(),
         pattern(6, LEN),
