@@ -482,16 +482,15 @@ impl Issue<'_> {
         let batch_max = self.rndv_min.min(BATCH_MAX);
         let mut batch = Batch::default();
         for seg in segs {
-            let Some(imp) = self.imports.get(seg.range) else {
-                out.error = Some(Error::OutOfBounds("segment outside every import".into()));
-                return out;
-            };
-            let Some(offset) = seg.remote.checked_sub(imp.key_base) else {
-                out.error = Some(Error::OutOfBounds("segment before its import".into()));
-                return out;
+            let (key_id, offset) = match self.locate(seg) {
+                Ok(x) => x,
+                Err(e) => {
+                    out.error = Some(e);
+                    return out;
+                }
             };
             let entry = WireEntry {
-                key_id: imp.key_id,
+                key_id,
                 offset,
                 len: seg.len,
                 local: 0,
@@ -502,7 +501,7 @@ impl Issue<'_> {
                     pieces: vec![(seg.local, seg.len)],
                     bytes: seg.len,
                 };
-                if !self.flush(&mut batch, &mut out, next_op)
+                if !self.flush(&mut batch, None, &mut out, next_op)
                     || !self.send_op(single, None, true, &mut out, next_op)
                 {
                     return out;
@@ -510,7 +509,7 @@ impl Issue<'_> {
                 continue;
             }
             if (batch.entries.len() == self.max_entries || batch.bytes + seg.len > batch_max)
-                && !self.flush(&mut batch, &mut out, next_op)
+                && !self.flush(&mut batch, None, &mut out, next_op)
             {
                 return out;
             }
@@ -518,39 +517,51 @@ impl Issue<'_> {
             batch.pieces.push((seg.local, seg.len));
             batch.bytes += seg.len;
         }
-        self.flush(&mut batch, &mut out, next_op);
+        self.flush(&mut batch, None, &mut out, next_op);
         out
+    }
+
+    /// The registration key and offset a segment's remote piece has in its import.
+    fn locate(&self, seg: &Seg) -> Result<(u128, u64)> {
+        let imp = self
+            .imports
+            .get(seg.range)
+            .ok_or_else(|| Error::OutOfBounds("segment outside every import".into()))?;
+        let offset = seg
+            .remote
+            .checked_sub(imp.key_base)
+            .ok_or_else(|| Error::OutOfBounds("segment before its import".into()))?;
+        Ok((imp.key_id, offset))
     }
 
     /// Sends the segments as mapped operations: no data, only ranges (pieces over
     /// [`MAPPED_PIECE`] split), up to [`MAPPED_BATCH_MAX`] bytes and as many entries as
     /// a header holds per message; the target copies through its mapping of `src`.
     fn run_mapped(&self, src: &MapSrc, segs: &[Seg], out: &mut Issued, next_op: &mut u64) {
-        let fit = self
-            .max_header
-            .saturating_sub(OpHeader::encoded_len_mapped(0, src.rkey.len()))
-            / OpHeader::encoded_len_mapped(1, 0).saturating_sub(OpHeader::encoded_len_mapped(0, 0));
-        let max_entries = fit.clamp(1, MAX_ENTRIES);
+        // As many entries as a header holds, found like `Core::new`'s `max_entries`.
+        let max_entries = (1..=MAX_ENTRIES)
+            .rev()
+            .find(|&n| OpHeader::encoded_len_mapped(n, src.rkey.len()) <= self.max_header)
+            .unwrap_or(1);
         let mut batch = Batch::default();
         for seg in segs {
-            let Some(imp) = self.imports.get(seg.range) else {
-                out.error = Some(Error::OutOfBounds("segment outside every import".into()));
-                return;
-            };
-            let Some(offset) = seg.remote.checked_sub(imp.key_base) else {
-                out.error = Some(Error::OutOfBounds("segment before its import".into()));
-                return;
+            let (key_id, offset) = match self.locate(seg) {
+                Ok(x) => x,
+                Err(e) => {
+                    out.error = Some(e);
+                    return;
+                }
             };
             let mut done = 0;
             while done < seg.len {
                 let len = (seg.len - done).min(MAPPED_PIECE);
                 if (batch.entries.len() == max_entries || batch.bytes + len > MAPPED_BATCH_MAX)
-                    && !self.flush_mapped(src, &mut batch, out, next_op)
+                    && !self.flush(&mut batch, Some(src), out, next_op)
                 {
                     return;
                 }
                 batch.entries.push(WireEntry {
-                    key_id: imp.key_id,
+                    key_id,
                     offset: offset + done,
                     len,
                     local: seg.local + done,
@@ -559,29 +570,22 @@ impl Issue<'_> {
                 done += len;
             }
         }
-        self.flush_mapped(src, &mut batch, out, next_op);
+        self.flush(&mut batch, Some(src), out, next_op);
     }
 
-    /// Sends the mapped batch being built (if any); false when UCX refused it.
-    fn flush_mapped(
+    /// Sends the batch being built (if any; mapped when `src` is given); false when UCX
+    /// refused it.
+    fn flush(
         &self,
-        src: &MapSrc,
         batch: &mut Batch,
+        src: Option<&MapSrc>,
         out: &mut Issued,
         next_op: &mut u64,
     ) -> bool {
         if batch.entries.is_empty() {
             return true;
         }
-        self.send_op(std::mem::take(batch), Some(src), false, out, next_op)
-    }
-
-    /// Sends the batch being built (if any); false when UCX refused it.
-    fn flush(&self, batch: &mut Batch, out: &mut Issued, next_op: &mut u64) -> bool {
-        if batch.entries.is_empty() {
-            return true;
-        }
-        self.send_op(std::mem::take(batch), None, false, out, next_op)
+        self.send_op(std::mem::take(batch), src, false, out, next_op)
     }
 
     /// Sends one operation message (mapped when `src` is given: no data travels, and a
@@ -635,6 +639,7 @@ impl Issue<'_> {
             },
         );
         let (data, len) = match (kind, &b.pieces[..]) {
+            // A mapped operation or a READ request: no data travels.
             _ if src.is_some() => (std::ptr::null(), 0usize),
             (OpKind::Read, _) => (std::ptr::null(), 0usize),
             (OpKind::Write, [(addr, len)]) => (*addr as usize as *const u8, *len as usize),
