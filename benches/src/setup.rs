@@ -184,7 +184,7 @@ impl TransferArgs {
         if let Some(r) = &self.reference {
             if r != "memcpy" {
                 return Err(Error::invalid_argument(format!(
-                    "unknown --reference {r}; use memcpy (native tools: kv-bench reference)"
+                    "unknown --reference {r}; use memcpy (the native tools run beside it in scripts/compare.sh)"
                 )));
             }
         }

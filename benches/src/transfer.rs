@@ -259,7 +259,7 @@ fn reference(name: &str, bytes: u64) -> Result<(String, f64)> {
             Ok(("memcpy (1 thread)".into(), gbps(len as u64, best)))
         }
         other => Err(Error::invalid_argument(format!(
-            "unknown --reference {other}; use memcpy (native tools: kv-bench reference)"
+            "unknown --reference {other}; use memcpy (the native tools run beside it in scripts/compare.sh)"
         ))),
     }
 }

@@ -12,6 +12,11 @@
 #   operation message per large piece (rendezvous) or per batch of small ones (eager),
 #   done when the target answered them all. criterion: 20 samples,
 #   WARM ms warm-up, MEAS ms measurement (its ns/iter estimate is used).
+# * "2 procs" rows (benches/two_process.rs): the shape of ucx_perftest itself: the
+#   target is a second process busy-polling `progress()`, the initiator keeps several
+#   posts in flight over the same memory (puts to the same buffer again and again, as
+#   ucx_perftest) and reposts each as it completes; TWO_SECS s measured after 0.3 s
+#   warm-up; each run ends with a byte check (crc32c of the target's memory).
 # * theirs: `ucx_perftest` server + client on 127.0.0.1 (two processes), `-n ITERS`
 #   iterations after `-w WARM_ITERS` warm-up ones, `-O` left at its default (puts are
 #   not windowed; ucx_perftest flushes once at the end), buffers from ucp_mem_map
@@ -27,8 +32,8 @@
 #   does not matter, and it flushes once at the end). Like for like, our "same" case posts
 #   64 puts of the same 16 KiB source to the same 16 KiB target (one flush per post of
 #   64). Our "spread" case posts 64 x 16 KiB pieces covering 1 MiB (remote order
-#   reversed, so nothing merges): a 1 MiB footprint, reported beside it, no goal. The
-#   single-16 KiB row measures our per-post cost.
+#   reversed, so nothing merges): a 1 MiB footprint. The single-16 KiB rows measure
+#   our per-post cost: one at a time (a round trip each), or 16 in flight.
 # * tcp: ours is a WRITE, which this backend sends over TCP as an operation with
 #   rendezvous that the target receives into its registration (`tcp_put`), or eager
 #   (`tcp_put_eager`, rndv_min = u64::MAX: the target copies it out of UCX's receive
@@ -40,9 +45,9 @@ cd "$(dirname "$0")/../.."
 command -v ucx_perftest >/dev/null || { echo "ucx_perftest not found: apt-get install ucx-utils" >&2; exit 1; }
 PORT=${PORT:-13390}
 if [[ "${KV_COMPARE_SHORT:-0}" == 1 ]]; then
-    RUNS=${RUNS:-3} WARM=100 MEAS=300 SHM_ITERS=5000 TCP_ITERS=1000 WARM_ITERS=100
+    RUNS=${RUNS:-3} WARM=100 MEAS=300 SHM_ITERS=5000 TCP_ITERS=1000 WARM_ITERS=100 TWO_SECS=0.5
 else
-    RUNS=${RUNS:-3} WARM=500 MEAS=2000 SHM_ITERS=20000 TCP_ITERS=2000 WARM_ITERS=1000
+    RUNS=${RUNS:-3} WARM=500 MEAS=2000 SHM_ITERS=20000 TCP_ITERS=2000 WARM_ITERS=1000 TWO_SECS=2
 fi
 SHM=posix,cma,self
 
@@ -50,6 +55,9 @@ echo "building the bench (cargo bench -p kv-backend-ucx --bench throughput --no-
 BENCH=$(cargo bench -j2 -q -p kv-backend-ucx --bench throughput --no-run --message-format=json 2>/dev/null |
     grep -o '"executable":"[^"]*throughput[^"]*"' | tail -1 | cut -d'"' -f4)
 [[ -x "$BENCH" ]] || { echo "could not build the bench" >&2; exit 1; }
+TWO=$(cargo bench -j2 -q -p kv-backend-ucx --bench two_process --no-run --message-format=json 2>/dev/null |
+    grep -o '"executable":"[^"]*two_process[^"]*"' | tail -1 | cut -d'"' -f4)
+[[ -x "$TWO" ]] || { echo "could not build the two-process bench" >&2; exit 1; }
 
 # ours NAME BYTES_PER_POST -> MiB/s
 ours() {
@@ -57,6 +65,12 @@ ours() {
     ns=$(KV_BENCH_WARMUP_MS=$WARM KV_BENCH_MEASURE_MS=$MEAS "$BENCH" --bench "ucx/$name" \
         --output-format bencher 2>/dev/null | awk -v n="ucx/$name" '$2 == n {gsub(",", "", $5); print $5}')
     awk -v ns="${ns:-0}" -v b="$bytes" 'BEGIN { if (ns > 0) printf "%.0f\n", b / 1048576 / (ns / 1e9); else print 0 }'
+}
+
+# two CASE -> MiB/s from benches/two_process.rs (two processes, several posts in flight)
+two() {
+    KV_UCX_BENCH_CASE=$1 KV_UCX_BENCH_SECS=$TWO_SECS "$TWO" --bench 2>/dev/null |
+        sed -n 's/^RESULT .*MiBps=\([0-9]*\).*/\1/p' | head -1 | grep . || echo 0
 }
 
 # theirs TLS TEST SIZE ITERS [VAR=VALUE ...] -> MiB/s (overall bandwidth)
@@ -98,6 +112,8 @@ row() {
 MIB=1048576
 row "shm put 1MiB, ucxmem vs ucp_put_bw" 0.95 \
     "ours shm_put_ucxmem/1MiB $MIB" "theirs $SHM ucp_put_bw $MIB $SHM_ITERS"
+row "shm put 1MiB, 2 procs, 4 in flight vs put_bw" 0.95 \
+    "two 1MiB" "theirs $SHM ucp_put_bw $MIB $SHM_ITERS"
 row "shm 64 puts same 16KiB, ucxmem vs put_bw 16K" - \
     "ours shm_put_ucxmem_same/16KiB $MIB" "theirs $SHM ucp_put_bw 16384 $SHM_ITERS"
 row "shm 64x16KiB spread (1MiB), vs put_bw 16K" 0.90 \
@@ -111,6 +127,25 @@ row "tcp WRITE 1MiB, eager vs tag_bw" - \
     "ours tcp_put_eager/1MiB $MIB" "theirs tcp tag_bw $MIB $TCP_ITERS"
 row "shm put 1x16KiB/post, ucxmem vs 16K" 0.90 \
     "ours shm_put_ucxmem/16KiB 16384" "theirs $SHM ucp_put_bw 16384 $SHM_ITERS"
+row "shm 1x16KiB/post, 2 procs, 16 in flight" 0.90 \
+    "two 16KiB" "theirs $SHM ucp_put_bw 16384 $SHM_ITERS"
+row "shm 64x16KiB spread, 2 procs, 4 in flight" 0.90 \
+    "two 64x16KiB" "theirs $SHM ucp_put_bw 16384 $SHM_ITERS"
+# What every checked post pays besides its copy: one operation message to the target
+# and one answer back. UCX's own rate for such messages over the same transport
+# (ucp_am_bw, 64-byte messages, two processes): the floor of a post's cost.
+amr=()
+for ((i = 0; i < RUNS; i++)); do
+    PORT=$((PORT + 1))
+    env UCX_TLS="$SHM" timeout 120 ucx_perftest -p "$PORT" >/dev/null 2>&1 &
+    srv=$!
+    sleep 0.5
+    amr+=("$(env UCX_TLS="$SHM" timeout 120 ucx_perftest 127.0.0.1 -p "$PORT" -t ucp_am_bw -s 64 \
+        -n $((SHM_ITERS * 20)) -w "$WARM_ITERS" 2>/dev/null | awk '/^Final:/ {print $9}')")
+    wait "$srv" 2>/dev/null || true
+done
+printf '%-44s %11s %13.0f   (messages/s, median; runs: %s)\n' "ucp_am_bw 64 B (message rate)" - \
+    "$(printf '%s\n' "${amr[@]}" | median)" "${amr[*]}"
 row "shm put 1MiB, heap vs ucp_put_bw" - \
     "ours shm_put/1MiB $MIB" "theirs $SHM ucp_put_bw $MIB $SHM_ITERS"
 row "tcp WRITE 1MiB (AM) vs put_bw (UCX defaults)" - \

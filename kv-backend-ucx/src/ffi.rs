@@ -38,6 +38,7 @@ pub type ucp_address_p = *mut c_void;
 
 pub const UCS_OK: ucs_status_t = 0;
 pub const UCS_INPROGRESS: ucs_status_t = 1;
+pub const UCS_ERR_NO_RESOURCE: ucs_status_t = -2;
 pub const UCS_ERR_IO_ERROR: ucs_status_t = -3;
 pub const UCS_ERR_UNREACHABLE: ucs_status_t = -6;
 pub const UCS_ERR_CANCELED: ucs_status_t = -16;
@@ -84,6 +85,8 @@ pub const UCP_OP_ATTR_FIELD_CALLBACK: u32 = 1 << 1;
 pub const UCP_OP_ATTR_FIELD_USER_DATA: u32 = 1 << 2;
 pub const UCP_OP_ATTR_FIELD_FLAGS: u32 = 1 << 4;
 pub const UCP_OP_ATTR_FIELD_MEMORY_TYPE: u32 = 1 << 6;
+/// `UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL`: complete at once or fail with `UCS_ERR_NO_RESOURCE`.
+pub const UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL: u32 = 1 << 18;
 pub const UCP_AM_SEND_FLAG_REPLY: u32 = 1 << 0;
 pub const UCP_AM_SEND_FLAG_EAGER: u32 = 1 << 1;
 pub const UCP_AM_SEND_FLAG_RNDV: u32 = 1 << 2;

@@ -507,17 +507,29 @@ impl Memory {
         Ok(())
     }
 
+    /// Refuses a post of transfer `tid` when one of its imports `ids` was released.
+    #[inline]
+    pub fn check_imports(&self, ids: &[u64], tid: u64) -> Result<()> {
+        ids.iter()
+            .try_for_each(|r| self.import(*r, tid).map(|_| ()))
+    }
+
+    /// Import `r` of transfer `tid`, or why not.
+    fn import(&self, r: u64, tid: u64) -> Result<&Remote> {
+        self.remotes.get(&r).ok_or_else(|| {
+            Error::NotRegistered(format!(
+                "RemoteId#{r} named by TransferId#{tid} was released"
+            ))
+        })
+    }
+
     /// What a post of transfer `tid` needs of its imports `ids` (in order); refuses
     /// when one was released.
     #[inline]
     pub fn imports(&self, ids: &[u64], tid: u64) -> Result<Vec<Import>> {
         ids.iter()
             .map(|r| {
-                let rem = self.remotes.get(r).ok_or_else(|| {
-                    Error::NotRegistered(format!(
-                        "RemoteId#{r} named by TransferId#{tid} was released"
-                    ))
-                })?;
+                let rem = self.import(*r, tid)?;
                 Ok(Import {
                     desc: rem.desc,
                     key_id: rem.key_id,

@@ -717,6 +717,8 @@ pub struct Transfers {
     pub by_id: IdMap<Transfer>,
     /// Ids of the transfers in flight.
     pub active: Vec<u64>,
+    /// Those of them whose post is not issued yet (their endpoint authenticates).
+    pub unissued: Vec<u64>,
     /// What aborted transfers left with UCX.
     pub quarantine: Vec<Quarantined>,
     /// Operations awaiting answers: op -> (transfer, post).

@@ -42,12 +42,68 @@ impl SendCtx {
         if let Some(k) = self.release {
             shared.release_target(k);
         }
-        if status != ffi::UCS_OK {
-            shared.lock().n.unanswered += 1;
-            tracing::warn!(
-                "ucx: a reply could not be sent: {}",
-                shared.lib.status_text(status)
-            );
+        count_failure(shared, status);
+    }
+}
+
+/// Counts and logs a reply that could not be sent.
+fn count_failure(shared: &Shared, status: ucs_status_t) {
+    if status != ffi::UCS_OK {
+        shared.lock().n.unanswered += 1;
+        tracing::warn!(
+            "ucx: a reply could not be sent: {}",
+            shared.lib.status_text(status)
+        );
+    }
+}
+
+/// Sends active message `id` with `header` and no data on `ep` only if UCX can finish
+/// it at once (`UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL`: a short message into the transport),
+/// so nothing needs to outlive the call (no box, no copy of the header). `None` when it
+/// cannot (too long, no room, no endpoint): the caller then sends with [`send`];
+/// `Some(false)` when UCX refused it (counted as unanswered, as [`send`] does).
+///
+/// Callers: as for [`send`].
+pub fn send_now(
+    shared: &Shared,
+    ep: ffi::ucp_ep_h,
+    id: u32,
+    header: &[u8],
+    flags: u32,
+) -> Option<bool> {
+    if ep.is_null() {
+        return None;
+    }
+    let mut p = ffi::ucp_request_param_t::empty();
+    p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_FLAGS | ffi::UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL;
+    p.flags = flags;
+    // SAFETY: `ep` is a live endpoint of the worker (callers' contract); with
+    // FORCE_IMM_CMPL UCX either sends the header before returning or does nothing, so
+    // it keeps no pointer to it.
+    let r = unsafe {
+        (shared.lib.am_send_nbx)(
+            ep,
+            id,
+            header.as_ptr() as *const c_void,
+            header.len(),
+            std::ptr::null(),
+            0,
+            &p,
+        )
+    };
+    if ffi::ptr_is_request(r) {
+        // ucp.h: with FORCE_IMM_CMPL the operation "either completes immediately or
+        // returns UCS_ERR_NO_RESOURCE" (1.13's ucp_am_send_nbx returns before it makes
+        // a request); never leak one if that changes.
+        // SAFETY: a request UCX just returned to us, freed once (no callback was set).
+        unsafe { (shared.lib.request_free)(r) };
+        return Some(true);
+    }
+    match ffi::ptr_status(r) {
+        ffi::UCS_ERR_NO_RESOURCE => None,
+        status => {
+            count_failure(shared, status);
+            Some(status == ffi::UCS_OK)
         }
     }
 }

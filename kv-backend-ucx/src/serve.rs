@@ -20,10 +20,10 @@ use std::time::Instant;
 use kv_core::Descriptor;
 
 use crate::ffi::{self, ucs_status_t};
-use crate::send::{send, Payload};
+use crate::send::{send, send_now, Payload};
 use crate::session::Client;
 use crate::shared::{ffi_guard, Inner, ReadDest, Shared};
-use crate::wire::{AckCode, Answer, MapSrc, OpHeader, OpKind};
+use crate::wire::{AckCode, Answer, MapSrc, OpHeader, OpKind, ANSWER_LEN};
 
 /// Active-message id of operations (initiator → target).
 pub const AM_OP_ID: u32 = 0x4b57;
@@ -243,7 +243,7 @@ fn check(s: &mut Inner, h: &OpHeader, m: &Msg<'_>) -> Result<Vec<Dst>, AckCode> 
 }
 
 /// The answer to `h` with `code` and `len` bytes of data, tagged under its session.
-fn answer_bytes(shared: &Shared, h: &OpHeader, code: AckCode, len: u64) -> Vec<u8> {
+fn answer_bytes(shared: &Shared, h: &OpHeader, code: AckCode, len: u64) -> [u8; ANSWER_LEN] {
     let mut s = shared.lock();
     let mut a = Answer {
         code,
@@ -261,25 +261,29 @@ fn answer_bytes(shared: &Shared, h: &OpHeader, code: AckCode, len: u64) -> Vec<u
         Some(sess) => {
             a.session = h.session;
             a.seq = sess.keyed.next_seq();
-            let mut v = a.encode().to_vec();
+            let mut v = a.encode();
             sess.keyed.seal(a.seq, &mut v, &[]);
             v
         }
-        None => a.encode().to_vec(),
+        None => a.encode(),
     }
 }
 
 /// Answers `h` on `reply_ep` with `code` (no data).
 fn answer(shared: &Shared, reply_ep: ffi::ucp_ep_h, h: &OpHeader, code: AckCode) {
     let bytes = answer_bytes(shared, h, code, 0);
-    send(
-        shared,
-        reply_ep,
-        AM_ANSWER_ID,
-        bytes,
-        Payload::None,
-        ffi::UCP_AM_SEND_FLAG_EAGER,
-    );
+    let flags = ffi::UCP_AM_SEND_FLAG_EAGER;
+    // Most answers fit a short message: sent before this returns, nothing allocated.
+    if send_now(shared, reply_ep, AM_ANSWER_ID, &bytes, flags).is_none() {
+        send(
+            shared,
+            reply_ep,
+            AM_ANSWER_ID,
+            bytes.to_vec(),
+            Payload::None,
+            flags,
+        );
+    }
 }
 
 /// What a rendezvous receive does when it ends (with its status).
@@ -528,7 +532,7 @@ fn serve_read(shared: &Shared, m: &Msg<'_>, h: &OpHeader, dsts: &[Dst]) {
             shared,
             m.reply_ep,
             AM_ANSWER_ID,
-            bytes,
+            bytes.to_vec(),
             payload,
             ffi::UCP_AM_SEND_FLAG_RNDV,
         );
@@ -546,7 +550,7 @@ fn serve_read(shared: &Shared, m: &Msg<'_>, h: &OpHeader, dsts: &[Dst]) {
         shared,
         m.reply_ep,
         AM_ANSWER_ID,
-        bytes,
+        bytes.to_vec(),
         Payload::Owned(data),
         ffi::UCP_AM_SEND_FLAG_EAGER,
     );

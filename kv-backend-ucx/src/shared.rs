@@ -297,10 +297,18 @@ impl Shared {
 
     /// Where endpoint `ep`'s authentication stands.
     pub fn readiness(&self, ep: u64) -> Readiness {
-        match self.lock().clients.get(&ep) {
+        self.issue_state(ep).0
+    }
+
+    /// [`Shared::readiness`] of endpoint `ep`, and whether its peer refused mapped
+    /// operations (`unmapped`), under one lock.
+    pub fn issue_state(&self, ep: u64) -> (Readiness, bool) {
+        let s = self.lock();
+        let ready = match s.clients.get(&ep) {
             Some(c) => c.readiness(),
             None => Readiness::Failed("the endpoint is closed".into()),
-        }
+        };
+        (ready, s.unmapped.contains(&ep))
     }
 
     /// Builds a message for endpoint `ep` with `build(session, seq)` and tags it (its

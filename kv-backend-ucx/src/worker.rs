@@ -89,7 +89,13 @@ impl Core {
         let lib = Lib::shared(opts.lib_path.as_deref())?;
         let instance = new_instance_id();
         let settings = config::with_bind_ip(&opts.config, bind_ip)?;
-        let before = guard::listening();
+        // The TCP guard reads the host's socket table, only worth it when UCX may listen.
+        let tcp = guard::tcp_possible(opts.tls.as_deref());
+        let before = if tcp {
+            guard::listening()
+        } else {
+            Default::default()
+        };
         let (ctx, worker, tcp_segs) = context::open(&lib, agent, &settings, opts.tls.as_deref())?;
         let state = State {
             ctx,
@@ -123,7 +129,7 @@ impl Core {
             max_entries: 1,
             max_header: 0,
             shared,
-            guard: Mutex::new(Guard::new(&before, &[], 0)),
+            guard: Mutex::new(Guard::idle()),
             state: Mutex::new(state),
         };
         am::install(&core.shared)?;
@@ -138,7 +144,9 @@ impl Core {
                 ))
             })?;
         let worker_address = context::worker_address(&lib, worker)?;
-        *core.guard.lock() = Guard::new(&before, &worker_address, core.opts.max_connections);
+        if tcp {
+            *core.guard.lock() = Guard::new(&before, &worker_address, core.opts.max_connections);
+        }
         let info = ConnInfo {
             name: agent.to_owned(),
             instance,
@@ -424,7 +432,7 @@ impl Core {
             });
         }
         st.mem.check_local(&t.local_regs, id)?;
-        st.mem.imports(&t.remote_ids, id)?;
+        st.mem.check_imports(&t.remote_ids, id)?;
         t.posts += 1;
         let post = t.posts;
         let note = match &opts.notification {
@@ -439,6 +447,9 @@ impl Core {
         st.mem.hold(&t.local_regs, &t.remote_ids);
         st.transfers.active.push(id);
         self.try_issue(st, id);
+        if !Self::issued(st, id) {
+            st.transfers.unissued.push(id);
+        }
         self.advance(st);
         Ok(())
     }

@@ -58,6 +58,15 @@ impl Core {
         }
     }
 
+    /// Whether transfer `tid` has no post waiting to be issued.
+    pub(super) fn issued(st: &State, tid: u64) -> bool {
+        st.transfers
+            .by_id
+            .get(&tid)
+            .and_then(|t| t.flight.as_ref())
+            .is_none_or(|f| f.issued)
+    }
+
     /// Issues the operations of transfer `tid`'s post once its endpoint authenticated
     /// (or fails it when that failed).
     pub(super) fn try_issue(&self, st: &mut State, tid: u64) {
@@ -111,7 +120,8 @@ impl Core {
         next_op: &mut u64,
     ) -> Result<Option<Issued>> {
         ep.usable()?;
-        match self.shared.readiness(t.endpoint) {
+        let (ready, unmapped) = self.shared.issue_state(t.endpoint);
+        match ready {
             Readiness::Pending => return Ok(None),
             Readiness::Failed(why) => {
                 return Err(Error::Unauthenticated(format!(
@@ -123,10 +133,9 @@ impl Core {
         }
         let imports = mem.imports(&t.remote_ids, tid)?;
         let segs = t.segments(&imports)?;
-        let src =
-            (self.opts.mapped && ep.on_host && !self.shared.lock().unmapped.contains(&t.endpoint))
-                .then(|| mem.map_src(&t.local_regs))
-                .flatten();
+        let src = (self.opts.mapped && ep.on_host && !unmapped)
+            .then(|| mem.map_src(&t.local_regs))
+            .flatten();
         let issue = Issue {
             lib: &self.lib,
             shared: &self.shared,
@@ -151,20 +160,31 @@ impl Core {
         let taken = self.shared.take_events();
         let mut events = st.transfers.apply_answers(taken.answers);
         events += endpoint::mark_failed(&mut st.eps, taken.ep_errors, lib);
-        // Posts waiting for their endpoint to authenticate; posts on dead endpoints.
-        // (By index: nothing here adds to or removes from `active`; no copy per call.)
-        for i in 0..st.transfers.active.len() {
-            let tid = st.transfers.active[i];
-            self.try_issue(st, tid);
-            let Some(t) = st.transfers.by_id.get_mut(&tid) else {
-                continue;
-            };
-            let (Some(f), Some(ep)) = (t.flight.as_mut(), st.eps.get(&t.endpoint)) else {
-                continue;
-            };
-            if let (Some(why), None) = (&ep.dead, &f.error) {
-                f.error = Some(ep.disconnected(why.clone()));
-                events += 1;
+        // Posts waiting for their endpoint to authenticate (only those: no walk over
+        // every transfer in flight per call).
+        if !st.transfers.unissued.is_empty() {
+            for tid in std::mem::take(&mut st.transfers.unissued) {
+                self.try_issue(st, tid);
+                if !Self::issued(st, tid) {
+                    st.transfers.unissued.push(tid);
+                }
+            }
+        }
+        // Posts on dead endpoints (looked for only while an endpoint is dead; by index:
+        // nothing here adds to or removes from `active`).
+        if st.eps.values().any(|e| e.dead.is_some()) {
+            for i in 0..st.transfers.active.len() {
+                let tid = st.transfers.active[i];
+                let Some(t) = st.transfers.by_id.get_mut(&tid) else {
+                    continue;
+                };
+                let (Some(f), Some(ep)) = (t.flight.as_mut(), st.eps.get(&t.endpoint)) else {
+                    continue;
+                };
+                if let (Some(why), None) = (&ep.dead, &f.error) {
+                    f.error = Some(ep.disconnected(why.clone()));
+                    events += 1;
+                }
             }
         }
         // Notifications: send, in order, each whose data is complete.

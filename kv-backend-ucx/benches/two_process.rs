@@ -1,0 +1,334 @@
+//! WRITE throughput of the UCX backend between two processes with several posts in
+//! flight: the shape of `ucx_perftest -t ucp_put_bw` (a client process putting, a server
+//! process progressing, puts not waited for one by one), where `benches/throughput.rs`
+//! runs both sides on one thread with one post at a time.
+//!
+//! The parent (initiator) allocates the bytes of one post with `UcxBackend::alloc_host`,
+//! starts this binary again as the target (`KV_UCX_BENCH_CHILD`), which allocates and
+//! registers as much and busy-polls `progress()` as `ucx_perftest`'s server does. The
+//! parent prepares `window` transfers over that same memory (as `ucx_perftest` puts the
+//! same buffer again and again), posts them all, and waits for the oldest, reposting each as it
+//! completes (one `poll` per wait, which drives the parent's worker); 0.3 s warm-up, then
+//! `KV_UCX_BENCH_SECS` (default 2) measured. Every post has a 20 s deadline. Then it
+//! checks the bytes: a pattern written through each of the case's transfers once must
+//! give the child's memory the expected crc32c.
+//!
+//! Cases (`KV_UCX_BENCH_CASE`, comma-separated; default all): `1MiB` (one 1 MiB piece
+//! per post, 4 in flight), `16KiB` (one 16 KiB piece per post, 16 in flight),
+//! `64x16KiB` (64 pieces of 16 KiB per post, adjacent locally and in reverse order
+//! remotely, as `throughput.rs`'s batched cases, 4 in flight). `KV_UCX_BENCH_TLS`
+//! (default `posix,cma,self`), `KV_UCX_BENCH_MAPPED=0` turns mapped operations off.
+//!
+//! Prints `RESULT case=… window=… MiBps=… posts=… served=…` per case (`served` is the
+//! target's `describe()` line of operations served, mapped ones counted). Run without
+//! `--bench` (as `cargo test --benches` does) it runs each case for 50 ms, checks and
+//! prints the same lines. Skips with a message when libucp is missing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kv_backend_ucx::{Options, UcxBackend, UcxHostMemory};
+use kv_core::conformance::pattern;
+use kv_core::{
+    Access, Backend, BackendInit, Descriptor, DescriptorList, MemKind, Op, PostOptions, Status,
+    TransferId, TransferRequest,
+};
+
+/// A case: name, bytes per piece, pieces per post, posts in flight.
+const CASES: [(&str, u64, u64, usize); 3] = [
+    ("1MiB", 1 << 20, 1, 4),
+    ("16KiB", 16 << 10, 1, 16),
+    ("64x16KiB", 16 << 10, 64, 4),
+];
+/// How long the parent waits for the child's lines and for one post.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn options() -> Options {
+    Options {
+        tls: Some(std::env::var("KV_UCX_BENCH_TLS").unwrap_or_else(|_| "posix,cma,self".into())),
+        mapped: std::env::var("KV_UCX_BENCH_MAPPED").map_or(true, |v| v != "0"),
+        ..Default::default()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The target: allocates and registers `len` bytes, prints how to reach them, then
+/// busy-polls `progress()` and answers `SUM` (crc32c of its memory) and `STATS` until
+/// `EXIT` or its stdin closes.
+fn child(len: usize) {
+    let b = UcxBackend::new(&BackendInit::new("target"), options()).expect("child backend");
+    let mem = b.alloc_host(len).expect("alloc_host");
+    // SAFETY: `mem` outlives the registration (deregistered before it drops).
+    let reg = unsafe { b.register(MemKind::Dram, &mem.descriptor(), Access::ReadWrite) }
+        .expect("register");
+    let d = mem.descriptor();
+    println!("INFO {}", hex(&b.connection_info().expect("info")));
+    println!("KEY {}", hex(&b.remote_key(reg).expect("key")));
+    println!("DESC {} {}", d.addr, d.len);
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Bounded: the parent ends every case within a minute.
+    let end = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < end {
+        for _ in 0..1024 {
+            let _ = b.progress();
+        }
+        match rx.try_recv() {
+            Ok(cmd) if cmd == "SUM" => println!("SUM {}", crc32c::crc32c(&mem.to_vec())),
+            Ok(cmd) if cmd == "STATS" => {
+                let d = b.describe();
+                let line = d.lines().find(|l| l.starts_with("operations:"));
+                println!("STATS {}", line.unwrap_or("none").trim());
+            }
+            Ok(_) | Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => continue,
+        }
+        let _ = std::io::stdout().flush();
+    }
+    let _ = b.deregister(reg);
+}
+
+/// The child process and its output lines.
+struct Target {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Target {
+    fn spawn(len: usize) -> Target {
+        let mut child = Command::new(std::env::current_exe().expect("own path"))
+            .env("KV_UCX_BENCH_CHILD", len.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the target");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Target {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The rest of the next line that starts with `prefix`.
+    fn expect(&self, prefix: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            let line = self.lines.recv_timeout(left).expect("the target's output");
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.trim().to_owned();
+            }
+        }
+        panic!("the target did not print {prefix}");
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin, "{cmd}").expect("write to the target");
+        self.stdin.flush().expect("flush");
+        self.expect(&format!("{cmd} "))
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "EXIT");
+        let _ = self.stdin.flush();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Posts `t` with a deadline.
+fn post(a: &UcxBackend, t: TransferId) {
+    let opts = PostOptions {
+        notification: None,
+        deadline: Some(Instant::now() + DEADLINE),
+    };
+    // SAFETY: the parent's memory stays registered until every transfer finished.
+    unsafe { a.post(t, &opts) }.expect("post");
+}
+
+/// Waits (polling, which drives the worker) until `t` is done.
+fn wait(a: &UcxBackend, t: TransferId) {
+    let end = Instant::now() + DEADLINE + Duration::from_secs(5);
+    loop {
+        match a.poll(t) {
+            Status::Done => return,
+            Status::Failed(e) => panic!("transfer failed: {e}"),
+            _ if Instant::now() > end => panic!("transfer did not finish"),
+            _ => {}
+        }
+    }
+}
+
+/// One case; `measure` is the measured time. Returns the RESULT line.
+fn run(case: (&str, u64, u64, usize), measure: Duration) -> Option<String> {
+    let (name, piece, count, window) = case;
+    let per_post = piece * count;
+    let len = per_post as usize;
+    let a = match UcxBackend::new(&BackendInit::new("initiator"), options()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("skipping the two-process ucx bench: {e}");
+            return None;
+        }
+    };
+    let mut target = Target::spawn(len);
+    let info = unhex(&target.expect("INFO ")).expect("hex");
+    let key = unhex(&target.expect("KEY ")).expect("hex");
+    let desc = target.expect("DESC ");
+    let mut it = desc.split(' ').filter_map(|x| x.parse::<u64>().ok());
+    let (raddr, rlen) = (it.next().expect("addr"), it.next().expect("len"));
+    let ep = a.connect("target", &info).expect("connect");
+    a.import_remote(ep, MemKind::Dram, &Descriptor::new(raddr, rlen, 0), &key)
+        .expect("import");
+    let mut mem: UcxHostMemory = a.alloc_host(len).expect("alloc_host");
+    let laddr = mem.descriptor().addr;
+    // SAFETY: `mem` outlives the registration (deregistered below, before it drops).
+    let reg = unsafe { a.register(MemKind::Dram, &mem.descriptor(), Access::ReadWrite) }
+        .expect("register");
+    // Every transfer names the same memory (as ucx_perftest puts the same buffer again
+    // and again): local pieces adjacent, remote ones in reverse order.
+    let remote_off = |j: u64| (count - 1 - j) * piece;
+    let tids: Vec<TransferId> = (0..window)
+        .map(|_| {
+            let remote = (0..count)
+                .map(|j| Descriptor::new(raddr + remote_off(j), piece, 0))
+                .collect::<kv_core::Result<DescriptorList>>()
+                .expect("remote list");
+            a.prepare(&TransferRequest {
+                op: Op::Write,
+                local_kind: MemKind::Dram,
+                local: DescriptorList::strided(laddr, piece, count, piece, 0).expect("local list"),
+                peer: ep,
+                remote_kind: MemKind::Dram,
+                remote,
+            })
+            .expect("prepare")
+        })
+        .collect();
+
+    // Warm-up, then the measured run: keep `window` posts in flight, oldest first.
+    for &t in &tids {
+        post(&a, t);
+    }
+    let warm_end = Instant::now() + Duration::from_millis(300).min(measure);
+    let mut start = None::<Instant>;
+    let mut posts = 0u64;
+    let mut head = 0;
+    let end = loop {
+        wait(&a, tids[head]);
+        let now = Instant::now();
+        match start {
+            None if now >= warm_end => start = Some(now),
+            Some(s) if now >= s + measure => {
+                posts += 1;
+                break now;
+            }
+            Some(_) => posts += 1,
+            None => {}
+        }
+        post(&a, tids[head]);
+        head = (head + 1) % window;
+    };
+    for k in 1..window {
+        wait(&a, tids[(head + k) % window]);
+    }
+    let secs = (end - start.expect("start")).as_secs_f64();
+    let mibps = (posts * per_post) as f64 / secs / 1048576.0;
+
+    // The bytes: a pattern through each transfer once; the child's crc must match.
+    let data = pattern(7, len);
+    // SAFETY: no transfer is in flight.
+    unsafe { mem.as_mut_slice() }.copy_from_slice(&data);
+    let mut expected = vec![0u8; len];
+    for j in 0..count {
+        let (from, to) = ((j * piece) as usize, remote_off(j) as usize);
+        expected[to..to + piece as usize].copy_from_slice(&data[from..from + piece as usize]);
+    }
+    for &t in &tids {
+        post(&a, t);
+        wait(&a, t);
+    }
+    let sum: u32 = target.ask("SUM").parse().expect("crc");
+    assert_eq!(
+        sum,
+        crc32c::crc32c(&expected),
+        "case {name}: the target's memory is not what was written"
+    );
+    let served = target.ask("STATS");
+    for t in tids {
+        a.release(t).expect("release");
+    }
+    a.deregister(reg).expect("deregister");
+    Some(format!(
+        "RESULT case={name} window={window} MiBps={mibps:.0} posts={posts} served=\"{served}\" check=crc32c:{sum:08x}"
+    ))
+}
+
+fn main() {
+    if let Ok(len) = std::env::var("KV_UCX_BENCH_CHILD") {
+        child(len.parse().expect("KV_UCX_BENCH_CHILD: a length"));
+        return;
+    }
+    let bench = std::env::args().any(|a| a == "--bench");
+    let measure = if bench {
+        let secs = std::env::var("KV_UCX_BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(2.0);
+        Duration::from_secs_f64(secs.clamp(0.05, 60.0))
+    } else {
+        Duration::from_millis(50)
+    };
+    let only = std::env::var("KV_UCX_BENCH_CASE").ok();
+    for case in CASES {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|c| c.trim() == case.0))
+        {
+            continue;
+        }
+        match run(case, measure) {
+            Some(line) => println!("{line}"),
+            None => return,
+        }
+    }
+}
