@@ -95,25 +95,6 @@ pub struct Guard {
     pub shut: u64,
 }
 
-/// Whether UCX may open a TCP listener with transports `tls` (`UCX_TLS` syntax; `None`:
-/// the `UCX_TLS` environment, else UCX's default, which includes TCP). Only then is
-/// the host's socket table read (each read walks the kernel's whole connection hash:
-/// tens of milliseconds here).
-pub fn tcp_possible(tls: Option<&str>) -> bool {
-    let list = tls
-        .map(str::to_owned)
-        .or_else(|| std::env::var("UCX_TLS").ok());
-    let Some(list) = list else {
-        return true;
-    };
-    let list = list.trim().to_ascii_lowercase();
-    list.is_empty()
-        || list.starts_with('^')
-        || list
-            .split(',')
-            .any(|t| t.trim() == "all" || t.contains("tcp"))
-}
-
 impl Guard {
     /// A guard with nothing to watch (no TCP listener).
     pub fn idle() -> Guard {
@@ -192,16 +173,6 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tcp_possible_follows_the_transport_list() {
-        assert!(tcp_possible(Some("tcp")));
-        assert!(tcp_possible(Some("posix,tcp,self")));
-        assert!(tcp_possible(Some("all")));
-        assert!(tcp_possible(Some("^posix")));
-        assert!(!tcp_possible(Some("posix,cma,self")));
-        assert!(!tcp_possible(Some("shm")));
-    }
 
     #[test]
     fn parses_proc_net_tcp() {

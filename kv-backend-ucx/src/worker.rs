@@ -89,8 +89,9 @@ impl Core {
         let lib = Lib::shared(opts.lib_path.as_deref())?;
         let instance = new_instance_id();
         let settings = config::with_bind_ip(&opts.config, bind_ip)?;
-        // The TCP guard reads the host's socket table, only worth it when UCX may listen.
-        let tcp = guard::tcp_possible(opts.tls.as_deref());
+        // The TCP guard reads the host's socket table (each read walks the kernel's
+        // whole connection hash: tens of milliseconds here); not when UCX cannot listen.
+        let tcp = !config::shm_only(opts.tls.as_deref());
         let before = if tcp {
             guard::listening()
         } else {
