@@ -73,7 +73,7 @@ unsafe extern "C" fn on_ep_error(arg: *mut c_void, ep: ffi::ucp_ep_h, status: uc
     ffi_guard((), || {
         // SAFETY: `arg` is the `Shared` of the core that owns the worker.
         if let Some(shared) = unsafe { shared_of(arg) } {
-            shared.lock().ep_errors.push((ep as usize, status));
+            shared.ep_failed(ep as usize, status);
         }
     })
 }

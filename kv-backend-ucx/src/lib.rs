@@ -55,6 +55,7 @@
 #![warn(missing_docs)]
 
 mod am;
+mod clock;
 mod config;
 mod context;
 mod endpoint;

@@ -16,6 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use kv_core::{segments, Descriptor, DescriptorList, Error, Op, Result, Status, TransferRequest};
 
+use crate::clock::{Coarse, Deadline};
 use crate::ffi::{self, ucs_status_ptr_t, ucs_status_t, Lib, UCS_OK};
 use crate::ids::IdMap;
 use crate::memory::Import;
@@ -209,7 +210,7 @@ pub struct Flight {
     /// anyway; it only says how long a timed-out post had).
     pub posted: Option<Instant>,
     /// When it times out.
-    pub deadline: Option<Instant>,
+    pub deadline: Option<Deadline>,
     /// Where its notification is.
     pub note: NoteState,
     /// The operations it sent (awaiting or having had their answers).
@@ -251,7 +252,7 @@ impl Flight {
             data: Group::new(lib),
             post,
             posted,
-            deadline,
+            deadline: deadline.map(Deadline::new),
             note,
             ops: Vec::new(),
             unanswered: 0,
@@ -756,7 +757,7 @@ impl Transfers {
     /// those past their deadline.
     #[inline]
     pub fn due(&self) -> (Vec<(u64, Option<Fail>)>, Vec<u64>) {
-        let mut now = None;
+        let mut now = Coarse::default();
         let mut late = Vec::new();
         let mut finished = Vec::new();
         for &tid in &self.active {
@@ -770,10 +771,7 @@ impl Transfers {
                     (None, NoteState::Failed(s)) => finished.push((tid, Some(Fail::Ucs(s)))),
                     (None, NoteState::Queued | NoteState::Issued) => {}
                 }
-            } else if f
-                .deadline
-                .is_some_and(|d| *now.get_or_insert_with(Instant::now) > d)
-            {
+            } else if f.deadline.is_some_and(|d| d.passed(&mut now)) {
                 late.push(tid);
             }
         }

@@ -565,7 +565,7 @@ fn end_read(shared: &Shared, op: u64, status: ucs_status_t) {
     } else {
         AckCode::Failed
     };
-    s.answers.push((op, code));
+    shared.answered(&mut s, op, code);
 }
 
 am_callback! {
@@ -620,25 +620,25 @@ fn take_answer(shared: &Shared, m: &Msg<'_>) -> bool {
         (Some(d), AckCode::Ok) => d,
         (None, code) if m.length == 0 => {
             s.ops.remove(&op);
-            s.answers.push((op, code));
+            shared.answered(s, op, code);
             return true;
         }
         (None, _) => return false,
         (Some(_), code) => {
             s.ops.remove(&op);
-            s.answers.push((op, code));
+            shared.answered(s, op, code);
             return true;
         }
     };
     if a.len != dest.total || m.length as u64 != dest.total {
         s.ops.remove(&op);
-        s.answers.push((op, AckCode::InvalidMetadata));
+        shared.answered(s, op, AckCode::InvalidMetadata);
         return true;
     }
     if m.rndv {
         let [(addr, len)] = dest.pieces[..] else {
             s.ops.remove(&op);
-            s.answers.push((op, AckCode::InvalidMetadata));
+            shared.answered(s, op, AckCode::InvalidMetadata);
             return true;
         };
         if let Some(e) = s.ops.get_mut(&op) {
@@ -664,7 +664,7 @@ fn take_answer(shared: &Shared, m: &Msg<'_>) -> bool {
         at += len;
     }
     s.ops.remove(&op);
-    s.answers.push((op, AckCode::Ok));
+    shared.answered(s, op, AckCode::Ok);
     true
 }
 

@@ -10,6 +10,7 @@
 //! here is held across a UCX call.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -110,10 +111,12 @@ pub struct Counters {
 /// Everything behind [`Shared`]'s lock.
 #[derive(Default)]
 pub struct Inner {
-    /// Endpoints UCX reported failed: (endpoint address, status).
-    pub ep_errors: Vec<(usize, ucs_status_t)>,
-    /// Answers to our operations: (operation, outcome).
-    pub answers: Vec<(u64, AckCode)>,
+    /// Endpoints UCX reported failed: (endpoint address, status); recorded with
+    /// [`Shared::ep_failed`].
+    ep_errors: Vec<(usize, ucs_status_t)>,
+    /// Answers to our operations: (operation, outcome); recorded with
+    /// [`Shared::answered`].
+    answers: Vec<(u64, AckCode)>,
     /// Notifications ready to drain, in order.
     pub inbox: VecDeque<Notification>,
     /// Payload bytes in `inbox` and held in `order`.
@@ -140,6 +143,7 @@ pub struct Inner {
 }
 
 /// What the callbacks recorded for the core ([`Shared::take_events`]).
+#[derive(Default)]
 pub struct Events {
     /// Endpoints UCX reported failed: (endpoint address, status).
     pub ep_errors: Vec<(usize, ucs_status_t)>,
@@ -151,6 +155,9 @@ pub struct Events {
 /// address is the callbacks' `arg`; it outlives the worker.
 pub struct Shared {
     inner: Mutex<Inner>,
+    /// Set when `Inner`'s answers or endpoint errors got one more entry: the core's
+    /// `advance` takes `inner`'s lock for them only then.
+    events: AtomicBool,
     /// Peers' memory mapped here for their mapped operations. Its own lock, which (unlike
     /// `inner`'s) is held across the UCX calls that map and unmap; taken only inside
     /// callbacks and at teardown, under the core's state lock, so never contended.
@@ -188,6 +195,7 @@ impl Shared {
     ) -> Shared {
         Shared {
             inner: Mutex::new(Inner::default()),
+            events: AtomicBool::new(false),
             maps: Mutex::new(Mappings::default()),
             lib,
             worker,
@@ -335,9 +343,25 @@ impl Shared {
         }
     }
 
-    /// Takes what the callbacks recorded for the core since the last call.
+    /// Records the answer `code` to our operation `op` (in `s`, this `Shared`'s state).
+    pub fn answered(&self, s: &mut Inner, op: u64, code: AckCode) {
+        s.answers.push((op, code));
+        self.events.store(true, Ordering::Release);
+    }
+
+    /// Records that UCX reported endpoint `ep` failed with `status`.
+    pub fn ep_failed(&self, ep: usize, status: ucs_status_t) {
+        self.lock().ep_errors.push((ep, status));
+        self.events.store(true, Ordering::Release);
+    }
+
+    /// Takes what the callbacks recorded for the core since the last call (no lock
+    /// when nothing was).
     #[inline]
     pub fn take_events(&self) -> Events {
+        if !self.events.swap(false, Ordering::Acquire) {
+            return Events::default();
+        }
         let mut s = self.lock();
         Events {
             ep_errors: std::mem::take(&mut s.ep_errors),

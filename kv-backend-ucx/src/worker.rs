@@ -72,6 +72,8 @@ pub struct Core {
     shared: Box<Shared>,
     /// The cap on connections UCX's TCP transport accepts.
     guard: Mutex<Guard>,
+    /// UCX may listen on TCP (else the guard has nothing to watch: not even locked).
+    guarded: bool,
     state: Mutex<State>,
 }
 
@@ -131,6 +133,7 @@ impl Core {
             max_header: 0,
             shared,
             guard: Mutex::new(Guard::idle()),
+            guarded: tcp,
             state: Mutex::new(state),
         };
         am::install(&core.shared)?;
@@ -540,7 +543,9 @@ impl Core {
 
     /// `Backend::progress` (and, at most every 500 ms, the connection cap).
     pub fn progress(&self) -> Result<usize> {
-        self.guard.lock().check();
+        if self.guarded {
+            self.guard.lock().check();
+        }
         let mut st = self.state.lock();
         let mut n = 0usize;
         for _ in 0..PROGRESS_BURST {

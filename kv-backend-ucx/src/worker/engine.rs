@@ -223,7 +223,7 @@ impl Core {
                 .and_then(|f| {
                     f.deadline
                         .zip(f.posted)
-                        .map(|(d, p)| d.saturating_duration_since(p))
+                        .map(|(d, p)| d.at.saturating_duration_since(p))
                 })
                 .unwrap_or_default();
             let what = format!("ucx transfer TransferId#{tid}");
