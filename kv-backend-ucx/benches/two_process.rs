@@ -24,10 +24,14 @@
 //! `--bench` (as `cargo test --benches` does) it runs each case for 50 ms, checks and
 //! prints the same lines. Skips with a message when libucp is missing.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+#[path = "../tests/support/child.rs"]
+mod child;
+use child::{hex, stdin_lines, unhex, ChildProc};
 
 use kv_backend_ucx::{Options, UcxBackend, UcxHostMemory};
 use kv_core::conformance::pattern;
@@ -42,7 +46,7 @@ const CASES: [(&str, u64, u64, usize); 3] = [
     ("16KiB", 16 << 10, 1, 16),
     ("64x16KiB", 16 << 10, 64, 4),
 ];
-/// How long the parent waits for the child's lines and for one post.
+/// How long the parent waits for one post.
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn options() -> Options {
@@ -51,17 +55,6 @@ fn options() -> Options {
         mapped: std::env::var("KV_UCX_BENCH_MAPPED").map_or(true, |v| v != "0"),
         ..Default::default()
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// The target: allocates and registers `len` bytes, prints how to reach them, then
@@ -77,15 +70,7 @@ fn child(len: usize) {
     println!("INFO {}", hex(&b.connection_info().expect("info")));
     println!("KEY {}", hex(&b.remote_key(reg).expect("key")));
     println!("DESC {} {}", d.addr, d.len);
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = stdin_lines();
     // Bounded: the parent ends every case within a minute.
     let end = Instant::now() + Duration::from_secs(120);
     while Instant::now() < end {
@@ -105,74 +90,6 @@ fn child(len: usize) {
         let _ = std::io::stdout().flush();
     }
     let _ = b.deregister(reg);
-}
-
-/// The child process and its output lines.
-struct Target {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Target {
-    fn spawn(len: usize) -> Target {
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .env("KV_UCX_BENCH_CHILD", len.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the target");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Target {
-            child,
-            stdin,
-            lines,
-        }
-    }
-
-    /// The rest of the next line that starts with `prefix`.
-    fn expect(&self, prefix: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        while let Some(left) = end.checked_duration_since(Instant::now()) {
-            let line = self.lines.recv_timeout(left).expect("the target's output");
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.trim().to_owned();
-            }
-        }
-        panic!("the target did not print {prefix}");
-    }
-
-    fn ask(&mut self, cmd: &str) -> String {
-        writeln!(self.stdin, "{cmd}").expect("write to the target");
-        self.stdin.flush().expect("flush");
-        self.expect(&format!("{cmd} "))
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "EXIT");
-        let _ = self.stdin.flush();
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Posts `t` with a deadline.
@@ -210,7 +127,9 @@ fn run(case: (&str, u64, u64, usize), measure: Duration) -> Option<String> {
             return None;
         }
     };
-    let mut target = Target::spawn(len);
+    let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+    cmd.env("KV_UCX_BENCH_CHILD", len.to_string());
+    let mut target = ChildProc::spawn(cmd);
     let info = unhex(&target.expect("INFO ")).expect("hex");
     let key = unhex(&target.expect("KEY ")).expect("hex");
     let desc = target.expect("DESC ");

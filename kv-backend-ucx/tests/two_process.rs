@@ -8,10 +8,14 @@
 //! to it runs (`RemoteDisconnected`, not a timeout). The child is this test binary
 //! re-run with `KV_UCX_CHILD=<tls>` (see `child_main`).
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+#[path = "support/child.rs"]
+mod child;
+use child::{hex, stdin_lines, unhex, ChildProc};
 
 use bytes::Bytes;
 use kv_backend_ucx::{Options, UcxBackend};
@@ -62,17 +66,6 @@ impl Mem {
 const LEN: usize = 4 << 20;
 const DEADLINE: Duration = Duration::from_secs(20);
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 fn backend(name: &str, tls: &str, secret: &ClusterSecret) -> kv_core::Result<UcxBackend> {
     UcxBackend::new(
         &kv_core::BackendInit::new(name).with_secret(secret.clone()),
@@ -105,15 +98,7 @@ fn child_main() {
     println!("INFO {}", hex(&b.connection_info().unwrap()));
     println!("KEY {}", hex(&b.remote_key(reg).unwrap()));
     println!("DESC {} {}", d.addr, d.len);
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = stdin_lines();
     let end = Instant::now() + Duration::from_secs(90);
     let mut notes: Vec<Notification> = Vec::new();
     while Instant::now() < end {
@@ -143,69 +128,29 @@ fn child_main() {
     b.deregister(reg).unwrap();
 }
 
-struct ChildProc {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
+/// The child: this test binary run again with `KV_UCX_CHILD=<tls>` (see `child_main`).
+fn spawn_child(tls: &str, ucx_mem: bool, secret: &ClusterSecret) -> ChildProc {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    if ucx_mem {
+        cmd.env("KV_UCX_CHILD_ALLOC", "1");
+    }
+    cmd.args(["--exact", "child_main", "--nocapture", "--test-threads=1"])
+        .env("KV_UCX_CHILD", tls)
+        .env("KV_UCX_CHILD_SECRET", secret.to_hex());
+    ChildProc::spawn(cmd)
 }
 
-impl ChildProc {
-    fn spawn(tls: &str, ucx_mem: bool, secret: &ClusterSecret) -> ChildProc {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        if ucx_mem {
-            cmd.env("KV_UCX_CHILD_ALLOC", "1");
-        }
-        let mut child = cmd
-            .args(["--exact", "child_main", "--nocapture", "--test-threads=1"])
-            .env("KV_UCX_CHILD", tls)
-            .env("KV_UCX_CHILD_SECRET", secret.to_hex())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn child");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest prints "test child_main ... " before the child's first line.
-                let line = match line.split_once("test child_main ... ") {
-                    Some((_, rest)) => rest.to_owned(),
-                    None => line,
-                };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        ChildProc {
-            child,
-            stdin,
-            lines,
-        }
-    }
+/// What these tests ask of their child beyond lines.
+trait TestChild {
+    /// crc32c of the child's memory.
+    fn sum(&mut self) -> u32;
+    /// Sends `sig`, which must arrive.
+    fn signal(&self, sig: libc::c_int);
+}
 
-    /// The rest of the next line that starts with `prefix`.
-    fn expect(&self, prefix: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        while let Some(left) = end.checked_duration_since(Instant::now()) {
-            let line = self.lines.recv_timeout(left).expect("child output");
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.trim().to_owned();
-            }
-        }
-        panic!("child did not print {prefix}");
-    }
-
-    fn send(&mut self, cmd: &str) {
-        writeln!(self.stdin, "{cmd}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
+impl TestChild for ChildProc {
     fn sum(&mut self) -> u32 {
-        self.send("SUM");
-        self.expect("SUM ").parse().unwrap()
+        self.ask("SUM").parse().unwrap()
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -214,29 +159,6 @@ impl ChildProc {
             unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
             0
         );
-    }
-}
-
-impl Drop for ChildProc {
-    fn drop(&mut self) {
-        self.signal_quietly(libc::SIGCONT);
-        let _ = writeln!(self.stdin, "EXIT");
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ChildProc {
-    fn signal_quietly(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid (it may have exited: harmless).
-        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
     }
 }
 
@@ -332,7 +254,7 @@ fn two_processes(tls: &str, ucx_mem: bool) {
     if kv_core::require_or_skip("ucx", backend("probe", tls, &secret)).is_none() {
         return;
     }
-    let mut child = ChildProc::spawn(tls, ucx_mem, &secret);
+    let mut child = spawn_child(tls, ucx_mem, &secret);
     let mut p = Parent::connect(tls, ucx_mem, &secret, &child);
     // READ the child's pattern; both checksums must agree.
     let (st, _) = p.run(Op::Read, None, DEADLINE);
@@ -406,7 +328,7 @@ fn stalled_peer(tls: &str) {
     if kv_core::require_or_skip("ucx", backend("probe", tls, &secret)).is_none() {
         return;
     }
-    let mut child = ChildProc::spawn(tls, false, &secret);
+    let mut child = spawn_child(tls, false, &secret);
     let mut p = Parent::connect(tls, false, &secret, &child);
     // One transfer first, so the endpoint is connected and authenticated.
     let (st, _) = p.run(Op::Read, None, DEADLINE);
@@ -470,7 +392,7 @@ fn tcp_dead_peer_is_remote_disconnected() {
     if kv_core::require_or_skip("ucx", backend("probe", "tcp", &secret)).is_none() {
         return;
     }
-    let mut child = ChildProc::spawn("tcp", false, &secret);
+    let mut child = spawn_child("tcp", false, &secret);
     let p = Parent::connect("tcp", false, &secret, &child);
     let (st, _) = p.run(Op::Read, None, DEADLINE);
     assert!(matches!(st, Status::Done), "{st:?}");
