@@ -606,7 +606,17 @@ impl Issue<'_> {
             Op::Write => OpKind::Write,
             Op::Read => OpKind::Read,
         };
-        let header = self.shared.seal_for(self.ep_id, &[], |session, seq| {
+        let read = (kind == OpKind::Read && src.is_none()).then(|| ReadDest {
+            pieces: b.pieces.clone(),
+            total: b.bytes,
+        });
+        let entry = OpEntry {
+            endpoint: self.ep_id,
+            read,
+            receiving: false,
+            mapped: src.is_some(),
+        };
+        let header = self.shared.seal_op(self.ep_id, op, entry, |session, seq| {
             Ok(OpHeader {
                 kind,
                 rndv_reply: rndv && kind == OpKind::Read,
@@ -626,19 +636,6 @@ impl Issue<'_> {
                 return false;
             }
         };
-        let read = (kind == OpKind::Read && src.is_none()).then(|| ReadDest {
-            pieces: b.pieces.clone(),
-            total: b.bytes,
-        });
-        self.shared.register_op(
-            op,
-            OpEntry {
-                endpoint: self.ep_id,
-                read,
-                receiving: false,
-                mapped: src.is_some(),
-            },
-        );
         let (data, len) = match (kind, &b.pieces[..]) {
             // A mapped operation or a READ request: no data travels.
             _ if src.is_some() => (std::ptr::null(), 0usize),

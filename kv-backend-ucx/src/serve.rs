@@ -401,7 +401,12 @@ fn serve_op(shared: &Shared, m: &Msg<'_>) {
         match &r {
             Err(Refusal::Drop) => s.n.malformed += 1,
             Err(Refusal::Answer(_)) => s.n.refused += 1,
-            Ok(_) => s.n.accepted += 1,
+            Ok(_) => {
+                s.n.accepted += 1;
+                // Counted here, under this lock, and taken back below in the rare case
+                // that the copy is refused (no second lock per operation).
+                s.n.mapped += u64::from(h.src.is_some());
+            }
         }
         r
     };
@@ -421,11 +426,9 @@ fn serve_op(shared: &Shared, m: &Msg<'_>) {
     };
     if let Some(src) = &h.src {
         let code = match copy_mapped(shared, m, &h, src, &dsts) {
-            Ok(()) => {
-                shared.lock().n.mapped += 1;
-                AckCode::Ok
-            }
+            Ok(()) => AckCode::Ok,
             Err(code) => {
+                shared.lock().n.mapped -= 1;
                 tracing::warn!("ucx: refused a mapped operation ({code:?})");
                 code
             }

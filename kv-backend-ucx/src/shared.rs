@@ -255,11 +255,6 @@ impl Shared {
         }
     }
 
-    /// Records operation `op` awaiting its answer.
-    pub fn register_op(&self, op: u64, entry: OpEntry) {
-        self.lock().ops.insert(op, entry);
-    }
-
     /// Forgets operations `ops` (their answers will be ignored); returns those that may
     /// still touch local memory, kept until they end: (data being received right now,
     /// mapped operations not answered yet).
@@ -328,7 +323,30 @@ impl Shared {
         extra: &[u8],
         build: impl FnOnce(u64, u64) -> Result<Vec<u8>>,
     ) -> Result<Vec<u8>> {
+        Self::seal_in(&mut self.lock(), ep, extra, build)
+    }
+
+    /// [`Shared::seal_for`] of operation `op`'s header, and `op` recorded as awaiting
+    /// its answer (`entry`) once sealed, under one lock.
+    pub fn seal_op(
+        &self,
+        ep: u64,
+        op: u64,
+        entry: OpEntry,
+        build: impl FnOnce(u64, u64) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         let mut s = self.lock();
+        let v = Self::seal_in(&mut s, ep, &[], build)?;
+        s.ops.insert(op, entry);
+        Ok(v)
+    }
+
+    fn seal_in(
+        s: &mut Inner,
+        ep: u64,
+        extra: &[u8],
+        build: impl FnOnce(u64, u64) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         match s.clients.get_mut(&ep) {
             Some(Client::Open) => build(0, 0),
             Some(Client::Ready { session, keyed }) => {
