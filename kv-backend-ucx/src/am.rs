@@ -158,7 +158,7 @@ fn send_auth(shared: &Shared, ep: ffi::ucp_ep_h, m: AuthMsg) -> bool {
         shared,
         ep,
         AM_AUTH_ID,
-        m.encode(),
+        &m.encode(),
         Payload::None,
         ffi::UCP_AM_SEND_FLAG_EAGER | ffi::UCP_AM_SEND_FLAG_REPLY,
     )

@@ -60,11 +60,9 @@ fn count_failure(shared: &Shared, status: ucs_status_t) {
 /// Sends active message `id` with `header` and no data on `ep` only if UCX can finish
 /// it at once (`UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL`: a short message into the transport),
 /// so nothing needs to outlive the call (no box, no copy of the header). `None` when it
-/// cannot (too long, no room, no endpoint): the caller then sends with [`send`];
-/// `Some(false)` when UCX refused it (counted as unanswered, as [`send`] does).
-///
-/// Callers: as for [`send`].
-pub fn send_now(
+/// cannot (too long, no room, no endpoint): [`send`] then keeps the header for UCX;
+/// `Some(false)` when UCX refused it (counted as unanswered).
+fn send_now(
     shared: &Shared,
     ep: ffi::ucp_ep_h,
     id: u32,
@@ -134,7 +132,9 @@ unsafe extern "C" fn on_sent(req: *mut c_void, status: ucs_status_t, user_data: 
 }
 
 /// Sends active message `id` with `header` and `payload` on `ep` with `flags`
-/// (`UCP_AM_SEND_FLAG_*`). Returns false when UCX refused it at once (counted as
+/// (`UCP_AM_SEND_FLAG_*`). A message without data goes out at once when UCX can finish
+/// it so (most answers: nothing allocated); otherwise a copy of `header` lives until UCX
+/// completes the send. Returns false when UCX refused it at once (counted as
 /// unanswered, the registration released).
 ///
 /// Callers: inside UCX callbacks, or the core under its state lock (either way the
@@ -143,10 +143,16 @@ pub fn send(
     shared: &Shared,
     ep: ffi::ucp_ep_h,
     id: u32,
-    header: Vec<u8>,
+    header: &[u8],
     payload: Payload,
     flags: u32,
 ) -> bool {
+    if matches!(payload, Payload::None) {
+        if let Some(sent) = send_now(shared, ep, id, header, flags) {
+            return sent;
+        }
+    }
+    let header = header.to_vec();
     let (ptr, len, owned, release) = match payload {
         Payload::None => (std::ptr::null(), 0, Vec::new(), None),
         Payload::Registered { ptr, len, key_id } => (ptr, len, Vec::new(), Some(key_id)),

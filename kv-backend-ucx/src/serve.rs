@@ -20,7 +20,7 @@ use std::time::Instant;
 use kv_core::Descriptor;
 
 use crate::ffi::{self, ucs_status_t};
-use crate::send::{send, send_now, Payload};
+use crate::send::{send, Payload};
 use crate::session::Client;
 use crate::shared::{ffi_guard, Inner, ReadDest, Shared};
 use crate::wire::{AckCode, Answer, MapSrc, OpHeader, OpKind, ANSWER_LEN};
@@ -272,18 +272,14 @@ fn answer_bytes(shared: &Shared, h: &OpHeader, code: AckCode, len: u64) -> [u8; 
 /// Answers `h` on `reply_ep` with `code` (no data).
 fn answer(shared: &Shared, reply_ep: ffi::ucp_ep_h, h: &OpHeader, code: AckCode) {
     let bytes = answer_bytes(shared, h, code, 0);
-    let flags = ffi::UCP_AM_SEND_FLAG_EAGER;
-    // Most answers fit a short message: sent before this returns, nothing allocated.
-    if send_now(shared, reply_ep, AM_ANSWER_ID, &bytes, flags).is_none() {
-        send(
-            shared,
-            reply_ep,
-            AM_ANSWER_ID,
-            bytes.to_vec(),
-            Payload::None,
-            flags,
-        );
-    }
+    send(
+        shared,
+        reply_ep,
+        AM_ANSWER_ID,
+        &bytes,
+        Payload::None,
+        ffi::UCP_AM_SEND_FLAG_EAGER,
+    );
 }
 
 /// What a rendezvous receive does when it ends (with its status).
@@ -535,7 +531,7 @@ fn serve_read(shared: &Shared, m: &Msg<'_>, h: &OpHeader, dsts: &[Dst]) {
             shared,
             m.reply_ep,
             AM_ANSWER_ID,
-            bytes.to_vec(),
+            &bytes,
             payload,
             ffi::UCP_AM_SEND_FLAG_RNDV,
         );
@@ -553,7 +549,7 @@ fn serve_read(shared: &Shared, m: &Msg<'_>, h: &OpHeader, dsts: &[Dst]) {
         shared,
         m.reply_ep,
         AM_ANSWER_ID,
-        bytes.to_vec(),
+        &bytes,
         Payload::Owned(data),
         ffi::UCP_AM_SEND_FLAG_EAGER,
     );
