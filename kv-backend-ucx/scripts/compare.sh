@@ -73,7 +73,8 @@ two() {
         sed -n 's/^RESULT .*MiBps=\([0-9]*\).*/\1/p' | head -1 | grep . || echo 0
 }
 
-# theirs TLS TEST SIZE ITERS [VAR=VALUE ...] -> MiB/s (overall bandwidth)
+# theirs TLS TEST SIZE ITERS [VAR=VALUE ...] -> MiB/s (overall bandwidth; FINAL_COL=9:
+# the overall message rate instead)
 theirs() {
     local tls=$1 test=$2 size=$3 iters=$4 srv out
     shift 4
@@ -82,7 +83,7 @@ theirs() {
     srv=$!
     sleep 0.5
     out=$(env UCX_TLS="$tls" "$@" timeout 120 ucx_perftest 127.0.0.1 -p "$PORT" -t "$test" -s "$size" \
-        -n "$iters" -w "$WARM_ITERS" 2>/dev/null | awk '/^Final:/ {print $7}')
+        -n "$iters" -w "$WARM_ITERS" 2>/dev/null | awk -v c="${FINAL_COL:-7}" '/^Final:/ {print $c}')
     wait "$srv" 2>/dev/null || true
     printf '%.0f\n' "${out:-0}"
 }
@@ -136,13 +137,7 @@ row "shm 64x16KiB spread, 2 procs, 4 in flight" 0.90 \
 # (ucp_am_bw, 64-byte messages, two processes): the floor of a post's cost.
 amr=()
 for ((i = 0; i < RUNS; i++)); do
-    PORT=$((PORT + 1))
-    env UCX_TLS="$SHM" timeout 120 ucx_perftest -p "$PORT" >/dev/null 2>&1 &
-    srv=$!
-    sleep 0.5
-    amr+=("$(env UCX_TLS="$SHM" timeout 120 ucx_perftest 127.0.0.1 -p "$PORT" -t ucp_am_bw -s 64 \
-        -n $((SHM_ITERS * 20)) -w "$WARM_ITERS" 2>/dev/null | awk '/^Final:/ {print $9}')")
-    wait "$srv" 2>/dev/null || true
+    amr+=("$(FINAL_COL=9 theirs "$SHM" ucp_am_bw 64 $((SHM_ITERS * 20)))")
 done
 printf '%-44s %11s %13.0f   (messages/s, median; runs: %s)\n' "ucp_am_bw 64 B (message rate)" - \
     "$(printf '%s\n' "${amr[@]}" | median)" "${amr[*]}"
