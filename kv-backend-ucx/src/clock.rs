@@ -33,10 +33,11 @@ pub struct Deadline {
 }
 
 impl Deadline {
-    /// `at`, read against the coarse clock now.
-    pub fn new(at: Instant) -> Deadline {
+    /// `at`, read against the coarse clock now; `now` is a precise reading just taken
+    /// (`None`: read it here).
+    pub fn new(at: Instant, now: Option<Instant>) -> Deadline {
         let left = at
-            .saturating_duration_since(Instant::now())
+            .saturating_duration_since(now.unwrap_or_else(Instant::now))
             .saturating_sub(SLACK);
         let near = coarse_ns().saturating_add(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX));
         Deadline { at, near }
@@ -67,18 +68,22 @@ mod tests {
     #[test]
     fn a_deadline_passes_when_it_passed_and_not_before() {
         let soon = Instant::now() + Duration::from_millis(30);
-        let d = Deadline::new(soon);
+        let d = Deadline::new(soon, None);
         assert!(
-            !Deadline::new(Instant::now() + Duration::from_secs(10)).passed(&mut Coarse::default())
+            !Deadline::new(Instant::now() + Duration::from_secs(10), None)
+                .passed(&mut Coarse::default())
         );
         while Instant::now() <= soon + Duration::from_millis(1) {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(d.passed(&mut Coarse::default()));
-        let past = Deadline::new(Instant::now() - Duration::from_millis(1));
+        let past = Deadline::new(Instant::now() - Duration::from_millis(1), None);
         assert!(past.passed(&mut Coarse::default()));
         // Far away: the precise clock is not even needed to say no.
-        let far = Deadline::new(Instant::now() + Duration::from_secs(3600));
+        let far = Deadline::new(
+            Instant::now() + Duration::from_secs(3600),
+            Some(Instant::now()),
+        );
         assert!(!far.passed(&mut Coarse::default()));
     }
 

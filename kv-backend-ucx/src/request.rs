@@ -70,7 +70,9 @@ unsafe extern "C" fn on_complete(_req: *mut c_void, status: ucs_status_t, user_d
 /// Not `Send` by itself (raw request pointers); it lives inside the backend's worker
 /// state, which is only touched under the worker lock.
 pub struct Group {
-    counter: Box<Counter>,
+    /// Made at the first request UCX returns (a group whose sends all finished at once,
+    /// or that never sent, allocates none).
+    counter: Option<Box<Counter>>,
     reqs: Vec<*mut c_void>,
     /// Buffers UCX reads until the group's requests complete (headers, gathered data).
     keep: Vec<Vec<u8>>,
@@ -83,7 +85,7 @@ impl Group {
     /// An empty group (done until something is tracked).
     pub fn new(lib: &Arc<Lib>) -> Group {
         Group {
-            counter: new_counter(),
+            counter: None,
             reqs: Vec::new(),
             keep: Vec::new(),
             keep_bytes: Vec::new(),
@@ -93,7 +95,7 @@ impl Group {
 
     /// Request parameters whose completion lands in this group; `flags` are
     /// operation-specific (`UCP_AM_SEND_FLAG_*`).
-    pub fn param(&self, flags: u32) -> ffi::ucp_request_param_t {
+    fn param(&mut self, flags: u32) -> ffi::ucp_request_param_t {
         let mut p = ffi::ucp_request_param_t::empty();
         p.op_attr_mask = ffi::UCP_OP_ATTR_FIELD_CALLBACK | ffi::UCP_OP_ATTR_FIELD_USER_DATA;
         if flags != 0 {
@@ -103,13 +105,16 @@ impl Group {
         p.cb = ffi::ucp_request_cb_t {
             send: Some(on_complete),
         };
-        p.user_data = &*self.counter as *const Counter as *mut c_void;
+        let c: &Counter = self.counter.get_or_insert_with(new_counter);
+        p.user_data = c as *const Counter as *mut c_void;
         p
     }
 
     /// Issues one operation through `issue` (which gets this group's parameters) and
     /// tracks what UCX returned. Returns the status of an operation that finished at
-    /// once with an error; `Ok` when it completed or is in flight.
+    /// once with an error; `Ok(true)` when it is in flight (what it reads must then be
+    /// kept, [`Group::keep`], until the group is done), `Ok(false)` when it completed
+    /// (UCX keeps no pointer into its buffers).
     ///
     /// UCX runs the callback only from a later progress call (never inside the call
     /// that returned the request), and both happen under the worker lock.
@@ -117,16 +122,18 @@ impl Group {
         &mut self,
         flags: u32,
         issue: impl FnOnce(&ffi::ucp_request_param_t) -> ucs_status_ptr_t,
-    ) -> Result<(), ucs_status_t> {
+    ) -> Result<bool, ucs_status_t> {
         let p = self.param(flags);
         let r = issue(&p);
         if ffi::ptr_is_request(r) {
-            self.counter.pending.fetch_add(1, Ordering::AcqRel);
+            // `param` made the counter; UCX calls back only from a later progress.
+            let c: &Counter = self.counter.get_or_insert_with(new_counter);
+            c.pending.fetch_add(1, Ordering::AcqRel);
             self.reqs.push(r);
-            return Ok(());
+            return Ok(true);
         }
         match ffi::ptr_status(r) {
-            UCS_OK => Ok(()),
+            UCS_OK => Ok(false),
             s => {
                 self.fail(s);
                 Err(s)
@@ -151,21 +158,24 @@ impl Group {
     }
 
     /// Records an error that happened outside UCX's callbacks.
-    pub fn fail(&self, s: ucs_status_t) {
+    fn fail(&mut self, s: ucs_status_t) {
         let _ = self
             .counter
+            .get_or_insert_with(new_counter)
             .error
             .compare_exchange(0, s, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// True when no request of the group is outstanding.
     pub fn done(&self) -> bool {
-        self.counter.pending.load(Ordering::Acquire) == 0
+        self.counter
+            .as_ref()
+            .is_none_or(|c| c.pending.load(Ordering::Acquire) == 0)
     }
 
     /// The first error any request of the group reported.
     pub fn error(&self) -> Option<ucs_status_t> {
-        match self.counter.error.load(Ordering::Acquire) {
+        match self.counter.as_ref()?.error.load(Ordering::Acquire) {
             0 => None,
             s => Some(s),
         }
@@ -189,7 +199,9 @@ impl Drop for Group {
         if !self.done() {
             // UCX was still driving an operation of this group: it may still read the
             // buffers. Leak them (and the counter) rather than free memory UCX may use.
-            Box::leak(std::mem::replace(&mut self.counter, new_counter()));
+            if let Some(c) = self.counter.take() {
+                Box::leak(c);
+            }
             for b in self.keep.drain(..) {
                 std::mem::forget(b);
             }
@@ -252,7 +264,7 @@ impl Flight {
             data: Group::new(lib),
             post,
             posted,
-            deadline: deadline.map(Deadline::new),
+            deadline: deadline.map(|at| Deadline::new(at, posted)),
             note,
             ops: Vec::new(),
             unanswered: 0,
@@ -310,6 +322,9 @@ pub struct Transfer {
     pub local_regs: Vec<u64>,
     /// The imports that hold `remote`.
     pub remote_ids: Vec<u64>,
+    /// What a post needs of them (an import never changes while its id lives; a post
+    /// first checks that each still does).
+    pub imports: Vec<Import>,
     /// What `poll` reports.
     pub status: Status,
     /// The post in flight, if any.
@@ -382,6 +397,7 @@ impl Transfer {
         req: &TransferRequest,
         local_regs: Vec<u64>,
         remote_ids: Vec<u64>,
+        imports: Vec<Import>,
         ranges: &[Descriptor],
     ) -> Transfer {
         let plan = plan(&req.local, &req.remote, ranges, PLAN_MAX);
@@ -392,6 +408,7 @@ impl Transfer {
             remote: req.remote.clone(),
             local_regs,
             remote_ids,
+            imports,
             status: Status::Idle,
             flight: None,
             posts: 0,
@@ -636,6 +653,7 @@ impl Issue<'_> {
                 return false;
             }
         };
+        let mut gathered = None;
         let (data, len) = match (kind, &b.pieces[..]) {
             // A mapped operation or a READ request: no data travels.
             _ if src.is_some() => (std::ptr::null(), 0usize),
@@ -651,11 +669,12 @@ impl Issue<'_> {
                     });
                 }
                 let n = v.len();
-                (out.data.keep(v), n)
+                let p = v.as_ptr();
+                gathered = Some(v);
+                (p, n)
             }
         };
-        let hlen = header.len();
-        let hp = out.data.keep(header);
+        let (hp, hlen) = (header.as_ptr(), header.len());
         let flags = ffi::UCP_AM_SEND_FLAG_REPLY
             | if rndv && kind == OpKind::Write {
                 ffi::UCP_AM_SEND_FLAG_RNDV
@@ -663,9 +682,10 @@ impl Issue<'_> {
                 ffi::UCP_AM_SEND_FLAG_EAGER
             };
         // SAFETY: live endpoint (checked by the core under the lock); the header and
-        // any gathered data stay alive in the group until its requests complete; a
-        // single local piece is registered memory the caller of `post` keeps valid
-        // until the transfer finishes (which waits for the group).
+        // any gathered data live until the call returns, and on in the group (below)
+        // while UCX holds a request that reads them; a single local piece is registered
+        // memory the caller of `post` keeps valid until the transfer finishes (which
+        // waits for the group).
         let r = out.data.issue(flags, |p| unsafe {
             (lib.am_send_nbx)(
                 uep,
@@ -677,10 +697,21 @@ impl Issue<'_> {
                 p,
             )
         });
-        if let Err(s) = r {
-            self.shared.forget_ops(&[op]);
-            out.error = Some(lib.error("ucp_am_send_nbx", s));
-            return false;
+        match r {
+            Err(s) => {
+                self.shared.forget_ops(&[op]);
+                out.error = Some(lib.error("ucp_am_send_nbx", s));
+                return false;
+            }
+            // Moving a vector leaves its heap data where UCX reads it.
+            Ok(true) => {
+                out.data.keep(header);
+                if let Some(v) = gathered {
+                    out.data.keep(v);
+                }
+            }
+            // Sent (copied out by UCX): nothing to keep.
+            Ok(false) => {}
         }
         out.ops.push(op);
         true

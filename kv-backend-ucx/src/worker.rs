@@ -396,8 +396,9 @@ impl Core {
         let (remote_ids, ranges) =
             st.mem
                 .remote_cover(req.peer.0, &ep.peer_name, &req.remote, req.op == Op::Write)?;
-        let t = Transfer::new(req, local_regs, remote_ids, &ranges);
         let id = st.next_id;
+        let imports = st.mem.imports(&remote_ids, id)?;
+        let t = Transfer::new(req, local_regs, remote_ids, imports, &ranges);
         st.next_id += 1;
         st.transfers.by_id.insert(id, t);
         Ok(id)
@@ -427,7 +428,8 @@ impl Core {
             .get_mut(&t.endpoint)
             .ok_or_else(|| Error::NotRegistered(format!("EndpointId#{}", t.endpoint)))?;
         ep.usable_now()?;
-        // The clock is read only for a post with a deadline.
+        // The clock is read only for a post with a deadline (once: the deadline's
+        // coarse form is made from the same reading).
         let posted = opts.deadline.map(|_| Instant::now());
         if opts.deadline.zip(posted).is_some_and(|(d, now)| d <= now) {
             return Err(Error::TimedOut {
@@ -454,7 +456,12 @@ impl Core {
         if !Self::issued(st, id) {
             st.transfers.unissued.push(id);
         }
-        self.advance(st);
+        // A post that failed while issuing ends now; one under way is moved on by the
+        // next `poll`/`progress` (nothing of it can be answered yet: no walk over every
+        // transfer in flight per post).
+        if Self::failed_to_issue(st, id) {
+            self.advance(st);
+        }
         Ok(())
     }
 

@@ -67,6 +67,15 @@ impl Core {
             .is_none_or(|f| f.issued)
     }
 
+    /// Whether transfer `tid`'s post already failed while issuing.
+    pub(super) fn failed_to_issue(st: &State, tid: u64) -> bool {
+        st.transfers
+            .by_id
+            .get(&tid)
+            .and_then(|t| t.flight.as_ref())
+            .is_some_and(|f| f.issued && f.error.is_some())
+    }
+
     /// Issues the operations of transfer `tid`'s post once its endpoint authenticated
     /// (or fails it when that failed).
     pub(super) fn try_issue(&self, st: &mut State, tid: u64) {
@@ -131,8 +140,11 @@ impl Core {
             }
             Readiness::Ready => {}
         }
-        let imports = mem.imports(&t.remote_ids, tid)?;
-        let segs = t.segments(&imports)?;
+        // Refused when an import was released since the post (an endpoint that
+        // authenticated late); what the transfer kept of them is then still theirs.
+        mem.check_imports(&t.remote_ids, tid)?;
+        let imports = &t.imports;
+        let segs = t.segments(imports)?;
         let src = (self.opts.mapped && ep.on_host && !unmapped)
             .then(|| mem.map_src(&t.local_regs))
             .flatten();
@@ -144,7 +156,7 @@ impl Core {
             ep_id: t.endpoint,
             rndv_min: ep.rndv_min,
             max_entries: self.max_entries,
-            imports: &imports,
+            imports,
             instance: self.instance,
             src,
             max_header: self.max_header,

@@ -30,6 +30,15 @@ impl Core {
             r.key_id = key_id;
             r.key_base = key_base;
         }
+        // Prepared transfers keep what they need of their imports: forge it there too.
+        for t in st.transfers.by_id.values_mut() {
+            for (id, imp) in t.remote_ids.iter().zip(t.imports.iter_mut()) {
+                if *id == rid {
+                    imp.key_id = key_id;
+                    imp.key_base = key_base;
+                }
+            }
+        }
     }
 
     /// Test hook: the import's key id and base.
