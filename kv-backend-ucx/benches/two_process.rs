@@ -20,7 +20,12 @@
 //! (default `posix,cma,self`), `KV_UCX_BENCH_MAPPED=0` turns mapped operations off.
 //!
 //! Prints `RESULT case=… window=… MiBps=… posts=… served=…` per case (`served` is the
-//! target's `describe()` line of operations served, mapped ones counted). Run without
+//! target's `describe()` line of operations served, mapped ones counted).
+//!
+//! `KV_UCX_BENCH_REF=memcpy` runs, instead, the copy a case asks of the target and
+//! nothing else: the same pieces, from one buffer of the post's size into another, in
+//! the same order, in this process (`RESULT case=… ref=memcpy MiBps=…`), the ceiling of
+//! a post's bandwidth when the target copies (mapped operations). Run without
 //! `--bench` (as `cargo test --benches` does) it runs each case for 50 ms, checks and
 //! prints the same lines. Skips with a message when libucp is missing.
 
@@ -225,6 +230,45 @@ fn run(case: (&str, u64, u64, usize), measure: Duration) -> Option<String> {
     ))
 }
 
+/// The `len` bytes of `buf` from its first page boundary on (`buf` has a page to spare).
+fn page_aligned(buf: &mut [u8], len: usize) -> &mut [u8] {
+    let off = buf.as_ptr().align_offset(4096);
+    &mut buf[off..off + len]
+}
+
+/// The copies one post of `case` asks of the target, in a loop for `measure`: MiB/s.
+fn memcpy_ref(case: (&str, u64, u64, usize), measure: Duration) -> f64 {
+    let (_, piece, count, _) = case;
+    let len = (piece * count) as usize;
+    // Page-aligned, as the backend's `alloc_host` memory on both sides.
+    let (mut src_buf, mut dst_buf) = (vec![0u8; len + 4096], vec![0u8; len + 4096]);
+    let src = page_aligned(&mut src_buf, len);
+    src.copy_from_slice(&pattern(3, len));
+    let src = &*src;
+    let dst = page_aligned(&mut dst_buf, len);
+    let post = |dst: &mut [u8]| {
+        for j in 0..count {
+            let (from, to) = ((j * piece) as usize, ((count - 1 - j) * piece) as usize);
+            dst[to..to + piece as usize].copy_from_slice(&src[from..from + piece as usize]);
+        }
+        std::hint::black_box(&mut *dst);
+    };
+    // At least 64 posts between clock readings (a 16 KiB post copies in well under 1 µs).
+    let burst = (64 << 20) / len.max(1) as u64;
+    let warm_end = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < warm_end {
+        post(dst);
+    }
+    let (start, mut posts) = (Instant::now(), 0u64);
+    while start.elapsed() < measure {
+        for _ in 0..burst.max(64) {
+            post(dst);
+        }
+        posts += burst.max(64);
+    }
+    (posts * len as u64) as f64 / start.elapsed().as_secs_f64() / 1048576.0
+}
+
 fn main() {
     if let Ok(len) = std::env::var("KV_UCX_BENCH_CHILD") {
         child(len.parse().expect("KV_UCX_BENCH_CHILD: a length"));
@@ -246,6 +290,11 @@ fn main() {
             .as_ref()
             .is_some_and(|o| !o.split(',').any(|c| c.trim() == case.0))
         {
+            continue;
+        }
+        if std::env::var("KV_UCX_BENCH_REF").is_ok_and(|r| r == "memcpy") {
+            let mibps = memcpy_ref(case, measure);
+            println!("RESULT case={} ref=memcpy MiBps={mibps:.0}", case.0);
             continue;
         }
         match run(case, measure) {

@@ -34,6 +34,8 @@
 #   64). Our "spread" case posts 64 x 16 KiB pieces covering 1 MiB (remote order
 #   reversed, so nothing merges): a 1 MiB footprint. The single-16 KiB rows measure
 #   our per-post cost: one at a time (a round trip each), or 16 in flight.
+# * "vs memcpy" rows (memref): the copies a post asks of the target (same pieces, same
+#   order), by memcpy in one process with nothing else: the ceiling for mapped posts.
 # * tcp: ours is a WRITE, which this backend sends over TCP as an operation with
 #   rendezvous that the target receives into its registration (`tcp_put`), or eager
 #   (`tcp_put_eager`, rndv_min = u64::MAX: the target copies it out of UCX's receive
@@ -70,6 +72,14 @@ ours() {
 # two CASE -> MiB/s from benches/two_process.rs (two processes, several posts in flight)
 two() {
     KV_UCX_BENCH_CASE=$1 KV_UCX_BENCH_SECS=$TWO_SECS "$TWO" --bench 2>/dev/null |
+        sed -n 's/^RESULT .*MiBps=\([0-9]*\).*/\1/p' | head -1 | grep . || echo 0
+}
+
+# memref CASE -> MiB/s of the copies one post of CASE asks of the target, done by memcpy
+# in one process (same pieces, same order, page-aligned buffers): what a target that
+# copies each post itself can reach at most
+memref() {
+    KV_UCX_BENCH_REF=memcpy KV_UCX_BENCH_CASE=$1 KV_UCX_BENCH_SECS=$TWO_SECS "$TWO" --bench 2>/dev/null |
         sed -n 's/^RESULT .*MiBps=\([0-9]*\).*/\1/p' | head -1 | grep . || echo 0
 }
 
@@ -132,6 +142,16 @@ row "shm 1x16KiB/post, 2 procs, 16 in flight" 0.90 \
     "two 16KiB" "theirs $SHM ucp_put_bw 16384 $SHM_ITERS"
 row "shm 64x16KiB spread, 2 procs, 4 in flight" 0.90 \
     "two 64x16KiB" "theirs $SHM ucp_put_bw 16384 $SHM_ITERS"
+# The same 16 KiB posts against UCX's own way for a target to see each write before it
+# lands: active messages of 16 KiB (ucp_am_bw, two processes, UCX's defaults; put_bw
+# above copies into the peer's mapping unchecked, which our trust model rules out).
+row "shm 1x16KiB/post, 2 procs vs ucp_am_bw 16K" - \
+    "two 16KiB" "theirs $SHM ucp_am_bw 16384 $SHM_ITERS"
+# ... and against the copies alone (memref): put_bw at 16 KiB is a copy of one hot,
+# page-aligned 16 KiB buffer; a spread post copies 64 pieces over 1 MiB.
+row "shm 1MiB, 2 procs vs memcpy 1MiB" - "two 1MiB" "memref 1MiB"
+row "shm 1x16KiB/post, 2 procs vs memcpy 16KiB" - "two 16KiB" "memref 16KiB"
+row "shm 64x16KiB spread, 2 procs vs memcpy same" - "two 64x16KiB" "memref 64x16KiB"
 # What every checked post pays besides its copy: one operation message to the target
 # and one answer back. UCX's own rate for such messages over the same transport
 # (ucp_am_bw, 64-byte messages, two processes): the floor of a post's cost.
