@@ -5,10 +5,51 @@
 #
 #   scripts/compare.sh           # full run (a few minutes)
 #   scripts/compare.sh --short   # CI mode: small sizes and counts (about a minute)
+#   scripts/compare.sh --readme  # full run, then writes its output into README.md's
+#                                # "Measured" section (between the compare.sh markers),
+#                                # dated, with the commit and the load before and after
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SHORT=0
-[ "${1:-}" = "--short" ] && SHORT=1
+SHORT=0 README=0
+case "${1:-}" in
+--short) SHORT=1 ;;
+--readme) README=1 ;;
+"") ;;
+*) echo "usage: $0 [--short | --readme]" >&2; exit 2 ;;
+esac
+if [ $README = 1 ]; then
+    grep -q '^<!-- compare.sh output begin -->$' README.md &&
+        grep -q '^<!-- compare.sh output end -->$' README.md ||
+        { echo "README.md has no compare.sh markers" >&2; exit 1; }
+    out=$(mktemp)
+    trap 'rm -f "$out"' EXIT
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    started=$(date -u '+%F at %H:%M UTC')
+    "$0" | tee "$out"
+    rc=${PIPESTATUS[0]}
+    load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    dirty=$(git diff --quiet HEAD -- 2>/dev/null || echo ", with uncommitted changes")
+    # The section between the markers: a dated line, then the output verbatim.
+    block=$(mktemp)
+    {
+        echo "<!-- compare.sh output begin -->"
+        echo "\`scripts/compare.sh --readme\` on $started (commit $commit$dirty), $(nproc) cores,"
+        echo "load average $load_before before and $load_after after (1, 5, 15 min); exit $rc."
+        echo
+        echo '```text'
+        grep -v '^building\|^  Executable\|^ *Compiling\|^ *Finished' "$out"
+        echo '```'
+        echo "<!-- compare.sh output end -->"
+    } >"$block"
+    awk -v blk="$block" '
+        /^<!-- compare.sh output begin -->$/ { while ((getline l < blk) > 0) print l; skip = 1; next }
+        /^<!-- compare.sh output end -->$/ { skip = 0; next }
+        !skip { print }' README.md >README.md.new && mv README.md.new README.md
+    rm -f "$block"
+    echo "README.md: \"Measured\" rewritten from this run" >&2
+    exit "$rc"
+fi
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 status=0
 
@@ -28,6 +69,12 @@ section "kv-bench transfer (two processes, tcp backend) vs memcpy"
 if [ $SHORT = 1 ]; then tokens=2048; iters=2; else tokens=8192; iters=3; fi
 ./target/release/kv-bench transfer --model llama3-8b --tokens $tokens --iters $iters --reference memcpy --format table | grep -E 'backend|bandwidth|reference|ratio|check' || status=1
 ./target/release/kv-bench transfer --model llama3-8b --tokens $tokens --iters $iters --params same_host=false --reference memcpy --format table | grep -E 'bandwidth|ratio|check' | sed 's/^/  tcp-only /' || status=1
+
+# The main job over TCP beside ucx_perftest's tag_bw (1 MiB cached, 32 MiB from DRAM).
+if [ $SHORT = 0 ] && command -v ucx_perftest >/dev/null; then
+    run "main job over TCP vs ucx_perftest tag_bw" \
+        env KV_BENCH=target/release/kv-bench kv-backend-tcp/scripts/mainjob.sh
+fi
 
 for s in kv-backend-tcp kv-backend-ucx kv-backend-libfabric kv-backend-gds kv-tier; do
     script=$s/scripts/compare.sh
