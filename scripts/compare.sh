@@ -38,7 +38,7 @@ if [ $README = 1 ]; then
         echo "load average $load_before before and $load_after after (1, 5, 15 min); exit $rc."
         echo
         echo '```text'
-        grep -v '^building\|^  Executable\|^ *Compiling\|^ *Finished' "$out"
+        grep -v '^building\|^  Executable\|^ *Compiling\|^ *Finished' "$out" | sed '/./,$!d'
         echo '```'
         echo "<!-- compare.sh output end -->"
     } >"$block"
