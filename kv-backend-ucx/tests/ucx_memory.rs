@@ -360,3 +360,105 @@ fn a_disconnected_mapped_post_frees_its_memory_once_the_target_answers() {
     a.release(t).unwrap();
     b.deregister(rb).unwrap();
 }
+
+/// More operations than UCX's shared-memory FIFO holds, posted while the target does not
+/// progress: UCX queues the rest and sends them later from the headers (and gathered
+/// data) we gave it, which must still be ours then. Each transfer writes two 2 KiB
+/// pieces with their halves swapped (so they cannot merge into one); every transfer
+/// ends `Done` and every byte lands where it belongs; mapped operations (headers only)
+/// and messages with the data gathered into them alike.
+#[test]
+fn operations_queued_by_ucx_while_the_target_is_busy_all_land() {
+    for mapped in [true, false] {
+        let opts = Options {
+            tls: Some("posix,cma,self".into()),
+            mapped,
+            ..Default::default()
+        };
+        let Some((a, b)) = pair_with(opts) else {
+            return;
+        };
+        let mut la = a.alloc_host(LEN).unwrap();
+        let lb = b.alloc_host(LEN).unwrap();
+        // SAFETY: not registered yet: nothing else touches it.
+        unsafe { la.as_mut_slice() }.copy_from_slice(&pattern(21, LEN));
+        // The memory outlives the registrations (deregistered below).
+        let (ra, rb, ep) = link(&a, &b, &la, &lb);
+        const PIECE: u64 = 2 << 10;
+        let n = LEN as u64 / (2 * PIECE);
+        let (ld, rd) = (la.descriptor(), lb.descriptor());
+        let tids: Vec<_> = (0..n)
+            .map(|i| {
+                let base = i * 2 * PIECE;
+                let d = |addr: u64| Descriptor::new(addr, PIECE, 0);
+                a.prepare(&TransferRequest {
+                    op: Op::Write,
+                    local_kind: MemKind::Dram,
+                    local: DescriptorList::try_from_iter([
+                        d(ld.addr + base),
+                        d(ld.addr + base + PIECE),
+                    ])
+                    .unwrap(),
+                    peer: ep,
+                    remote_kind: MemKind::Dram,
+                    remote: DescriptorList::try_from_iter([
+                        d(rd.addr + base + PIECE),
+                        d(rd.addr + base),
+                    ])
+                    .unwrap(),
+                })
+                .unwrap()
+            })
+            .collect();
+        let opts = PostOptions {
+            notification: None,
+            deadline: Some(Instant::now() + Duration::from_secs(10)),
+        };
+        for &t in &tids {
+            // SAFETY: both sides' memory stays registered until every transfer finished.
+            unsafe { a.post(t, &opts).unwrap() };
+        }
+        let end = Instant::now() + Duration::from_secs(15);
+        let mut left = tids.clone();
+        while !left.is_empty() {
+            assert!(
+                Instant::now() < end,
+                "{} transfers did not finish",
+                left.len()
+            );
+            a.progress().unwrap();
+            b.progress().unwrap();
+            left.retain(|&t| match a.poll(t) {
+                Status::Done => false,
+                Status::Failed(e) => panic!("mapped={mapped}: {e}"),
+                _ => true,
+            });
+        }
+        let (want, got) = (pattern(21, LEN), lb.to_vec());
+        let p = PIECE as usize;
+        for i in 0..n as usize {
+            let base = i * 2 * p;
+            assert_eq!(
+                got[base + p..base + 2 * p],
+                want[base..base + p],
+                "transfer {i}"
+            );
+            assert_eq!(
+                got[base..base + p],
+                want[base + p..base + 2 * p],
+                "transfer {i}"
+            );
+        }
+        let m = if mapped { n } else { 0 };
+        assert!(
+            b.describe().contains(&format!("(mapped {m})")),
+            "{}",
+            b.describe()
+        );
+        for t in tids {
+            a.release(t).unwrap();
+        }
+        a.deregister(ra).unwrap();
+        b.deregister(rb).unwrap();
+    }
+}
