@@ -18,24 +18,30 @@ case "${1:-}" in
 *) echo "usage: $0 [--short | --readme]" >&2; exit 2 ;;
 esac
 if [ $README = 1 ]; then
-    grep -q '^<!-- compare.sh output begin -->$' README.md &&
-        grep -q '^<!-- compare.sh output end -->$' README.md ||
-        { echo "README.md has no compare.sh markers" >&2; exit 1; }
-    out=$(mktemp)
-    trap 'rm -f "$out"' EXIT
+    # Exactly one begin marker, then exactly one end marker after it.
+    marks=$(grep -n '^<!-- compare.sh output \(begin\|end\) -->$' README.md | cut -d: -f2-)
+    [ "$marks" = "$(printf '%s\n%s' '<!-- compare.sh output begin -->' '<!-- compare.sh output end -->')" ] ||
+        { echo "README.md needs one compare.sh begin marker, then one end marker" >&2; exit 1; }
+    out=$(mktemp) block=$(mktemp)
+    trap 'rm -f "$out" "$block" README.md.new' EXIT
+    trap 'exit 130' INT TERM
     load_before=$(cut -d' ' -f1-3 /proc/loadavg)
     started=$(date -u '+%F at %H:%M UTC')
-    "$0" | tee "$out"
+    ./scripts/compare.sh | tee "$out"
     rc=${PIPESTATUS[0]}
     load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+    # Only a complete run replaces the last one.
+    if [ "$rc" != 0 ] || [ "$(grep -c '^== ' "$out")" -lt 6 ]; then
+        echo "README.md left as it was: the run failed (exit $rc) or is incomplete" >&2
+        exit 1
+    fi
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     dirty=$(git diff --quiet HEAD -- 2>/dev/null || echo ", with uncommitted changes")
     # The section between the markers: a dated line, then the output verbatim.
-    block=$(mktemp)
     {
         echo "<!-- compare.sh output begin -->"
         echo "\`scripts/compare.sh --readme\` on $started (commit $commit$dirty), $(nproc) cores,"
-        echo "load average $load_before before and $load_after after (1, 5, 15 min); exit $rc."
+        echo "load average $load_before before and $load_after after (1, 5, 15 min)."
         echo
         echo '```text'
         grep -v '^building\|^  Executable\|^ *Compiling\|^ *Finished' "$out" | sed '/./,$!d'
@@ -46,9 +52,8 @@ if [ $README = 1 ]; then
         /^<!-- compare.sh output begin -->$/ { while ((getline l < blk) > 0) print l; skip = 1; next }
         /^<!-- compare.sh output end -->$/ { skip = 0; next }
         !skip { print }' README.md >README.md.new && mv README.md.new README.md
-    rm -f "$block"
     echo "README.md: \"Measured\" rewritten from this run" >&2
-    exit "$rc"
+    exit 0
 fi
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 status=0
@@ -57,8 +62,10 @@ section() { printf '\n== %s (%s)\n' "$1" "$(date -u '+%F %T UTC')"; }
 run() { # name, command...: runs a per-crate comparison, keeps going on failure
     local name=$1; shift
     section "$name"
-    if ! "$@"; then
-        echo "($name comparison failed: exit $?)"
+    "$@"
+    local rc=$?
+    if [ $rc != 0 ]; then
+        echo "($name comparison failed: exit $rc)"
         status=1
     fi
 }

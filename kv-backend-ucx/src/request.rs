@@ -70,8 +70,9 @@ unsafe extern "C" fn on_complete(_req: *mut c_void, status: ucs_status_t, user_d
 /// Not `Send` by itself (raw request pointers); it lives inside the backend's worker
 /// state, which is only touched under the worker lock.
 pub struct Group {
-    /// Made at the first request UCX returns (a group whose sends all finished at once,
-    /// or that never sent, allocates none).
+    /// Made at the group's first issue (UCX needs its address before the call), so a
+    /// group that never issues — the placeholder of a post not issued yet — allocates
+    /// none.
     counter: Option<Box<Counter>>,
     reqs: Vec<*mut c_void>,
     /// Buffers UCX reads until the group's requests complete (headers, gathered data).
@@ -127,8 +128,9 @@ impl Group {
         let r = issue(&p);
         if ffi::ptr_is_request(r) {
             // `param` made the counter; UCX calls back only from a later progress.
-            let c: &Counter = self.counter.get_or_insert_with(new_counter);
-            c.pending.fetch_add(1, Ordering::AcqRel);
+            if let Some(c) = &self.counter {
+                c.pending.fetch_add(1, Ordering::AcqRel);
+            }
             self.reqs.push(r);
             return Ok(true);
         }
@@ -219,7 +221,8 @@ pub struct Flight {
     /// Which post of the transfer this is.
     pub post: u64,
     /// When it was posted (read only for a post with a deadline, which reads the clock
-    /// anyway; it only says how long a timed-out post had).
+    /// anyway): the deadline's coarse form is made from it, and it says how long a
+    /// timed-out post had.
     pub posted: Option<Instant>,
     /// When it times out.
     pub deadline: Option<Deadline>,
