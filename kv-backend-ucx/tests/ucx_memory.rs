@@ -60,6 +60,42 @@ fn link(
     (ra, rb, ep)
 }
 
+/// Two backends over shared memory (`posix,cma,self`, mapped operations as `mapped`
+/// says), each with `LEN` bytes of `alloc_host` memory registered read-write, `a`'s
+/// filled with `pattern(seed)`, `a` connected to `b` and `b`'s memory imported.
+struct ShmRig {
+    a: UcxBackend,
+    b: UcxBackend,
+    la: UcxHostMemory,
+    lb: UcxHostMemory,
+    ra: kv_core::RegistrationId,
+    rb: kv_core::RegistrationId,
+    ep: kv_core::EndpointId,
+}
+
+fn shm_rig(mapped: bool, seed: u64) -> Option<ShmRig> {
+    let (a, b) = pair_with(Options {
+        tls: Some("posix,cma,self".into()),
+        mapped,
+        ..Default::default()
+    })?;
+    let mut la = a.alloc_host(LEN).unwrap();
+    let lb = b.alloc_host(LEN).unwrap();
+    // SAFETY: not registered yet: nothing else touches it.
+    unsafe { la.as_mut_slice() }.copy_from_slice(&pattern(seed, LEN));
+    // The memory outlives the registrations (the tests deregister before they drop it).
+    let (ra, rb, ep) = link(&a, &b, &la, &lb);
+    Some(ShmRig {
+        a,
+        b,
+        la,
+        lb,
+        ra,
+        rb,
+        ep,
+    })
+}
+
 /// Runs one transfer from `a`, driving both. Gives up at 5 s.
 fn run(a: &UcxBackend, b: &UcxBackend, req: &TransferRequest) -> Status {
     let t = a.prepare(req).unwrap();
@@ -180,20 +216,18 @@ fn registrations_of_parts_and_late_drops_are_safe() {
 #[test]
 fn spread_pieces_between_ucx_memory() {
     for mapped in [true, false] {
-        let opts = Options {
-            tls: Some("posix,cma,self".into()),
-            mapped,
-            ..Default::default()
-        };
-        let Some((a, b)) = pair_with(opts) else {
+        let Some(ShmRig {
+            a,
+            b,
+            mut la,
+            lb,
+            ra,
+            rb,
+            ep,
+        }) = shm_rig(mapped, 9)
+        else {
             return;
         };
-        let mut la = a.alloc_host(LEN).unwrap();
-        let lb = b.alloc_host(LEN).unwrap();
-        // SAFETY: not registered yet: nothing else touches it.
-        unsafe { la.as_mut_slice() }.copy_from_slice(&pattern(9, LEN));
-        // The memory outlives the registrations (deregistered below).
-        let (ra, rb, ep) = link(&a, &b, &la, &lb);
         const PIECE: u64 = 16 << 10;
         let n = LEN as u64 / PIECE;
         let (ld, rd) = (la.descriptor(), lb.descriptor());
@@ -370,20 +404,18 @@ fn a_disconnected_mapped_post_frees_its_memory_once_the_target_answers() {
 #[test]
 fn operations_queued_by_ucx_while_the_target_is_busy_all_land() {
     for mapped in [true, false] {
-        let opts = Options {
-            tls: Some("posix,cma,self".into()),
-            mapped,
-            ..Default::default()
-        };
-        let Some((a, b)) = pair_with(opts) else {
+        let Some(ShmRig {
+            a,
+            b,
+            la,
+            lb,
+            ra,
+            rb,
+            ep,
+        }) = shm_rig(mapped, 21)
+        else {
             return;
         };
-        let mut la = a.alloc_host(LEN).unwrap();
-        let lb = b.alloc_host(LEN).unwrap();
-        // SAFETY: not registered yet: nothing else touches it.
-        unsafe { la.as_mut_slice() }.copy_from_slice(&pattern(21, LEN));
-        // The memory outlives the registrations (deregistered below).
-        let (ra, rb, ep) = link(&a, &b, &la, &lb);
         const PIECE: u64 = 2 << 10;
         let n = LEN as u64 / (2 * PIECE);
         let (ld, rd) = (la.descriptor(), lb.descriptor());
