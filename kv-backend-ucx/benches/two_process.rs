@@ -152,11 +152,11 @@ fn run(case: (&str, u64, u64, usize), measure: Duration) -> Option<String> {
         .expect("register");
     // Every transfer names the same memory (as ucx_perftest puts the same buffer again
     // and again): local pieces adjacent, remote ones in reverse order.
-    let remote_off = |j: u64| (count - 1 - j) * piece;
+    let remote_at = |j: u64| remote_off(piece, count, j);
     let tids: Vec<TransferId> = (0..window)
         .map(|_| {
             let remote = (0..count)
-                .map(|j| Descriptor::new(raddr + remote_off(j), piece, 0))
+                .map(|j| Descriptor::new(raddr + remote_at(j), piece, 0))
                 .collect::<kv_core::Result<DescriptorList>>()
                 .expect("remote list");
             a.prepare(&TransferRequest {
@@ -207,7 +207,7 @@ fn run(case: (&str, u64, u64, usize), measure: Duration) -> Option<String> {
     unsafe { mem.as_mut_slice() }.copy_from_slice(&data);
     let mut expected = vec![0u8; len];
     for j in 0..count {
-        let (from, to) = ((j * piece) as usize, remote_off(j) as usize);
+        let (from, to) = ((j * piece) as usize, remote_at(j) as usize);
         expected[to..to + piece as usize].copy_from_slice(&data[from..from + piece as usize]);
     }
     for &t in &tids {
@@ -230,6 +230,12 @@ fn run(case: (&str, u64, u64, usize), measure: Duration) -> Option<String> {
     ))
 }
 
+/// Where piece `j` of a post of `count` pieces of `piece` bytes lands in the target's
+/// memory: local pieces adjacent, remote ones in reverse order (so none merge).
+fn remote_off(piece: u64, count: u64, j: u64) -> u64 {
+    (count - 1 - j) * piece
+}
+
 /// The `len` bytes of `buf` from its first page boundary on (`buf` has a page to spare).
 fn page_aligned(buf: &mut [u8], len: usize) -> &mut [u8] {
     let off = buf.as_ptr().align_offset(4096);
@@ -248,23 +254,23 @@ fn memcpy_ref(case: (&str, u64, u64, usize), measure: Duration) -> f64 {
     let dst = page_aligned(&mut dst_buf, len);
     let post = |dst: &mut [u8]| {
         for j in 0..count {
-            let (from, to) = ((j * piece) as usize, ((count - 1 - j) * piece) as usize);
+            let (from, to) = ((j * piece) as usize, remote_off(piece, count, j) as usize);
             dst[to..to + piece as usize].copy_from_slice(&src[from..from + piece as usize]);
         }
         std::hint::black_box(&mut *dst);
     };
     // At least 64 posts between clock readings (a 16 KiB post copies in well under 1 µs).
-    let burst = (64 << 20) / len.max(1) as u64;
+    let burst = ((64 << 20) / len.max(1) as u64).max(64);
     let warm_end = Instant::now() + Duration::from_millis(100);
     while Instant::now() < warm_end {
         post(dst);
     }
     let (start, mut posts) = (Instant::now(), 0u64);
     while start.elapsed() < measure {
-        for _ in 0..burst.max(64) {
+        for _ in 0..burst {
             post(dst);
         }
-        posts += burst.max(64);
+        posts += burst;
     }
     (posts * len as u64) as f64 / start.elapsed().as_secs_f64() / 1048576.0
 }
